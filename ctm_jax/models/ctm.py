@@ -1,0 +1,443 @@
+"""The Continuous Thought Machine: featurise once, then scan one tick T times.
+
+Dimension glossary:
+  B batch            T ticks (iterations)      D neurons (d_model)
+  M memory length    H NLM hidden width        E d_input (attention width)
+  N tokens           C backbone channels       P synchronisation size
+  K attention heads  F head width (E / K)      O out_dims
+"""
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax.models import backbones
+from ctm_jax.models import layers
+from ctm_jax.models import nlm
+from ctm_jax.models import posemb
+from ctm_jax.models import synapse
+from ctm_jax.models import synch
+
+DECAY_CLAMP = (0.0, 15.0)
+DECAY_PARAM_NAMES = ('decay_params_action', 'decay_params_out')
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class Tracking:
+  """Per-tick internals, the reference's `track=True` outputs (tick axis first)."""
+  pre_activations: jax.Array  # (T, B, D)
+  post_activations: jax.Array  # (T, B, D)
+  attention: jax.Array | None  # (T, B, K, 1, N)
+  synch_out: jax.Array  # (T, B, P_out)
+  synch_action: jax.Array | None  # (T, B, P_action)
+
+
+@flax.struct.dataclass
+class CTMOutput:
+  predictions: jax.Array  # (B, O, T)
+  certainties: jax.Array  # (B, 2, T): [normalised entropy, 1 - it]
+  synch_out: jax.Array  # (B, P_out), after the last tick
+  tracking: Tracking | None = None
+
+
+class TickState(NamedTuple):
+  """What one tick hands to the next."""
+  trace_BxDxM: jax.Array  # pre-activation history, newest last
+  z_BxD: jax.Array  # post-activations
+  synch_action: synch.SynchState
+  synch_out: synch.SynchState
+
+
+def certainty(prediction_BxO, prediction_reshaper: Sequence[int]):
+  """[normalised entropy, 1 - normalised entropy] of one tick's prediction, (B, 2).
+
+  The entropy is over the last axis of the reshaped prediction and averaged
+  over any other non-batch axes.
+  """
+  batch = prediction_BxO.shape[0]
+  logits = prediction_BxO.reshape((batch, *prediction_reshaper)).astype(jnp.float32)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+  ne = entropy / jnp.log(jnp.float32(logits.shape[-1]))
+  if ne.ndim > 1:
+    ne = ne.reshape(batch, -1).mean(-1)
+  return jnp.stack([ne, 1 - ne], axis=-1)
+
+
+def _xavier_qkv(d_input: int):
+  # torch xavier_uniform_ on the packed (3E, E) in_proj matrix.
+  return layers.uniform(math.sqrt(6.0 / (4 * d_input)))
+
+
+def _split_heads(x_BxNxE, heads):
+  return x_BxNxE.reshape(*x_BxNxE.shape[:-1], heads, x_BxNxE.shape[-1] // heads)
+
+
+class Tick(nn.Module):
+  """One internal tick; `nn.scan` runs it with parameters broadcast over ticks.
+
+  Per tick: synch-action -> query -> cross-attention (or a direct input when
+  heads == 0) -> synapse -> trace shift -> NLMs -> synch-out -> prediction and
+  certainty. Inputs:
+    xs: per-tick pytree (scanned); `input_BxE` here replaces attention with a
+      different input each tick.
+    shared: tick-invariant pytree (broadcast): projected keys/values
+      `k_BxNxKxF`, `v_BxNxKxF` or a fixed `input_BxE`; synch pair indices and
+      decay parameters.
+  """
+  d_model: int
+  d_input: int
+  heads: int
+  synapse_depth: int
+  deep_nlms: bool
+  memory_hidden_dims: int
+  do_layernorm_nlm: bool
+  out_dims: int
+  prediction_reshaper: tuple[int, ...]
+  dropout: float
+  dropout_nlm: float
+  train: bool = False
+  track: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, state: TickState, xs, shared):
+    z_BxD = state.z_BxD
+    per_tick = {}
+    synch_action_state = state.synch_action
+    if self.heads:
+      synch_action_BxP, synch_action_state = synch.update(
+          state.synch_action, z_BxD, shared['action_left_P'],
+          shared['action_right_P'], shared['decay_params_action'])
+      q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(synch_action_BxP)
+      features_BxE, attention_BxKxN = self._attend(q_BxE, shared)
+      if self.track:
+        per_tick['synch_action'] = synch_action_BxP
+        per_tick['attention'] = attention_BxKxN[:, :, None, :]
+    else:
+      features_BxE = xs.get('input_BxE', shared.get('input_BxE'))
+
+    synapse_in = jnp.concatenate([features_BxE.astype(self.dtype), z_BxD.astype(self.dtype)], -1)
+    if self.synapse_depth == 1:
+      pre_BxD = synapse.mlp_synapse(synapse_in, self.d_model, self.dropout, self.train, self.dtype)
+    else:
+      pre_BxD = synapse.SynapseUNet(self.d_model, self.synapse_depth, self.dropout,
+                                    dtype=self.dtype, name='synapses')(synapse_in, self.train)
+    trace_BxDxM = jnp.concatenate(
+        [state.trace_BxDxM[:, :, 1:], pre_BxD[:, :, None].astype(state.trace_BxDxM.dtype)], -1)
+    z_BxD = nlm.neuron_level_models(
+        trace_BxDxM, deep=self.deep_nlms, memory_hidden_dims=self.memory_hidden_dims,
+        do_norm=self.do_layernorm_nlm, dropout=self.dropout_nlm, train=self.train,
+        dtype=self.dtype).astype(state.z_BxD.dtype)
+    synch_out_BxP, synch_out_state = synch.update(
+        state.synch_out, z_BxD, shared['out_left_P'], shared['out_right_P'],
+        shared['decay_params_out'])
+    prediction_BxO = layers.Linear(self.out_dims, dtype=self.dtype,
+                                   name='output_projector_0')(synch_out_BxP)
+    prediction_BxO = prediction_BxO.astype(jnp.float32)
+    per_tick['predictions'] = prediction_BxO
+    per_tick['certainties'] = certainty(prediction_BxO, self.prediction_reshaper)
+    per_tick['synch_out'] = synch_out_BxP
+    if self.track:
+      per_tick['pre_activations'] = pre_BxD
+      per_tick['post_activations'] = z_BxD
+    return TickState(trace_BxDxM, z_BxD, synch_action_state, synch_out_state), per_tick
+
+  def _attend(self, q_BxE, shared):
+    """Single-query multi-head attention over the pre-projected keys/values."""
+    k_BxNxKxF, v_BxNxKxF = shared['k_BxNxKxF'], shared['v_BxNxKxF']
+    head_dim = self.d_input // self.heads
+    q_BxE = layers.Linear(self.d_input, kernel_init=_xavier_qkv(self.d_input),
+                          bias_init=nn.initializers.zeros, dtype=self.dtype,
+                          name='attention_q')(q_BxE)
+    q_BxKxF = _split_heads(q_BxE, self.heads) * math.sqrt(1.0 / head_dim)
+    # b: batch, k: head, f: head feature, n: token.
+    scores_BxKxN = jnp.einsum('bkf,bnkf->bkn', q_BxKxF, k_BxNxKxF.astype(self.dtype))
+    weights_BxKxN = jax.nn.softmax(scores_BxKxN.astype(jnp.float32), axis=-1)
+    dropped_BxKxN = nn.Dropout(self.dropout, deterministic=not self.train)(weights_BxKxN)
+    out_BxKxF = jnp.einsum('bkn,bnkf->bkf', dropped_BxKxN.astype(self.dtype),
+                           v_BxNxKxF.astype(self.dtype))
+    out_BxE = layers.Linear(self.d_input, bias_init=nn.initializers.zeros, dtype=self.dtype,
+                            name='attention_out')(out_BxKxF.reshape(q_BxE.shape))
+    return out_BxE, weights_BxKxN
+
+
+class ContinuousThoughtMachine(nn.Module):
+  """The CTM (arXiv 2505.05522), with the reference's constructor options.
+
+  `__call__(x, train=False, track=False)` takes a batch of inputs: (B, L) of
+  +-1 for `parity_backbone`, NHWC images for ResNet / shallow-wide backbones,
+  and (B, N, C) or (B, H, W, C) features for backbone 'none'. It returns a
+  `CTMOutput`. Variables: `params`, `synch` (neuron-pair indices, drawn from
+  the `params` key at init, never optimised) and `batch_stats` (ResNet /
+  shallow-wide). Dropout draws from the `dropout` rng in training.
+
+  Extra options (not in the reference): `remat` ('none' | 'full' | 'dots')
+  checkpoints the tick body; `dtype` is the compute dtype (parameters stay
+  float32); `unroll` is the scan unroll factor.
+  """
+  iterations: int
+  d_model: int
+  d_input: int
+  heads: int
+  n_synch_out: int
+  n_synch_action: int
+  synapse_depth: int
+  memory_length: int
+  deep_nlms: bool
+  memory_hidden_dims: int
+  do_layernorm_nlm: bool
+  backbone_type: str
+  positional_embedding_type: str
+  out_dims: int
+  prediction_reshaper: Sequence[int] = (-1,)
+  dropout: float = 0.0
+  dropout_nlm: float | None = None
+  neuron_select_type: str = 'random-pairing'
+  n_random_pairing_self: int = 0
+  remat: str = 'none'
+  dtype: Any = jnp.float32
+  unroll: int = 1
+
+  def __post_init__(self):
+    object.__setattr__(self, 'prediction_reshaper', tuple(self.prediction_reshaper))
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, 'remat', 'full' if self.remat else 'none')
+    validate_config(self)
+    super().__post_init__()
+
+  @property
+  def synch_size_out(self) -> int:
+    return synch.synch_size(self.neuron_select_type, self.n_synch_out)
+
+  @property
+  def synch_size_action(self) -> int:
+    return synch.synch_size(self.neuron_select_type, self.n_synch_action)
+
+  def _tick_kwargs(self, train, track):
+    return dict(
+        d_model=self.d_model, d_input=self.d_input, heads=self.heads,
+        synapse_depth=self.synapse_depth, deep_nlms=self.deep_nlms,
+        memory_hidden_dims=self.memory_hidden_dims,
+        do_layernorm_nlm=self.do_layernorm_nlm, out_dims=self.out_dims,
+        prediction_reshaper=self.prediction_reshaper, dropout=self.dropout,
+        dropout_nlm=self.dropout if self.dropout_nlm is None else self.dropout_nlm,
+        train=train, track=track, dtype=self.dtype)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, track: bool = False) -> CTMOutput:
+    validate_input(self, x)
+    batch = x.shape[0]
+    kv_BxNxE = self.featurise(x, train)
+    k_BxNxKxF, v_BxNxKxF = self._project_kv(kv_BxNxE)
+
+    shared = dict(k_BxNxKxF=k_BxNxKxF, v_BxNxKxF=v_BxNxKxF, **self._synch_variables())
+    state = self.initial_state(batch, shared)
+    final, per_tick = self.run_ticks(state, {}, shared, train=train, track=track)
+    return self._outputs(final, per_tick, track)
+
+  # --- Pieces shared with the task variants -----------------------------------
+
+  def featurise(self, x, train):
+    """Tokens (B, N, E) after backbone, positional embedding and kv_proj."""
+    if 'resnet' in self.backbone_type:
+      # A 1x1 conv to 3 channels (torch LazyConv2d(3, 1) with bias).
+      fan_in = x.shape[-1]
+      bound = 1.0 / math.sqrt(fan_in)
+      x = nn.Conv(3, (1, 1), kernel_init=layers.uniform(bound),
+                  bias_init=layers.uniform(bound), dtype=self.dtype,
+                  name='initial_rgb')(x)
+    backbone = backbones.make_backbone(self.backbone_type, self.d_input, self.dtype,
+                                       name='backbone')
+    features = x if backbone is None else backbone(x, train=train)
+    pe = posemb.make_positional_embedding(
+        self.positional_embedding_type,
+        backbones.backbone_channels(self.backbone_type, self.d_input, x.shape[-1]),
+        self.dtype, name='positional_embedding')
+    if pe is not None:
+      features = features + pe(features)
+    tokens_BxNxC = features.reshape(features.shape[0], -1, features.shape[-1])
+    kv_BxNxE = layers.Linear(self.d_input, dtype=self.dtype, name='kv_proj_0')(tokens_BxNxC)
+    return layers.LayerNorm(dtype=self.dtype, name='kv_proj_1')(kv_BxNxE)
+
+  def _project_kv(self, kv_BxNxE):
+    """The attention's key/value projections, hoisted out of the tick loop."""
+    def proj(name):
+      y = layers.Linear(self.d_input, kernel_init=_xavier_qkv(self.d_input),
+                        bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)(kv_BxNxE)
+      return _split_heads(y, self.heads)
+    return proj('attention_k'), proj('attention_v')
+
+  def _synch_variables(self):
+    """Pair indices (P,) and decay parameters (P,) for both synch sides."""
+    shared = {}
+    sides = [('out', self.n_synch_out, self.synch_size_out)]
+    if self.synch_size_action:
+      sides.append(('action', self.n_synch_action, self.synch_size_action))
+    for side, n_synch, size in sides:
+      key = self.make_rng('params') if self.is_initializing() else None
+      left_right = synch.init_neuron_indices(
+          key, self.neuron_select_type, side, self.d_model, n_synch,
+          self.n_random_pairing_self) if key is not None else None
+      left = self.variable('synch', f'{side}_neuron_indices_left', lambda: left_right[0])
+      right = self.variable('synch', f'{side}_neuron_indices_right', lambda: left_right[1])
+      shared[f'{side}_left_P'], shared[f'{side}_right_P'] = synch.pair_indices(
+          self.neuron_select_type, left.value, right.value)
+      shared[f'decay_params_{side}'] = self.param(
+          f'decay_params_{side}', nn.initializers.zeros, (size,))
+    return shared
+
+  def initial_state(self, batch: int, shared) -> TickState:
+    d, m = self.d_model, self.memory_length
+    start_z_D = self.param('start_activated_state', layers.uniform(math.sqrt(1 / d)), (d,))
+    start_trace_DxM = self.param('start_trace', layers.uniform(math.sqrt(1 / (d + m))), (d, m))
+    z_BxD = jnp.broadcast_to(start_z_D, (batch, d))
+    trace_BxDxM = jnp.broadcast_to(start_trace_DxM, (batch, d, m))
+    # The output synch starts from z0 before the first tick; the action synch
+    # starts empty (its first update sees z0).
+    _, synch_out = synch.update(
+        synch.zero_state(batch, self.synch_size_out), z_BxD, shared['out_left_P'],
+        shared['out_right_P'], shared['decay_params_out'])
+    synch_action = synch.zero_state(batch, self.synch_size_action)
+    return TickState(trace_BxDxM, z_BxD, synch_action, synch_out)
+
+  def run_ticks(self, state: TickState, xs, shared, *, train: bool, track: bool,
+                length: int | None = None):
+    """Scans the tick `length` (default `iterations`) times; per-tick outputs stacked on axis 0."""
+    tick_cls = Tick
+    if self.remat != 'none':
+      tick_cls = nn.remat(Tick, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    scan = nn.scan(
+        tick_cls,
+        variable_broadcast='params',
+        split_rngs={'params': False, 'dropout': True},
+        in_axes=(0, nn.broadcast),
+        length=length or self.iterations,
+        unroll=self.unroll)
+    return scan(**self._tick_kwargs(train, track), name='tick')(state, xs, shared)
+
+  def _outputs(self, final: TickState, per_tick, track: bool) -> CTMOutput:
+    tracking = None
+    if track:
+      tracking = Tracking(
+          pre_activations=per_tick['pre_activations'],
+          post_activations=per_tick['post_activations'],
+          attention=per_tick.get('attention'),
+          synch_out=per_tick['synch_out'],
+          synch_action=per_tick.get('synch_action'))
+    return CTMOutput(
+        predictions=jnp.transpose(per_tick['predictions'], (1, 2, 0)),
+        certainties=jnp.transpose(per_tick['certainties'], (1, 2, 0)),
+        synch_out=per_tick['synch_out'][-1],
+        tracking=tracking)
+
+
+def _error(field, value, why):
+  return ValueError(f'{field}={value!r}: {why}')
+
+
+def validate_config(m: ContinuousThoughtMachine) -> None:
+  """Raises ValueError naming the first invalid option; called at construction."""
+  positive = ('iterations', 'd_model', 'd_input', 'n_synch_out', 'synapse_depth',
+              'memory_length', 'out_dims')
+  for field in positive:
+    value = getattr(m, field)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise _error(field, value, 'must be a positive integer')
+  for field in ('heads', 'n_synch_action', 'n_random_pairing_self'):
+    value = getattr(m, field)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+      raise _error(field, value, 'must be a non-negative integer')
+  if m.deep_nlms and (not isinstance(m.memory_hidden_dims, (int, np.integer))
+                      or m.memory_hidden_dims < 1):
+    raise _error('memory_hidden_dims', m.memory_hidden_dims,
+                 'must be a positive integer when deep_nlms=True')
+  if m.backbone_type not in backbones.BACKBONE_TYPES:
+    raise _error('backbone_type', m.backbone_type,
+                 f'unknown; expected one of {list(backbones.BACKBONE_TYPES)}')
+  if m.positional_embedding_type not in posemb.POSITIONAL_EMBEDDING_TYPES:
+    raise _error('positional_embedding_type', m.positional_embedding_type,
+                 f'unknown; expected one of {list(posemb.POSITIONAL_EMBEDDING_TYPES)}')
+  if m.backbone_type == 'none' and m.positional_embedding_type != 'none':
+    raise _error('positional_embedding_type', m.positional_embedding_type,
+                 "backbone_type='none' takes no positional embedding; use 'none'")
+  if m.neuron_select_type not in synch.NEURON_SELECT_TYPES:
+    raise _error('neuron_select_type', m.neuron_select_type,
+                 f'unknown; expected one of {list(synch.NEURON_SELECT_TYPES)}')
+  if m.neuron_select_type == 'first-last' and m.d_model < m.n_synch_out + m.n_synch_action:
+    raise _error('d_model', m.d_model,
+                 f"'first-last' needs d_model >= n_synch_out + n_synch_action "
+                 f'= {m.n_synch_out + m.n_synch_action}')
+  if m.neuron_select_type == 'random-pairing':
+    for field in ('n_synch_out', 'n_synch_action'):
+      if getattr(m, field) and m.n_random_pairing_self >= getattr(m, field):
+        raise _error('n_random_pairing_self', m.n_random_pairing_self,
+                     f"'random-pairing' needs n_random_pairing_self < {field} "
+                     f'= {getattr(m, field)}')
+  if m.heads < 1:
+    raise _error('heads', m.heads, 'the main CTM attends to its input; heads must be >= 1')
+  if m.n_synch_action < 1:
+    raise _error('n_synch_action', m.n_synch_action,
+                 'the attention query is projected from the action synch; must be >= 1')
+  if m.d_input % m.heads:
+    raise _error('d_input', m.d_input, f'must be divisible by heads={m.heads}')
+  for field in ('dropout', 'dropout_nlm'):
+    value = getattr(m, field)
+    if value is not None and not 0 <= value < 1:
+      raise _error(field, value, 'must be in [0, 1)')
+  if m.remat not in REMAT_POLICIES:
+    raise _error('remat', m.remat, f'expected one of {list(REMAT_POLICIES)}')
+  reshaper = m.prediction_reshaper
+  if (not reshaper or sum(d == -1 for d in reshaper) > 1
+      or any(d == 0 or d < -1 for d in reshaper)):
+    raise _error('prediction_reshaper', list(reshaper),
+                 'must be positive sizes with at most one -1')
+  known = int(np.prod([d for d in reshaper if d != -1]))
+  if (-1 in reshaper and m.out_dims % known) or (-1 not in reshaper and known != m.out_dims):
+    raise _error('prediction_reshaper', list(reshaper), f'does not match out_dims={m.out_dims}')
+
+
+def validate_input(m: ContinuousThoughtMachine, x) -> None:
+  """Raises ValueError for an input the configured backbone cannot take."""
+  shape, dtype = tuple(x.shape), jnp.dtype(x.dtype)
+  if m.backbone_type == 'parity_backbone':
+    if len(shape) != 2:
+      raise _error('x.shape', shape, "backbone_type='parity_backbone' takes (B, L) of +-1")
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise _error('x.dtype', str(dtype), 'parity inputs must be real numbers (+-1)')
+    return
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise _error('x.dtype', str(dtype), f'backbone_type={m.backbone_type!r} takes floats')
+  if m.backbone_type == 'none':
+    if len(shape) not in (3, 4):
+      raise _error('x.shape', shape,
+                   "backbone_type='none' takes tokens (B, N, C) or a map (B, H, W, C)")
+    return
+  if len(shape) != 4:
+    raise _error('x.shape', shape, f'backbone_type={m.backbone_type!r} takes NHWC images')
+
+
+def project_decay_params(params):
+  """Clamps every `decay_params_*` leaf to [0, 15]; other leaves pass through.
+
+  The reference clamps these in place before each forward, outside autograd.
+  Apply this after every optimiser update (and on import) so that the forward
+  can use the parameters as they are and gradients match the reference.
+  """
+  def project(path, leaf):
+    name = getattr(path[-1], 'key', None)
+    if name in DECAY_PARAM_NAMES:
+      return jnp.clip(leaf, *DECAY_CLAMP)
+    return leaf
+  return jax.tree_util.tree_map_with_path(project, params)

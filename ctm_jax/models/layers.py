@@ -1,0 +1,48 @@
+"""Small layers with the reference's (PyTorch) initialisation and numerics.
+
+Dimensions: B batch, I input features, O output features.
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+# torch.nn.LayerNorm: eps 1e-5, biased two-pass variance.
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-5, use_fast_variance=False)
+
+
+def uniform(bound: float):
+  """U(-bound, bound), torch's default for Linear/Conv weights and biases."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Linear(nn.Module):
+  """Dense layer initialised like torch.nn.Linear (weight and bias U(+-1/sqrt(I)))."""
+
+  features: int
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer | None = None
+  bias_init: nn.initializers.Initializer | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxI):
+    fan_in = x_BxI.shape[-1]
+    default = uniform(1.0 / math.sqrt(fan_in))
+    kernel_IxO = self.param('kernel', self.kernel_init or default,
+                            (fan_in, self.features), jnp.float32)
+    y_BxO = jnp.dot(x_BxI.astype(self.dtype), kernel_IxO.astype(self.dtype))
+    if self.use_bias:
+      bias_O = self.param('bias', self.bias_init or default, (self.features,),
+                          jnp.float32)
+      y_BxO = y_BxO + bias_O.astype(self.dtype)
+    return y_BxO

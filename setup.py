@@ -1,0 +1,26 @@
+"""ctm-jax: the Continuous Thought Machine in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="ctm-jax",
+    version="0.1.0",
+    description="Continuous Thought Machine (arXiv 2505.05522) in JAX/Flax.",
+    packages=setuptools.find_packages(include=["ctm_jax", "ctm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "ml_collections",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        # Reading the reference's .pt checkpoints.
+        "torch": ["torch>=2.1"],
+    },
+)

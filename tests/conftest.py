@@ -1,0 +1,42 @@
+"""Shared test fixtures: the reference goldens in ../shared/golden."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+SHARED = pathlib.Path(os.environ.get('CTM_SHARED', pathlib.Path(__file__).resolve().parents[2] / 'shared'))
+GOLDEN = SHARED / 'golden'
+
+
+def load_golden(case: str):
+  """(arrays, meta) of a golden case; skips the test when goldens are absent."""
+  path = GOLDEN / f'{case}.npz'
+  if not path.exists():
+    pytest.skip(f'reference goldens not found at {path} (expected ../shared beside the repo)')
+  arrays = dict(np.load(path, allow_pickle=False))
+  meta = json.loads((GOLDEN / f'{case}.json').read_text())
+  return arrays, meta
+
+
+def state_dict(arrays, meta):
+  return {k: arrays[k] for k in meta['state_dict']}
+
+
+def to_jax_layout(x: np.ndarray) -> np.ndarray:
+  """Reference input (NCHW or (B, C, L)) -> ctm-jax's channels-last layout."""
+  if x.ndim == 4:
+    return x.transpose(0, 2, 3, 1)
+  if x.ndim == 3:
+    return x.transpose(0, 2, 1)
+  return x
+
+
+def assert_close(actual, expected, tol=1e-4, what=''):
+  """|a - e| <= tol, relative where |e| > 1."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, f'{what}: shape {actual.shape} != {expected.shape}'
+  err = np.abs(actual - expected) / np.maximum(1.0, np.abs(expected))
+  assert err.max(initial=0.0) <= tol, f'{what}: max error {err.max():.3g} > {tol}'

@@ -1,0 +1,95 @@
+"""The CTM against the PyTorch reference's own numbers (../shared/golden)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, load_golden, state_dict, to_jax_layout
+from ctm_jax import losses
+from ctm_jax.interop import torch as torch_interop
+
+CASES = ['parity', 'image_rp', 'firstlast_unet8', 'none_heads2']
+ALL_CASES = CASES + [c + '__perturbed' for c in CASES]
+
+
+def _loss_fn(kind):
+  if kind == 'parity':
+    return losses.parity_loss
+  if kind == 'maze':
+    return losses.maze_loss
+  return losses.image_classification_loss
+
+
+@functools.lru_cache(maxsize=None)
+def _imported(case):
+  arrays, meta = load_golden(case)
+  model, variables = torch_interop.import_state_dict(state_dict(arrays, meta),
+                                                     meta['constructor_kwargs'])
+  return arrays, meta, model, variables
+
+
+@pytest.mark.parametrize('case', ALL_CASES)
+def test_forward_matches_reference(case):
+  arrays, _, model, variables = _imported(case)
+  x = to_jax_layout(arrays['__in__x'])
+  out = jax.jit(model.apply)(variables, x)
+  assert_close(out.predictions, arrays['__out__predictions'], what='predictions')
+  assert_close(out.certainties, arrays['__out__certainties'], what='certainties')
+  assert_close(out.synch_out, arrays['__out__synchronisation_out'], what='synch_out')
+
+
+@pytest.mark.parametrize('case', ALL_CASES)
+def test_tracking_matches_reference(case):
+  arrays, _, model, variables = _imported(case)
+  x = to_jax_layout(arrays['__in__x'])
+  out = jax.jit(functools.partial(model.apply, track=True))(variables, x)
+  assert_close(out.predictions, arrays['__track__predictions'], what='predictions')
+  assert_close(out.certainties, arrays['__track__certainties'], what='certainties')
+  for name in ('pre_activations', 'post_activations', 'attention', 'synch_out', 'synch_action'):
+    assert_close(getattr(out.tracking, name), arrays[f'__track__{name}'], what=name)
+
+
+@pytest.mark.parametrize('case', ALL_CASES)
+def test_decay_projection_matches_in_place_clamp(case):
+  arrays, _, _, variables = _imported(case)
+  for side in ('action', 'out'):
+    np.testing.assert_array_equal(variables['params'][f'decay_params_{side}'],
+                                  arrays[f'__post__decay_params_{side}'])
+
+
+@pytest.mark.parametrize('case', ALL_CASES)
+def test_loss_and_gradients_match_reference(case):
+  arrays, meta, model, variables = _imported(case)
+  x = to_jax_layout(arrays['__in__x'])
+  targets = jnp.asarray(arrays['__target__targets'])
+  loss_fn = _loss_fn(meta['loss'])
+
+  def loss(params):
+    out = model.apply({**variables, 'params': params}, x)
+    result = loss_fn(out.predictions, out.certainties, targets)
+    return result[0], result[1:]
+
+  (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  expected = float(arrays['__loss__loss'])
+  assert abs(float(value) - expected) <= 1e-5 * max(1.0, abs(expected)), (value, expected)
+  np.testing.assert_array_equal(aux[0], arrays['__loss__where_most_certain'])
+  if meta['loss'] == 'maze':
+    np.testing.assert_array_equal(aux[1], arrays['__loss__upto_where'])
+
+  # Map the reference's gradients through the importer to our layout.
+  sd = state_dict(arrays, meta)
+  grad_sd = {k: arrays.get(f'__grad__{k}', v) for k, v in sd.items()}
+  assert not meta['grads_missing']
+  abstract = jax.eval_shape(lambda: variables)
+  expected_grads = torch_interop.convert_state_dict(grad_sd, abstract)['params']
+  flat_ours = jax.tree_util.tree_leaves_with_path(grads)
+  flat_ref = dict(jax.tree_util.tree_leaves_with_path(expected_grads))
+  assert len(flat_ours) == len(flat_ref)
+  for path, ours in flat_ours:
+    ref = np.asarray(flat_ref[path], np.float64)
+    err = np.abs(np.asarray(ours, np.float64) - ref).max()
+    scale = max(np.linalg.norm(ref), 1e-12)
+    assert err <= 1e-4 * scale + 1e-9, f'{jax.tree_util.keystr(path)}: {err:.3g} vs |g| {scale:.3g}'
