@@ -248,31 +248,51 @@ def test_backbone_output_shapes(backbone_type):
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))
 
 
+def _numpy_variables(abstract, seed=0):
+    """Concrete variables for an abstract tree, drawn with NumPy (a real init is slow on CPU)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
+        if name in ("bias", "mean"):
+            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, flax.core.unfreeze(abstract))
+
+
 def test_resnet50_forward_train_and_eval():
     net = backbones.make_backbone("resnet50-2", d_input=0, name="backbone")
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-    variables = net.init(jax.random.PRNGKey(0), x, train=False)
-    assert set(variables) == {"params", "batch_stats"}
-    p = variables["params"]
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    abstract = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), x, train=False))
+    assert set(abstract) == {"params", "batch_stats"}
+    p = abstract["params"]
     # Bottleneck: stride on conv2 (3x3); projection shortcut in the first block of each layer.
     assert p["layer1_0"]["conv3"]["kernel"].shape == (1, 1, 64, 256)
     assert p["layer1_0"]["downsample_0"]["kernel"].shape == (1, 1, 64, 256)
     assert p["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert p["layer2_0"]["downsample_0"]["kernel"].shape == (1, 1, 256, 512)
     assert "downsample_0" not in p["layer2_1"]
+    assert "layer3_0" not in p
+    variables = _numpy_variables(abstract)
     out = jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, x)
-    assert out.shape == (2, 8, 8, 512)
+    assert out.shape == (2, 4, 4, 512)
     assert np.isfinite(np.asarray(out)).all()
-    out_t, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
-    assert out_t.shape == out.shape
+    train_fn = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]))
+    out_t, updates = train_fn(variables, x)
+    assert out_t.shape == out.shape and np.isfinite(np.asarray(out_t)).all()
     before = variables["batch_stats"]["layer2_0"]["bn2"]["mean"]
     after = updates["batch_stats"]["layer2_0"]["bn2"]["mean"]
     assert not np.allclose(before, after)
 
 
 def test_init_distributions():
-    net = backbones.make_backbone("resnet18-1", d_input=0)
-    params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
-    kernel = np.asarray(params["layer1_0"]["conv1"]["kernel"])  # fan_in 64 * 9
+    block = backbones.BasicBlock(64)
+    params = block.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 64)), train=False)["params"]
+    kernel = np.asarray(params["conv1"]["kernel"])  # fan_in 64 * 9
     bound = 1 / np.sqrt(64 * 9)
     assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
 
@@ -346,8 +366,19 @@ def test_unknown_types_raise():
 
 
 def test_bf16_compute_keeps_f32_params():
-    net = backbones.make_backbone("resnet18-2", d_input=0, dtype=jnp.bfloat16)
-    x = jnp.ones((1, 8, 8, 3))
-    out, variables = net.init_with_output(jax.random.PRNGKey(0), x, train=False)
-    assert out.dtype == jnp.bfloat16
-    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))
+    x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    for backbone_type in ("resnet18-2", "resnet50-1", "shallow-wide"):
+        net = backbones.make_backbone(backbone_type, d_input=0, dtype=jnp.bfloat16)
+        out, variables = jax.eval_shape(
+            lambda x: net.init_with_output(jax.random.PRNGKey(0), x, train=False), x
+        )
+        assert out.dtype == jnp.bfloat16
+        assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))
+    for kind in ("learnable-fourier", "multi-learnable-fourier", "custom-rotational"):
+        mod = posemb.make_positional_embedding(kind, 8, jnp.bfloat16)
+        out, variables = jax.eval_shape(
+            lambda x: mod.init_with_output(jax.random.PRNGKey(0), x),
+            jax.ShapeDtypeStruct((1, 4, 4, 8), jnp.bfloat16),
+        )
+        assert out.dtype == jnp.bfloat16
+        assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))

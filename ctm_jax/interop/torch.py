@@ -187,3 +187,249 @@ def import_state_dict(state_dict: Mapping[str, Any], model_kwargs: Mapping[str, 
   variables = convert_state_dict(state_dict, abstract)
   variables['params'] = ctm_lib.project_decay_params(variables['params'])
   return model, variables
+
+
+# ---------------------------------------------------------------------------
+# Command line: a reference training checkpoint -> ctm-jax workdir.
+#
+#   python -m ctm_jax.interop.torch --checkpoint=run/checkpoint.pt --workdir=DIR
+#
+# writes DIR/config.json (task, source, model kwargs) and DIR/checkpoint
+# (orbax, the `params` / `synch` / `batch_stats` collections). `load_imported`
+# reads them back.
+
+# Appended below the converter; hoist these into the import block when convenient.
+import json  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import os  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+TASKS = ('parity', 'image_classification', 'mazes')
+# tasks/image_classification/train.py: len(class_labels) of each dataset.
+IMAGE_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
+# Saved arg -> constructor kwarg, identical in the three training scripts.
+ARG_TO_KWARG = {
+    'iterations': 'iterations',
+    'd_model': 'd_model',
+    'd_input': 'd_input',
+    'heads': 'heads',
+    'n_synch_out': 'n_synch_out',
+    'n_synch_action': 'n_synch_action',
+    'synapse_depth': 'synapse_depth',
+    'memory_length': 'memory_length',
+    'deep_memory': 'deep_nlms',
+    'memory_hidden_dims': 'memory_hidden_dims',
+    'do_normalisation': 'do_layernorm_nlm',
+    'backbone_type': 'backbone_type',
+    'positional_embedding_type': 'positional_embedding_type',
+    'dropout': 'dropout',
+    'neuron_select_type': 'neuron_select_type',
+    'n_random_pairing_self': 'n_random_pairing_self',
+}
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoint'
+
+
+def _as_dict(args) -> dict:
+  return dict(args) if isinstance(args, Mapping) else dict(vars(args))
+
+
+def detect_task(args) -> str:
+  """Which reference training script saved `args` (their argparse fields differ)."""
+  args = _as_dict(args)
+  dataset = args.get('dataset')
+  if 'parity_sequence_length' in args or dataset == 'parity':
+    return 'parity'
+  if 'maze_route_length' in args or str(dataset).startswith('mazes'):
+    return 'mazes'
+  if dataset in IMAGE_CLASSES:
+    return 'image_classification'
+  raise ValueError(
+      f'cannot tell the task from args: no parity_sequence_length or maze_route_length, '
+      f'and dataset={dataset!r} is not one of {sorted(IMAGE_CLASSES)}; pass --task')
+
+
+def _require(args, name, task):
+  if args.get(name) is None:
+    raise ValueError(f'saved args lack {name!r}, needed for the {task} model')
+  return args[name]
+
+
+def _task_head(args, task):
+  """(out_dims, prediction_reshaper) exactly as each training script sets them."""
+  if task == 'parity':
+    length = int(_require(args, 'parity_sequence_length', task))
+    return length * 2, [length, 2]
+  if task == 'mazes':
+    route = int(_require(args, 'maze_route_length', task))
+    return route * 5, [route, 5]
+  dataset = args.get('dataset')
+  if dataset in IMAGE_CLASSES:
+    return IMAGE_CLASSES[dataset], [-1]
+  if args.get('out_dims') is not None:  # unknown dataset (e.g. --task override)
+    return int(args['out_dims']), [-1]
+  raise ValueError(f'saved args: dataset={dataset!r} has no known class count '
+                   f'({sorted(IMAGE_CLASSES)}) and there is no out_dims')
+
+
+def model_kwargs_from_args(args, task: str | None = None) -> dict:
+  """Reference constructor kwargs from a training script's saved `args`.
+
+  `args` is the argparse.Namespace stored under 'args' (or a dict of it).
+  Follows tasks/{parity,image_classification,mazes}/train.py: `deep_memory`
+  -> deep_nlms, `do_normalisation` -> do_layernorm_nlm, out_dims and
+  prediction_reshaper from the task. Raises ValueError naming the field that
+  is missing or inconsistent.
+  """
+  args = _as_dict(args)
+  task = task or detect_task(args)
+  if task not in TASKS:
+    raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+  # parity saves `model_type`, the others `model`; absent means an older CTM-only run.
+  type_field = 'model_type' if task == 'parity' else 'model'
+  if args.get(type_field, 'ctm') != 'ctm':
+    raise ValueError(f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints '
+                     'can be imported')
+  missing = [name for name in ARG_TO_KWARG if args.get(name) is None]
+  if missing:
+    raise ValueError(f'saved args lack {", ".join(map(repr, missing))}, needed for the '
+                     f'{task} model')
+  kwargs = {kwarg: args[name] for name, kwarg in ARG_TO_KWARG.items()}
+  kwargs['deep_nlms'] = bool(kwargs['deep_nlms'])
+  kwargs['do_layernorm_nlm'] = bool(kwargs['do_layernorm_nlm'])
+  out_dims, reshaper = _task_head(args, task)
+  # The scripts store their own out_dims in args before saving; they must agree.
+  if args.get('out_dims') is not None and int(args['out_dims']) != out_dims:
+    raise ValueError(f'saved args: out_dims={args["out_dims"]} but the {task} task '
+                     f'gives {out_dims}')
+  kwargs['out_dims'] = out_dims
+  kwargs['prediction_reshaper'] = reshaper
+  # The parity script leaves dropout_nlm at the constructor default (None).
+  kwargs['dropout_nlm'] = None if task == 'parity' else args.get('dropout_nlm')
+  return kwargs
+
+
+def _import_torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('reading a PyTorch checkpoint needs torch: '
+                      'pip install ctm-jax[torch]') from e
+  return torch
+
+
+def _clean_state_dict(state_dict, torch) -> dict:
+  """float32 numpy arrays under the plain module keys.
+
+  Strips `module.` (DataParallel / DDP) and `_orig_mod.` (the mazes and image
+  scripts' --do_compile wraps `synapses` in torch.compile) from the keys.
+  """
+  out = {}
+  for key, value in state_dict.items():
+    key = key.replace('._orig_mod.', '.')
+    for prefix in ('module.', '_orig_mod.'):
+      key = key[len(prefix):] if key.startswith(prefix) else key
+    if isinstance(value, torch.Tensor):
+      value = value.detach().cpu()
+      if value.is_floating_point() and value.dtype != torch.float32:
+        value = value.float()  # numpy has no bfloat16
+    out[key] = to_numpy(value)
+  return out
+
+
+def load_reference_checkpoint(path: str):
+  """(state_dict, args dict, iteration) of a reference training checkpoint."""
+  torch = _import_torch()
+  # The checkpoint pickles an argparse.Namespace (and RNG states), hence not weights_only.
+  checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+  if not isinstance(checkpoint, Mapping) or 'model_state_dict' not in checkpoint:
+    raise ValueError(f'{path}: not a reference training checkpoint (no model_state_dict)')
+  if checkpoint.get('args') is None:
+    raise ValueError(f'{path}: the checkpoint has no saved args')
+  return (_clean_state_dict(checkpoint['model_state_dict'], torch),
+          _as_dict(checkpoint['args']), checkpoint.get('iteration'))
+
+
+def import_checkpoint(checkpoint: str, workdir: str, task: str | None = None,
+                      overwrite: bool = False) -> dict:
+  """Reference .pt -> workdir/config.json + workdir/checkpoint. Returns the config.
+
+  Writes nothing when the import fails, and refuses an existing
+  workdir/checkpoint unless `overwrite`.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  checkpoint, workdir = os.path.abspath(checkpoint), os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  if os.path.exists(ckpt_dir) and not overwrite:
+    raise FileExistsError(f'{ckpt_dir} already exists; pass --overwrite to replace it')
+  state_dict, args, iteration = load_reference_checkpoint(checkpoint)
+  task = task or detect_task(args)
+  kwargs = model_kwargs_from_args(args, task)
+  _, variables = import_state_dict(state_dict, kwargs)  # raises before any write
+  config = {'task': task, 'source_checkpoint': checkpoint, 'iteration': iteration,
+            'dataset': args.get('dataset'), 'model_kwargs': kwargs}
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(ckpt_dir):
+    shutil.rmtree(ckpt_dir)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(ckpt_dir, variables)
+  checkpointer.wait_until_finished()
+  # Written last, so a config.json means a complete import.
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    json.dump(config, f, indent=1)
+  return config
+
+
+def load_imported(workdir: str):
+  """(model, variables, config) of a workdir written by `import_checkpoint`.
+
+  Variables land on the first local device; reshard them for training.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.abspath(workdir)
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    config = json.load(f)
+  model = ctm_lib.ContinuousThoughtMachine(**config['model_kwargs'])
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  checkpointer = ocp.StandardCheckpointer()
+  # Target from the saved metadata, not its sharding: the writer's device may not exist here.
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = checkpointer.metadata(ckpt_dir).item_metadata.tree
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          metadata)
+  variables = checkpointer.restore(ckpt_dir, abstract)
+  return model, variables, config
+
+
+def _main(argv):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  flag_values = flags.FLAGS
+  try:
+    config = import_checkpoint(flag_values.checkpoint, flag_values.workdir,
+                               task=flag_values.task, overwrite=flag_values.overwrite)
+  except (ValueError, FileExistsError) as e:
+    sys.exit(f'error: {e}')
+  workdir = os.path.abspath(flag_values.workdir)
+  print(f'imported {config["task"]} CTM from {config["source_checkpoint"]}')
+  print(f'  config:     {os.path.join(workdir, CONFIG_FILE)}')
+  print(f'  checkpoint: {os.path.join(workdir, CHECKPOINT_DIR)}')
+
+
+def _define_flags():
+  """Defined only when run as a script, so importing this module adds no flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('checkpoint', None, 'Reference training checkpoint (.pt).', required=True)
+  flags.DEFINE_string('workdir', None, 'Directory for config.json and checkpoint/.',
+                      required=True)
+  flags.DEFINE_enum('task', None, TASKS, 'Task override; default: detected from the saved args.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing workdir/checkpoint.')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(_main)

@@ -426,6 +426,9 @@ def validate_input(m: ContinuousThoughtMachine, x) -> None:
     return
   if len(shape) != 4:
     raise _error('x.shape', shape, f'backbone_type={m.backbone_type!r} takes NHWC images')
+  if m.positional_embedding_type == 'custom-rotational' and shape[1] != shape[2]:
+    raise _error('x.shape', shape,
+                 "positional_embedding_type='custom-rotational' needs square images (H == W)")
 
 
 def project_decay_params(params):

@@ -143,14 +143,11 @@ class MultiLearnableFourier(nn.Module):
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         # The reference spaces gammas with numpy (float64), not torch.linspace.
         gammas = np.linspace(self.gamma_range[0], self.gamma_range[1], self.num_encoders)
-        pes_KxHxWxC = jnp.stack(
-            [
-                LearnableFourier(self.d_model, gamma=float(g), dtype=self.dtype, name=f"embedders_{k}")(
-                    x_BxHxWxC
-                )[0]
-                for k, g in enumerate(gammas)
-            ]
-        )
+        encoders = [
+            LearnableFourier(self.d_model, gamma=float(g), dtype=self.dtype, name=f"embedders_{k}")
+            for k, g in enumerate(gammas)
+        ]
+        pes_KxHxWxC = jnp.stack([enc(x_BxHxWxC)[0] for enc in encoders])
         combination_K = self.param(
             "combination", nn.initializers.ones, (self.num_encoders,), jnp.float32
         )

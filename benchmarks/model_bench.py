@@ -1,0 +1,409 @@
+"""Compile time, step time, memory and FLOPs of the CTM on the reference's configs.
+
+Usage (from the repo root):
+  python benchmarks/model_bench.py                        # all configs
+  python benchmarks/model_bench.py --configs=parity_b16,cifar10_b32 \
+      --repeats=3 --warmup=1 --json=/tmp/bench.json
+
+Per config it builds the model with the reference script's options (see
+CONFIGS; the source script is named in each entry), then measures:
+  compile    lower + compile of the jitted function (AOT, `jit(f).lower(...)
+             .compile()`), timed apart from any execution.
+  forward    `apply(train=False)`, jitted; median wall time over --repeats
+             calls after --warmup calls, each call blocked until ready.
+  train      forward (train=True) + task loss + backward + optax.adamw update
+             + decay projection, jitted with the state donated; median as above.
+  memory     on GPU/TPU: the device's `memory_stats()['peak_bytes_in_use']`
+             (a process-wide high-water mark, so each config runs in its own
+             subprocess there; it covers init, forward and train step).
+             Elsewhere (CPU): the compiled train step's `memory_analysis()`,
+             temp + argument + output - alias bytes (alias = donated buffers
+             that the output reuses, which would otherwise be counted twice).
+  FLOPs      `compiled.cost_analysis()['flops']` of the train step, when the
+             backend reports it.
+
+Dimension glossary: B batch, L parity length, R maze route length,
+H/W/C image height/width/channels.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ctm_jax import losses
+from ctm_jax.models.ctm import ContinuousThoughtMachine
+from ctm_jax.models.ctm import project_decay_params
+
+# Model options keep the reference's argument names, so each entry reads as
+# the corresponding shell script (`--deep_memory` -> deep_nlms,
+# `--no-do_normalisation` -> do_layernorm_nlm=False).
+_PARITY_MODEL = dict(
+    # tasks/parity/scripts/train_ctm_75_25.sh; out_dims and the reshaper as
+    # tasks/parity/train.py derives them from --parity_sequence_length 64.
+    iterations=75, d_model=1024, d_input=512, heads=8, n_synch_out=32,
+    n_synch_action=32, synapse_depth=1, memory_length=25, deep_nlms=True,
+    memory_hidden_dims=16, do_layernorm_nlm=False, backbone_type='parity_backbone',
+    positional_embedding_type='custom-rotational-1d', out_dims=128,
+    prediction_reshaper=(64, 2), dropout=0.0, dropout_nlm=None,
+    neuron_select_type='random', n_random_pairing_self=0)
+
+CONFIGS = {
+    'parity_b16': dict(
+        source='tasks/parity/scripts/train_ctm_75_25.sh', task='parity', batch=16,
+        input_shape=(64,), model=_PARITY_MODEL),
+    'parity_b64': dict(
+        source='tasks/parity/scripts/train_ctm_75_25.sh', task='parity', batch=64,
+        input_shape=(64,), model=_PARITY_MODEL),
+    'cifar10_b32': dict(
+        source='tasks/image_classification/scripts/train_cifar10.sh', task='classify',
+        batch=32, input_shape=(32, 32, 3), num_classes=10,
+        model=dict(
+            iterations=50, d_model=256, d_input=64, heads=16, n_synch_out=256,
+            n_synch_action=512, synapse_depth=5, memory_length=15, deep_nlms=True,
+            memory_hidden_dims=64, do_layernorm_nlm=False, backbone_type='resnet18-1',
+            positional_embedding_type='none', out_dims=10, prediction_reshaper=(-1,),
+            dropout=0.0, dropout_nlm=0.0, neuron_select_type='random-pairing',
+            n_random_pairing_self=0)),
+    'maze_b16': dict(
+        # A reduced maze model: the width, heads and input width of
+        # tasks/mazes/train.py's defaults (D 512, E 128, 8 heads), 25 ticks with
+        # memory 15; everything else as tasks/mazes/scripts/train_ctm.sh
+        # (first-last synch 64/32, NLM hidden 32, synapse depth 8, resnet34-2,
+        # dropout 0.1, route length 100).
+        source='tasks/mazes/scripts/train_ctm.sh (reduced: D 512, 25x15 ticks)',
+        task='maze', batch=16, input_shape=(39, 39, 3), route_length=100,
+        model=dict(
+            iterations=25, d_model=512, d_input=128, heads=8, n_synch_out=64,
+            n_synch_action=32, synapse_depth=8, memory_length=15, deep_nlms=True,
+            memory_hidden_dims=32, do_layernorm_nlm=False, backbone_type='resnet34-2',
+            positional_embedding_type='none', out_dims=500, prediction_reshaper=(100, 5),
+            dropout=0.1, dropout_nlm=None, neuron_select_type='first-last',
+            n_random_pairing_self=0)),
+}
+
+
+def make_batch(cfg, key):
+  """Synthetic (inputs, targets) with the task's shapes and value ranges."""
+  k_x, k_y = jax.random.split(key)
+  shape = (cfg['batch'], *cfg['input_shape'])
+  if cfg['task'] == 'parity':
+    x_BxL = jnp.where(jax.random.bernoulli(k_x, 0.5, shape), 1.0, -1.0)
+    # Cumulative parity of the -1s, as tasks/parity builds its targets.
+    targets_BxL = jnp.cumsum(x_BxL < 0, axis=1) % 2
+    return x_BxL, targets_BxL.astype(jnp.int32)
+  x_BxHxWxC = jax.random.normal(k_x, shape, jnp.float32)
+  if cfg['task'] == 'classify':
+    return x_BxHxWxC, jax.random.randint(k_y, (cfg['batch'],), 0, cfg['num_classes'])
+  # Maze routes: 5 move classes (up, down, left, right, wait).
+  return x_BxHxWxC, jax.random.randint(k_y, (cfg['batch'], cfg['route_length']), 0, 5)
+
+
+def task_loss(task, out, targets):
+  if task == 'parity':
+    return losses.parity_loss(out.predictions, out.certainties, targets)[0]
+  if task == 'classify':
+    return losses.image_classification_loss(out.predictions, out.certainties, targets)[0]
+  return losses.maze_loss(out.predictions, out.certainties, targets)[0]
+
+
+def build_steps(model, task, tx):
+  """(forward, train_step) as pure functions; jitting is left to the caller."""
+
+  def forward(variables, x):
+    out = model.apply(variables, x, train=False)
+    return out.predictions, out.certainties
+
+  def train_step(state, x, targets):
+    dropout_key = jax.random.fold_in(state['rng'], state['step'])
+
+    def loss_fn(params):
+      variables = {'params': params, **state['model_state']}
+      out, updates = model.apply(variables, x, train=True, rngs={'dropout': dropout_key},
+                                 mutable=['batch_stats'])
+      return task_loss(task, out, targets), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    param_updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = project_decay_params(optax.apply_updates(state['params'], param_updates))
+    model_state = {**state['model_state'], **updates}
+    new_state = dict(params=params, opt_state=opt_state, model_state=model_state,
+                     rng=state['rng'], step=state['step'] + 1)
+    return new_state, loss
+
+  return forward, train_step
+
+
+def aot_compile(fn, *args):
+  """(compiled, lower_s, compile_s) for an already-jitted `fn`."""
+  t0 = time.perf_counter()
+  lowered = fn.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return compiled, t1 - t0, t2 - t1
+
+
+def time_calls(call, warmup, repeats):
+  """Wall times (s) of `repeats` calls after `warmup` calls; `call()` must block."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def flops_of(compiled):
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Not every backend implements it.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])
+
+
+def memory_analysis_of(compiled):
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:
+    return None
+  if mem is None:
+    return None
+  fields = ('temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes',
+            'alias_size_in_bytes', 'generated_code_size_in_bytes')
+  out = {f: int(getattr(mem, f, 0) or 0) for f in fields}
+  out['total_bytes'] = (out['temp_size_in_bytes'] + out['argument_size_in_bytes']
+                        + out['output_size_in_bytes'] - out['alias_size_in_bytes'])
+  return out
+
+
+def device_peak_bytes():
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:
+    return None
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def log(msg):
+  print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def run_config(name, args):
+  cfg = CONFIGS[name]
+  model = ContinuousThoughtMachine(**cfg['model'], remat=args.remat,
+                                   dtype=jnp.dtype(args.dtype), unroll=args.unroll)
+  x, targets = make_batch(cfg, jax.random.key(0))
+  log(f'{name}: init')
+  variables = jax.jit(model.init)(jax.random.key(1), x)
+  variables = flax.core.unfreeze(variables)
+  params = variables.pop('params')
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  tx = optax.adamw(1e-4)
+  forward, train_step = build_steps(model, cfg['task'], tx)
+
+  # Forward.
+  fwd_variables = {'params': params, **variables}
+  fwd = jax.jit(forward)
+  log(f'{name}: compile forward')
+  fwd_compiled, fwd_lower_s, fwd_compile_s = aot_compile(fwd, fwd_variables, x)
+  log(f'{name}: forward lower {fwd_lower_s:.1f}s compile {fwd_compile_s:.1f}s; timing')
+  fwd_times = time_calls(lambda: jax.block_until_ready(fwd_compiled(fwd_variables, x)),
+                         args.warmup, args.repeats)
+  log(f'{name}: forward median {statistics.median(fwd_times):.3f}s')
+
+  # Train step, state donated.
+  state = dict(params=params, opt_state=jax.jit(tx.init)(params), model_state=variables,
+               rng=jax.random.key(2), step=jnp.zeros((), jnp.int32))
+  step = jax.jit(train_step, donate_argnums=0)
+  log(f'{name}: compile train step')
+  train_compiled, train_lower_s, train_compile_s = aot_compile(step, state, x, targets)
+  log(f'{name}: train lower {train_lower_s:.1f}s compile {train_compile_s:.1f}s; timing')
+  holder = {'state': state}
+  losses_seen = []
+
+  def one_step():
+    holder['state'], loss = train_compiled(holder['state'], x, targets)
+    losses_seen.append(float(loss))  # Blocks until the step is done.
+
+  train_times = time_calls(one_step, args.warmup, args.repeats)
+  log(f'{name}: train median {statistics.median(train_times):.3f}s')
+  if not all(np.isfinite(losses_seen)):
+    raise FloatingPointError(f'{name}: non-finite train loss {losses_seen}')
+
+  return dict(
+      config=name, source=cfg['source'], task=cfg['task'], batch=cfg['batch'],
+      input_shape=list(cfg['input_shape']), model={**cfg['model'],
+      'prediction_reshaper': list(cfg['model']['prediction_reshaper'])},
+      remat=args.remat, dtype=args.dtype, unroll=args.unroll, n_params=n_params,
+      forward_lower_s=fwd_lower_s, forward_compile_s=fwd_compile_s,
+      forward_times_s=fwd_times, forward_median_s=statistics.median(fwd_times),
+      train_lower_s=train_lower_s, train_compile_s=train_compile_s,
+      train_times_s=train_times, train_median_s=statistics.median(train_times),
+      train_losses=losses_seen,
+      forward_flops=flops_of(fwd_compiled), train_flops=flops_of(train_compiled),
+      train_memory_analysis=memory_analysis_of(train_compiled),
+      forward_memory_analysis=memory_analysis_of(fwd_compiled),
+      device_peak_bytes=device_peak_bytes())
+
+
+def run_isolated(name, args):
+  """Runs one config in a fresh process, so the device's peak is its own."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'result.json')
+    cmd = [sys.executable, os.path.abspath(__file__), f'--configs={name}', f'--json={path}',
+           f'--repeats={args.repeats}', f'--warmup={args.warmup}', f'--remat={args.remat}',
+           f'--dtype={args.dtype}', f'--unroll={args.unroll}', '--isolate=no']
+    proc = subprocess.run(cmd, stdout=sys.stderr, check=False)
+    if proc.returncode:
+      return dict(config=name, error=f'subprocess exited with {proc.returncode}')
+    with open(path) as f:
+      return json.load(f)['results'][0]
+
+
+def git_commit():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    sha = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain'],
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return sha + ('-dirty' if dirty else '')
+
+
+def environment():
+  device = jax.devices()[0]
+  return dict(
+      device_kind=device.device_kind, platform=device.platform,
+      device_count=jax.device_count(), cpu_count=os.cpu_count(),
+      jax=jax.__version__, jaxlib=getattr(jax.lib, '__version__', None) or _jaxlib_version(),
+      flax=flax.__version__, optax=optax.__version__,
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      git_commit=git_commit())
+
+
+def _jaxlib_version():
+  try:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    return jaxlib.__version__
+  except ImportError:
+    return None
+
+
+def uses_device_peak(env):
+  return env['platform'] in ('gpu', 'cuda', 'rocm', 'tpu')
+
+
+def format_table(env, results, args):
+  device_peak = uses_device_peak(env)
+  mem_label = 'peak mem GiB' if device_peak else 'XLA mem GiB'
+  lines = [
+      f"# CTM model benchmark | device: {env['device_kind']} ({env['platform']}, "
+      f"{env['device_count']} device(s), {env['cpu_count']} host CPUs)",
+      f"# jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, optax {env['optax']} "
+      f"| {env['date']} | git {env['git_commit']}",
+      f'# remat={args.remat} dtype={args.dtype} unroll={args.unroll} '
+      f'| medians over --repeats={args.repeats} after --warmup={args.warmup}',
+      '# compile = lower + compile (AOT) of the jitted function, timed apart from execution.',
+      '# train = fwd(train=True) + task loss + backward + adamw + decay projection, '
+      'state donated.',
+  ]
+  if device_peak:
+    lines.append("# peak mem = device memory_stats()['peak_bytes_in_use'] of a fresh process "
+                 'per config (init + forward + train step).')
+  else:
+    lines.append('# XLA mem = compiled train step memory_analysis(): temp + argument + '
+                 'output - alias bytes (no device memory_stats() on this platform).')
+  lines.append('# train GFLOP = compiled train step cost_analysis()["flops"] / 1e9.')
+  header = ('config', 'params', 'fwd compile s', 'fwd median s', 'train compile s',
+            'train median s', mem_label, 'train GFLOP')
+  rows = []
+  for r in results:
+    if 'error' in r:
+      rows.append((r['config'], 'ERROR: ' + r['error']) + ('',) * (len(header) - 2))
+      continue
+    if device_peak:
+      mem = r.get('device_peak_bytes')
+    else:
+      mem = (r.get('train_memory_analysis') or {}).get('total_bytes')
+    rows.append((
+        r['config'], f"{r['n_params'] / 1e6:.2f}M",
+        f"{r['forward_lower_s'] + r['forward_compile_s']:.1f}",
+        f"{r['forward_median_s']:.3f}",
+        f"{r['train_lower_s'] + r['train_compile_s']:.1f}",
+        f"{r['train_median_s']:.3f}",
+        '-' if mem is None else f'{mem / 2**30:.2f}',
+        '-' if r.get('train_flops') is None else f"{r['train_flops'] / 1e9:.1f}"))
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  fmt = lambda row: ' | '.join(str(c).ljust(w) for c, w in zip(row, widths))
+  lines += [fmt(header), '-+-'.join('-' * w for w in widths)] + [fmt(r) for r in rows]
+  return '\n'.join(lines)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--configs', default=','.join(CONFIGS),
+                 help=f'comma-separated subset of {list(CONFIGS)}')
+  p.add_argument('--repeats', type=int, default=10, help='timed calls per measurement')
+  p.add_argument('--warmup', type=int, default=2, help='untimed calls before timing')
+  p.add_argument('--json', default=None, help='write environment and results here')
+  p.add_argument('--remat', default='none', choices=['none', 'full', 'dots'],
+                 help='tick-body rematerialisation policy')
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                 help='compute dtype (parameters stay float32)')
+  p.add_argument('--unroll', type=int, default=1, help='tick scan unroll factor')
+  p.add_argument('--isolate', default='auto', choices=['auto', 'yes', 'no'],
+                 help='one subprocess per config (auto: yes on GPU/TPU, where the '
+                      'device peak is process-wide)')
+  args = p.parse_args(argv)
+  names = [n for n in args.configs.split(',') if n]
+  unknown = [n for n in names if n not in CONFIGS]
+  if unknown:
+    p.error(f'--configs: unknown {unknown}; expected some of {list(CONFIGS)}')
+  if args.repeats < 1 or args.warmup < 0:
+    p.error('--repeats must be >= 1 and --warmup >= 0')
+  args.config_names = names
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  env = environment()
+  isolate = (args.isolate == 'yes'
+             or (args.isolate == 'auto' and uses_device_peak(env) and len(args.config_names) > 1))
+  log(f"device {env['device_kind']}, jax {env['jax']}, configs {args.config_names}, "
+      f'isolate={isolate}')
+  results = []
+  for name in args.config_names:
+    if isolate:
+      results.append(run_isolated(name, args))
+    else:
+      results.append(run_config(name, args))
+    if args.json:  # Written after each config, so a long run keeps partial results.
+      with open(args.json, 'w') as f:
+        json.dump(dict(environment=env, args={k: v for k, v in vars(args).items()},
+                       results=results), f, indent=1)
+  print(format_table(env, results, args), flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,157 @@
+"""`python -m ctm_jax.interop.torch` on fake reference training checkpoints.
+
+Each fake checkpoint is what the reference's training scripts torch.save: the
+golden's state_dict under 'model_state_dict' and an argparse.Namespace under
+'args', named as that script's parser names them.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import assert_close, load_golden, state_dict, to_jax_layout
+from ctm_jax.interop import torch as torch_interop
+
+torch = pytest.importorskip('torch')
+
+# Golden case -> (task, task-specific args that give its out_dims / reshaper).
+CASES = {
+    'parity': ('parity', {'model_type': 'ctm', 'parity_sequence_length': 16,
+                          'dataset': 'parity'}),
+    'image_rp': ('image_classification', {'model': 'ctm', 'dataset': 'cifar10'}),
+    'firstlast_unet8': ('mazes', {'model': 'ctm', 'dataset': 'mazes-small',
+                                  'maze_route_length': 10}),
+}
+
+
+def reference_args(case, kwargs) -> argparse.Namespace:
+  """The Namespace the case's training script would have saved."""
+  task, extra = CASES[case]
+  args = {
+      'iterations': kwargs['iterations'], 'd_model': kwargs['d_model'],
+      'd_input': kwargs['d_input'], 'heads': kwargs['heads'],
+      'n_synch_out': kwargs['n_synch_out'], 'n_synch_action': kwargs['n_synch_action'],
+      'synapse_depth': kwargs['synapse_depth'], 'memory_length': kwargs['memory_length'],
+      'deep_memory': kwargs['deep_nlms'], 'memory_hidden_dims': kwargs['memory_hidden_dims'],
+      'do_normalisation': kwargs['do_layernorm_nlm'], 'backbone_type': kwargs['backbone_type'],
+      'positional_embedding_type': kwargs['positional_embedding_type'],
+      'dropout': kwargs['dropout'], 'neuron_select_type': kwargs['neuron_select_type'],
+      'n_random_pairing_self': kwargs.get('n_random_pairing_self', 0),
+      # Training-only fields the import must ignore; out_dims is set before saving.
+      'lr': 1e-4, 'batch_size': 32, 'log_dir': 'logs/x', 'seed': 412, 'device': [-1],
+      'out_dims': kwargs['out_dims'],
+  }
+  if task != 'parity':
+    args['dropout_nlm'] = kwargs.get('dropout_nlm')
+  args.update(extra)
+  return argparse.Namespace(**args)
+
+
+def save_checkpoint(path, sd, args):
+  torch.save({'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+              'optimizer_state_dict': {}, 'iteration': 7, 'args': args}, path)
+
+
+def run_cli(*flags):
+  return subprocess.run([sys.executable, '-m', 'ctm_jax.interop.torch', *flags],
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_cli_import_reproduces_reference(case, tmp_path):
+  arrays, meta = load_golden(case)
+  kwargs = meta['constructor_kwargs']
+  ckpt = tmp_path / 'checkpoint.pt'
+  save_checkpoint(ckpt, state_dict(arrays, meta), reference_args(case, kwargs))
+  workdir = tmp_path / 'imported'
+  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr
+  assert str(workdir / 'checkpoint') in result.stdout
+
+  model, variables, config = torch_interop.load_imported(str(workdir))
+  assert config['task'] == CASES[case][0]
+  assert config['source_checkpoint'] == str(ckpt)
+  assert config['iteration'] == 7
+  out = jax.jit(model.apply)(variables, to_jax_layout(arrays['__in__x']))
+  assert_close(out.predictions, arrays['__out__predictions'], what='predictions')
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_derived_kwargs_match_golden_constructor(case):
+  _, meta = load_golden(case)
+  kwargs = meta['constructor_kwargs']
+  derived = torch_interop.model_kwargs_from_args(reference_args(case, kwargs))
+  expected = {'dropout_nlm': None, 'n_random_pairing_self': 0, **kwargs}
+  assert derived == expected
+
+
+def _parity_args(**overrides):
+  _, meta = load_golden('parity')
+  args = vars(reference_args('parity', meta['constructor_kwargs']))
+  args.update(overrides)
+  return {k: v for k, v in args.items() if v is not None}
+
+
+@pytest.mark.parametrize('field', ['d_model', 'deep_memory', 'do_normalisation',
+                                   'parity_sequence_length'])
+def test_missing_field_is_named(field):
+  args = _parity_args(**{field: None})
+  with pytest.raises(ValueError, match=field):
+    torch_interop.model_kwargs_from_args(args, task='parity')
+
+
+def test_mazes_without_route_length_and_unknown_dataset_are_named():
+  _, meta = load_golden('firstlast_unet8')
+  args = vars(reference_args('firstlast_unet8', meta['constructor_kwargs']))
+  del args['maze_route_length']
+  with pytest.raises(ValueError, match='maze_route_length'):
+    torch_interop.model_kwargs_from_args(args, task='mazes')
+  image = {k: v for k, v in args.items() if k not in ('out_dims',)}
+  image['dataset'] = 'svhn'
+  with pytest.raises(ValueError, match='dataset'):
+    torch_interop.model_kwargs_from_args(image)
+  with pytest.raises(ValueError, match='model'):
+    torch_interop.model_kwargs_from_args({**args, 'maze_route_length': 10, 'model': 'lstm'})
+  with pytest.raises(ValueError, match='out_dims'):
+    torch_interop.model_kwargs_from_args({**args, 'maze_route_length': 11})
+
+
+def test_wrong_key_fails_listing_it_and_writes_nothing(tmp_path):
+  arrays, meta = load_golden('parity')
+  sd = state_dict(arrays, meta)
+  sd['q_proj.wieght'] = sd.pop('q_proj.weight')
+  ckpt = tmp_path / 'checkpoint.pt'
+  save_checkpoint(ckpt, sd, reference_args('parity', meta['constructor_kwargs']))
+  workdir = tmp_path / 'imported'
+  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}')
+  assert result.returncode != 0
+  assert 'q_proj.wieght' in result.stderr, result.stderr
+  assert 'tick/q_proj/kernel' in result.stderr, result.stderr
+  assert not workdir.exists()
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path):
+  arrays, meta = load_golden('parity')
+  ckpt = tmp_path / 'checkpoint.pt'
+  save_checkpoint(ckpt, state_dict(arrays, meta),
+                  reference_args('parity', meta['constructor_kwargs']))
+  workdir = tmp_path / 'imported'
+  sentinel = workdir / 'checkpoint' / 'keep.txt'
+  sentinel.parent.mkdir(parents=True)
+  sentinel.write_text('old')
+  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}')
+  assert result.returncode != 0
+  assert 'already exists' in result.stderr and '--overwrite' in result.stderr, result.stderr
+  assert sentinel.read_text() == 'old'
+  assert sorted(os.listdir(workdir)) == ['checkpoint']
+
+  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}', '--overwrite')
+  assert result.returncode == 0, result.stderr
+  assert not sentinel.exists()
+  _, _, config = torch_interop.load_imported(str(workdir))
+  assert config['task'] == 'parity'
