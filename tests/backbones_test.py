@@ -6,8 +6,6 @@ the backbone and positional-embedding outputs with the reference's forward hooks
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import flax
 import jax
@@ -15,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_close, load_golden
+from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import backbones, posemb
-
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
 
 # case -> (backbone_type, positional_embedding_type)
 GOLDEN_CASES = {
@@ -27,79 +25,26 @@ GOLDEN_CASES = {
 }
 
 
-def torch_to_flax(state_dict, prefix: str) -> dict:
-    """Maps state_dict entries under `prefix` onto {'params', 'batch_stats'} trees.
-
-    torch `a.0.b.weight` -> flax `a_0/b/<leaf>`; conv (O,I,kh,kw) -> (kh,kw,I,O);
-    Linear (out,in) -> (in,out); 1-D weight (LN/BN) -> scale.
-    """
-    variables = {"params": {}, "batch_stats": {}}
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        parts = []
-        for part in key[len(prefix) :].split("."):
-            if part.isdigit():
-                parts[-1] = f"{parts[-1]}_{part}"
-            else:
-                parts.append(part)
-        *path, leaf = parts
-        value = np.asarray(value)
-        collection = "params"
-        if leaf == "num_batches_tracked":
-            continue
-        if leaf in ("running_mean", "running_var"):
-            collection, leaf = "batch_stats", {"running_mean": "mean", "running_var": "var"}[leaf]
-        elif leaf == "weight":
-            if path and path[-1] == "embedding":
-                leaf = "embedding"
-            elif value.ndim == 4:
-                leaf, value = "kernel", value.transpose(2, 3, 1, 0)
-            elif value.ndim == 2:
-                leaf, value = "kernel", value.T
-            elif value.ndim == 1:
-                leaf = "scale"
-            else:
-                raise ValueError(f"unexpected weight {key} of shape {value.shape}")
-        node = variables[collection]
-        for name in path:
-            node = node.setdefault(name, {})
-        node[leaf] = jnp.asarray(value)
-    return {k: v for k, v in variables.items() if v}
-
-
-def _shapes(tree):
-    return jax.tree_util.tree_map(lambda a: tuple(a.shape), flax.core.unfreeze(tree))
-
-
-def _assert_close(actual, expected, tol=1e-4, what=""):
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    err = np.abs(actual - expected) / np.maximum(1.0, np.abs(expected))
-    assert err.max() <= tol, f"{what}: max scaled error {err.max():.3g} > {tol}"
+def torch_to_flax(state_dict, prefix: str, module, *init_args, **init_kwargs) -> dict:
+    """The importer's conversion of the entries under `prefix` onto `module`'s variables."""
+    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_args, **init_kwargs))
+    return torch_interop.convert_state_dict(sub, abstract)
 
 
 def _nchw_to_nhwc(a):
     return np.moveaxis(a, 1, -1)
 
 
-def _load_golden(case: str):
-    if not GOLDEN_DIR.is_dir():
-        pytest.skip(f"golden files not found at {GOLDEN_DIR} (../shared is absent)")
-    npz = np.load(GOLDEN_DIR / f"{case}.npz")
-    config = json.loads((GOLDEN_DIR / f"{case}.json").read_text())
-    return npz, config["constructor_kwargs"]
-
-
 @pytest.mark.parametrize("perturbed", [False, True], ids=["plain", "perturbed"])
 @pytest.mark.parametrize("case", list(GOLDEN_CASES))
 def test_golden_backbone_and_posemb(case, perturbed):
-    g, kwargs = _load_golden(case + ("__perturbed" if perturbed else ""))
+    g, meta = load_golden(case + ("__perturbed" if perturbed else ""))
+    kwargs = meta["constructor_kwargs"]
     backbone_type, pe_type = GOLDEN_CASES[case]
     assert kwargs["backbone_type"] == backbone_type
     assert kwargs["positional_embedding_type"] == pe_type
-    state_dict = {k: g[k] for k in g.files if not k.startswith("__")}
+    state_dict = {k: g[k] for k in meta["state_dict"]}
     key = jax.random.PRNGKey(0)
 
     # Backbone, eval mode.
@@ -110,24 +55,20 @@ def test_golden_backbone_and_posemb(case, perturbed):
         x = _nchw_to_nhwc(g["__hook__initial_rgb"][0])
         want_feat = _nchw_to_nhwc(g["__hook__backbone"][0])
     net = backbones.make_backbone(backbone_type, kwargs["d_input"], name="backbone")
-    variables = torch_to_flax(state_dict, "backbone.")
-    abstract = jax.eval_shape(lambda: net.init(key, x, train=False))
-    assert _shapes(variables) == _shapes(abstract)
+    variables = torch_to_flax(state_dict, "backbone.", net, x, train=False)
     feat = net.apply(variables, x, train=False)
-    _assert_close(feat, want_feat, what=f"{case} backbone")
+    assert_close(feat, want_feat, what=f"{case} backbone")
     channels = backbones.backbone_channels(backbone_type, kwargs["d_input"])
     assert feat.shape[-1] == channels
 
     # Positional embedding on the reference's backbone output.
     pe_mod = posemb.make_positional_embedding(pe_type, channels, jnp.float32)
-    pe_vars = torch_to_flax(state_dict, "positional_embedding.")
-    abstract = jax.eval_shape(lambda: pe_mod.init(key, want_feat))
-    assert _shapes(pe_vars) == _shapes(abstract)
+    pe_vars = torch_to_flax(state_dict, "positional_embedding.", pe_mod, want_feat)
     pe = np.asarray(pe_mod.apply(pe_vars, want_feat))
     want_pe = g["__hook__positional_embedding"][0]
     want_pe = np.swapaxes(want_pe, 1, 2) if want_pe.ndim == 3 else _nchw_to_nhwc(want_pe)
     assert pe.ndim == want_feat.ndim
-    _assert_close(np.broadcast_to(pe, want_pe.shape), want_pe, what=f"{case} posemb")
+    assert_close(np.broadcast_to(pe, want_pe.shape), want_pe, what=f"{case} posemb")
     # What gets added must broadcast to the features' shape.
     assert np.broadcast_shapes(pe.shape, want_feat.shape) == want_feat.shape
 
@@ -142,8 +83,8 @@ def test_batchnorm_matches_torch_train_and_eval():
         bn_t.bias.copy_(torch.from_numpy(rng.normal(0, 0.2, c).astype(np.float32)))
         bn_t.running_mean.copy_(torch.from_numpy(rng.normal(0, 0.3, c).astype(np.float32)))
         bn_t.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)))
-    variables = torch_to_flax({k: v.numpy() for k, v in bn_t.state_dict().items()}, "")
     bn = backbones.BatchNorm()
+    variables = torch_to_flax(bn_t.state_dict(), "", bn, np.zeros((2, 3, 3, c), np.float32), True)
     apply_train = jax.jit(lambda v, x: bn.apply(v, x, False, mutable=["batch_stats"]))
 
     bn_t.train()
@@ -153,14 +94,14 @@ def test_batchnorm_matches_torch_train_and_eval():
         want = want.detach().numpy().transpose(0, 2, 3, 1)
         got, updates = apply_train(variables, x)
         variables = {**variables, **updates}
-        _assert_close(got, want, tol=1e-5, what=f"train output step {step}")
-        _assert_close(variables["batch_stats"]["mean"], bn_t.running_mean.numpy(), tol=1e-6)
-        _assert_close(variables["batch_stats"]["var"], bn_t.running_var.numpy(), tol=1e-6)
+        assert_close(got, want, tol=1e-5, what=f"train output step {step}")
+        assert_close(variables["batch_stats"]["mean"], bn_t.running_mean.numpy(), tol=1e-6)
+        assert_close(variables["batch_stats"]["var"], bn_t.running_var.numpy(), tol=1e-6)
 
     bn_t.eval()
     x = rng.normal(0, 1, (2, 3, 3, c)).astype(np.float32)
     want = bn_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy()
-    _assert_close(bn.apply(variables, x, True), want.transpose(0, 2, 3, 1), tol=1e-5)
+    assert_close(bn.apply(variables, x, True), want.transpose(0, 2, 3, 1), tol=1e-5)
 
 
 def test_batchnorm_init_leaves_fresh_stats():
@@ -197,26 +138,24 @@ def test_shallow_wide_matches_torch_layers():
             ref.layers[i].running_var.uniform_(0.5, 1.5)
             ref.layers[i].weight.normal_(1, 0.1)
     x = np.random.default_rng(0).normal(size=(2, 7, 7, 3)).astype(np.float32)
-    variables = torch_to_flax({k: v.numpy() for k, v in ref.state_dict().items()}, "")
     net = backbones.make_backbone("shallow-wide", d_input=16)
-    abstract = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), x, train=False))
-    assert _shapes(variables) == _shapes(abstract)
+    variables = torch_to_flax(ref.state_dict(), "", net, x, train=False)
 
     ref.eval()
     want = ref.layers(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy()
     got = net.apply(variables, x, train=False)
     assert got.shape == (2, 4, 4, 2048)
-    _assert_close(got, want.transpose(0, 2, 3, 1), what="shallow-wide eval")
+    assert_close(got, want.transpose(0, 2, 3, 1), what="shallow-wide eval")
 
     ref.train()
     want = ref.layers(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy()
     got, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
-    _assert_close(got, want.transpose(0, 2, 3, 1), what="shallow-wide train")
+    assert_close(got, want.transpose(0, 2, 3, 1), what="shallow-wide train")
     for name in ("layers_2", "layers_5"):
         idx = int(name[-1])
         stats = updates["batch_stats"][name]
-        _assert_close(stats["mean"], ref.layers[idx].running_mean.numpy(), tol=1e-5)
-        _assert_close(stats["var"], ref.layers[idx].running_var.numpy(), tol=1e-5)
+        assert_close(stats["mean"], ref.layers[idx].running_mean.numpy(), tol=1e-5)
+        assert_close(stats["var"], ref.layers[idx].running_var.numpy(), tol=1e-5)
 
 
 def _ceil_halvings(size: int, times: int) -> int:

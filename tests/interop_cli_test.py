@@ -57,19 +57,54 @@ def save_checkpoint(path, sd, args):
               'optimizer_state_dict': {}, 'iteration': 7, 'args': args}, path)
 
 
-def run_cli(*flags):
-  return subprocess.run([sys.executable, '-m', 'ctm_jax.interop.torch', *flags],
-                        capture_output=True, text=True, timeout=300, check=False)
+def _cli(*flags):
+  return subprocess.Popen([sys.executable, '-m', 'ctm_jax.interop.torch', *flags],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope='module')
+def cli_runs(tmp_path_factory):
+  """Every command-line run of this module, started at once (start-up dominates).
+
+  Returns {name: (workdir, checkpoint, CompletedProcess)}.
+  """
+  root = tmp_path_factory.mktemp('cli')
+  goldens = {case: load_golden(case) for case in CASES}
+  jobs = {}
+  for case, (arrays, meta) in goldens.items():
+    ckpt = root / f'{case}.pt'
+    save_checkpoint(ckpt, state_dict(arrays, meta), reference_args(case, meta['constructor_kwargs']))
+    jobs[case] = (root / case, ckpt, [])
+
+  # A renamed key.
+  arrays, meta = goldens['parity']
+  sd = state_dict(arrays, meta)
+  sd['q_proj.wieght'] = sd.pop('q_proj.weight')
+  ckpt = root / 'wrong_key.pt'
+  save_checkpoint(ckpt, sd, reference_args('parity', meta['constructor_kwargs']))
+  jobs['wrong_key'] = (root / 'wrong_key', ckpt, [])
+
+  # An existing workdir/checkpoint, refused and then replaced with --overwrite.
+  for name, extra in (('existing', []), ('overwrite', ['--overwrite'])):
+    sentinel = root / name / 'checkpoint' / 'keep.txt'
+    sentinel.parent.mkdir(parents=True)
+    sentinel.write_text('old')
+    jobs[name] = (root / name, root / 'parity.pt', extra)
+
+  procs = {name: _cli(f'--checkpoint={ckpt}', f'--workdir={workdir}', *extra)
+           for name, (workdir, ckpt, extra) in jobs.items()}
+  results = {}
+  for name, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=600)
+    results[name] = (jobs[name][0], jobs[name][1],
+                     subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+  return results
 
 
 @pytest.mark.parametrize('case', list(CASES))
-def test_cli_import_reproduces_reference(case, tmp_path):
-  arrays, meta = load_golden(case)
-  kwargs = meta['constructor_kwargs']
-  ckpt = tmp_path / 'checkpoint.pt'
-  save_checkpoint(ckpt, state_dict(arrays, meta), reference_args(case, kwargs))
-  workdir = tmp_path / 'imported'
-  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}')
+def test_cli_import_reproduces_reference(case, cli_runs):
+  arrays, _ = load_golden(case)
+  workdir, ckpt, result = cli_runs[case]
   assert result.returncode == 0, result.stderr
   assert str(workdir / 'checkpoint') in result.stdout
 
@@ -121,37 +156,25 @@ def test_mazes_without_route_length_and_unknown_dataset_are_named():
     torch_interop.model_kwargs_from_args({**args, 'maze_route_length': 11})
 
 
-def test_wrong_key_fails_listing_it_and_writes_nothing(tmp_path):
-  arrays, meta = load_golden('parity')
-  sd = state_dict(arrays, meta)
-  sd['q_proj.wieght'] = sd.pop('q_proj.weight')
-  ckpt = tmp_path / 'checkpoint.pt'
-  save_checkpoint(ckpt, sd, reference_args('parity', meta['constructor_kwargs']))
-  workdir = tmp_path / 'imported'
-  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}')
+def test_wrong_key_fails_listing_it_and_writes_nothing(cli_runs):
+  workdir, _, result = cli_runs['wrong_key']
   assert result.returncode != 0
   assert 'q_proj.wieght' in result.stderr, result.stderr
   assert 'tick/q_proj/kernel' in result.stderr, result.stderr
   assert not workdir.exists()
 
 
-def test_existing_checkpoint_is_not_overwritten(tmp_path):
-  arrays, meta = load_golden('parity')
-  ckpt = tmp_path / 'checkpoint.pt'
-  save_checkpoint(ckpt, state_dict(arrays, meta),
-                  reference_args('parity', meta['constructor_kwargs']))
-  workdir = tmp_path / 'imported'
-  sentinel = workdir / 'checkpoint' / 'keep.txt'
-  sentinel.parent.mkdir(parents=True)
-  sentinel.write_text('old')
-  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}')
+def test_existing_checkpoint_is_not_overwritten(cli_runs):
+  workdir, _, result = cli_runs['existing']
   assert result.returncode != 0
   assert 'already exists' in result.stderr and '--overwrite' in result.stderr, result.stderr
-  assert sentinel.read_text() == 'old'
+  assert (workdir / 'checkpoint' / 'keep.txt').read_text() == 'old'
   assert sorted(os.listdir(workdir)) == ['checkpoint']
 
-  result = run_cli(f'--checkpoint={ckpt}', f'--workdir={workdir}', '--overwrite')
+
+def test_overwrite_replaces_existing_checkpoint(cli_runs):
+  workdir, _, result = cli_runs['overwrite']
   assert result.returncode == 0, result.stderr
-  assert not sentinel.exists()
+  assert not (workdir / 'checkpoint' / 'keep.txt').exists()
   _, _, config = torch_interop.load_imported(str(workdir))
   assert config['task'] == 'parity'

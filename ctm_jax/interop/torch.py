@@ -31,7 +31,8 @@ class StateDictMismatch(ValueError):
 def to_numpy(value) -> np.ndarray:
   if hasattr(value, 'detach'):  # torch.Tensor
     value = value.detach().cpu().numpy()
-  return np.asarray(value)
+  # A copy: the source may be a live torch buffer that keeps changing.
+  return np.array(value, copy=True)
 
 
 def module_path(key: str) -> tuple[str, ...]:
@@ -159,7 +160,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], abstract_variables):
         misshaped.append(f'{key}: got {tuple(value.shape)}, expected '
                          f'{tuple(targets[full].shape)} at {"/".join(full)}')
       else:
-        filled[full] = jnp.asarray(array, dtype=targets[full].dtype)
+        filled[full] = jnp.array(array, dtype=targets[full].dtype)
   missing = ['/'.join(p) for p in targets if p not in filled]
   if unknown or missing or misshaped:
     lines = []
@@ -363,6 +364,8 @@ def import_checkpoint(checkpoint: str, workdir: str, task: str | None = None,
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   if os.path.exists(ckpt_dir) and not overwrite:
     raise FileExistsError(f'{ckpt_dir} already exists; pass --overwrite to replace it')
+  if not os.path.isfile(checkpoint):
+    raise FileNotFoundError(f'{checkpoint}: no such checkpoint file')
   state_dict, args, iteration = load_reference_checkpoint(checkpoint)
   task = task or detect_task(args)
   kwargs = model_kwargs_from_args(args, task)
@@ -411,7 +414,7 @@ def _main(argv):
   try:
     config = import_checkpoint(flag_values.checkpoint, flag_values.workdir,
                                task=flag_values.task, overwrite=flag_values.overwrite)
-  except (ValueError, FileExistsError) as e:
+  except (ValueError, OSError, ImportError) as e:  # user errors: a message, not a traceback
     sys.exit(f'error: {e}')
   workdir = os.path.abspath(flag_values.workdir)
   print(f'imported {config["task"]} CTM from {config["source_checkpoint"]}')
