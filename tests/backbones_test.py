@@ -45,7 +45,6 @@ def test_golden_backbone_and_posemb(case, perturbed):
     assert kwargs["backbone_type"] == backbone_type
     assert kwargs["positional_embedding_type"] == pe_type
     state_dict = {k: g[k] for k in meta["state_dict"]}
-    key = jax.random.PRNGKey(0)
 
     # Backbone, eval mode.
     if backbone_type == "parity_backbone":

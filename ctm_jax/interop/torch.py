@@ -10,6 +10,9 @@ inside the tick loop live under `tick/`. Leaves: Linear/Conv `weight` ->
 `tick/attention_q` and the hoisted `attention_k`, `attention_v`.
 """
 
+import json
+import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -198,11 +201,6 @@ def import_state_dict(state_dict: Mapping[str, Any], model_kwargs: Mapping[str, 
 # writes DIR/config.json (task, source, model kwargs) and DIR/checkpoint
 # (orbax, the `params` / `synch` / `batch_stats` collections). `load_imported`
 # reads them back.
-
-# Appended below the converter; hoist these into the import block when convenient.
-import json  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import os  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 TASKS = ('parity', 'image_classification', 'mazes')
 # tasks/image_classification/train.py: len(class_labels) of each dataset.
