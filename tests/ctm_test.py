@@ -282,3 +282,34 @@ def test_bad_spatial_shape_for_rotational_embedding():
                  out_dims=5, prediction_reshaper=(-1,))
   with pytest.raises(ValueError, match='custom-rotational'):
     model.init(jax.random.key(0), jnp.ones((1, 16, 24, 3)))
+
+
+class _PerTickInputCTM(ctm_lib.ContinuousThoughtMachine):
+  """A different input every tick, fed straight to the synapses (the Q&A-MNIST /
+  sort shape), built from the same tick as the main class."""
+  attends = False
+
+  @nn.compact
+  def __call__(self, inputs_TxBxE, train=False, track=False):
+    shared = self._synch_variables()
+    state = self.initial_state(inputs_TxBxE.shape[1], shared)
+    final, per_tick = self.run_ticks(state, {'input_BxE': inputs_TxBxE}, shared, train=train,
+                                     track=track, length=inputs_TxBxE.shape[0])
+    return self._outputs(final, per_tick, track)
+
+
+def test_tick_takes_a_per_tick_input_without_attention():
+  model = _PerTickInputCTM(**{**TINY, 'heads': 0, 'n_synch_action': 0, 'backbone_type': 'none',
+                              'positional_embedding_type': 'none'})
+  inputs = jax.random.normal(jax.random.key(0), (5, 3, 8))
+  variables = model.init(jax.random.key(0), inputs)
+  assert 'decay_params_action' not in variables['params']
+  out = model.apply(variables, inputs, track=True)
+  assert out.predictions.shape == (3, 12, 5)
+  assert out.tracking.attention is None and out.tracking.synch_action is None
+  # Causality: changing the input of tick 3 leaves ticks 0..2 unchanged.
+  changed = model.apply(variables, inputs.at[3].add(1.0))
+  np.testing.assert_array_equal(changed.predictions[..., :3], out.predictions[..., :3])
+  assert not np.allclose(changed.predictions[..., 3:], out.predictions[..., 3:])
+  with pytest.raises(ValueError, match='heads=2'):
+    _PerTickInputCTM(**{**TINY, 'n_synch_action': 0})

@@ -7,9 +7,8 @@ Dimension glossary:
   K attention heads  F head width (E / K)      O out_dims
 """
 
-import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -210,6 +209,10 @@ class ContinuousThoughtMachine(nn.Module):
   dtype: Any = jnp.float32
   unroll: int = 1
 
+  # Variants that feed their input straight to the synapses (sort, RL) set
+  # this False and may use heads = n_synch_action = 0.
+  attends: ClassVar[bool] = True
+
   def __post_init__(self):
     object.__setattr__(self, 'prediction_reshaper', tuple(self.prediction_reshaper))
     if isinstance(self.remat, bool):
@@ -385,12 +388,14 @@ def validate_config(m: ContinuousThoughtMachine) -> None:
         raise _error('n_random_pairing_self', m.n_random_pairing_self,
                      f"'random-pairing' needs n_random_pairing_self < {field} "
                      f'= {getattr(m, field)}')
-  if m.heads < 1:
-    raise _error('heads', m.heads, 'the main CTM attends to its input; heads must be >= 1')
-  if m.n_synch_action < 1:
+  if m.attends and m.heads < 1:
+    raise _error('heads', m.heads, 'the CTM attends to its input; heads must be >= 1')
+  if m.attends and m.n_synch_action < 1:
     raise _error('n_synch_action', m.n_synch_action,
                  'the attention query is projected from the action synch; must be >= 1')
-  if m.d_input % m.heads:
+  if not m.attends and m.heads:
+    raise _error('heads', m.heads, f'{type(m).__name__} feeds its input directly; use 0')
+  if m.heads and m.d_input % m.heads:
     raise _error('d_input', m.d_input, f'must be divisible by heads={m.heads}')
   for field in ('dropout', 'dropout_nlm'):
     value = getattr(m, field)
