@@ -313,3 +313,31 @@ def test_tick_takes_a_per_tick_input_without_attention():
   assert not np.allclose(changed.predictions[..., 3:], out.predictions[..., 3:])
   with pytest.raises(ValueError, match='heads=2'):
     _PerTickInputCTM(**{**TINY, 'n_synch_action': 0})
+
+
+def test_tick_state_carries_across_calls():
+  """Two calls of k ticks, the second starting from the first's final state,
+  equal one call of 2k ticks; the post-activation window is carried too (RL)."""
+
+  class Carried(_PerTickInputCTM):
+    @nn.compact
+    def __call__(self, inputs_TxBxE, state=None):
+      shared = self._synch_variables()
+      if state is None:
+        state = self.initial_state(inputs_TxBxE.shape[1], shared)
+        state = state._replace(z_trace_BxDxM=jnp.zeros_like(state.trace_BxDxM))
+      return self.run_ticks(state, {'input_BxE': inputs_TxBxE}, shared, train=False,
+                            track=True, length=inputs_TxBxE.shape[0])
+
+  model = Carried(**{**TINY, 'heads': 0, 'n_synch_action': 0, 'backbone_type': 'none',
+                     'positional_embedding_type': 'none'})
+  inputs = jax.random.normal(jax.random.key(0), (6, 2, 8))
+  variables = model.init(jax.random.key(0), inputs)
+  whole, whole_ticks = model.apply(variables, inputs)
+  first, _ = model.apply(variables, inputs[:3])
+  second, second_ticks = model.apply(variables, inputs[3:], first)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), second, whole)
+  np.testing.assert_allclose(second_ticks['predictions'], whole_ticks['predictions'][3:], rtol=1e-6)
+  # The window holds the last M = 5 post-activations, oldest first.
+  np.testing.assert_allclose(whole.z_trace_BxDxM,
+                             np.moveaxis(whole_ticks['post_activations'][-5:], 0, -1), rtol=1e-6)

@@ -56,6 +56,9 @@ class TickState(NamedTuple):
   z_BxD: jax.Array  # post-activations
   synch_action: synch.SynchState
   synch_out: synch.SynchState
+  # Post-activation history, newest last, for variants that carry state across
+  # calls and synchronise over a window (RL); None in the main class.
+  z_trace_BxDxM: jax.Array | None = None
 
 
 def certainty(prediction_BxO, prediction_reshaper: Sequence[int]):
@@ -151,7 +154,11 @@ class Tick(nn.Module):
     if self.track:
       per_tick['pre_activations'] = pre_BxD
       per_tick['post_activations'] = z_BxD
-    return TickState(trace_BxDxM, z_BxD, synch_action_state, synch_out_state), per_tick
+    z_trace_BxDxM = state.z_trace_BxDxM
+    if z_trace_BxDxM is not None:
+      z_trace_BxDxM = jnp.concatenate([z_trace_BxDxM[:, :, 1:], z_BxD[:, :, None]], -1)
+    next_state = TickState(trace_BxDxM, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
+    return next_state, per_tick
 
   def _attend(self, q_BxE, shared):
     """Single-query multi-head attention over the pre-projected keys/values."""
