@@ -34,15 +34,15 @@ def select_ticks(loss_BxT, certainties_Bx2xT, use_most_certain: bool = True):
   return loss, chosen_B
 
 
-def image_classification_loss(predictions_BxCxT, certainties_Bx2xT, targets_B,
-                              use_most_certain: bool = True):
+def image_classification_loss(
+    predictions_BxCxT, certainties_Bx2xT, targets_B, use_most_certain: bool = True
+):
   """Loss for classification (images, Q&A-MNIST); returns (loss, most_certain_B)."""
   loss_BxT = per_tick_cross_entropy(predictions_BxCxT, targets_B)
   return select_ticks(loss_BxT, certainties_Bx2xT, use_most_certain)
 
 
-def parity_loss(predictions_BxOxT, certainties_Bx2xT, targets_BxL,
-                use_most_certain: bool = True):
+def parity_loss(predictions_BxOxT, certainties_Bx2xT, targets_BxL, use_most_certain: bool = True):
   """Cumulative-parity loss; predictions (B, 2L, T) or (B, L, 2, T).
 
   The cross-entropy is averaged over sequence positions before tick selection.
@@ -50,12 +50,18 @@ def parity_loss(predictions_BxOxT, certainties_Bx2xT, targets_BxL,
   batch, ticks = predictions_BxOxT.shape[0], predictions_BxOxT.shape[-1]
   logits_BxLx2xT = predictions_BxOxT.reshape(batch, -1, 2, ticks)
   loss_BxLxT = jax.vmap(per_tick_cross_entropy, in_axes=(1, 1), out_axes=1)(
-      logits_BxLx2xT, targets_BxL)
+      logits_BxLx2xT, targets_BxL
+  )
   return select_ticks(loss_BxLxT.mean(1), certainties_Bx2xT, use_most_certain)
 
 
-def maze_loss(predictions_BxOxT, certainties_Bx2xT, targets_BxR,
-              cirriculum_lookahead: int = 5, use_most_certain: bool = True):
+def maze_loss(
+    predictions_BxOxT,
+    certainties_Bx2xT,
+    targets_BxR,
+    cirriculum_lookahead: int = 5,
+    use_most_certain: bool = True,
+):
   """Maze route loss with the reference's auto-curriculum.
 
   Only route steps before `upto` count, where `upto` is the end of the longest
@@ -66,7 +72,8 @@ def maze_loss(predictions_BxOxT, certainties_Bx2xT, targets_BxR,
   logits_BxRx5xT = predictions_BxOxT.reshape(batch, targets_BxR.shape[1], -1, ticks)
   route = targets_BxR.shape[1]
   loss_BxRxT = jax.vmap(per_tick_cross_entropy, in_axes=(1, 1), out_axes=1)(
-      logits_BxRx5xT, targets_BxR)
+      logits_BxRx5xT, targets_BxR
+  )
   correct_BxRxT = jnp.argmax(logits_BxRx5xT, axis=2) == targets_BxR[..., None]
   # A step counts as solved when every step up to it is correct.
   prefix_BxRxT = jnp.cumsum(correct_BxRxT, axis=1) == jnp.arange(1, route + 1)[None, :, None]

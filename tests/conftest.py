@@ -7,7 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
-SHARED = pathlib.Path(os.environ.get('CTM_SHARED', pathlib.Path(__file__).resolve().parents[2] / 'shared'))
+SHARED = pathlib.Path(
+    os.environ.get('CTM_SHARED', pathlib.Path(__file__).resolve().parents[2] / 'shared')
+)
 GOLDEN = SHARED / 'golden'
 
 

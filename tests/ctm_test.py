@@ -12,11 +12,23 @@ from ctm_jax.models import ctm as ctm_lib
 from ctm_jax.models import nlm
 
 TINY = dict(
-    iterations=4, d_model=16, d_input=8, heads=2, n_synch_out=6, n_synch_action=4,
-    synapse_depth=1, memory_length=5, deep_nlms=True, memory_hidden_dims=3,
-    do_layernorm_nlm=False, backbone_type='parity_backbone',
-    positional_embedding_type='custom-rotational-1d', out_dims=12,
-    prediction_reshaper=(6, 2), neuron_select_type='random')
+    iterations=4,
+    d_model=16,
+    d_input=8,
+    heads=2,
+    n_synch_out=6,
+    n_synch_action=4,
+    synapse_depth=1,
+    memory_length=5,
+    deep_nlms=True,
+    memory_hidden_dims=3,
+    do_layernorm_nlm=False,
+    backbone_type='parity_backbone',
+    positional_embedding_type='custom-rotational-1d',
+    out_dims=12,
+    prediction_reshaper=(6, 2),
+    neuron_select_type='random',
+)
 
 
 def _model(**overrides):
@@ -59,10 +71,18 @@ def test_nlm_is_private_per_neuron():
   """Jacobian of z (D) w.r.t. the trace (D, M) is zero off the neuron diagonal."""
 
   class NLM(nn.Module):
+
     @nn.compact
     def __call__(self, trace_BxDxM):
-      return nlm.neuron_level_models(trace_BxDxM, deep=True, memory_hidden_dims=4,
-                                     do_norm=True, dropout=0.0, train=False, dtype=jnp.float32)
+      return nlm.neuron_level_models(
+          trace_BxDxM,
+          deep=True,
+          memory_hidden_dims=4,
+          do_norm=True,
+          dropout=0.0,
+          train=False,
+          dtype=jnp.float32,
+      )
 
   trace = jax.random.normal(jax.random.key(1), (1, 7, 5))
   module = NLM()
@@ -98,16 +118,19 @@ def test_recursive_synch_equals_brute_force(select):
 
   for t in range(6):
     # The output synch of tick t sees z_0..z_{t+1}; the action synch z_0..z_t.
-    np.testing.assert_allclose(out.tracking.synch_out[t], brute('out', history_SxBxD[:t + 2]),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out.tracking.synch_action[t],
-                               brute('action', history_SxBxD[:t + 1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out.tracking.synch_out[t], brute('out', history_SxBxD[: t + 2]), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        out.tracking.synch_action[t], brute('action', history_SxBxD[: t + 1]), rtol=1e-5, atol=1e-6
+    )
 
 
 def _loss_and_grads(model, variables, x):
   def loss(params):
     out = model.apply({**variables, 'params': params}, x)
-    return jnp.sum(out.predictions ** 2) + jnp.sum(out.certainties)
+    return jnp.sum(out.predictions**2) + jnp.sum(out.certainties)
+
   return jax.value_and_grad(loss)(variables['params'])
 
 
@@ -127,10 +150,12 @@ def test_remat_equals_no_remat(policy):
   variables = _init(plain, x)
   value, grads = jax.jit(functools.partial(_loss_and_grads, plain))(variables, x)
   remat_value, remat_grads = jax.jit(functools.partial(_loss_and_grads, _model(remat=policy)))(
-      variables, x)
+      variables, x
+  )
   np.testing.assert_allclose(remat_value, value, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               remat_grads, grads)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat_grads, grads
+  )
 
 
 def test_same_key_same_init_and_indices_from_key():
@@ -139,8 +164,9 @@ def test_same_key_same_init_and_indices_from_key():
   jax.tree.map(np.testing.assert_array_equal, a, b)
   c = model.init(jax.random.key(4), x)
   assert set(a) == {'params', 'synch'}
-  assert not np.array_equal(a['synch']['out_neuron_indices_left'],
-                            c['synch']['out_neuron_indices_left'])
+  assert not np.array_equal(
+      a['synch']['out_neuron_indices_left'], c['synch']['out_neuron_indices_left']
+  )
   for name, idx in a['synch'].items():
     assert idx.dtype == jnp.int32 and (0 <= idx).all() and (idx < 16).all(), name
 
@@ -150,15 +176,15 @@ def test_random_pairing_self_pairs():
   variables = model.init(jax.random.key(0), _parity_input())
   synch = variables['synch']
   for side in ('out', 'action'):
-    np.testing.assert_array_equal(synch[f'{side}_neuron_indices_left'][:3],
-                                  synch[f'{side}_neuron_indices_right'][:3])
+    np.testing.assert_array_equal(
+        synch[f'{side}_neuron_indices_left'][:3], synch[f'{side}_neuron_indices_right'][:3]
+    )
 
 
 def test_first_last_uses_first_and_last_neurons():
   variables = _model(neuron_select_type='first-last').init(jax.random.key(0), _parity_input())
   np.testing.assert_array_equal(variables['synch']['out_neuron_indices_left'], np.arange(6))
-  np.testing.assert_array_equal(variables['synch']['action_neuron_indices_left'],
-                                np.arange(12, 16))
+  np.testing.assert_array_equal(variables['synch']['action_neuron_indices_left'], np.arange(12, 16))
 
 
 def test_trace_size_does_not_grow_with_iterations():
@@ -175,8 +201,11 @@ def test_trace_size_does_not_grow_with_iterations():
 def test_projection_clamps_only_decay_params():
   model, x = _model(), _parity_input()
   params = model.init(jax.random.key(0), x)['params']
-  params = {**params, 'decay_params_out': params['decay_params_out'].at[:2].set(
-      jnp.array([-1.0, 20.0])), 'start_trace': params['start_trace'] + 100.0}
+  params = {
+      **params,
+      'decay_params_out': params['decay_params_out'].at[:2].set(jnp.array([-1.0, 20.0])),
+      'start_trace': params['start_trace'] + 100.0,
+  }
   projected = ctm_lib.project_decay_params(params)
   assert float(projected['decay_params_out'][0]) == 0.0
   assert float(projected['decay_params_out'][1]) == 15.0
@@ -204,15 +233,21 @@ def test_dropout_uses_rng_in_training_only():
 
 
 def test_batch_norm_statistics_update_in_training():
-  model = _model(backbone_type='resnet18-1', positional_embedding_type='learnable-fourier',
-                 out_dims=10, prediction_reshaper=(-1,), iterations=2)
+  model = _model(
+      backbone_type='resnet18-1',
+      positional_embedding_type='learnable-fourier',
+      out_dims=10,
+      prediction_reshaper=(-1,),
+      iterations=2,
+  )
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
   variables = model.init(jax.random.key(0), x)
   assert 'batch_stats' in variables
   out, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
   assert out.predictions.shape == (2, 10, 2)
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), variables['batch_stats'],
-                         updates['batch_stats'])
+  changed = jax.tree.map(
+      lambda a, b: not np.allclose(a, b), variables['batch_stats'], updates['batch_stats']
+  )
   assert all(jax.tree.leaves(changed))
   eval_out = model.apply(variables, x)  # eval mode needs no mutable collection
   assert np.isfinite(eval_out.predictions).all()
@@ -220,10 +255,19 @@ def test_batch_norm_statistics_update_in_training():
 
 def test_image_backbones_and_embeddings_run():
   x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-  for backbone, pe in [('resnet18-2', 'custom-rotational'), ('resnet50-1', 'multi-learnable-fourier'),
-                       ('resnet18-1', 'none'), ('none', 'none')]:
-    model = _model(backbone_type=backbone, positional_embedding_type=pe, out_dims=5,
-                   prediction_reshaper=(-1,), iterations=2)
+  for backbone, pe in [
+      ('resnet18-2', 'custom-rotational'),
+      ('resnet50-1', 'multi-learnable-fourier'),
+      ('resnet18-1', 'none'),
+      ('none', 'none'),
+  ]:
+    model = _model(
+        backbone_type=backbone,
+        positional_embedding_type=pe,
+        out_dims=5,
+        prediction_reshaper=(-1,),
+        iterations=2,
+    )
     variables = model.init(jax.random.key(0), x)
     out = model.apply(variables, x)
     assert out.predictions.shape == (2, 5, 2), backbone
@@ -236,9 +280,16 @@ BAD_OPTIONS = [
     (dict(backbone_type='resnet19-1'), 'backbone_type', 'resnet19-1'),
     (dict(positional_embedding_type='sinusoid'), 'positional_embedding_type', 'sinusoid'),
     (dict(neuron_select_type='first-last', d_model=9), 'd_model', '9'),
-    (dict(backbone_type='none', positional_embedding_type='learnable-fourier'),
-     'positional_embedding_type', 'learnable-fourier'),
-    (dict(neuron_select_type='random-pairing', n_random_pairing_self=4), 'n_random_pairing_self', '4'),
+    (
+        dict(backbone_type='none', positional_embedding_type='learnable-fourier'),
+        'positional_embedding_type',
+        'learnable-fourier',
+    ),
+    (
+        dict(neuron_select_type='random-pairing', n_random_pairing_self=4),
+        'n_random_pairing_self',
+        '4',
+    ),
     (dict(d_input=9, heads=2), 'd_input', '9'),
     (dict(prediction_reshaper=(5, 2)), 'prediction_reshaper', '[5, 2]'),
     (dict(prediction_reshaper=(-1, 5)), 'prediction_reshaper', '[-1, 5]'),
@@ -260,12 +311,36 @@ def test_bad_option_names_field_and_value(overrides, field, value):
 BAD_INPUTS = [
     ({}, jnp.ones((2, 3, 4)), 'x.shape'),
     ({}, jnp.ones((2, 6), jnp.complex64), 'x.dtype'),
-    (dict(backbone_type='resnet18-1', positional_embedding_type='none', out_dims=5,
-          prediction_reshaper=(-1,)), jnp.ones((2, 8, 8)), 'x.shape'),
-    (dict(backbone_type='resnet18-1', positional_embedding_type='none', out_dims=5,
-          prediction_reshaper=(-1,)), jnp.ones((2, 8, 8, 3), jnp.int32), 'x.dtype'),
-    (dict(backbone_type='none', positional_embedding_type='none', out_dims=5,
-          prediction_reshaper=(-1,)), jnp.ones((2, 8)), 'x.shape'),
+    (
+        dict(
+            backbone_type='resnet18-1',
+            positional_embedding_type='none',
+            out_dims=5,
+            prediction_reshaper=(-1,),
+        ),
+        jnp.ones((2, 8, 8)),
+        'x.shape',
+    ),
+    (
+        dict(
+            backbone_type='resnet18-1',
+            positional_embedding_type='none',
+            out_dims=5,
+            prediction_reshaper=(-1,),
+        ),
+        jnp.ones((2, 8, 8, 3), jnp.int32),
+        'x.dtype',
+    ),
+    (
+        dict(
+            backbone_type='none',
+            positional_embedding_type='none',
+            out_dims=5,
+            prediction_reshaper=(-1,),
+        ),
+        jnp.ones((2, 8)),
+        'x.shape',
+    ),
 ]
 
 
@@ -274,12 +349,18 @@ def test_bad_input_names_field(overrides, x, field):
   model = _model(**overrides)
   with pytest.raises(ValueError) as info:
     model.init(jax.random.key(0), x)
-  assert field in str(info.value) and str(tuple(x.shape) if 'shape' in field else x.dtype) in str(info.value)
+  assert field in str(info.value) and str(tuple(x.shape) if 'shape' in field else x.dtype) in str(
+      info.value
+  )
 
 
 def test_bad_spatial_shape_for_rotational_embedding():
-  model = _model(backbone_type='resnet18-1', positional_embedding_type='custom-rotational',
-                 out_dims=5, prediction_reshaper=(-1,))
+  model = _model(
+      backbone_type='resnet18-1',
+      positional_embedding_type='custom-rotational',
+      out_dims=5,
+      prediction_reshaper=(-1,),
+  )
   with pytest.raises(ValueError, match='custom-rotational'):
     model.init(jax.random.key(0), jnp.ones((1, 16, 24, 3)))
 
@@ -287,20 +368,34 @@ def test_bad_spatial_shape_for_rotational_embedding():
 class _PerTickInputCTM(ctm_lib.ContinuousThoughtMachine):
   """A different input every tick, fed straight to the synapses (the Q&A-MNIST /
   sort shape), built from the same tick as the main class."""
+
   attends = False
 
   @nn.compact
   def __call__(self, inputs_TxBxE, train=False, track=False):
     shared = self._synch_variables()
     state = self.initial_state(inputs_TxBxE.shape[1], shared)
-    final, per_tick = self.run_ticks(state, {'input_BxE': inputs_TxBxE}, shared, train=train,
-                                     track=track, length=inputs_TxBxE.shape[0])
+    final, per_tick = self.run_ticks(
+        state,
+        {'input_BxE': inputs_TxBxE},
+        shared,
+        train=train,
+        track=track,
+        length=inputs_TxBxE.shape[0],
+    )
     return self._outputs(final, per_tick, track)
 
 
 def test_tick_takes_a_per_tick_input_without_attention():
-  model = _PerTickInputCTM(**{**TINY, 'heads': 0, 'n_synch_action': 0, 'backbone_type': 'none',
-                              'positional_embedding_type': 'none'})
+  model = _PerTickInputCTM(
+      **{
+          **TINY,
+          'heads': 0,
+          'n_synch_action': 0,
+          'backbone_type': 'none',
+          'positional_embedding_type': 'none',
+      }
+  )
   inputs = jax.random.normal(jax.random.key(0), (5, 3, 8))
   variables = model.init(jax.random.key(0), inputs)
   assert 'decay_params_action' not in variables['params']
@@ -320,17 +415,31 @@ def test_tick_state_carries_across_calls():
   equal one call of 2k ticks; the post-activation window is carried too (RL)."""
 
   class Carried(_PerTickInputCTM):
+
     @nn.compact
     def __call__(self, inputs_TxBxE, state=None):
       shared = self._synch_variables()
       if state is None:
         state = self.initial_state(inputs_TxBxE.shape[1], shared)
         state = state._replace(z_trace_BxDxM=jnp.zeros_like(state.trace_BxDxM))
-      return self.run_ticks(state, {'input_BxE': inputs_TxBxE}, shared, train=False,
-                            track=True, length=inputs_TxBxE.shape[0])
+      return self.run_ticks(
+          state,
+          {'input_BxE': inputs_TxBxE},
+          shared,
+          train=False,
+          track=True,
+          length=inputs_TxBxE.shape[0],
+      )
 
-  model = Carried(**{**TINY, 'heads': 0, 'n_synch_action': 0, 'backbone_type': 'none',
-                     'positional_embedding_type': 'none'})
+  model = Carried(
+      **{
+          **TINY,
+          'heads': 0,
+          'n_synch_action': 0,
+          'backbone_type': 'none',
+          'positional_embedding_type': 'none',
+      }
+  )
   inputs = jax.random.normal(jax.random.key(0), (6, 2, 8))
   variables = model.init(jax.random.key(0), inputs)
   whole, whole_ticks = model.apply(variables, inputs)
@@ -339,5 +448,6 @@ def test_tick_state_carries_across_calls():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), second, whole)
   np.testing.assert_allclose(second_ticks['predictions'], whole_ticks['predictions'][3:], rtol=1e-6)
   # The window holds the last M = 5 post-activations, oldest first.
-  np.testing.assert_allclose(whole.z_trace_BxDxM,
-                             np.moveaxis(whole_ticks['post_activations'][-5:], 0, -1), rtol=1e-6)
+  np.testing.assert_allclose(
+      whole.z_trace_BxDxM, np.moveaxis(whole_ticks['post_activations'][-5:], 0, -1), rtol=1e-6
+  )

@@ -26,8 +26,9 @@ def _loss_fn(kind):
 @functools.lru_cache(maxsize=None)
 def _imported(case):
   arrays, meta = load_golden(case)
-  model, variables = torch_interop.import_state_dict(state_dict(arrays, meta),
-                                                     meta['constructor_kwargs'])
+  model, variables = torch_interop.import_state_dict(
+      state_dict(arrays, meta), meta['constructor_kwargs']
+  )
   return arrays, meta, model, variables
 
 
@@ -56,8 +57,9 @@ def test_tracking_matches_reference(case):
 def test_decay_projection_matches_in_place_clamp(case):
   arrays, _, _, variables = _imported(case)
   for side in ('action', 'out'):
-    np.testing.assert_array_equal(variables['params'][f'decay_params_{side}'],
-                                  arrays[f'__post__decay_params_{side}'])
+    np.testing.assert_array_equal(
+        variables['params'][f'decay_params_{side}'], arrays[f'__post__decay_params_{side}']
+    )
 
 
 @pytest.mark.parametrize('case', ALL_CASES)

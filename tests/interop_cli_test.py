@@ -21,11 +21,12 @@ torch = pytest.importorskip('torch')
 
 # Golden case -> (task, task-specific args that give its out_dims / reshaper).
 CASES = {
-    'parity': ('parity', {'model_type': 'ctm', 'parity_sequence_length': 16,
-                          'dataset': 'parity'}),
+    'parity': ('parity', {'model_type': 'ctm', 'parity_sequence_length': 16, 'dataset': 'parity'}),
     'image_rp': ('image_classification', {'model': 'ctm', 'dataset': 'cifar10'}),
-    'firstlast_unet8': ('mazes', {'model': 'ctm', 'dataset': 'mazes-small',
-                                  'maze_route_length': 10}),
+    'firstlast_unet8': (
+        'mazes',
+        {'model': 'ctm', 'dataset': 'mazes-small', 'maze_route_length': 10},
+    ),
 }
 
 
@@ -33,17 +34,28 @@ def reference_args(case, kwargs) -> argparse.Namespace:
   """The Namespace the case's training script would have saved."""
   task, extra = CASES[case]
   args = {
-      'iterations': kwargs['iterations'], 'd_model': kwargs['d_model'],
-      'd_input': kwargs['d_input'], 'heads': kwargs['heads'],
-      'n_synch_out': kwargs['n_synch_out'], 'n_synch_action': kwargs['n_synch_action'],
-      'synapse_depth': kwargs['synapse_depth'], 'memory_length': kwargs['memory_length'],
-      'deep_memory': kwargs['deep_nlms'], 'memory_hidden_dims': kwargs['memory_hidden_dims'],
-      'do_normalisation': kwargs['do_layernorm_nlm'], 'backbone_type': kwargs['backbone_type'],
+      'iterations': kwargs['iterations'],
+      'd_model': kwargs['d_model'],
+      'd_input': kwargs['d_input'],
+      'heads': kwargs['heads'],
+      'n_synch_out': kwargs['n_synch_out'],
+      'n_synch_action': kwargs['n_synch_action'],
+      'synapse_depth': kwargs['synapse_depth'],
+      'memory_length': kwargs['memory_length'],
+      'deep_memory': kwargs['deep_nlms'],
+      'memory_hidden_dims': kwargs['memory_hidden_dims'],
+      'do_normalisation': kwargs['do_layernorm_nlm'],
+      'backbone_type': kwargs['backbone_type'],
       'positional_embedding_type': kwargs['positional_embedding_type'],
-      'dropout': kwargs['dropout'], 'neuron_select_type': kwargs['neuron_select_type'],
+      'dropout': kwargs['dropout'],
+      'neuron_select_type': kwargs['neuron_select_type'],
       'n_random_pairing_self': kwargs.get('n_random_pairing_self', 0),
       # Training-only fields the import must ignore; out_dims is set before saving.
-      'lr': 1e-4, 'batch_size': 32, 'log_dir': 'logs/x', 'seed': 412, 'device': [-1],
+      'lr': 1e-4,
+      'batch_size': 32,
+      'log_dir': 'logs/x',
+      'seed': 412,
+      'device': [-1],
       'out_dims': kwargs['out_dims'],
   }
   if task != 'parity':
@@ -53,13 +65,24 @@ def reference_args(case, kwargs) -> argparse.Namespace:
 
 
 def save_checkpoint(path, sd, args):
-  torch.save({'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
-              'optimizer_state_dict': {}, 'iteration': 7, 'args': args}, path)
+  torch.save(
+      {
+          'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+          'optimizer_state_dict': {},
+          'iteration': 7,
+          'args': args,
+      },
+      path,
+  )
 
 
 def _cli(*flags):
-  return subprocess.Popen([sys.executable, '-m', 'ctm_jax.interop.torch', *flags],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+      [sys.executable, '-m', 'ctm_jax.interop.torch', *flags],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +96,9 @@ def cli_runs(tmp_path_factory):
   jobs = {}
   for case, (arrays, meta) in goldens.items():
     ckpt = root / f'{case}.pt'
-    save_checkpoint(ckpt, state_dict(arrays, meta), reference_args(case, meta['constructor_kwargs']))
+    save_checkpoint(
+        ckpt, state_dict(arrays, meta), reference_args(case, meta['constructor_kwargs'])
+    )
     jobs[case] = (root / case, ckpt, [])
 
   # A renamed key.
@@ -91,13 +116,18 @@ def cli_runs(tmp_path_factory):
     sentinel.write_text('old')
     jobs[name] = (root / name, root / 'parity.pt', extra)
 
-  procs = {name: _cli(f'--checkpoint={ckpt}', f'--workdir={workdir}', *extra)
-           for name, (workdir, ckpt, extra) in jobs.items()}
+  procs = {
+      name: _cli(f'--checkpoint={ckpt}', f'--workdir={workdir}', *extra)
+      for name, (workdir, ckpt, extra) in jobs.items()
+  }
   results = {}
   for name, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=600)
-    results[name] = (jobs[name][0], jobs[name][1],
-                     subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    results[name] = (
+        jobs[name][0],
+        jobs[name][1],
+        subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+    )
   return results
 
 
@@ -132,8 +162,9 @@ def _parity_args(**overrides):
   return {k: v for k, v in args.items() if v is not None}
 
 
-@pytest.mark.parametrize('field', ['d_model', 'deep_memory', 'do_normalisation',
-                                   'parity_sequence_length'])
+@pytest.mark.parametrize(
+    'field', ['d_model', 'deep_memory', 'do_normalisation', 'parity_sequence_length']
+)
 def test_missing_field_is_named(field):
   args = _parity_args(**{field: None})
   with pytest.raises(ValueError, match=field):

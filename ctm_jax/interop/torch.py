@@ -66,14 +66,18 @@ def _attention_entries(key, value):
   """The packed MHA tensors as (collection, path, array) entries."""
   if key == 'attention.in_proj_weight':
     q, k, v = np.split(value, 3, axis=0)
-    return [('params', ('tick', 'attention_q', 'kernel'), q.T),
-            ('params', ('attention_k', 'kernel'), k.T),
-            ('params', ('attention_v', 'kernel'), v.T)]
+    return [
+        ('params', ('tick', 'attention_q', 'kernel'), q.T),
+        ('params', ('attention_k', 'kernel'), k.T),
+        ('params', ('attention_v', 'kernel'), v.T),
+    ]
   if key == 'attention.in_proj_bias':
     q, k, v = np.split(value, 3)
-    return [('params', ('tick', 'attention_q', 'bias'), q),
-            ('params', ('attention_k', 'bias'), k),
-            ('params', ('attention_v', 'bias'), v)]
+    return [
+        ('params', ('tick', 'attention_q', 'bias'), q),
+        ('params', ('attention_k', 'bias'), k),
+        ('params', ('attention_v', 'bias'), v),
+    ]
   leaf = 'kernel' if key.endswith('weight') else 'bias'
   return [('params', ('tick', 'attention_out', leaf), value.T if leaf == 'kernel' else value)]
 
@@ -160,15 +164,20 @@ def convert_state_dict(state_dict: Mapping[str, Any], abstract_variables):
       if full not in targets:
         unknown.append(f'{key} (-> {"/".join(full)})')
       elif tuple(array.shape) != tuple(targets[full].shape):
-        misshaped.append(f'{key}: got {tuple(value.shape)}, expected '
-                         f'{tuple(targets[full].shape)} at {"/".join(full)}')
+        misshaped.append(
+            f'{key}: got {tuple(value.shape)}, expected '
+            f'{tuple(targets[full].shape)} at {"/".join(full)}'
+        )
       else:
         filled[full] = jnp.array(array, dtype=targets[full].dtype)
   missing = ['/'.join(p) for p in targets if p not in filled]
   if unknown or missing or misshaped:
     lines = []
-    for title, items in (('unknown keys', unknown), ('missing variables', missing),
-                         ('mis-shaped keys', misshaped)):
+    for title, items in (
+        ('unknown keys', unknown),
+        ('missing variables', missing),
+        ('mis-shaped keys', misshaped),
+    ):
       if items:
         lines.append(f'{title} ({len(items)}):\n  ' + '\n  '.join(items))
     raise StateDictMismatch('state_dict does not match the model:\n' + '\n'.join(lines))
@@ -186,8 +195,7 @@ def import_state_dict(state_dict: Mapping[str, Any], model_kwargs: Mapping[str, 
   """
   state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
   model = ctm_lib.ContinuousThoughtMachine(**model_kwargs)
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            example_input(state_dict, model_kwargs))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), example_input(state_dict, model_kwargs))
   variables = convert_state_dict(state_dict, abstract)
   variables['params'] = ctm_lib.project_decay_params(variables['params'])
   return model, variables
@@ -244,7 +252,8 @@ def detect_task(args) -> str:
     return 'image_classification'
   raise ValueError(
       f'cannot tell the task from args: no parity_sequence_length or maze_route_length, '
-      f'and dataset={dataset!r} is not one of {sorted(IMAGE_CLASSES)}; pass --task')
+      f'and dataset={dataset!r} is not one of {sorted(IMAGE_CLASSES)}; pass --task'
+  )
 
 
 def _require(args, name, task):
@@ -266,8 +275,10 @@ def _task_head(args, task):
     return IMAGE_CLASSES[dataset], [-1]
   if args.get('out_dims') is not None:  # unknown dataset (e.g. --task override)
     return int(args['out_dims']), [-1]
-  raise ValueError(f'saved args: dataset={dataset!r} has no known class count '
-                   f'({sorted(IMAGE_CLASSES)}) and there is no out_dims')
+  raise ValueError(
+      f'saved args: dataset={dataset!r} has no known class count '
+      f'({sorted(IMAGE_CLASSES)}) and there is no out_dims'
+  )
 
 
 def model_kwargs_from_args(args, task: str | None = None) -> dict:
@@ -286,20 +297,23 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
   # parity saves `model_type`, the others `model`; absent means an older CTM-only run.
   type_field = 'model_type' if task == 'parity' else 'model'
   if args.get(type_field, 'ctm') != 'ctm':
-    raise ValueError(f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints '
-                     'can be imported')
+    raise ValueError(
+        f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints ' 'can be imported'
+    )
   missing = [name for name in ARG_TO_KWARG if args.get(name) is None]
   if missing:
-    raise ValueError(f'saved args lack {", ".join(map(repr, missing))}, needed for the '
-                     f'{task} model')
+    raise ValueError(
+        f'saved args lack {", ".join(map(repr, missing))}, needed for the ' f'{task} model'
+    )
   kwargs = {kwarg: args[name] for name, kwarg in ARG_TO_KWARG.items()}
   kwargs['deep_nlms'] = bool(kwargs['deep_nlms'])
   kwargs['do_layernorm_nlm'] = bool(kwargs['do_layernorm_nlm'])
   out_dims, reshaper = _task_head(args, task)
   # The scripts store their own out_dims in args before saving; they must agree.
   if args.get('out_dims') is not None and int(args['out_dims']) != out_dims:
-    raise ValueError(f'saved args: out_dims={args["out_dims"]} but the {task} task '
-                     f'gives {out_dims}')
+    raise ValueError(
+        f'saved args: out_dims={args["out_dims"]} but the {task} task ' f'gives {out_dims}'
+    )
   kwargs['out_dims'] = out_dims
   kwargs['prediction_reshaper'] = reshaper
   # The parity script leaves dropout_nlm at the constructor default (None).
@@ -311,8 +325,9 @@ def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('reading a PyTorch checkpoint needs torch: '
-                      'pip install ctm-jax[torch]') from e
+    raise ImportError(
+        'reading a PyTorch checkpoint needs torch: ' 'pip install ctm-jax[torch]'
+    ) from e
   return torch
 
 
@@ -326,7 +341,7 @@ def _clean_state_dict(state_dict, torch) -> dict:
   for key, value in state_dict.items():
     key = key.replace('._orig_mod.', '.')
     for prefix in ('module.', '_orig_mod.'):
-      key = key[len(prefix):] if key.startswith(prefix) else key
+      key = key[len(prefix) :] if key.startswith(prefix) else key
     if isinstance(value, torch.Tensor):
       value = value.detach().cpu()
       if value.is_floating_point() and value.dtype != torch.float32:
@@ -344,12 +359,16 @@ def load_reference_checkpoint(path: str):
     raise ValueError(f'{path}: not a reference training checkpoint (no model_state_dict)')
   if checkpoint.get('args') is None:
     raise ValueError(f'{path}: the checkpoint has no saved args')
-  return (_clean_state_dict(checkpoint['model_state_dict'], torch),
-          _as_dict(checkpoint['args']), checkpoint.get('iteration'))
+  return (
+      _clean_state_dict(checkpoint['model_state_dict'], torch),
+      _as_dict(checkpoint['args']),
+      checkpoint.get('iteration'),
+  )
 
 
-def import_checkpoint(checkpoint: str, workdir: str, task: str | None = None,
-                      overwrite: bool = False) -> dict:
+def import_checkpoint(
+    checkpoint: str, workdir: str, task: str | None = None, overwrite: bool = False
+) -> dict:
   """Reference .pt -> workdir/config.json + workdir/checkpoint. Returns the config.
 
   Writes nothing when the import fails, and refuses an existing
@@ -368,8 +387,13 @@ def import_checkpoint(checkpoint: str, workdir: str, task: str | None = None,
   task = task or detect_task(args)
   kwargs = model_kwargs_from_args(args, task)
   _, variables = import_state_dict(state_dict, kwargs)  # raises before any write
-  config = {'task': task, 'source_checkpoint': checkpoint, 'iteration': iteration,
-            'dataset': args.get('dataset'), 'model_kwargs': kwargs}
+  config = {
+      'task': task,
+      'source_checkpoint': checkpoint,
+      'iteration': iteration,
+      'dataset': args.get('dataset'),
+      'model_kwargs': kwargs,
+  }
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(ckpt_dir):
     shutil.rmtree(ckpt_dir)
@@ -398,20 +422,26 @@ def load_imported(workdir: str):
   # Target from the saved metadata, not its sharding: the writer's device may not exist here.
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   metadata = checkpointer.metadata(ckpt_dir).item_metadata.tree
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          metadata)
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata
+  )
   variables = checkpointer.restore(ckpt_dir, abstract)
   return model, variables, config
 
 
 def _main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
   try:
-    config = import_checkpoint(flag_values.checkpoint, flag_values.workdir,
-                               task=flag_values.task, overwrite=flag_values.overwrite)
+    config = import_checkpoint(
+        flag_values.checkpoint,
+        flag_values.workdir,
+        task=flag_values.task,
+        overwrite=flag_values.overwrite,
+    )
   except (ValueError, OSError, ImportError) as e:  # user errors: a message, not a traceback
     sys.exit(f'error: {e}')
   workdir = os.path.abspath(flag_values.workdir)
@@ -423,14 +453,15 @@ def _main(argv):
 def _define_flags():
   """Defined only when run as a script, so importing this module adds no flags."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   flags.DEFINE_string('checkpoint', None, 'Reference training checkpoint (.pt).', required=True)
-  flags.DEFINE_string('workdir', None, 'Directory for config.json and checkpoint/.',
-                      required=True)
+  flags.DEFINE_string('workdir', None, 'Directory for config.json and checkpoint/.', required=True)
   flags.DEFINE_enum('task', None, TASKS, 'Task override; default: detected from the saved args.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing workdir/checkpoint.')
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   app.run(_main)

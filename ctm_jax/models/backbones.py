@@ -28,13 +28,13 @@ torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 
 
 def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
-    """torch's default bias init U(+-1/sqrt(fan_in)); Flax bias inits never see fan_in."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+  """torch's default bias init U(+-1/sqrt(fan_in)); Flax bias inits never see fan_in."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return init
+  return init
 
 
 def _conv(
@@ -47,118 +47,118 @@ def _conv(
     groups: int = 1,
     bias_fan_in: int | None = None,
 ) -> nn.Conv:
-    """Conv with torch's init and explicit padding; `bias_fan_in` None means bias-free."""
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups,
-        use_bias=bias_fan_in is not None,
-        kernel_init=torch_kernel_init,
-        bias_init=(
-            torch_bias_init(bias_fan_in) if bias_fan_in is not None else nn.initializers.zeros
-        ),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+  """Conv with torch's init and explicit padding; `bias_fan_in` None means bias-free."""
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      feature_group_count=groups,
+      use_bias=bias_fan_in is not None,
+      kernel_init=torch_kernel_init,
+      bias_init=(
+          torch_bias_init(bias_fan_in) if bias_fan_in is not None else nn.initializers.zeros
+      ),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+  )
 
 
 class BatchNorm(nn.Module):
-    """torch.nn.BatchNorm2d over the last (channel) axis.
+  """torch.nn.BatchNorm2d over the last (channel) axis.
 
-    Differs from flax.linen.BatchNorm where torch does: the running variance is
-    updated with the unbiased batch variance while the batch is normalised with
-    the biased one, and `init` leaves batch_stats at (0, 1).
-    """
+  Differs from flax.linen.BatchNorm where torch does: the running variance is
+  updated with the unbiased batch variance while the batch is normalised with
+  the biased one, and `init` leaves batch_stats at (0, 1).
+  """
 
-    momentum: float = 0.1
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array, use_running_average: bool) -> jax.Array:
-        c = x_BxHxWxC.shape[-1]
-        scale_C = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias_C = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, use_running_average: bool) -> jax.Array:
+    c = x_BxHxWxC.shape[-1]
+    scale_C = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias_C = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
 
-        # Statistics in float32 even when computing in bf16.
-        x32 = x_BxHxWxC.astype(jnp.float32)
-        if use_running_average:
-            mean_C, var_C = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x32.ndim - 1))
-            n = x32.size // c
-            if n < 2:
-                raise ValueError(
-                    "BatchNorm in training needs more than 1 value per channel, "
-                    f"got input shape {x_BxHxWxC.shape}"
-                )
-            mean_C = jnp.mean(x32, axis=axes)
-            var_C = jnp.mean(jnp.square(x32 - mean_C), axis=axes)  # biased: normalises
-            # Skipped during init so fresh variables are torch's fresh buffers.
-            if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean_C
-                ra_var.value = (1.0 - m) * ra_var.value + m * var_C * (n / (n - 1))
-        y = (x32 - mean_C) * jax.lax.rsqrt(var_C + self.epsilon) * scale_C + bias_C
-        return y.astype(self.dtype)
+    # Statistics in float32 even when computing in bf16.
+    x32 = x_BxHxWxC.astype(jnp.float32)
+    if use_running_average:
+      mean_C, var_C = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x32.ndim - 1))
+      n = x32.size // c
+      if n < 2:
+        raise ValueError(
+            "BatchNorm in training needs more than 1 value per channel, "
+            f"got input shape {x_BxHxWxC.shape}"
+        )
+      mean_C = jnp.mean(x32, axis=axes)
+      var_C = jnp.mean(jnp.square(x32 - mean_C), axis=axes)  # biased: normalises
+      # Skipped during init so fresh variables are torch's fresh buffers.
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1.0 - m) * ra_mean.value + m * mean_C
+        ra_var.value = (1.0 - m) * ra_var.value + m * var_C * (n / (n - 1))
+    y = (x32 - mean_C) * jax.lax.rsqrt(var_C + self.epsilon) * scale_C + bias_C
+    return y.astype(self.dtype)
 
 
 def _shortcut(
     x_BxHxWxC: jax.Array, out_ch: int, stride: int, dtype: Dtype, eval_bn: bool
 ) -> jax.Array:
-    """Identity, or 1x1 conv + BN (torch `downsample.{0,1}`) when the shape changes.
+  """Identity, or 1x1 conv + BN (torch `downsample.{0,1}`) when the shape changes.
 
-    Called inside a block's compact __call__, so the submodules belong to the block.
-    """
-    if stride == 1 and x_BxHxWxC.shape[-1] == out_ch:
-        return x_BxHxWxC
-    y = _conv(out_ch, 1, stride, 0, dtype, "downsample_0")(x_BxHxWxC)
-    return BatchNorm(dtype=dtype, name="downsample_1")(y, eval_bn)
+  Called inside a block's compact __call__, so the submodules belong to the block.
+  """
+  if stride == 1 and x_BxHxWxC.shape[-1] == out_ch:
+    return x_BxHxWxC
+  y = _conv(out_ch, 1, stride, 0, dtype, "downsample_0")(x_BxHxWxC)
+  return BatchNorm(dtype=dtype, name="downsample_1")(y, eval_bn)
 
 
 class BasicBlock(nn.Module):
-    """ResNet-18/34 block: 3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
+  """ResNet-18/34 block: 3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
 
-    planes: int
-    stride: int = 1
-    dtype: Dtype = jnp.float32
-    expansion = 1  # class constant, not a dataclass field
+  planes: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+  expansion = 1  # class constant, not a dataclass field
 
-    @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
-        eval_bn = not train
-        out = _conv(self.planes, 3, self.stride, 1, self.dtype, "conv1")(x_BxHxWxC)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, eval_bn))
-        out = _conv(self.planes, 3, 1, 1, self.dtype, "conv2")(out)
-        out = BatchNorm(dtype=self.dtype, name="bn2")(out, eval_bn)
-        out_ch = self.planes * self.expansion
-        return nn.relu(out + _shortcut(x_BxHxWxC, out_ch, self.stride, self.dtype, eval_bn))
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
+    eval_bn = not train
+    out = _conv(self.planes, 3, self.stride, 1, self.dtype, "conv1")(x_BxHxWxC)
+    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, eval_bn))
+    out = _conv(self.planes, 3, 1, 1, self.dtype, "conv2")(out)
+    out = BatchNorm(dtype=self.dtype, name="bn2")(out, eval_bn)
+    out_ch = self.planes * self.expansion
+    return nn.relu(out + _shortcut(x_BxHxWxC, out_ch, self.stride, self.dtype, eval_bn))
 
 
 class Bottleneck(nn.Module):
-    """ResNet-50+ block: 1x1 -> 3x3 (stride) -> 1x1 (4x planes), BN after each, + shortcut."""
+  """ResNet-50+ block: 1x1 -> 3x3 (stride) -> 1x1 (4x planes), BN after each, + shortcut."""
 
-    planes: int
-    stride: int = 1
-    dtype: Dtype = jnp.float32
-    expansion = 4  # class constant, not a dataclass field
+  planes: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+  expansion = 4  # class constant, not a dataclass field
 
-    @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
-        eval_bn = not train
-        out = _conv(self.planes, 1, 1, 0, self.dtype, "conv1")(x_BxHxWxC)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, eval_bn))
-        out = _conv(self.planes, 3, self.stride, 1, self.dtype, "conv2")(out)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(out, eval_bn))
-        out_ch = self.planes * self.expansion
-        out = _conv(out_ch, 1, 1, 0, self.dtype, "conv3")(out)
-        out = BatchNorm(dtype=self.dtype, name="bn3")(out, eval_bn)
-        return nn.relu(out + _shortcut(x_BxHxWxC, out_ch, self.stride, self.dtype, eval_bn))
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
+    eval_bn = not train
+    out = _conv(self.planes, 1, 1, 0, self.dtype, "conv1")(x_BxHxWxC)
+    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, eval_bn))
+    out = _conv(self.planes, 3, self.stride, 1, self.dtype, "conv2")(out)
+    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(out, eval_bn))
+    out_ch = self.planes * self.expansion
+    out = _conv(out_ch, 1, 1, 0, self.dtype, "conv3")(out)
+    out = BatchNorm(dtype=self.dtype, name="bn3")(out, eval_bn)
+    return nn.relu(out + _shortcut(x_BxHxWxC, out_ch, self.stride, self.dtype, eval_bn))
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -167,75 +167,73 @@ _STAGE_PLANES = (64, 128, 256, 512)
 
 
 class ResNet(nn.Module):
-    """The reference's ResNet trunk: 3x3 stem, max-pool, then layer1..layer{num_stages}.
+  """The reference's ResNet trunk: 3x3 stem, max-pool, then layer1..layer{num_stages}.
 
-    No classifier head. Output (B, h, w, planes * expansion): h = ceil(H/2) after
-    layer1, halved (ceil) again by each further stage.
-    """
+  No classifier head. Output (B, h, w, planes * expansion): h = ceil(H/2) after
+  layer1, halved (ceil) again by each further stage.
+  """
 
-    block: str = "basic"
-    stage_sizes: Sequence[int] = (2, 2, 2, 2)
-    num_stages: int = 4
-    dtype: Dtype = jnp.float32
+  block: str = "basic"
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  num_stages: int = 4
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
-        if self.block not in _BLOCKS:
-            raise ValueError(f"ResNet block must be one of {tuple(_BLOCKS)}, got {self.block!r}")
-        max_stages = min(len(self.stage_sizes), len(_STAGE_PLANES))
-        if not 1 <= self.num_stages <= max_stages:
-            raise ValueError(f"ResNet num_stages must be in 1..{max_stages}, got {self.num_stages}")
-        block_cls = _BLOCKS[self.block]
-        x = _conv(_STEM_CH, 3, 1, 1, self.dtype, "conv1")(x_BxHxWxC)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, not train))
-        # Flax's max_pool pads with -inf, as torch's MaxPool2d does.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for stage in range(self.num_stages):
-            for b in range(self.stage_sizes[stage]):
-                stride = 2 if stage > 0 and b == 0 else 1
-                x = block_cls(
-                    _STAGE_PLANES[stage], stride, dtype=self.dtype, name=f"layer{stage + 1}_{b}"
-                )(x, train)
-        return x
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
+    if self.block not in _BLOCKS:
+      raise ValueError(f"ResNet block must be one of {tuple(_BLOCKS)}, got {self.block!r}")
+    max_stages = min(len(self.stage_sizes), len(_STAGE_PLANES))
+    if not 1 <= self.num_stages <= max_stages:
+      raise ValueError(f"ResNet num_stages must be in 1..{max_stages}, got {self.num_stages}")
+    block_cls = _BLOCKS[self.block]
+    x = _conv(_STEM_CH, 3, 1, 1, self.dtype, "conv1")(x_BxHxWxC)
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, not train))
+    # Flax's max_pool pads with -inf, as torch's MaxPool2d does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage in range(self.num_stages):
+      for b in range(self.stage_sizes[stage]):
+        stride = 2 if stage > 0 and b == 0 else 1
+        x = block_cls(_STAGE_PLANES[stage], stride, dtype=self.dtype, name=f"layer{stage + 1}_{b}")(
+            x, train
+        )
+    return x
 
 
 class ParityBackbone(nn.Module):
-    """Embeds a +-1 sequence: token 1 where x == 1, else 0 (so -1 -> 0)."""
+  """Embeds a +-1 sequence: token 1 where x == 1, else 0 (so -1 -> 0)."""
 
-    d_embedding: int
-    dtype: Dtype = jnp.float32
+  d_embedding: int
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BxL: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no train-only behaviour; accepted for a uniform backbone call
-        tokens_BxL = (x_BxL == 1).astype(jnp.int32)
-        embed = nn.Embed(
-            2,
-            self.d_embedding,
-            embedding_init=nn.initializers.normal(1.0),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="embedding",
-        )
-        return embed(tokens_BxL)  # (B, L, E)
+  @nn.compact
+  def __call__(self, x_BxL: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no train-only behaviour; accepted for a uniform backbone call
+    tokens_BxL = (x_BxL == 1).astype(jnp.int32)
+    embed = nn.Embed(
+        2,
+        self.d_embedding,
+        embedding_init=nn.initializers.normal(1.0),
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name="embedding",
+    )
+    return embed(tokens_BxL)  # (B, L, E)
 
 
 class ShallowWide(nn.Module):
-    """Wide two-conv backbone with GLU gating: stride 2, always 2048 output channels."""
+  """Wide two-conv backbone with GLU gating: stride 2, always 2048 output channels."""
 
-    dtype: Dtype = jnp.float32
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
-        c_in = x_BxHxWxC.shape[-1]
-        x = _conv(4096, 3, 2, 1, self.dtype, "layers_0", bias_fan_in=c_in * 9)(x_BxHxWxC)
-        x = nn.glu(x, axis=-1)  # first half * sigmoid(second half), torch's GLU(dim=1)
-        x = BatchNorm(dtype=self.dtype, name="layers_2")(x, not train)
-        x = _conv(
-            4096, 3, 1, 1, self.dtype, "layers_3", groups=32, bias_fan_in=(2048 // 32) * 9
-        )(x)
-        x = nn.glu(x, axis=-1)
-        return BatchNorm(dtype=self.dtype, name="layers_5")(x, not train)
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
+    c_in = x_BxHxWxC.shape[-1]
+    x = _conv(4096, 3, 2, 1, self.dtype, "layers_0", bias_fan_in=c_in * 9)(x_BxHxWxC)
+    x = nn.glu(x, axis=-1)  # first half * sigmoid(second half), torch's GLU(dim=1)
+    x = BatchNorm(dtype=self.dtype, name="layers_2")(x, not train)
+    x = _conv(4096, 3, 1, 1, self.dtype, "layers_3", groups=32, bias_fan_in=(2048 // 32) * 9)(x)
+    x = nn.glu(x, axis=-1)
+    return BatchNorm(dtype=self.dtype, name="layers_5")(x, not train)
 
 
 _RESNET_CONFIGS = {
@@ -254,50 +252,50 @@ BACKBONE_TYPES = ("none", "parity_backbone", "shallow-wide") + tuple(
 
 
 def _parse_resnet(backbone_type: str) -> tuple[str, tuple[int, ...], int] | None:
-    m = _RESNET_RE.match(backbone_type)
-    if m is None or int(m.group(1)) not in _RESNET_CONFIGS:
-        return None
-    block, sizes = _RESNET_CONFIGS[int(m.group(1))]
-    return block, sizes, int(m.group(2))
+  m = _RESNET_RE.match(backbone_type)
+  if m is None or int(m.group(1)) not in _RESNET_CONFIGS:
+    return None
+  block, sizes = _RESNET_CONFIGS[int(m.group(1))]
+  return block, sizes, int(m.group(2))
 
 
 def _unknown(backbone_type: str) -> ValueError:
-    return ValueError(f"Unknown backbone_type={backbone_type!r}; expected one of {BACKBONE_TYPES}")
+  return ValueError(f"Unknown backbone_type={backbone_type!r}; expected one of {BACKBONE_TYPES}")
 
 
 def make_backbone(
     backbone_type: str, d_input: int, dtype: Dtype = jnp.float32, **kwargs
 ) -> nn.Module | None:
-    """Backbone module for a reference `backbone_type`; None for 'none'.
+  """Backbone module for a reference `backbone_type`; None for 'none'.
 
-    `kwargs` (e.g. name='backbone') go to the module constructor. Every backbone
-    is called as `module(x, train=...)`.
-    """
-    if backbone_type == "none":
-        return None
-    if backbone_type == "parity_backbone":
-        return ParityBackbone(d_embedding=d_input, dtype=dtype, **kwargs)
-    if backbone_type == "shallow-wide":
-        return ShallowWide(dtype=dtype, **kwargs)
-    parsed = _parse_resnet(backbone_type)
-    if parsed is None:
-        raise _unknown(backbone_type)
-    block, sizes, k = parsed
-    return ResNet(block=block, stage_sizes=sizes, num_stages=k, dtype=dtype, **kwargs)
+  `kwargs` (e.g. name='backbone') go to the module constructor. Every backbone
+  is called as `module(x, train=...)`.
+  """
+  if backbone_type == "none":
+    return None
+  if backbone_type == "parity_backbone":
+    return ParityBackbone(d_embedding=d_input, dtype=dtype, **kwargs)
+  if backbone_type == "shallow-wide":
+    return ShallowWide(dtype=dtype, **kwargs)
+  parsed = _parse_resnet(backbone_type)
+  if parsed is None:
+    raise _unknown(backbone_type)
+  block, sizes, k = parsed
+  return ResNet(block=block, stage_sizes=sizes, num_stages=k, dtype=dtype, **kwargs)
 
 
 def backbone_channels(backbone_type: str, d_input: int, input_channels: int | None = None) -> int:
-    """Channels of the backbone output (the reference's d_backbone)."""
-    if backbone_type == "none":
-        if input_channels is None:
-            raise ValueError("backbone_type='none' passes the input through; give input_channels")
-        return input_channels
-    if backbone_type == "parity_backbone":
-        return d_input
-    if backbone_type == "shallow-wide":
-        return 2048
-    parsed = _parse_resnet(backbone_type)
-    if parsed is None:
-        raise _unknown(backbone_type)
-    block, _, k = parsed
-    return _STAGE_PLANES[k - 1] * _BLOCKS[block].expansion
+  """Channels of the backbone output (the reference's d_backbone)."""
+  if backbone_type == "none":
+    if input_channels is None:
+      raise ValueError("backbone_type='none' passes the input through; give input_channels")
+    return input_channels
+  if backbone_type == "parity_backbone":
+    return d_input
+  if backbone_type == "shallow-wide":
+    return 2048
+  parsed = _parse_resnet(backbone_type)
+  if parsed is None:
+    raise _unknown(backbone_type)
+  block, _, k = parsed
+  return _STAGE_PLANES[k - 1] * _BLOCKS[block].expansion

@@ -35,6 +35,7 @@ REMAT_POLICIES = {
 @flax.struct.dataclass
 class Tracking:
   """Per-tick internals, the reference's `track=True` outputs (tick axis first)."""
+
   pre_activations: jax.Array  # (T, B, D)
   post_activations: jax.Array  # (T, B, D)
   attention: jax.Array | None  # (T, B, K, 1, N)
@@ -52,6 +53,7 @@ class CTMOutput:
 
 class TickState(NamedTuple):
   """What one tick hands to the next."""
+
   trace_BxDxM: jax.Array  # pre-activation history, newest last
   z_BxD: jax.Array  # post-activations
   synch_action: synch.SynchState
@@ -98,6 +100,7 @@ class Tick(nn.Module):
       `k_BxNxKxF`, `v_BxNxKxF` or a fixed `input_BxE`; synch pair indices and
       decay parameters.
   """
+
   d_model: int
   d_input: int
   heads: int
@@ -120,8 +123,12 @@ class Tick(nn.Module):
     synch_action_state = state.synch_action
     if self.heads:
       synch_action_BxP, synch_action_state = synch.update(
-          state.synch_action, z_BxD, shared['action_left_P'],
-          shared['action_right_P'], shared['decay_params_action'])
+          state.synch_action,
+          z_BxD,
+          shared['action_left_P'],
+          shared['action_right_P'],
+          shared['decay_params_action'],
+      )
       q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(synch_action_BxP)
       features_BxE, attention_BxKxN = self._attend(q_BxE, shared)
       if self.track:
@@ -134,19 +141,31 @@ class Tick(nn.Module):
     if self.synapse_depth == 1:
       pre_BxD = synapse.mlp_synapse(synapse_in, self.d_model, self.dropout, self.train, self.dtype)
     else:
-      pre_BxD = synapse.SynapseUNet(self.d_model, self.synapse_depth, self.dropout,
-                                    dtype=self.dtype, name='synapses')(synapse_in, self.train)
+      pre_BxD = synapse.SynapseUNet(
+          self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
+      )(synapse_in, self.train)
     trace_BxDxM = jnp.concatenate(
-        [state.trace_BxDxM[:, :, 1:], pre_BxD[:, :, None].astype(state.trace_BxDxM.dtype)], -1)
+        [state.trace_BxDxM[:, :, 1:], pre_BxD[:, :, None].astype(state.trace_BxDxM.dtype)], -1
+    )
     z_BxD = nlm.neuron_level_models(
-        trace_BxDxM, deep=self.deep_nlms, memory_hidden_dims=self.memory_hidden_dims,
-        do_norm=self.do_layernorm_nlm, dropout=self.dropout_nlm, train=self.train,
-        dtype=self.dtype).astype(state.z_BxD.dtype)
+        trace_BxDxM,
+        deep=self.deep_nlms,
+        memory_hidden_dims=self.memory_hidden_dims,
+        do_norm=self.do_layernorm_nlm,
+        dropout=self.dropout_nlm,
+        train=self.train,
+        dtype=self.dtype,
+    ).astype(state.z_BxD.dtype)
     synch_out_BxP, synch_out_state = synch.update(
-        state.synch_out, z_BxD, shared['out_left_P'], shared['out_right_P'],
-        shared['decay_params_out'])
-    prediction_BxO = layers.Linear(self.out_dims, dtype=self.dtype,
-                                   name='output_projector_0')(synch_out_BxP)
+        state.synch_out,
+        z_BxD,
+        shared['out_left_P'],
+        shared['out_right_P'],
+        shared['decay_params_out'],
+    )
+    prediction_BxO = layers.Linear(self.out_dims, dtype=self.dtype, name='output_projector_0')(
+        synch_out_BxP
+    )
     prediction_BxO = prediction_BxO.astype(jnp.float32)
     per_tick['predictions'] = prediction_BxO
     per_tick['certainties'] = certainty(prediction_BxO, self.prediction_reshaper)
@@ -164,18 +183,24 @@ class Tick(nn.Module):
     """Single-query multi-head attention over the pre-projected keys/values."""
     k_BxNxKxF, v_BxNxKxF = shared['k_BxNxKxF'], shared['v_BxNxKxF']
     head_dim = self.d_input // self.heads
-    q_BxE = layers.Linear(self.d_input, kernel_init=_xavier_qkv(self.d_input),
-                          bias_init=nn.initializers.zeros, dtype=self.dtype,
-                          name='attention_q')(q_BxE)
+    q_BxE = layers.Linear(
+        self.d_input,
+        kernel_init=_xavier_qkv(self.d_input),
+        bias_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        name='attention_q',
+    )(q_BxE)
     q_BxKxF = _split_heads(q_BxE, self.heads) * math.sqrt(1.0 / head_dim)
     # b: batch, k: head, f: head feature, n: token.
     scores_BxKxN = jnp.einsum('bkf,bnkf->bkn', q_BxKxF, k_BxNxKxF.astype(self.dtype))
     weights_BxKxN = jax.nn.softmax(scores_BxKxN.astype(jnp.float32), axis=-1)
     dropped_BxKxN = nn.Dropout(self.dropout, deterministic=not self.train)(weights_BxKxN)
-    out_BxKxF = jnp.einsum('bkn,bnkf->bkf', dropped_BxKxN.astype(self.dtype),
-                           v_BxNxKxF.astype(self.dtype))
-    out_BxE = layers.Linear(self.d_input, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                            name='attention_out')(out_BxKxF.reshape(q_BxE.shape))
+    out_BxKxF = jnp.einsum(
+        'bkn,bnkf->bkf', dropped_BxKxN.astype(self.dtype), v_BxNxKxF.astype(self.dtype)
+    )
+    out_BxE = layers.Linear(
+        self.d_input, bias_init=nn.initializers.zeros, dtype=self.dtype, name='attention_out'
+    )(out_BxKxF.reshape(q_BxE.shape))
     return out_BxE, weights_BxKxN
 
 
@@ -193,6 +218,7 @@ class ContinuousThoughtMachine(nn.Module):
   checkpoints the tick body; `dtype` is the compute dtype (parameters stay
   float32); `unroll` is the scan unroll factor.
   """
+
   iterations: int
   d_model: int
   d_input: int
@@ -237,13 +263,21 @@ class ContinuousThoughtMachine(nn.Module):
 
   def _tick_kwargs(self, train, track):
     return dict(
-        d_model=self.d_model, d_input=self.d_input, heads=self.heads,
-        synapse_depth=self.synapse_depth, deep_nlms=self.deep_nlms,
+        d_model=self.d_model,
+        d_input=self.d_input,
+        heads=self.heads,
+        synapse_depth=self.synapse_depth,
+        deep_nlms=self.deep_nlms,
         memory_hidden_dims=self.memory_hidden_dims,
-        do_layernorm_nlm=self.do_layernorm_nlm, out_dims=self.out_dims,
-        prediction_reshaper=self.prediction_reshaper, dropout=self.dropout,
+        do_layernorm_nlm=self.do_layernorm_nlm,
+        out_dims=self.out_dims,
+        prediction_reshaper=self.prediction_reshaper,
+        dropout=self.dropout,
         dropout_nlm=self.dropout if self.dropout_nlm is None else self.dropout_nlm,
-        train=train, track=track, dtype=self.dtype)
+        train=train,
+        track=track,
+        dtype=self.dtype,
+    )
 
   @nn.compact
   def __call__(self, x, train: bool = False, track: bool = False) -> CTMOutput:
@@ -265,16 +299,24 @@ class ContinuousThoughtMachine(nn.Module):
       # A 1x1 conv to 3 channels (torch LazyConv2d(3, 1) with bias).
       fan_in = x.shape[-1]
       bound = 1.0 / math.sqrt(fan_in)
-      x = nn.Conv(3, (1, 1), kernel_init=layers.uniform(bound),
-                  bias_init=layers.uniform(bound), dtype=self.dtype,
-                  name='initial_rgb')(x)
-    backbone = backbones.make_backbone(self.backbone_type, self.d_input, self.dtype,
-                                       name='backbone')
+      x = nn.Conv(
+          3,
+          (1, 1),
+          kernel_init=layers.uniform(bound),
+          bias_init=layers.uniform(bound),
+          dtype=self.dtype,
+          name='initial_rgb',
+      )(x)
+    backbone = backbones.make_backbone(
+        self.backbone_type, self.d_input, self.dtype, name='backbone'
+    )
     features = x if backbone is None else backbone(x, train=train)
     pe = posemb.make_positional_embedding(
         self.positional_embedding_type,
         backbones.backbone_channels(self.backbone_type, self.d_input, x.shape[-1]),
-        self.dtype, name='positional_embedding')
+        self.dtype,
+        name='positional_embedding',
+    )
     if pe is not None:
       features = features + pe(features)
     tokens_BxNxC = features.reshape(features.shape[0], -1, features.shape[-1])
@@ -283,10 +325,17 @@ class ContinuousThoughtMachine(nn.Module):
 
   def _project_kv(self, kv_BxNxE):
     """The attention's key/value projections, hoisted out of the tick loop."""
+
     def proj(name):
-      y = layers.Linear(self.d_input, kernel_init=_xavier_qkv(self.d_input),
-                        bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)(kv_BxNxE)
+      y = layers.Linear(
+          self.d_input,
+          kernel_init=_xavier_qkv(self.d_input),
+          bias_init=nn.initializers.zeros,
+          dtype=self.dtype,
+          name=name,
+      )(kv_BxNxE)
       return _split_heads(y, self.heads)
+
     return proj('attention_k'), proj('attention_v')
 
   def _synch_variables(self):
@@ -297,15 +346,21 @@ class ContinuousThoughtMachine(nn.Module):
       sides.append(('action', self.n_synch_action, self.synch_size_action))
     for side, n_synch, size in sides:
       key = self.make_rng('params') if self.is_initializing() else None
-      left_right = synch.init_neuron_indices(
-          key, self.neuron_select_type, side, self.d_model, n_synch,
-          self.n_random_pairing_self) if key is not None else None
+      left_right = (
+          synch.init_neuron_indices(
+              key, self.neuron_select_type, side, self.d_model, n_synch, self.n_random_pairing_self
+          )
+          if key is not None
+          else None
+      )
       left = self.variable('synch', f'{side}_neuron_indices_left', lambda: left_right[0])
       right = self.variable('synch', f'{side}_neuron_indices_right', lambda: left_right[1])
       shared[f'{side}_left_P'], shared[f'{side}_right_P'] = synch.pair_indices(
-          self.neuron_select_type, left.value, right.value)
+          self.neuron_select_type, left.value, right.value
+      )
       shared[f'decay_params_{side}'] = self.param(
-          f'decay_params_{side}', nn.initializers.zeros, (size,))
+          f'decay_params_{side}', nn.initializers.zeros, (size,)
+      )
     return shared
 
   def initial_state(self, batch: int, shared) -> TickState:
@@ -317,13 +372,18 @@ class ContinuousThoughtMachine(nn.Module):
     # The output synch starts from z0 before the first tick; the action synch
     # starts empty (its first update sees z0).
     _, synch_out = synch.update(
-        synch.zero_state(batch, self.synch_size_out), z_BxD, shared['out_left_P'],
-        shared['out_right_P'], shared['decay_params_out'])
+        synch.zero_state(batch, self.synch_size_out),
+        z_BxD,
+        shared['out_left_P'],
+        shared['out_right_P'],
+        shared['decay_params_out'],
+    )
     synch_action = synch.zero_state(batch, self.synch_size_action)
     return TickState(trace_BxDxM, z_BxD, synch_action, synch_out)
 
-  def run_ticks(self, state: TickState, xs, shared, *, train: bool, track: bool,
-                length: int | None = None):
+  def run_ticks(
+      self, state: TickState, xs, shared, *, train: bool, track: bool, length: int | None = None
+  ):
     """Scans the tick `length` (default `iterations`) times; per-tick outputs stacked on axis 0."""
     tick_cls = Tick
     if self.remat != 'none':
@@ -334,7 +394,8 @@ class ContinuousThoughtMachine(nn.Module):
         split_rngs={'params': False, 'dropout': True},
         in_axes=(0, nn.broadcast),
         length=length or self.iterations,
-        unroll=self.unroll)
+        unroll=self.unroll,
+    )
     return scan(**self._tick_kwargs(train, track), name='tick')(state, xs, shared)
 
   def _outputs(self, final: TickState, per_tick, track: bool) -> CTMOutput:
@@ -345,12 +406,14 @@ class ContinuousThoughtMachine(nn.Module):
           post_activations=per_tick['post_activations'],
           attention=per_tick.get('attention'),
           synch_out=per_tick['synch_out'],
-          synch_action=per_tick.get('synch_action'))
+          synch_action=per_tick.get('synch_action'),
+      )
     return CTMOutput(
         predictions=jnp.transpose(per_tick['predictions'], (1, 2, 0)),
         certainties=jnp.transpose(per_tick['certainties'], (1, 2, 0)),
         synch_out=per_tick['synch_out'][-1],
-        tracking=tracking)
+        tracking=tracking,
+    )
 
 
 def _error(field, value, why):
@@ -359,8 +422,15 @@ def _error(field, value, why):
 
 def validate_config(m: ContinuousThoughtMachine) -> None:
   """Raises ValueError naming the first invalid option; called at construction."""
-  positive = ('iterations', 'd_model', 'd_input', 'n_synch_out', 'synapse_depth',
-              'memory_length', 'out_dims')
+  positive = (
+      'iterations',
+      'd_model',
+      'd_input',
+      'n_synch_out',
+      'synapse_depth',
+      'memory_length',
+      'out_dims',
+  )
   for field in positive:
     value = getattr(m, field)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -369,37 +439,59 @@ def validate_config(m: ContinuousThoughtMachine) -> None:
     value = getattr(m, field)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
       raise _error(field, value, 'must be a non-negative integer')
-  if m.deep_nlms and (not isinstance(m.memory_hidden_dims, (int, np.integer))
-                      or m.memory_hidden_dims < 1):
-    raise _error('memory_hidden_dims', m.memory_hidden_dims,
-                 'must be a positive integer when deep_nlms=True')
+  if m.deep_nlms and (
+      not isinstance(m.memory_hidden_dims, (int, np.integer)) or m.memory_hidden_dims < 1
+  ):
+    raise _error(
+        'memory_hidden_dims', m.memory_hidden_dims, 'must be a positive integer when deep_nlms=True'
+    )
   if m.backbone_type not in backbones.BACKBONE_TYPES:
-    raise _error('backbone_type', m.backbone_type,
-                 f'unknown; expected one of {list(backbones.BACKBONE_TYPES)}')
+    raise _error(
+        'backbone_type',
+        m.backbone_type,
+        f'unknown; expected one of {list(backbones.BACKBONE_TYPES)}',
+    )
   if m.positional_embedding_type not in posemb.POSITIONAL_EMBEDDING_TYPES:
-    raise _error('positional_embedding_type', m.positional_embedding_type,
-                 f'unknown; expected one of {list(posemb.POSITIONAL_EMBEDDING_TYPES)}')
+    raise _error(
+        'positional_embedding_type',
+        m.positional_embedding_type,
+        f'unknown; expected one of {list(posemb.POSITIONAL_EMBEDDING_TYPES)}',
+    )
   if m.backbone_type == 'none' and m.positional_embedding_type != 'none':
-    raise _error('positional_embedding_type', m.positional_embedding_type,
-                 "backbone_type='none' takes no positional embedding; use 'none'")
+    raise _error(
+        'positional_embedding_type',
+        m.positional_embedding_type,
+        "backbone_type='none' takes no positional embedding; use 'none'",
+    )
   if m.neuron_select_type not in synch.NEURON_SELECT_TYPES:
-    raise _error('neuron_select_type', m.neuron_select_type,
-                 f'unknown; expected one of {list(synch.NEURON_SELECT_TYPES)}')
+    raise _error(
+        'neuron_select_type',
+        m.neuron_select_type,
+        f'unknown; expected one of {list(synch.NEURON_SELECT_TYPES)}',
+    )
   if m.neuron_select_type == 'first-last' and m.d_model < m.n_synch_out + m.n_synch_action:
-    raise _error('d_model', m.d_model,
-                 f"'first-last' needs d_model >= n_synch_out + n_synch_action "
-                 f'= {m.n_synch_out + m.n_synch_action}')
+    raise _error(
+        'd_model',
+        m.d_model,
+        f"'first-last' needs d_model >= n_synch_out + n_synch_action "
+        f'= {m.n_synch_out + m.n_synch_action}',
+    )
   if m.neuron_select_type == 'random-pairing':
     for field in ('n_synch_out', 'n_synch_action'):
       if getattr(m, field) and m.n_random_pairing_self >= getattr(m, field):
-        raise _error('n_random_pairing_self', m.n_random_pairing_self,
-                     f"'random-pairing' needs n_random_pairing_self < {field} "
-                     f'= {getattr(m, field)}')
+        raise _error(
+            'n_random_pairing_self',
+            m.n_random_pairing_self,
+            f"'random-pairing' needs n_random_pairing_self < {field} " f'= {getattr(m, field)}',
+        )
   if m.attends and m.heads < 1:
     raise _error('heads', m.heads, 'the CTM attends to its input; heads must be >= 1')
   if m.attends and m.n_synch_action < 1:
-    raise _error('n_synch_action', m.n_synch_action,
-                 'the attention query is projected from the action synch; must be >= 1')
+    raise _error(
+        'n_synch_action',
+        m.n_synch_action,
+        'the attention query is projected from the action synch; must be >= 1',
+    )
   if not m.attends and m.heads:
     raise _error('heads', m.heads, f'{type(m).__name__} feeds its input directly; use 0')
   if m.heads and m.d_input % m.heads:
@@ -411,10 +503,10 @@ def validate_config(m: ContinuousThoughtMachine) -> None:
   if m.remat not in REMAT_POLICIES:
     raise _error('remat', m.remat, f'expected one of {list(REMAT_POLICIES)}')
   reshaper = m.prediction_reshaper
-  if (not reshaper or sum(d == -1 for d in reshaper) > 1
-      or any(d == 0 or d < -1 for d in reshaper)):
-    raise _error('prediction_reshaper', list(reshaper),
-                 'must be positive sizes with at most one -1')
+  if not reshaper or sum(d == -1 for d in reshaper) > 1 or any(d == 0 or d < -1 for d in reshaper):
+    raise _error(
+        'prediction_reshaper', list(reshaper), 'must be positive sizes with at most one -1'
+    )
   known = int(np.prod([d for d in reshaper if d != -1]))
   if (-1 in reshaper and m.out_dims % known) or (-1 not in reshaper and known != m.out_dims):
     raise _error('prediction_reshaper', list(reshaper), f'does not match out_dims={m.out_dims}')
@@ -433,14 +525,18 @@ def validate_input(m: ContinuousThoughtMachine, x) -> None:
     raise _error('x.dtype', str(dtype), f'backbone_type={m.backbone_type!r} takes floats')
   if m.backbone_type == 'none':
     if len(shape) not in (3, 4):
-      raise _error('x.shape', shape,
-                   "backbone_type='none' takes tokens (B, N, C) or a map (B, H, W, C)")
+      raise _error(
+          'x.shape', shape, "backbone_type='none' takes tokens (B, N, C) or a map (B, H, W, C)"
+      )
     return
   if len(shape) != 4:
     raise _error('x.shape', shape, f'backbone_type={m.backbone_type!r} takes NHWC images')
   if m.positional_embedding_type == 'custom-rotational' and shape[1] != shape[2]:
-    raise _error('x.shape', shape,
-                 "positional_embedding_type='custom-rotational' needs square images (H == W)")
+    raise _error(
+        'x.shape',
+        shape,
+        "positional_embedding_type='custom-rotational' needs square images (H == W)",
+    )
 
 
 def project_decay_params(params):
@@ -450,9 +546,11 @@ def project_decay_params(params):
   Apply this after every optimiser update (and on import) so that the forward
   can use the parameters as they are and gradients match the reference.
   """
+
   def project(path, leaf):
     name = getattr(path[-1], 'key', None)
     if name in DECAY_PARAM_NAMES:
       return jnp.clip(leaf, *DECAY_CLAMP)
     return leaf
+
   return jax.tree_util.tree_map_with_path(project, params)

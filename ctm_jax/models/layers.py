@@ -38,11 +38,11 @@ class Linear(nn.Module):
   def __call__(self, x_BxI):
     fan_in = x_BxI.shape[-1]
     default = uniform(1.0 / math.sqrt(fan_in))
-    kernel_IxO = self.param('kernel', self.kernel_init or default,
-                            (fan_in, self.features), jnp.float32)
+    kernel_IxO = self.param(
+        'kernel', self.kernel_init or default, (fan_in, self.features), jnp.float32
+    )
     y_BxO = jnp.dot(x_BxI.astype(self.dtype), kernel_IxO.astype(self.dtype))
     if self.use_bias:
-      bias_O = self.param('bias', self.bias_init or default, (self.features,),
-                          jnp.float32)
+      bias_O = self.param('bias', self.bias_init or default, (self.features,), jnp.float32)
       y_BxO = y_BxO + bias_O.astype(self.dtype)
     return y_BxO

@@ -23,8 +23,7 @@ def synch_size(neuron_select_type: str, n_synch: int) -> int:
   return n_synch * (n_synch + 1) // 2
 
 
-def init_neuron_indices(key, neuron_select_type, side, d_model, n_synch,
-                        n_random_pairing_self=0):
+def init_neuron_indices(key, neuron_select_type, side, d_model, n_synch, n_random_pairing_self=0):
   """Left/right neuron indices (n,) for one synchronisation side.
 
   Random draws are with replacement, as in the reference.
@@ -39,10 +38,12 @@ def init_neuron_indices(key, neuron_select_type, side, d_model, n_synch,
     right_n = jax.random.randint(key_right, (n_synch,), 0, d_model, jnp.int32)
     return left_n, right_n
   n_other = n_synch - n_random_pairing_self
-  right_n = jnp.concatenate([
-      left_n[:n_random_pairing_self],
-      jax.random.randint(key_right, (n_other,), 0, d_model, jnp.int32),
-  ])
+  right_n = jnp.concatenate(
+      [
+          left_n[:n_random_pairing_self],
+          jax.random.randint(key_right, (n_other,), 0, d_model, jnp.int32),
+      ]
+  )
   return left_n, right_n
 
 
