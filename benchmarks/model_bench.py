@@ -56,30 +56,70 @@ from ctm_jax.models.ctm import project_decay_params
 _PARITY_MODEL = dict(
     # tasks/parity/scripts/train_ctm_75_25.sh; out_dims and the reshaper as
     # tasks/parity/train.py derives them from --parity_sequence_length 64.
-    iterations=75, d_model=1024, d_input=512, heads=8, n_synch_out=32,
-    n_synch_action=32, synapse_depth=1, memory_length=25, deep_nlms=True,
-    memory_hidden_dims=16, do_layernorm_nlm=False, backbone_type='parity_backbone',
-    positional_embedding_type='custom-rotational-1d', out_dims=128,
-    prediction_reshaper=(64, 2), dropout=0.0, dropout_nlm=None,
-    neuron_select_type='random', n_random_pairing_self=0)
+    iterations=75,
+    d_model=1024,
+    d_input=512,
+    heads=8,
+    n_synch_out=32,
+    n_synch_action=32,
+    synapse_depth=1,
+    memory_length=25,
+    deep_nlms=True,
+    memory_hidden_dims=16,
+    do_layernorm_nlm=False,
+    backbone_type='parity_backbone',
+    positional_embedding_type='custom-rotational-1d',
+    out_dims=128,
+    prediction_reshaper=(64, 2),
+    dropout=0.0,
+    dropout_nlm=None,
+    neuron_select_type='random',
+    n_random_pairing_self=0,
+)
 
 CONFIGS = {
     'parity_b16': dict(
-        source='tasks/parity/scripts/train_ctm_75_25.sh', task='parity', batch=16,
-        input_shape=(64,), model=_PARITY_MODEL),
+        source='tasks/parity/scripts/train_ctm_75_25.sh',
+        task='parity',
+        batch=16,
+        input_shape=(64,),
+        model=_PARITY_MODEL,
+    ),
     'parity_b64': dict(
-        source='tasks/parity/scripts/train_ctm_75_25.sh', task='parity', batch=64,
-        input_shape=(64,), model=_PARITY_MODEL),
+        source='tasks/parity/scripts/train_ctm_75_25.sh',
+        task='parity',
+        batch=64,
+        input_shape=(64,),
+        model=_PARITY_MODEL,
+    ),
     'cifar10_b32': dict(
-        source='tasks/image_classification/scripts/train_cifar10.sh', task='classify',
-        batch=32, input_shape=(32, 32, 3), num_classes=10,
+        source='tasks/image_classification/scripts/train_cifar10.sh',
+        task='classify',
+        batch=32,
+        input_shape=(32, 32, 3),
+        num_classes=10,
         model=dict(
-            iterations=50, d_model=256, d_input=64, heads=16, n_synch_out=256,
-            n_synch_action=512, synapse_depth=5, memory_length=15, deep_nlms=True,
-            memory_hidden_dims=64, do_layernorm_nlm=False, backbone_type='resnet18-1',
-            positional_embedding_type='none', out_dims=10, prediction_reshaper=(-1,),
-            dropout=0.0, dropout_nlm=0.0, neuron_select_type='random-pairing',
-            n_random_pairing_self=0)),
+            iterations=50,
+            d_model=256,
+            d_input=64,
+            heads=16,
+            n_synch_out=256,
+            n_synch_action=512,
+            synapse_depth=5,
+            memory_length=15,
+            deep_nlms=True,
+            memory_hidden_dims=64,
+            do_layernorm_nlm=False,
+            backbone_type='resnet18-1',
+            positional_embedding_type='none',
+            out_dims=10,
+            prediction_reshaper=(-1,),
+            dropout=0.0,
+            dropout_nlm=0.0,
+            neuron_select_type='random-pairing',
+            n_random_pairing_self=0,
+        ),
+    ),
     'maze_b16': dict(
         # A reduced maze model: the width, heads and input width of
         # tasks/mazes/train.py's defaults (D 512, E 128, 8 heads), 25 ticks with
@@ -87,14 +127,32 @@ CONFIGS = {
         # (first-last synch 64/32, NLM hidden 32, synapse depth 8, resnet34-2,
         # dropout 0.1, route length 100).
         source='tasks/mazes/scripts/train_ctm.sh (reduced: D 512, 25x15 ticks)',
-        task='maze', batch=16, input_shape=(39, 39, 3), route_length=100,
+        task='maze',
+        batch=16,
+        input_shape=(39, 39, 3),
+        route_length=100,
         model=dict(
-            iterations=25, d_model=512, d_input=128, heads=8, n_synch_out=64,
-            n_synch_action=32, synapse_depth=8, memory_length=15, deep_nlms=True,
-            memory_hidden_dims=32, do_layernorm_nlm=False, backbone_type='resnet34-2',
-            positional_embedding_type='none', out_dims=500, prediction_reshaper=(100, 5),
-            dropout=0.1, dropout_nlm=None, neuron_select_type='first-last',
-            n_random_pairing_self=0)),
+            iterations=25,
+            d_model=512,
+            d_input=128,
+            heads=8,
+            n_synch_out=64,
+            n_synch_action=32,
+            synapse_depth=8,
+            memory_length=15,
+            deep_nlms=True,
+            memory_hidden_dims=32,
+            do_layernorm_nlm=False,
+            backbone_type='resnet34-2',
+            positional_embedding_type='none',
+            out_dims=500,
+            prediction_reshaper=(100, 5),
+            dropout=0.1,
+            dropout_nlm=None,
+            neuron_select_type='first-last',
+            n_random_pairing_self=0,
+        ),
+    ),
 }
 
 
@@ -134,16 +192,22 @@ def build_steps(model, task, tx):
 
     def loss_fn(params):
       variables = {'params': params, **state['model_state']}
-      out, updates = model.apply(variables, x, train=True, rngs={'dropout': dropout_key},
-                                 mutable=['batch_stats'])
+      out, updates = model.apply(
+          variables, x, train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats']
+      )
       return task_loss(task, out, targets), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     param_updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = project_decay_params(optax.apply_updates(state['params'], param_updates))
     model_state = {**state['model_state'], **updates}
-    new_state = dict(params=params, opt_state=opt_state, model_state=model_state,
-                     rng=state['rng'], step=state['step'] + 1)
+    new_state = dict(
+        params=params,
+        opt_state=opt_state,
+        model_state=model_state,
+        rng=state['rng'],
+        step=state['step'] + 1,
+    )
     return new_state, loss
 
   return forward, train_step
@@ -171,26 +235,21 @@ def time_calls(call, warmup, repeats):
   return times
 
 
-def flops_of(compiled):
+def _flops(stage):
+  """XLA's FLOP count of a Lowered or Compiled stage; None where unsupported."""
   try:
-    cost = compiled.cost_analysis()
+    cost = stage.cost_analysis()
   except Exception:  # Not every backend implements it.
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  if not cost or 'flops' not in cost:
-    return None
-  return float(cost['flops'])
+  return float(cost['flops']) if cost and 'flops' in cost else None
 
 
 def lowered_flops(lowered):
-  try:
-    cost = lowered.cost_analysis()
-  except Exception:
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost['flops']) if cost and 'flops' in cost else None
+  # The lowered (pre-compile) analysis exists on CPU only; elsewhere compile.
+  flops = _flops(lowered)
+  return flops if flops is not None else _flops(lowered.compile())
 
 
 def tick_scaled_flops(make_fn, iterations, *args):
@@ -213,11 +272,20 @@ def memory_analysis_of(compiled):
     return None
   if mem is None:
     return None
-  fields = ('temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes',
-            'alias_size_in_bytes', 'generated_code_size_in_bytes')
+  fields = (
+      'temp_size_in_bytes',
+      'argument_size_in_bytes',
+      'output_size_in_bytes',
+      'alias_size_in_bytes',
+      'generated_code_size_in_bytes',
+  )
   out = {f: int(getattr(mem, f, 0) or 0) for f in fields}
-  out['total_bytes'] = (out['temp_size_in_bytes'] + out['argument_size_in_bytes']
-                        + out['output_size_in_bytes'] - out['alias_size_in_bytes'])
+  out['total_bytes'] = (
+      out['temp_size_in_bytes']
+      + out['argument_size_in_bytes']
+      + out['output_size_in_bytes']
+      - out['alias_size_in_bytes']
+  )
   return out
 
 
@@ -237,9 +305,12 @@ def run_config(name, args):
   cfg = CONFIGS[name]
 
   def make_model(iterations=cfg['model']['iterations'], unroll=args.unroll):
-    return ContinuousThoughtMachine(**{**cfg['model'], 'iterations': iterations},
-                                    remat=args.remat, dtype=jnp.dtype(args.dtype),
-                                    unroll=unroll)
+    return ContinuousThoughtMachine(
+        **{**cfg['model'], 'iterations': iterations},
+        remat=args.remat,
+        dtype=jnp.dtype(args.dtype),
+        unroll=unroll,
+    )
 
   model = make_model()
   x, targets = make_batch(cfg, jax.random.key(0))
@@ -257,13 +328,19 @@ def run_config(name, args):
   log(f'{name}: compile forward')
   fwd_compiled, fwd_lower_s, fwd_compile_s = aot_compile(fwd, fwd_variables, x)
   log(f'{name}: forward lower {fwd_lower_s:.1f}s compile {fwd_compile_s:.1f}s; timing')
-  fwd_times = time_calls(lambda: jax.block_until_ready(fwd_compiled(fwd_variables, x)),
-                         args.warmup, args.repeats)
+  fwd_times = time_calls(
+      lambda: jax.block_until_ready(fwd_compiled(fwd_variables, x)), args.warmup, args.repeats
+  )
   log(f'{name}: forward median {statistics.median(fwd_times):.3f}s')
 
   # Train step, state donated.
-  state = dict(params=params, opt_state=jax.jit(tx.init)(params), model_state=variables,
-               rng=jax.random.key(2), step=jnp.zeros((), jnp.int32))
+  state = dict(
+      params=params,
+      opt_state=jax.jit(tx.init)(params),
+      model_state=variables,
+      rng=jax.random.key(2),
+      step=jnp.zeros((), jnp.int32),
+  )
   # FLOPs first: lowering reads the state, which training then donates.
   # Parameter shapes do not depend on the tick count, so one state serves all.
   log(f'{name}: FLOPs from 1- and 2-tick lowerings')
@@ -288,29 +365,51 @@ def run_config(name, args):
     raise FloatingPointError(f'{name}: non-finite train loss {losses_seen}')
 
   return dict(
-      config=name, source=cfg['source'], task=cfg['task'], batch=cfg['batch'],
-      input_shape=list(cfg['input_shape']), model={**cfg['model'],
-      'prediction_reshaper': list(cfg['model']['prediction_reshaper'])},
-      remat=args.remat, dtype=args.dtype, unroll=args.unroll, n_params=n_params,
-      forward_lower_s=fwd_lower_s, forward_compile_s=fwd_compile_s,
-      forward_times_s=fwd_times, forward_median_s=statistics.median(fwd_times),
-      train_lower_s=train_lower_s, train_compile_s=train_compile_s,
-      train_times_s=train_times, train_median_s=statistics.median(train_times),
+      config=name,
+      source=cfg['source'],
+      task=cfg['task'],
+      batch=cfg['batch'],
+      input_shape=list(cfg['input_shape']),
+      model={**cfg['model'], 'prediction_reshaper': list(cfg['model']['prediction_reshaper'])},
+      remat=args.remat,
+      dtype=args.dtype,
+      unroll=args.unroll,
+      n_params=n_params,
+      forward_lower_s=fwd_lower_s,
+      forward_compile_s=fwd_compile_s,
+      forward_times_s=fwd_times,
+      forward_median_s=statistics.median(fwd_times),
+      train_lower_s=train_lower_s,
+      train_compile_s=train_compile_s,
+      train_times_s=train_times,
+      train_median_s=statistics.median(train_times),
       train_losses=losses_seen,
-      forward_flops=fwd_flops, train_flops=train_flops,
-      forward_flops_xla_raw=flops_of(fwd_compiled), train_flops_xla_raw=flops_of(train_compiled),
+      forward_flops=fwd_flops,
+      train_flops=train_flops,
+      forward_flops_xla_raw=_flops(fwd_compiled),
+      train_flops_xla_raw=_flops(train_compiled),
       train_memory_analysis=memory_analysis_of(train_compiled),
       forward_memory_analysis=memory_analysis_of(fwd_compiled),
-      device_peak_bytes=device_peak_bytes())
+      device_peak_bytes=device_peak_bytes(),
+  )
 
 
 def run_isolated(name, args):
   """Runs one config in a fresh process, so the device's peak is its own."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'result.json')
-    cmd = [sys.executable, os.path.abspath(__file__), f'--configs={name}', f'--json={path}',
-           f'--repeats={args.repeats}', f'--warmup={args.warmup}', f'--remat={args.remat}',
-           f'--dtype={args.dtype}', f'--unroll={args.unroll}', '--isolate=no']
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f'--configs={name}',
+        f'--json={path}',
+        f'--repeats={args.repeats}',
+        f'--warmup={args.warmup}',
+        f'--remat={args.remat}',
+        f'--dtype={args.dtype}',
+        f'--unroll={args.unroll}',
+        '--isolate=no',
+    ]
     proc = subprocess.run(cmd, stdout=sys.stderr, check=False)
     if proc.returncode:
       return dict(config=name, error=f'subprocess exited with {proc.returncode}')
@@ -321,10 +420,18 @@ def run_isolated(name, args):
 def git_commit():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    sha = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    sha = subprocess.run(
+        ['git', '-C', root, 'rev-parse', '--short', 'HEAD'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
   return sha + ('-dirty' if dirty else '')
@@ -333,17 +440,23 @@ def git_commit():
 def environment():
   device = jax.devices()[0]
   return dict(
-      device_kind=device.device_kind, platform=device.platform,
-      device_count=jax.device_count(), cpu_count=os.cpu_count(),
-      jax=jax.__version__, jaxlib=getattr(jax.lib, '__version__', None) or _jaxlib_version(),
-      flax=flax.__version__, optax=optax.__version__,
+      device_kind=device.device_kind,
+      platform=device.platform,
+      device_count=jax.device_count(),
+      cpu_count=os.cpu_count(),
+      jax=jax.__version__,
+      jaxlib=getattr(jax.lib, '__version__', None) or _jaxlib_version(),
+      flax=flax.__version__,
+      optax=optax.__version__,
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      git_commit=git_commit())
+      git_commit=git_commit(),
+  )
 
 
 def _jaxlib_version():
   try:
     import jaxlib  # pylint: disable=g-import-not-at-top
+
     return jaxlib.__version__
   except ImportError:
     return None
@@ -368,15 +481,29 @@ def format_table(env, results, args):
       'state donated.',
   ]
   if device_peak:
-    lines.append("# peak mem = device memory_stats()['peak_bytes_in_use'] of a fresh process "
-                 'per config (init + forward + train step).')
+    lines.append(
+        "# peak mem = device memory_stats()['peak_bytes_in_use'] of a fresh process "
+        'per config (init + forward + train step).'
+    )
   else:
-    lines.append('# XLA mem = compiled train step memory_analysis(): temp + argument + '
-                 'output - alias bytes (no device memory_stats() on this platform).')
-  lines.append('# train GFLOP = XLA HLO cost analysis of one train step, tick loop scaled: '
-               'F(T=1) + (T-1) * (F(T=2, unrolled) - F(T=1)).')
-  header = ('config', 'params', 'fwd compile s', 'fwd median s', 'train compile s',
-            'train median s', mem_label, 'train GFLOP')
+    lines.append(
+        '# XLA mem = compiled train step memory_analysis(): temp + argument + '
+        'output - alias bytes (no device memory_stats() on this platform).'
+    )
+  lines.append(
+      '# train GFLOP = XLA HLO cost analysis of one train step, tick loop scaled: '
+      'F(T=1) + (T-1) * (F(T=2, unrolled) - F(T=1)).'
+  )
+  header = (
+      'config',
+      'params',
+      'fwd compile s',
+      'fwd median s',
+      'train compile s',
+      'train median s',
+      mem_label,
+      'train GFLOP',
+  )
   rows = []
   for r in results:
     if 'error' in r:
@@ -386,14 +513,18 @@ def format_table(env, results, args):
       mem = r.get('device_peak_bytes')
     else:
       mem = (r.get('train_memory_analysis') or {}).get('total_bytes')
-    rows.append((
-        r['config'], f"{r['n_params'] / 1e6:.2f}M",
-        f"{r['forward_lower_s'] + r['forward_compile_s']:.1f}",
-        f"{r['forward_median_s']:.3f}",
-        f"{r['train_lower_s'] + r['train_compile_s']:.1f}",
-        f"{r['train_median_s']:.3f}",
-        '-' if mem is None else f'{mem / 2**30:.2f}',
-        '-' if r.get('train_flops') is None else f"{r['train_flops'] / 1e9:.1f}"))
+    rows.append(
+        (
+            r['config'],
+            f"{r['n_params'] / 1e6:.2f}M",
+            f"{r['forward_lower_s'] + r['forward_compile_s']:.1f}",
+            f"{r['forward_median_s']:.3f}",
+            f"{r['train_lower_s'] + r['train_compile_s']:.1f}",
+            f"{r['train_median_s']:.3f}",
+            '-' if mem is None else f'{mem / 2**30:.2f}',
+            '-' if r.get('train_flops') is None else f"{r['train_flops'] / 1e9:.1f}",
+        )
+    )
   widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
   fmt = lambda row: ' | '.join(str(c).ljust(w) for c, w in zip(row, widths))
   lines += [fmt(header), '-+-'.join('-' * w for w in widths)] + [fmt(r) for r in rows]
@@ -402,19 +533,32 @@ def format_table(env, results, args):
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--configs', default=','.join(CONFIGS),
-                 help=f'comma-separated subset of {list(CONFIGS)}')
+  p.add_argument(
+      '--configs', default=','.join(CONFIGS), help=f'comma-separated subset of {list(CONFIGS)}'
+  )
   p.add_argument('--repeats', type=int, default=10, help='timed calls per measurement')
   p.add_argument('--warmup', type=int, default=2, help='untimed calls before timing')
   p.add_argument('--json', default=None, help='write environment and results here')
-  p.add_argument('--remat', default='none', choices=['none', 'full', 'dots'],
-                 help='tick-body rematerialisation policy')
-  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
-                 help='compute dtype (parameters stay float32)')
+  p.add_argument(
+      '--remat',
+      default='none',
+      choices=['none', 'full', 'dots'],
+      help='tick-body rematerialisation policy',
+  )
+  p.add_argument(
+      '--dtype',
+      default='float32',
+      choices=['float32', 'bfloat16'],
+      help='compute dtype (parameters stay float32)',
+  )
   p.add_argument('--unroll', type=int, default=1, help='tick scan unroll factor')
-  p.add_argument('--isolate', default='auto', choices=['auto', 'yes', 'no'],
-                 help='one subprocess per config (auto: yes on GPU/TPU, where the '
-                      'device peak is process-wide)')
+  p.add_argument(
+      '--isolate',
+      default='auto',
+      choices=['auto', 'yes', 'no'],
+      help='one subprocess per config (auto: yes on GPU/TPU, where the '
+      'device peak is process-wide)',
+  )
   args = p.parse_args(argv)
   names = [n for n in args.configs.split(',') if n]
   unknown = [n for n in names if n not in CONFIGS]
@@ -429,10 +573,13 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   env = environment()
-  isolate = (args.isolate == 'yes'
-             or (args.isolate == 'auto' and uses_device_peak(env) and len(args.config_names) > 1))
-  log(f"device {env['device_kind']}, jax {env['jax']}, configs {args.config_names}, "
-      f'isolate={isolate}')
+  isolate = args.isolate == 'yes' or (
+      args.isolate == 'auto' and uses_device_peak(env) and len(args.config_names) > 1
+  )
+  log(
+      f"device {env['device_kind']}, jax {env['jax']}, configs {args.config_names}, "
+      f'isolate={isolate}'
+  )
   results = []
   for name in args.config_names:
     if isolate:
@@ -441,8 +588,11 @@ def main(argv=None):
       results.append(run_config(name, args))
     if args.json:  # Written after each config, so a long run keeps partial results.
       with open(args.json, 'w') as f:
-        json.dump(dict(environment=env, args={k: v for k, v in vars(args).items()},
-                       results=results), f, indent=1)
+        json.dump(
+            dict(environment=env, args={k: v for k, v in vars(args).items()}, results=results),
+            f,
+            indent=1,
+        )
   print(format_table(env, results, args), flush=True)
 
 
