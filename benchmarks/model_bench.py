@@ -5,8 +5,8 @@ Usage (from the repo root):
   python benchmarks/model_bench.py --configs=parity_b16,cifar10_b32 \
       --repeats=3 --warmup=1 --json=/tmp/bench.json
 
-Per config it builds the model with the reference script's options (see
-CONFIGS; the source script is named in each entry), then measures:
+Per config it builds the model with the reference script's options (the
+shared `configs/models.py`, which names each source script), then measures:
   compile    lower + compile of the jitted function (AOT, `jit(f).lower(...)
              .compile()`), timed apart from any execution.
   forward    `apply(train=False)`, jitted; median wall time over --repeats
@@ -23,8 +23,8 @@ CONFIGS; the source script is named in each entry), then measures:
              counts a while loop's body once whatever its trip count, so the
              raw `compiled.cost_analysis()['flops']` holds one tick. The table
              scales it: F = F(T=1) + (T - 1) * (F(T=2, unrolled) - F(T=1)),
-             from `Lowered.cost_analysis()` of 1- and 2-tick variants of the
-             same model (no extra compiles); the raw figure is kept in the JSON.
+             from the cost analysis of 1- and 2-tick variants of the same model
+             (lowered on CPU, compiled elsewhere); the raw figure is in the JSON.
 
 Dimension glossary: B batch, L parity length, R maze route length,
 H/W/C image height/width/channels.
@@ -50,109 +50,30 @@ from ctm_jax import losses
 from ctm_jax.models.ctm import ContinuousThoughtMachine
 from ctm_jax.models.ctm import project_decay_params
 
-# Model options keep the reference's argument names, so each entry reads as
-# the corresponding shell script (`--deep_memory` -> deep_nlms,
-# `--no-do_normalisation` -> do_layernorm_nlm=False).
-_PARITY_MODEL = dict(
-    # tasks/parity/scripts/train_ctm_75_25.sh; out_dims and the reshaper as
-    # tasks/parity/train.py derives them from --parity_sequence_length 64.
-    iterations=75,
-    d_model=1024,
-    d_input=512,
-    heads=8,
-    n_synch_out=32,
-    n_synch_action=32,
-    synapse_depth=1,
-    memory_length=25,
-    deep_nlms=True,
-    memory_hidden_dims=16,
-    do_layernorm_nlm=False,
-    backbone_type='parity_backbone',
-    positional_embedding_type='custom-rotational-1d',
-    out_dims=128,
-    prediction_reshaper=(64, 2),
-    dropout=0.0,
-    dropout_nlm=None,
-    neuron_select_type='random',
-    n_random_pairing_self=0,
-)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import models as model_configs  # pylint: disable=g-import-not-at-top
+
+
+def _bench_config(variant, batch, **extra):
+  """A benchmark entry: the shared reference model config at a batch size."""
+  config = model_configs.get_config(variant)
+  model = config.model.to_dict()
+  model['prediction_reshaper'] = tuple(model['prediction_reshaper'])
+  return dict(
+      source=f'configs/models.py:{variant}',
+      task=config.task,
+      batch=batch,
+      input_shape=tuple(config.input_shape),
+      model=model,
+      **extra,
+  )
+
 
 CONFIGS = {
-    'parity_b16': dict(
-        source='tasks/parity/scripts/train_ctm_75_25.sh',
-        task='parity',
-        batch=16,
-        input_shape=(64,),
-        model=_PARITY_MODEL,
-    ),
-    'parity_b64': dict(
-        source='tasks/parity/scripts/train_ctm_75_25.sh',
-        task='parity',
-        batch=64,
-        input_shape=(64,),
-        model=_PARITY_MODEL,
-    ),
-    'cifar10_b32': dict(
-        source='tasks/image_classification/scripts/train_cifar10.sh',
-        task='classify',
-        batch=32,
-        input_shape=(32, 32, 3),
-        num_classes=10,
-        model=dict(
-            iterations=50,
-            d_model=256,
-            d_input=64,
-            heads=16,
-            n_synch_out=256,
-            n_synch_action=512,
-            synapse_depth=5,
-            memory_length=15,
-            deep_nlms=True,
-            memory_hidden_dims=64,
-            do_layernorm_nlm=False,
-            backbone_type='resnet18-1',
-            positional_embedding_type='none',
-            out_dims=10,
-            prediction_reshaper=(-1,),
-            dropout=0.0,
-            dropout_nlm=0.0,
-            neuron_select_type='random-pairing',
-            n_random_pairing_self=0,
-        ),
-    ),
-    'maze_b16': dict(
-        # A reduced maze model: the width, heads and input width of
-        # tasks/mazes/train.py's defaults (D 512, E 128, 8 heads), 25 ticks with
-        # memory 15; everything else as tasks/mazes/scripts/train_ctm.sh
-        # (first-last synch 64/32, NLM hidden 32, synapse depth 8, resnet34-2,
-        # dropout 0.1, route length 100).
-        source='tasks/mazes/scripts/train_ctm.sh (reduced: D 512, 25x15 ticks)',
-        task='maze',
-        batch=16,
-        input_shape=(39, 39, 3),
-        route_length=100,
-        model=dict(
-            iterations=25,
-            d_model=512,
-            d_input=128,
-            heads=8,
-            n_synch_out=64,
-            n_synch_action=32,
-            synapse_depth=8,
-            memory_length=15,
-            deep_nlms=True,
-            memory_hidden_dims=32,
-            do_layernorm_nlm=False,
-            backbone_type='resnet34-2',
-            positional_embedding_type='none',
-            out_dims=500,
-            prediction_reshaper=(100, 5),
-            dropout=0.1,
-            dropout_nlm=None,
-            neuron_select_type='first-last',
-            n_random_pairing_self=0,
-        ),
-    ),
+    'parity_b16': _bench_config('parity', 16),
+    'parity_b64': _bench_config('parity', 64),
+    'cifar10_b32': _bench_config('cifar10', 32, num_classes=10),
+    'maze_b16': _bench_config('maze', 16, route_length=100),
 }
 
 
@@ -166,7 +87,7 @@ def make_batch(cfg, key):
     targets_BxL = jnp.cumsum(x_BxL < 0, axis=1) % 2
     return x_BxL, targets_BxL.astype(jnp.int32)
   x_BxHxWxC = jax.random.normal(k_x, shape, jnp.float32)
-  if cfg['task'] == 'classify':
+  if cfg['task'] == 'image_classification':
     return x_BxHxWxC, jax.random.randint(k_y, (cfg['batch'],), 0, cfg['num_classes'])
   # Maze routes: 5 move classes (up, down, left, right, wait).
   return x_BxHxWxC, jax.random.randint(k_y, (cfg['batch'], cfg['route_length']), 0, 5)
@@ -175,7 +96,7 @@ def make_batch(cfg, key):
 def task_loss(task, out, targets):
   if task == 'parity':
     return losses.parity_loss(out.predictions, out.certainties, targets)[0]
-  if task == 'classify':
+  if task == 'image_classification':
     return losses.image_classification_loss(out.predictions, out.certainties, targets)[0]
   return losses.maze_loss(out.predictions, out.certainties, targets)[0]
 

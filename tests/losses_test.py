@@ -37,8 +37,9 @@ def test_parity_loss_averages_positions():
   per_pos = np.stack([_ce(logits.reshape(3, 6, 2, 4)[:, l], targets[:, l]) for l in range(6)], 1)
   per_tick = per_pos.mean(1)
   rows = np.arange(3)
-  want = (per_tick[rows, per_tick.argmin(1)].mean()
-          + per_tick[rows, cert[:, 1].argmax(-1)].mean()) / 2
+  want = (
+      per_tick[rows, per_tick.argmin(1)].mean() + per_tick[rows, cert[:, 1].argmax(-1)].mean()
+  ) / 2
   np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
@@ -54,8 +55,9 @@ def test_maze_curriculum_masks_beyond_solved_prefix():
   for r in range(3):
     logits[0, r, targets[0, r], 1] = 10.0
   cert = _random((1, 2, ticks))
-  loss, _, upto = losses.maze_loss(logits.reshape(1, -1, ticks), cert, targets,
-                                   cirriculum_lookahead=2)
+  loss, _, upto = losses.maze_loss(
+      logits.reshape(1, -1, ticks), cert, targets, cirriculum_lookahead=2
+  )
   assert int(upto[0]) == 2 + 2  # last solved step index 2, plus the lookahead
   per_step = np.stack([_ce(logits[:, r], targets[:, r]) for r in range(route)], 1)
   per_tick = per_step[:, :4].mean(1)
