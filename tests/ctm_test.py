@@ -367,43 +367,47 @@ def test_bad_spatial_shape_for_rotational_embedding():
 
 class _PerTickInputCTM(ctm_lib.ContinuousThoughtMachine):
   """A different input every tick, fed straight to the synapses (the Q&A-MNIST /
-  sort shape), built from the same tick as the main class."""
+  sort / RL shape), built from the same tick as the main class. Returns the
+  outputs and the final tick state, and can start from a given state."""
 
   attends = False
 
   @nn.compact
-  def __call__(self, inputs_TxBxE, train=False, track=False):
+  def __call__(self, inputs_TxBxE, state=None):
     shared = self._synch_variables()
-    state = self.initial_state(inputs_TxBxE.shape[1], shared)
+    if state is None:
+      state = self.initial_state(inputs_TxBxE.shape[1], shared)
+      state = state._replace(z_trace_BxDxM=jnp.zeros_like(state.trace_BxDxM))
     final, per_tick = self.run_ticks(
         state,
         {'input_BxE': inputs_TxBxE},
         shared,
-        train=train,
-        track=track,
+        train=False,
+        track=True,
         length=inputs_TxBxE.shape[0],
     )
-    return self._outputs(final, per_tick, track)
+    return self._outputs(final, per_tick, track=True), final
+
+
+DIRECT = {
+    **TINY,
+    'heads': 0,
+    'n_synch_action': 0,
+    'backbone_type': 'none',
+    'positional_embedding_type': 'none',
+}
 
 
 def test_tick_takes_a_per_tick_input_without_attention():
-  model = _PerTickInputCTM(
-      **{
-          **TINY,
-          'heads': 0,
-          'n_synch_action': 0,
-          'backbone_type': 'none',
-          'positional_embedding_type': 'none',
-      }
-  )
+  model = _PerTickInputCTM(**DIRECT)
   inputs = jax.random.normal(jax.random.key(0), (5, 3, 8))
   variables = model.init(jax.random.key(0), inputs)
   assert 'decay_params_action' not in variables['params']
-  out = model.apply(variables, inputs, track=True)
+  out, _ = model.apply(variables, inputs)
   assert out.predictions.shape == (3, 12, 5)
   assert out.tracking.attention is None and out.tracking.synch_action is None
   # Causality: changing the input of tick 3 leaves ticks 0..2 unchanged.
-  changed = model.apply(variables, inputs.at[3].add(1.0))
+  changed, _ = model.apply(variables, inputs.at[3].add(1.0))
   np.testing.assert_array_equal(changed.predictions[..., :3], out.predictions[..., :3])
   assert not np.allclose(changed.predictions[..., 3:], out.predictions[..., 3:])
   with pytest.raises(ValueError, match='heads=2'):
@@ -413,41 +417,29 @@ def test_tick_takes_a_per_tick_input_without_attention():
 def test_tick_state_carries_across_calls():
   """Two calls of k ticks, the second starting from the first's final state,
   equal one call of 2k ticks; the post-activation window is carried too (RL)."""
-
-  class Carried(_PerTickInputCTM):
-
-    @nn.compact
-    def __call__(self, inputs_TxBxE, state=None):
-      shared = self._synch_variables()
-      if state is None:
-        state = self.initial_state(inputs_TxBxE.shape[1], shared)
-        state = state._replace(z_trace_BxDxM=jnp.zeros_like(state.trace_BxDxM))
-      return self.run_ticks(
-          state,
-          {'input_BxE': inputs_TxBxE},
-          shared,
-          train=False,
-          track=True,
-          length=inputs_TxBxE.shape[0],
-      )
-
-  model = Carried(
-      **{
-          **TINY,
-          'heads': 0,
-          'n_synch_action': 0,
-          'backbone_type': 'none',
-          'positional_embedding_type': 'none',
-      }
-  )
+  model = _PerTickInputCTM(**DIRECT)
   inputs = jax.random.normal(jax.random.key(0), (6, 2, 8))
   variables = model.init(jax.random.key(0), inputs)
-  whole, whole_ticks = model.apply(variables, inputs)
-  first, _ = model.apply(variables, inputs[:3])
-  second, second_ticks = model.apply(variables, inputs[3:], first)
+  whole_out, whole = model.apply(variables, inputs)
+  _, first = model.apply(variables, inputs[:3])
+  second_out, second = model.apply(variables, inputs[3:], first)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), second, whole)
-  np.testing.assert_allclose(second_ticks['predictions'], whole_ticks['predictions'][3:], rtol=1e-6)
+  np.testing.assert_allclose(second_out.predictions, whole_out.predictions[..., 3:], rtol=1e-6)
   # The window holds the last M = 5 post-activations, oldest first.
   np.testing.assert_allclose(
-      whole.z_trace_BxDxM, np.moveaxis(whole_ticks['post_activations'][-5:], 0, -1), rtol=1e-6
+      whole.z_trace_BxDxM, np.moveaxis(whole_out.tracking.post_activations[-5:], 0, -1), rtol=1e-6
   )
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  x = _parity_input()
+  f32 = _model()
+  variables = _init(f32, x)
+  bf16 = _model(dtype=jnp.bfloat16)
+  bf16_params = bf16.init(jax.random.key(0), x)['params']
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16_params))
+  out16 = jax.jit(bf16.apply)(variables, x)
+  out32 = jax.jit(f32.apply)(variables, x)
+  assert out16.predictions.dtype == jnp.float32
+  # bf16 keeps ~3 significant digits; the logits stay close to float32's.
+  np.testing.assert_allclose(out16.predictions, out32.predictions, atol=0.05, rtol=0.05)
