@@ -1,0 +1,1 @@
+"""Host-side plots and animations from evaluation traces."""

@@ -1,0 +1,95 @@
+"""Orbax checkpoints of the train state and the data iterator, and resume rules.
+
+Resume precedence: the latest checkpoint in the workdir -> `config.init_from`
+(a directory written by the PyTorch import command) -> fresh init.
+"""
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+
+from ctm_jax.data import pipeline
+
+CONFIG_FILE = 'config.json'
+# Keys whose change makes existing checkpoints meaningless for this run.
+_IDENTITY_KEYS = ('task', 'model', 'parity_sequence_length')
+
+
+class IncompatibleWorkdir(ValueError):
+  pass
+
+
+class Checkpointer:
+  """Asynchronous saves of items `state` and `data` under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True
+    )
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=('state', 'data')
+    )
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator):
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=pipeline.save_args(data_iterator)
+        ),
+        force=True,
+    )
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=pipeline.restore_args(data_iterator),
+        ),
+    )
+    return restored['state']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def _identity(config_dict, prefix=''):
+  """Dotted key -> value of the fields that define the model and task."""
+  flat = {}
+  for key, value in config_dict.items():
+    if not prefix and key not in _IDENTITY_KEYS:
+      continue
+    if isinstance(value, dict):
+      flat.update(_identity(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def write_or_check_config(workdir: str, config, resuming: bool):
+  """Writes config.json; refuses a workdir whose checkpoints came from another model."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  resolved = json.loads(config.to_json_best_effort())
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    old, new = _identity(previous), _identity(resolved)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+      raise IncompatibleWorkdir(
+          f'workdir {workdir} holds checkpoints of a different model '
+          f'(changed: {", ".join(changed)}); use a new --workdir or restore the config'
+      )
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(resolved, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,70 @@
+"""Tasks: what the trainer needs to know about a dataset and its loss.
+
+A task turns the config into model kwargs (the reference derives `out_dims` and
+`prediction_reshaper` from the data), builds data sources, computes the loss
+and the metrics of a batch.
+
+Dimension glossary: B batch, T ticks, L parity sequence length, O out_dims.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ctm_jax import losses
+from ctm_jax.data import parity as parity_data
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  model_kwargs: Callable[[Any], dict]
+  example_input: Callable[[Any], jax.Array]
+  train_source: Callable[[Any], Any]
+  eval_source: Callable[[Any], Any]
+  loss: Callable[..., tuple]  # (output, batch, use_most_certain) -> (loss, most_certain_B)
+  correct: Callable[..., jax.Array]  # (output, batch) -> per-tick accuracy (B, T)
+
+
+def _parity_model_kwargs(config) -> dict:
+  length = config.parity_sequence_length
+  kwargs = config.model.to_dict()
+  kwargs.update(out_dims=2 * length, prediction_reshaper=(length, 2))
+  return kwargs
+
+
+def _parity_loss(output, batch, use_most_certain):
+  return losses.parity_loss(
+      output.predictions, output.certainties, batch['targets'], use_most_certain
+  )
+
+
+def _parity_correct(output, batch):
+  """Per-bit accuracy of every tick, (B, T)."""
+  batch_size, _, ticks = output.predictions.shape
+  logits_BxLx2xT = output.predictions.reshape(batch_size, -1, 2, ticks)
+  hits_BxLxT = jnp.argmax(logits_BxLx2xT, axis=2) == batch['targets'][..., None]
+  return hits_BxLxT.mean(axis=1)
+
+
+PARITY = Task(
+    name='parity',
+    model_kwargs=_parity_model_kwargs,
+    example_input=lambda config: jnp.ones((1, config.parity_sequence_length), jnp.float32),
+    train_source=lambda config: parity_data.train_source(
+        config.parity_sequence_length, config.seed
+    ),
+    eval_source=lambda config: parity_data.eval_source(config.parity_sequence_length, config.seed),
+    loss=_parity_loss,
+    correct=_parity_correct,
+)
+
+TASKS = {'parity': PARITY}
+
+
+def get_task(name: str) -> Task:
+  if name not in TASKS:
+    raise ValueError(f'config.task={name!r} is unknown; expected one of {sorted(TASKS)}')
+  return TASKS[name]
