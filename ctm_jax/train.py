@@ -106,6 +106,7 @@ def _initial_state(config, model, task, tx, checkpointer, abstract_state, train_
 
 def train_and_evaluate(config, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the state."""
+  started = time.perf_counter()
   task, model = validation.validate(config)
   workdir = _prepare_workdir(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
@@ -163,6 +164,8 @@ def train_and_evaluate(config, workdir: str):
     scalars = _summarise(sums, 'eval')
     certainty_T = np.asarray(sums['certainty_tick_sum']) / float(sums['count'])
     scalars['eval/certainty_last'] = float(certainty_T[-1])
+    # Wall time of this process so far, compile included (time-to-accuracy).
+    scalars['eval/elapsed_s'] = time.perf_counter() - started
     writer.write(step, scalars)
     acc_T = np.asarray(sums['acc_tick_sum']) / float(sums['count'])
     path = plots.plot_ticks(
