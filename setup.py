@@ -17,6 +17,10 @@ setuptools.setup(
         "ml_collections",
         "absl-py",
         "numpy",
+        "grain",
+        "tensorboardX",
+        "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],
