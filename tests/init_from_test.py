@@ -1,0 +1,63 @@
+"""`config.init_from`: a trainer run starts from PyTorch weights imported by the CLI."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import parity
+from conftest import load_golden, state_dict
+from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import optim
+from ctm_jax import steps
+from ctm_jax import train
+from ctm_jax import validation
+from ctm_jax.interop import torch as torch_interop
+from interop_cli_test import reference_args, save_checkpoint
+
+pytest.importorskip('torch')
+
+
+def _imported_parity(tmp_path):
+  arrays, meta = load_golden('parity')
+  ckpt = tmp_path / 'reference.pt'
+  save_checkpoint(
+      ckpt, state_dict(arrays, meta), reference_args('parity', meta['constructor_kwargs'])
+  )
+  imported = tmp_path / 'imported'
+  torch_interop.import_checkpoint(str(ckpt), str(imported))
+  return meta['constructor_kwargs'], imported
+
+
+def _config_for(kwargs, init_from):
+  config = parity.get_config('smoke')
+  config.parity_sequence_length = kwargs['prediction_reshaper'][0]
+  model_keys = set(config.model)
+  config.model.update({k: v for k, v in kwargs.items() if k in model_keys})
+  config.init_from = str(init_from)
+  return config
+
+
+def test_init_from_imported_weights(tmp_path):
+  kwargs, imported = _imported_parity(tmp_path)
+  config = _config_for(kwargs, imported)
+  task, model = validation.validate(config)
+  tx = optim.make_optimizer(config)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'run'), keep=1)
+  abstract = jax.eval_shape(
+      lambda: steps.init_state(model, tx, jax.random.key(0), task.example_input(config))
+  )
+  state, how = train._initial_state(config, model, task, tx, checkpointer, abstract, None)
+  checkpointer.close()
+  assert how == f'initialised from {imported}'
+  _, variables, _ = torch_interop.load_imported(str(imported))
+  jax.tree.map(np.testing.assert_array_equal, state.params, variables['params'])
+  jax.tree.map(np.testing.assert_array_equal, state.synch, variables['synch'])
+  assert int(state.step) == 0
+
+
+def test_init_from_rejects_a_different_model(tmp_path):
+  kwargs, imported = _imported_parity(tmp_path)
+  config = _config_for(kwargs, imported)
+  config.model.d_model = kwargs['d_model'] * 2
+  with pytest.raises(ValueError, match='init_from'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))

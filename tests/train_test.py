@@ -1,0 +1,368 @@
+"""End to end: `train_and_evaluate` and `python -m ctm_jax.main` on the parity smoke config.
+
+Covers what a run leaves in its workdir, exact resume after SIGKILL and after
+SIGTERM (bit-identical to an uninterrupted run), a save killed half way,
+config validation before anything is written, and non-finite losses.
+
+Subprocess runs cost ~10 s each in startup and compilation, so the resume runs
+share one module fixture and run concurrently.
+"""
+
+import glob
+import json
+import os
+import pathlib
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import parity
+from ctm_jax import checkpoint
+from ctm_jax import optim
+from ctm_jax import steps
+from ctm_jax import train
+from ctm_jax import validation
+from ctm_jax.data import pipeline
+
+# grain worker processes read absl flags; tests do not parse a command line.
+flags.FLAGS.mark_as_parsed()
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Seconds any one subprocess may take before the test gives up on it.
+_TIMEOUT = 300
+
+
+# ---------------------------------------------------------------------------
+# Helpers.
+
+
+def _smoke(**overrides):
+  """The smoke config with dotted overrides, e.g. `_smoke(**{'model.d_model': 64})`."""
+  config = parity.get_config('smoke')
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def _launch(workdir, *overrides, log=None):
+  """`python -m ctm_jax.main` on the smoke config; output goes to `log` (a file)."""
+  log = log or f'{workdir}.log'
+  command = [
+      sys.executable,
+      '-m',
+      'ctm_jax.main',
+      '--config=configs/parity.py:smoke',
+      f'--workdir={workdir}',
+      *overrides,
+  ]
+  with open(log, 'a') as f:  # the child keeps its own descriptor
+    return subprocess.Popen(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _read(path) -> str:
+  return pathlib.Path(path).read_text(errors='replace')
+
+
+def _committed_steps(workdir) -> list[int]:
+  """Finalised checkpoint steps (orbax renames a save's tmp directory when done)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _wait(proc, log, timeout=_TIMEOUT) -> int:
+  try:
+    return proc.wait(timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    pytest.fail(f'{proc.args} ran past {timeout} s; log:\n{_read(log)[-3000:]}')
+
+
+def _restore_raw(workdir, step) -> dict:
+  """The `state` item of a checkpoint as NumPy arrays, without an abstract target."""
+  ckpt = checkpoint.Checkpointer(workdir, keep=100)
+  try:
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, restored['state'])
+
+
+def _restore_like_trainer(config, workdir, step):
+  """(TrainState, data iterator) restored as train_and_evaluate restores them."""
+  task, model = validation.validate(config)
+  tx = optim.make_optimizer(config)
+  example = task.example_input(config)
+  abstract_state = jax.eval_shape(
+      lambda: steps.init_state(model, tx, jax.random.key(config.seed), example)
+  )
+  loader = pipeline.make_train_loader(
+      task.train_source(config), batch_size=config.batch_size, seed=config.seed
+  )
+  iterator = iter(loader)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  try:
+    state = ckpt.restore(step, abstract_state, iterator)
+  finally:
+    ckpt.close()
+  return state, iterator
+
+
+def _assert_trees_equal(actual, expected, what):
+  """Same structure, dtypes and bits on every leaf."""
+  flat_a, tree_a = jax.tree.flatten_with_path(actual)
+  flat_e, tree_e = jax.tree.flatten_with_path(expected)
+  assert tree_a == tree_e, f'{what}: tree structures differ\n{tree_a}\n{tree_e}'
+  for (path, a), (_, e) in zip(flat_a, flat_e):
+    a, e = np.asarray(a), np.asarray(e)
+    name = f'{what}{jax.tree_util.keystr(path)}'
+    assert (
+        a.dtype == e.dtype and a.shape == e.shape
+    ), f'{name}: {a.dtype}{a.shape} != {e.dtype}{e.shape}'
+    assert np.array_equal(a, e), f'{name}: max |diff| {np.max(np.abs(a.astype(float) - e)):.3g}'
+
+
+def _records(workdir) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _scalars(workdir, name) -> dict[int, float]:
+  """step -> value of one scalar in metrics.jsonl (each step written at most once)."""
+  out = {}
+  for record in _records(workdir):
+    if name in record:
+      assert record['step'] not in out, f'{name} written twice at step {record["step"]}'
+      out[record['step']] = record[name]
+  return out
+
+
+def _tensorboard_tags(directory) -> dict[str, list[int]]:
+  """tag -> steps of the scalars in TensorBoard event files (TFRecord of Event protos)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+  tags = {}
+  for path in sorted(glob.glob(os.path.join(directory, 'events.out.tfevents.*'))):
+    with open(path, 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4  # length, its crc, payload, payload crc
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+  return tags
+
+
+def _tree_snapshot(directory) -> dict[str, tuple[int, int]]:
+  """relative path -> (size, mtime_ns) of every file below `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      stat = os.stat(path)
+      out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# 1. End to end, in process.
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  """(config, workdir, returned state) of one in-process smoke run."""
+  config = _smoke()
+  workdir = tmp_path_factory.mktemp('smoke') / 'run'
+  state = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, state
+
+
+def test_end_to_end_smoke_run(smoke_run):
+  config, workdir, state = smoke_run
+  total, ticks = config.training_iterations, config.model.iterations
+  assert int(state.step) == total
+
+  # Checkpoints every save_every steps; the last one is the returned state.
+  assert _committed_steps(workdir) == [20, 40, 60]
+  assert not glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))
+  restored, _ = _restore_like_trainer(config, workdir, total)
+  _assert_trees_equal(restored, state, 'checkpoint 60 vs returned state')
+
+  # config.json is the resolved config.
+  written = json.loads((workdir / 'config.json').read_text())
+  assert written == json.loads(config.to_json_best_effort())
+
+  # metrics.jsonl: train scalars every log_every steps, eval every track_every.
+  train_loss = _scalars(workdir, 'train/loss')
+  assert sorted(train_loss) == list(range(10, total + 1, 10))
+  eval_steps = [r['step'] for r in _records(workdir) if 'eval/loss' in r]
+  assert eval_steps == [30, 60]
+  train_keys = {'train/loss', 'train/acc_most_certain', 'train/acc_last', 'train/grad_norm'}
+  train_keys |= {'train/lr', 'train/steps_per_s', 'train/most_certain_tick'}
+  eval_keys = {'eval/loss', 'eval/acc_most_certain', 'eval/acc_last', 'eval/certainty_last'}
+  eval_keys |= {f'eval/acc_tick_{t}' for t in range(ticks)}
+  for record in _records(workdir):
+    keys = set(record) - {'step'}
+    prefix = 'train' if 'train/loss' in record else 'eval'
+    assert all(k.startswith(prefix + '/') for k in keys), record
+    assert keys >= (train_keys if prefix == 'train' else eval_keys), record
+    assert f'{prefix}/acc_tick_{ticks}' not in keys
+    assert all(np.isfinite(v) for v in record.values()), record
+    accuracies = [v for k, v in record.items() if '/acc_' in k]
+    assert all(0.0 <= a <= 1.0 for a in accuracies), record
+
+  # The loss goes down: last logged window below the first (seed 0 on CPU:
+  # 0.694 -> 0.679; seeds 0-5 all decrease, by 0.004-0.015).
+  first, last = train_loss[10], train_loss[total]
+  assert last < first, f'train/loss did not decrease: {train_loss}'
+
+  # TensorBoard event files hold the same scalars at the same steps.
+  tags = _tensorboard_tags(workdir / 'tensorboard')
+  assert sorted(tags['train/loss']) == sorted(train_loss)
+  assert sorted(tags['eval/acc_tick_0']) == [30, 60]
+  assert f'eval/acc_tick_{ticks - 1}' in tags
+
+  # One PNG per eval.
+  plots = sorted(os.listdir(workdir / 'plots'))
+  assert plots == ['eval_ticks_0000030.png', 'eval_ticks_0000060.png']
+  for name in plots:
+    assert (workdir / 'plots' / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# ---------------------------------------------------------------------------
+# 2, 3. Exact resume after SIGKILL and SIGTERM, via the command line.
+
+_RESUME_TOTAL = 120
+_RESUME_FLAGS = (f'--config.training_iterations={_RESUME_TOTAL}', '--config.save_every=20')
+# Interrupt once this checkpoint is committed (the run has 80 steps to go).
+_INTERRUPT_AFTER = 40
+
+
+@pytest.fixture(scope='module')
+def resume_runs(tmp_path_factory):
+  """Three concurrent runs of the same config: uninterrupted, SIGKILLed, SIGTERMed;
+  then the two interrupted ones rerun in their workdirs to completion."""
+  root = tmp_path_factory.mktemp('resume')
+  dirs = {name: root / name for name in ('uninterrupted', 'sigkill', 'sigterm')}
+  logs = {name: f'{d}.log' for name, d in dirs.items()}
+  procs = {name: _launch(d, *_RESUME_FLAGS) for name, d in dirs.items()}
+  info = {'dirs': dirs, 'logs': logs, 'rerun_logs': {}}
+  try:
+    signals = {'sigkill': signal.SIGKILL, 'sigterm': signal.SIGTERM}
+    deadline = time.monotonic() + _TIMEOUT
+    while signals:
+      for name, sig in list(signals.items()):
+        proc = procs[name]
+        if proc.poll() is not None:
+          pytest.fail(
+              f'{name} run exited ({proc.returncode}) before it could be interrupted:\n'
+              f'{_read(logs[name])[-3000:]}'
+          )
+        if _INTERRUPT_AFTER in _committed_steps(dirs[name]):
+          info[f'{name}_steps_before'] = _committed_steps(dirs[name])
+          proc.send_signal(sig)  # alive: poll() just returned None
+          del signals[name]
+      if time.monotonic() > deadline:
+        pytest.fail(f'no checkpoint {_INTERRUPT_AFTER} after {_TIMEOUT} s')
+      time.sleep(0.02)
+    for name in procs:
+      info[f'{name}_rc'] = _wait(procs[name], logs[name])
+    info['resume_step'] = {name: max(_committed_steps(dirs[name])) for name in signals_done()}
+    reruns = {
+        name: _launch(dirs[name], *_RESUME_FLAGS, log=f'{dirs[name]}.rerun.log')
+        for name in ('sigkill', 'sigterm')
+    }
+    for name, proc in reruns.items():
+      info['rerun_logs'][name] = f'{dirs[name]}.rerun.log'
+      info[f'{name}_rerun_rc'] = _wait(proc, info['rerun_logs'][name])
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return info
+
+
+def signals_done():
+  return ('sigkill', 'sigterm')
+
+
+def _assert_same_final_state(info, name):
+  dirs = info['dirs']
+  assert info[f'{name}_rerun_rc'] == 0, _read(info['rerun_logs'][name])[-3000:]
+  assert info['uninterrupted_rc'] == 0, _read(info['logs']['uninterrupted'])[-3000:]
+  for d in (dirs['uninterrupted'], dirs[name]):
+    assert max(_committed_steps(d)) == _RESUME_TOTAL
+  expected = _restore_raw(dirs['uninterrupted'], _RESUME_TOTAL)
+  actual = _restore_raw(dirs[name], _RESUME_TOTAL)
+  assert set(actual) >= {'params', 'opt_state', 'rng', 'step'}
+  _assert_trees_equal(actual, expected, f'{name} rerun vs uninterrupted: state')
+
+
+def test_resume_after_sigkill_is_exact(resume_runs):
+  info = resume_runs
+  assert info['sigkill_rc'] == -signal.SIGKILL, 'the run ended before SIGKILL reached it'
+  assert _RESUME_TOTAL not in info['sigkill_steps_before']
+  resume = info['resume_step']['sigkill']
+  assert _INTERRUPT_AFTER <= resume < _RESUME_TOTAL
+  rerun_log = _read(info['rerun_logs']['sigkill'])
+  assert f'resumed at step {resume}' in rerun_log, rerun_log[-3000:]
+  _assert_same_final_state(info, 'sigkill')
+
+  # Every record after the resume point matches (resume is on a log_every
+  # boundary, so the windows line up); records before it were truncated and
+  # rewritten only past `resume`, so the whole file matches too.
+  expected = _scalars(info['dirs']['uninterrupted'], 'train/loss')
+  actual = _scalars(info['dirs']['sigkill'], 'train/loss')
+  assert sorted(actual) == sorted(expected) == list(range(10, _RESUME_TOTAL + 1, 10))
+  after = [s for s in expected if s > resume]
+  assert after and [actual[s] for s in after] == [expected[s] for s in after]
+  assert actual == expected
+  for key in ('eval/loss', 'eval/acc_tick_0', 'eval/certainty_last'):
+    assert _scalars(info['dirs']['sigkill'], key) == _scalars(info['dirs']['uninterrupted'], key)
+
+
+def test_resume_after_sigterm_is_exact(resume_runs):
+  info = resume_runs
+  log = _read(info['logs']['sigterm'])
+  assert info['sigterm_rc'] == 0, log[-3000:]
+  match = re.search(r'SIGTERM: checkpointed step (\d+), exiting', log)
+  assert match, log[-3000:]
+  stopped = int(match.group(1))
+  assert _INTERRUPT_AFTER < stopped < _RESUME_TOTAL
+  assert info['resume_step']['sigterm'] == stopped  # its checkpoint is the latest
+  rerun_log = _read(info['rerun_logs']['sigterm'])
+  assert f'resumed at step {stopped}' in rerun_log, rerun_log[-3000:]
+  _assert_same_final_state(info, 'sigterm')
+
+  # The first train window after the stop covers only the steps after it;
+  # later windows match the uninterrupted run exactly.
+  expected = _scalars(info['dirs']['uninterrupted'], 'train/loss')
+  actual = _scalars(info['dirs']['sigterm'], 'train/loss')
+  assert sorted(actual) == sorted(expected)
+  first_full = (stopped // 10 + 1) * 10 + 10
+  after = [s for s in expected if s >= first_full]
+  assert after and [actual[s] for s in after] == [expected[s] for s in after]
+  assert [actual[s] for s in expected if s <= stopped] == [
+      expected[s] for s in expected if s <= stopped
+  ]
+  for key in ('eval/loss', 'eval/acc_tick_0', 'eval/certainty_last'):
+    assert _scalars(info['dirs']['sigterm'], key) == _scalars(info['dirs']['uninterrupted'], key)
