@@ -285,7 +285,7 @@ def resume_runs(tmp_path_factory):
       time.sleep(0.02)
     for name in procs:
       info[f'{name}_rc'] = _wait(procs[name], logs[name])
-    info['resume_step'] = {name: max(_committed_steps(dirs[name])) for name in signals_done()}
+    info['resume_step'] = {n: max(_committed_steps(dirs[n])) for n in ('sigkill', 'sigterm')}
     reruns = {
         name: _launch(dirs[name], *_RESUME_FLAGS, log=f'{dirs[name]}.rerun.log')
         for name in ('sigkill', 'sigterm')
@@ -299,10 +299,6 @@ def resume_runs(tmp_path_factory):
         proc.kill()
         proc.wait()
   return info
-
-
-def signals_done():
-  return ('sigkill', 'sigterm')
 
 
 def _assert_same_final_state(info, name):
