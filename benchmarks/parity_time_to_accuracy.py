@@ -42,9 +42,7 @@ def _run(workdir, track_every, stop_at):
       'ctm_jax.main',
       f'--config={REPO}/configs/parity.py:small',
       f'--workdir={workdir}',
-      f'--config.training_iterations={max_steps}',
       f'--config.track_every={track_every}',
-      f'--config.save_every={max_steps}',  # time the learning, not checkpoint I/O
   ]
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL)
