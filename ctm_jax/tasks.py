@@ -26,6 +26,7 @@ class Task:
   eval_source: Callable[[Any], Any]
   loss: Callable[..., tuple]  # (output, batch, use_most_certain) -> (loss, most_certain_B)
   correct: Callable[..., jax.Array]  # (output, batch) -> per-tick accuracy (B, T)
+  config_keys: frozenset = frozenset()  # top-level config keys of this task
 
 
 def _parity_model_kwargs(config) -> dict:
@@ -59,6 +60,7 @@ PARITY = Task(
     eval_source=lambda config: parity_data.eval_source(config.parity_sequence_length, config.seed),
     loss=_parity_loss,
     correct=_parity_correct,
+    config_keys=frozenset({'parity_sequence_length'}),
 )
 
 TASKS = {'parity': PARITY}

@@ -18,6 +18,38 @@ _POSITIVE_INTS = (
 _NON_NEGATIVE_INTS = ('warmup_steps', 'num_workers_train', 'num_read_threads', 'seed')
 
 
+# Trainer keys every task config carries; a task adds its own (`Task.config_keys`).
+TRAIN_KEYS = frozenset(
+    {
+        'task',
+        'model',
+        'seed',
+        'batch_size',
+        'batch_size_test',
+        'n_test_batches',
+        'lr',
+        'training_iterations',
+        'warmup_steps',
+        'use_scheduler',
+        'scheduler_type',
+        'milestones',
+        'gamma',
+        'weight_decay',
+        'weight_decay_exclude',
+        'gradient_clipping',
+        'gradient_clipping_type',
+        'use_most_certain',
+        'save_every',
+        'track_every',
+        'log_every',
+        'keep_checkpoints',
+        'num_workers_train',
+        'num_read_threads',
+        'init_from',
+    }
+)
+
+
 def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
 
@@ -31,6 +63,12 @@ def validate(config):
   if 'task' not in config:
     _fail('task', None, 'missing; expected one of ' + ', '.join(sorted(tasks_lib.TASKS)))
   task = tasks_lib.get_task(config.task)
+  known = TRAIN_KEYS | task.config_keys
+  for key in config:
+    if key not in known:
+      _fail(key, config[key], f'unknown key for task {config.task!r}')
+  for key in sorted(known - set(config)):
+    _fail(key, None, 'missing')
   for field in _POSITIVE_INTS:
     value = config.get(field)
     if not _is_int(value) or value < 1:

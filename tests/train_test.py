@@ -8,6 +8,7 @@ Subprocess runs cost ~10 s each in startup and compilation, so the resume runs
 share one module fixture and run concurrently.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -32,6 +33,7 @@ from ctm_jax import optim
 from ctm_jax import steps
 from ctm_jax import train
 from ctm_jax import validation
+from ctm_jax.data import parity as parity_data
 from ctm_jax.data import pipeline
 
 # grain worker processes read absl flags; tests do not parse a command line.
@@ -58,9 +60,16 @@ def _smoke(**overrides):
   return config
 
 
-def _launch(workdir, *overrides, log=None):
-  """`python -m ctm_jax.main` on the smoke config; output goes to `log` (a file)."""
+def _launch(workdir, *overrides, log=None, compilation_cache=None):
+  """`python -m ctm_jax.main` on the smoke config; output goes to `log` (a file).
+
+  `compilation_cache`: a JAX persistent compilation cache directory; a rerun of
+  the same config then skips the ~10 s of compilation.
+  """
   log = log or f'{workdir}.log'
+  env = dict(os.environ)
+  if compilation_cache:
+    env['JAX_COMPILATION_CACHE_DIR'] = str(compilation_cache)
   command = [
       sys.executable,
       '-m',
@@ -70,7 +79,7 @@ def _launch(workdir, *overrides, log=None):
       *overrides,
   ]
   with open(log, 'a') as f:  # the child keeps its own descriptor
-    return subprocess.Popen(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def _read(path) -> str:
@@ -250,10 +259,23 @@ def test_end_to_end_smoke_run(smoke_run):
 # ---------------------------------------------------------------------------
 # 2, 3. Exact resume after SIGKILL and SIGTERM, via the command line.
 
-_RESUME_TOTAL = 120
+_RESUME_TOTAL = 100
 _RESUME_FLAGS = (f'--config.training_iterations={_RESUME_TOTAL}', '--config.save_every=20')
-# Interrupt once this checkpoint is committed (the run has 80 steps to go).
-_INTERRUPT_AFTER = 40
+# SIGKILL once this checkpoint is committed; SIGTERM once this step is logged
+# (mid save interval and mid log window, so the stop lands off both grids).
+_KILL_AFTER_CHECKPOINT = 40
+_TERM_AFTER_LOG = 50
+
+
+def _logged_steps(workdir) -> list[int]:
+  """Steps of the complete records in metrics.jsonl so far (it may be mid-write)."""
+  try:
+    text = pathlib.Path(workdir, 'metrics.jsonl').read_text()
+  except FileNotFoundError:
+    return []
+  return [
+      json.loads(line)['step'] for line in text.splitlines(keepends=True) if line.endswith('\n')
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -263,38 +285,46 @@ def resume_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('resume')
   dirs = {name: root / name for name in ('uninterrupted', 'sigkill', 'sigterm')}
   logs = {name: f'{d}.log' for name, d in dirs.items()}
-  procs = {name: _launch(d, *_RESUME_FLAGS) for name, d in dirs.items()}
-  info = {'dirs': dirs, 'logs': logs, 'rerun_logs': {}}
+  rerun_logs = {name: f'{dirs[name]}.rerun.log' for name in ('sigkill', 'sigterm')}
+  info = {'dirs': dirs, 'logs': logs, 'rerun_logs': rerun_logs}
+  # Shared by all five runs: the first three compile, the reruns load. Restored
+  # executables must give the same bits as freshly compiled ones (checked below).
+  cache = root / 'compilation_cache'
+  started = []
   try:
-    signals = {'sigkill': signal.SIGKILL, 'sigterm': signal.SIGTERM}
+    procs = {name: _launch(d, *_RESUME_FLAGS, compilation_cache=cache) for name, d in dirs.items()}
+    started += procs.values()
+    interrupts = {
+        'sigkill': (signal.SIGKILL, lambda d: _KILL_AFTER_CHECKPOINT in _committed_steps(d)),
+        'sigterm': (signal.SIGTERM, lambda d: _TERM_AFTER_LOG in _logged_steps(d)),
+    }
     deadline = time.monotonic() + _TIMEOUT
-    while signals:
-      for name, sig in list(signals.items()):
+    while interrupts:
+      for name, (sig, due) in list(interrupts.items()):
         proc = procs[name]
         if proc.poll() is not None:
           pytest.fail(
               f'{name} run exited ({proc.returncode}) before it could be interrupted:\n'
               f'{_read(logs[name])[-3000:]}'
           )
-        if _INTERRUPT_AFTER in _committed_steps(dirs[name]):
+        if due(dirs[name]):
           info[f'{name}_steps_before'] = _committed_steps(dirs[name])
           proc.send_signal(sig)  # alive: poll() just returned None
-          del signals[name]
-      if time.monotonic() > deadline:
-        pytest.fail(f'no checkpoint {_INTERRUPT_AFTER} after {_TIMEOUT} s')
+          del interrupts[name]
+      assert time.monotonic() < deadline, f'runs not interruptible after {_TIMEOUT} s'
       time.sleep(0.02)
     for name in procs:
       info[f'{name}_rc'] = _wait(procs[name], logs[name])
-    info['resume_step'] = {n: max(_committed_steps(dirs[n])) for n in ('sigkill', 'sigterm')}
+    info['resume_step'] = {n: max(_committed_steps(dirs[n])) for n in rerun_logs}
     reruns = {
-        name: _launch(dirs[name], *_RESUME_FLAGS, log=f'{dirs[name]}.rerun.log')
-        for name in ('sigkill', 'sigterm')
+        n: _launch(dirs[n], *_RESUME_FLAGS, log=log, compilation_cache=cache)
+        for n, log in rerun_logs.items()
     }
+    started += reruns.values()
     for name, proc in reruns.items():
-      info['rerun_logs'][name] = f'{dirs[name]}.rerun.log'
-      info[f'{name}_rerun_rc'] = _wait(proc, info['rerun_logs'][name])
+      info[f'{name}_rerun_rc'] = _wait(proc, rerun_logs[name])
   finally:
-    for proc in procs.values():
+    for proc in started:
       if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -318,7 +348,7 @@ def test_resume_after_sigkill_is_exact(resume_runs):
   assert info['sigkill_rc'] == -signal.SIGKILL, 'the run ended before SIGKILL reached it'
   assert _RESUME_TOTAL not in info['sigkill_steps_before']
   resume = info['resume_step']['sigkill']
-  assert _INTERRUPT_AFTER <= resume < _RESUME_TOTAL
+  assert _KILL_AFTER_CHECKPOINT <= resume < _RESUME_TOTAL
   rerun_log = _read(info['rerun_logs']['sigkill'])
   assert f'resumed at step {resume}' in rerun_log, rerun_log[-3000:]
   _assert_same_final_state(info, 'sigkill')
@@ -343,7 +373,7 @@ def test_resume_after_sigterm_is_exact(resume_runs):
   match = re.search(r'SIGTERM: checkpointed step (\d+), exiting', log)
   assert match, log[-3000:]
   stopped = int(match.group(1))
-  assert _INTERRUPT_AFTER < stopped < _RESUME_TOTAL
+  assert _TERM_AFTER_LOG <= stopped < _RESUME_TOTAL
   assert info['resume_step']['sigterm'] == stopped  # its checkpoint is the latest
   rerun_log = _read(info['rerun_logs']['sigterm'])
   assert f'resumed at step {stopped}' in rerun_log, rerun_log[-3000:]
@@ -362,3 +392,223 @@ def test_resume_after_sigterm_is_exact(resume_runs):
   ]
   for key in ('eval/loss', 'eval/acc_tick_0', 'eval/certainty_last'):
     assert _scalars(info['dirs']['sigterm'], key) == _scalars(info['dirs']['uninterrupted'], key)
+
+
+# ---------------------------------------------------------------------------
+# 4. A save killed half way leaves the previous checkpoint restorable.
+
+_SAVE_THEN_HANG = '''
+"""Commits a small step 1, then starts a large step 2, prints SAVING and hangs."""
+import os
+import sys
+import time
+
+from absl import flags
+import numpy as np
+
+from ctm_jax import checkpoint
+from ctm_jax.data import parity
+from ctm_jax.data import pipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from small_state import small_state
+
+flags.FLAGS.mark_as_parsed()
+workdir, big_mib = sys.argv[1], int(sys.argv[2])
+ckpt = checkpoint.Checkpointer(workdir, keep=3)
+iterator = iter(pipeline.make_train_loader(parity.train_source(8, 0), batch_size=4, seed=0))
+for _ in range(3):
+  next(iterator)
+ckpt.save(1, small_state(), iterator)
+ckpt.wait()
+# What a run resumed from step 1 must read next.
+np.savez(os.path.join(workdir, 'next_batch.npz'), **next(iterator))
+n = big_mib * 2**20 // 4 // 8
+big = {f'w{i}': np.random.default_rng(i).standard_normal(n, np.float32) for i in range(8)}
+ckpt.save(2, {'params': big, 'step': np.int32(2)}, iterator)  # returns once the write is under way
+print('SAVING', flush=True)
+ckpt.wait()
+print('SAVED', flush=True)
+time.sleep(600)
+'''
+
+_SMALL_STATE = """
+import jax.numpy as jnp
+
+
+def small_state():
+  return {
+      'params': {'w': jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4) / 7},
+      'rng': jnp.asarray([1, 2], jnp.uint32),
+      'step': jnp.asarray(1, jnp.int32),
+  }
+"""
+
+
+def _kill_during_save(script, workdir, big_mib):
+  """Runs `script` until step 2's save is under way, SIGKILLs it; True if killed mid-save."""
+  log = f'{workdir}.log'
+  with open(log, 'w') as f:
+    proc = subprocess.Popen(
+        [sys.executable, '-u', str(script), str(workdir), str(big_mib)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=f,
+        text=True,
+    )
+  try:
+    for line in proc.stdout:  # blocks until the marker (or EOF if the script died)
+      if line.startswith('SAVING'):
+        break
+    else:
+      pytest.fail(f'the save script exited ({proc.wait()}) without saving:\n{_read(log)[-3000:]}')
+    tmp = os.path.join(workdir, 'checkpoints', '2.orbax-checkpoint-tmp*')
+    deadline = time.monotonic() + 10
+    while not glob.glob(tmp) and 2 not in _committed_steps(workdir):
+      assert time.monotonic() < deadline, 'no step-2 tmp directory appeared'
+      time.sleep(0.005)
+    mid_save = proc.poll() is None and bool(glob.glob(tmp))
+    proc.kill()
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  return mid_save and 2 not in _committed_steps(workdir)
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+  script = tmp_path / 'save_then_hang.py'
+  script.write_text(_SAVE_THEN_HANG)
+  (tmp_path / 'small_state.py').write_text(_SMALL_STATE)
+  namespace = {}
+  exec(_SMALL_STATE, namespace)  # pylint: disable=exec-used
+  small_state = namespace['small_state']
+
+  # ~0.3 s to start writing 256 MiB, ~2 s to finish here; retry larger if it won.
+  for attempt, big_mib in enumerate((256, 512, 1024)):
+    workdir = tmp_path / f'attempt{attempt}'
+    if _kill_during_save(script, workdir, big_mib):
+      break
+  else:
+    pytest.fail('every step-2 save finished before SIGKILL (disk faster than expected)')
+  assert glob.glob(os.path.join(workdir, 'checkpoints', '2.orbax-checkpoint-tmp*'))
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=3)
+  try:
+    assert ckpt.latest_step() == 1  # what train_and_evaluate resumes from
+    assert ckpt.manager.all_steps() == [1]
+    iterator = iter(
+        pipeline.make_train_loader(parity_data.train_source(8, 0), batch_size=4, seed=0)
+    )
+    expected = small_state()
+    restored = ckpt.restore(1, jax.eval_shape(small_state), iterator)
+    _assert_trees_equal(restored, expected, 'step 1')
+    next_batch = np.load(os.path.join(workdir, 'next_batch.npz'))
+    _assert_trees_equal(next(iterator), dict(next_batch), 'batch after step 1')
+
+    # The leftover tmp directory does not stop the resumed run from saving step 2.
+    ckpt.save(2, expected, iterator)
+    ckpt.wait()
+    assert ckpt.manager.all_steps() == [1, 2]
+  finally:
+    ckpt.close()
+
+
+# ---------------------------------------------------------------------------
+# 5. Bad configs fail before anything is written; a changed model is refused.
+
+
+@pytest.mark.parametrize(
+    'field, value',
+    [
+        ('batch_size', 0),
+        ('model.d_input', 7),  # not divisible by heads=2
+        ('model.backbone_type', 'resnet99-1'),
+        ('gradient_clipping', 2.0),  # a quantile must be in (0, 1]
+        ('warmup_steps', 60),  # not below training_iterations
+    ],
+)
+def test_bad_config_is_rejected_before_writing(tmp_path, field, value):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=re.escape(f'config.{field}={value!r}')):
+    train.train_and_evaluate(_smoke(**{field: value}), str(workdir))
+  assert not workdir.exists()
+
+
+def test_cli_rejects_bad_and_unknown_fields(tmp_path):
+  cases = {'lrr': '--config.lrr=1', 'batch_size': '--config.batch_size=0'}
+  procs = {name: _launch(tmp_path / name, flag) for name, flag in cases.items()}
+  for name, proc in procs.items():
+    log = f'{tmp_path / name}.log'
+    assert _wait(proc, log) != 0, _read(log)[-3000:]
+    assert not (tmp_path / name / 'checkpoints').exists()
+    assert not (tmp_path / name / 'config.json').exists()
+  assert re.search(r'\blrr\b', _read(f'{tmp_path / "lrr"}.log'))
+  assert 'config.batch_size=0: must be a positive integer' in _read(
+      f'{tmp_path / "batch_size"}.log'
+  )
+
+
+def test_workdir_of_another_model_is_refused(smoke_run):
+  _, workdir, _ = smoke_run
+  before = _tree_snapshot(workdir)
+  with pytest.raises(checkpoint.IncompatibleWorkdir, match=r'changed: model\.d_model\b'):
+    train.train_and_evaluate(_smoke(**{'model.d_model': 64}), str(workdir))
+  assert _tree_snapshot(workdir) == before
+  assert _committed_steps(workdir) == [20, 40, 60]
+
+
+# ---------------------------------------------------------------------------
+# 6. A non-finite step raises, naming the step, and never reaches a checkpoint.
+
+
+def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+  poisoned_step = 40  # a save step: its (unchanged) state must not be saved either
+  make_train_step = steps.make_train_step
+  unchanged = []  # (step, whether the step left the whole state as it was)
+
+  def make_poisoned_train_step(model, task, *args, **kwargs):
+    # NaN inputs would not do: the parity backbone reads tokens (x == 1), so
+    # the loss is scaled by NaN instead, inside the real (jitted) train step.
+    def loss(output, batch, use_most_certain):
+      value, most_certain_B = task.loss(output, batch, use_most_certain)
+      return value * batch['loss_scale'], most_certain_B
+
+    train_step = make_train_step(model, dataclasses.replace(task, loss=loss), *args, **kwargs)
+
+    def poisoned(state, batch):
+      # state.step counts the steps done: poison the one that ends at `poisoned_step`.
+      scale = jnp.where(state.step == poisoned_step - 1, jnp.nan, 1.0)
+      new_state, metrics = train_step(state, {**batch, 'loss_scale': scale})
+      same = jax.tree.map(jnp.array_equal, new_state, state)
+      jax.debug.callback(
+          lambda step, same: unchanged.append((int(step) + 1, bool(same))),
+          state.step,
+          jnp.all(jnp.stack(jax.tree.leaves(same))),
+      )
+      return new_state, metrics
+
+    return poisoned
+
+  monkeypatch.setattr(steps, 'make_train_step', make_poisoned_train_step)
+  config, workdir = _smoke(), tmp_path / 'run'
+  with pytest.raises(train.NonFiniteError, match=rf'at step {poisoned_step}\b') as error:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(error.value)
+  assert "'loss': nan" in message and "'grad_norm': nan" in message, message
+  jax.effects_barrier()
+  assert [step for step, same in unchanged if same] == [poisoned_step]
+  assert sorted(step for step, _ in unchanged) == list(range(1, poisoned_step + 1))
+
+  assert _committed_steps(workdir) == [20]
+  assert not glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))
+  state, _ = _restore_like_trainer(config, workdir, 20)
+  assert int(state.step) == 20
+  for path, leaf in jax.tree.flatten_with_path((state.params, state.opt_state))[0]:
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.inexact):
+      assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+  # Nothing was logged past the last good step.
+  assert max(r['step'] for r in _records(workdir)) < poisoned_step
