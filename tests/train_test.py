@@ -9,6 +9,7 @@ share one module fixture and run concurrently.
 """
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -33,6 +34,7 @@ from ctm_jax import optim
 from ctm_jax import steps
 from ctm_jax import train
 from ctm_jax import validation
+from ctm_jax.analysis import plots
 from ctm_jax.data import parity as parity_data
 from ctm_jax.data import pipeline
 
@@ -267,60 +269,68 @@ _KILL_AFTER_CHECKPOINT = 40
 _TERM_AFTER_LOG = 50
 
 
-def _logged_steps(workdir) -> list[int]:
-  """Steps of the complete records in metrics.jsonl so far (it may be mid-write)."""
+def _logged(workdir) -> list[dict]:
+  """The complete records in metrics.jsonl so far (the run may be mid-write)."""
   try:
     text = pathlib.Path(workdir, 'metrics.jsonl').read_text()
   except FileNotFoundError:
     return []
-  return [
-      json.loads(line)['step'] for line in text.splitlines(keepends=True) if line.endswith('\n')
-  ]
+  return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith('\n')]
+
+
+def _wait_until(due, proc, log, what):
+  """Polls `due()` while `proc` runs; fails if it exits first or takes too long."""
+  deadline = time.monotonic() + _TIMEOUT
+  while not due():
+    if proc.poll() is not None:
+      pytest.fail(f'exited ({proc.returncode}) before {what}:\n{_read(log)[-3000:]}')
+    if time.monotonic() > deadline:
+      pytest.fail(f'no {what} after {_TIMEOUT} s:\n{_read(log)[-3000:]}')
+    time.sleep(0.02)
 
 
 @pytest.fixture(scope='module')
 def resume_runs(tmp_path_factory):
-  """Three concurrent runs of the same config: uninterrupted, SIGKILLed, SIGTERMed;
-  then the two interrupted ones rerun in their workdirs to completion."""
+  """Runs of one config: uninterrupted, SIGKILLed, SIGTERMed; then the two
+  interrupted ones rerun in their workdirs to completion.
+
+  Compilation (~17 s a run) dominates on CPU, so the runs share a persistent
+  compilation cache and the interrupted runs start once the uninterrupted one
+  has compiled. A resumed run compiles its own executables (its restored
+  arguments are committed to a device, the freshly initialised ones are not).
+  """
   root = tmp_path_factory.mktemp('resume')
   dirs = {name: root / name for name in ('uninterrupted', 'sigkill', 'sigterm')}
   logs = {name: f'{d}.log' for name, d in dirs.items()}
   rerun_logs = {name: f'{dirs[name]}.rerun.log' for name in ('sigkill', 'sigterm')}
   info = {'dirs': dirs, 'logs': logs, 'rerun_logs': rerun_logs}
-  # Shared by all five runs: the first three compile, the reruns load. Restored
-  # executables must give the same bits as freshly compiled ones (checked below).
-  cache = root / 'compilation_cache'
+  launch = functools.partial(_launch, compilation_cache=root / 'compilation_cache')
   started = []
   try:
-    procs = {name: _launch(d, *_RESUME_FLAGS, compilation_cache=cache) for name, d in dirs.items()}
+    reference = launch(dirs['uninterrupted'], *_RESUME_FLAGS)
+    started.append(reference)
+    _wait_until(
+        lambda: any('eval/loss' in r for r in _logged(dirs['uninterrupted'])),
+        reference,
+        logs['uninterrupted'],
+        'a first eval (init, train and eval steps compiled)',
+    )
+    procs = {name: launch(dirs[name], *_RESUME_FLAGS) for name in rerun_logs}
     started += procs.values()
-    interrupts = {
-        'sigkill': (signal.SIGKILL, lambda d: _KILL_AFTER_CHECKPOINT in _committed_steps(d)),
-        'sigterm': (signal.SIGTERM, lambda d: _TERM_AFTER_LOG in _logged_steps(d)),
+    due = {
+        'sigkill': lambda: _KILL_AFTER_CHECKPOINT in _committed_steps(dirs['sigkill']),
+        'sigterm': lambda: _TERM_AFTER_LOG in [r['step'] for r in _logged(dirs['sigterm'])],
     }
-    deadline = time.monotonic() + _TIMEOUT
-    while interrupts:
-      for name, (sig, due) in list(interrupts.items()):
-        proc = procs[name]
-        if proc.poll() is not None:
-          pytest.fail(
-              f'{name} run exited ({proc.returncode}) before it could be interrupted:\n'
-              f'{_read(logs[name])[-3000:]}'
-          )
-        if due(dirs[name]):
-          info[f'{name}_steps_before'] = _committed_steps(dirs[name])
-          proc.send_signal(sig)  # alive: poll() just returned None
-          del interrupts[name]
-      assert time.monotonic() < deadline, f'runs not interruptible after {_TIMEOUT} s'
-      time.sleep(0.02)
-    for name in procs:
+    reruns = {}
+    for name, sig in (('sigkill', signal.SIGKILL), ('sigterm', signal.SIGTERM)):
+      _wait_until(due[name], procs[name], logs[name], f'the point to send {sig.name}')
+      info[f'{name}_steps_before'] = _committed_steps(dirs[name])
+      procs[name].send_signal(sig)  # alive: _wait_until just saw it running
       info[f'{name}_rc'] = _wait(procs[name], logs[name])
-    info['resume_step'] = {n: max(_committed_steps(dirs[n])) for n in rerun_logs}
-    reruns = {
-        n: _launch(dirs[n], *_RESUME_FLAGS, log=log, compilation_cache=cache)
-        for n, log in rerun_logs.items()
-    }
-    started += reruns.values()
+      info.setdefault('resume_step', {})[name] = max(_committed_steps(dirs[name]))
+      reruns[name] = launch(dirs[name], *_RESUME_FLAGS, log=rerun_logs[name])
+      started.append(reruns[name])
+    info['uninterrupted_rc'] = _wait(reference, logs['uninterrupted'])
     for name, proc in reruns.items():
       info[f'{name}_rerun_rc'] = _wait(proc, rerun_logs[name])
   finally:
@@ -392,6 +402,26 @@ def test_resume_after_sigterm_is_exact(resume_runs):
   ]
   for key in ('eval/loss', 'eval/acc_tick_0', 'eval/certainty_last'):
     assert _scalars(info['dirs']['sigterm'], key) == _scalars(info['dirs']['uninterrupted'], key)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='train.py reads stop.signal twice per step (must_save, then break): a SIGTERM '
+    'that lands during an eval of a step that is not a save step breaks without saving',
+)
+def test_sigterm_during_eval_checkpoints_that_step(tmp_path, monkeypatch):
+  plot_ticks = plots.plot_ticks
+
+  def plot_and_terminate(*args, **kwargs):
+    if 'step 30' in kwargs.get('title', ''):  # track_every=30, save_every=20
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's _StopRequest
+    return plot_ticks(*args, **kwargs)
+
+  monkeypatch.setattr(plots, 'plot_ticks', plot_and_terminate)
+  state = train.train_and_evaluate(_smoke(), str(tmp_path / 'run'))
+  stopped = int(state.step)
+  assert stopped in (30, 31)  # this step, or the next one if the signal is seen late
+  assert _committed_steps(tmp_path / 'run') == [20, stopped]
 
 
 # ---------------------------------------------------------------------------
