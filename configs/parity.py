@@ -97,10 +97,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         memory_length=4,
         memory_hidden_dims=4,
     )
-    config.batch_size = 16
+    config.batch_size = 64
     config.batch_size_test = 32
     config.n_test_batches = 2
-    config.lr = 3e-3
+    config.lr = 1e-2
     config.warmup_steps = 5
     config.training_iterations = 60
     config.save_every = 20

@@ -82,7 +82,7 @@ def make_train_step(model, task, tx, schedule, use_most_certain: bool):
     (loss, (output, updates, most_certain_B)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
     params = ctm_lib.project_decay_params(optax.apply_updates(state.params, deltas))

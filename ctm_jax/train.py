@@ -110,35 +110,43 @@ def train_and_evaluate(config, workdir: str):
   task, model = validation.validate(config)
   workdir = _prepare_workdir(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-  resuming = checkpointer.latest_step() is not None
-  config_path = checkpoint_lib.write_or_check_config(workdir, config, resuming)
+  try:  # until the loop's own cleanup takes over
+    resuming = checkpointer.latest_step() is not None
+    config_path = checkpoint_lib.write_or_check_config(workdir, config, resuming)
 
-  tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
-  example = task.example_input(config)
-  abstract_state = jax.eval_shape(
-      lambda: steps.init_state(model, tx, jax.random.key(config.seed), example)
-  )
-  train_loader = pipeline.make_train_loader(
-      task.train_source(config),
-      batch_size=config.batch_size // jax.process_count(),  # per host
-      seed=config.seed,
-      shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
-      worker_count=config.num_workers_train,
-      read_options=grain.ReadOptions(num_threads=config.num_read_threads),
-  )
-  train_iterator = iter(train_loader)
-  state, how = _initial_state(config, model, task, tx, checkpointer, abstract_state, train_iterator)
-  start = int(state.step)
-  total = config.training_iterations
-  eval_batches = pipeline.make_eval_batches(
-      task.eval_source(config), batch_size=config.batch_size_test, num_batches=config.n_test_batches
-  )
+    tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+    example = task.example_input(config)
+    abstract_state = jax.eval_shape(
+        lambda: steps.init_state(model, tx, jax.random.key(config.seed), example)
+    )
+    train_loader = pipeline.make_train_loader(
+        task.train_source(config),
+        batch_size=config.batch_size // jax.process_count(),  # per host
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        worker_count=config.num_workers_train,
+        read_options=grain.ReadOptions(num_threads=config.num_read_threads),
+    )
+    train_iterator = iter(train_loader)
+    state, how = _initial_state(
+        config, model, task, tx, checkpointer, abstract_state, train_iterator
+    )
+    start = int(state.step)
+    total = config.training_iterations
+    eval_batches = pipeline.make_eval_batches(
+        task.eval_source(config),
+        batch_size=config.batch_size_test,
+        num_batches=config.n_test_batches,
+    )
 
-  train_step = jax.jit(
-      steps.make_train_step(model, task, tx, schedule, config.use_most_certain), donate_argnums=0
-  )
-  eval_step = jax.jit(steps.make_eval_step(model, task, config.use_most_certain))
+    train_step = jax.jit(
+        steps.make_train_step(model, task, tx, schedule, config.use_most_certain), donate_argnums=0
+    )
+    eval_step = jax.jit(steps.make_eval_step(model, task, config.use_most_certain))
+  except BaseException:
+    checkpointer.close()
+    raise
   writer = writers.MetricWriter(workdir, resume_step=start)
   plot_dir = os.path.join(workdir, 'plots')
   os.makedirs(plot_dir, exist_ok=True)
@@ -233,7 +241,8 @@ def train_and_evaluate(config, workdir: str):
           consume(*pending)
         pending = (step, metrics)
         done = step + 1
-        must_save = done % config.save_every == 0 or done == total or stop.signal
+        stopping = stop.signal  # read once: a later signal is handled at the next step
+        must_save = done % config.save_every == 0 or done == total or stopping
         if must_save or done % config.track_every == 0:
           consume(*pending)  # a checkpoint or an eval never follows an unchecked step
           pending = None
@@ -241,8 +250,8 @@ def train_and_evaluate(config, workdir: str):
           evaluate(done)
         if must_save:
           checkpointer.save(done, state, train_iterator)
-        if stop.signal:
-          logging.info('%s: checkpointed step %d, exiting', stop.signal, done)
+        if stopping:
+          logging.info('%s: checkpointed step %d, exiting', stopping, done)
           break
       if pending is not None:
         consume(*pending)

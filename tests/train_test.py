@@ -4,8 +4,8 @@ Covers what a run leaves in its workdir, exact resume after SIGKILL and after
 SIGTERM (bit-identical to an uninterrupted run), a save killed half way,
 config validation before anything is written, and non-finite losses.
 
-Subprocess runs cost ~10 s each in startup and compilation, so the resume runs
-share one module fixture and run concurrently.
+A subprocess run costs ~5 s to start and ~15 s to compile on a 2-core CPU, so
+the resume runs share one module fixture, a compilation cache, and the CPU.
 """
 
 import dataclasses
@@ -65,8 +65,8 @@ def _smoke(**overrides):
 def _launch(workdir, *overrides, log=None, compilation_cache=None):
   """`python -m ctm_jax.main` on the smoke config; output goes to `log` (a file).
 
-  `compilation_cache`: a JAX persistent compilation cache directory; a rerun of
-  the same config then skips the ~10 s of compilation.
+  `compilation_cache`: a JAX persistent compilation cache directory; a later run
+  that compiles the same programs loads them instead (~15 s saved).
   """
   log = log or f'{workdir}.log'
   env = dict(os.environ)
@@ -241,9 +241,10 @@ def test_end_to_end_smoke_run(smoke_run):
     assert all(0.0 <= a <= 1.0 for a in accuracies), record
 
   # The loss goes down: last logged window below the first (seed 0 on CPU:
-  # 0.694 -> 0.679; seeds 0-5 all decrease, by 0.004-0.015).
+  # 0.694 -> 0.679; seeds 0-5 all decrease, by 0.004-0.015). A smoke variant
+  # with lr=1e-2, batch_size=64 would allow a margin: 0.05-0.19 over seeds 0-4.
   first, last = train_loss[10], train_loss[total]
-  assert last < first, f'train/loss did not decrease: {train_loss}'
+  assert last < first - 0.03, f'train/loss did not decrease: {train_loss}'
 
   # TensorBoard event files hold the same scalars at the same steps.
   tags = _tensorboard_tags(workdir / 'tensorboard')
@@ -261,10 +262,11 @@ def test_end_to_end_smoke_run(smoke_run):
 # ---------------------------------------------------------------------------
 # 2, 3. Exact resume after SIGKILL and SIGTERM, via the command line.
 
-_RESUME_TOTAL = 100
+_RESUME_TOTAL = 120
 _RESUME_FLAGS = (f'--config.training_iterations={_RESUME_TOTAL}', '--config.save_every=20')
 # SIGKILL once this checkpoint is committed; SIGTERM once this step is logged
-# (mid save interval and mid log window, so the stop lands off both grids).
+# (mid save interval and mid log window, so the stop usually lands off both
+# grids). Either leaves the run >= 60 steps from its end.
 _KILL_AFTER_CHECKPOINT = 40
 _TERM_AFTER_LOG = 50
 
@@ -321,11 +323,20 @@ def resume_runs(tmp_path_factory):
         'sigkill': lambda: _KILL_AFTER_CHECKPOINT in _committed_steps(dirs['sigkill']),
         'sigterm': lambda: _TERM_AFTER_LOG in [r['step'] for r in _logged(dirs['sigterm'])],
     }
+    signals = {'sigkill': signal.SIGKILL, 'sigterm': signal.SIGTERM}
+    deadline = time.monotonic() + _TIMEOUT
+    while signals:  # both at once: either may be only a second from its end
+      for name, sig in list(signals.items()):
+        if procs[name].poll() is not None:
+          pytest.fail(f'{name} run ended before {sig.name}:\n{_read(logs[name])[-3000:]}')
+        if due[name]():
+          info[f'{name}_steps_before'] = _committed_steps(dirs[name])
+          procs[name].send_signal(sig)  # alive: poll() just returned None
+          del signals[name]
+      assert time.monotonic() < deadline, f'no point to interrupt after {_TIMEOUT} s'
+      time.sleep(0.01)
     reruns = {}
-    for name, sig in (('sigkill', signal.SIGKILL), ('sigterm', signal.SIGTERM)):
-      _wait_until(due[name], procs[name], logs[name], f'the point to send {sig.name}')
-      info[f'{name}_steps_before'] = _committed_steps(dirs[name])
-      procs[name].send_signal(sig)  # alive: _wait_until just saw it running
+    for name in procs:
       info[f'{name}_rc'] = _wait(procs[name], logs[name])
       info.setdefault('resume_step', {})[name] = max(_committed_steps(dirs[name]))
       reruns[name] = launch(dirs[name], *_RESUME_FLAGS, log=rerun_logs[name])
@@ -404,11 +415,6 @@ def test_resume_after_sigterm_is_exact(resume_runs):
     assert _scalars(info['dirs']['sigterm'], key) == _scalars(info['dirs']['uninterrupted'], key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='train.py reads stop.signal twice per step (must_save, then break): a SIGTERM '
-    'that lands during an eval of a step that is not a save step breaks without saving',
-)
 def test_sigterm_during_eval_checkpoints_that_step(tmp_path, monkeypatch):
   plot_ticks = plots.plot_ticks
 
