@@ -3,6 +3,7 @@
 import pytest
 
 from configs import parity
+from ctm_jax import train
 from ctm_jax import validation
 
 
@@ -48,3 +49,11 @@ def test_missing_key_is_named():
   del config['save_every']
   with pytest.raises(ValueError, match='config.save_every'):
     validation.validate(config)
+
+
+def test_workdir_that_cannot_be_created_is_named(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(ValueError, match='--workdir=.*a_file/run'):
+    train.train_and_evaluate(parity.get_config('smoke'), str(blocker / 'run'))
+  assert blocker.read_text() == 'not a directory'
