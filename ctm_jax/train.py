@@ -10,7 +10,6 @@ import time
 from absl import logging
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 

@@ -11,30 +11,16 @@ so the weight importer is a mechanical rename plus transposes.
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ctm_jax.models import layers
+
 Dtype = Any
-
-# torch's default Linear/Conv weight init (kaiming_uniform with a=sqrt(5))
-# reduces to U(+-1/sqrt(fan_in)); variance_scaling(1/3, uniform) is exactly that
-# and reads fan_in = I/groups * kh * kw from a Flax (kh, kw, I/groups, O) kernel.
-torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
-  """torch's default bias init U(+-1/sqrt(fan_in)); Flax bias inits never see fan_in."""
-  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 def _conv(
@@ -55,9 +41,9 @@ def _conv(
       padding=((pad, pad), (pad, pad)),
       feature_group_count=groups,
       use_bias=bias_fan_in is not None,
-      kernel_init=torch_kernel_init,
+      kernel_init=layers.torch_kernel_init,
       bias_init=(
-          torch_bias_init(bias_fan_in) if bias_fan_in is not None else nn.initializers.zeros
+          layers.torch_bias_init(bias_fan_in) if bias_fan_in is not None else nn.initializers.zeros
       ),
       dtype=dtype,
       param_dtype=jnp.float32,

@@ -297,13 +297,11 @@ class ContinuousThoughtMachine(nn.Module):
     """Tokens (B, N, E) after backbone, positional embedding and kv_proj."""
     if 'resnet' in self.backbone_type:
       # A 1x1 conv to 3 channels (torch LazyConv2d(3, 1) with bias).
-      fan_in = x.shape[-1]
-      bound = 1.0 / math.sqrt(fan_in)
       x = nn.Conv(
           3,
           (1, 1),
-          kernel_init=layers.uniform(bound),
-          bias_init=layers.uniform(bound),
+          kernel_init=layers.torch_kernel_init,
+          bias_init=layers.torch_bias_init(x.shape[-1]),
           dtype=self.dtype,
           name='initial_rgb',
       )(x)

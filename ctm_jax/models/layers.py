@@ -25,6 +25,17 @@ def uniform(bound: float):
   return init
 
 
+# torch's default Linear/Conv weight init (kaiming_uniform with a=sqrt(5))
+# reduces to U(+-1/sqrt(fan_in)); variance_scaling(1/3, uniform) is exactly that
+# and reads fan_in = I/groups * kh * kw from a Flax (kh, kw, I/groups, O) kernel.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_bias_init(fan_in: int):
+  """torch's default bias init U(+-1/sqrt(fan_in)); Flax bias inits never see fan_in."""
+  return uniform(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
+
+
 class Linear(nn.Module):
   """Dense layer initialised like torch.nn.Linear (weight and bias U(+-1/sqrt(I)))."""
 

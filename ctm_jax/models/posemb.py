@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax.models.backbones import torch_bias_init, torch_kernel_init
+from ctm_jax.models import layers
 
 Dtype = Any
 
@@ -70,19 +70,6 @@ def _half_turn_angles(n: int) -> np.ndarray:
   return _deg2rad(torch_linspace(0.0, 180.0, n))
 
 
-def _dense(features: int, fan_in: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
-  """Dense with torch.nn.Linear's default init."""
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      kernel_init=torch_kernel_init,
-      bias_init=torch_bias_init(fan_in),
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name,
-  )
-
-
 class LearnableFourier(nn.Module):
   """Learnable Fourier features of (column, row) coordinates in [0, 1], then a GLU MLP."""
 
@@ -117,16 +104,10 @@ class LearnableFourier(nn.Module):
     feats_HxWxF = jnp.concatenate([jnp.cos(proj_HxWxF2), jnp.sin(proj_HxWxF2)], axis=-1)
     feats_HxWxF = feats_HxWxF * (1.0 / math.sqrt(self.f_dim))
 
-    hid = _dense(self.h_dim, self.f_dim, self.dtype, "mlp_0")(feats_HxWxF)
+    hid = layers.Linear(self.h_dim, dtype=self.dtype, name="mlp_0")(feats_HxWxF)
     hid = nn.glu(hid, axis=-1)  # first half * sigmoid(second half)
-    y_HxWxC = _dense(self.d_model, self.h_dim // 2, self.dtype, "mlp_2")(hid)
-    y_HxWxC = nn.LayerNorm(
-        epsilon=1e-5,
-        use_fast_variance=False,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        name="mlp_3",
-    )(y_HxWxC)
+    y_HxWxC = layers.Linear(self.d_model, dtype=self.dtype, name="mlp_2")(hid)
+    y_HxWxC = layers.LayerNorm(dtype=self.dtype, name="mlp_3")(y_HxWxC)
     return y_HxWxC[None]  # (1, H, W, C): the same for every example
 
 
@@ -197,7 +178,7 @@ class CustomRotational(nn.Module):
         ],
         axis=-1,
     )
-    pe_WxWxC = _dense(self.d_model, 4, self.dtype, "projection_0")(key_WxWx4)
+    pe_WxWxC = layers.Linear(self.d_model, dtype=self.dtype, name="projection_0")(key_WxWx4)
     return pe_WxWxC[None]  # (1, W, W, C)
 
 
@@ -213,7 +194,9 @@ class CustomRotational1D(nn.Module):
     theta_L = _half_turn_angles(length)
     # Rotating the fixed vector (0, 1) by theta gives (-sin, cos).
     rot_Lx2 = np.stack([-np.sin(theta_L), np.cos(theta_L)], axis=-1)
-    pe_LxC = _dense(self.d_model, 2, self.dtype, "projection")(jnp.asarray(rot_Lx2, self.dtype))
+    pe_LxC = layers.Linear(self.d_model, dtype=self.dtype, name="projection")(
+        jnp.asarray(rot_Lx2, self.dtype)
+    )
     return pe_LxC[None]  # (1, L, C)
 
 
