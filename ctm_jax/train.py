@@ -196,7 +196,7 @@ def train_and_evaluate(config, workdir: str):
       total=total, initial=start, unit='step', dynamic_ncols=True, disable=jax.process_index() != 0
   )
 
-  def consume(step, metrics):
+  def consume(step, metrics, flush=False):
     """Host side of step `step`, one step late: check, accumulate, log."""
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
@@ -212,7 +212,7 @@ def train_and_evaluate(config, workdir: str):
     window['steps'] += 1
     done = step + 1
     progress.update(1)
-    if done % config.log_every == 0 or done == total:
+    if done % config.log_every == 0 or done == total or flush:
       elapsed = time.perf_counter() - window['start']
       scalars = _summarise(window['sums'], 'train')
       scalars.update(
@@ -243,7 +243,8 @@ def train_and_evaluate(config, workdir: str):
         stopping = stop.signal  # read once: a later signal is handled at the next step
         must_save = done % config.save_every == 0 or done == total or stopping
         if must_save or done % config.track_every == 0:
-          consume(*pending)  # a checkpoint or an eval never follows an unchecked step
+          # A checkpoint or an eval never follows an unchecked step; a stop logs its window.
+          consume(*pending, flush=bool(stopping))
           pending = None
         if done % config.track_every == 0 or done == total:
           evaluate(done)
