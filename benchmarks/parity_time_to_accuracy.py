@@ -25,15 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLDS = (0.90, 0.99)
 
 
-def _git_commit():
-  try:
-    return subprocess.check_output(
-        ['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, text=True
-    ).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
 def _run(workdir, track_every, stop_at):
   """Trains in a subprocess, following metrics.jsonl; SIGTERM once `stop_at` is reached."""
   command = [
@@ -86,12 +77,13 @@ def main(argv=None):
 
   records = _run(workdir, args.track_every, max(THRESHOLDS))
   import jax  # pylint: disable=g-import-not-at-top
+  import model_bench  # pylint: disable=g-import-not-at-top  (this folder)
 
   device = jax.devices()[0]
   header = (
       f'# parity.py:small time to accuracy | {device.platform} ({device.device_kind}), '
       f'{os.cpu_count()} host CPUs, {platform.machine()} | jax {jax.__version__} | '
-      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {_git_commit()}'
+      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {model_bench.git_commit()}'
   )
   print(header)
   print('per-bit test accuracy (most-certain tick) | first eval step | wall s (compile included)')
