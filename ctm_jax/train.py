@@ -59,10 +59,15 @@ def _prepare_workdir(workdir: str) -> str:
   return workdir
 
 
+def _per_tick(sums: dict, key: str):
+  """Mean over the counted examples of a per-tick sum, (T,)."""
+  return np.asarray(sums[key]) / float(sums['count'])
+
+
 def _summarise(sums: dict, prefix: str) -> dict:
   """Batch sums -> means, named `prefix/...`, with per-tick accuracies."""
   count = float(sums['count'])
-  acc_T = np.asarray(sums['acc_tick_sum']) / count
+  acc_T = _per_tick(sums, 'acc_tick_sum')
   out = {
       f'{prefix}/loss': float(sums['loss_sum']) / count,
       f'{prefix}/acc_most_certain': float(sums['acc_most_certain_sum']) / count,
@@ -113,7 +118,8 @@ def train_and_evaluate(config, workdir: str):
     resuming = checkpointer.latest_step() is not None
     config_path = checkpoint_lib.write_or_check_config(workdir, config, resuming)
 
-    tx, schedule = optim.make_optimizer(config), optim.make_schedule(config)
+    schedule = optim.make_schedule(config)
+    tx = optim.make_optimizer(config, schedule)
     example = task.example_input(config)
     abstract_state = jax.eval_shape(
         lambda: steps.init_state(model, tx, jax.random.key(config.seed), example)
@@ -169,14 +175,13 @@ def train_and_evaluate(config, workdir: str):
       sums = _add(sums, eval_step(state, batch))
     sums = jax.device_get(sums)
     scalars = _summarise(sums, 'eval')
-    certainty_T = np.asarray(sums['certainty_tick_sum']) / float(sums['count'])
+    certainty_T = _per_tick(sums, 'certainty_tick_sum')
     scalars['eval/certainty_last'] = float(certainty_T[-1])
     # Wall time of this process so far, compile included (time-to-accuracy).
     scalars['eval/elapsed_s'] = time.perf_counter() - started
     writer.write(step, scalars)
-    acc_T = np.asarray(sums['acc_tick_sum']) / float(sums['count'])
     path = plots.plot_ticks(
-        acc_T,
+        _per_tick(sums, 'acc_tick_sum'),
         certainty_T,
         os.path.join(plot_dir, f'eval_ticks_{step:07d}.png'),
         title=f'{config.task}: eval at step {step}',

@@ -27,6 +27,13 @@ import numpy as np
 DATA_ITEM = 'data'
 
 
+def _check_batching(batch_size: int, shard_index: int, shard_count: int):
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
+
+
 def make_train_loader(
     source: Sequence[Any],
     *,
@@ -55,10 +62,7 @@ def make_train_loader(
   Returns:
     An `IterDataset` of batches: each leaf of a record stacked to (B, ...).
   """
-  if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
+  _check_batching(batch_size, shard_index, shard_count)
   if worker_count < 0:
     raise ValueError(f'worker_count must be non-negative, got {worker_count}')
   records_per_epoch = len(source) // shard_count * shard_count
@@ -94,10 +98,7 @@ def make_eval_batches(
   records (j * batch_size + k) * shard_count + i, k < batch_size. `num_batches`
   None takes every full batch the source holds.
   """
-  if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
+  _check_batching(batch_size, shard_index, shard_count)
   available = len(source) // (batch_size * shard_count)
   if num_batches is None:
     num_batches = available

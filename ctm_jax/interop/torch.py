@@ -298,12 +298,12 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
   type_field = 'model_type' if task == 'parity' else 'model'
   if args.get(type_field, 'ctm') != 'ctm':
     raise ValueError(
-        f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints ' 'can be imported'
+        f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints can be imported'
     )
   missing = [name for name in ARG_TO_KWARG if args.get(name) is None]
   if missing:
     raise ValueError(
-        f'saved args lack {", ".join(map(repr, missing))}, needed for the ' f'{task} model'
+        f'saved args lack {", ".join(map(repr, missing))}, needed for the {task} model'
     )
   kwargs = {kwarg: args[name] for name, kwarg in ARG_TO_KWARG.items()}
   kwargs['deep_nlms'] = bool(kwargs['deep_nlms'])
@@ -312,7 +312,7 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
   # The scripts store their own out_dims in args before saving; they must agree.
   if args.get('out_dims') is not None and int(args['out_dims']) != out_dims:
     raise ValueError(
-        f'saved args: out_dims={args["out_dims"]} but the {task} task ' f'gives {out_dims}'
+        f'saved args: out_dims={args["out_dims"]} but the {task} task gives {out_dims}'
     )
   kwargs['out_dims'] = out_dims
   kwargs['prediction_reshaper'] = reshaper
@@ -325,9 +325,7 @@ def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
-        'reading a PyTorch checkpoint needs torch: ' 'pip install ctm-jax[torch]'
-    ) from e
+    raise ImportError('reading a PyTorch checkpoint needs torch: pip install ctm-jax[torch]') from e
   return torch
 
 

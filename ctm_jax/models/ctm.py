@@ -84,6 +84,12 @@ def _xavier_qkv(d_input: int):
   return layers.uniform(math.sqrt(6.0 / (4 * d_input)))
 
 
+def _push(history_BxDxM, new_BxD):
+  """Drops the oldest entry of a per-neuron history and appends the newest last."""
+  new_BxDx1 = new_BxD[:, :, None].astype(history_BxDxM.dtype)
+  return jnp.concatenate([history_BxDxM[:, :, 1:], new_BxDx1], -1)
+
+
 def _split_heads(x_BxNxE, heads):
   return x_BxNxE.reshape(*x_BxNxE.shape[:-1], heads, x_BxNxE.shape[-1] // heads)
 
@@ -144,9 +150,7 @@ class Tick(nn.Module):
       pre_BxD = synapse.SynapseUNet(
           self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
       )(synapse_in, self.train)
-    trace_BxDxM = jnp.concatenate(
-        [state.trace_BxDxM[:, :, 1:], pre_BxD[:, :, None].astype(state.trace_BxDxM.dtype)], -1
-    )
+    trace_BxDxM = _push(state.trace_BxDxM, pre_BxD)
     z_BxD = nlm.neuron_level_models(
         trace_BxDxM,
         deep=self.deep_nlms,
@@ -175,7 +179,7 @@ class Tick(nn.Module):
       per_tick['post_activations'] = z_BxD
     z_trace_BxDxM = state.z_trace_BxDxM
     if z_trace_BxDxM is not None:
-      z_trace_BxDxM = jnp.concatenate([z_trace_BxDxM[:, :, 1:], z_BxD[:, :, None]], -1)
+      z_trace_BxDxM = _push(z_trace_BxDxM, z_BxD)
     next_state = TickState(trace_BxDxM, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
     return next_state, per_tick
 
