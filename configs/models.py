@@ -27,6 +27,10 @@ def _model(**overrides):
       do_layernorm_nlm=False,
       deep_nlms=True,
       positional_embedding_type='none',
+      # Beyond the reference: compute dtype, tick rematerialisation, scan unroll.
+      dtype='float32',
+      remat='none',
+      unroll=1,
   )
   model.update(overrides)
   return ml_collections.ConfigDict(model)

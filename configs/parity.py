@@ -22,6 +22,7 @@ import ml_collections
 # Config files are loaded by path; make the sibling base configs importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def base(length: int = 64) -> ml_collections.ConfigDict:
@@ -31,32 +32,19 @@ def base(length: int = 64) -> ml_collections.ConfigDict:
   del config.input_shape, config.model.out_dims, config.model.prediction_reshaper
   config.parity_sequence_length = length
 
+  config.update(trainer.defaults())
   config.seed = 0
   config.batch_size = 64
   config.batch_size_test = 256
-  config.n_test_batches = 20
   config.lr = 1e-4
   config.training_iterations = 200_001
   config.warmup_steps = 500
-  config.use_scheduler = True
   config.scheduler_type = 'cosine'
-  config.milestones = (8000, 15000, 20000)
-  config.gamma = 0.1
-  config.weight_decay = 0.0
-  config.weight_decay_exclude = ()
   config.gradient_clipping = 0.9
   config.gradient_clipping_type = 'quantile'
-  config.use_most_certain = True
   config.save_every = 10_000
-  config.track_every = 1000
-  config.log_every = 50
-
-  # Beyond the reference.
-  config.keep_checkpoints = 3
-  config.num_workers_train = 0
   # Synthetic records are cheap: reader threads cost more than they save.
   config.num_read_threads = 0
-  config.init_from = ''
   return config
 
 

@@ -7,6 +7,7 @@ Resume precedence: the latest checkpoint in the workdir -> `config.init_from`
 import json
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 from ctm_jax.data import pipeline
@@ -45,13 +46,27 @@ class Checkpointer:
     )
 
   def restore(self, step: int, abstract_state, data_iterator):
+    """The state onto `abstract_state`'s shardings (any mesh), the iterator in place.
+
+    Each process saves its own iterator position. A checkpoint written by a
+    different number of processes restores through the global record position,
+    which the stride-sharded pipeline makes the same for any process count.
+    """
+    data_dir = os.path.join(self.directory, str(step), pipeline.DATA_ITEM)
+    index, count = jax.process_index(), jax.process_count()
+    if os.path.exists(os.path.join(data_dir, f'process_{index}-of-{count}.json')):
+      restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=pipeline.restore_args(data_iterator),
+          ),
+      )
+      return restored['state']
     restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=pipeline.restore_args(data_iterator),
-        ),
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
+    data_iterator.set_state(_reshard_position(data_dir, data_iterator.get_state(), count))
     return restored['state']
 
   def wait(self):
@@ -59,6 +74,28 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _reshard_position(data_dir: str, current: dict, count: int) -> dict:
+  """The iterator state of one of `count` processes from another count's files."""
+  saved = sorted(f for f in os.listdir(data_dir) if f.startswith('process_0-of-'))
+  if not saved:
+    raise ValueError(f'{data_dir}: no data iterator state to restore')
+  saved_count = int(saved[0].rsplit('-', 1)[1].split('.')[0])
+  with open(os.path.join(data_dir, saved[0])) as f:
+    state = json.load(f)
+  if set(state) != {'next_index'} or set(current) != {'next_index'}:
+    raise ValueError(
+        f'{data_dir}: the data iterator was saved by {saved_count} processes and this run has '
+        f'{count}; moving its position needs config.num_workers_train=0 in both runs'
+    )
+  records = state['next_index'] * saved_count  # global records consumed
+  if records % count:
+    raise ValueError(
+        f'{data_dir}: {records} records consumed by {saved_count} processes do not split '
+        f'over {count} processes'
+    )
+  return {'next_index': records // count}
 
 
 def _identity(config_dict, prefix=''):
@@ -88,6 +125,8 @@ def write_or_check_config(workdir: str, config, resuming: bool):
           f'workdir {workdir} holds checkpoints of a different model '
           f'(changed: {", ".join(changed)}); use a new --workdir or restore the config'
       )
+  if jax.process_index() != 0:
+    return path
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(resolved, f, indent=2, sort_keys=True)

@@ -4,7 +4,8 @@ A task turns the config into model kwargs (the reference derives `out_dims` and
 `prediction_reshaper` from the data), builds data sources, computes the loss
 and the metrics of a batch.
 
-Dimension glossary: B batch, T ticks, L parity sequence length, O out_dims.
+Dimension glossary: B batch, T ticks, L parity sequence length, O out_dims,
+C classes.
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ctm_jax import losses
+from ctm_jax.data import images as image_data
 from ctm_jax.data import parity as parity_data
 
 
@@ -27,6 +29,9 @@ class Task:
   loss: Callable[..., tuple]  # (output, batch, use_most_certain) -> (loss, most_certain_B)
   correct: Callable[..., jax.Array]  # (output, batch) -> per-tick accuracy (B, T)
   config_keys: frozenset = frozenset()  # top-level config keys of this task
+  # Checks the task's own keys (raising ValueError naming `config.<key>=...`)
+  # before anything is built; None when the other hooks' checks suffice.
+  validate: Callable[[Any], None] | None = None
 
 
 def _parity_model_kwargs(config) -> dict:
@@ -63,7 +68,38 @@ PARITY = Task(
     config_keys=frozenset({'parity_sequence_length'}),
 )
 
-TASKS = {'parity': PARITY}
+
+def _image_model_kwargs(config) -> dict:
+  kwargs = config.model.to_dict()
+  kwargs.update(out_dims=config.num_classes, prediction_reshaper=(-1,))
+  return kwargs
+
+
+def _image_loss(output, batch, use_most_certain):
+  return losses.image_classification_loss(
+      output.predictions, output.certainties, batch['targets'], use_most_certain
+  )
+
+
+def _image_correct(output, batch):
+  """Whether each tick's top class is the label, (B, T)."""
+  predictions_BxCxT = output.predictions
+  return (jnp.argmax(predictions_BxCxT, axis=1) == batch['targets'][:, None]).astype(jnp.float32)
+
+
+IMAGE_CLASSIFICATION = Task(
+    name='image_classification',
+    model_kwargs=_image_model_kwargs,
+    example_input=lambda config: jnp.ones((1, *config.image_shape), jnp.float32),
+    train_source=image_data.train_source,
+    eval_source=image_data.eval_source,
+    loss=_image_loss,
+    correct=_image_correct,
+    config_keys=frozenset({'dataset', 'num_classes', 'image_shape', 'dataset_size'}),
+    validate=image_data.check_config,
+)
+
+TASKS = {'parity': PARITY, 'image_classification': IMAGE_CLASSIFICATION}
 
 
 def get_task(name: str) -> Task:

@@ -3,9 +3,11 @@
 Dimension glossary: T ticks.
 """
 
+import dataclasses
 import os
 import signal
 import time
+from typing import Any, Callable
 
 from absl import logging
 import grain
@@ -15,6 +17,7 @@ import tqdm
 
 from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax import optim
+from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax import validation
 from ctm_jax import writers
@@ -82,15 +85,80 @@ def _add(total, sums):
   return sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
 
 
-def _initial_state(config, model, task, tx, checkpointer, abstract_state, train_iterator):
-  """Resume order: latest in workdir -> config.init_from -> fresh init."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The sharded, jitted pieces of a run on one mesh (also what compile_check lowers)."""
+
+  mesh: jax.sharding.Mesh
+  schedule: Any
+  tx: Any
+  abstract_state: steps.TrainState  # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  init: Callable[[], steps.TrainState]  # fresh state, created in its shardings
+  train_step: Callable  # (state, global batch) -> (state, metrics); donates state
+  eval_step: Callable  # (state, global batch) -> metric sums
+
+
+def _under_rules(fn):
+  """Traces `fn` with the logical axis rules, so activation constraints apply."""
+
+  def wrapped(*args):
+    with sharding.logical_rules():
+      return fn(*args)
+
+  return wrapped
+
+
+def setup(config, model, task, mesh) -> Setup:
+  schedule = optim.make_schedule(config)
+  tx = optim.make_optimizer(config, schedule)
+  example = task.example_input(config)
+
+  def init():
+    return steps.init_state(model, tx, jax.random.key(config.seed), example)
+
+  abstract = jax.eval_shape(init)
+  state_shardings = sharding.state_shardings(abstract, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  train_step = steps.make_train_step(model, task, tx, schedule, config.use_most_certain)
+  eval_step = steps.make_eval_step(model, task, config.use_most_certain)
+  return Setup(
+      mesh=mesh,
+      schedule=schedule,
+      tx=tx,
+      abstract_state=jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+      ),
+      state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      init=jax.jit(init, out_shardings=state_shardings),
+      train_step=jax.jit(
+          _under_rules(train_step),
+          in_shardings=(state_shardings, batch_sharding),
+          out_shardings=(state_shardings, replicated),
+          donate_argnums=0,
+      ),
+      eval_step=jax.jit(
+          _under_rules(eval_step),
+          in_shardings=(state_shardings, batch_sharding),
+          out_shardings=replicated,
+      ),
+  )
+
+
+def _initial_state(config, model, run: Setup, checkpointer, train_iterator):
+  """Resume order: latest in workdir -> config.init_from -> fresh init.
+
+  The state is created or restored directly in its shardings: no device holds
+  more of it than the mesh assigns.
+  """
   latest = checkpointer.latest_step()
   if latest is not None:
     logging.info('Resuming from %s/%d', checkpointer.directory, latest)
-    return checkpointer.restore(latest, abstract_state, train_iterator), 'resumed'
-  rng = jax.random.key(config.seed)
-  example = task.example_input(config)
-  state = jax.jit(lambda r: steps.init_state(model, tx, r, example))(rng)
+    return checkpointer.restore(latest, run.abstract_state, train_iterator), 'resumed'
+  state = run.init()
   if config.init_from:
     imported_model, variables, _ = torch_interop.load_imported(config.init_from)
     if imported_model != model:
@@ -100,30 +168,35 @@ def _initial_state(config, model, task, tx, checkpointer, abstract_state, train_
       )
     state = state.replace(
         params=variables['params'],
-        opt_state=tx.init(variables['params']),
+        opt_state=run.tx.init(variables['params']),
         batch_stats=variables.get('batch_stats', {}),
         synch=variables['synch'],
     )
-    return state, f'initialised from {config.init_from}'
+    return jax.device_put(state, run.state_shardings), f'initialised from {config.init_from}'
   return state, 'fresh'
 
 
 def train_and_evaluate(config, workdir: str):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the state."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the state.
+
+  Every process of a multi-host run calls this with the same arguments.
+  """
   started = time.perf_counter()
   task, model = validation.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    return _train_and_evaluate(config, workdir, task, model, mesh, started)
+
+
+def _train_and_evaluate(config, workdir, task, model, mesh, started):
+  is_chief = jax.process_index() == 0
   workdir = _prepare_workdir(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   try:  # until the loop's own cleanup takes over
     resuming = checkpointer.latest_step() is not None
     config_path = checkpoint_lib.write_or_check_config(workdir, config, resuming)
 
-    schedule = optim.make_schedule(config)
-    tx = optim.make_optimizer(config, schedule)
-    example = task.example_input(config)
-    abstract_state = jax.eval_shape(
-        lambda: steps.init_state(model, tx, jax.random.key(config.seed), example)
-    )
+    run = setup(config, model, task, mesh)
     train_loader = pipeline.make_train_loader(
         task.train_source(config),
         batch_size=config.batch_size // jax.process_count(),  # per host
@@ -134,33 +207,36 @@ def train_and_evaluate(config, workdir: str):
         read_options=grain.ReadOptions(num_threads=config.num_read_threads),
     )
     train_iterator = iter(train_loader)
-    state, how = _initial_state(
-        config, model, task, tx, checkpointer, abstract_state, train_iterator
-    )
+    state, how = _initial_state(config, model, run, checkpointer, train_iterator)
     start = int(state.step)
     total = config.training_iterations
-    eval_batches = pipeline.make_eval_batches(
-        task.eval_source(config),
-        batch_size=config.batch_size_test,
-        num_batches=config.n_test_batches,
-    )
-
-    train_step = jax.jit(
-        steps.make_train_step(model, task, tx, schedule, config.use_most_certain), donate_argnums=0
-    )
-    eval_step = jax.jit(steps.make_eval_step(model, task, config.use_most_certain))
+    eval_batches = [
+        sharding.global_batch(batch, mesh)
+        for batch in pipeline.make_eval_batches(
+            task.eval_source(config),
+            batch_size=config.batch_size_test // jax.process_count(),  # per host
+            num_batches=config.n_test_batches,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+    ]
+    train_step, eval_step = run.train_step, run.eval_step
   except BaseException:
     checkpointer.close()
     raise
   writer = writers.MetricWriter(workdir, resume_step=start)
   plot_dir = os.path.join(workdir, 'plots')
-  os.makedirs(plot_dir, exist_ok=True)
+  if is_chief:
+    os.makedirs(plot_dir, exist_ok=True)
   logging.info(
-      'Run %s (%s at step %d). Workdir %s: config %s, checkpoints %s, metrics %s, '
-      'TensorBoard %s, plots %s',
+      'Run %s (%s at step %d) on mesh %s, process %d of %d. Workdir %s: config %s, '
+      'checkpoints %s, metrics %s, TensorBoard %s, plots %s',
       config.task,
       how,
       start,
+      dict(mesh.shape),
+      jax.process_index(),
+      jax.process_count(),
       workdir,
       config_path,
       checkpointer.directory,
@@ -180,12 +256,14 @@ def train_and_evaluate(config, workdir: str):
     # Wall time of this process so far, compile included (time-to-accuracy).
     scalars['eval/elapsed_s'] = time.perf_counter() - started
     writer.write(step, scalars)
-    path = plots.plot_ticks(
-        _per_tick(sums, 'acc_tick_sum'),
-        certainty_T,
-        os.path.join(plot_dir, f'eval_ticks_{step:07d}.png'),
-        title=f'{config.task}: eval at step {step}',
-    )
+    path = os.path.join(plot_dir, f'eval_ticks_{step:07d}.png')
+    if is_chief:
+      plots.plot_ticks(
+          _per_tick(sums, 'acc_tick_sum'),
+          certainty_T,
+          path,
+          title=f'{config.task}: eval at step {step}',
+      )
     logging.info(
         'eval step %d: loss %.4f, acc most-certain %.4f, last tick %.4f (plot %s)',
         step,
@@ -198,7 +276,7 @@ def train_and_evaluate(config, workdir: str):
 
   window = {'sums': None, 'grad_norm': 0.0, 'steps': 0, 'start': time.perf_counter()}
   progress = tqdm.tqdm(
-      total=total, initial=start, unit='step', dynamic_ncols=True, disable=jax.process_index() != 0
+      total=total, initial=start, unit='step', dynamic_ncols=True, disable=not is_chief
   )
 
   def consume(step, metrics, flush=False):
@@ -239,7 +317,7 @@ def train_and_evaluate(config, workdir: str):
   try:
     with _StopRequest() as stop:
       for step in range(start, total):
-        batch = next(train_iterator)
+        batch = sharding.global_batch(next(train_iterator), mesh)
         state, metrics = train_step(state, batch)
         if pending is not None:
           consume(*pending)

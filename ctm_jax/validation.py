@@ -2,6 +2,9 @@
 
 import numbers
 
+import jax
+
+from ctm_jax import sharding
 from ctm_jax import tasks as tasks_lib
 from ctm_jax.models import ctm as ctm_lib
 
@@ -46,6 +49,7 @@ TRAIN_KEYS = frozenset(
         'num_workers_train',
         'num_read_threads',
         'init_from',
+        'mesh',
     }
 )
 
@@ -58,8 +62,11 @@ def _is_int(value):
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def validate(config):
-  """Raises ValueError naming the first bad field; returns the model it implies."""
+def validate(config, num_devices: int | None = None):
+  """Raises ValueError naming the first bad field; returns the task and model.
+
+  The mesh is checked against `num_devices` (default: every device of every process).
+  """
   if 'task' not in config:
     _fail('task', None, 'missing; expected one of ' + ', '.join(sorted(tasks_lib.TASKS)))
   task = tasks_lib.get_task(config.task)
@@ -69,6 +76,8 @@ def validate(config):
       _fail(key, config[key], f'unknown key for task {config.task!r}')
   for key in sorted(known - set(config)):
     _fail(key, None, 'missing')
+  if task.validate is not None:
+    task.validate(config)
   for field in _POSITIVE_INTS:
     value = config.get(field)
     if not _is_int(value) or value < 1:
@@ -108,4 +117,5 @@ def validate(config):
     raise ValueError(f'config.model.{e}') from None
   except TypeError as e:  # an unknown constructor argument
     raise ValueError(f'config.model: {e}') from None
+  sharding.validate(config, jax.device_count() if num_devices is None else num_devices)
   return task, model

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import sharding
 from ctm_jax.models import backbones
 from ctm_jax.models import layers
 from ctm_jax.models import nlm
@@ -24,6 +25,10 @@ from ctm_jax.models import synapse
 from ctm_jax.models import synch
 
 DECAY_CLAMP = (0.0, 15.0)
+# Logical axes of (B, D) activations; see ctm_jax/sharding.py.
+_BATCH_NEURONS = ('batch', 'neurons')
+# bf16 is an opt-in compute dtype; parameters and optimiser state stay float32.
+COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 DECAY_PARAM_NAMES = ('decay_params_action', 'decay_params_out')
 REMAT_POLICIES = {
     'none': None,
@@ -150,7 +155,7 @@ class Tick(nn.Module):
       pre_BxD = synapse.SynapseUNet(
           self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
       )(synapse_in, self.train)
-    trace_BxDxM = _push(state.trace_BxDxM, pre_BxD)
+    trace_BxDxM = sharding.constrain(_push(state.trace_BxDxM, pre_BxD), _BATCH_NEURONS + (None,))
     z_BxD = nlm.neuron_level_models(
         trace_BxDxM,
         deep=self.deep_nlms,
@@ -160,6 +165,7 @@ class Tick(nn.Module):
         train=self.train,
         dtype=self.dtype,
     ).astype(state.z_BxD.dtype)
+    z_BxD = sharding.constrain(z_BxD, _BATCH_NEURONS)
     synch_out_BxP, synch_out_state = synch.update(
         state.synch_out,
         z_BxD,
@@ -369,8 +375,10 @@ class ContinuousThoughtMachine(nn.Module):
     d, m = self.d_model, self.memory_length
     start_z_D = self.param('start_activated_state', layers.uniform(math.sqrt(1 / d)), (d,))
     start_trace_DxM = self.param('start_trace', layers.uniform(math.sqrt(1 / (d + m))), (d, m))
-    z_BxD = jnp.broadcast_to(start_z_D, (batch, d))
-    trace_BxDxM = jnp.broadcast_to(start_trace_DxM, (batch, d, m))
+    z_BxD = sharding.constrain(jnp.broadcast_to(start_z_D, (batch, d)), _BATCH_NEURONS)
+    trace_BxDxM = sharding.constrain(
+        jnp.broadcast_to(start_trace_DxM, (batch, d, m)), _BATCH_NEURONS + (None,)
+    )
     # The output synch starts from z0 before the first tick; the action synch
     # starts empty (its first update sees z0).
     _, synch_out = synch.update(
@@ -504,6 +512,14 @@ def validate_config(m: ContinuousThoughtMachine) -> None:
       raise _error(field, value, 'must be in [0, 1)')
   if m.remat not in REMAT_POLICIES:
     raise _error('remat', m.remat, f'expected one of {list(REMAT_POLICIES)}')
+  try:
+    dtype = jnp.dtype(m.dtype)
+  except TypeError:
+    dtype = None
+  if dtype not in COMPUTE_DTYPES:
+    raise _error('dtype', str(m.dtype), f'expected one of {[d.name for d in COMPUTE_DTYPES]}')
+  if not isinstance(m.unroll, int) or isinstance(m.unroll, bool) or m.unroll < 1:
+    raise _error('unroll', m.unroll, 'must be a positive integer')
   reshaper = m.prediction_reshaper
   if not reshaper or sum(d == -1 for d in reshaper) > 1 or any(d == 0 or d < -1 for d in reshaper):
     raise _error(
