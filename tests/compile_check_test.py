@@ -1,0 +1,65 @@
+"""compile_check: memory and FLOPs of the partitioned train step, before a run."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from ctm_jax.tools import compile_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+needs_8_devices = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason='needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',
+)
+
+
+def _config(**mesh):
+  config = image.get_config('smoke')
+  config.mesh.update(mesh)
+  return config
+
+
+@needs_8_devices
+def test_flops_and_memory_scale_with_the_mesh():
+  one = compile_check.check(_config(data=1), 1)
+  data8 = compile_check.check(_config(data=8), 8)
+  fsdp8 = compile_check.check(_config(data=1, fsdp=8), 8)
+  # The same work, split 8 ways: per-device FLOPs fall 8x, the total stays.
+  assert data8['flops_per_step'] == pytest.approx(one['flops_per_step'], rel=0.05)
+  assert data8['flops_per_device'] == pytest.approx(one['flops_per_device'] / 8, rel=0.05)
+  # Data parallelism replicates the state; fsdp splits its large kernels.
+  assert data8['state_bytes_per_device'] == one['state_bytes_per_device']
+  assert fsdp8['state_bytes_per_device'] < 0.5 * data8['state_bytes_per_device']
+  assert one['peak_bytes_per_device'] > data8['peak_bytes_per_device'] > 0
+  assert one['parameters'] == data8['parameters'] > 0
+
+
+def test_command_line(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  json_path = tmp_path / 'result.json'
+  cmd = [
+      sys.executable,
+      '-m',
+      'ctm_jax.tools.compile_check',
+      f'--config={ROOT}/configs/image.py:smoke',
+      '--num_devices=4',
+      '--config.mesh.fsdp=2',
+      f'--json={json_path}',
+  ]
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert 'data=2, fsdp=2, neuron=1' in done.stdout
+  assert 'peak per device' in done.stdout and 'FLOPs per step' in done.stdout
+  assert json_path.exists()
+
+  bad = subprocess.run(
+      cmd[:-2] + ['--config.mesh.fsdp=3'], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert bad.returncode == 2
+  assert 'config.mesh.data=-1' in bad.stderr and 'does not divide the 4 devices' in bad.stderr
