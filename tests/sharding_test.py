@@ -205,3 +205,41 @@ def test_param_logical_axes():
   assert sharding.param_logical_axes('a/kernel', (64, 64), 4, min_size=10**6) == (None, None)
   assert sharding.param_logical_axes('a/kernel', (3, 5), 4, min_size=1) == (None, None)
   assert sharding.param_logical_axes('a/bias', (64,), 4, min_size=1) == (None,)
+
+
+@needs_8_devices
+def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch):
+  """Saved fsdp x neuron-sharded, restored data-parallel and on one device, values equal."""
+  from ctm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(sharding, 'FSDP_MIN_SIZE', TEST_FSDP_MIN_SIZE)
+  config = parity_config_small()
+  config.mesh.update(data=2, fsdp=2, neuron=2)
+  saved, _ = _train(config, config.mesh.to_dict(), jax.devices()[:8])
+  task, _ = validation.validate(config)
+  loader = pipeline.make_train_loader(
+      task.train_source(config), batch_size=config.batch_size, seed=config.seed
+  )
+  iterator = iter(loader)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=1)
+  checkpointer.save(STEPS, saved, iterator)
+  checkpointer.wait()
+  want = jax.device_get(saved)
+  for mesh_axes, devices in (
+      (dict(data=8, fsdp=1, neuron=1), jax.devices()[:8]),
+      (dict(data=1, fsdp=1, neuron=1), jax.devices()[:1]),
+  ):
+    config.mesh.update(mesh_axes)
+    _, model = validation.validate(config, num_devices=len(devices))
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    with jax.set_mesh(mesh):
+      run = train.setup(config, model, task, mesh)
+      restored = checkpointer.restore(STEPS, run.abstract_state, iter(loader))
+    for (path, got), expected, target in zip(
+        jax.tree_util.tree_leaves_with_path(restored),
+        jax.tree.leaves(want),
+        jax.tree.leaves(run.abstract_state),
+    ):
+      assert got.sharding == target.sharding, path
+      np.testing.assert_array_equal(jax.device_get(got), expected, err_msg=str(path))
+  checkpointer.close()

@@ -1,0 +1,161 @@
+"""Two processes x 4 CPU devices (jax.distributed on localhost) equal one process x 8.
+
+Also: a checkpoint written by the 2-process run restores in a 1-process run,
+in this process and by resuming training, where it continues exactly as the
+1-process run does from its own checkpoint.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import sharding
+from ctm_jax import train
+from ctm_jax import validation
+from ctm_jax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import parity  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+OVERRIDES = {
+    'training_iterations': 6,
+    'save_every': 3,
+    'track_every': 3,
+    'log_every': 1,
+    'batch_size': 16,
+    'batch_size_test': 16,
+    'n_test_batches': 2,
+}
+TIMEOUT_S = 300
+
+needs_8_devices = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason='needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _command(workdir, **overrides):
+  flags = {**OVERRIDES, **overrides}
+  return [
+      sys.executable,
+      '-m',
+      'ctm_jax.main',
+      f'--config={ROOT}/configs/parity.py:smoke',
+      f'--workdir={workdir}',
+      *(f'--config.{k}={v}' for k, v in flags.items()),
+  ]
+
+
+def _env(devices):
+  return dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
+
+
+def _run(workdir, processes=1, devices=8, **overrides):
+  command = _command(workdir, **overrides)
+  if processes == 1:
+    procs = [subprocess.Popen(command, env=_env(devices), stderr=subprocess.PIPE, text=True)]
+  else:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            command
+            + [
+                f'--coordinator_address=localhost:{port}',
+                f'--num_processes={processes}',
+                f'--process_id={i}',
+            ],
+            env=_env(devices),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+  try:
+    logs = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f'process {i} of {processes} failed:\n{log[-3000:]}'
+  return logs
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
+
+
+def _restore(workdir, step):
+  """The checkpoint at `step`, restored in this (single, 8-device) process."""
+  config = parity.get_config('smoke')
+  config.update(OVERRIDES)
+  task, model = validation.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=10)
+  try:
+    with jax.set_mesh(mesh):
+      run = train.setup(config, model, task, mesh)
+      loader = pipeline.make_train_loader(
+          task.train_source(config), batch_size=config.batch_size, seed=config.seed
+      )
+      iterator = iter(loader)
+      state = checkpointer.restore(step, run.abstract_state, iterator)
+    return jax.device_get(state), iterator.get_state()
+  finally:
+    checkpointer.close()
+
+
+def _assert_params_close(got, want):
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=str(path))
+
+
+@needs_8_devices
+def test_two_processes_match_one(tmp_path):
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  logs = _run(multi, processes=2, devices=4)
+  assert 'process 1 of 2' in logs[1]
+  _run(single)
+
+  # Process 0 alone writes the metrics; the losses match the 1-process run.
+  got, want = _losses(multi), _losses(single)
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose(
+      [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], atol=1e-5
+  )
+
+  # The 2-process checkpoint restores in one process, equal to the 1-process one,
+  # with the data position translated to one process.
+  multi_state, multi_data = _restore(multi, 6)
+  single_state, single_data = _restore(single, 6)
+  assert int(multi_state.step) == 6
+  _assert_params_close(multi_state.params, single_state.params)
+  assert multi_data == single_data == {'next_index': 6 * OVERRIDES['batch_size']}
+
+  # Resuming the 2-process run in one process continues as the 1-process run does.
+  _run(multi, training_iterations=9)
+  _run(single, training_iterations=9)
+  got, want = _losses(multi), _losses(single)
+  np.testing.assert_allclose(
+      [got[s] for s in range(7, 10)], [want[s] for s in range(7, 10)], atol=1e-5
+  )
+  _assert_params_close(_restore(multi, 9)[0].params, _restore(single, 9)[0].params)
