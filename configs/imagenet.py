@@ -52,9 +52,11 @@ def base() -> ml_collections.ConfigDict:
   config.use_scheduler = True
   config.scheduler_type = 'cosine'
   config.weight_decay = 0.0
-  # Shard the large kernels 8 ways; the remaining devices split the batch.
-  config.mesh.fsdp = 8
-  config.mesh.data = -1
+  # Every device splits the batch and the large kernels (ZeRO-3), so the config
+  # runs unchanged on 1 device or a pod; across pod slices, set mesh.data to
+  # the number of slices.
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
   return config
 
 
@@ -89,6 +91,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.save_every = 2
     config.track_every = 4
     config.log_every = 2
-    config.mesh.fsdp = 2
     return config
   raise ValueError(f"config variant {variant!r} is unknown; expected 'default' or 'smoke'")

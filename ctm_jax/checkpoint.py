@@ -14,7 +14,9 @@ from ctm_jax.data import pipeline
 
 CONFIG_FILE = 'config.json'
 # Keys whose change makes existing checkpoints meaningless for this run.
-_IDENTITY_KEYS = ('task', 'model', 'parity_sequence_length')
+_IDENTITY_KEYS = ('task', 'model', 'parity_sequence_length', 'num_classes', 'image_shape')
+# Compute options: a run may resume with another dtype, remat policy or unroll.
+_COMPUTE_KEYS = ('model.dtype', 'model.remat', 'model.unroll')
 
 
 class IncompatibleWorkdir(ValueError):
@@ -119,6 +121,8 @@ def write_or_check_config(workdir: str, config, resuming: bool):
     with open(path) as f:
       previous = json.load(f)
     old, new = _identity(previous), _identity(resolved)
+    for key in _COMPUTE_KEYS:
+      old.pop(key, None), new.pop(key, None)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
       raise IncompatibleWorkdir(

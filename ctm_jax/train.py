@@ -161,7 +161,9 @@ def _initial_state(config, model, run: Setup, checkpointer, train_iterator):
   state = run.init()
   if config.init_from:
     imported_model, variables, _ = torch_interop.load_imported(config.init_from)
-    if imported_model != model:
+    # Compute options (dtype, remat, unroll) do not change the weights.
+    compute = dict(dtype=model.dtype, remat=model.remat, unroll=model.unroll)
+    if imported_model.clone(**compute) != model:
       raise ValueError(
           f'config.init_from={config.init_from!r}: the imported model differs from config.model '
           f'(imported {imported_model}, configured {model})'

@@ -23,6 +23,7 @@ from configs import parity  # pylint: disable=g-import-not-at-top,wrong-import-p
 LOGIT_TOL = 0.02  # of the largest |logit|
 CERTAINTY_TOL = 1e-3
 CONFIGS = {'parity': lambda: parity.get_config('small'), 'image': lambda: image.get_config('smoke')}
+SLOW = {'image'}
 
 
 def _inputs(task, config, n=8):
@@ -30,15 +31,18 @@ def _inputs(task, config, n=8):
   return jnp.stack([jnp.asarray(source[i]['inputs']) for i in range(n)])
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize(
+    'name',
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in sorted(CONFIGS)],
+)
 def test_bf16_logits_close_to_float32(name):
   config = CONFIGS[name]()
   task, model = validation.validate(config)
   x = _inputs(task, config)
   variables = model.init(jax.random.key(0), x[:1])
-  want = model.apply(variables, x)
+  want = jax.jit(model.apply)(variables, x)
   bf16 = model.clone(dtype='bfloat16')
-  got = bf16.apply(variables, x)
+  got = jax.jit(bf16.apply)(variables, x)
   assert got.predictions.dtype == jnp.float32  # heads are cast back for the loss
   scale = float(jnp.abs(want.predictions).max())
   err = float(jnp.abs(got.predictions - want.predictions).max())

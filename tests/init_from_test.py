@@ -7,8 +7,7 @@ import pytest
 from configs import parity
 from conftest import load_golden, state_dict
 from ctm_jax import checkpoint as checkpoint_lib
-from ctm_jax import optim
-from ctm_jax import steps
+from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
 from ctm_jax.interop import torch as torch_interop
@@ -41,12 +40,11 @@ def test_init_from_imported_weights(tmp_path):
   kwargs, imported = _imported_parity(tmp_path)
   config = _config_for(kwargs, imported)
   task, model = validation.validate(config)
-  tx = optim.make_optimizer(config)
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'run'), keep=1)
-  abstract = jax.eval_shape(
-      lambda: steps.init_state(model, tx, jax.random.key(0), task.example_input(config))
-  )
-  state, how = train._initial_state(config, model, task, tx, checkpointer, abstract, None)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    run = train.setup(config, model, task, mesh)
+    state, how = train._initial_state(config, model, run, checkpointer, None)
   checkpointer.close()
   assert how == f'initialised from {imported}'
   _, variables, _ = torch_interop.load_imported(str(imported))

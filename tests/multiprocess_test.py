@@ -130,6 +130,7 @@ def _assert_params_close(got, want):
 
 
 @needs_8_devices
+@pytest.mark.slow  # four training processes, about 100 s on 2 cores
 def test_two_processes_match_one(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   logs = _run(multi, processes=2, devices=4)

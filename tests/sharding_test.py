@@ -89,8 +89,15 @@ def monkeypatch_module():
     yield mp
 
 
+# Every axis at once runs by default; the single-axis meshes are slow tests.
+DEFAULT_MESH = 'data2_fsdp2_neuron2'
+
+
 @needs_8_devices
-@pytest.mark.parametrize('mesh_name', sorted(MESHES))
+@pytest.mark.parametrize(
+    'mesh_name',
+    [m if m == DEFAULT_MESH else pytest.param(m, marks=pytest.mark.slow) for m in sorted(MESHES)],
+)
 def test_sharded_steps_match_single_device(single_device_run, mesh_name):
   name, config, (want_state, want_losses) = single_device_run
   state, losses = _train(config, MESHES[mesh_name], jax.devices()[:8])

@@ -596,6 +596,17 @@ def test_workdir_of_another_model_is_refused(smoke_run):
   assert _committed_steps(workdir) == [20, 40, 60]
 
 
+def test_compute_options_may_change_on_resume(tmp_path):
+  config = _smoke()
+  checkpoint.write_or_check_config(str(tmp_path), config, resuming=False)
+  config.model.update(dtype='bfloat16', remat='full', unroll=2)
+  config.mesh.update(data=2, fsdp=4)
+  checkpoint.write_or_check_config(str(tmp_path), config, resuming=True)
+  config.parity_sequence_length *= 2
+  with pytest.raises(checkpoint.IncompatibleWorkdir, match=r'changed: parity_sequence_length\)'):
+    checkpoint.write_or_check_config(str(tmp_path), config, resuming=True)
+
+
 # ---------------------------------------------------------------------------
 # 6. A non-finite step raises, naming the step, and never reaches a checkpoint.
 

@@ -261,6 +261,7 @@ class ContinuousThoughtMachine(nn.Module):
     if isinstance(self.remat, bool):
       object.__setattr__(self, 'remat', 'full' if self.remat else 'none')
     validate_config(self)
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))  # 'bfloat16' == jnp.bfloat16
     super().__post_init__()
 
   @property
