@@ -69,7 +69,8 @@ def _launch(workdir, *overrides, log=None, compilation_cache=None):
   that compiles the same programs loads them instead (~15 s saved).
   """
   log = log or f'{workdir}.log'
-  env = dict(os.environ)
+  # Two devices: a sharded run, at a fraction of eight's cost on a 2-core CI machine.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   if compilation_cache:
     env['JAX_COMPILATION_CACHE_DIR'] = str(compilation_cache)
   command = [
@@ -419,15 +420,16 @@ def test_sigterm_during_eval_checkpoints_that_step(tmp_path, monkeypatch):
   plot_ticks = plots.plot_ticks
 
   def plot_and_terminate(*args, **kwargs):
-    if 'step 30' in kwargs.get('title', ''):  # track_every=30, save_every=20
+    if 'step 12' in kwargs.get('title', ''):  # track_every=12, save_every=8
       os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's _StopRequest
     return plot_ticks(*args, **kwargs)
 
   monkeypatch.setattr(plots, 'plot_ticks', plot_and_terminate)
-  state = train.train_and_evaluate(_smoke(), str(tmp_path / 'run'))
+  config = _smoke(track_every=12, save_every=8, training_iterations=20)
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   stopped = int(state.step)
-  assert stopped in (30, 31)  # this step, or the next one if the signal is seen late
-  assert _committed_steps(tmp_path / 'run') == [20, stopped]
+  assert stopped in (12, 13)  # this step, or the next one if the signal is seen late
+  assert _committed_steps(tmp_path / 'run') == [8, stopped]
 
 
 # ---------------------------------------------------------------------------
@@ -612,7 +614,7 @@ def test_compute_options_may_change_on_resume(tmp_path):
 
 
 def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-  poisoned_step = 40  # a save step: its (unchanged) state must not be saved either
+  poisoned_step = 12  # a save step: its (unchanged) state must not be saved either
   make_train_step = steps.make_train_step
   unchanged = []  # (step, whether the step left the whole state as it was)
 
@@ -640,7 +642,7 @@ def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch)
     return poisoned
 
   monkeypatch.setattr(steps, 'make_train_step', make_poisoned_train_step)
-  config, workdir = _smoke(), tmp_path / 'run'
+  config, workdir = _smoke(save_every=6, training_iterations=20), tmp_path / 'run'
   with pytest.raises(train.NonFiniteError, match=rf'at step {poisoned_step}\b') as error:
     train.train_and_evaluate(config, str(workdir))
   message = str(error.value)
@@ -649,10 +651,10 @@ def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch)
   assert [step for step, same in unchanged if same] == [poisoned_step]
   assert sorted(step for step, _ in unchanged) == list(range(1, poisoned_step + 1))
 
-  assert _committed_steps(workdir) == [20]
+  assert _committed_steps(workdir) == [6]
   assert not glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))
-  state, _ = _restore_like_trainer(config, workdir, 20)
-  assert int(state.step) == 20
+  state, _ = _restore_like_trainer(config, workdir, 6)
+  assert int(state.step) == 6
   for path, leaf in jax.tree.flatten_with_path((state.params, state.opt_state))[0]:
     leaf = np.asarray(leaf)
     if np.issubdtype(leaf.dtype, np.inexact):
