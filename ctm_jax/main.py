@@ -9,6 +9,7 @@ detected and `jax.distributed` set up from their environment; elsewhere pass
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -17,6 +18,7 @@ import jax
 from ml_collections import config_flags
 
 from ctm_jax import train
+from ctm_jax import validation
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'parity.py:small'
@@ -103,6 +105,10 @@ def main(argv):
   if workdir is None:
     workdir = _default_workdir()
     logging.info('No --workdir given; using %s', os.path.abspath(workdir))
+  try:
+    validation.validate(_CONFIG.value)  # again in the trainer; here for a one-line error
+  except ValueError as e:
+    sys.exit(f'ctm_jax.main: {e}')
   train.train_and_evaluate(_CONFIG.value, workdir)
 
 

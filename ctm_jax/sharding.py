@@ -70,12 +70,12 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     if num_devices % fixed:
       raise ValueError(
           f'config.mesh.{free[0]}=-1: the other axes ({described}) use {fixed} devices, '
-          f'which does not divide the {num_devices} devices available'
+          f"which does not divide the run's {num_devices} devices"
       )
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
-        f'config.mesh ({described}) needs {fixed} devices; {num_devices} are available '
+        f'config.mesh ({described}) needs {fixed} devices; the run has {num_devices} '
         '(set one axis to -1 to absorb them)'
     )
   return {a: sizes[a] for a in MESH_AXES}

@@ -62,4 +62,4 @@ def test_command_line(tmp_path):
       cmd[:-2] + ['--config.mesh.fsdp=3'], env=env, capture_output=True, text=True, timeout=300
   )
   assert bad.returncode == 2
-  assert 'config.mesh.data=-1' in bad.stderr and 'does not divide the 4 devices' in bad.stderr
+  assert 'config.mesh.data=-1' in bad.stderr and "does not divide the run's 4 devices" in bad.stderr

@@ -152,9 +152,9 @@ def _check_layout(state, axes):
 @pytest.mark.parametrize(
     'mesh, field, message',
     [
-        (dict(data=-1, fsdp=3), 'mesh.data=-1', 'does not divide the 8 devices'),
-        (dict(data=3), 'mesh', 'needs 3 devices; 8 are available'),
-        (dict(data=2, fsdp=2, neuron=1), 'mesh', 'needs 4 devices; 8 are available'),
+        (dict(data=-1, fsdp=3), 'mesh.data=-1', "does not divide the run's 8 devices"),
+        (dict(data=3), 'mesh', 'needs 3 devices; the run has 8'),
+        (dict(data=2, fsdp=2, neuron=1), 'mesh', 'needs 4 devices; the run has 8'),
         (dict(data=-1, fsdp=-1), 'mesh.fsdp', 'only one mesh axis may be -1'),
         (dict(data=0), 'mesh.data', 'positive integer or -1'),
         (dict(model=2), 'mesh.model', 'unknown mesh axis'),

@@ -576,7 +576,11 @@ def test_bad_config_is_rejected_before_writing(tmp_path, field, value):
 
 
 def test_cli_rejects_bad_and_unknown_fields(tmp_path):
-  cases = {'lrr': '--config.lrr=1', 'batch_size': '--config.batch_size=0'}
+  cases = {
+      'lrr': '--config.lrr=1',
+      'batch_size': '--config.batch_size=0',
+      'mesh': '--config.mesh.data=3',
+  }
   procs = {name: _launch(tmp_path / name, flag) for name, flag in cases.items()}
   for name, proc in procs.items():
     log = f'{tmp_path / name}.log'
@@ -587,6 +591,9 @@ def test_cli_rejects_bad_and_unknown_fields(tmp_path):
   assert 'config.batch_size=0: must be a positive integer' in _read(
       f'{tmp_path / "batch_size"}.log'
   )
+  mesh_log = _read(f'{tmp_path / "mesh"}.log')
+  assert 'config.mesh (data=3, fsdp=1, neuron=1) needs 3 devices; the run has 2' in mesh_log
+  assert 'Traceback' not in mesh_log
 
 
 def test_workdir_of_another_model_is_refused(smoke_run):
