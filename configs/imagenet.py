@@ -14,7 +14,7 @@ the tfds ImageNet source is wired in; it sizes and exercises a pod run.
 Size a run first (per-device memory, FLOPs per step), then launch:
   python -m ctm_jax.tools.compile_check --config=configs/imagenet.py --num_devices=16
   launch/tpu_pod.sh --tpu=NAME --zone=ZONE -- \
-      python -m ctm_jax.main --config=configs/imagenet.py --workdir=gs://BUCKET/imagenet
+      python -m ctm_jax.main --config=configs/imagenet.py --workdir=~/gcs/imagenet
 """
 
 import os

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from absl import logging
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -24,6 +25,9 @@ from ctm_jax import writers
 from ctm_jax.analysis import plots
 from ctm_jax.data import pipeline
 from ctm_jax.interop import torch as torch_interop
+
+# Batch key (and metric) carrying each process's stop request in multi-process runs.
+STOP_KEY = 'stop'
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,7 +56,12 @@ class _StopRequest:
 
 
 def _prepare_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(workdir)
+  if '://' in workdir:
+    raise ValueError(
+        f'--workdir={workdir}: URLs are not supported yet; mount the bucket on every host '
+        '(e.g. gcsfuse) and give the mounted path'
+    )
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -110,6 +119,23 @@ def _under_rules(fn):
   return wrapped
 
 
+def _reporting_stops(train_step):
+  """Adds metrics['stop']: whether any process put a stop flag in its rows of the batch.
+
+  Processes learn of each other's SIGTERM from a step's metrics, so all of them
+  stop after the same step without an extra collective.
+  """
+
+  def step(state, batch):
+    flags = batch.get(STOP_KEY)
+    state, metrics = train_step(state, {k: v for k, v in batch.items() if k != STOP_KEY})
+    if flags is not None:
+      metrics[STOP_KEY] = jnp.any(flags)
+    return state, metrics
+
+  return step
+
+
 def setup(config, model, task, mesh) -> Setup:
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config, schedule)
@@ -122,7 +148,9 @@ def setup(config, model, task, mesh) -> Setup:
   state_shardings = sharding.state_shardings(abstract, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  train_step = steps.make_train_step(model, task, tx, schedule, config.use_most_certain)
+  train_step = _reporting_stops(
+      steps.make_train_step(model, task, tx, schedule, config.use_most_certain)
+  )
   eval_step = steps.make_eval_step(model, task, config.use_most_certain)
   return Setup(
       mesh=mesh,
@@ -282,7 +310,10 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
   )
 
   def consume(step, metrics, flush=False):
-    """Host side of step `step`, one step late: check, accumulate, log."""
+    """Host side of step `step`, one step late: check, accumulate, log.
+
+    Returns whether some process asked to stop before the step (multi-process).
+    """
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
       bad = {k: float(metrics[k]) for k in ('loss', 'grad_norm')}
@@ -314,22 +345,33 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
           refresh=False,
       )
       window.update(sums=None, grad_norm=0.0, steps=0, start=time.perf_counter())
+    return bool(metrics.get(STOP_KEY, False))
 
+  # One process acts on its own signal at once; several agree through the steps'
+  # metrics (a step or two later), so that every one saves the same step.
+  agree = jax.process_count() > 1
   pending = None
   try:
     with _StopRequest() as stop:
       for step in range(start, total):
-        batch = sharding.global_batch(next(train_iterator), mesh)
-        state, metrics = train_step(state, batch)
-        if pending is not None:
-          consume(*pending)
+        local = next(train_iterator)
+        if agree:
+          rows = len(jax.tree.leaves(local)[0])
+          local[STOP_KEY] = np.full((rows,), stop.signal is not None)
+        state, metrics = train_step(state, sharding.global_batch(local, mesh))
+        stopping = None
+        if pending is not None and consume(*pending):
+          stopping = stop.signal or 'a stop on another process'
         pending = (step, metrics)
         done = step + 1
-        stopping = stop.signal  # read once: a later signal is handled at the next step
+        if not agree:
+          stopping = stop.signal  # read once: a later signal is handled at the next step
         must_save = done % config.save_every == 0 or done == total or stopping
         if must_save or done % config.track_every == 0:
           # A checkpoint or an eval never follows an unchecked step; a stop logs its window.
-          consume(*pending, flush=bool(stopping))
+          if consume(*pending, flush=bool(stopping)) and not stopping:
+            stopping = stop.signal or 'a stop on another process'
+          must_save = must_save or stopping
           pending = None
         if done % config.track_every == 0 or done == total:
           evaluate(done)

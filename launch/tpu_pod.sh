@@ -34,14 +34,14 @@
 #
 # A ctm_jax.main COMMAND gets --distributed=on unless it sets --distributed:
 # each worker calls jax.distributed.initialize() and JAX finds its peers from
-# the TPU metadata. Give it a gs:// --workdir (or another path every worker
-# shares): every worker writes checkpoints there. The same command again
+# the TPU metadata. Give it a --workdir every worker shares (a bucket mounted
+# with gcsfuse on each): every worker writes checkpoints there. The same command again
 # resumes from the latest checkpoint.
 #
 # Example, a v4-32 (4 hosts x 4 chips):
 #   launch/tpu_pod.sh --tpu=my-v4-32 --zone=us-central2-b --setup -- \
 #     python3 -m ctm_jax.main --config=configs/imagenet.py \
-#     --workdir=gs://my-bucket/runs/imagenet --config.mesh.data=4 --config.mesh.fsdp=4
+#     --workdir=~/gcs/runs/imagenet --config.mesh.data=4 --config.mesh.fsdp=4
 #
 # With several workers gcloud needs your key in an agent first:
 #   ssh-add ~/.ssh/google_compute_engine

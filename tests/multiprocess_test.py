@@ -7,9 +7,12 @@ in this process and by resuming training, where it continues exactly as the
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -160,3 +163,45 @@ def test_two_processes_match_one(tmp_path):
       [got[s] for s in range(7, 10)], [want[s] for s in range(7, 10)], atol=1e-5
   )
   _assert_params_close(_restore(multi, 9)[0].params, _restore(single, 9)[0].params)
+
+
+@needs_8_devices
+@pytest.mark.slow  # two training processes, about 40 s on 2 cores
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+  """The others learn of the stop from a step's metrics: no process waits forever in a
+  collective, and all save the same step."""
+  workdir = str(tmp_path / 'run')
+  port = _free_port()
+  command = _command(workdir, training_iterations=10_000, save_every=5_000, track_every=5_000)
+  procs = [
+      subprocess.Popen(
+          command
+          + [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+          env=_env(4),
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  try:
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (os.path.exists(metrics) and len(_losses(workdir)) >= 3):
+      assert time.monotonic() < deadline, 'the run did not start training'
+      assert all(p.poll() is None for p in procs), 'a process ended early'
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    logs = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  stopped = [re.search(r'checkpointed step (\d+), exiting', log) for log in logs]
+  assert all(stopped), logs
+  assert 'SIGTERM: checkpointed' in logs[1]
+  assert 'a stop on another process' in logs[0]
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step < 10_000
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=10)
+  assert checkpointer.latest_step() == step
+  checkpointer.close()

@@ -668,3 +668,10 @@ def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch)
       assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
   # Nothing was logged past the last good step.
   assert max(r['step'] for r in _records(workdir)) < poisoned_step
+
+
+def test_url_workdir_is_refused_before_anything_runs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r'--workdir=gs://bucket/run: URLs are not supported'):
+    train.train_and_evaluate(_smoke(), 'gs://bucket/run')
+  assert not os.listdir(tmp_path)
