@@ -113,6 +113,12 @@ def validate(config, num_devices: int) -> dict[str, int]:
         f'config.model.d_model={d_model}: must be divisible by config.mesh.neuron={sizes["neuron"]}'
     )
   processes = jax.process_count()
+  if shards % processes:
+    # Each process feeds its own rows, so no batch shard may span processes.
+    raise ValueError(
+        f'config.mesh: data x fsdp = {shards} batch shards cannot be split over the '
+        f'{processes} processes; make data x fsdp a multiple of {processes}'
+    )
   for field in ('batch_size', 'batch_size_test'):
     if config[field] % processes:
       raise ValueError(

@@ -250,3 +250,16 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch):
       assert got.sharding == target.sharding, path
       np.testing.assert_array_equal(jax.device_get(got), expected, err_msg=str(path))
   checkpointer.close()
+
+
+@needs_8_devices
+def test_batch_shards_must_split_over_processes(monkeypatch):
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  config = parity_config_small()
+  config.mesh.update(data=1, neuron=8)
+  with pytest.raises(
+      ValueError, match=r'config\.mesh: data x fsdp = 1 batch shards .* 2 processes'
+  ):
+    validation.validate(config)
+  config.mesh.update(data=2, neuron=4)
+  validation.validate(config)
