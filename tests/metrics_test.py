@@ -88,7 +88,7 @@ def test_expected_calibration_error_matches_brute_force():
 
 def test_calibrated_predictions_have_small_ece():
   rng = np.random.default_rng(3)
-  n, c = 20000, 2
+  n = 20000
   p = rng.uniform(0.5, 1.0, size=n)
   labels = (rng.random(n) >= p).astype(int)  # class 0 is right with probability p
   probs = np.stack([p, 1 - p], 1)[:, :, None]

@@ -33,7 +33,6 @@ def expected_calibration_error(
   bins_NxT = np.clip(np.ceil(confidence_NxT * num_bins).astype(int) - 1, 0, num_bins - 1)
   ece_T = np.zeros(ticks)
   for t in range(ticks):
-    count_S = np.bincount(bins_NxT[:, t], minlength=num_bins)
     conf_S = np.bincount(bins_NxT[:, t], confidence_NxT[:, t], minlength=num_bins)
     acc_S = np.bincount(bins_NxT[:, t], correct_NxT[:, t], minlength=num_bins)
     ece_T[t] = np.abs(acc_S - conf_S).sum() / n
