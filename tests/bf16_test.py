@@ -53,6 +53,7 @@ def test_bf16_logits_close_to_float32(name):
   assert 'bf16' in jaxpr and 'dot_general' in jaxpr
 
 
+@pytest.mark.slow  # a sharded train step compiled, about 20 s on 2 cores
 def test_bf16_train_state_stays_float32():
   config = image.get_config('smoke')
   config.model.dtype = 'bfloat16'

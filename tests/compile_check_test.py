@@ -26,6 +26,7 @@ def _config(**mesh):
 
 
 @needs_8_devices
+@pytest.mark.slow  # three compilations, about 30 s on 2 cores
 def test_flops_and_memory_scale_with_the_mesh():
   one = compile_check.check(_config(data=1), 1)
   data8 = compile_check.check(_config(data=8), 8)
