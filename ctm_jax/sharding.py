@@ -204,13 +204,3 @@ def constrain(x, logical_axes):
 def logical_rules():
   """Context under which the model's activation constraints take effect."""
   return nn.logical_axis_rules(RULES)
-
-
-def describe(shardings, abstract_tree) -> dict[str, str]:
-  """'/'-path -> PartitionSpec string, for logs and tests."""
-  out = {}
-  for (path, s), leaf in zip(
-      jax.tree_util.tree_leaves_with_path(shardings), jax.tree.leaves(abstract_tree)
-  ):
-    out[_path(path)] = f'{tuple(leaf.shape)} {s.spec}'
-  return out
