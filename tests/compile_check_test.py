@@ -4,19 +4,14 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
+from conftest import needs_8_devices
 from ctm_jax.tools import compile_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-needs_8_devices = pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason='needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',
-)
 
 
 def _config(**mesh):

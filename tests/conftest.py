@@ -1,9 +1,10 @@
-"""Shared test fixtures: the reference goldens in ../shared/golden."""
+"""Shared test fixtures: the reference goldens in ../shared/golden; device markers."""
 
 import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -11,6 +12,11 @@ SHARED = pathlib.Path(
     os.environ.get('CTM_SHARED', pathlib.Path(__file__).resolve().parents[2] / 'shared')
 )
 GOLDEN = SHARED / 'golden'
+
+needs_8_devices = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason='needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',
+)
 
 
 def load_golden(case: str):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import needs_8_devices
 from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax import sharding
 from ctm_jax import train
@@ -38,11 +39,6 @@ OVERRIDES = {
     'n_test_batches': 2,
 }
 TIMEOUT_S = 300
-
-needs_8_devices = pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason='needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',
-)
 
 
 def _free_port() -> int:

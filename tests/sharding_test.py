@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from conftest import needs_8_devices
 from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
@@ -26,11 +27,6 @@ MESHES = {
 STEPS = 3
 # Small enough that the tiny test models have fsdp-sharded kernels.
 TEST_FSDP_MIN_SIZE = 512
-
-needs_8_devices = pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason='needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',
-)
 
 
 def parity_config_small():
