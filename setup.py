@@ -18,12 +18,18 @@ setuptools.setup(
         "absl-py",
         "numpy",
         "grain",
+        # Reads prepared CIFAR / ImageNet (array_record); TensorFlow is not needed.
+        "tensorflow-datasets",
+        "importlib_resources",
+        "pillow",
         "tensorboardX",
         "matplotlib",
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", "scikit-learn"],
+        # configs/digits.py: scikit-learn's bundled 8x8 digits, no download.
+        "digits": ["scikit-learn"],
         # Reading the reference's .pt checkpoints.
         "torch": ["torch>=2.1"],
     },

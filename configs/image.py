@@ -1,22 +1,25 @@
-"""Image classification (the reference's tasks/image_classification).
+"""Image classification (the reference's tasks/image_classification): the base
+that configs/cifar10.py, cifar100.py, imagenet.py and digits.py derive from.
 
 Variants (`--config=configs/image.py:<variant>`):
-  cifar10  (default) tasks/image_classification/scripts/train_cifar10.sh:
-           resnet18-1, D 256, 50 ticks x memory 15, batch 512, lr 1e-4,
-           warmup 1000, cosine, weight decay 1e-4, no clipping, 600k
-           iterations; on the synthetic dataset until CIFAR-10 is wired in.
-  smoke    for tests: D 64, 5 ticks, 16x16 images of 4 classes, 60 steps
-           (~40 s on a 2-core CPU, compilation included); the loss falls
-           from ln 4 to ~0.5.
+  synthetic (default) train_cifar10.sh's model and optimiser on the synthetic
+           dataset (learnable random 32x32 images; no download).
+  smoke    for tests: D 64, 5 ticks, 16x16 synthetic images of 4 classes,
+           60 steps (~40 s on a 2-core CPU, compilation included); the loss
+           falls from ln 4 to ~0.5.
 
-`config.dataset` names the data: 'synthetic' (ctm_jax/data/images.py) so far.
+Data keys: `dataset` (synthetic | digits | cifar10 | cifar100 | imagenet2012,
+see ctm_jax/data/images.py), `data_dir` (tfds data dir; '' = TFDS_DATA_DIR or
+~/tensorflow_datasets), `augment` (the reference's train augmentation),
+`dataset_size` (train records: the synthetic set's size; a prefix of a real
+split, 0 = all of it).
 
 Run:
   python -m ctm_jax.main --config=configs/image.py:smoke --workdir=runs/image_smoke
 
-Every line of the script is a flag of one command, but its `--model ctm` line
-lacks the trailing backslash, so as written the script trains with train.py's
-defaults; the flags it lists are what is meant and what `cifar10` sets.
+Every line of train_cifar10.sh is a flag of one command, but its `--model ctm`
+line lacks the trailing backslash, so as written the script trains with
+train.py's defaults; the flags it lists are what is meant and what `base()` sets.
 """
 
 import os
@@ -30,16 +33,20 @@ from configs import models  # pylint: disable=g-import-not-at-top,wrong-import-p
 from configs import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def base() -> ml_collections.ConfigDict:
-  """The reference's train_cifar10.sh, key for key."""
+def base(dataset: str = 'cifar10', num_classes: int = 10) -> ml_collections.ConfigDict:
+  """The reference's train_cifar10.sh, key for key, on `dataset`."""
   config = models.get_config('cifar10')
   # The task derives these from the dataset, as the reference's train.py does.
   del config.input_shape, config.model.out_dims, config.model.prediction_reshaper
   config.update(trainer.defaults())
-  config.dataset = 'synthetic'
-  config.num_classes = 10
+  config.dataset = dataset
+  config.num_classes = num_classes
   config.image_shape = (32, 32, 3)
-  config.dataset_size = 50_000  # CIFAR-10's train split
+  config.dataset_size = 0  # the whole train split
+  config.data_dir = ''
+  config.augment = True
+  # AutoAugment runs in reader threads, beside the accelerator's step.
+  config.num_read_threads = 8
 
   config.seed = 1
   config.batch_size = 512
@@ -60,37 +67,54 @@ def base() -> ml_collections.ConfigDict:
   config.save_every = 1000
   config.track_every = 2000
   config.log_every = 50
+  config.n_attention_gifs = 2
   return config
 
 
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A tiny model and run for tests, keeping `config`'s data."""
+  config.model.update(
+      iterations=5,
+      d_model=64,
+      d_input=32,
+      heads=2,
+      n_synch_out=32,
+      n_synch_action=32,
+      synapse_depth=2,
+      memory_length=4,
+      memory_hidden_dims=4,
+  )
+  config.batch_size = 16
+  config.batch_size_test = 16
+  config.n_test_batches = 2
+  config.lr = 3e-3
+  config.warmup_steps = 5
+  config.training_iterations = 60
+  config.save_every = 30
+  config.track_every = 30
+  config.log_every = 10
+  config.num_read_threads = 0
+  return config
+
+
+def real_data_config(dataset: str, num_classes: int, arg: str | None):
+  """`get_config` of a real-data CIFAR config: 'default' (the script) or 'smoke'."""
+  variant = arg or 'default'
+  if variant not in ('default', 'smoke'):
+    raise ValueError(f"config variant {variant!r} is unknown; expected 'default' or 'smoke'")
+  config = base(dataset=dataset, num_classes=num_classes)
+  return smoke(config) if variant == 'smoke' else config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or 'cifar10'
-  if variant == 'cifar10':
-    return base()
+  variant = arg or 'synthetic'
+  if variant not in ('synthetic', 'smoke'):
+    raise ValueError(f"config variant {variant!r} is unknown; expected 'synthetic' or 'smoke'")
+  config = base(dataset='synthetic')
+  config.dataset_size = 50_000  # CIFAR-10's train split
   if variant == 'smoke':
-    config = base()
-    config.model.update(
-        iterations=5,
-        d_model=64,
-        d_input=32,
-        heads=2,
-        n_synch_out=32,
-        n_synch_action=32,
-        synapse_depth=2,
-        memory_length=4,
-        memory_hidden_dims=4,
-    )
+    config = smoke(config)
     config.num_classes = 4
     config.image_shape = (16, 16, 3)
     config.dataset_size = 512
-    config.batch_size = 16
-    config.batch_size_test = 16
-    config.n_test_batches = 2
-    config.lr = 3e-3
-    config.warmup_steps = 5
-    config.training_iterations = 60
-    config.save_every = 30
-    config.track_every = 30
-    config.log_every = 10
-    return config
-  raise ValueError(f"config variant {variant!r} is unknown; expected 'cifar10' or 'smoke'")
+  return config

@@ -6,12 +6,19 @@ Variants (`--config=configs/imagenet.py:<variant>`):
             pairs, 50 ticks x memory 25, NLM hidden 64, dropout 0.2; the global
             batch of its 8 GPUs x 64, lr 5e-4, norm clip 20, warmup 10k, cosine,
             500k iterations; bf16 compute (the script trains with AMP).
-  smoke     the same shapes of data with a tiny model, for tests.
+            Train augmentation RandomResizedCrop(224) + flip, eval Resize(256)
+            + CenterCrop(224), the reference's normalisation.
+  smoke     ImageNet records through a tiny model at 64x64, for tests (run on
+            tfds mock data).
 
-`config.dataset` is 'synthetic' (random 224x224 images of 1000 classes) until
-the tfds ImageNet source is wired in; it sizes and exercises a pod run.
+Prepare ImageNet once: download ILSVRC2012_img_train.tar and
+ILSVRC2012_img_val.tar from image-net.org into MANUAL_DIR, then (needs
+TensorFlow) on one machine
+  tfds build imagenet2012 --file_format=array_record --manual_dir=MANUAL_DIR \
+      --data_dir=DATA_DIR
+and make DATA_DIR readable on every host (--config.data_dir=DATA_DIR).
 
-Size a run first (per-device memory, FLOPs per step), then launch:
+Size a run first (per-device memory, FLOPs per step; reads no data), then launch:
   python -m ctm_jax.tools.compile_check --config=configs/imagenet.py --num_devices=16
   launch/tpu_pod.sh --tpu=NAME --zone=ZONE -- \
       python -m ctm_jax.main --config=configs/imagenet.py --workdir=~/gcs/imagenet
@@ -33,9 +40,12 @@ def base() -> ml_collections.ConfigDict:
   config.model = models.get_config('imagenet').model
   del config.model.out_dims, config.model.prediction_reshaper
   config.model.dtype = 'bfloat16'
+  config.dataset = 'imagenet2012'
   config.num_classes = 1000
   config.image_shape = (224, 224, 3)
-  config.dataset_size = 1_281_167  # ImageNet-1k's train split
+  # JPEG decoding and crops run in reader threads; raise num_workers_train on
+  # hosts with many cores (a resumed run must keep the same count).
+  config.num_read_threads = 16
 
   config.seed = 1
   # The script's --batch_size is per GPU, on 8 GPUs.
@@ -80,9 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         backbone_type='resnet18-1',
         dtype='float32',
     )
-    config.num_classes = 10
     config.image_shape = (64, 64, 3)
-    config.dataset_size = 256
+    config.num_read_threads = 0
     config.batch_size = 16
     config.batch_size_test = 16
     config.n_test_batches = 1

@@ -33,6 +33,8 @@ def defaults() -> ml_collections.ConfigDict:
           num_workers_train=0,
           num_read_threads=0,
           init_from='',
+          # Eval: attention gifs of the first n eval images (image tasks).
+          n_attention_gifs=0,
           # Device mesh: -1 takes the devices left over (see ctm_jax/sharding.py).
           mesh=sharding.default_mesh_config(),
       )

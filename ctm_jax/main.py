@@ -106,7 +106,9 @@ def main(argv):
     workdir = _default_workdir()
     logging.info('No --workdir given; using %s', os.path.abspath(workdir))
   try:
-    validation.validate(_CONFIG.value)  # again in the trainer; here for a one-line error
+    # Again in the trainer; here for a one-line error.
+    task, _ = validation.validate(_CONFIG.value)
+    task.check_data(_CONFIG.value)
   except ValueError as e:
     sys.exit(f'ctm_jax.main: {e}')
   train.train_and_evaluate(_CONFIG.value, workdir)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ctm_jax import losses
 from ctm_jax.data import images as image_data
@@ -26,12 +27,22 @@ class Task:
   example_input: Callable[[Any], jax.Array]
   train_source: Callable[[Any], Any]
   eval_source: Callable[[Any], Any]
+  # config -> {leaf: (shape, dtype)} of one model-ready example, without reading data.
+  record_spec: Callable[[Any], dict]
   loss: Callable[..., tuple]  # (output, batch, use_most_certain) -> (loss, most_certain_B)
   correct: Callable[..., jax.Array]  # (output, batch) -> per-tick accuracy (B, T)
   config_keys: frozenset = frozenset()  # top-level config keys of this task
   # Checks the task's own keys (raising ValueError naming `config.<key>=...`)
   # before anything is built; None when the other hooks' checks suffice.
   validate: Callable[[Any], None] | None = None
+  # config -> (record, rng) -> train example, run per record in the data
+  # pipeline (augmentation); None when train records are model-ready.
+  train_transform: Callable[[Any], Callable | None] = lambda config: None
+  # Raises ValueError, saying how to fix it, when the task's data cannot be read.
+  check_data: Callable[[Any], None] = lambda config: None
+  # (output, batch) -> per-example per-tick eval arrays beyond `correct`, computed
+  # on device (classification: `top5_BxT`, `confidence_BxT`); None when there are none.
+  eval_details: Callable[..., dict] | None = None
 
 
 def _parity_model_kwargs(config) -> dict:
@@ -66,6 +77,10 @@ PARITY = Task(
     loss=_parity_loss,
     correct=_parity_correct,
     config_keys=frozenset({'parity_sequence_length'}),
+    record_spec=lambda config: {
+        'inputs': ((config.parity_sequence_length,), np.dtype(np.float32)),
+        'targets': ((config.parity_sequence_length,), np.dtype(np.int32)),
+    },
 )
 
 
@@ -87,6 +102,17 @@ def _image_correct(output, batch):
   return (jnp.argmax(predictions_BxCxT, axis=1) == batch['targets'][:, None]).astype(jnp.float32)
 
 
+def _image_eval_details(output, batch):
+  """Top-5 hits and top-class probability per tick, (B, T) each, without the (B, C, T) logits."""
+  logits_BxCxT = output.predictions.astype(jnp.float32)
+  label_logit_BxT = jnp.take_along_axis(logits_BxCxT, batch['targets'][:, None, None], axis=1)[:, 0]
+  # Ties count against the label, as in analysis.metrics.top_k_correct.
+  above_BxT = (logits_BxCxT >= label_logit_BxT[:, None]).sum(axis=1) - 1
+  top5_BxT = (above_BxT < min(5, logits_BxCxT.shape[1])).astype(jnp.float32)
+  confidence_BxT = jax.nn.softmax(logits_BxCxT, axis=1).max(axis=1)
+  return {'top5_BxT': top5_BxT, 'confidence_BxT': confidence_BxT}
+
+
 IMAGE_CLASSIFICATION = Task(
     name='image_classification',
     model_kwargs=_image_model_kwargs,
@@ -95,8 +121,14 @@ IMAGE_CLASSIFICATION = Task(
     eval_source=image_data.eval_source,
     loss=_image_loss,
     correct=_image_correct,
-    config_keys=frozenset({'dataset', 'num_classes', 'image_shape', 'dataset_size'}),
+    config_keys=frozenset(
+        {'dataset', 'num_classes', 'image_shape', 'dataset_size', 'data_dir', 'augment'}
+    ),
     validate=image_data.check_config,
+    train_transform=image_data.train_transform,
+    check_data=image_data.check_data,
+    record_spec=image_data.record_spec,
+    eval_details=_image_eval_details,
 )
 
 TASKS = {'parity': PARITY, 'image_classification': IMAGE_CLASSIFICATION}

@@ -112,7 +112,7 @@ def test_correct_is_the_top_class_per_tick():
   assert correct_BxT.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('variant', ['cifar10', 'smoke'])
+@pytest.mark.parametrize('variant', ['synthetic', 'smoke'])
 def test_shipped_variants_are_valid(variant):
   config = image.get_config(variant)
   tasks.IMAGE_CLASSIFICATION.validate(config)
@@ -179,9 +179,12 @@ def test_smoke_run_end_to_end(smoke_run):
     assert all(0.0 <= v <= 1.0 for k, v in record.items() if '/acc_' in k), record
     if 'eval/loss' in record:
       assert {f'eval/acc_tick_{t}' for t in range(ticks)} <= set(record)
-  assert sorted(os.listdir(workdir / 'plots')) == [
-      f'eval_ticks_{step:07d}.png' for step in eval_steps
-  ]
+  # Per eval: tick plot, adaptive-compute table and plot, attention gifs.
+  per_eval = ['eval_ticks_{}.png', 'adaptive_compute_{}.json', 'adaptive_compute_{}.png']
+  per_eval += [f'attention_{{}}_{i}.gif' for i in range(config.n_attention_gifs)]
+  assert sorted(os.listdir(workdir / 'plots')) == sorted(
+      name.format(f'{step:07d}') for step in eval_steps for name in per_eval
+  )
 
 
 def test_smoke_run_learns(smoke_run):

@@ -1,4 +1,15 @@
-"""Image-classification records; so far one synthetic, learnable dataset.
+"""Image-classification data: one dispatcher over the datasets the task reads.
+
+`config.dataset`:
+  synthetic     learnable random images, no download (below).
+  digits        scikit-learn's bundled 8x8 digits: real data, no download
+                (ctm_jax/data/digits.py).
+  cifar10, cifar100, imagenet2012
+                tfds array_record, with the reference's augmentation
+                (ctm_jax/data/tfds_images.py); prepared once with `tfds build`.
+
+Every source yields {'inputs': float32 (H, W, C), 'targets': int32 ()} records
+(eval) or records that `train_transform(config)` turns into them (train).
 
 `dataset='synthetic'`: class k has a fixed random prototype image P_k; a record
 of class k is P_k + NOISE_SCALE * noise, with a fresh noise draw per record.
@@ -13,9 +24,14 @@ Dimension glossary: H image height, W image width, C image channels.
 
 import numbers
 
+import grain
 import numpy as np
 
-DATASETS = ('synthetic',)
+
+from ctm_jax.data import digits as digits_data
+from ctm_jax.data import tfds_images
+
+DATASETS = ('synthetic', 'digits', *tfds_images.SPECS)
 
 # Stream tags mixed into every seed: the splits' noise and the prototypes never
 # share a key.
@@ -35,11 +51,13 @@ def _is_positive_int(value) -> bool:
 
 
 def check_config(config):
-  """Raises ValueError naming the first bad image key (`config.<key>=<value>: why`)."""
-  if config.dataset not in DATASETS:
-    raise ValueError(
-        f'config.dataset={config.dataset!r}: unknown; expected one of {", ".join(DATASETS)}'
-    )
+  """Raises ValueError naming the first bad image key (`config.<key>=<value>: why`).
+
+  Reads no data: a run can be sized (compile_check) before its dataset exists.
+  """
+  dataset = config.dataset
+  if dataset not in DATASETS:
+    raise ValueError(f'config.dataset={dataset!r}: unknown; expected one of {", ".join(DATASETS)}')
   if not _is_positive_int(config.num_classes):
     raise ValueError(f'config.num_classes={config.num_classes!r}: must be a positive integer')
   shape = config.image_shape
@@ -48,8 +66,42 @@ def check_config(config):
     raise ValueError(
         f'config.image_shape={shape!r}: must be (height, width, channels), positive integers'
     )
-  if not _is_positive_int(config.dataset_size):
-    raise ValueError(f'config.dataset_size={config.dataset_size!r}: must be a positive integer')
+  if not isinstance(config.data_dir, str):
+    raise ValueError(f'config.data_dir={config.data_dir!r}: must be a path (a string)')
+  if not isinstance(config.augment, bool):
+    raise ValueError(f'config.augment={config.augment!r}: must be True or False')
+  size = config.dataset_size
+  if dataset == 'synthetic':
+    if not _is_positive_int(size):
+      raise ValueError(f'config.dataset_size={size!r}: must be a positive integer')
+    return
+  if not (_is_positive_int(size) or (size == 0 and not isinstance(size, bool))):
+    raise ValueError(f'config.dataset_size={size!r}: train records to use; 0 takes the whole split')
+  if dataset == 'digits':
+    classes, expected_shape = digits_data.NUM_CLASSES, digits_data.IMAGE_SHAPE
+    if tuple(shape) != expected_shape:
+      raise ValueError(f'config.image_shape={tuple(shape)!r}: digits images are {expected_shape}')
+  else:
+    classes = tfds_images.SPECS[dataset].num_classes
+    tfds_images.check_shape(dataset, shape)
+  if config.num_classes != classes:
+    raise ValueError(f'config.num_classes={config.num_classes!r}: {dataset} has {classes} classes')
+
+
+def check_data(config):
+  """Raises ValueError when the configured dataset cannot be read, saying how to fix it."""
+  check_config(config)
+  if config.dataset != 'synthetic':
+    train_source(config)
+    eval_source(config)
+
+
+def record_spec(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shape and dtype of one example's leaves, without reading data."""
+  return {
+      'inputs': (tuple(config.image_shape), np.dtype(np.float32)),
+      'targets': ((), np.dtype(np.int32)),
+  }
 
 
 class SyntheticImages:
@@ -110,17 +162,40 @@ class SyntheticImages:
     )
 
 
-def train_source(config) -> SyntheticImages:
-  """The train split of `config.dataset`: `config.dataset_size` records."""
+def train_source(config):
+  """The train split of `config.dataset` (records for `train_transform`)."""
   check_config(config)
-  return SyntheticImages(
-      config.num_classes, config.image_shape, config.seed, config.dataset_size, split='train'
-  )
+  if config.dataset == 'synthetic':
+    return SyntheticImages(
+        config.num_classes, config.image_shape, config.seed, config.dataset_size, split='train'
+    )
+  if config.dataset == 'digits':
+    return _prefix(digits_data.Digits('train'), config.dataset_size)
+  return tfds_images.train_source(config)
 
 
-def eval_source(config) -> SyntheticImages:
-  """The held-out split of `config.dataset`: EVAL_RECORDS records."""
+def train_transform(config):
+  """(record, rng) -> example applied to every train record, or None."""
+  if config.dataset in tfds_images.SPECS:
+    return tfds_images.train_transform(config)
+  return None
+
+
+def eval_source(config):
+  """The held-out split of `config.dataset`: model-ready records."""
   check_config(config)
-  return SyntheticImages(
-      config.num_classes, config.image_shape, config.seed, EVAL_RECORDS, split='eval'
-  )
+  if config.dataset == 'synthetic':
+    return SyntheticImages(
+        config.num_classes, config.image_shape, config.seed, EVAL_RECORDS, split='eval'
+    )
+  if config.dataset == 'digits':
+    return digits_data.Digits('eval')
+  return tfds_images.eval_source(config)
+
+
+def _prefix(source, size: int):
+  if size > len(source):
+    raise ValueError(f'config.dataset_size={size}: the train split has {len(source)} records')
+  if size in (0, len(source)):
+    return source
+  return grain.MapDataset.source(source)[:size]

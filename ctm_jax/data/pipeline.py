@@ -8,16 +8,20 @@ dict (positions, not buffers) that orbax saves beside the train state.
 
 Order of a train pipeline, per host:
   source -> global shuffle (reshuffled each epoch) -> drop the epoch's remainder
-  -> every shard_count-th record from shard_index -> repeat -> batch -> workers.
+  -> repeat -> random transform (augmentation) -> every shard_count-th record
+  from shard_index -> batch -> workers.
 Sharding a globally shuffled order by stride means the hosts' batches of step s
 together hold exactly the records of step s of the same pipeline run unsharded
 with the global batch size, so the data seen per step does not depend on how
-many hosts share it. Every shard has the same length, so no host runs out first.
+many hosts share it. The transform's random stream is keyed by the record's
+global position, so the augmentation does not depend on it either. Every shard
+has the same length, so no host runs out first. The transform runs where the
+records are read (reader threads or worker processes), off the accelerator.
 
 Dimension glossary: B per-host batch.
 """
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -44,6 +48,7 @@ def make_train_loader(
     worker_count: int = 0,
     num_epochs: int | None = None,
     read_options: grain.ReadOptions | None = None,
+    transform: Callable[[Any, np.random.Generator], Any] | None = None,
 ) -> grain.IterDataset:
   """A host's train batches; `iter()` of it is checkpointable (get_state/set_state).
 
@@ -58,6 +63,9 @@ def make_train_loader(
       The batch order depends on it, so a resumed run must keep it.
     num_epochs: passes over the source; None repeats forever.
     read_options: grain's per-process reader threads and buffer.
+    transform: (record, rng) -> record, e.g. augmentation; `rng` is a function
+      of `seed` and the record's global position in the stream. Picklable when
+      `worker_count > 0`.
 
   Returns:
     An `IterDataset` of batches: each leaf of a record stacked to (B, ...).
@@ -72,11 +80,13 @@ def make_train_loader(
         f'{batch_size} per shard'
     )
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
-  # Slices of a shuffled MapDataset map epoch e of the slice to epoch e of the
-  # shuffle, so repeating after sharding still reshuffles every epoch.
+  # Repeating a shuffled MapDataset reshuffles every epoch.
   if records_per_epoch != len(source):
     ds = ds[:records_per_epoch]
-  ds = ds[shard_index::shard_count].repeat(num_epochs)
+  ds = ds.repeat(num_epochs)
+  if transform is not None:
+    ds = ds.random_map(transform, seed=seed)
+  ds = ds[shard_index::shard_count]
   iter_ds = ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
   if worker_count > 0:
     # Batch inside the workers: one transfer per batch rather than per record.

@@ -31,12 +31,6 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON f
 GIB = 2**30
 
 
-def _record_spec(task, config):
-  """One example's leaves as ShapeDtypeStructs, from the first train record."""
-  record = task.train_source(config)[0]
-  return jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype), record)
-
-
 def _tree_bytes_per_device(abstract_tree) -> int:
   """Bytes one device holds of a sharded tree (the largest shard of each leaf)."""
   total = 0
@@ -57,7 +51,7 @@ def check(config, num_devices: int) -> dict:
     run = train.setup(config, model, task, mesh)
     batch = {
         name: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype, sharding=run.batch_sharding)
-        for name, (shape, dtype) in _record_spec(task, config).items()
+        for name, (shape, dtype) in task.record_spec(config).items()
     }
     started = time.perf_counter()
     lowered = run.train_step.lower(run.abstract_state, batch)

@@ -1,0 +1,60 @@
+"""Real data on a laptop: scikit-learn's bundled 8x8 handwritten digits.
+
+No download: the 1797 images ship inside scikit-learn (`pip install
+scikit-learn`). 1437 train / 360 test, a fixed stratified split. A small CTM
+(resnet18-1 stem and first stage, D 128, 10 ticks) reaches over 98% test
+accuracy in under two minutes on a 2-core CPU, compilation included.
+
+Variants (`--config=configs/digits.py:<variant>`):
+  default  the demo: 1000 steps at batch 64 (~99% test accuracy, under 2
+           minutes on a 2-core CPU).
+  smoke    a short run for tests.
+
+Run:
+  python -m ctm_jax.main --config=configs/digits.py --workdir=runs/digits
+"""
+
+import os
+import sys
+
+# Config files are loaded by path; make the sibling base configs importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg: str | None = None):
+  variant = arg or 'default'
+  if variant not in ('default', 'smoke'):
+    raise ValueError(f"config variant {variant!r} is unknown; expected 'default' or 'smoke'")
+  config = image.base(dataset='digits', num_classes=10)
+  config.image_shape = (8, 8, 1)
+  config.augment = False
+  config.num_read_threads = 0
+  config.model.update(
+      iterations=10,
+      d_model=128,
+      d_input=32,
+      heads=2,
+      n_synch_out=64,
+      n_synch_action=32,
+      synapse_depth=1,
+      memory_length=5,
+      memory_hidden_dims=8,
+      backbone_type='resnet18-1',
+  )
+  config.seed = 0
+  config.batch_size = 64
+  config.batch_size_test = 72
+  config.n_test_batches = 5  # the whole test split
+  config.lr = 1e-3
+  config.warmup_steps = 50
+  config.weight_decay = 0.0
+  config.training_iterations = 1000
+  config.save_every = 500
+  config.track_every = 250
+  config.log_every = 50
+  if variant == 'smoke':
+    config.training_iterations = 300
+    config.save_every = 300
+    config.track_every = 300
+  return config
