@@ -1,6 +1,7 @@
 """Pure train and eval steps.
 
-Dimension glossary: B batch, T ticks.
+Dimension glossary: B batch, T ticks, N attended positions (h * w of an image
+backbone's feature map), A top classes shown.
 """
 
 from typing import Any
@@ -102,9 +103,71 @@ def make_train_step(model, task, tx, schedule, use_most_certain: bool):
 
 
 def make_eval_step(model, task, use_most_certain: bool):
+  """(state, batch) -> (metric sums, per-example arrays).
+
+  The per-example arrays (`correct_BxT`, `certainty_BxT`, `most_certain_B` and
+  the task's `eval_details`) let the host compute metrics over the whole eval
+  set (top-5, calibration, adaptive compute); they are (B, T) at most, never logits.
+  """
+
   def eval_step(state: TrainState, batch):
     output = model.apply(_variables(state, state.params), batch['inputs'])
     loss, most_certain_B = task.loss(output, batch, use_most_certain)
-    return _tick_metrics(task, output, batch, loss, most_certain_B)
+    per_example = {
+        'correct_BxT': task.correct(output, batch).astype(jnp.float32),
+        'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+        'most_certain_B': most_certain_B.astype(jnp.int32),
+    }
+    if task.eval_details is not None:
+      per_example.update(task.eval_details(output, batch))
+    return _tick_metrics(task, output, batch, loss, most_certain_B), per_example
 
   return eval_step
+
+
+def make_attention_step(model, num_top: int):
+  """(state, images) -> per-tick attention maps and top classes of a few images.
+
+  Returns `attention_BxTxN` (averaged over heads), `top_probs_BxTxA`,
+  `top_classes_BxTxA` (the A = `num_top` most probable classes) and `certainty_BxT`.
+  """
+
+  def attention_step(state: TrainState, images):
+    output = model.apply(_variables(state, state.params), images, track=True)
+    attention_TxBxN = output.tracking.attention.astype(jnp.float32).mean(axis=(2, 3))
+    probs_BxTxC = jax.nn.softmax(
+        jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1
+    )
+    top_probs_BxTxA, top_classes_BxTxA = jax.lax.top_k(probs_BxTxC, num_top)
+    return {
+        'attention_BxTxN': jnp.moveaxis(attention_TxBxN, 0, 1),
+        'top_probs_BxTxA': top_probs_BxTxA,
+        'top_classes_BxTxA': top_classes_BxTxA,
+        'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+    }
+
+  return attention_step
+
+
+def feature_grid(model, image_shape) -> tuple[int, int]:
+  """(h, w) of the feature map the model attends over for images of `image_shape`.
+
+  Read from the backbone's output shape (abstractly: nothing is computed); the
+  input itself when the model has no backbone.
+  """
+
+  def is_backbone_call(module, method):
+    return module.name == 'backbone' and method == '__call__'
+
+  def backbone_output(x):
+    _, variables = model.init_with_output(
+        jax.random.key(0), x, capture_intermediates=is_backbone_call
+    )
+    return variables.get('intermediates', {})
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  captured = jax.tree.leaves(jax.eval_shape(backbone_output, x))
+  shape = captured[0].shape if captured else x.shape
+  if len(shape) != 4:
+    raise ValueError(f'the backbone maps images {image_shape} to {shape[1:]}, not a 2-D map')
+  return shape[1], shape[2]

@@ -1,9 +1,10 @@
 """train_and_evaluate: config -> data -> state -> jitted steps -> loop.
 
-Dimension glossary: T ticks.
+Dimension glossary: B batch, T ticks, N attended positions (an h x w feature map).
 """
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -22,6 +23,8 @@ from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax import validation
 from ctm_jax import writers
+from ctm_jax.analysis import evaluation
+from ctm_jax.analysis import metrics as metrics_lib
 from ctm_jax.analysis import plots
 from ctm_jax.data import pipeline
 from ctm_jax.interop import torch as torch_interop
@@ -106,7 +109,7 @@ class Setup:
   batch_sharding: jax.sharding.NamedSharding
   init: Callable[[], steps.TrainState]  # fresh state, created in its shardings
   train_step: Callable  # (state, global batch) -> (state, metrics); donates state
-  eval_step: Callable  # (state, global batch) -> metric sums
+  eval_step: Callable  # (state, global batch) -> (metric sums, per-example arrays)
 
 
 def _under_rules(fn):
@@ -176,6 +179,59 @@ def setup(config, model, task, mesh) -> Setup:
   )
 
 
+def _attention_gifs(config, task, model, run: Setup, eval_source, plot_dir):
+  """(state, step) -> writes `plot_dir/attention_{step}_{i}.gif` for the first
+  `config.n_attention_gifs` eval images (process 0); None when there are none to make.
+
+  Gifs need images (4-D inputs), attention heads and class probabilities
+  (`task.eval_details`). The images are the same records on every process, so
+  they go in replicated; the step is jitted once and runs without the logical
+  rules, whose batch constraint a few images cannot satisfy.
+  """
+  count = min(config.n_attention_gifs, len(eval_source))
+  if not count:
+    return None
+  if task.eval_details is None or not model.heads or task.example_input(config).ndim != 4:
+    logging.warning(
+        'config.n_attention_gifs=%d: no attention gifs, task %s does not attend over images',
+        count,
+        task.name,
+    )
+    return None
+  records = [eval_source[i] for i in range(count)]
+  images = np.stack([np.asarray(r['inputs']) for r in records])
+  labels = [int(r['targets']) for r in records]
+  grid = steps.feature_grid(model, images.shape[1:])
+  replicated = sharding.replicated(run.mesh)
+  images_global = jax.make_array_from_callback(images.shape, replicated, lambda i: images[i])
+  attention_step = jax.jit(
+      steps.make_attention_step(model, min(5, model.out_dims)),
+      in_shardings=(run.state_shardings, replicated),
+      out_shardings=replicated,
+  )
+
+  def write(state, step):
+    tracked = jax.device_get(attention_step(state, images_global))
+    if jax.process_index() != 0:
+      return
+    attention_BxTxN = tracked['attention_BxTxN']
+    if attention_BxTxN.shape[-1] != grid[0] * grid[1]:
+      raise ValueError(f'attention over {attention_BxTxN.shape[-1]} positions, not a {grid} map')
+    for i, (image, label) in enumerate(zip(images, labels)):
+      plots.attention_gif(
+          image,
+          attention_BxTxN[i].reshape(-1, *grid),
+          tracked['top_probs_BxTxA'][i],
+          tracked['top_classes_BxTxA'][i],
+          tracked['certainty_BxT'][i],
+          os.path.join(plot_dir, f'attention_{step:07d}_{i}.gif'),
+          label=label,
+          title=f'step {step}, eval image {i}: ',
+      )
+
+  return write
+
+
 def _initial_state(config, model, run: Setup, checkpointer, train_iterator):
   """Resume order: latest in workdir -> config.init_from -> fresh init.
 
@@ -213,6 +269,7 @@ def train_and_evaluate(config, workdir: str):
   """
   started = time.perf_counter()
   task, model = validation.validate(config)
+  task.check_data(config)  # before anything is written or compiled
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     return _train_and_evaluate(config, workdir, task, model, mesh, started)
@@ -235,27 +292,29 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
         shard_count=jax.process_count(),
         worker_count=config.num_workers_train,
         read_options=grain.ReadOptions(num_threads=config.num_read_threads),
+        transform=task.train_transform(config),
     )
     train_iterator = iter(train_loader)
     state, how = _initial_state(config, model, run, checkpointer, train_iterator)
     start = int(state.step)
     total = config.training_iterations
-    eval_batches = [
-        sharding.global_batch(batch, mesh)
-        for batch in pipeline.make_eval_batches(
-            task.eval_source(config),
-            batch_size=config.batch_size_test // jax.process_count(),  # per host
-            num_batches=config.n_test_batches,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-        )
-    ]
+    eval_source = task.eval_source(config)
+    # Kept on the host and sent per eval: ImageNet's 25 batches of 512 would
+    # otherwise hold GiBs of accelerator memory for the whole run.
+    eval_batches = pipeline.make_eval_batches(
+        eval_source,
+        batch_size=config.batch_size_test // jax.process_count(),  # per host
+        num_batches=config.n_test_batches,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
     train_step, eval_step = run.train_step, run.eval_step
+    plot_dir = os.path.join(workdir, 'plots')
+    write_gifs = _attention_gifs(config, task, model, run, eval_source, plot_dir)
   except BaseException:
     checkpointer.close()
     raise
   writer = writers.MetricWriter(workdir, resume_step=start)
-  plot_dir = os.path.join(workdir, 'plots')
   if is_chief:
     os.makedirs(plot_dir, exist_ok=True)
   logging.info(
@@ -276,17 +335,27 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
   )
 
   def evaluate(step):
-    sums = None
+    sums, per_batch = None, []
     for batch in eval_batches:
-      sums = _add(sums, eval_step(state, batch))
-    sums = jax.device_get(sums)
+      batch_sums, per_example = eval_step(state, sharding.global_batch(batch, mesh))
+      sums = _add(sums, batch_sums)
+      per_batch.append(per_example)
+    sums, per_batch = jax.device_get((sums, per_batch))
     scalars = _summarise(sums, 'eval')
+    # Over the whole eval set: top-5, calibration, adaptive compute (the paper's tables).
+    whole_set, adaptive = evaluation.summarise(evaluation.concatenate(per_batch), 'eval')
+    scalars.update(whole_set)
     certainty_T = _per_tick(sums, 'certainty_tick_sum')
     scalars['eval/certainty_last'] = float(certainty_T[-1])
     # Wall time of this process so far, compile included (time-to-accuracy).
     scalars['eval/elapsed_s'] = time.perf_counter() - started
     writer.write(step, scalars)
     path = os.path.join(plot_dir, f'eval_ticks_{step:07d}.png')
+    logging.info(
+        'eval step %d: adaptive compute (stop at the first tick this certain):\n%s',
+        step,
+        metrics_lib.format_adaptive_table(adaptive),
+    )
     if is_chief:
       plots.plot_ticks(
           _per_tick(sums, 'acc_tick_sum'),
@@ -294,6 +363,16 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
           path,
           title=f'{config.task}: eval at step {step}',
       )
+      adaptive_path = os.path.join(plot_dir, f'adaptive_compute_{step:07d}')
+      with open(adaptive_path + '.json', 'w') as f:
+        json.dump({'step': step, **adaptive}, f, indent=1)
+      plots.plot_adaptive_compute(
+          adaptive,
+          adaptive_path + '.png',
+          title=f'{config.task}: adaptive compute at step {step}',
+      )
+    if write_gifs is not None:
+      write_gifs(state, step)  # every process: the tracked step is one SPMD program
     logging.info(
         'eval step %d: loss %.4f, acc most-certain %.4f, last tick %.4f (plot %s)',
         step,

@@ -18,7 +18,13 @@ _POSITIVE_INTS = (
     'log_every',
     'keep_checkpoints',
 )
-_NON_NEGATIVE_INTS = ('warmup_steps', 'num_workers_train', 'num_read_threads', 'seed')
+_NON_NEGATIVE_INTS = (
+    'warmup_steps',
+    'num_workers_train',
+    'num_read_threads',
+    'seed',
+    'n_attention_gifs',
+)
 
 
 # Trainer keys every task config carries; a task adds its own (`Task.config_keys`).
@@ -49,6 +55,7 @@ TRAIN_KEYS = frozenset(
         'num_workers_train',
         'num_read_threads',
         'init_from',
+        'n_attention_gifs',
         'mesh',
     }
 )

@@ -95,3 +95,23 @@ def test_calibrated_predictions_have_small_ece():
   assert metrics.expected_calibration_error(probs, labels)[0] < 0.02
   overconfident = np.stack([np.full(n, 0.99), np.full(n, 0.01)], 1)[:, :, None]
   assert metrics.expected_calibration_error(overconfident, labels)[0] > 0.2
+
+
+def test_calibration_error_from_confidence_and_correctness():
+  logits, labels = _random(4)
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  confidence, correct = probs.max(1), probs.argmax(1) == labels[:, None]
+  np.testing.assert_allclose(
+      metrics.calibration_error(confidence, correct, num_bins=10),
+      metrics.expected_calibration_error(probs, labels, num_bins=10),
+  )
+  # Any correctness in [0, 1] works (e.g. a per-bit accuracy); float and bool agree.
+  np.testing.assert_allclose(
+      metrics.calibration_error(confidence, correct.astype(np.float32)),
+      metrics.calibration_error(confidence, correct),
+  )
+  # One bin: ECE is |mean accuracy - mean confidence| per tick.
+  np.testing.assert_allclose(
+      metrics.calibration_error(confidence, correct, num_bins=1),
+      np.abs(correct.mean(0) - confidence.mean(0)),
+  )

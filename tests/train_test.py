@@ -253,11 +253,19 @@ def test_end_to_end_smoke_run(smoke_run):
   assert sorted(tags['eval/acc_tick_0']) == [30, 60]
   assert f'eval/acc_tick_{ticks - 1}' in tags
 
-  # One PNG per eval.
+  # Per eval: the tick plot and the adaptive-compute table and plot (no attention gifs).
   plots = sorted(os.listdir(workdir / 'plots'))
-  assert plots == ['eval_ticks_0000030.png', 'eval_ticks_0000060.png']
+  assert plots == [
+      'adaptive_compute_0000030.json',
+      'adaptive_compute_0000030.png',
+      'adaptive_compute_0000060.json',
+      'adaptive_compute_0000060.png',
+      'eval_ticks_0000030.png',
+      'eval_ticks_0000060.png',
+  ]
   for name in plots:
-    assert (workdir / 'plots' / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    if name.endswith('.png'):
+      assert (workdir / 'plots' / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 # ---------------------------------------------------------------------------

@@ -26,9 +26,17 @@ def expected_calibration_error(
     probs_NxCxT: np.ndarray, labels_N: np.ndarray, num_bins: int = 15
 ) -> np.ndarray:
   """ECE per tick, (T,): confidence = top class probability, equal-width bins on [0, 1]."""
-  n, _, ticks = probs_NxCxT.shape
   confidence_NxT = probs_NxCxT.max(axis=1)
   correct_NxT = probs_NxCxT.argmax(axis=1) == labels_N[:, None]
+  return calibration_error(confidence_NxT, correct_NxT, num_bins)
+
+
+def calibration_error(
+    confidence_NxT: np.ndarray, correct_NxT: np.ndarray, num_bins: int = 15
+) -> np.ndarray:
+  """ECE per tick, (T,), from each prediction's confidence and whether it was right."""
+  n, ticks = confidence_NxT.shape
+  correct_NxT = np.asarray(correct_NxT, dtype=np.float64)
   # Bin b holds confidences in (b/S, (b+1)/S]; a confidence of 0 joins bin 0.
   bins_NxT = np.clip(np.ceil(confidence_NxT * num_bins).astype(int) - 1, 0, num_bins - 1)
   ece_T = np.zeros(ticks)

@@ -1,6 +1,7 @@
 """Plots drawn on the host from evaluation metrics, never inside the train loop.
 
-Dimension glossary: T ticks.
+Dimension glossary: T ticks, K thresholds, H x W image, h x w attended feature
+map, A top classes shown.
 """
 
 import matplotlib
@@ -8,6 +9,7 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display on training machines
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def plot_ticks(accuracy_T, certainty_T, path, title: str = '') -> str:
@@ -27,4 +29,94 @@ def plot_ticks(accuracy_T, certainty_T, path, title: str = '') -> str:
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+  return str(path)
+
+
+def plot_adaptive_compute(adaptive: dict, path, title: str = '') -> str:
+  """Accuracy against mean ticks used when each example stops once certain enough.
+
+  `adaptive`: ctm_jax.analysis.evaluation.summarise's result (`thresholds`,
+  `accuracy`, `mean_ticks` (K,), `ticks`, `acc_last`, `acc_most_certain`).
+  """
+  fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+  ticks_K, acc_K = np.asarray(adaptive['mean_ticks']), np.asarray(adaptive['accuracy'])
+  ax.plot(ticks_K, acc_K, marker='o', color='tab:blue', lw=2, label='stop at certainty threshold')
+  for th, x, y in zip(adaptive['thresholds'], ticks_K, acc_K):
+    ax.annotate(f'{th:g}', (x, y), textcoords='offset points', xytext=(4, -12), fontsize=8)
+  all_ticks = f"all {adaptive['ticks']} ticks"
+  ax.axhline(adaptive['acc_last'], color='tab:gray', ls='--', label=f'last tick ({all_ticks})')
+  ax.axhline(
+      adaptive['acc_most_certain'], color='tab:orange', ls=':', label=f'most certain ({all_ticks})'
+  )
+  ax.set_xlabel('mean internal ticks used')
+  ax.set_ylabel('accuracy')
+  ax.set_xlim(0.5, adaptive['ticks'] + 0.5)
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(loc='lower right', fontsize=8)
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return str(path)
+
+
+def _unit_range(image_HxWxC):
+  """Per-image min/max to [0, 1]; a grey image for a constant one."""
+  image_HxWxC = np.asarray(image_HxWxC, np.float32)
+  low, high = image_HxWxC.min(), image_HxWxC.max()
+  image_HxWxC = (image_HxWxC - low) / (high - low) if high > low else np.full_like(image_HxWxC, 0.5)
+  return image_HxWxC[..., 0] if image_HxWxC.shape[-1] == 1 else image_HxWxC
+
+
+def attention_gif(
+    image_HxWxC,
+    attention_Txhxw,
+    top_probs_TxA,
+    top_classes_TxA,
+    certainty_T,
+    path,
+    label: int | None = None,
+    title: str = '',
+    frame_ms: int = 200,
+) -> str:
+  """One frame per tick: the image under the head-averaged attention map
+  (stretched over it), the most probable classes, and the certainty."""
+  ticks, num_top = np.shape(top_probs_TxA)
+  height, width = np.shape(image_HxWxC)[:2]
+  fig, (ax_image, ax_probs) = plt.subplots(1, 2, figsize=(6, 3.2), dpi=80)
+  ax_image.imshow(_unit_range(image_HxWxC), cmap='gray', interpolation='nearest')
+  # The map's cells cover the image: extent stretches (h, w) over (H, W).
+  overlay = ax_image.imshow(
+      attention_Txhxw[0],
+      cmap='inferno',
+      alpha=0.55,
+      interpolation='bilinear',
+      extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+  )
+  ax_image.set_axis_off()
+  rows = np.arange(num_top)[::-1]  # most probable on top
+  bars = ax_probs.barh(rows, top_probs_TxA[0], color='tab:blue')
+  names = [ax_probs.text(0.02, y, '', va='center', fontsize=8) for y in rows]
+  ax_probs.set_xlim(0, 1)
+  ax_probs.set_yticks([])
+  ax_probs.set_xlabel('probability')
+  heading = fig.suptitle('', fontsize=9)
+  fig.tight_layout(rect=(0, 0, 1, 0.93))  # once: the frames share one layout
+  frames = []
+  for t in range(ticks):
+    overlay.set_data(attention_Txhxw[t])
+    overlay.set_clim(float(np.min(attention_Txhxw[t])), float(np.max(attention_Txhxw[t])))
+    for bar, name, prob, cls in zip(bars, names, top_probs_TxA[t], top_classes_TxA[t]):
+      bar.set_width(float(prob))
+      bar.set_color('tab:green' if cls == label else 'tab:blue')
+      name.set_text(f'class {int(cls)}: {float(prob):.2f}')
+    truth = '' if label is None else f', label {label}'
+    heading.set_text(f'{title}tick {t + 1}/{ticks}, certainty {float(certainty_T[t]):.3f}{truth}')
+    fig.canvas.draw()
+    frame = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+    # Octree palettes: far quicker than Pillow's default median cut.
+    frames.append(frame.quantize(method=Image.Quantize.FASTOCTREE))
+  plt.close(fig)
+  frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
   return str(path)
