@@ -49,6 +49,7 @@ import optax
 from ctm_jax import losses
 from ctm_jax.models.ctm import ContinuousThoughtMachine
 from ctm_jax.models.ctm import project_decay_params
+from ctm_jax.tools import flops as flops_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import models as model_configs  # pylint: disable=g-import-not-at-top
@@ -156,36 +157,6 @@ def time_calls(call, warmup, repeats):
   return times
 
 
-def _flops(stage):
-  """XLA's FLOP count of a Lowered or Compiled stage; None where unsupported."""
-  try:
-    cost = stage.cost_analysis()
-  except Exception:  # Not every backend implements it.
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost['flops']) if cost and 'flops' in cost else None
-
-
-def lowered_flops(lowered):
-  # The lowered (pre-compile) analysis exists on CPU only; elsewhere compile.
-  flops = _flops(lowered)
-  return flops if flops is not None else _flops(lowered.compile())
-
-
-def tick_scaled_flops(make_fn, iterations, *args):
-  """FLOPs of `iterations` ticks from 1- and 2-tick lowerings (see module doc).
-
-  `make_fn(ticks, unroll)` returns the jitted function for a model with that
-  many ticks; with unroll == ticks the loop runs once, so XLA's count is exact.
-  """
-  one = lowered_flops(make_fn(1, 1).lower(*args))
-  two = lowered_flops(make_fn(2, 2).lower(*args))
-  if one is None or two is None:
-    return None
-  return one + (iterations - 1) * (two - one)
-
-
 def memory_analysis_of(compiled):
   try:
     mem = compiled.memory_analysis()
@@ -226,11 +197,15 @@ def run_config(name, args):
   cfg = CONFIGS[name]
 
   def make_model(iterations=cfg['model']['iterations'], unroll=args.unroll):
+    # The command line's compute options replace the config's.
     return ContinuousThoughtMachine(
-        **{**cfg['model'], 'iterations': iterations},
-        remat=args.remat,
-        dtype=jnp.dtype(args.dtype),
-        unroll=unroll,
+        **{
+            **cfg['model'],
+            'iterations': iterations,
+            'remat': args.remat,
+            'dtype': jnp.dtype(args.dtype),
+            'unroll': unroll,
+        }
     )
 
   model = make_model()
@@ -267,8 +242,12 @@ def run_config(name, args):
   log(f'{name}: FLOPs from 1- and 2-tick lowerings')
   ticks = cfg['model']['iterations']
   build = lambda t, u, i: jax.jit(build_steps(make_model(t, u), cfg['task'], tx)[i])
-  fwd_flops = tick_scaled_flops(lambda t, u: build(t, u, 0), ticks, fwd_variables, x)
-  train_flops = tick_scaled_flops(lambda t, u: build(t, u, 1), ticks, state, x, targets)
+  fwd_flops = flops_lib.tick_scaled_flops(
+      lambda t, u: build(t, u, 0).lower(fwd_variables, x), ticks
+  )
+  train_flops = flops_lib.tick_scaled_flops(
+      lambda t, u: build(t, u, 1).lower(state, x, targets), ticks
+  )
   step = jax.jit(train_step, donate_argnums=0)
   log(f'{name}: compile train step')
   train_compiled, train_lower_s, train_compile_s = aot_compile(step, state, x, targets)
@@ -307,8 +286,8 @@ def run_config(name, args):
       train_losses=losses_seen,
       forward_flops=fwd_flops,
       train_flops=train_flops,
-      forward_flops_xla_raw=_flops(fwd_compiled),
-      train_flops_xla_raw=_flops(train_compiled),
+      forward_flops_xla_raw=flops_lib.cost_flops(fwd_compiled),
+      train_flops_xla_raw=flops_lib.cost_flops(train_compiled),
       train_memory_analysis=memory_analysis_of(train_compiled),
       forward_memory_analysis=memory_analysis_of(fwd_compiled),
       device_peak_bytes=device_peak_bytes(),

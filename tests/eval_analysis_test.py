@@ -21,7 +21,6 @@ from configs import image
 from configs import parity
 from ctm_jax import steps
 from ctm_jax import tasks
-from ctm_jax import train
 from ctm_jax import validation
 from ctm_jax.analysis import evaluation
 from ctm_jax.analysis import metrics
@@ -244,40 +243,3 @@ def test_n_attention_gifs_is_validated():
   config.n_attention_gifs = -1
   with pytest.raises(ValueError, match=re.escape('config.n_attention_gifs=-1')):
     validation.validate(config)
-
-
-# ---------------------------------------------------------------------------
-# End to end.
-
-
-def test_image_run_writes_the_paper_metrics_and_gifs(tmp_path):
-  config = image.get_config('smoke')
-  config.update(training_iterations=10, warmup_steps=2, track_every=10, save_every=10, log_every=10)
-  config.n_test_batches = 1
-  config.n_attention_gifs = 2
-  workdir = tmp_path / 'run'
-  train.train_and_evaluate(config, str(workdir))
-  ticks = config.model.iterations
-  with open(workdir / 'metrics.jsonl') as f:
-    record = [json.loads(line) for line in f if 'eval/loss' in line][-1]
-  assert record['step'] == 10
-  want = {'eval/acc_last', 'eval/top5_last', 'eval/top5_most_certain', 'eval/ece_last'}
-  for tick in range(ticks):
-    want |= {f'eval/acc_tick_{tick}', f'eval/top5_tick_{tick}', f'eval/ece_tick_{tick}'}
-  for th in metrics.DEFAULT_THRESHOLDS:
-    want |= {f'eval/adaptive_acc_{th:g}', f'eval/adaptive_ticks_{th:g}'}
-  assert want <= set(record)
-  assert record['eval/top5_last'] == 1.0  # 4 classes: the label is always in the top 5
-  plot_dir = workdir / 'plots'
-  adaptive = json.loads((plot_dir / 'adaptive_compute_0000010.json').read_text())
-  assert adaptive['step'] == 10 and adaptive['ticks'] == ticks
-  assert adaptive['examples'] == config.batch_size_test * config.n_test_batches
-  assert adaptive['accuracy'] == [
-      record[f'eval/adaptive_acc_{th:g}'] for th in adaptive['thresholds']
-  ]
-  assert (plot_dir / 'adaptive_compute_0000010.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  gifs = sorted(p.name for p in plot_dir.glob('*.gif'))
-  assert gifs == [f'attention_0000010_{i}.gif' for i in range(config.n_attention_gifs)]
-  for name in gifs:
-    with Image.open(plot_dir / name) as gif:
-      assert gif.n_frames == ticks

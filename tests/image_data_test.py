@@ -259,6 +259,7 @@ def test_digits_split_is_fixed_stratified_and_standardised():
   np.testing.assert_array_equal(digits_data.Digits('eval').targets_N, test_split.targets_N)
 
 
+@pytest.mark.slow  # ~50 s on 2 cores
 def test_digits_learns_offline(tmp_path):
   config = digits.get_config('smoke')
   train.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -14,12 +14,14 @@ import re
 from absl import flags
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import image
 from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax import validation
+from ctm_jax.analysis import metrics
 from ctm_jax.data import images
 from ctm_jax.models import ctm as ctm_lib
 
@@ -154,7 +156,7 @@ def test_unknown_dataset_stops_the_run(tmp_path):
 
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
-  config = _smoke()
+  config = _smoke(n_attention_gifs=2)
   workdir = tmp_path_factory.mktemp('image') / 'run'
   state = train.train_and_evaluate(config, str(workdir))
   return config, workdir, state
@@ -185,6 +187,34 @@ def test_smoke_run_end_to_end(smoke_run):
   assert sorted(os.listdir(workdir / 'plots')) == sorted(
       name.format(f'{step:07d}') for step in eval_steps for name in per_eval
   )
+
+
+def test_smoke_run_writes_the_paper_metrics_and_gifs(smoke_run):
+  config, workdir, _ = smoke_run
+  step, ticks = config.training_iterations, config.model.iterations
+  record = [r for r in _records(workdir) if 'eval/loss' in r][-1]
+  assert record['step'] == step
+  want = {'eval/acc_last', 'eval/top5_last', 'eval/top5_most_certain', 'eval/ece_last'}
+  for tick in range(ticks):
+    want |= {f'eval/acc_tick_{tick}', f'eval/top5_tick_{tick}', f'eval/ece_tick_{tick}'}
+  for th in metrics.DEFAULT_THRESHOLDS:
+    want |= {f'eval/adaptive_acc_{th:g}', f'eval/adaptive_ticks_{th:g}'}
+  assert want <= set(record)
+  assert record['eval/top5_last'] == 1.0  # 4 classes: the label is always in the top 5
+  plot_dir = workdir / 'plots'
+  adaptive = json.loads((plot_dir / f'adaptive_compute_{step:07d}.json').read_text())
+  assert adaptive['step'] == step and adaptive['ticks'] == ticks
+  assert adaptive['examples'] == config.batch_size_test * config.n_test_batches
+  assert adaptive['accuracy'] == [
+      record[f'eval/adaptive_acc_{th:g}'] for th in adaptive['thresholds']
+  ]
+  png = (plot_dir / f'adaptive_compute_{step:07d}.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n'
+  gifs = sorted(p.name for p in plot_dir.glob(f'attention_{step:07d}_*.gif'))
+  assert gifs == [f'attention_{step:07d}_{i}.gif' for i in range(config.n_attention_gifs)]
+  for name in gifs:
+    with Image.open(plot_dir / name) as gif:
+      assert gif.n_frames == ticks
 
 
 def test_smoke_run_learns(smoke_run):

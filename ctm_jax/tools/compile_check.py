@@ -5,9 +5,11 @@
 
 Sizes a pod or GPU-cluster run before paying for it: the step is lowered for the
 config's mesh over N fake CPU devices (nothing is allocated or run) and XLA's
-`memory_analysis()` and `cost_analysis()` of the partitioned program are printed.
-Memory is for the CPU backend's layouts and fusions, a guide to within tens of
-percent for TPU/GPU; FLOPs count the partitioned program per device.
+`memory_analysis()` of the partitioned program is printed. Memory is for the
+CPU backend's layouts and fusions, a guide to within tens of percent for
+TPU/GPU. FLOPs are XLA's count of the whole step with every tick counted
+(ctm_jax/tools/flops.py: XLA counts a loop body once), divided evenly over
+the devices.
 """
 
 import json
@@ -23,6 +25,7 @@ import numpy as np
 from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
+from ctm_jax.tools import flops as flops_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, with an optional :variant.')
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', 8, 'Devices of the planned run (fake CPUs).')
@@ -54,13 +57,18 @@ def check(config, num_devices: int) -> dict:
         for name, (shape, dtype) in task.record_spec(config).items()
     }
     started = time.perf_counter()
-    lowered = run.train_step.lower(run.abstract_state, batch)
-    compiled = lowered.compile()
+    compiled = run.train_step.lower(run.abstract_state, batch).compile()
     compile_s = time.perf_counter() - started
+
+    def lower(ticks, unroll):
+      variant = config.copy_and_resolve_references()
+      variant.model.update(iterations=ticks, unroll=unroll)
+      _, variant_model = validation.validate(variant, num_devices=num_devices)
+      short = train.setup(variant, variant_model, task, mesh)
+      return short.train_step.lower(short.abstract_state, batch)
+
+    flops = flops_lib.tick_scaled_flops(lower, config.model.iterations)
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', float('nan')))
   params = run.abstract_state.params
   result = {
       'mesh': dict(mesh.shape),
@@ -82,8 +90,11 @@ def check(config, num_devices: int) -> dict:
           - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes
       ),
-      'flops_per_device': flops,
-      'flops_per_step': flops * num_devices,
+      'flops_per_step': flops,
+      # Every contraction is split over the mesh (tested), so the step's FLOPs divide.
+      'flops_per_device': flops / num_devices,
+      # The partitioned program's own count: one tick, per device.
+      'partitioned_flops_one_tick': flops_lib.cost_flops(compiled),
       'compile_s': compile_s,
   }
   return result
