@@ -243,6 +243,22 @@ def test_resumed_augmenting_iterator_repeats_the_same_batches():
     np.testing.assert_array_equal(next(resumed)['x'], want)
 
 
+def test_augmentation_runs_in_worker_processes():
+  """The CIFAR transform pickles into grain's workers and draws the same augmentation there."""
+  rng = np.random.default_rng(0)
+  source = [
+      {'image': rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 'label': np.int32(i % 10)}
+      for i in range(32)
+  ]
+  transform = images.train_transform(cifar10.get_config('smoke'))
+  batches = {}
+  for workers in (0, 1):  # one worker keeps the batch order
+    it = iter(_loader(source, transform, worker_count=workers))
+    batches[workers] = [next(it)['inputs'] for _ in range(4)]
+  for in_process, in_worker in zip(batches[0], batches[1]):
+    np.testing.assert_array_equal(in_process, in_worker)
+
+
 # ---------------------------------------------------------------------------
 # Digits.
 
