@@ -52,6 +52,7 @@ from ctm_jax.models.ctm import project_decay_params
 from ctm_jax.tools import flops as flops_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import reference_adapter  # pylint: disable=g-import-not-at-top
 from configs import models as model_configs  # pylint: disable=g-import-not-at-top
 
 
@@ -157,6 +158,23 @@ def time_calls(call, warmup, repeats):
   return times
 
 
+def time_interleaved(calls, warmup, repeats):
+  """Per call, wall times (s) of `repeats` rounds after `warmup` rounds.
+
+  A round runs every call once, the order reversed every other round, so that
+  machine noise (other processes, clocks) hits all of them alike.
+  """
+  times = [[] for _ in calls]
+  for i in range(warmup + repeats):
+    order = list(range(len(calls)))[:: -1 if i % 2 else 1]
+    for j in order:
+      t0 = time.perf_counter()
+      calls[j]()
+      if i >= warmup:
+        times[j].append(time.perf_counter() - t0)
+  return times
+
+
 def memory_analysis_of(compiled):
   try:
     mem = compiled.memory_analysis()
@@ -259,7 +277,13 @@ def run_config(name, args):
     holder['state'], loss = train_compiled(holder['state'], x, targets)
     losses_seen.append(float(loss))  # Blocks until the step is done.
 
-  train_times = time_calls(one_step, args.warmup, args.repeats)
+  if args.reference:
+    ref_result, train_times = time_against_reference(
+        name, cfg, one_step, losses_seen, x, targets, n_params, args
+    )
+  else:
+    ref_result = {}
+    train_times = time_calls(one_step, args.warmup, args.repeats)
   log(f'{name}: train median {statistics.median(train_times):.3f}s')
   if not all(np.isfinite(losses_seen)):
     raise FloatingPointError(f'{name}: non-finite train loss {losses_seen}')
@@ -291,7 +315,58 @@ def run_config(name, args):
       train_memory_analysis=memory_analysis_of(train_compiled),
       forward_memory_analysis=memory_analysis_of(fwd_compiled),
       device_peak_bytes=device_peak_bytes(),
+      **ref_result,
   )
+
+
+def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_params, args):
+  """(reference fields of the result, our train times), timed interleaved.
+
+  Builds the PyTorch reference (`reference_adapter`) on the same batch and
+  alternates our train step with its train step, round by round.
+  """
+  ref = load_reference(args.reference)
+  if jax.devices()[0].platform != 'cpu':
+    log(f'{name}: WARNING the reference runs on the CPU, ours on {jax.devices()[0].platform}')
+  log(f'{name}: build the reference model ({ref.torch.__version__}, {ref.threads} threads)')
+  ref_step = reference_adapter.ReferenceTrainStep(ref, cfg, np.asarray(x), np.asarray(targets))
+  log(f'{name}: timing ours and the reference, interleaved')
+  train_times, ref_times = time_interleaved([one_step, ref_step.step], args.warmup, args.repeats)
+  ref_losses = ref_step.losses
+  # Both models are at init at their first step: the same config and loss give
+  # losses of similar size (near log(classes)); a large gap means the configs differ.
+  log(
+      f'{name}: first-step loss ours {losses_seen[0]:.4f} reference {ref_losses[0]:.4f}; '
+      f'params ours {n_params} reference {ref_step.n_params}'
+  )
+  if not all(np.isfinite(ref_losses)):
+    raise FloatingPointError(f'{name}: non-finite reference train loss {ref_losses}')
+  if not 0.5 <= ref_losses[0] / losses_seen[0] <= 2:
+    log(f'{name}: WARNING first-step losses differ by more than 2x: check the config mapping')
+  ref_median = statistics.median(ref_times)
+  speedup = ref_median / statistics.median(train_times)
+  log(f'{name}: reference train median {ref_median:.3f}s, speedup {speedup:.2f}x')
+  return (
+      dict(
+          ref_n_params=ref_step.n_params,
+          ref_model_kwargs={k: v for k, v in ref_step.kwargs.items()},
+          ref_train_times_s=ref_times,
+          ref_train_median_s=ref_median,
+          ref_train_losses=ref_losses,
+          speedup=speedup,
+      ),
+      train_times,
+  )
+
+
+_REFERENCE = {}
+
+
+def load_reference(ref_dir):
+  """The reference imported from `ref_dir` (once per process)."""
+  if ref_dir not in _REFERENCE:
+    _REFERENCE[ref_dir] = reference_adapter.Reference(ref_dir)
+  return _REFERENCE[ref_dir]
 
 
 def run_isolated(name, args):
@@ -309,7 +384,7 @@ def run_isolated(name, args):
         f'--dtype={args.dtype}',
         f'--unroll={args.unroll}',
         '--isolate=no',
-    ]
+    ] + ([f'--reference={args.reference}'] if args.reference else [])
     proc = subprocess.run(cmd, stdout=sys.stderr, check=False)
     if proc.returncode:
       return dict(config=name, error=f'subprocess exited with {proc.returncode}')
@@ -394,6 +469,14 @@ def format_table(env, results, args):
       '# train GFLOP = XLA HLO cost analysis of one train step, tick loop scaled: '
       'F(T=1) + (T-1) * (F(T=2, unrolled) - F(T=1)).'
   )
+  ref = env.get('reference') if args.reference else None
+  if ref:
+    lines += [
+        f"# ref train = PyTorch reference ({ref['dir']}, commit {ref['commit']}), torch "
+        f"{ref['torch']} on the CPU with {ref['torch_threads']} threads: zero_grad + fwd + loss",
+        '#   + backward + AdamW step; timed interleaved with ours (alternating rounds, same '
+        'process, same batch); speedup = ref median / our train median.',
+    ]
   header = (
       'config',
       'params',
@@ -403,7 +486,7 @@ def format_table(env, results, args):
       'train median s',
       mem_label,
       'train GFLOP',
-  )
+  ) + (('ref train s', 'speedup') if ref else ())
   rows = []
   for r in results:
     if 'error' in r:
@@ -423,6 +506,13 @@ def format_table(env, results, args):
             f"{r['train_median_s']:.3f}",
             '-' if mem is None else f'{mem / 2**30:.2f}',
             '-' if r.get('train_flops') is None else f"{r['train_flops'] / 1e9:.1f}",
+        )
+        + (
+            (f"{r['ref_train_median_s']:.3f}", f"{r['speedup']:.2f}x")
+            if ref and 'speedup' in r
+            else ('-', '-')
+            if ref
+            else ()
         )
     )
   widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
@@ -459,6 +549,13 @@ def parse_args(argv=None):
       help='one subprocess per config (auto: yes on GPU/TPU, where the '
       'device peak is process-wide)',
   )
+  p.add_argument(
+      '--reference',
+      default=None,
+      metavar='DIR',
+      help='a local checkout of github.com/SakanaAI/continuous-thought-machines: also time '
+      'its PyTorch train step, interleaved with ours, and report the speedup',
+  )
   args = p.parse_args(argv)
   names = [n for n in args.configs.split(',') if n]
   unknown = [n for n in names if n not in CONFIGS]
@@ -466,6 +563,8 @@ def parse_args(argv=None):
     p.error(f'--configs: unknown {unknown}; expected some of {list(CONFIGS)}')
   if args.repeats < 1 or args.warmup < 0:
     p.error('--repeats must be >= 1 and --warmup >= 0')
+  if args.reference and not os.path.isfile(os.path.join(args.reference, 'models', 'ctm.py')):
+    p.error(f'--reference={args.reference}: no models/ctm.py there')
   args.config_names = names
   return args
 
@@ -473,6 +572,8 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   env = environment()
+  if args.reference:
+    env['reference'] = load_reference(args.reference).info()
   isolate = args.isolate == 'yes' or (
       args.isolate == 'auto' and uses_device_peak(env) and len(args.config_names) > 1
   )

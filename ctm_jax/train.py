@@ -307,6 +307,7 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
         num_batches=config.n_test_batches,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        read_options=grain.ReadOptions(num_threads=config.num_read_threads),
     )
     train_step, eval_step = run.train_step, run.eval_step
     plot_dir = os.path.join(workdir, 'plots')

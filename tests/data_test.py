@@ -6,6 +6,7 @@ Dimension glossary: B batch, L parity sequence length.
 import pickle
 
 from absl import flags
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -247,6 +248,10 @@ def test_eval_batches_are_fixed():
   assert len(data.make_eval_batches(src, batch_size=16)) == 6  # every full batch
   with pytest.raises(ValueError, match='records'):
     data.make_eval_batches(src, batch_size=16, num_batches=7)
+  threaded = data.make_eval_batches(
+      src, batch_size=16, num_batches=3, read_options=grain.ReadOptions(num_threads=4)
+  )
+  _assert_batches_equal(first, threaded)  # reader threads keep the order
 
 
 def test_eval_shards_are_disjoint_and_cover_the_global_batches():
