@@ -4,6 +4,8 @@ Usage (from the repo root):
   python benchmarks/model_bench.py                        # all configs
   python benchmarks/model_bench.py --configs=parity_b16,cifar10_b32 \
       --repeats=3 --warmup=1 --json=/tmp/bench.json
+  python benchmarks/model_bench.py --configs=cifar10_b32 --repeats=3 --warmup=1 \
+      --reference=/path/to/continuous-thought-machines  # + PyTorch reference
 
 Per config it builds the model with the reference script's options (the
 shared `configs/models.py`, which names each source script), then measures:
@@ -25,6 +27,18 @@ shared `configs/models.py`, which names each source script), then measures:
              scales it: F = F(T=1) + (T - 1) * (F(T=2, unrolled) - F(T=1)),
              from the cost analysis of 1- and 2-tick variants of the same model
              (lowered on CPU, compiled elsewhere); the raw figure is in the JSON.
+  ref train  with --reference=DIR, a local checkout of
+             github.com/SakanaAI/continuous-thought-machines (imported from DIR
+             at run time by `reference_adapter.py`; it needs torch): the
+             reference's own train step on the same config, batch and task loss
+             (its models/ctm.py and utils/losses.py; zero_grad, forward, loss,
+             backward, torch.optim.AdamW step), on the CPU with all cores. It
+             is timed interleaved with ours in the same process (rounds of one
+             step each, the order alternating), so machine noise hits both
+             alike; median over the same --warmup and --repeats. speedup = ref
+             median / our train median: above 1, ours is faster. The first
+             step's losses of both models (at init) are logged as a check that
+             the configs match. The reference always runs in float32.
 
 Dimension glossary: B batch, L parity length, R maze route length,
 H/W/C image height/width/channels.
@@ -349,7 +363,7 @@ def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_param
   return (
       dict(
           ref_n_params=ref_step.n_params,
-          ref_model_kwargs={k: v for k, v in ref_step.kwargs.items()},
+          ref_model_kwargs=dict(ref_step.kwargs),
           ref_train_times_s=ref_times,
           ref_train_median_s=ref_median,
           ref_train_losses=ref_losses,
@@ -473,9 +487,10 @@ def format_table(env, results, args):
   if ref:
     lines += [
         f"# ref train = PyTorch reference ({ref['dir']}, commit {ref['commit']}), torch "
-        f"{ref['torch']} on the CPU with {ref['torch_threads']} threads: zero_grad + fwd + loss",
-        '#   + backward + AdamW step; timed interleaved with ours (alternating rounds, same '
-        'process, same batch); speedup = ref median / our train median.',
+        f"{ref['torch']}, float32 on the CPU with {ref['torch_threads']} threads:",
+        '#   zero_grad + fwd + loss + backward + AdamW step, timed interleaved with ours '
+        '(alternating rounds, same process, same batch).',
+        '# speedup = ref train median / our train median (above 1: ours is faster).',
     ]
   header = (
       'config',
@@ -496,25 +511,23 @@ def format_table(env, results, args):
       mem = r.get('device_peak_bytes')
     else:
       mem = (r.get('train_memory_analysis') or {}).get('total_bytes')
-    rows.append(
-        (
-            r['config'],
-            f"{r['n_params'] / 1e6:.2f}M",
-            f"{r['forward_lower_s'] + r['forward_compile_s']:.1f}",
-            f"{r['forward_median_s']:.3f}",
-            f"{r['train_lower_s'] + r['train_compile_s']:.1f}",
-            f"{r['train_median_s']:.3f}",
-            '-' if mem is None else f'{mem / 2**30:.2f}',
-            '-' if r.get('train_flops') is None else f"{r['train_flops'] / 1e9:.1f}",
-        )
-        + (
-            (f"{r['ref_train_median_s']:.3f}", f"{r['speedup']:.2f}x")
-            if ref and 'speedup' in r
-            else ('-', '-')
-            if ref
-            else ()
-        )
+    row = (
+        r['config'],
+        f"{r['n_params'] / 1e6:.2f}M",
+        f"{r['forward_lower_s'] + r['forward_compile_s']:.1f}",
+        f"{r['forward_median_s']:.3f}",
+        f"{r['train_lower_s'] + r['train_compile_s']:.1f}",
+        f"{r['train_median_s']:.3f}",
+        '-' if mem is None else f'{mem / 2**30:.2f}',
+        '-' if r.get('train_flops') is None else f"{r['train_flops'] / 1e9:.1f}",
     )
+    if ref:
+      row += (
+          (f"{r['ref_train_median_s']:.3f}", f"{r['speedup']:.2f}x")
+          if 'speedup' in r
+          else ('-', '-')
+      )
+    rows.append(row)
   widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
   fmt = lambda row: ' | '.join(str(c).ljust(w) for c, w in zip(row, widths))
   lines += [fmt(header), '-+-'.join('-' * w for w in widths)] + [fmt(r) for r in rows]

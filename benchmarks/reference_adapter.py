@@ -25,6 +25,14 @@ JAX_ONLY_KEYS = ('dtype', 'remat', 'unroll')
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
 
 
+def _inside(path, directory):
+  """Whether file `path` lies under `directory`."""
+  if not path:
+    return False
+  path, directory = os.path.realpath(path), os.path.realpath(directory)
+  return os.path.commonpath([path, directory]) == directory
+
+
 class Reference:
   """The reference's torch, ContinuousThoughtMachine and losses module, from DIR."""
 
@@ -45,9 +53,7 @@ class Reference:
     # The reference imports its own top-level `models` and `utils` packages.
     for name in ('models', 'utils'):
       loaded = sys.modules.get(name)
-      if loaded is not None and not os.path.abspath(
-          getattr(loaded, '__file__', '') or ''
-      ).startswith(self.dir):
+      if loaded is not None and not _inside(getattr(loaded, '__file__', None), self.dir):
         raise ImportError(
             f'a module named {name!r} is already imported from {loaded.__file__}; it would '
             f'shadow the reference package {os.path.join(self.dir, name)}'
@@ -63,7 +69,7 @@ class Reference:
           'missing one named above.'
       ) from e
     for module in (ref_ctm, ref_losses):
-      if not os.path.abspath(module.__file__).startswith(self.dir):
+      if not _inside(module.__file__, self.dir):
         raise ImportError(f'{module.__name__} came from {module.__file__}, not from {self.dir}')
     self.torch = torch
     # All the cores this process may use (XLA's CPU backend uses them all too).
@@ -123,7 +129,7 @@ class ReferenceTrainStep:
     """`cfg` is a model_bench.CONFIGS entry; x, targets as from make_batch."""
     torch = ref.torch
     self.ref, self.task = ref, cfg['task']
-    x = np.asarray(x, np.float32)
+    x = np.array(x, np.float32)  # A writable copy, as torch.from_numpy wants.
     if x.ndim == 4:  # Images: ours NHWC, the reference's NCHW.
       x = x.transpose(0, 3, 1, 2)
     self.x = torch.from_numpy(np.ascontiguousarray(x))
