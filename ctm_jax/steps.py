@@ -56,7 +56,6 @@ def _tick_metrics(task, output, batch, loss, most_certain_B):
       'acc_most_certain_sum': correct_BxT[rows, most_certain_B].sum(),
       'acc_last_sum': correct_BxT[:, -1].sum(),
       'most_certain_tick_sum': most_certain_B.sum().astype(jnp.float32),
-      'certainty_tick_sum': output.certainties[:, 1].sum(0),
       'count': jnp.asarray(correct_BxT.shape[0], jnp.float32),
   }
 
@@ -103,11 +102,12 @@ def make_train_step(model, task, tx, schedule, use_most_certain: bool):
 
 
 def make_eval_step(model, task, use_most_certain: bool):
-  """(state, batch) -> (metric sums, per-example arrays).
+  """(state, batch) -> (loss sums, per-example arrays).
 
   The per-example arrays (`correct_BxT`, `certainty_BxT`, `most_certain_B` and
-  the task's `eval_details`) let the host compute metrics over the whole eval
-  set (top-5, calibration, adaptive compute); they are (B, T) at most, never logits.
+  the task's `eval_details`) are what the host computes every eval metric
+  from, over the whole eval set (ctm_jax/analysis/evaluation.py); they are
+  (B, T) at most, never logits. Only the loss is summed here.
   """
 
   def eval_step(state: TrainState, batch):
@@ -120,7 +120,9 @@ def make_eval_step(model, task, use_most_certain: bool):
     }
     if task.eval_details is not None:
       per_example.update(task.eval_details(output, batch))
-    return _tick_metrics(task, output, batch, loss, most_certain_B), per_example
+    count = most_certain_B.shape[0]
+    sums = {'loss_sum': loss * count, 'count': jnp.asarray(count, jnp.float32)}
+    return sums, per_example
 
   return eval_step
 

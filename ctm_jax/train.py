@@ -74,15 +74,10 @@ def _prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def _per_tick(sums: dict, key: str):
-  """Mean over the counted examples of a per-tick sum, (T,)."""
-  return np.asarray(sums[key]) / float(sums['count'])
-
-
 def _summarise(sums: dict, prefix: str) -> dict:
   """Batch sums -> means, named `prefix/...`, with per-tick accuracies."""
   count = float(sums['count'])
-  acc_T = _per_tick(sums, 'acc_tick_sum')
+  acc_T = np.asarray(sums['acc_tick_sum']) / count
   out = {
       f'{prefix}/loss': float(sums['loss_sum']) / count,
       f'{prefix}/acc_most_certain': float(sums['acc_most_certain_sum']) / count,
@@ -342,11 +337,12 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
       sums = _add(sums, batch_sums)
       per_batch.append(per_example)
     sums, per_batch = jax.device_get((sums, per_batch))
-    scalars = _summarise(sums, 'eval')
-    # Over the whole eval set: top-5, calibration, adaptive compute (the paper's tables).
-    whole_set, adaptive = evaluation.summarise(evaluation.concatenate(per_batch), 'eval')
+    per_example = evaluation.concatenate(per_batch)
+    scalars = {'eval/loss': float(sums['loss_sum']) / float(sums['count'])}
+    # Over the whole eval set: top-1/top-5, calibration, adaptive compute (the paper's tables).
+    whole_set, adaptive = evaluation.summarise(per_example, 'eval')
     scalars.update(whole_set)
-    certainty_T = _per_tick(sums, 'certainty_tick_sum')
+    certainty_T = per_example['certainty_BxT'].mean(axis=0)
     scalars['eval/certainty_last'] = float(certainty_T[-1])
     # Wall time of this process so far, compile included (time-to-accuracy).
     scalars['eval/elapsed_s'] = time.perf_counter() - started
@@ -359,7 +355,7 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
     )
     if is_chief:
       plots.plot_ticks(
-          _per_tick(sums, 'acc_tick_sum'),
+          per_example['correct_BxT'].mean(axis=0),
           certainty_T,
           path,
           title=f'{config.task}: eval at step {step}',
