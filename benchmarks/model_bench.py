@@ -1,16 +1,29 @@
 """Compile time, step time, memory and FLOPs of the CTM on the reference's configs.
 
 Usage (from the repo root):
-  python benchmarks/model_bench.py                        # all configs
+  python benchmarks/model_bench.py                        # all configs, one table
   python benchmarks/model_bench.py --configs=parity_b16,cifar10_b32 \
       --repeats=3 --warmup=1 --json=/tmp/bench.json
+  python benchmarks/model_bench.py --dtype=bfloat16       # bf16 compute, bf16 peak
   python benchmarks/model_bench.py --configs=cifar10_b32 --repeats=3 --warmup=1 \
       --reference=/path/to/continuous-thought-machines  # + PyTorch reference
+  python benchmarks/model_bench.py --scaling --json=/tmp/scaling.json
+      # memory (remat) at 25 vs 75 ticks, compile time at 10 vs 75 ticks
 
-Per config it builds the model with the reference script's options (the
-shared `configs/models.py`, which names each source script), then measures:
+Configs (`CONFIGS`; all of them by default): parity_b16 and parity_b64 (the
+75-tick, 25-memory parity model), cifar10_b32, maze_b16 and imagenet_b2
+(ImageNet at 224x224 with the resnet152-4 backbone, batch 2). On a 2-core CPU
+imagenet_b2 alone takes about 4 minutes for init, compiles and one step of each
+kind (8 GiB resident; a train step ~70 s), so with the default --repeats it
+dominates a CPU run: leave it out with --configs there.
+
+Each run first measures the device's matmul peak (`matmul_peak.py`: jitted
+square a @ b in the compute dtype, the best of a few sizes), then per config
+builds the model with the reference script's options (the shared
+`configs/models.py`, which names each source script) and measures:
   compile    lower + compile of the jitted function (AOT, `jit(f).lower(...)
-             .compile()`), timed apart from any execution.
+             .compile()`), timed apart from any execution. The persistent
+             compilation cache is off, so every compile is cold.
   forward    `apply(train=False)`, jitted; median wall time over --repeats
              calls after --warmup calls, each call blocked until ready.
   train      forward (train=True) + task loss + backward + optax.adamw update
@@ -26,7 +39,20 @@ shared `configs/models.py`, which names each source script), then measures:
              raw `compiled.cost_analysis()['flops']` holds one tick. The table
              scales it: F = F(T=1) + (T - 1) * (F(T=2, unrolled) - F(T=1)),
              from the cost analysis of 1- and 2-tick variants of the same model
-             (lowered on CPU, compiled elsewhere); the raw figure is in the JSON.
+             (lowered from shapes on CPU, compiled elsewhere); the raw figure
+             is in the JSON.
+  XLA/analytic  the scaled train FLOPs over an analytic count of the model's
+             matmuls and convolutions from its config (`analytic_flops.py`:
+             2 FLOPs per multiply-add, train = forward + input and weight
+             gradients = 3x forward, plus the tick body's recomputation under
+             --remat). XLA also counts elementwise work (norms, activations,
+             softmax, the optimiser), so a ratio somewhat above 1 is expected
+             (1.02-1.06 on these configs); far from that, one of the counts
+             misses work. tests/benchmarks_test.py checks that the analytic
+             count equals the matmuls and convolutions of the traced program.
+  GFLOP/s    achieved: train FLOPs (XLA, scaled) / train median time.
+  % peak     achieved GFLOP/s / the matmul peak measured at the start of the
+             same run (printed in the table header; in the JSON environment).
   ref train  with --reference=DIR, a local checkout of
              github.com/SakanaAI/continuous-thought-machines (imported from DIR
              at run time by `reference_adapter.py`; it needs torch): the
@@ -40,8 +66,21 @@ shared `configs/models.py`, which names each source script), then measures:
              step's losses of both models (at init) are logged as a check that
              the configs match. The reference always runs in float32.
 
+On GPU/TPU (--isolate=auto) this process never touches the device: the matmul
+peak and every config run in fresh subprocesses, so each peak memory is that
+config's own and no process holds the device while another needs it.
+
+--scaling measures instead how the train step grows with the tick count, for
+--scaling_config (parity_b64) at --scaling_batch (its own batch) under --remat
+(default 'full' here, 'none' otherwise): memory at --memory_ticks (25,75) and
+lower + compile time at --compile_ticks (10,75), median over --scaling_repeats
+fresh jits each, and prints the ratios (later / earlier) beside the issue's
+bounds (memory <= 1.3x, compile <= 1.2x). Memory needs no execution on the CPU
+(`memory_analysis()` as above); on GPU/TPU each tick count runs one train step
+in a fresh subprocess and reports the device's peak.
+
 Dimension glossary: B batch, L parity length, R maze route length,
-H/W/C image height/width/channels.
+H/W/C image height/width/channels, T ticks.
 """
 
 import argparse
@@ -66,31 +105,44 @@ from ctm_jax.models.ctm import project_decay_params
 from ctm_jax.tools import flops as flops_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import analytic_flops  # pylint: disable=g-import-not-at-top
+from benchmarks import matmul_peak  # pylint: disable=g-import-not-at-top
 from benchmarks import reference_adapter  # pylint: disable=g-import-not-at-top
 from configs import models as model_configs  # pylint: disable=g-import-not-at-top
 
 
-def _bench_config(variant, batch, **extra):
-  """A benchmark entry: the shared reference model config at a batch size."""
+def bench_config(variant, batch, input_shape=None, model_overrides=None, **extra):
+  """A benchmark entry: the shared reference model config at a batch size.
+
+  `input_shape` and `model_overrides` (ContinuousThoughtMachine kwargs) replace
+  the variant's, for smaller variants of the same model (tests).
+  """
   config = model_configs.get_config(variant)
-  model = config.model.to_dict()
+  model = {**config.model.to_dict(), **(model_overrides or {})}
   model['prediction_reshaper'] = tuple(model['prediction_reshaper'])
   return dict(
       source=f'configs/models.py:{variant}',
       task=config.task,
       batch=batch,
-      input_shape=tuple(config.input_shape),
+      input_shape=tuple(input_shape or config.input_shape),
       model=model,
       **extra,
   )
 
 
 CONFIGS = {
-    'parity_b16': _bench_config('parity', 16),
-    'parity_b64': _bench_config('parity', 64),
-    'cifar10_b32': _bench_config('cifar10', 32, num_classes=10),
-    'maze_b16': _bench_config('maze', 16, route_length=100),
+    'parity_b16': bench_config('parity', 16),
+    'parity_b64': bench_config('parity', 64),
+    'cifar10_b32': bench_config('cifar10', 32, num_classes=10),
+    'maze_b16': bench_config('maze', 16, route_length=100),
+    # Batch 2: the smallest at which ImageNet's train step still fits a
+    # 2-core CPU run (~70 s a step, 8 GiB); BatchNorm sees 2 x 14 x 14 values
+    # per channel at its last stage.
+    'imagenet_b2': bench_config('imagenet', 2, num_classes=1000),
 }
+# The issue's bounds on tick scaling (--scaling): ratio of the later tick count's figure.
+MEMORY_RATIO_BOUND = 1.3
+COMPILE_RATIO_BOUND = 1.2
 
 
 def make_batch(cfg, key):
@@ -225,33 +277,89 @@ def log(msg):
   print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
 
 
-def run_config(name, args):
+def make_model(cfg, remat, dtype, unroll, iterations=None):
+  """The config's model; the command line's compute options replace the config's."""
+  return ContinuousThoughtMachine(
+      **{
+          **cfg['model'],
+          'iterations': iterations or cfg['model']['iterations'],
+          'remat': remat,
+          'dtype': jnp.dtype(dtype),
+          'unroll': unroll,
+      }
+  )
+
+
+def init_state(model, tx, key, x):
+  """The train step's state: parameters, optimiser state, model collections, rng, step."""
+  variables = flax.core.unfreeze(model.init(key, x))
+  params = variables.pop('params')
+  return dict(
+      params=params,
+      opt_state=tx.init(params),
+      model_state=variables,
+      rng=jax.random.key(2),
+      step=jnp.zeros((), jnp.int32),
+  )
+
+
+def state_shapes(model, tx, x):
+  """`init_state`'s shapes and dtypes, without running it (for lowering only)."""
+  return jax.eval_shape(lambda key, x: init_state(model, tx, key, x), jax.random.key(1), x)
+
+
+def forward_variables(state):
+  return {'params': state['params'], **state['model_state']}
+
+
+def xla_flops(cfg, remat='none', dtype='float32'):
+  """XLA's tick-scaled FLOPs of (forward, train step), lowered from shapes only."""
+  x, targets = jax.eval_shape(lambda key: make_batch(cfg, key), jax.random.key(0))
+  tx = optax.adamw(1e-4)
+  # Parameter shapes do not depend on the tick count, so one state serves all.
+  state = state_shapes(make_model(cfg, remat, dtype, 1), tx, x)
+
+  def lower(train, ticks, unroll):
+    forward, train_step = build_steps(make_model(cfg, remat, dtype, unroll, ticks), cfg['task'], tx)
+    if train:
+      return jax.jit(train_step).lower(state, x, targets)
+    return jax.jit(forward).lower(forward_variables(state), x)
+
+  ticks = cfg['model']['iterations']
+  return tuple(
+      flops_lib.tick_scaled_flops(lambda t, u, train=train: lower(train, t, u), ticks)
+      for train in (False, True)
+  )
+
+
+def add_rates(result, peak):
+  """Achieved FLOP/s of the train step and its fraction of the matmul `peak` (or None)."""
+  if 'error' in result:
+    return result
+  flops, median = result.get('train_flops'), result['train_median_s']
+  achieved = flops / median if flops else None
+  peak_flops = peak['peak_flops_per_s'] if peak else None
+  result.update(
+      achieved_flops_per_s=achieved,
+      matmul_peak_flops_per_s=peak_flops,
+      matmul_peak_fraction=achieved / peak_flops if achieved and peak_flops else None,
+  )
+  return result
+
+
+def run_config(name, args, peak=None):
   cfg = CONFIGS[name]
-
-  def make_model(iterations=cfg['model']['iterations'], unroll=args.unroll):
-    # The command line's compute options replace the config's.
-    return ContinuousThoughtMachine(
-        **{
-            **cfg['model'],
-            'iterations': iterations,
-            'remat': args.remat,
-            'dtype': jnp.dtype(args.dtype),
-            'unroll': unroll,
-        }
-    )
-
-  model = make_model()
+  model = make_model(cfg, args.remat, args.dtype, args.unroll)
+  tx = optax.adamw(1e-4)
   x, targets = make_batch(cfg, jax.random.key(0))
   log(f'{name}: init')
-  variables = jax.jit(model.init)(jax.random.key(1), x)
-  variables = flax.core.unfreeze(variables)
-  params = variables.pop('params')
+  state = jax.jit(lambda key, x: init_state(model, tx, key, x))(jax.random.key(1), x)
+  params = state['params']
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  tx = optax.adamw(1e-4)
   forward, train_step = build_steps(model, cfg['task'], tx)
 
   # Forward.
-  fwd_variables = {'params': params, **variables}
+  fwd_variables = forward_variables(state)
   fwd = jax.jit(forward)
   log(f'{name}: compile forward')
   fwd_compiled, fwd_lower_s, fwd_compile_s = aot_compile(fwd, fwd_variables, x)
@@ -261,25 +369,12 @@ def run_config(name, args):
   )
   log(f'{name}: forward median {statistics.median(fwd_times):.3f}s')
 
+  log(f'{name}: FLOPs from 1- and 2-tick lowerings; analytic count')
+  fwd_flops, train_flops = xla_flops(cfg, args.remat, args.dtype)
+  analytic_fwd = analytic_flops.forward_flops(cfg)
+  analytic_train = analytic_flops.train_flops(cfg, args.remat)
+
   # Train step, state donated.
-  state = dict(
-      params=params,
-      opt_state=jax.jit(tx.init)(params),
-      model_state=variables,
-      rng=jax.random.key(2),
-      step=jnp.zeros((), jnp.int32),
-  )
-  # FLOPs first: lowering reads the state, which training then donates.
-  # Parameter shapes do not depend on the tick count, so one state serves all.
-  log(f'{name}: FLOPs from 1- and 2-tick lowerings')
-  ticks = cfg['model']['iterations']
-  build = lambda t, u, i: jax.jit(build_steps(make_model(t, u), cfg['task'], tx)[i])
-  fwd_flops = flops_lib.tick_scaled_flops(
-      lambda t, u: build(t, u, 0).lower(fwd_variables, x), ticks
-  )
-  train_flops = flops_lib.tick_scaled_flops(
-      lambda t, u: build(t, u, 1).lower(state, x, targets), ticks
-  )
   step = jax.jit(train_step, donate_argnums=0)
   log(f'{name}: compile train step')
   train_compiled, train_lower_s, train_compile_s = aot_compile(step, state, x, targets)
@@ -302,7 +397,8 @@ def run_config(name, args):
   if not all(np.isfinite(losses_seen)):
     raise FloatingPointError(f'{name}: non-finite train loss {losses_seen}')
 
-  return dict(
+  ratio = lambda a, b: a / b if a and b else None
+  result = dict(
       config=name,
       source=cfg['source'],
       task=cfg['task'],
@@ -326,11 +422,16 @@ def run_config(name, args):
       train_flops=train_flops,
       forward_flops_xla_raw=flops_lib.cost_flops(fwd_compiled),
       train_flops_xla_raw=flops_lib.cost_flops(train_compiled),
+      forward_flops_analytic=analytic_fwd,
+      train_flops_analytic=analytic_train,
+      forward_flops_xla_over_analytic=ratio(fwd_flops, analytic_fwd),
+      train_flops_xla_over_analytic=ratio(train_flops, analytic_train),
       train_memory_analysis=memory_analysis_of(train_compiled),
       forward_memory_analysis=memory_analysis_of(fwd_compiled),
       device_peak_bytes=device_peak_bytes(),
       **ref_result,
   )
+  return add_rates(result, peak)
 
 
 def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_params, args):
@@ -383,27 +484,256 @@ def load_reference(ref_dir):
   return _REFERENCE[ref_dir]
 
 
-def run_isolated(name, args):
-  """Runs one config in a fresh process, so the device's peak is its own."""
+def run_child(script, flags):
+  """Runs `script` with `flags` + --json in a fresh process; its JSON, or None if it failed."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'result.json')
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        f'--configs={name}',
-        f'--json={path}',
-        f'--repeats={args.repeats}',
-        f'--warmup={args.warmup}',
-        f'--remat={args.remat}',
-        f'--dtype={args.dtype}',
-        f'--unroll={args.unroll}',
-        '--isolate=no',
-    ] + ([f'--reference={args.reference}'] if args.reference else [])
+    cmd = [sys.executable, script, *flags, f'--json={path}']
+    # The child's table goes to our stderr: only this process's table is on stdout.
     proc = subprocess.run(cmd, stdout=sys.stderr, check=False)
-    if proc.returncode:
-      return dict(config=name, error=f'subprocess exited with {proc.returncode}')
+    if proc.returncode or not os.path.exists(path):
+      log(f'subprocess {" ".join(cmd[1:])} exited with {proc.returncode}')
+      return None
     with open(path) as f:
-      return json.load(f)['results'][0]
+      return json.load(f)
+
+
+def compute_flags(args):
+  return [f'--remat={args.remat}', f'--dtype={args.dtype}', f'--unroll={args.unroll}']
+
+
+def run_isolated(name, args):
+  """(environment, result) of one config run in a fresh process, so the device's peak is its own."""
+  out = run_child(
+      os.path.abspath(__file__),
+      [
+          f'--configs={name}',
+          f'--repeats={args.repeats}',
+          f'--warmup={args.warmup}',
+          *compute_flags(args),
+          '--isolate=no',
+          '--peak_sizes=none',  # The parent measures it once, for all configs.
+      ]
+      + ([f'--reference={args.reference}'] if args.reference else []),
+  )
+  if out is None:
+    return None, dict(config=name, error='subprocess failed')
+  return out['environment'], out['results'][0]
+
+
+def measure_peak(args, isolate):
+  """The matmul peak in the compute dtype (None with --peak_sizes=none)."""
+  if args.peak_sizes == 'none':
+    return None
+  sizes = [int(n) for n in args.peak_sizes.split(',') if n] or None
+  log(f'matmul peak, {args.dtype}, sizes {sizes or "by platform"}')
+  if isolate:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'matmul_peak.py')
+    flags = [f'--dtype={args.dtype}', f'--repeats={args.peak_repeats}']
+    peak = run_child(script, flags + ([f'--sizes={args.peak_sizes}'] if sizes else []))
+  else:
+    peak = matmul_peak.measure(args.dtype, sizes, args.peak_repeats)
+  if peak:
+    log(f'matmul peak {matmul_peak.describe(peak)}')
+  return peak
+
+
+def accelerator_present():
+  """Whether JAX's default backend is a GPU/TPU, asked of a throwaway process.
+
+  This process then never initialises the device: a TPU admits one process at
+  a time, and a GPU process would preallocate most of the memory its
+  subprocesses need.
+  """
+  code = 'import jax; print(jax.default_backend())'
+  env = {**os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
+  proc = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, env=env, check=False
+  )
+  lines = proc.stdout.split()
+  return bool(lines) and lines[-1] in ('gpu', 'cuda', 'rocm', 'tpu')
+
+
+# --- Tick scaling (--scaling) -------------------------------------------------
+
+
+def scaling_config(args):
+  cfg = CONFIGS[args.scaling_config]
+  return dict(cfg, batch=args.scaling_batch or cfg['batch'])
+
+
+def compile_train_step(cfg, ticks, args):
+  """(compiled, lower_s, compile_s) of a freshly built and jitted train step.
+
+  Fresh each call (new model, closures and jit), so nothing of an earlier
+  compile is reused.
+  """
+  model = make_model(cfg, args.remat, args.dtype, args.unroll, ticks)
+  tx = optax.adamw(1e-4)
+  x, targets = jax.eval_shape(lambda key: make_batch(cfg, key), jax.random.key(0))
+  step = jax.jit(build_steps(model, cfg['task'], tx)[1], donate_argnums=0)
+  return aot_compile(step, state_shapes(model, tx, x), x, targets)
+
+
+def measure_ticks(cfg, ticks_list, args, run_step=False):
+  """Per tick count: train-step lower and compile times (--scaling_repeats each) and memory.
+
+  With `run_step` (one tick count only: the device peak is process-wide), one
+  step also runs, for the device's peak memory.
+  """
+  # The process's first compile also pays one-off setup that no tick count
+  # should be charged with.
+  compile_train_step(cfg, ticks_list[0], args)
+  points = {t: dict(ticks=t, lower_s=[], compile_s=[]) for t in ticks_list}
+  compiled = {}
+  # Rounds over the tick counts, so that machine noise spreads over all of them.
+  for _ in range(args.scaling_repeats):
+    for ticks in ticks_list:
+      compiled[ticks], lower_s, compile_s = compile_train_step(cfg, ticks, args)
+      points[ticks]['lower_s'].append(lower_s)
+      points[ticks]['compile_s'].append(compile_s)
+  for ticks, point in points.items():
+    point['lower_compile_median_s'] = statistics.median(
+        a + b for a, b in zip(point['lower_s'], point['compile_s'])
+    )
+    point['train_memory_analysis'] = memory_analysis_of(compiled[ticks])
+    log(f"{ticks} ticks: lower + compile median {point['lower_compile_median_s']:.1f}s")
+  if run_step:
+    (ticks,) = ticks_list
+    model = make_model(cfg, args.remat, args.dtype, args.unroll, ticks)
+    tx = optax.adamw(1e-4)
+    x, targets = make_batch(cfg, jax.random.key(0))
+    state = jax.jit(lambda key, x: init_state(model, tx, key, x))(jax.random.key(1), x)
+    _, loss = compiled[ticks](state, x, targets)
+    points[ticks].update(loss=float(loss), device_peak_bytes=device_peak_bytes())
+  return [points[t] for t in ticks_list]
+
+
+def point_memory(point, device_peak):
+  if device_peak:
+    return point.get('device_peak_bytes')
+  return (point.get('train_memory_analysis') or {}).get('total_bytes')
+
+
+def run_scaling_point(ticks, cfg, args):
+  """(environment, point) of one tick count measured in a fresh process."""
+  out = run_child(
+      os.path.abspath(__file__),
+      [
+          f'--scaling_config={args.scaling_config}',
+          f'--scaling_batch={cfg["batch"]}',
+          f'--scaling_repeats={args.scaling_repeats}',
+          f'--scaling_point={ticks}',
+          *compute_flags(args),
+          '--isolate=no',
+      ],
+  )
+  if out is None:
+    return None, dict(ticks=ticks, error='subprocess failed')
+  return out['environment'], out['point']
+
+
+def run_scaling(args, isolate):
+  """(environment, summary) of the tick-scaling measurements."""
+  cfg = scaling_config(args)
+  all_ticks = sorted(set(args.memory_ticks + args.compile_ticks))
+  log(f'{args.scaling_config} batch {cfg["batch"]}: ticks {all_ticks}, remat={args.remat}')
+  if not isolate:
+    env, points = None, measure_ticks(cfg, all_ticks, args)
+  else:
+    env, points = None, []
+    for ticks in all_ticks:  # One process per tick count: the device peak is process-wide.
+      child_env, point = run_scaling_point(ticks, cfg, args)
+      env = env or child_env
+      points.append(point)
+  env = env or environment()
+  device_peak = uses_device_peak(env)
+  by_ticks = {p['ticks']: p for p in points if 'error' not in p}
+
+  def ratio(ticks, value):
+    first, last = (by_ticks.get(t) for t in ticks)
+    a, b = (value(p) if p else None for p in (first, last))
+    return b / a if a and b else None
+
+  memory_ratio = ratio(args.memory_ticks, lambda p: point_memory(p, device_peak))
+  compile_ratio = ratio(args.compile_ticks, lambda p: p['lower_compile_median_s'])
+  summary = dict(
+      config=args.scaling_config,
+      batch=cfg['batch'],
+      remat=args.remat,
+      dtype=args.dtype,
+      unroll=args.unroll,
+      repeats=args.scaling_repeats,
+      memory_source='device_peak_bytes' if device_peak else 'memory_analysis total_bytes',
+      memory_ticks=args.memory_ticks,
+      compile_ticks=args.compile_ticks,
+      memory_ratio=memory_ratio,
+      memory_ratio_bound=MEMORY_RATIO_BOUND,
+      compile_ratio=compile_ratio,
+      compile_ratio_bound=COMPILE_RATIO_BOUND,
+      points=points,
+  )
+  return env, summary
+
+
+def format_scaling(env, summary):
+  device_peak = uses_device_peak(env)
+  lines = [
+      f"# CTM tick scaling | device: {env['device_kind']} ({env['platform']}) "
+      f"| jax {env['jax']} | {env['date']} | git {env['git_commit']}",
+      f"# {summary['config']} at batch {summary['batch']}, remat={summary['remat']} "
+      f"dtype={summary['dtype']} unroll={summary['unroll']}; train step only.",
+      '# compile = lower + compile (AOT) of the train step, median over '
+      f"{summary['repeats']} fresh jit(s); cold (no compilation cache).",
+      (
+          "# peak mem = device memory_stats()['peak_bytes_in_use'] of a fresh process per "
+          'tick count (init + one train step).'
+          if device_peak
+          else '# XLA mem = compiled train step memory_analysis(): temp + argument + output '
+          '- alias bytes (no execution).'
+      ),
+  ]
+  header = (
+      'ticks',
+      'lower s',
+      'compile s',
+      'compile total s',
+      'peak mem GiB' if device_peak else 'XLA mem GiB',
+  )
+  rows = []
+  for p in summary['points']:
+    if 'error' in p:
+      rows.append((p['ticks'], 'ERROR: ' + p['error'], '', '', ''))
+      continue
+    mem = point_memory(p, device_peak)
+    rows.append(
+        (
+            p['ticks'],
+            f"{statistics.median(p['lower_s']):.1f}",
+            f"{statistics.median(p['compile_s']):.1f}",
+            f"{p['lower_compile_median_s']:.1f}",
+            '-' if mem is None else f'{mem / 2**30:.3f}',
+        )
+    )
+  lines += _table(header, rows)
+
+  def verdict(what, ticks, ratio, bound):
+    if ratio is None:
+      return f'# {what} {ticks[1]} / {ticks[0]} ticks: not measured'
+    within = 'within' if ratio <= bound else 'OVER'
+    return f'# {what} {ticks[1]} / {ticks[0]} ticks: {ratio:.3f}x (bound {bound}x: {within})'
+
+  lines += [
+      verdict('memory', summary['memory_ticks'], summary['memory_ratio'], MEMORY_RATIO_BOUND),
+      verdict('compile', summary['compile_ticks'], summary['compile_ratio'], COMPILE_RATIO_BOUND),
+  ]
+  return '\n'.join(lines)
+
+
+def _table(header, rows):
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  fmt = lambda row: ' | '.join(str(c).ljust(w) for c, w in zip(row, widths))
+  return [fmt(header), '-+-'.join('-' * w for w in widths)] + [fmt(r) for r in rows]
 
 
 def git_commit():
@@ -479,10 +809,19 @@ def format_table(env, results, args):
         '# XLA mem = compiled train step memory_analysis(): temp + argument + '
         'output - alias bytes (no device memory_stats() on this platform).'
     )
-  lines.append(
+  peak = env.get('matmul_peak')
+  lines += [
       '# train GFLOP = XLA HLO cost analysis of one train step, tick loop scaled: '
-      'F(T=1) + (T-1) * (F(T=2, unrolled) - F(T=1)).'
-  )
+      'F(T=1) + (T-1) * (F(T=2, unrolled) - F(T=1)).',
+      '# XLA/analytic = train GFLOP / the matmul + conv FLOPs counted from the config '
+      '(benchmarks/analytic_flops.py: 3x forward',
+      '#   + remat recompute); XLA also counts elementwise ops, so somewhat above 1 '
+      '(1.02-1.06 on these configs) is expected.',
+      '# GFLOP/s = train GFLOP / train median s; % peak = GFLOP/s / the matmul peak '
+      'below, measured in this run.',
+      '# matmul peak: '
+      + (matmul_peak.describe(peak) if peak else 'not measured (--peak_sizes=none)'),
+  ]
   ref = env.get('reference') if args.reference else None
   if ref:
     lines += [
@@ -501,6 +840,9 @@ def format_table(env, results, args):
       'train median s',
       mem_label,
       'train GFLOP',
+      'XLA/analytic',
+      'GFLOP/s',
+      '% peak',
   ) + (('ref train s', 'speedup') if ref else ())
   rows = []
   for r in results:
@@ -519,7 +861,10 @@ def format_table(env, results, args):
         f"{r['train_lower_s'] + r['train_compile_s']:.1f}",
         f"{r['train_median_s']:.3f}",
         '-' if mem is None else f'{mem / 2**30:.2f}',
-        '-' if r.get('train_flops') is None else f"{r['train_flops'] / 1e9:.1f}",
+        _fmt(r.get('train_flops'), '{:.1f}', 1e-9),
+        _fmt(r.get('train_flops_xla_over_analytic'), '{:.3f}'),
+        _fmt(r.get('achieved_flops_per_s'), '{:.1f}', 1e-9),
+        _fmt(r.get('matmul_peak_fraction'), '{:.1f}', 100),
     )
     if ref:
       row += (
@@ -528,10 +873,11 @@ def format_table(env, results, args):
           else ('-', '-')
       )
     rows.append(row)
-  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-  fmt = lambda row: ' | '.join(str(c).ljust(w) for c, w in zip(row, widths))
-  lines += [fmt(header), '-+-'.join('-' * w for w in widths)] + [fmt(r) for r in rows]
-  return '\n'.join(lines)
+  return '\n'.join(lines + _table(header, rows))
+
+
+def _fmt(value, spec, scale=1.0):
+  return '-' if value is None else spec.format(value * scale)
 
 
 def parse_args(argv=None):
@@ -544,23 +890,23 @@ def parse_args(argv=None):
   p.add_argument('--json', default=None, help='write environment and results here')
   p.add_argument(
       '--remat',
-      default='none',
+      default=None,
       choices=['none', 'full', 'dots'],
-      help='tick-body rematerialisation policy',
+      help="tick-body rematerialisation policy (default: 'none'; 'full' with --scaling)",
   )
   p.add_argument(
       '--dtype',
       default='float32',
       choices=['float32', 'bfloat16'],
-      help='compute dtype (parameters stay float32)',
+      help="compute dtype (parameters stay float32); also the matmul peak's dtype",
   )
   p.add_argument('--unroll', type=int, default=1, help='tick scan unroll factor')
   p.add_argument(
       '--isolate',
       default='auto',
       choices=['auto', 'yes', 'no'],
-      help='one subprocess per config (auto: yes on GPU/TPU, where the '
-      'device peak is process-wide)',
+      help='run the matmul peak and each config (or tick count) in a subprocess '
+      '(auto: yes on GPU/TPU, where the device peak is process-wide)',
   )
   p.add_argument(
       '--reference',
@@ -569,6 +915,36 @@ def parse_args(argv=None):
       help='a local checkout of github.com/SakanaAI/continuous-thought-machines: also time '
       'its PyTorch train step, interleaved with ours, and report the speedup',
   )
+  p.add_argument(
+      '--peak_sizes',
+      default='',
+      help='comma-separated N of the N x N matmuls timed for the peak (default: '
+      f'{",".join(map(str, matmul_peak.CPU_SIZES))} on CPU, '
+      f'{",".join(map(str, matmul_peak.ACCELERATOR_SIZES))} elsewhere); none: skip',
+  )
+  p.add_argument('--peak_repeats', type=int, default=5, help='timed samples per peak size')
+  p.add_argument(
+      '--scaling',
+      action='store_true',
+      help='instead of the table: train-step memory and compile time against the tick count',
+  )
+  p.add_argument(
+      '--scaling_config',
+      default='parity_b64',
+      help=f'the config --scaling measures, one of {list(CONFIGS)}',
+  )
+  p.add_argument('--scaling_batch', type=int, default=0, help="--scaling's batch (0: the config's)")
+  p.add_argument(
+      '--memory_ticks', default='25,75', help='two tick counts: memory ratio second / first'
+  )
+  p.add_argument(
+      '--compile_ticks', default='10,75', help='two tick counts: compile ratio second / first'
+  )
+  p.add_argument(
+      '--scaling_repeats', type=int, default=3, help='fresh compiles per tick count (median)'
+  )
+  # Internal: a --scaling subprocess measuring one tick count.
+  p.add_argument('--scaling_point', type=int, default=0, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   names = [n for n in args.configs.split(',') if n]
   unknown = [n for n in names if n not in CONFIGS]
@@ -578,35 +954,78 @@ def parse_args(argv=None):
     p.error('--repeats must be >= 1 and --warmup >= 0')
   if args.reference and not os.path.isfile(os.path.join(args.reference, 'models', 'ctm.py')):
     p.error(f'--reference={args.reference}: no models/ctm.py there')
+  if args.peak_repeats < 1:
+    p.error('--peak_repeats must be >= 1')
+  if args.peak_sizes not in ('', 'none'):
+    try:
+      assert all(int(n) > 0 for n in args.peak_sizes.split(','))
+    except (ValueError, AssertionError):
+      p.error(f'--peak_sizes={args.peak_sizes}: expected positive integers or none')
+  if args.scaling_config not in CONFIGS:
+    p.error(f'--scaling_config: unknown {args.scaling_config}; expected one of {list(CONFIGS)}')
+  for flag in ('memory_ticks', 'compile_ticks'):
+    try:
+      ticks = [int(t) for t in getattr(args, flag).split(',')]
+    except ValueError:
+      ticks = []
+    if len(ticks) != 2 or min(ticks) < 1:
+      p.error(f'--{flag}={getattr(args, flag)}: expected two positive tick counts')
+    setattr(args, flag, ticks)
+  if args.scaling_repeats < 1 or args.scaling_batch < 0:
+    p.error('--scaling_repeats must be >= 1 and --scaling_batch >= 0')
+  if args.remat is None:
+    args.remat = 'full' if args.scaling or args.scaling_point else 'none'
   args.config_names = names
   return args
 
 
+def write_json(path, env, args, **payload):
+  with open(path, 'w') as f:
+    json.dump(dict(environment=env, args=dict(vars(args)), **payload), f, indent=1)
+
+
 def main(argv=None):
   args = parse_args(argv)
-  env = environment()
-  if args.reference:
+  # Cold compiles only: a persistent cache would turn compile times into cache reads.
+  jax.config.update('jax_enable_compilation_cache', False)
+  if args.scaling_point:  # A --scaling subprocess on GPU/TPU: one tick count, one step.
+    env = environment()
+    (point,) = measure_ticks(scaling_config(args), [args.scaling_point], args, run_step=True)
+    if args.json:
+      write_json(args.json, env, args, point=point)
+    return
+  isolate = args.isolate == 'yes' or (args.isolate == 'auto' and accelerator_present())
+  if args.scaling:
+    log(f'tick scaling of {args.scaling_config}, isolate={isolate}')
+    env, summary = run_scaling(args, isolate)
+    if args.json:
+      write_json(args.json, env, args, scaling=summary)
+    print(format_scaling(env, summary), flush=True)
+    return
+
+  log(f'configs {args.config_names}, isolate={isolate}')
+  # Isolated, this process leaves the device alone: the environment comes from
+  # the first config's subprocess.
+  env = None if isolate else environment()
+  if env and args.reference:
     env['reference'] = load_reference(args.reference).info()
-  isolate = args.isolate == 'yes' or (
-      args.isolate == 'auto' and uses_device_peak(env) and len(args.config_names) > 1
-  )
-  log(
-      f"device {env['device_kind']}, jax {env['jax']}, configs {args.config_names}, "
-      f'isolate={isolate}'
-  )
+  if env:
+    log(f"device {env['device_kind']}, jax {env['jax']}")
+  # At the start of the run, before any config holds memory.
+  peak = measure_peak(args, isolate)
   results = []
   for name in args.config_names:
     if isolate:
-      results.append(run_isolated(name, args))
+      child_env, result = run_isolated(name, args)
+      env = env or child_env
+      results.append(add_rates(result, peak))
     else:
-      results.append(run_config(name, args))
-    if args.json:  # Written after each config, so a long run keeps partial results.
-      with open(args.json, 'w') as f:
-        json.dump(
-            dict(environment=env, args={k: v for k, v in vars(args).items()}, results=results),
-            f,
-            indent=1,
-        )
+      results.append(run_config(name, args, peak))
+    if args.json and env:  # Written after each config, so a long run keeps partial results.
+      write_json(args.json, dict(env, matmul_peak=peak), args, results=results)
+  env = dict(env or environment(), matmul_peak=peak)
+  if args.json:
+    write_json(args.json, env, args, results=results)
   print(format_table(env, results, args), flush=True)
 
 

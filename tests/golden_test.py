@@ -94,4 +94,7 @@ def test_loss_and_gradients_match_reference(case):
     ref = np.asarray(flat_ref[path], np.float64)
     err = np.abs(np.asarray(ours, np.float64) - ref).max()
     scale = max(np.linalg.norm(ref), 1e-12)
-    assert err <= 1e-4 * scale + 1e-9, f'{jax.tree_util.keystr(path)}: {err:.3g} vs |g| {scale:.3g}'
+    # The floor covers gradients that are zero in exact arithmetic (the keys'
+    # bias: softmax ignores a shift shared by all tokens), where both sides hold
+    # only rounding noise of order 1e-9.
+    assert err <= 1e-4 * scale + 1e-8, f'{jax.tree_util.keystr(path)}: {err:.3g} vs |g| {scale:.3g}'

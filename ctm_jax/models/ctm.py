@@ -25,8 +25,10 @@ from ctm_jax.models import synapse
 from ctm_jax.models import synch
 
 DECAY_CLAMP = (0.0, 15.0)
-# Logical axes of (B, D) activations; see ctm_jax/sharding.py.
+# Logical axes of (B, D) activations and of the neuron-major (D, B, M) trace;
+# see ctm_jax/sharding.py.
 _BATCH_NEURONS = ('batch', 'neurons')
+_NEURONS_BATCH_MEMORY = ('neurons', 'batch', None)
 # bf16 is an opt-in compute dtype; parameters and optimiser state stay float32.
 COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 DECAY_PARAM_NAMES = ('decay_params_action', 'decay_params_out')
@@ -59,7 +61,7 @@ class CTMOutput:
 class TickState(NamedTuple):
   """What one tick hands to the next."""
 
-  trace_BxDxM: jax.Array  # pre-activation history, newest last
+  trace_DxBxM: jax.Array  # pre-activation history, newest last; neuron-major for the NLMs
   z_BxD: jax.Array  # post-activations
   synch_action: synch.SynchState
   synch_out: synch.SynchState
@@ -89,10 +91,10 @@ def _xavier_qkv(d_input: int):
   return layers.uniform(math.sqrt(6.0 / (4 * d_input)))
 
 
-def _push(history_BxDxM, new_BxD):
-  """Drops the oldest entry of a per-neuron history and appends the newest last."""
-  new_BxDx1 = new_BxD[:, :, None].astype(history_BxDxM.dtype)
-  return jnp.concatenate([history_BxDxM[:, :, 1:], new_BxDx1], -1)
+def _push(history_xM, new):
+  """Drops the oldest entry of a (..., M) history and appends `new` (...) last."""
+  new_x1 = new[..., None].astype(history_xM.dtype)
+  return jnp.concatenate([history_xM[..., 1:], new_x1], -1)
 
 
 def _split_heads(x_BxNxE, heads):
@@ -155,17 +157,17 @@ class Tick(nn.Module):
       pre_BxD = synapse.SynapseUNet(
           self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
       )(synapse_in, self.train)
-    trace_BxDxM = sharding.constrain(_push(state.trace_BxDxM, pre_BxD), _BATCH_NEURONS + (None,))
-    z_BxD = nlm.neuron_level_models(
-        trace_BxDxM,
+    trace_DxBxM = sharding.constrain(_push(state.trace_DxBxM, pre_BxD.T), _NEURONS_BATCH_MEMORY)
+    z_DxB = nlm.neuron_level_models(
+        trace_DxBxM,
         deep=self.deep_nlms,
         memory_hidden_dims=self.memory_hidden_dims,
         do_norm=self.do_layernorm_nlm,
         dropout=self.dropout_nlm,
         train=self.train,
         dtype=self.dtype,
-    ).astype(state.z_BxD.dtype)
-    z_BxD = sharding.constrain(z_BxD, _BATCH_NEURONS)
+    )
+    z_BxD = sharding.constrain(z_DxB.T.astype(state.z_BxD.dtype), _BATCH_NEURONS)
     synch_out_BxP, synch_out_state = synch.update(
         state.synch_out,
         z_BxD,
@@ -186,7 +188,7 @@ class Tick(nn.Module):
     z_trace_BxDxM = state.z_trace_BxDxM
     if z_trace_BxDxM is not None:
       z_trace_BxDxM = _push(z_trace_BxDxM, z_BxD)
-    next_state = TickState(trace_BxDxM, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
+    next_state = TickState(trace_DxBxM, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
     return next_state, per_tick
 
   def _attend(self, q_BxE, shared):
@@ -377,8 +379,8 @@ class ContinuousThoughtMachine(nn.Module):
     start_z_D = self.param('start_activated_state', layers.uniform(math.sqrt(1 / d)), (d,))
     start_trace_DxM = self.param('start_trace', layers.uniform(math.sqrt(1 / (d + m))), (d, m))
     z_BxD = sharding.constrain(jnp.broadcast_to(start_z_D, (batch, d)), _BATCH_NEURONS)
-    trace_BxDxM = sharding.constrain(
-        jnp.broadcast_to(start_trace_DxM, (batch, d, m)), _BATCH_NEURONS + (None,)
+    trace_DxBxM = sharding.constrain(
+        jnp.broadcast_to(start_trace_DxM[:, None, :], (d, batch, m)), _NEURONS_BATCH_MEMORY
     )
     # The output synch starts from z0 before the first tick; the action synch
     # starts empty (its first update sees z0).
@@ -390,7 +392,7 @@ class ContinuousThoughtMachine(nn.Module):
         shared['decay_params_out'],
     )
     synch_action = synch.zero_state(batch, self.synch_size_action)
-    return TickState(trace_BxDxM, z_BxD, synch_action, synch_out)
+    return TickState(trace_DxBxM, z_BxD, synch_action, synch_out)
 
   def run_ticks(
       self, state: TickState, xs, shared, *, train: bool, track: bool, length: int | None = None

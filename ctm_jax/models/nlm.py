@@ -1,22 +1,29 @@
 """Neuron-level models: a private MLP per neuron over its pre-activation history.
 
-Dimensions: B batch, D neurons (d_model), M memory length (history),
+Dimensions: D neurons (d_model), B batch, M memory length (history),
 I input width per neuron, O output width per neuron, H NLM hidden width.
+
+Activations are neuron-major, (D, B, ...): the D private matmuls are then one
+batched matmul whose batch axis is already outermost, with no transposes of the
+(large) trace around it in either pass.
 """
 
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ctm_jax.models import layers
 
 
 class SuperLinear(nn.Module):
-  """D independent linear maps, one per neuron, applied as one einsum.
+  """D independent linear maps, one per neuron, applied as one batched einsum.
 
   Parameters keep the reference's layout: w1 (I, O, D), b1 (1, D, O) and a
-  learned scalar `temperature` that divides the output.
+  learned scalar `temperature` that divides the output. With `glu=True` the
+  call returns GLU(y) = y[..., :O/2] * sigmoid(y[..., O/2:]), computed as two
+  half-width einsums so that neither pass splits or concatenates activations.
   """
 
   in_dims: int
@@ -27,25 +34,35 @@ class SuperLinear(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxDxI, train: bool = False):
+  def __call__(self, x_DxBxI, train: bool = False, glu: bool = False):
     if self.dropout > 0:
-      x_BxDxI = nn.Dropout(self.dropout, deterministic=not train)(x_BxDxI)
+      x_DxBxI = nn.Dropout(self.dropout, deterministic=not train)(x_DxBxI)
     if self.do_norm:
-      x_BxDxI = layers.LayerNorm(name='layernorm', dtype=self.dtype)(x_BxDxI)
+      x_DxBxI = layers.LayerNorm(name='layernorm', dtype=self.dtype)(x_DxBxI)
     bound = 1.0 / math.sqrt(self.in_dims + self.out_dims)
     w1_IxOxD = self.param(
         'w1', layers.uniform(bound), (self.in_dims, self.out_dims, self.n_neurons)
     )
     b1_1xDxO = self.param('b1', nn.initializers.zeros, (1, self.n_neurons, self.out_dims))
     temperature = self.param('temperature', nn.initializers.ones, (1,))
-    # b: batch, d: neuron, i: input, o: output. One private matrix per neuron.
-    y_BxDxO = jnp.einsum('bdi,iod->bdo', x_BxDxI.astype(self.dtype), w1_IxOxD.astype(self.dtype))
-    y_BxDxO = y_BxDxO + b1_1xDxO.astype(self.dtype)
-    return y_BxDxO / temperature.astype(self.dtype)
+    # (xW + b) / T as x(W / T) + b / T: the division touches the small weights,
+    # not the (D, B, O) output, in both passes.
+    w_DxIxO = (jnp.transpose(w1_IxOxD, (2, 0, 1)) / temperature).astype(self.dtype)
+    b_Dx1xO = (jnp.transpose(b1_1xDxO, (1, 0, 2)) / temperature).astype(self.dtype)
+    x_DxBxI = x_DxBxI.astype(self.dtype)
+
+    def linear(columns):
+      # d: neuron, b: batch, i: input, o: output. One private matrix per neuron.
+      return jnp.einsum('dbi,dio->dbo', x_DxBxI, w_DxIxO[..., columns]) + b_Dx1xO[..., columns]
+
+    if not glu:
+      return linear(slice(None))
+    half = self.out_dims // 2
+    return linear(slice(None, half)) * jax.nn.sigmoid(linear(slice(half, None)))
 
 
 def neuron_level_models(
-    trace_BxDxM,
+    trace_DxBxM,
     *,
     deep: bool,
     memory_hidden_dims: int,
@@ -54,23 +71,24 @@ def neuron_level_models(
     train: bool,
     dtype
 ):
-  """Post-activations z (B, D) from the pre-activation trace (B, D, M).
+  """Post-activations z (D, B) from the neuron-major pre-activation trace (D, B, M).
 
   Call inside a compact method: layers are named after the reference's
   `trace_processor.0.{0,2}` so weights import one to one.
   """
-  _, n_neurons, memory_length = trace_BxDxM.shape
+  n_neurons, _, memory_length = trace_DxBxM.shape
   common = dict(n_neurons=n_neurons, do_norm=do_norm, dropout=dropout, dtype=dtype)
-  h_BxDxO = trace_BxDxM
+  h_DxBxI = trace_DxBxM
   if deep:
-    h_BxDxO = SuperLinear(
+    h_DxBxI = SuperLinear(
         memory_length, 2 * memory_hidden_dims, name='trace_processor_0_0', **common
-    )(h_BxDxO, train)
-    h_BxDxO = nn.glu(h_BxDxO, axis=-1)
-    h_BxDxO = SuperLinear(memory_hidden_dims, 2, name='trace_processor_0_2', **common)(
-        h_BxDxO, train
+    )(h_DxBxI, train, glu=True)
+    h_DxBx1 = SuperLinear(memory_hidden_dims, 2, name='trace_processor_0_2', **common)(
+        h_DxBxI, train, glu=True
     )
   else:
-    h_BxDxO = SuperLinear(memory_length, 2, name='trace_processor_0_0', **common)(h_BxDxO, train)
+    h_DxBx1 = SuperLinear(memory_length, 2, name='trace_processor_0_0', **common)(
+        h_DxBxI, train, glu=True
+    )
   # The last GLU maps the 2-wide output to one value per neuron.
-  return nn.glu(h_BxDxO, axis=-1)[..., 0]
+  return h_DxBx1[..., 0]
