@@ -19,8 +19,8 @@ Conventions:
     (the first convolution, positional-embedding projections) skip the input
     gradient. With `remat='full'` the backward pass runs the tick body's
     forward again (+1x of the tick's matmuls), all but the output projector:
-    its output leaves the tick and its backward needs only its input. With
-    'dots' only the batched einsums (attention, neuron-level models) run again
+    its output leaves the tick and its backward needs only its input; 'sqrt'
+    (ticks and chunks of ticks rematerialised) runs the same twice more. With 'dots' only the batched einsums (attention, neuron-level models) run again
     (matmuls without batch dimensions are saved).
   * convolutions count only kernel taps that land inside the input, not on its
     zero padding, as XLA does.
@@ -37,6 +37,8 @@ Dimension glossary:
 import dataclasses
 
 import numpy as np
+
+from ctm_jax.models import ctm
 
 # Sizes restated from ctm_jax/models rather than imported, so that the count
 # checks the model instead of echoing it. Per-stage planes and block counts of
@@ -239,11 +241,18 @@ def forward_flops(cfg):
 def train_flops(cfg, remat='none'):
   """Matmul FLOPs of one train step: forward + backward (+ remat's recomputation)."""
   ticks = cfg['model']['iterations']
+  # remat='sqrt' rematerialises every tick and, around them, whole chunks: a
+  # chunked tick's forward runs twice more, one of the `rest` ticks once more.
+  chunk, n_chunks, rest = ctm.sqrt_remat_chunks(ticks)
+  recomputed_ticks = dict(full=ticks, dots=ticks, sqrt=2 * chunk * n_chunks + rest).get(remat, 0)
   total = 0.0
   for op in layers(cfg):
     flops = op.flops * (1 + op.backward)
-    recomputed = (remat == 'full' and not op.tick_output) or (remat == 'dots' and op.batched)
-    if op.per_tick and recomputed:
-      flops += op.flops
-    total += flops * (ticks if op.per_tick else 1)
+    if not op.per_tick:
+      total += flops
+      continue
+    recomputed = (remat in ('full', 'sqrt') and not op.tick_output) or (
+        remat == 'dots' and op.batched
+    )
+    total += flops * ticks + (op.flops * recomputed_ticks if recomputed else 0)
   return total

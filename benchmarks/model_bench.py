@@ -102,6 +102,7 @@ import optax
 from ctm_jax import losses
 from ctm_jax.models.ctm import ContinuousThoughtMachine
 from ctm_jax.models.ctm import project_decay_params
+from ctm_jax.models.ctm import REMAT_POLICIES
 from ctm_jax.tools import flops as flops_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -891,7 +892,7 @@ def parse_args(argv=None):
   p.add_argument(
       '--remat',
       default=None,
-      choices=['none', 'full', 'dots'],
+      choices=list(REMAT_POLICIES),
       help="tick-body rematerialisation policy (default: 'none'; 'full' with --scaling)",
   )
   p.add_argument(

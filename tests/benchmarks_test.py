@@ -142,11 +142,19 @@ def traced_matmul_flops(jaxpr):
         (PARITY, 'none'),
         (PARITY, 'full'),
         (PARITY, 'dots'),
+        (PARITY, 'sqrt'),
         (IMAGE, 'none'),
         (IMAGE, 'full'),
     ]
     + [(cfg, 'none') for cfg in VARIANTS.values()],
-    ids=['parity', 'parity-remat-full', 'parity-remat-dots', 'image', 'image-remat-full']
+    ids=[
+        'parity',
+        'parity-remat-full',
+        'parity-remat-dots',
+        'parity-remat-sqrt',
+        'image',
+        'image-remat-full',
+    ]
     + list(VARIANTS),
 )
 def test_analytic_flops_equal_the_traced_matmuls(cfg, remat):

@@ -143,7 +143,7 @@ def test_jit_equals_no_jit():
   np.testing.assert_allclose(jitted.certainties, eager.certainties, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots'])
+@pytest.mark.parametrize('policy', ['full', 'dots', 'sqrt'])
 def test_remat_equals_no_remat(policy):
   x = _parity_input()
   plain = _model()

@@ -36,7 +36,15 @@ REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'sqrt': None,  # two-level: see ContinuousThoughtMachine._run_ticks_two_level
 }
+# The tick scan: parameters shared by every tick, a fresh dropout key per tick,
+# per-tick inputs scanned and tick-invariant ones broadcast.
+_TICK_SCAN = dict(
+    variable_broadcast='params',
+    split_rngs={'params': False, 'dropout': True},
+    in_axes=(0, nn.broadcast),
+)
 
 
 @flax.struct.dataclass
@@ -110,7 +118,7 @@ class Tick(nn.Module):
     xs: per-tick pytree (scanned); `input_BxE` here replaces attention with a
       different input each tick.
     shared: tick-invariant pytree (broadcast): projected keys/values
-      `k_BxNxKxF`, `v_BxNxKxF` or a fixed `input_BxE`; synch pair indices and
+      `k_BxKxNxF`, `v_BxKxNxF` or a fixed `input_BxE`; synch pair indices and
       decay parameters.
   """
 
@@ -181,8 +189,8 @@ class Tick(nn.Module):
     prediction_BxO = prediction_BxO.astype(jnp.float32)
     per_tick['predictions'] = prediction_BxO
     per_tick['certainties'] = certainty(prediction_BxO, self.prediction_reshaper)
-    per_tick['synch_out'] = synch_out_BxP
     if self.track:
+      per_tick['synch_out'] = synch_out_BxP
       per_tick['pre_activations'] = pre_BxD
       per_tick['post_activations'] = z_BxD
     z_trace_BxDxM = state.z_trace_BxDxM
@@ -193,7 +201,7 @@ class Tick(nn.Module):
 
   def _attend(self, q_BxE, shared):
     """Single-query multi-head attention over the pre-projected keys/values."""
-    k_BxNxKxF, v_BxNxKxF = shared['k_BxNxKxF'], shared['v_BxNxKxF']
+    k_BxKxNxF, v_BxKxNxF = shared['k_BxKxNxF'], shared['v_BxKxNxF']
     head_dim = self.d_input // self.heads
     q_BxE = layers.Linear(
         self.d_input,
@@ -204,11 +212,11 @@ class Tick(nn.Module):
     )(q_BxE)
     q_BxKxF = _split_heads(q_BxE, self.heads) * math.sqrt(1.0 / head_dim)
     # b: batch, k: head, f: head feature, n: token.
-    scores_BxKxN = jnp.einsum('bkf,bnkf->bkn', q_BxKxF, k_BxNxKxF.astype(self.dtype))
+    scores_BxKxN = jnp.einsum('bkf,bknf->bkn', q_BxKxF, k_BxKxNxF.astype(self.dtype))
     weights_BxKxN = jax.nn.softmax(scores_BxKxN.astype(jnp.float32), axis=-1)
     dropped_BxKxN = nn.Dropout(self.dropout, deterministic=not self.train)(weights_BxKxN)
     out_BxKxF = jnp.einsum(
-        'bkn,bnkf->bkf', dropped_BxKxN.astype(self.dtype), v_BxNxKxF.astype(self.dtype)
+        'bkn,bknf->bkf', dropped_BxKxN.astype(self.dtype), v_BxKxNxF.astype(self.dtype)
     )
     out_BxE = layers.Linear(
         self.d_input, bias_init=nn.initializers.zeros, dtype=self.dtype, name='attention_out'
@@ -227,8 +235,9 @@ class ContinuousThoughtMachine(nn.Module):
   shallow-wide). Dropout draws from the `dropout` rng in training.
 
   Extra options (not in the reference): `remat` ('none' | 'full' | 'dots')
-  checkpoints the tick body; `dtype` is the compute dtype (parameters stay
-  float32); `unroll` is the scan unroll factor.
+  checkpoints the tick body, 'sqrt' chunks of ~sqrt(T) ticks (memory grows
+  as sqrt(T)); `dtype` is the compute dtype (parameters stay float32);
+  `unroll` is the scan unroll factor.
   """
 
   iterations: int
@@ -297,9 +306,9 @@ class ContinuousThoughtMachine(nn.Module):
     validate_input(self, x)
     batch = x.shape[0]
     kv_BxNxE = self.featurise(x, train)
-    k_BxNxKxF, v_BxNxKxF = self._project_kv(kv_BxNxE)
+    k_BxKxNxF, v_BxKxNxF = self._project_kv(kv_BxNxE)
 
-    shared = dict(k_BxNxKxF=k_BxNxKxF, v_BxNxKxF=v_BxNxKxF, **self._synch_variables())
+    shared = dict(k_BxKxNxF=k_BxKxNxF, v_BxKxNxF=v_BxKxNxF, **self._synch_variables())
     state = self.initial_state(batch, shared)
     final, per_tick = self.run_ticks(state, {}, shared, train=train, track=track)
     return self._outputs(final, per_tick, track)
@@ -345,7 +354,9 @@ class ContinuousThoughtMachine(nn.Module):
           dtype=self.dtype,
           name=name,
       )(kv_BxNxE)
-      return _split_heads(y, self.heads)
+      # Head-major once here, so the per-tick attention reads keys and values
+      # without a transpose in either pass.
+      return jnp.swapaxes(_split_heads(y, self.heads), 1, 2)
 
     return proj('attention_k'), proj('attention_v')
 
@@ -398,18 +409,47 @@ class ContinuousThoughtMachine(nn.Module):
       self, state: TickState, xs, shared, *, train: bool, track: bool, length: int | None = None
   ):
     """Scans the tick `length` (default `iterations`) times; per-tick outputs stacked on axis 0."""
+    length = length or self.iterations
+    if self.remat == 'sqrt':
+      return self._run_ticks_two_level(state, xs, shared, train=train, track=track, length=length)
     tick_cls = Tick
     if self.remat != 'none':
       tick_cls = nn.remat(Tick, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    scan = nn.scan(
-        tick_cls,
-        variable_broadcast='params',
-        split_rngs={'params': False, 'dropout': True},
-        in_axes=(0, nn.broadcast),
-        length=length or self.iterations,
-        unroll=self.unroll,
-    )
+    scan = nn.scan(tick_cls, length=length, unroll=self.unroll, **_TICK_SCAN)
     return scan(**self._tick_kwargs(train, track), name='tick')(state, xs, shared)
+
+  def _run_ticks_two_level(self, state, xs, shared, *, train, track, length):
+    """remat='sqrt': an outer scan over chunks of ~sqrt(T) ticks, each chunk rematerialised.
+
+    Every tick is rematerialised too, so the backward pass holds the states at
+    chunk starts, one chunk's states and one tick's residuals: memory grows as
+    sqrt(T), for two extra forwards. Parameters stay under 'tick', as with the
+    flat scan.
+    """
+    chunk, n_chunks, rest = sqrt_remat_chunks(length)
+    tick = nn.remat(Tick, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)(
+        **self._tick_kwargs(train, track), name='tick'
+    )
+
+    def run(module, carry, xs_tick, shared):
+      return module(carry, xs_tick, shared)
+
+    def scan_ticks(n):
+      return nn.scan(run, length=n, unroll=min(self.unroll, n), **_TICK_SCAN)
+
+    def run_chunk(module, carry, xs_chunk, shared):
+      return scan_ticks(chunk)(module, carry, xs_chunk, shared)
+
+    outer = nn.scan(nn.remat(run_chunk, prevent_cse=False), length=n_chunks, **_TICK_SCAN)
+    split = n_chunks * chunk
+    xs_chunks = jax.tree.map(lambda a: a[:split].reshape(n_chunks, chunk, *a.shape[1:]), xs)
+    state, per_tick = outer(tick, state, xs_chunks, shared)
+    per_tick = jax.tree.map(lambda a: a.reshape(split, *a.shape[2:]), per_tick)
+    if rest:
+      xs_rest = jax.tree.map(lambda a: a[split:], xs)
+      state, per_tick_rest = scan_ticks(rest)(tick, state, xs_rest, shared)
+      per_tick = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), per_tick, per_tick_rest)
+    return state, per_tick
 
   def _outputs(self, final: TickState, per_tick, track: bool) -> CTMOutput:
     tracking = None
@@ -424,9 +464,17 @@ class ContinuousThoughtMachine(nn.Module):
     return CTMOutput(
         predictions=jnp.transpose(per_tick['predictions'], (1, 2, 0)),
         certainties=jnp.transpose(per_tick['certainties'], (1, 2, 0)),
-        synch_out=per_tick['synch_out'][-1],
+        # From the final state rather than stacked per tick: the same values,
+        # without a (T, B, P) output.
+        synch_out=synch.synchronisation(final.synch_out),
         tracking=tracking,
     )
+
+
+def sqrt_remat_chunks(length: int) -> tuple[int, int, int]:
+  """remat='sqrt' runs n_chunks rematerialised chunks of `chunk` ticks, then `rest` plain ticks."""
+  chunk = math.isqrt(length - 1) + 1  # ceil(sqrt(T))
+  return chunk, length // chunk, length % chunk
 
 
 def _error(field, value, why):

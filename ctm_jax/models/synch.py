@@ -80,4 +80,10 @@ def update(state: SynchState, z_BxD, left_P, right_P, decay_P):
   product_BxP = z_BxD[:, left_P] * z_BxD[:, right_P]
   alpha_BxP = r_P * state.alpha_BxP + product_BxP
   beta_BxP = r_P * state.beta_BxP + 1
-  return alpha_BxP / jnp.sqrt(beta_BxP), SynchState(alpha_BxP, beta_BxP)
+  new_state = SynchState(alpha_BxP, beta_BxP)
+  return synchronisation(new_state), new_state
+
+
+def synchronisation(state: SynchState):
+  """The synchronisation (B, P) that `state` holds: alpha / sqrt(beta)."""
+  return state.alpha_BxP / jnp.sqrt(state.beta_BxP)
