@@ -58,10 +58,14 @@ builds the model with the reference script's options (the shared
              at run time by `reference_adapter.py`; it needs torch): the
              reference's own train step on the same config, batch and task loss
              (its models/ctm.py and utils/losses.py; zero_grad, forward, loss,
-             backward, torch.optim.AdamW step), on the CPU with all cores. It
-             is timed interleaved with ours in the same process (rounds of one
-             step each, the order alternating), so machine noise hits both
-             alike; median over the same --warmup and --repeats. speedup = ref
+             backward, torch.optim.AdamW step), on the CPU with all cores, in
+             a worker process of its own (so that the two frameworks share
+             neither heap nor thread pools). It is timed interleaved with ours
+             (rounds of one turn each, the order alternating), so machine noise
+             hits both alike; each turn runs two steps and times the second,
+             as the first step after a switch pays for the other process's
+             memory churn (up to 1.6x on this project's VM, for both); median
+             over the same --warmup and --repeats. speedup = ref
              median / our train median: above 1, ours is faster. The first
              step's losses of both models (at init) are logged as a check that
              the configs match. The reference always runs in float32.
@@ -72,7 +76,7 @@ config's own and no process holds the device while another needs it.
 
 --scaling measures instead how the train step grows with the tick count, for
 --scaling_config (parity_b64) at --scaling_batch (its own batch) under --remat
-(default 'full' here, 'none' otherwise): memory at --memory_ticks (25,75) and
+(default 'sqrt' here: chunks of ~sqrt(T) ticks rematerialised; 'none' otherwise): memory at --memory_ticks (25,75) and
 lower + compile time at --compile_ticks (10,75), median over --scaling_repeats
 fresh jits each, and prints the ratios (later / earlier) beside the issue's
 bounds (memory <= 1.3x, compile <= 1.2x). Memory needs no execution on the CPU
@@ -907,7 +911,7 @@ def parse_args(argv=None):
       '--remat',
       default=None,
       choices=list(REMAT_POLICIES),
-      help="tick-body rematerialisation policy (default: 'none'; 'full' with --scaling)",
+      help="tick-body rematerialisation policy (default: 'none'; 'sqrt' with --scaling)",
   )
   p.add_argument(
       '--dtype',
@@ -989,7 +993,7 @@ def parse_args(argv=None):
   if args.scaling_repeats < 1 or args.scaling_batch < 0:
     p.error('--scaling_repeats must be >= 1 and --scaling_batch >= 0')
   if args.remat is None:
-    args.remat = 'full' if args.scaling or args.scaling_point else 'none'
+    args.remat = 'sqrt' if args.scaling or args.scaling_point else 'none'
   args.config_names = names
   return args
 

@@ -256,7 +256,7 @@ def test_table_columns():
 
 def test_scaling_flags():
   args = model_bench.parse_args(['--scaling', '--memory_ticks=5,15'])
-  assert args.remat == 'full' and args.memory_ticks == [5, 15]
+  assert args.remat == 'sqrt' and args.memory_ticks == [5, 15]
   assert args.compile_ticks == [10, 75]
   assert model_bench.parse_args([]).remat == 'none'
   with pytest.raises(SystemExit):
