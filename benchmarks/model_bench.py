@@ -64,7 +64,8 @@ builds the model with the reference script's options (the shared
              (rounds of one turn each, the order alternating), so machine noise
              hits both alike; each turn runs two steps and times the second,
              as the first step after a switch pays for the other process's
-             memory churn (up to 1.6x on this project's VM, for both); median
+             memory churn (on this project's VM, parity batch 64: up to 1.9x
+             for ours, about 1.06x for the reference); median
              over the same --warmup and --repeats. speedup = ref
              median / our train median: above 1, ours is faster. The first
              step's losses of both models (at init) are logged as a check that
@@ -76,9 +77,10 @@ config's own and no process holds the device while another needs it.
 
 --scaling measures instead how the train step grows with the tick count, for
 --scaling_config (parity_b64) at --scaling_batch (its own batch) under --remat
-(default 'sqrt' here: chunks of ~sqrt(T) ticks rematerialised; 'none' otherwise): memory at --memory_ticks (25,75) and
-lower + compile time at --compile_ticks (10,75), median over --scaling_repeats
-fresh jits each, and prints the ratios (later / earlier) beside the issue's
+(default 'sqrt' here: chunks of ~sqrt(T) ticks rematerialised; 'none'
+otherwise): memory at --memory_ticks (25,75) and lower + compile time at
+--compile_ticks (10,75), median over --scaling_repeats fresh jits each, and
+prints the ratios (later / earlier) beside the issue's
 bounds (memory <= 1.3x, compile <= 1.2x). Memory needs no execution on the CPU
 (`memory_analysis()` as above); on GPU/TPU each tick count runs one train step
 in a fresh subprocess and reports the device's peak.
@@ -236,9 +238,9 @@ def time_interleaved(calls, warmup, repeats, untimed_first=False):
   machine noise (other processes, clocks) hits all of them alike. With
   `untimed_first`, each turn runs its call twice and times the second: the
   first absorbs the cost of switching from the other call (on this project's
-  VM the first step after the other process's step ran up to 1.6x slower, for
-  both implementations), which a training loop, running steps back to back,
-  never pays.
+  VM the first step after the other process's step ran up to 1.9x slower for
+  ours, about 1.06x for the reference), which a training loop, running steps
+  back to back, never pays.
   """
   times = [[] for _ in calls]
   for i in range(warmup + repeats):
@@ -846,8 +848,8 @@ def format_table(env, results, args):
     lines += [
         f"# ref train = PyTorch reference ({ref['dir']}, commit {ref['commit']}), torch "
         f"{ref['torch']}, float32 on the CPU with {ref['torch_threads']} threads:",
-        '#   zero_grad + fwd + loss + backward + AdamW step, timed interleaved with ours '
-        '(alternating rounds, same process, same batch).',
+        '#   zero_grad + fwd + loss + backward + AdamW step in a worker process, timed '
+        'interleaved with ours (alternating turns of two steps, the second timed; same batch).',
         '# speedup = ref train median / our train median (above 1: ours is faster).',
     ]
   header = (
