@@ -105,6 +105,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ctm_jax import hostmem
 from ctm_jax import losses
 from ctm_jax.models.ctm import ContinuousThoughtMachine
 from ctm_jax.models.ctm import project_decay_params
@@ -458,7 +459,9 @@ def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_param
   if jax.devices()[0].platform != 'cpu':
     log(f'{name}: WARNING the reference runs on the CPU, ours on {jax.devices()[0].platform}')
   log(f'{name}: build the reference model ({ref.torch.__version__}, {ref.threads} threads)')
-  ref_step = reference_adapter.ReferenceProcess(ref.dir, cfg, np.asarray(x), np.asarray(targets))
+  ref_step = reference_adapter.ReferenceProcess(
+      ref.dir, cfg, np.asarray(x), np.asarray(targets), env=hostmem.environ_before_reexec()
+  )
   try:
     log(f'{name}: timing ours and the reference (its own process), interleaved')
     train_times, _ = time_interleaved(
@@ -790,6 +793,7 @@ def environment():
       optax=optax.__version__,
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       git_commit=git_commit(),
+      host_allocator=hostmem.status(),
   )
 
 
@@ -814,6 +818,8 @@ def format_table(env, results, args):
       f"{env['device_count']} device(s), {env['cpu_count']} host CPUs)",
       f"# jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, optax {env['optax']} "
       f"| {env['date']} | git {env['git_commit']}",
+      f"# host allocator: {env.get('host_allocator', 'not recorded')} (ctm_jax/hostmem.py; "
+      'a --reference worker runs without it)',
       f'# remat={args.remat} dtype={args.dtype} unroll={args.unroll} '
       f'| medians over --repeats={args.repeats} after --warmup={args.warmup}',
       '# compile = lower + compile (AOT) of the jitted function, timed apart from execution.',
@@ -1051,4 +1057,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  # As ctm_jax.main does; subprocesses (isolated configs, the reference) inherit it.
+  hostmem.reexec_with_huge_pages()
   main()

@@ -182,10 +182,13 @@ class ReferenceProcess:
 
   Torch and XLA then keep their own heaps and thread pools: run in one
   process, the reference's steps slowed ours by up to 1.8x (parity, batch 64).
+  `env` is the worker's environment (model_bench passes the user's, without
+  the huge-page tunable ctm_jax/hostmem.py adds for our side: with it the
+  reference's steps were slower, CIFAR-10 b32 1.9 -> 2.4 s on a 2-core VM).
   `times` holds the worker's own wall time of each step.
   """
 
-  def __init__(self, ref_dir, cfg, x, targets):
+  def __init__(self, ref_dir, cfg, x, targets, env=None):
     self._tmp = tempfile.TemporaryDirectory()
     batch = os.path.join(self._tmp.name, 'batch.npz')
     np.savez(batch, x=np.asarray(x), targets=np.asarray(targets))
@@ -196,6 +199,7 @@ class ReferenceProcess:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
     ready = self._read()
     self.n_params, self.kwargs = ready['n_params'], ready['kwargs']
