@@ -63,6 +63,7 @@ def test_flops_count_every_tick():
   assert result['flops_per_step'] == pytest.approx(exact, rel=1e-3)
 
 
+@pytest.mark.slow  # ~18 s: a fresh process compiling; check() itself is tested above
 def test_command_line(tmp_path):
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   json_path = tmp_path / 'result.json'

@@ -302,8 +302,8 @@ def _short(config, steps):
 @needs_8_devices
 @pytest.mark.parametrize(
     'module',
-    [
-        cifar10,
+    [  # ~40 s each on 2 cores; the default suite trains the synthetic image task
+        pytest.param(cifar10, marks=pytest.mark.slow),
         pytest.param(cifar100, marks=pytest.mark.slow),
         pytest.param(imagenet, marks=pytest.mark.slow),
     ],
