@@ -1057,6 +1057,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  # As ctm_jax.main does; subprocesses (isolated configs, the reference) inherit it.
+  # As ctm_jax.main does. Isolated configs inherit it; the reference's worker
+  # gets the user's environment back (hostmem.environ_before_reexec).
   hostmem.reexec_with_huge_pages()
   main()

@@ -3,8 +3,8 @@
 On CPU every train step allocates its large buffers afresh (the tick scan's
 per-tick residuals reach hundreds of MB: parity at batch 64 stacks a 491 MB
 trace), and glibc serves each one with a new `mmap`. Touching those pages
-faults them in 4 KiB at a time, every step: about a fifth of a parity train
-step on a 2-core VM (benchmarks/model_bench.py, README "Performance"). glibc
+faults them in 4 KiB at a time, every step: about a sixth of a parity train
+step at batch 64 on a 2-core VM (benchmarks/model_bench.py, README "Performance"). glibc
 >= 2.35 can ask for transparent huge pages on its mappings (tunable
 `glibc.malloc.hugetlb=1`), which kernels in THP 'madvise' mode honour, so the
 same memory faults in 2 MiB at a time.

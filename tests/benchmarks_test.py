@@ -7,6 +7,7 @@ size, N matrix side.
 
 import os
 import sys
+import time
 
 import jax
 from jax.extend import core as jex_core
@@ -252,6 +253,32 @@ def test_table_columns():
   assert [c.strip() for c in row.split('|')][-4:] == ['100.0', '1.100', '50.0', '25.0']
   assert 'ERROR' in error
   assert 'float32 200.0 GFLOP/s' in table
+
+
+def test_interleaved_timing_times_the_second_call_of_each_turn():
+  """The first call of a turn (slow here, as after a switch) is left out."""
+  log = []
+
+  def make_call(name):
+    def call():
+      first_of_turn = log.count(name) % 2 == 0  # calls come in pairs
+      log.append(name)
+      if first_of_turn:
+        time.sleep(0.05)
+
+    return call
+
+  times = model_bench.time_interleaved(
+      [make_call('a'), make_call('b')], warmup=1, repeats=3, untimed_first=True
+  )
+  assert ''.join(log) == 'aabbbbaaaabbbbaa'  # turns of two, order alternating
+  assert [len(t) for t in times] == [3, 3]
+  assert max(max(t) for t in times) < 0.04, times
+
+  def slow():
+    time.sleep(0.05)
+
+  assert min(model_bench.time_interleaved([slow], warmup=0, repeats=2)[0]) >= 0.05
 
 
 def test_scaling_flags():
