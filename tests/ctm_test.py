@@ -374,19 +374,20 @@ class _PerTickInputCTM(ctm_lib.ContinuousThoughtMachine):
 
   @nn.compact
   def __call__(self, inputs_TxBxE, state=None):
-    shared = self._synch_variables()
+    synch_params = self.synch_params()
     if state is None:
-      state = self.initial_state(inputs_TxBxE.shape[1], shared)
+      state = self.initial_state(inputs_TxBxE.shape[1], synch_params)
       state = state._replace(z_trace_BxDxM=jnp.zeros_like(state.trace_DxBxM.transpose(1, 0, 2)))
     final, per_tick = self.run_ticks(
         state,
-        {'input_BxE': inputs_TxBxE},
-        shared,
+        ctm_lib.TickInputs(features_BxE=inputs_TxBxE),
+        ctm_lib.TickInputs(),
+        synch_params,
         train=False,
         track=True,
         length=inputs_TxBxE.shape[0],
     )
-    return self._outputs(final, per_tick, track=True), final
+    return self.outputs(final, per_tick, track=True), final
 
 
 DIRECT = {

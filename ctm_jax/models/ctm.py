@@ -7,6 +7,7 @@ Dimension glossary:
   K attention heads  F head width (E / K)      O out_dims
 """
 
+import dataclasses
 import math
 from typing import Any, ClassVar, NamedTuple, Sequence
 
@@ -39,11 +40,11 @@ REMAT_POLICIES = {
     'sqrt': None,  # two-level: see ContinuousThoughtMachine._run_ticks_two_level
 }
 # The tick scan: parameters shared by every tick, a fresh dropout key per tick,
-# per-tick inputs scanned and tick-invariant ones broadcast.
+# per-tick inputs scanned, fixed inputs and synch parameters broadcast.
 _TICK_SCAN = dict(
     variable_broadcast='params',
     split_rngs={'params': False, 'dropout': True},
-    in_axes=(0, nn.broadcast),
+    in_axes=(0, nn.broadcast, nn.broadcast),
 )
 
 
@@ -64,6 +65,46 @@ class CTMOutput:
   certainties: jax.Array  # (B, 2, T): [normalised entropy, 1 - it]
   synch_out: jax.Array  # (B, P_out), after the last tick
   tracking: Tracking | None = None
+
+
+@flax.struct.dataclass
+class TickInputs:
+  """What a tick reads from outside its carried state; None where unused.
+
+  A model passes two of these to `run_ticks`: `per_tick`, whose fields carry a
+  leading tick axis (T, ...) and are scanned, one slice per tick (Q&A-MNIST's
+  tokens change every tick), and `fixed`, whose fields every tick sees whole
+  (an image's keys and values). A field is set in at most one of the two.
+  Attention reads `keys_BxKxNxF` / `values_BxKxNxF` (head-major, projected);
+  a model without attention feeds `features_BxE` straight to the synapses.
+  """
+
+  keys_BxKxNxF: jax.Array | None = None
+  values_BxKxNxF: jax.Array | None = None
+  features_BxE: jax.Array | None = None
+
+  def merge(self, fixed: 'TickInputs') -> 'TickInputs':
+    """This tick's slice of the per-tick fields, the fixed ones elsewhere."""
+    fields = {}
+    for field in dataclasses.fields(self):
+      mine, theirs = getattr(self, field.name), getattr(fixed, field.name)
+      if mine is not None and theirs is not None:
+        raise ValueError(f'TickInputs.{field.name} is given both per tick and fixed')
+      fields[field.name] = mine if mine is not None else theirs
+    return TickInputs(**fields)
+
+
+@flax.struct.dataclass
+class SynchParams:
+  """Neuron-pair indices (P,) and decay parameters (P,) of both synch sides;
+  the action side is None when the model has no action synch."""
+
+  out_left_P: jax.Array
+  out_right_P: jax.Array
+  decay_out_P: jax.Array
+  action_left_P: jax.Array | None = None
+  action_right_P: jax.Array | None = None
+  decay_action_P: jax.Array | None = None
 
 
 class TickState(NamedTuple):
@@ -114,12 +155,9 @@ class Tick(nn.Module):
 
   Per tick: synch-action -> query -> cross-attention (or a direct input when
   heads == 0) -> synapse -> trace shift -> NLMs -> synch-out -> prediction and
-  certainty. Inputs:
-    xs: per-tick pytree (scanned); `input_BxE` here replaces attention with a
-      different input each tick.
-    shared: tick-invariant pytree (broadcast): projected keys/values
-      `k_BxKxNxF`, `v_BxKxNxF` or a fixed `input_BxE`; synch pair indices and
-      decay parameters.
+  certainty. Inputs: `per_tick` (this tick's slice of the scanned
+  `TickInputs`), `fixed` (the broadcast `TickInputs`) and `synch` (the
+  broadcast `SynchParams`).
   """
 
   d_model: int
@@ -138,25 +176,30 @@ class Tick(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, state: TickState, xs, shared):
+  def __call__(
+      self, state: TickState, per_tick: TickInputs, fixed: TickInputs, synch_params: SynchParams
+  ):
+    inputs = per_tick.merge(fixed)
     z_BxD = state.z_BxD
-    per_tick = {}
+    outputs = {}
     synch_action_state = state.synch_action
     if self.heads:
       synch_action_BxP, synch_action_state = synch.update(
           state.synch_action,
           z_BxD,
-          shared['action_left_P'],
-          shared['action_right_P'],
-          shared['decay_params_action'],
+          synch_params.action_left_P,
+          synch_params.action_right_P,
+          synch_params.decay_action_P,
       )
       q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(synch_action_BxP)
-      features_BxE, attention_BxKxN = self._attend(q_BxE, shared)
+      features_BxE, attention_BxKxN = self._attend(q_BxE, inputs)
       if self.track:
-        per_tick['synch_action'] = synch_action_BxP
-        per_tick['attention'] = attention_BxKxN[:, :, None, :]
+        outputs['synch_action'] = synch_action_BxP
+        outputs['attention'] = attention_BxKxN[:, :, None, :]
     else:
-      features_BxE = xs.get('input_BxE', shared.get('input_BxE'))
+      features_BxE = inputs.features_BxE
+      if features_BxE is None:
+        raise ValueError('a tick without attention needs TickInputs.features_BxE')
 
     synapse_in = jnp.concatenate([features_BxE.astype(self.dtype), z_BxD.astype(self.dtype)], -1)
     if self.synapse_depth == 1:
@@ -179,29 +222,31 @@ class Tick(nn.Module):
     synch_out_BxP, synch_out_state = synch.update(
         state.synch_out,
         z_BxD,
-        shared['out_left_P'],
-        shared['out_right_P'],
-        shared['decay_params_out'],
+        synch_params.out_left_P,
+        synch_params.out_right_P,
+        synch_params.decay_out_P,
     )
     prediction_BxO = layers.Linear(self.out_dims, dtype=self.dtype, name='output_projector_0')(
         synch_out_BxP
     )
     prediction_BxO = prediction_BxO.astype(jnp.float32)
-    per_tick['predictions'] = prediction_BxO
-    per_tick['certainties'] = certainty(prediction_BxO, self.prediction_reshaper)
+    outputs['predictions'] = prediction_BxO
+    outputs['certainties'] = certainty(prediction_BxO, self.prediction_reshaper)
     if self.track:
-      per_tick['synch_out'] = synch_out_BxP
-      per_tick['pre_activations'] = pre_BxD
-      per_tick['post_activations'] = z_BxD
+      outputs['synch_out'] = synch_out_BxP
+      outputs['pre_activations'] = pre_BxD
+      outputs['post_activations'] = z_BxD
     z_trace_BxDxM = state.z_trace_BxDxM
     if z_trace_BxDxM is not None:
       z_trace_BxDxM = _push(z_trace_BxDxM, z_BxD)
     next_state = TickState(trace_DxBxM, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
-    return next_state, per_tick
+    return next_state, outputs
 
-  def _attend(self, q_BxE, shared):
+  def _attend(self, q_BxE, inputs: TickInputs):
     """Single-query multi-head attention over the pre-projected keys/values."""
-    k_BxKxNxF, v_BxKxNxF = shared['k_BxKxNxF'], shared['v_BxKxNxF']
+    k_BxKxNxF, v_BxKxNxF = inputs.keys_BxKxNxF, inputs.values_BxKxNxF
+    if k_BxKxNxF is None or v_BxKxNxF is None:
+      raise ValueError('an attending tick needs TickInputs.keys_BxKxNxF and values_BxKxNxF')
     head_dim = self.d_input // self.heads
     q_BxE = layers.Linear(
         self.d_input,
@@ -306,14 +351,20 @@ class ContinuousThoughtMachine(nn.Module):
     validate_input(self, x)
     batch = x.shape[0]
     kv_BxNxE = self.featurise(x, train)
-    k_BxKxNxF, v_BxKxNxF = self._project_kv(kv_BxNxE)
+    k_BxKxNxF, v_BxKxNxF = self.project_kv(kv_BxNxE)
 
-    shared = dict(k_BxKxNxF=k_BxKxNxF, v_BxKxNxF=v_BxKxNxF, **self._synch_variables())
-    state = self.initial_state(batch, shared)
-    final, per_tick = self.run_ticks(state, {}, shared, train=train, track=track)
-    return self._outputs(final, per_tick, track)
+    synch_params = self.synch_params()
+    state = self.initial_state(batch, synch_params)
+    fixed = TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF)
+    final, per_tick = self.run_ticks(
+        state, TickInputs(), fixed, synch_params, train=train, track=track
+    )
+    return self.outputs(final, per_tick, track)
 
-  # --- Pieces shared with the task variants -----------------------------------
+  # --- Pieces shared with the model variants (models/<variant>.py) -----------
+  # A variant overrides __call__ and composes: featurise / project_kv (tokens
+  # once, outside the loop), synch_params, initial_state, run_ticks with its
+  # TickInputs (per tick or fixed), outputs.
 
   def featurise(self, x, train):
     """Tokens (B, N, E) after backbone, positional embedding and kv_proj."""
@@ -343,7 +394,7 @@ class ContinuousThoughtMachine(nn.Module):
     kv_BxNxE = layers.Linear(self.d_input, dtype=self.dtype, name='kv_proj_0')(tokens_BxNxC)
     return layers.LayerNorm(dtype=self.dtype, name='kv_proj_1')(kv_BxNxE)
 
-  def _project_kv(self, kv_BxNxE):
+  def project_kv(self, kv_BxNxE):
     """The attention's key/value projections, hoisted out of the tick loop."""
 
     def proj(name):
@@ -360,9 +411,9 @@ class ContinuousThoughtMachine(nn.Module):
 
     return proj('attention_k'), proj('attention_v')
 
-  def _synch_variables(self):
+  def synch_params(self) -> SynchParams:
     """Pair indices (P,) and decay parameters (P,) for both synch sides."""
-    shared = {}
+    fields = {}
     sides = [('out', self.n_synch_out, self.synch_size_out)]
     if self.synch_size_action:
       sides.append(('action', self.n_synch_action, self.synch_size_action))
@@ -377,15 +428,15 @@ class ContinuousThoughtMachine(nn.Module):
       )
       left = self.variable('synch', f'{side}_neuron_indices_left', lambda: left_right[0])
       right = self.variable('synch', f'{side}_neuron_indices_right', lambda: left_right[1])
-      shared[f'{side}_left_P'], shared[f'{side}_right_P'] = synch.pair_indices(
+      fields[f'{side}_left_P'], fields[f'{side}_right_P'] = synch.pair_indices(
           self.neuron_select_type, left.value, right.value
       )
-      shared[f'decay_params_{side}'] = self.param(
+      fields[f'decay_{side}_P'] = self.param(
           f'decay_params_{side}', nn.initializers.zeros, (size,)
       )
-    return shared
+    return SynchParams(**fields)
 
-  def initial_state(self, batch: int, shared) -> TickState:
+  def initial_state(self, batch: int, synch_params: SynchParams) -> TickState:
     d, m = self.d_model, self.memory_length
     start_z_D = self.param('start_activated_state', layers.uniform(math.sqrt(1 / d)), (d,))
     start_trace_DxM = self.param('start_trace', layers.uniform(math.sqrt(1 / (d + m))), (d, m))
@@ -398,27 +449,45 @@ class ContinuousThoughtMachine(nn.Module):
     _, synch_out = synch.update(
         synch.zero_state(batch, self.synch_size_out),
         z_BxD,
-        shared['out_left_P'],
-        shared['out_right_P'],
-        shared['decay_params_out'],
+        synch_params.out_left_P,
+        synch_params.out_right_P,
+        synch_params.decay_out_P,
     )
     synch_action = synch.zero_state(batch, self.synch_size_action)
     return TickState(trace_DxBxM, z_BxD, synch_action, synch_out)
 
   def run_ticks(
-      self, state: TickState, xs, shared, *, train: bool, track: bool, length: int | None = None
+      self,
+      state: TickState,
+      per_tick: TickInputs,
+      fixed: TickInputs,
+      synch_params: SynchParams,
+      *,
+      train: bool,
+      track: bool,
+      length: int | None = None,
   ):
-    """Scans the tick `length` (default `iterations`) times; per-tick outputs stacked on axis 0."""
+    """Scans the tick `length` (default `iterations`) times; per-tick outputs stacked on axis 0.
+
+    `per_tick`'s fields have a leading axis of `length` ticks; `fixed`'s are
+    the same for every tick.
+    """
     length = length or self.iterations
+    for name, leaf in jax.tree_util.tree_leaves_with_path(per_tick):
+      if leaf.shape[0] != length:
+        raise ValueError(
+            f'per-tick input {jax.tree_util.keystr(name)} has {leaf.shape[0]} ticks, not {length}'
+        )
+    args = (state, per_tick, fixed, synch_params)
     if self.remat == 'sqrt':
-      return self._run_ticks_two_level(state, xs, shared, train=train, track=track, length=length)
+      return self._run_ticks_two_level(*args, train=train, track=track, length=length)
     tick_cls = Tick
     if self.remat != 'none':
       tick_cls = nn.remat(Tick, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     scan = nn.scan(tick_cls, length=length, unroll=self.unroll, **_TICK_SCAN)
-    return scan(**self._tick_kwargs(train, track), name='tick')(state, xs, shared)
+    return scan(**self._tick_kwargs(train, track), name='tick')(*args)
 
-  def _run_ticks_two_level(self, state, xs, shared, *, train, track, length):
+  def _run_ticks_two_level(self, state, xs, fixed, synch_params, *, train, track, length):
     """remat='sqrt': an outer scan over chunks of ~sqrt(T) ticks, each chunk rematerialised.
 
     Every tick is rematerialised too, so the backward pass holds the states at
@@ -431,27 +500,27 @@ class ContinuousThoughtMachine(nn.Module):
         **self._tick_kwargs(train, track), name='tick'
     )
 
-    def run(module, carry, xs_tick, shared):
-      return module(carry, xs_tick, shared)
+    def run(module, carry, xs_tick, fixed, synch_params):
+      return module(carry, xs_tick, fixed, synch_params)
 
     def scan_ticks(n):
       return nn.scan(run, length=n, unroll=min(self.unroll, n), **_TICK_SCAN)
 
-    def run_chunk(module, carry, xs_chunk, shared):
-      return scan_ticks(chunk)(module, carry, xs_chunk, shared)
+    def run_chunk(module, carry, xs_chunk, fixed, synch_params):
+      return scan_ticks(chunk)(module, carry, xs_chunk, fixed, synch_params)
 
     outer = nn.scan(nn.remat(run_chunk, prevent_cse=False), length=n_chunks, **_TICK_SCAN)
     split = n_chunks * chunk
     xs_chunks = jax.tree.map(lambda a: a[:split].reshape(n_chunks, chunk, *a.shape[1:]), xs)
-    state, per_tick = outer(tick, state, xs_chunks, shared)
+    state, per_tick = outer(tick, state, xs_chunks, fixed, synch_params)
     per_tick = jax.tree.map(lambda a: a.reshape(split, *a.shape[2:]), per_tick)
     if rest:
       xs_rest = jax.tree.map(lambda a: a[split:], xs)
-      state, per_tick_rest = scan_ticks(rest)(tick, state, xs_rest, shared)
+      state, per_tick_rest = scan_ticks(rest)(tick, state, xs_rest, fixed, synch_params)
       per_tick = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), per_tick, per_tick_rest)
     return state, per_tick
 
-  def _outputs(self, final: TickState, per_tick, track: bool) -> CTMOutput:
+  def outputs(self, final: TickState, per_tick, track: bool) -> CTMOutput:
     tracking = None
     if track:
       tracking = Tracking(
