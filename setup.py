@@ -6,7 +6,10 @@ setuptools.setup(
     name="ctm-jax",
     version="0.1.0",
     description="Continuous Thought Machine (arXiv 2505.05522) in JAX/Flax.",
-    packages=setuptools.find_packages(include=["ctm_jax", "ctm_jax.*"]),
+    # configs/ installs as ctm_jax.configs, so config files import their bases
+    # (`from ctm_jax.configs import common`) from any working directory.
+    packages=setuptools.find_packages(include=["ctm_jax", "ctm_jax.*"]) + ["ctm_jax.configs"],
+    package_dir={"ctm_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

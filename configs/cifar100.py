@@ -12,12 +12,7 @@ Run:
   python -m ctm_jax.main --config=configs/cifar100.py --workdir=runs/cifar100
 """
 
-import os
-import sys
-
-# Config files are loaded by path; make the sibling base configs importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import image
 
 
 def get_config(arg: str | None = None):

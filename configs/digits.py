@@ -14,18 +14,12 @@ Run:
   python -m ctm_jax.main --config=configs/digits.py --workdir=runs/digits
 """
 
-import os
-import sys
-
-# Config files are loaded by path; make the sibling base configs importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import common
+from ctm_jax.configs import image
 
 
 def get_config(arg: str | None = None):
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"config variant {variant!r} is unknown; expected 'default' or 'smoke'")
+  variant = common.variant(arg, ('default', 'smoke'))
   config = image.base(dataset='digits', num_classes=10)
   config.image_shape = (8, 8, 1)
   config.augment = False

@@ -22,23 +22,17 @@ line lacks the trailing backslash, so as written the script trains with
 train.py's defaults; the flags it lists are what is meant and what `base()` sets.
 """
 
-import os
-import sys
-
 import ml_collections
 
-# Config files are loaded by path; make the sibling base configs importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import common
+from ctm_jax.configs import models
 
 
 def base(dataset: str = 'cifar10', num_classes: int = 10) -> ml_collections.ConfigDict:
   """The reference's train_cifar10.sh, key for key, on `dataset`."""
-  config = models.get_config('cifar10')
-  # The task derives these from the dataset, as the reference's train.py does.
-  del config.input_shape, config.model.out_dims, config.model.prediction_reshaper
-  config.update(trainer.defaults())
+  config = common.trainer()
+  config.task = 'image_classification'
+  config.model = models.cifar10()
   config.dataset = dataset
   config.num_classes = num_classes
   config.image_shape = (32, 32, 3)
@@ -100,17 +94,13 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def real_data_config(dataset: str, num_classes: int, arg: str | None):
   """`get_config` of a real-data CIFAR config: 'default' (the script) or 'smoke'."""
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"config variant {variant!r} is unknown; expected 'default' or 'smoke'")
+  variant = common.variant(arg, ('default', 'smoke'))
   config = base(dataset=dataset, num_classes=num_classes)
   return smoke(config) if variant == 'smoke' else config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or 'synthetic'
-  if variant not in ('synthetic', 'smoke'):
-    raise ValueError(f"config variant {variant!r} is unknown; expected 'synthetic' or 'smoke'")
+  variant = common.variant(arg, ('synthetic', 'smoke'))
   config = base(dataset='synthetic')
   config.dataset_size = 50_000  # CIFAR-10's train split
   if variant == 'smoke':

@@ -24,21 +24,16 @@ Size a run first (per-device memory, FLOPs per step; reads no data), then launch
       python -m ctm_jax.main --config=configs/imagenet.py --workdir=~/gcs/imagenet
 """
 
-import os
-import sys
-
 import ml_collections
 
-# Config files are loaded by path; make the sibling base configs importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import common
+from ctm_jax.configs import image
+from ctm_jax.configs import models
 
 
 def base() -> ml_collections.ConfigDict:
   config = image.base()
-  config.model = models.get_config('imagenet').model
-  del config.model.out_dims, config.model.prediction_reshaper
+  config.model = models.imagenet()
   config.model.dtype = 'bfloat16'
   config.dataset = 'imagenet2012'
   config.num_classes = 1000
@@ -71,34 +66,32 @@ def base() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or 'default'
+  variant = common.variant(arg, ('default', 'smoke'))
   if variant == 'default':
     return base()
-  if variant == 'smoke':
-    config = base()
-    config.model.update(
-        d_model=64,
-        d_input=32,
-        heads=2,
-        n_synch_out=32,
-        n_synch_action=32,
-        n_random_pairing_self=4,
-        synapse_depth=2,
-        iterations=3,
-        memory_length=4,
-        memory_hidden_dims=4,
-        backbone_type='resnet18-1',
-        dtype='float32',
-    )
-    config.image_shape = (64, 64, 3)
-    config.num_read_threads = 0
-    config.batch_size = 16
-    config.batch_size_test = 16
-    config.n_test_batches = 1
-    config.warmup_steps = 2
-    config.training_iterations = 4
-    config.save_every = 2
-    config.track_every = 4
-    config.log_every = 2
-    return config
-  raise ValueError(f"config variant {variant!r} is unknown; expected 'default' or 'smoke'")
+  config = base()  # smoke
+  config.model.update(
+      d_model=64,
+      d_input=32,
+      heads=2,
+      n_synch_out=32,
+      n_synch_action=32,
+      n_random_pairing_self=4,
+      synapse_depth=2,
+      iterations=3,
+      memory_length=4,
+      memory_hidden_dims=4,
+      backbone_type='resnet18-1',
+      dtype='float32',
+  )
+  config.image_shape = (64, 64, 3)
+  config.num_read_threads = 0
+  config.batch_size = 16
+  config.batch_size_test = 16
+  config.n_test_batches = 1
+  config.warmup_steps = 2
+  config.training_iterations = 4
+  config.save_every = 2
+  config.track_every = 4
+  config.log_every = 2
+  return config

@@ -14,25 +14,20 @@ Overrides use the reference's argument names, e.g. `--config.lr=3e-4`,
 `--config.model.iterations=50`.
 """
 
-import os
-import sys
-
 import ml_collections
 
-# Config files are loaded by path; make the sibling base configs importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import common
+from ctm_jax.configs import models
+
+VARIANTS = ('default', 'small', 'smoke')
 
 
 def base(length: int = 64) -> ml_collections.ConfigDict:
   """The reference's train_ctm_75_25.sh, key for key."""
-  config = models.get_config('parity')
-  # The task derives these from the length, as the reference's train.py does.
-  del config.input_shape, config.model.out_dims, config.model.prediction_reshaper
+  config = common.trainer()
+  config.task = 'parity'
   config.parity_sequence_length = length
-
-  config.update(trainer.defaults())
+  config.model = models.parity()
   config.seed = 0
   config.batch_size = 64
   config.batch_size_test = 256
@@ -49,7 +44,7 @@ def base(length: int = 64) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or 'default'
+  variant = common.variant(arg, VARIANTS)
   if variant == 'default':
     return base()
   if variant == 'small':
@@ -72,27 +67,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.track_every = 500
     config.n_test_batches = 4
     return config
-  if variant == 'smoke':
-    config = get_config('small')
-    config.parity_sequence_length = 8
-    config.model.update(
-        iterations=6,
-        d_model=32,
-        d_input=16,
-        heads=2,
-        n_synch_out=8,
-        n_synch_action=8,
-        memory_length=4,
-        memory_hidden_dims=4,
-    )
-    config.batch_size = 64
-    config.batch_size_test = 32
-    config.n_test_batches = 2
-    config.lr = 1e-2
-    config.warmup_steps = 5
-    config.training_iterations = 60
-    config.save_every = 20
-    config.track_every = 30
-    config.log_every = 10
-    return config
-  raise ValueError(f"config variant {variant!r} is unknown; expected 'default', 'small' or 'smoke'")
+  config = get_config('small')  # smoke
+  config.parity_sequence_length = 8
+  config.model.update(
+      iterations=6,
+      d_model=32,
+      d_input=16,
+      heads=2,
+      n_synch_out=8,
+      n_synch_action=8,
+      memory_length=4,
+      memory_hidden_dims=4,
+  )
+  config.batch_size = 64
+  config.batch_size_test = 32
+  config.n_test_batches = 2
+  config.lr = 1e-2
+  config.warmup_steps = 5
+  config.training_iterations = 60
+  config.save_every = 20
+  config.track_every = 30
+  config.log_every = 10
+  return config

@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 from ctm_jax.data import pipeline
 
 CONFIG_FILE = 'config.json'
-# Keys whose change makes existing checkpoints meaningless for this run.
-_IDENTITY_KEYS = ('task', 'model', 'parity_sequence_length', 'num_classes', 'image_shape')
+# Keys whose change makes existing checkpoints meaningless for any run; a task
+# adds its own (`Task.identity_keys`).
+_IDENTITY_KEYS = ('task', 'model')
 # Compute options: a run may resume with another dtype, remat policy or unroll.
 _COMPUTE_KEYS = ('model.dtype', 'model.remat', 'model.unroll')
 
@@ -100,27 +101,32 @@ def _reshard_position(data_dir: str, current: dict, count: int) -> dict:
   return {'next_index': records // count}
 
 
-def _identity(config_dict, prefix=''):
-  """Dotted key -> value of the fields that define the model and task."""
+def _identity(config_dict, keys, prefix=''):
+  """Dotted key -> value of the fields (top-level `keys`) that define the model and task."""
   flat = {}
   for key, value in config_dict.items():
-    if not prefix and key not in _IDENTITY_KEYS:
+    if not prefix and key not in keys:
       continue
     if isinstance(value, dict):
-      flat.update(_identity(value, f'{prefix}{key}.'))
+      flat.update(_identity(value, keys, f'{prefix}{key}.'))
     else:
       flat[prefix + key] = value
   return flat
 
 
-def write_or_check_config(workdir: str, config, resuming: bool):
-  """Writes config.json; refuses a workdir whose checkpoints came from another model."""
+def write_or_check_config(workdir: str, config, resuming: bool, identity_keys=()):
+  """Writes config.json; refuses a workdir whose checkpoints came from another model.
+
+  Identity: `task`, `model` and the task's `identity_keys`; compute options
+  (dtype, remat, unroll) may change.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   resolved = json.loads(config.to_json_best_effort())
   if resuming and os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    old, new = _identity(previous), _identity(resolved)
+    keys = (*_IDENTITY_KEYS, *identity_keys)
+    old, new = _identity(previous, keys), _identity(resolved, keys)
     for key in _COMPUTE_KEYS:
       old.pop(key, None), new.pop(key, None)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

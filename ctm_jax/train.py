@@ -1,10 +1,10 @@
-"""train_and_evaluate: config -> data -> state -> jitted steps -> loop.
+"""train_and_evaluate: config -> task -> data -> state -> jitted steps -> loop.
 
-Dimension glossary: B batch, T ticks, N attended positions (an h x w feature map).
+The loop knows no task: the task (ctm_jax/tasks/) builds the model, data,
+loss and metrics, and lists the evaluators the loop runs at each eval.
 """
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -18,14 +18,12 @@ import numpy as np
 import tqdm
 
 from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import evaluators as evaluators_lib
 from ctm_jax import optim
 from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax import validation
 from ctm_jax import writers
-from ctm_jax.analysis import evaluation
-from ctm_jax.analysis import metrics as metrics_lib
-from ctm_jax.analysis import plots
 from ctm_jax.data import pipeline
 from ctm_jax.interop import torch as torch_interop
 
@@ -35,27 +33,6 @@ STOP_KEY = 'stop'
 
 class NonFiniteError(FloatingPointError):
   pass
-
-
-class _StopRequest:
-  """SIGTERM / SIGINT ask the loop to checkpoint and leave at the next step."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _prepare_workdir(workdir: str) -> str:
@@ -74,17 +51,20 @@ def _prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def _summarise(sums: dict, prefix: str) -> dict:
-  """Batch sums -> means, named `prefix/...`, with per-tick accuracies."""
+def summarise(sums: dict, prefix: str) -> dict:
+  """Batch sums -> means: `<metric>_sum` -> `prefix/<metric>`, and a (T,) sum
+  -> `prefix/<metric>_<t>`, each divided by `count`."""
   count = float(sums['count'])
-  acc_T = np.asarray(sums['acc_tick_sum']) / count
-  out = {
-      f'{prefix}/loss': float(sums['loss_sum']) / count,
-      f'{prefix}/acc_most_certain': float(sums['acc_most_certain_sum']) / count,
-      f'{prefix}/acc_last': float(sums['acc_last_sum']) / count,
-      f'{prefix}/most_certain_tick': float(sums['most_certain_tick_sum']) / count,
-  }
-  out.update({f'{prefix}/acc_tick_{t}': float(a) for t, a in enumerate(acc_T)})
+  out = {}
+  for key, value in sums.items():
+    if not key.endswith('_sum'):
+      continue
+    name = f'{prefix}/{key[: -len("_sum")]}'
+    mean = np.asarray(value, np.float64) / count
+    if mean.ndim == 0:
+      out[name] = float(mean)
+    else:
+      out.update({f'{name}_{t}': float(m) for t, m in enumerate(mean.reshape(-1))})
   return out
 
 
@@ -137,7 +117,7 @@ def _reporting_stops(train_step):
 def setup(config, model, task, mesh) -> Setup:
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config, schedule)
-  example = task.example_input(config)
+  example = task.model_inputs(task.example_batch(config))
 
   def init():
     return steps.init_state(model, tx, jax.random.key(config.seed), example)
@@ -147,9 +127,9 @@ def setup(config, model, task, mesh) -> Setup:
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   train_step = _reporting_stops(
-      steps.make_train_step(model, task, tx, schedule, config.use_most_certain)
+      steps.make_train_step(config, model, task, tx, schedule)
   )
-  eval_step = steps.make_eval_step(model, task, config.use_most_certain)
+  eval_step = steps.make_eval_step(config, model, task)
   return Setup(
       mesh=mesh,
       schedule=schedule,
@@ -174,57 +154,113 @@ def setup(config, model, task, mesh) -> Setup:
   )
 
 
-def _attention_gifs(config, task, model, run: Setup, eval_source, plot_dir):
-  """(state, step) -> writes `plot_dir/attention_{step}_{i}.gif` for the first
-  `config.n_attention_gifs` eval images (process 0); None when there are none to make.
+class _StopRequest:
+  """SIGTERM / SIGINT ask the loop to checkpoint and leave at the next step."""
 
-  Gifs need images (4-D inputs), attention heads and class probabilities
-  (`task.eval_details`). The images are the same records on every process, so
-  they go in replicated; the step is jitted once and runs without the logical
-  rules, whose batch constraint a few images cannot satisfy.
-  """
-  count = min(config.n_attention_gifs, len(eval_source))
-  if not count:
-    return None
-  if task.eval_details is None or not model.heads or task.example_input(config).ndim != 4:
-    logging.warning(
-        'config.n_attention_gifs=%d: no attention gifs, task %s does not attend over images',
-        count,
-        task.name,
-    )
-    return None
-  records = [eval_source[i] for i in range(count)]
-  images = np.stack([np.asarray(r['inputs']) for r in records])
-  labels = [int(r['targets']) for r in records]
-  grid = steps.feature_grid(model, images.shape[1:])
-  replicated = sharding.replicated(run.mesh)
-  images_global = jax.make_array_from_callback(images.shape, replicated, lambda i: images[i])
-  attention_step = jax.jit(
-      steps.make_attention_step(model, min(5, model.out_dims)),
-      in_shardings=(run.state_shardings, replicated),
-      out_shardings=replicated,
-  )
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
 
-  def write(state, step):
-    tracked = jax.device_get(attention_step(state, images_global))
-    if jax.process_index() != 0:
-      return
-    attention_BxTxN = tracked['attention_BxTxN']
-    if attention_BxTxN.shape[-1] != grid[0] * grid[1]:
-      raise ValueError(f'attention over {attention_BxTxN.shape[-1]} positions, not a {grid} map')
-    for i, (image, label) in enumerate(zip(images, labels)):
-      plots.attention_gif(
-          image,
-          attention_BxTxN[i].reshape(-1, *grid),
-          tracked['top_probs_BxTxA'][i],
-          tracked['top_classes_BxTxA'][i],
-          tracked['certainty_BxT'][i],
-          os.path.join(plot_dir, f'attention_{step:07d}_{i}.gif'),
-          label=label,
-          title=f'step {step}, eval image {i}: ',
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class StopAgreement(_StopRequest):
+  """When to stop on a signal. One process acts on its own signal at once;
+  several put their flags in their rows of each batch and learn of each
+  other's through the step's metrics (a step or two later), so that every one
+  saves the same step without an extra collective."""
+
+  def __init__(self):
+    super().__init__()
+    self.agree = jax.process_count() > 1
+
+  def tag(self, local_batch: dict) -> dict:
+    """The batch with this process's stop flag in its rows (multi-process runs)."""
+    if self.agree:
+      rows = len(jax.tree.leaves(local_batch)[0])
+      local_batch[STOP_KEY] = np.full((rows,), self.signal is not None)
+    return local_batch
+
+  def local(self) -> str | None:
+    """This process's own signal, read once, when it need not agree with others."""
+    return None if self.agree else self.signal
+
+  def reported(self, flag: bool) -> str | None:
+    """The reason to stop when a step's metrics say some process asked to."""
+    return (self.signal or 'a stop on another process') if flag else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """Which steps (counted after the update) checkpoint and which evaluate."""
+
+  save_every: int
+  track_every: int
+  total: int
+
+  def saves(self, done: int) -> bool:
+    return done % self.save_every == 0 or done == self.total
+
+  def evals(self, done: int) -> bool:
+    return done % self.track_every == 0 or done == self.total
+
+
+class MetricWindow:
+  """Train metrics of the steps since the last log: checked, summed, logged as means."""
+
+  def __init__(self, writer, progress, log_every: int, total: int, checkpoint_dir: str):
+    self.writer, self.progress = writer, progress
+    self.log_every, self.total, self.checkpoint_dir = log_every, total, checkpoint_dir
+    self._reset()
+
+  def _reset(self):
+    self.sums, self.grad_norm, self.steps = None, 0.0, 0
+    self.start = time.perf_counter()
+
+  def consume(self, step: int, metrics, flush: bool = False) -> bool:
+    """Host side of step `step`, read one step late. Raises NonFiniteError on a
+    blown-up step; returns whether some process asked to stop (multi-process)."""
+    metrics = jax.device_get(metrics)
+    if not metrics['finite']:
+      bad = {k: float(metrics[k]) for k in ('loss', 'grad_norm')}
+      raise NonFiniteError(
+          f'non-finite training metrics at step {step + 1}: {bad}; the state was not '
+          f'updated and the last good checkpoint in {self.checkpoint_dir} is intact'
       )
-
-  return write
+    sums = {k: v for k, v in metrics.items() if k.endswith('_sum') or k == 'count'}
+    self.sums = _add(self.sums, sums)
+    self.grad_norm += float(metrics['grad_norm'])
+    self.steps += 1
+    done = step + 1
+    self.progress.update(1)
+    if done % self.log_every == 0 or done == self.total or flush:
+      scalars = summarise(self.sums, 'train')
+      elapsed = time.perf_counter() - self.start
+      scalars.update(
+          {
+              'train/grad_norm': self.grad_norm / self.steps,
+              'train/lr': float(metrics['lr']),
+              'train/steps_per_s': self.steps / max(elapsed, 1e-9),
+          }
+      )
+      self.writer.write(done, scalars)
+      postfix = {'loss': f"{scalars['train/loss']:.4f}"}
+      if 'train/acc_most_certain' in scalars:
+        postfix['acc'] = f"{scalars['train/acc_most_certain']:.3f}"
+      self.progress.set_postfix(postfix, refresh=False)
+      self._reset()
+    return bool(metrics.get(STOP_KEY, False))
 
 
 def _initial_state(config, model, run: Setup, checkpointer, train_iterator):
@@ -276,8 +312,9 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   try:  # until the loop's own cleanup takes over
     resuming = checkpointer.latest_step() is not None
-    config_path = checkpoint_lib.write_or_check_config(workdir, config, resuming)
-
+    config_path = checkpoint_lib.write_or_check_config(
+        workdir, config, resuming, task.identity_keys
+    )
     run = setup(config, model, task, mesh)
     train_loader = pipeline.make_train_loader(
         task.train_source(config),
@@ -291,22 +328,29 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
     )
     train_iterator = iter(train_loader)
     state, how = _initial_state(config, model, run, checkpointer, train_iterator)
-    start = int(state.step)
-    total = config.training_iterations
+    start, total = int(state.step), config.training_iterations
     eval_source = task.eval_source(config)
-    # Kept on the host and sent per eval: ImageNet's 25 batches of 512 would
-    # otherwise hold GiBs of accelerator memory for the whole run.
-    eval_batches = pipeline.make_eval_batches(
-        eval_source,
-        batch_size=config.batch_size_test // jax.process_count(),  # per host
-        num_batches=config.n_test_batches,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        read_options=grain.ReadOptions(num_threads=config.num_read_threads),
-    )
-    train_step, eval_step = run.train_step, run.eval_step
     plot_dir = os.path.join(workdir, 'plots')
-    write_gifs = _attention_gifs(config, task, model, run, eval_source, plot_dir)
+    context = evaluators_lib.Context(
+        config=config,
+        task=task,
+        model=model,
+        run=run,
+        eval_source=eval_source,
+        # Kept on the host and sent per eval: ImageNet's 25 batches of 512 would
+        # otherwise hold GiBs of accelerator memory for the whole run.
+        eval_batches=pipeline.make_eval_batches(
+            eval_source,
+            batch_size=config.batch_size_test // jax.process_count(),  # per host
+            num_batches=config.n_test_batches,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            read_options=grain.ReadOptions(num_threads=config.num_read_threads),
+        ),
+        plot_dir=plot_dir,
+        started=started,
+    )
+    evaluators = task.evaluators(config, context)
   except BaseException:
     checkpointer.close()
     raise
@@ -316,7 +360,7 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
   logging.info(
       'Run %s (%s at step %d) on mesh %s, process %d of %d. Workdir %s: config %s, '
       'checkpoints %s, metrics %s, TensorBoard %s, plots %s',
-      config.task,
+      task.name,
       how,
       start,
       dict(mesh.shape),
@@ -329,135 +373,38 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
       writer.tensorboard_dir,
       plot_dir,
   )
-
-  def evaluate(step):
-    sums, per_batch = None, []
-    for batch in eval_batches:
-      batch_sums, per_example = eval_step(state, sharding.global_batch(batch, mesh))
-      sums = _add(sums, batch_sums)
-      per_batch.append(per_example)
-    sums, per_batch = jax.device_get((sums, per_batch))
-    per_example = evaluation.concatenate(per_batch)
-    scalars = {'eval/loss': float(sums['loss_sum']) / float(sums['count'])}
-    # Over the whole eval set: top-1/top-5, calibration, adaptive compute (the paper's tables).
-    whole_set, adaptive = evaluation.summarise(per_example, 'eval')
-    scalars.update(whole_set)
-    certainty_T = per_example['certainty_BxT'].mean(axis=0)
-    scalars['eval/certainty_last'] = float(certainty_T[-1])
-    # Wall time of this process so far, compile included (time-to-accuracy).
-    scalars['eval/elapsed_s'] = time.perf_counter() - started
-    writer.write(step, scalars)
-    path = os.path.join(plot_dir, f'eval_ticks_{step:07d}.png')
-    logging.info(
-        'eval step %d: adaptive compute (stop at the first tick this certain):\n%s',
-        step,
-        metrics_lib.format_adaptive_table(adaptive),
-    )
-    if is_chief:
-      plots.plot_ticks(
-          per_example['correct_BxT'].mean(axis=0),
-          certainty_T,
-          path,
-          title=f'{config.task}: eval at step {step}',
-      )
-      adaptive_path = os.path.join(plot_dir, f'adaptive_compute_{step:07d}')
-      with open(adaptive_path + '.json', 'w') as f:
-        json.dump({'step': step, **adaptive}, f, indent=1)
-      plots.plot_adaptive_compute(
-          adaptive,
-          adaptive_path + '.png',
-          title=f'{config.task}: adaptive compute at step {step}',
-      )
-    if write_gifs is not None:
-      write_gifs(state, step)  # every process: the tracked step is one SPMD program
-    logging.info(
-        'eval step %d: loss %.4f, acc most-certain %.4f, last tick %.4f (plot %s)',
-        step,
-        scalars['eval/loss'],
-        scalars['eval/acc_most_certain'],
-        scalars['eval/acc_last'],
-        path,
-    )
-    return scalars
-
-  window = {'sums': None, 'grad_norm': 0.0, 'steps': 0, 'start': time.perf_counter()}
   progress = tqdm.tqdm(
       total=total, initial=start, unit='step', dynamic_ncols=True, disable=not is_chief
   )
-
-  def consume(step, metrics, flush=False):
-    """Host side of step `step`, one step late: check, accumulate, log.
-
-    Returns whether some process asked to stop before the step (multi-process).
-    """
-    metrics = jax.device_get(metrics)
-    if not metrics['finite']:
-      bad = {k: float(metrics[k]) for k in ('loss', 'grad_norm')}
-      raise NonFiniteError(
-          f'non-finite training metrics at step {step + 1}: {bad}; the state was not '
-          f'updated and the last good checkpoint in {checkpointer.directory} is intact'
-      )
-    window['sums'] = _add(
-        window['sums'], {k: metrics[k] for k in metrics if k.endswith('sum') or k == 'count'}
-    )
-    window['grad_norm'] += float(metrics['grad_norm'])
-    window['steps'] += 1
-    done = step + 1
-    progress.update(1)
-    if done % config.log_every == 0 or done == total or flush:
-      elapsed = time.perf_counter() - window['start']
-      scalars = _summarise(window['sums'], 'train')
-      scalars.update(
-          {
-              'train/grad_norm': window['grad_norm'] / window['steps'],
-              'train/lr': float(metrics['lr']),
-              'train/steps_per_s': window['steps'] / max(elapsed, 1e-9),
-          }
-      )
-      writer.write(done, scalars)
-      progress.set_postfix(
-          loss=f"{scalars['train/loss']:.4f}",
-          acc=f"{scalars['train/acc_most_certain']:.3f}",
-          refresh=False,
-      )
-      window.update(sums=None, grad_norm=0.0, steps=0, start=time.perf_counter())
-    return bool(metrics.get(STOP_KEY, False))
-
-  # One process acts on its own signal at once; several agree through the steps'
-  # metrics (a step or two later), so that every one saves the same step.
-  agree = jax.process_count() > 1
-  pending = None
+  window = MetricWindow(writer, progress, config.log_every, total, checkpointer.directory)
+  cadence = Cadence(config.save_every, config.track_every, total)
+  pending = None  # (step, metrics) not yet read on the host
   try:
-    with _StopRequest() as stop:
+    with StopAgreement() as stops:
       for step in range(start, total):
-        local = next(train_iterator)
-        if agree:
-          rows = len(jax.tree.leaves(local)[0])
-          local[STOP_KEY] = np.full((rows,), stop.signal is not None)
-        state, metrics = train_step(state, sharding.global_batch(local, mesh))
-        stopping = None
-        if pending is not None and consume(*pending):
-          stopping = stop.signal or 'a stop on another process'
-        pending = (step, metrics)
+        batch = sharding.global_batch(stops.tag(next(train_iterator)), mesh)
+        state, metrics = run.train_step(state, batch)
         done = step + 1
-        if not agree:
-          stopping = stop.signal  # read once: a later signal is handled at the next step
-        must_save = done % config.save_every == 0 or done == total or stopping
-        if must_save or done % config.track_every == 0:
+        # The previous step's metrics, read while this step runs.
+        stopping = stops.reported(window.consume(*pending)) if pending else None
+        pending = (step, metrics)
+        stopping = stopping or stops.local()
+        if cadence.saves(done) or cadence.evals(done) or stopping:
           # A checkpoint or an eval never follows an unchecked step; a stop logs its window.
-          if consume(*pending, flush=bool(stopping)) and not stopping:
-            stopping = stop.signal or 'a stop on another process'
-          must_save = must_save or stopping
+          stopping = stopping or stops.reported(window.consume(*pending, flush=bool(stopping)))
           pending = None
-        if done % config.track_every == 0 or done == total:
-          evaluate(done)
-        if must_save:
+        if cadence.evals(done):
+          scalars = {}
+          for evaluator in evaluators:  # every process: eval steps are SPMD programs
+            scalars.update(evaluator.run(state, done))
+          writer.write(done, scalars)
+        if cadence.saves(done) or stopping:
           checkpointer.save(done, state, train_iterator)
         if stopping:
           logging.info('%s: checkpointed step %d, exiting', stopping, done)
           break
       if pending is not None:
-        consume(*pending)
+        window.consume(*pending)
   finally:
     progress.close()
     checkpointer.wait()

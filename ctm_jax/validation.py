@@ -6,7 +6,6 @@ import jax
 
 from ctm_jax import sharding
 from ctm_jax import tasks as tasks_lib
-from ctm_jax.models import ctm as ctm_lib
 
 _POSITIVE_INTS = (
     'batch_size',
@@ -23,7 +22,6 @@ _NON_NEGATIVE_INTS = (
     'num_workers_train',
     'num_read_threads',
     'seed',
-    'n_attention_gifs',
 )
 
 
@@ -55,7 +53,6 @@ TRAIN_KEYS = frozenset(
         'num_workers_train',
         'num_read_threads',
         'init_from',
-        'n_attention_gifs',
         'mesh',
     }
 )
@@ -75,16 +72,15 @@ def validate(config, num_devices: int | None = None):
   The mesh is checked against `num_devices` (default: every device of every process).
   """
   if 'task' not in config:
-    _fail('task', None, 'missing; expected one of ' + ', '.join(sorted(tasks_lib.TASKS)))
-  task = tasks_lib.get_task(config.task)
+    _fail('task', None, 'missing; expected one of ' + ', '.join(tasks_lib.names()))
+  task = tasks_lib.get(config.task)
   known = TRAIN_KEYS | task.config_keys
   for key in config:
     if key not in known:
       _fail(key, config[key], f'unknown key for task {config.task!r}')
   for key in sorted(known - set(config)):
     _fail(key, None, 'missing')
-  if task.validate is not None:
-    task.validate(config)
+  task.validate(config)
   for field in _POSITIVE_INTS:
     value = config.get(field)
     if not _is_int(value) or value < 1:
@@ -119,7 +115,7 @@ def validate(config, num_devices: int | None = None):
     if config.gradient_clipping_type == 'norm' and not config.gradient_clipping > 0:
       _fail('gradient_clipping', config.gradient_clipping, 'a norm > 0, or -1 to disable')
   try:
-    model = ctm_lib.ContinuousThoughtMachine(**task.model_kwargs(config))
+    model = task.make_model(config)
   except ValueError as e:
     raise ValueError(f'config.model.{e}') from None
   except TypeError as e:  # an unknown constructor argument

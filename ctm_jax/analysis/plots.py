@@ -35,7 +35,7 @@ def plot_ticks(accuracy_T, certainty_T, path, title: str = '') -> str:
 def plot_adaptive_compute(adaptive: dict, path, title: str = '') -> str:
   """Accuracy against mean ticks used when each example stops once certain enough.
 
-  `adaptive`: ctm_jax.analysis.evaluation.summarise's result (`thresholds`,
+  `adaptive`: ctm_jax.analysis.evaluation.adaptive's table (`thresholds`,
   `accuracy`, `mean_ticks` (K,), `ticks`, `acc_last`, `acc_most_certain`).
   """
   fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import tasks as tasks_lib
 from ctm_jax.models import ctm as ctm_lib
 
 # Reference modules evaluated once per tick.
@@ -187,14 +188,18 @@ def convert_state_dict(state_dict: Mapping[str, Any], abstract_variables):
   return _unflatten(flat)
 
 
-def import_state_dict(state_dict: Mapping[str, Any], model_kwargs: Mapping[str, Any]):
-  """Builds the CTM for the reference's constructor kwargs and loads its weights.
+def import_state_dict(
+    state_dict: Mapping[str, Any],
+    model_kwargs: Mapping[str, Any],
+    model_class=ctm_lib.ContinuousThoughtMachine,
+):
+  """Builds `model_class` for the reference's constructor kwargs and loads its weights.
 
   Returns (model, variables). The decay parameters are projected onto
   [0, 15], as the reference's forward does in place.
   """
   state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
-  model = ctm_lib.ContinuousThoughtMachine(**model_kwargs)
+  model = model_class(**model_kwargs)
   abstract = jax.eval_shape(model.init, jax.random.key(0), example_input(state_dict, model_kwargs))
   variables = convert_state_dict(state_dict, abstract)
   variables['params'] = ctm_lib.project_decay_params(variables['params'])
@@ -210,9 +215,6 @@ def import_state_dict(state_dict: Mapping[str, Any], model_kwargs: Mapping[str, 
 # (orbax, the `params` / `synch` / `batch_stats` collections). `load_imported`
 # reads them back.
 
-TASKS = ('parity', 'image_classification', 'mazes')
-# tasks/image_classification/train.py: len(class_labels) of each dataset.
-IMAGE_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
 # Saved arg -> constructor kwarg, identical in the three training scripts.
 ARG_TO_KWARG = {
     'iterations': 'iterations',
@@ -241,83 +243,50 @@ def _as_dict(args) -> dict:
 
 
 def detect_task(args) -> str:
-  """Which reference training script saved `args` (their argparse fields differ)."""
+  """Which task's reference training script saved `args` (their argparse fields differ)."""
   args = _as_dict(args)
-  dataset = args.get('dataset')
-  if 'parity_sequence_length' in args or dataset == 'parity':
-    return 'parity'
-  if 'maze_route_length' in args or str(dataset).startswith('mazes'):
-    return 'mazes'
-  if dataset in IMAGE_CLASSES:
-    return 'image_classification'
-  raise ValueError(
-      f'cannot tell the task from args: no parity_sequence_length or maze_route_length, '
-      f'and dataset={dataset!r} is not one of {sorted(IMAGE_CLASSES)}; pass --task'
-  )
-
-
-def _require(args, name, task):
-  if args.get(name) is None:
-    raise ValueError(f'saved args lack {name!r}, needed for the {task} model')
-  return args[name]
-
-
-def _task_head(args, task):
-  """(out_dims, prediction_reshaper) exactly as each training script sets them."""
-  if task == 'parity':
-    length = int(_require(args, 'parity_sequence_length', task))
-    return length * 2, [length, 2]
-  if task == 'mazes':
-    route = int(_require(args, 'maze_route_length', task))
-    return route * 5, [route, 5]
-  dataset = args.get('dataset')
-  if dataset in IMAGE_CLASSES:
-    return IMAGE_CLASSES[dataset], [-1]
-  if args.get('out_dims') is not None:  # unknown dataset (e.g. --task override)
-    return int(args['out_dims']), [-1]
-  raise ValueError(
-      f'saved args: dataset={dataset!r} has no known class count '
-      f'({sorted(IMAGE_CLASSES)}) and there is no out_dims'
-  )
+  found = [name for name in tasks_lib.names() if tasks_lib.get(name).matches_reference_args(args)]
+  if len(found) != 1:
+    raise ValueError(
+        f'cannot tell the task from the saved args (dataset={args.get("dataset")!r}; '
+        f'{"several match: " + ", ".join(found) if found else "no task recognises them"}); '
+        f'pass --task, one of {", ".join(tasks_lib.names())}'
+    )
+  return found[0]
 
 
 def model_kwargs_from_args(args, task: str | None = None) -> dict:
   """Reference constructor kwargs from a training script's saved `args`.
 
   `args` is the argparse.Namespace stored under 'args' (or a dict of it).
-  Follows tasks/{parity,image_classification,mazes}/train.py: `deep_memory`
-  -> deep_nlms, `do_normalisation` -> do_layernorm_nlm, out_dims and
-  prediction_reshaper from the task. Raises ValueError naming the field that
-  is missing or inconsistent.
+  Generic fields map through ARG_TO_KWARG (`deep_memory` -> deep_nlms,
+  `do_normalisation` -> do_layernorm_nlm); the task sets out_dims,
+  prediction_reshaper and dropout_nlm as its script does. Raises ValueError
+  naming the field that is missing or inconsistent.
   """
   args = _as_dict(args)
-  task = task or detect_task(args)
-  if task not in TASKS:
-    raise ValueError(f'task must be one of {TASKS}, got {task!r}')
-  # parity saves `model_type`, the others `model`; absent means an older CTM-only run.
-  type_field = 'model_type' if task == 'parity' else 'model'
-  if args.get(type_field, 'ctm') != 'ctm':
+  task_name = task or detect_task(args)
+  task = tasks_lib.get(task_name)
+  type_field = task.reference_model_field
+  if args.get(type_field, 'ctm') != 'ctm':  # absent: an older CTM-only run
     raise ValueError(
         f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints can be imported'
     )
   missing = [name for name in ARG_TO_KWARG if args.get(name) is None]
   if missing:
     raise ValueError(
-        f'saved args lack {", ".join(map(repr, missing))}, needed for the {task} model'
+        f'saved args lack {", ".join(map(repr, missing))}, needed for the {task_name} model'
     )
   kwargs = {kwarg: args[name] for name, kwarg in ARG_TO_KWARG.items()}
   kwargs['deep_nlms'] = bool(kwargs['deep_nlms'])
   kwargs['do_layernorm_nlm'] = bool(kwargs['do_layernorm_nlm'])
-  out_dims, reshaper = _task_head(args, task)
+  head = task.reference_model_kwargs(args)
   # The scripts store their own out_dims in args before saving; they must agree.
-  if args.get('out_dims') is not None and int(args['out_dims']) != out_dims:
+  if args.get('out_dims') is not None and int(args['out_dims']) != head['out_dims']:
     raise ValueError(
-        f'saved args: out_dims={args["out_dims"]} but the {task} task gives {out_dims}'
+        f'saved args: out_dims={args["out_dims"]} but the {task_name} task gives {head["out_dims"]}'
     )
-  kwargs['out_dims'] = out_dims
-  kwargs['prediction_reshaper'] = reshaper
-  # The parity script leaves dropout_nlm at the constructor default (None).
-  kwargs['dropout_nlm'] = None if task == 'parity' else args.get('dropout_nlm')
+  kwargs.update(head)
   return kwargs
 
 
@@ -384,7 +353,8 @@ def import_checkpoint(
   state_dict, args, iteration = load_reference_checkpoint(checkpoint)
   task = task or detect_task(args)
   kwargs = model_kwargs_from_args(args, task)
-  _, variables = import_state_dict(state_dict, kwargs)  # raises before any write
+  model_class = tasks_lib.get(task).model_class
+  _, variables = import_state_dict(state_dict, kwargs, model_class)  # raises before any write
   config = {
       'task': task,
       'source_checkpoint': checkpoint,
@@ -414,7 +384,7 @@ def load_imported(workdir: str):
   workdir = os.path.abspath(workdir)
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     config = json.load(f)
-  model = ctm_lib.ContinuousThoughtMachine(**config['model_kwargs'])
+  model = tasks_lib.get(config['task']).model_class(**config['model_kwargs'])
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   checkpointer = ocp.StandardCheckpointer()
   # Target from the saved metadata, not its sharding: the writer's device may not exist here.
@@ -454,7 +424,7 @@ def _define_flags():
 
   flags.DEFINE_string('checkpoint', None, 'Reference training checkpoint (.pt).', required=True)
   flags.DEFINE_string('workdir', None, 'Directory for config.json and checkpoint/.', required=True)
-  flags.DEFINE_enum('task', None, TASKS, 'Task override; default: detected from the saved args.')
+  flags.DEFINE_string('task', None, 'Task override; default: detected from the saved args.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing workdir/checkpoint.')
 
 

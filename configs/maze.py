@@ -1,0 +1,52 @@
+"""Mazes (the reference's tasks/mazes): the model and loss, no data yet.
+
+Variants (`--config=configs/maze.py:<variant>`):
+  default  a reduced tasks/mazes/scripts/train_ctm.sh model (configs/models.py:
+           maze): resnet34-2, D 512, 25 ticks x memory 15, first-last synch,
+           on 39x39 mazes with routes of 100 moves; batch 16.
+  smoke    a tiny model on 15x15 mazes, for tests.
+
+There is no maze data in ctm-jax yet, so training refuses with a message; the
+config serves the benchmark (benchmarks/model_bench.py) and sizing:
+  python -m ctm_jax.tools.compile_check --config=configs/maze.py --num_devices=8
+"""
+
+import ml_collections
+
+from ctm_jax.configs import common
+from ctm_jax.configs import models
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = common.variant(arg, ('default', 'smoke'))
+  config = common.trainer()
+  config.task = 'maze'
+  config.model = models.maze()
+  config.image_shape = (39, 39, 3)
+  config.maze_route_length = 100
+  config.cirriculum_lookahead = 5  # the reference's name and default
+  config.batch_size = 16
+  config.batch_size_test = 64
+  config.lr = 1e-4
+  config.warmup_steps = 10_000
+  config.training_iterations = 1_000_001
+  config.gradient_clipping = 20.0
+  config.gradient_clipping_type = 'norm'
+  if variant == 'smoke':
+    config.model.update(
+        iterations=4,
+        d_model=64,
+        d_input=32,
+        heads=2,
+        n_synch_out=16,
+        n_synch_action=16,
+        synapse_depth=2,
+        memory_length=4,
+        memory_hidden_dims=4,
+        backbone_type='resnet18-1',
+    )
+    config.image_shape = (15, 15, 3)
+    config.maze_route_length = 10
+    config.warmup_steps = 2
+    config.training_iterations = 4
+  return config

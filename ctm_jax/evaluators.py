@@ -1,0 +1,273 @@
+"""Evaluators: small objects a task lists (`Task.evaluators`), each with
+`run(state, step) -> {'eval/...': float}` that also writes its own artefacts
+(plots, tables, gifs) under the run's plot dir. The train loop calls them in
+order at every eval and knows nothing else about them.
+
+Evaluators that read the held-out set share one pass per step through
+`Context.held_out`, which runs the jitted eval step over the eval batches and
+keeps the per-example arrays (the task's `eval_arrays`) on the host.
+
+Dimension glossary: B batch, T ticks, N attended positions (an h x w feature
+map), A top classes shown.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax import sharding
+from ctm_jax.analysis import evaluation
+from ctm_jax.analysis import metrics as metrics_lib
+from ctm_jax.analysis import plots
+
+
+@dataclasses.dataclass
+class Context:
+  """What evaluators may use: the run's pieces and one cached held-out pass."""
+
+  config: Any
+  task: Any
+  model: Any
+  run: Any  # train.Setup: mesh, shardings, the jitted eval step
+  eval_source: Any
+  eval_batches: list  # this process's host batches
+  plot_dir: str
+  started: float  # time.perf_counter() when the trainer started
+  _cache: tuple | None = None
+
+  @property
+  def is_chief(self) -> bool:
+    return jax.process_index() == 0
+
+  @property
+  def title(self) -> str:
+    return self.task.name
+
+  def held_out(self, state, step: int) -> tuple[dict[str, np.ndarray], float]:
+    """(per-example arrays over the whole held-out set, mean loss) at `step`, computed once."""
+    if self._cache is not None and self._cache[0] == step:
+      return self._cache[1], self._cache[2]
+    loss_sum = count = None
+    per_batch = []
+    for batch in self.eval_batches:
+      sums, per_example = self.run.eval_step(state, sharding.global_batch(batch, self.run.mesh))
+      loss_sum = sums['loss_sum'] if loss_sum is None else loss_sum + sums['loss_sum']
+      count = sums['count'] if count is None else count + sums['count']
+      per_batch.append(per_example)
+    loss_sum, count, per_batch = jax.device_get((loss_sum, count, per_batch))
+    per_example = evaluation.concatenate(per_batch)
+    loss = float(loss_sum) / float(count)
+    self._cache = (step, per_example, loss)
+    return per_example, loss
+
+
+class TickAccuracy:
+  """Loss, accuracy at every tick / the most-certain tick / the last tick, mean
+  certainty; plot `eval_ticks_<step>.png` of accuracy and certainty against tick."""
+
+  def __init__(self, context: Context):
+    self.context = context
+
+  def run(self, state, step: int) -> dict[str, float]:
+    ctx = self.context
+    per_example, loss = ctx.held_out(state, step)
+    most_certain_N = per_example['most_certain_B']
+    scalars = {'eval/loss': loss}
+    scalars.update(evaluation.per_tick(per_example['correct_BxT'], most_certain_N, 'eval', 'acc'))
+    scalars['eval/most_certain_tick'] = float(np.mean(most_certain_N))
+    certainty_T = per_example['certainty_BxT'].mean(axis=0)
+    scalars['eval/certainty_last'] = float(certainty_T[-1])
+    # Wall time of this process so far, compile included (time-to-accuracy).
+    scalars['eval/elapsed_s'] = time.perf_counter() - ctx.started
+    path = os.path.join(ctx.plot_dir, f'eval_ticks_{step:07d}.png')
+    if ctx.is_chief:
+      plots.plot_ticks(
+          per_example['correct_BxT'].mean(axis=0),
+          certainty_T,
+          path,
+          title=f'{ctx.title}: eval at step {step}',
+      )
+    logging.info(
+        'eval step %d: loss %.4f, acc most-certain %.4f, last tick %.4f (plot %s)',
+        step,
+        loss,
+        scalars['eval/acc_most_certain'],
+        scalars['eval/acc_last'],
+        path,
+    )
+    return scalars
+
+
+class TopK:
+  """A per-tick hit array of the task's (e.g. `top5_BxT`) as `eval/<name>_*`."""
+
+  def __init__(self, context: Context, key: str, name: str):
+    self.context, self.key, self.name = context, key, name
+
+  def run(self, state, step: int) -> dict[str, float]:
+    per_example, _ = self.context.held_out(state, step)
+    return evaluation.per_tick(
+        per_example[self.key], per_example['most_certain_B'], 'eval', self.name
+    )
+
+
+class Calibration:
+  """Expected calibration error of the task's `confidence_BxT` against `correct_BxT`."""
+
+  def __init__(self, context: Context, num_bins: int = 15):
+    self.context, self.num_bins = context, num_bins
+
+  def run(self, state, step: int) -> dict[str, float]:
+    per_example, _ = self.context.held_out(state, step)
+    return evaluation.calibration(
+        per_example['confidence_BxT'],
+        per_example['correct_BxT'],
+        per_example['most_certain_B'],
+        'eval',
+        self.num_bins,
+    )
+
+
+class AdaptiveCompute:
+  """Accuracy against ticks used when each example stops at its first tick with
+  certainty >= a threshold; `adaptive_compute_<step>.{json,png}` and a logged table."""
+
+  def __init__(self, context: Context, thresholds=metrics_lib.DEFAULT_THRESHOLDS):
+    self.context, self.thresholds = context, thresholds
+
+  def run(self, state, step: int) -> dict[str, float]:
+    ctx = self.context
+    per_example, _ = ctx.held_out(state, step)
+    scalars, table = evaluation.adaptive(
+        per_example['correct_BxT'],
+        per_example['certainty_BxT'],
+        per_example['most_certain_B'],
+        'eval',
+        self.thresholds,
+    )
+    logging.info(
+        'eval step %d: adaptive compute (stop at the first tick this certain):\n%s',
+        step,
+        metrics_lib.format_adaptive_table(table),
+    )
+    if ctx.is_chief:
+      path = os.path.join(ctx.plot_dir, f'adaptive_compute_{step:07d}')
+      with open(path + '.json', 'w') as f:
+        json.dump({'step': step, **table}, f, indent=1)
+      plots.plot_adaptive_compute(
+          table, path + '.png', title=f'{ctx.title}: adaptive compute at step {step}'
+      )
+    return scalars
+
+
+def make_attention_step(model, num_top: int):
+  """(state, images) -> per-tick attention maps and top classes of a few images.
+
+  Returns `attention_BxTxN` (averaged over heads), `top_probs_BxTxA`,
+  `top_classes_BxTxA` (the A = `num_top` most probable classes) and `certainty_BxT`.
+  """
+  from ctm_jax import steps  # pylint: disable=g-import-not-at-top
+
+  def attention_step(state, images):
+    output = model.apply(steps.variables(state, state.params), images, track=True)
+    attention_TxBxN = output.tracking.attention.astype(jnp.float32).mean(axis=(2, 3))
+    probs_BxTxC = jax.nn.softmax(
+        jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1
+    )
+    top_probs_BxTxA, top_classes_BxTxA = jax.lax.top_k(probs_BxTxC, num_top)
+    return {
+        'attention_BxTxN': jnp.moveaxis(attention_TxBxN, 0, 1),
+        'top_probs_BxTxA': top_probs_BxTxA,
+        'top_classes_BxTxA': top_classes_BxTxA,
+        'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+    }
+
+  return attention_step
+
+
+def feature_grid(model, image_shape) -> tuple[int, int]:
+  """(h, w) of the feature map the model attends over for images of `image_shape`.
+
+  Read from the backbone's output shape (abstractly: nothing is computed); the
+  input itself when the model has no backbone.
+  """
+
+  def is_backbone_call(module, method):
+    return module.name == 'backbone' and method == '__call__'
+
+  def backbone_output(x):
+    _, variables = model.init_with_output(
+        jax.random.key(0), x, capture_intermediates=is_backbone_call
+    )
+    return variables.get('intermediates', {})
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  captured = jax.tree.leaves(jax.eval_shape(backbone_output, x))
+  shape = captured[0].shape if captured else x.shape
+  if len(shape) != 4:
+    raise ValueError(f'the backbone maps images {image_shape} to {shape[1:]}, not a 2-D map')
+  return shape[1], shape[2]
+
+
+class AttentionGifs:
+  """`attention_<step>_<i>.gif` for the first `count` held-out images (process 0):
+  per tick, where the heads attend, the top classes' probabilities and the certainty.
+
+  The images are the same records on every process, so they go in replicated;
+  the tracked step is jitted once and runs without the logical rules, whose
+  batch constraint a few images cannot satisfy. Every process runs it (one SPMD
+  program); process 0 draws.
+  """
+
+  def __init__(self, context: Context, count: int):
+    self.context = context
+    model = context.model
+    count = min(count, len(context.eval_source))
+    self.active = bool(count) and bool(getattr(model, 'heads', 0))
+    if not self.active:
+      logging.warning('no attention gifs: the model of task %s does not attend', context.task.name)
+      return
+    records = [context.eval_source[i] for i in range(count)]
+    self.images = np.stack([np.asarray(r['inputs']) for r in records])
+    self.labels = [int(r['targets']) for r in records]
+    self.grid = feature_grid(model, self.images.shape[1:])
+    run = context.run
+    replicated = sharding.replicated(run.mesh)
+    self.images_global = jax.make_array_from_callback(
+        self.images.shape, replicated, lambda i: self.images[i]
+    )
+    self.step_fn = jax.jit(
+        make_attention_step(model, min(5, model.out_dims)),
+        in_shardings=(run.state_shardings, replicated),
+        out_shardings=replicated,
+    )
+
+  def run(self, state, step: int) -> dict[str, float]:
+    if not self.active:
+      return {}
+    tracked = jax.device_get(self.step_fn(state, self.images_global))
+    if not self.context.is_chief:
+      return {}
+    attention_BxTxN = tracked['attention_BxTxN']
+    grid = self.grid
+    if attention_BxTxN.shape[-1] != grid[0] * grid[1]:
+      raise ValueError(f'attention over {attention_BxTxN.shape[-1]} positions, not a {grid} map')
+    for i, (image, label) in enumerate(zip(self.images, self.labels)):
+      plots.attention_gif(
+          image,
+          attention_BxTxN[i].reshape(-1, *grid),
+          tracked['top_probs_BxTxA'][i],
+          tracked['top_classes_BxTxA'][i],
+          tracked['certainty_BxT'][i],
+          os.path.join(self.context.plot_dir, f'attention_{step:07d}_{i}.gif'),
+          label=label,
+          title=f'step {step}, eval image {i}: ',
+      )
+    return {}

@@ -1,0 +1,112 @@
+"""Image classification (the reference's tasks/image_classification).
+
+Inputs NHWC float images, targets (B,) class ids; data from ctm_jax/data/images.py
+(synthetic, digits, CIFAR-10/100, ImageNet). Evaluation adds top-5 and
+calibration to the per-tick accuracy, and attention gifs of a few eval images.
+
+Dimension glossary: B batch, T ticks, C classes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax import evaluators
+from ctm_jax import losses
+from ctm_jax.data import images as image_data
+from ctm_jax.tasks import base
+
+# tasks/image_classification/train.py: len(class_labels) of each dataset.
+REFERENCE_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
+
+
+@base.register
+class ImageClassification(base.Task):
+  name = 'image_classification'
+  config_keys = frozenset(
+      {'dataset', 'num_classes', 'image_shape', 'dataset_size', 'data_dir', 'augment',
+       'n_attention_gifs'}
+  )
+  identity_keys = ('num_classes', 'image_shape')
+
+  def validate(self, config):
+    image_data.check_config(config)
+    gifs = config.n_attention_gifs
+    if not isinstance(gifs, int) or isinstance(gifs, bool) or gifs < 0:
+      raise ValueError(f'config.n_attention_gifs={gifs!r}: must be a non-negative integer')
+
+  def check_data(self, config):
+    image_data.check_data(config)
+
+  def record_spec(self, config):
+    return image_data.record_spec(config)
+
+  def train_source(self, config):
+    return image_data.train_source(config)
+
+  def eval_source(self, config):
+    return image_data.eval_source(config)
+
+  def train_transform(self, config):
+    return image_data.train_transform(config)
+
+  def synthetic_batch(self, config, batch_size, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        'inputs': rng.standard_normal((batch_size, *config.image_shape), dtype=np.float32),
+        'targets': rng.integers(0, config.num_classes, (batch_size,)).astype(np.int32),
+    }
+
+  def model_kwargs(self, config):
+    return {**config.model.to_dict(), 'out_dims': config.num_classes, 'prediction_reshaper': (-1,)}
+
+  def loss(self, config, output, batch):
+    loss, most_certain_B = losses.image_classification_loss(
+        output.predictions, output.certainties, batch['targets'], config.use_most_certain
+    )
+    return loss, {'most_certain_B': most_certain_B}
+
+  def correct(self, output, batch):
+    """Whether each tick's top class is the label, (B, T)."""
+    predictions_BxCxT = output.predictions
+    return (jnp.argmax(predictions_BxCxT, axis=1) == batch['targets'][:, None]).astype(jnp.float32)
+
+  def eval_arrays(self, config, output, batch, aux):
+    """Adds top-5 hits and the top class's probability per tick, (B, T) each."""
+    arrays = super().eval_arrays(config, output, batch, aux)
+    logits_BxCxT = output.predictions.astype(jnp.float32)
+    label_logit_BxT = jnp.take_along_axis(logits_BxCxT, batch['targets'][:, None, None], axis=1)[
+        :, 0
+    ]
+    # Ties count against the label, as in analysis.metrics.top_k_correct.
+    above_BxT = (logits_BxCxT >= label_logit_BxT[:, None]).sum(axis=1) - 1
+    arrays['top5_BxT'] = (above_BxT < min(5, logits_BxCxT.shape[1])).astype(jnp.float32)
+    arrays['confidence_BxT'] = jax.nn.softmax(logits_BxCxT, axis=1).max(axis=1)
+    return arrays
+
+  def evaluators(self, config, context):
+    found = [
+        evaluators.TickAccuracy(context),
+        evaluators.TopK(context, 'top5_BxT', 'top5'),
+        evaluators.Calibration(context),
+        evaluators.AdaptiveCompute(context),
+    ]
+    if config.n_attention_gifs:
+      found.append(evaluators.AttentionGifs(context, config.n_attention_gifs))
+    return found
+
+  def matches_reference_args(self, args):
+    return args.get('dataset') in REFERENCE_CLASSES
+
+  def reference_model_kwargs(self, args):
+    dataset = args.get('dataset')
+    if dataset in REFERENCE_CLASSES:
+      out_dims = REFERENCE_CLASSES[dataset]
+    elif args.get('out_dims') is not None:  # another dataset (a --task override)
+      out_dims = int(args['out_dims'])
+    else:
+      raise ValueError(
+          f'saved args: dataset={dataset!r} has no known class count '
+          f'({sorted(REFERENCE_CLASSES)}) and there is no out_dims'
+      )
+    return {'out_dims': out_dims, 'prediction_reshaper': [-1], 'dropout_nlm': args.get('dropout_nlm')}

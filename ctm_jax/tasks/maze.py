@@ -1,0 +1,85 @@
+"""Maze routes (the reference's tasks/mazes): the model, loss and metrics.
+
+Inputs NHWC maze images, targets (B, R): the route's moves (up, down, left,
+right, wait). The model answers all R moves at every tick (out_dims 5R,
+reshaped (R, 5)). Maze data is not part of ctm-jax yet, so a maze config can
+be benchmarked, sized (compile_check) and imported, not trained.
+
+Dimension glossary: B batch, T ticks, R route length.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax import losses
+from ctm_jax.tasks import base
+
+MOVES = 5  # up, down, left, right, wait
+
+
+@base.register
+class Maze(base.Task):
+  name = 'maze'
+  config_keys = frozenset({'maze_route_length', 'image_shape', 'cirriculum_lookahead'})
+  identity_keys = ('maze_route_length', 'image_shape')
+
+  def validate(self, config):
+    for key in ('maze_route_length', 'cirriculum_lookahead'):
+      value = config[key]
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'config.{key}={value!r}: must be a positive integer')
+
+  def check_data(self, config):
+    raise ValueError(
+        f'config.task={self.name!r}: there is no maze data to train on yet; maze configs '
+        'can be benchmarked (benchmarks/model_bench.py) and sized (ctm_jax.tools.compile_check)'
+    )
+
+  def record_spec(self, config):
+    return {
+        'inputs': (tuple(config.image_shape), np.dtype(np.float32)),
+        'targets': ((config.maze_route_length,), np.dtype(np.int32)),
+    }
+
+  def synthetic_batch(self, config, batch_size, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        'inputs': rng.standard_normal((batch_size, *config.image_shape), dtype=np.float32),
+        'targets': rng.integers(0, MOVES, (batch_size, config.maze_route_length)).astype(np.int32),
+    }
+
+  def model_kwargs(self, config):
+    route = config.maze_route_length
+    return {
+        **config.model.to_dict(),
+        'out_dims': MOVES * route,
+        'prediction_reshaper': (route, MOVES),
+    }
+
+  def loss(self, config, output, batch):
+    loss, most_certain_B, upto_B = losses.maze_loss(
+        output.predictions,
+        output.certainties,
+        batch['targets'],
+        config.cirriculum_lookahead,
+        config.use_most_certain,
+    )
+    return loss, {'most_certain_B': most_certain_B, 'upto_B': upto_B}
+
+  def correct(self, output, batch):
+    """Fraction of route steps right at every tick, (B, T)."""
+    batch_size, _, ticks = output.predictions.shape
+    logits_BxRx5xT = output.predictions.reshape(batch_size, -1, MOVES, ticks)
+    hits_BxRxT = jnp.argmax(logits_BxRx5xT, axis=2) == batch['targets'][..., None]
+    return hits_BxRxT.mean(axis=1)
+
+  def matches_reference_args(self, args):
+    return 'maze_route_length' in args or str(args.get('dataset')).startswith('mazes')
+
+  def reference_model_kwargs(self, args):
+    route = int(base.required_arg(args, 'maze_route_length', self.name))
+    return {
+        'out_dims': MOVES * route,
+        'prediction_reshaper': [route, MOVES],
+        'dropout_nlm': args.get('dropout_nlm'),
+    }
