@@ -20,6 +20,8 @@ splits the batch over all of them).
 
 from ctm_jax.configs import image
 
+VARIANTS = image.REAL_DATA_VARIANTS
+
 
 def get_config(arg: str | None = None):
   return image.real_data_config('cifar10', 10, arg)

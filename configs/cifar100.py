@@ -14,6 +14,8 @@ Run:
 
 from ctm_jax.configs import image
 
+VARIANTS = image.REAL_DATA_VARIANTS
+
 
 def get_config(arg: str | None = None):
   return image.real_data_config('cifar100', 100, arg)

@@ -18,8 +18,11 @@ from ctm_jax.configs import common
 from ctm_jax.configs import image
 
 
+VARIANTS = ('default', 'smoke')
+
+
 def get_config(arg: str | None = None):
-  variant = common.variant(arg, ('default', 'smoke'))
+  variant = common.variant(arg, VARIANTS)
   config = image.base(dataset='digits', num_classes=10)
   config.image_shape = (8, 8, 1)
   config.augment = False

@@ -28,6 +28,11 @@ from ctm_jax.configs import common
 from ctm_jax.configs import models
 
 
+VARIANTS = ('synthetic', 'smoke')
+# Variants of the real-data configs derived from this base.
+REAL_DATA_VARIANTS = ('default', 'smoke')
+
+
 def base(dataset: str = 'cifar10', num_classes: int = 10) -> ml_collections.ConfigDict:
   """The reference's train_cifar10.sh, key for key, on `dataset`."""
   config = common.trainer()
@@ -94,13 +99,13 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def real_data_config(dataset: str, num_classes: int, arg: str | None):
   """`get_config` of a real-data CIFAR config: 'default' (the script) or 'smoke'."""
-  variant = common.variant(arg, ('default', 'smoke'))
+  variant = common.variant(arg, REAL_DATA_VARIANTS)
   config = base(dataset=dataset, num_classes=num_classes)
   return smoke(config) if variant == 'smoke' else config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = common.variant(arg, ('synthetic', 'smoke'))
+  variant = common.variant(arg, VARIANTS)
   config = base(dataset='synthetic')
   config.dataset_size = 50_000  # CIFAR-10's train split
   if variant == 'smoke':

@@ -31,6 +31,9 @@ from ctm_jax.configs import image
 from ctm_jax.configs import models
 
 
+VARIANTS = ('default', 'smoke')
+
+
 def base() -> ml_collections.ConfigDict:
   config = image.base()
   config.model = models.imagenet()
@@ -66,7 +69,7 @@ def base() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = common.variant(arg, ('default', 'smoke'))
+  variant = common.variant(arg, VARIANTS)
   if variant == 'default':
     return base()
   config = base()  # smoke

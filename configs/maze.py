@@ -17,8 +17,11 @@ from ctm_jax.configs import common
 from ctm_jax.configs import models
 
 
+VARIANTS = ('default', 'smoke')
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = common.variant(arg, ('default', 'smoke'))
+  variant = common.variant(arg, VARIANTS)
   config = common.trainer()
   config.task = 'maze'
   config.model = models.maze()

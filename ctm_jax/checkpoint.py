@@ -55,9 +55,9 @@ class Checkpointer:
     different number of processes restores through the global record position,
     which the stride-sharded pipeline makes the same for any process count.
     """
-    data_dir = os.path.join(self.directory, str(step), pipeline.DATA_ITEM)
+    iterator_dir = os.path.join(self.directory, str(step), pipeline.DATA_ITEM)
     index, count = jax.process_index(), jax.process_count()
-    if os.path.exists(os.path.join(data_dir, f'process_{index}-of-{count}.json')):
+    if os.path.exists(os.path.join(iterator_dir, f'process_{index}-of-{count}.json')):
       restored = self.manager.restore(
           step,
           args=ocp.args.Composite(
@@ -69,7 +69,7 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
-    data_iterator.set_state(_reshard_position(data_dir, data_iterator.get_state(), count))
+    data_iterator.set_state(_reshard_position(iterator_dir, data_iterator.get_state(), count))
     return restored['state']
 
   def wait(self):
@@ -79,23 +79,23 @@ class Checkpointer:
     self.manager.close()
 
 
-def _reshard_position(data_dir: str, current: dict, count: int) -> dict:
+def _reshard_position(iterator_dir: str, current: dict, count: int) -> dict:
   """The iterator state of one of `count` processes from another count's files."""
-  saved = sorted(f for f in os.listdir(data_dir) if f.startswith('process_0-of-'))
+  saved = sorted(f for f in os.listdir(iterator_dir) if f.startswith('process_0-of-'))
   if not saved:
-    raise ValueError(f'{data_dir}: no data iterator state to restore')
+    raise ValueError(f'{iterator_dir}: no data iterator state to restore')
   saved_count = int(saved[0].rsplit('-', 1)[1].split('.')[0])
-  with open(os.path.join(data_dir, saved[0])) as f:
+  with open(os.path.join(iterator_dir, saved[0])) as f:
     state = json.load(f)
   if set(state) != {'next_index'} or set(current) != {'next_index'}:
     raise ValueError(
-        f'{data_dir}: the data iterator was saved by {saved_count} processes and this run has '
+        f'{iterator_dir}: the data iterator was saved by {saved_count} processes and this run has '
         f'{count}; moving its position needs config.num_workers_train=0 in both runs'
     )
   records = state['next_index'] * saved_count  # global records consumed
   if records % count:
     raise ValueError(
-        f'{data_dir}: {records} records consumed by {saved_count} processes do not split '
+        f'{iterator_dir}: {records} records consumed by {saved_count} processes do not split '
         f'over {count} processes'
     )
   return {'next_index': records // count}

@@ -192,8 +192,8 @@ def make_attention_step(model, num_top: int):
   return attention_step
 
 
-def feature_grid(model, image_shape) -> tuple[int, int]:
-  """(h, w) of the feature map the model attends over for images of `image_shape`.
+def feature_grid(model, input_shape) -> tuple[int, int]:
+  """(h, w) of the feature map the model attends over for inputs of `input_shape`.
 
   Read from the backbone's output shape (abstractly: nothing is computed); the
   input itself when the model has no backbone.
@@ -208,11 +208,11 @@ def feature_grid(model, image_shape) -> tuple[int, int]:
     )
     return variables.get('intermediates', {})
 
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   captured = jax.tree.leaves(jax.eval_shape(backbone_output, x))
   shape = captured[0].shape if captured else x.shape
   if len(shape) != 4:
-    raise ValueError(f'the backbone maps images {image_shape} to {shape[1:]}, not a 2-D map')
+    raise ValueError(f'the backbone maps inputs {input_shape} to {shape[1:]}, not a 2-D map')
   return shape[1], shape[2]
 
 

@@ -1,4 +1,4 @@
-"""Entry point: `python -m ctm_jax.main --config=configs/parity.py[:variant] --workdir=DIR`.
+"""Entry point: `python -m ctm_jax.main --config=configs/<task>.py[:variant] --workdir=DIR`.
 
 Overrides: `--config.lr=3e-4 --config.model.iterations=50 --config.mesh.fsdp=4`.
 
@@ -17,13 +17,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from ctm_jax import configs
 from ctm_jax import hostmem
 from ctm_jax import train
 from ctm_jax import validation
 
-_DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'parity.py:small'
-)
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), configs.DEFAULT)
 _CONFIG = config_flags.DEFINE_config_file(
     'config', _DEFAULT_CONFIG, 'Config file, with an optional :variant.', lock_config=True
 )
@@ -117,5 +116,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  hostmem.reexec_with_huge_pages()  # parity b64 CPU steps ~15% faster; see hostmem.py
+  hostmem.reexec_with_huge_pages()  # large CPU steps ~15% faster; see hostmem.py
   app.run(main)

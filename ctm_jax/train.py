@@ -337,7 +337,7 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
         model=model,
         run=run,
         eval_source=eval_source,
-        # Kept on the host and sent per eval: ImageNet's 25 batches of 512 would
+        # Kept on the host and sent per eval: a large held-out set would
         # otherwise hold GiBs of accelerator memory for the whole run.
         eval_batches=pipeline.make_eval_batches(
             eval_source,

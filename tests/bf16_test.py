@@ -4,8 +4,6 @@ Documented tolerance (README): with bf16 compute the logits differ from float32
 by at most 2% of the largest float32 logit, and certainties by at most 1e-3.
 """
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +14,8 @@ from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import parity  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import image
+from ctm_jax.configs import parity
 
 LOGIT_TOL = 0.02  # of the largest |logit|
 CERTAINTY_TOL = 1e-3

@@ -16,8 +16,7 @@ from ctm_jax.tools import compile_check
 from ctm_jax.tools import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import image
 
 
 def _config(**mesh):

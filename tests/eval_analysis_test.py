@@ -8,6 +8,7 @@ h x w attended feature map, A top classes shown.
 import json
 import math
 import re
+import time
 
 from absl import flags
 import jax
@@ -17,8 +18,9 @@ import optax
 from PIL import Image
 import pytest
 
-from configs import image
-from configs import parity
+from ctm_jax.configs import image
+from ctm_jax.configs import parity
+from ctm_jax import evaluators
 from ctm_jax import steps
 from ctm_jax import tasks
 from ctm_jax import validation
@@ -66,7 +68,8 @@ def _known_logits(seed=0, n=96, c=7, t=6):
 
 def _per_example(logits_NxCxT, labels_N, batch_size=32):
   """The image task's eval step over batches of the known logits, joined on the host."""
-  eval_step = jax.jit(steps.make_eval_step(_KnownLogits(), tasks.IMAGE_CLASSIFICATION, True))
+  config = image.get_config('smoke')
+  eval_step = jax.jit(steps.make_eval_step(config, _KnownLogits(), tasks.get(config.task)))
   batches = []
   for start in range(0, len(labels_N), batch_size):
     rows = slice(start, start + batch_size)
@@ -125,10 +128,43 @@ def _brute_force_stop(certainty_T, threshold):
   return len(certainty_T) - 1
 
 
-def test_summary_matches_brute_force_on_known_logits():
+def _evaluate(config, per_example, plot_dir, step=7):
+  """The task's evaluators on a held-out pass of known per-example arrays:
+  (scalars, the adaptive-compute table they wrote)."""
+  task = tasks.get(config.task)
+  context = evaluators.Context(
+      config=config,
+      task=task,
+      model=None,
+      run=None,
+      eval_source=None,
+      eval_batches=[],
+      plot_dir=str(plot_dir),
+      started=time.perf_counter(),
+      _cache=(step, per_example, 0.25),
+  )
+  found = task.evaluators(config, context)
+  for evaluator in found:
+    if isinstance(evaluator, evaluators.AdaptiveCompute):
+      evaluator.thresholds = THRESHOLDS
+  scalars = {}
+  for evaluator in found:
+    scalars.update(evaluator.run(None, step))
+  assert scalars.pop('eval/loss') == 0.25
+  assert 0 <= scalars.pop('eval/elapsed_s') < 60
+  certainty_last = scalars.pop('eval/certainty_last')
+  assert certainty_last == pytest.approx(per_example['certainty_BxT'][:, -1].mean())
+  assert (plot_dir / f'eval_ticks_{step:07d}.png').exists()
+  assert (plot_dir / f'adaptive_compute_{step:07d}.png').exists()
+  adaptive = json.loads((plot_dir / f'adaptive_compute_{step:07d}.json').read_text())
+  assert adaptive.pop('step') == step
+  return scalars, adaptive
+
+
+def test_summary_matches_brute_force_on_known_logits(tmp_path):
   logits, labels = _known_logits(1)
   per_example = _per_example(logits, labels)
-  scalars, adaptive = evaluation.summarise(per_example, 'eval', THRESHOLDS)
+  scalars, adaptive = _evaluate(image.get_config('smoke'), per_example, tmp_path)
   n, c, t = logits.shape
   # Brute force from the logits alone, one example and tick at a time.
   top1 = np.zeros((n, t))
@@ -176,7 +212,7 @@ def test_summary_matches_brute_force_on_known_logits():
   assert 'threshold' in metrics.format_adaptive_table(adaptive)
 
 
-def test_summary_without_classification_details():
+def test_summary_without_classification_details(tmp_path):
   """Parity: per-bit accuracies, no top-5 or calibration; adaptive compute still applies."""
   rng = np.random.default_rng(2)
   n, t = 40, 5
@@ -185,7 +221,7 @@ def test_summary_without_classification_details():
       'certainty_BxT': np.sort(rng.random((n, t)), axis=1),
       'most_certain_B': rng.integers(0, t, size=n),
   }
-  scalars, adaptive = evaluation.summarise(per_example, 'eval', THRESHOLDS)
+  scalars, adaptive = _evaluate(parity.get_config('smoke'), per_example, tmp_path)
   assert not any(re.search('top5|ece', key) for key in scalars)
   stops = np.array([_brute_force_stop(per_example['certainty_BxT'][i], 0.5) for i in range(n)])
   assert scalars['eval/adaptive_acc_0.5'] == pytest.approx(
@@ -209,12 +245,12 @@ def _tiny_image_model(image_shape):
 def test_feature_grid_matches_the_attention_step(image_shape, grid):
   """The grid is the backbone's map (not a square guessed from N); shapes only, no compile."""
   config, model = _tiny_image_model(image_shape)
-  assert steps.feature_grid(model, image_shape) == grid
+  assert evaluators.feature_grid(model, image_shape) == grid
   images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
   state = jax.eval_shape(
       lambda x: steps.init_state(model, optax.sgd(0.1), jax.random.key(1), x[:1]), images
   )
-  tracked = jax.eval_shape(steps.make_attention_step(model, 3), state, images)
+  tracked = jax.eval_shape(evaluators.make_attention_step(model, 3), state, images)
   ticks = config.model.iterations
   assert tracked['attention_BxTxN'].shape == (2, ticks, grid[0] * grid[1])
   assert tracked['top_probs_BxTxA'].shape == tracked['top_classes_BxTxA'].shape == (2, ticks, 3)
@@ -238,8 +274,10 @@ def test_attention_gif_has_a_frame_per_tick(tmp_path):
 
 
 def test_n_attention_gifs_is_validated():
-  config = parity.get_config('smoke')
+  config = image.get_config('smoke')
   assert config.n_attention_gifs == 0
   config.n_attention_gifs = -1
   with pytest.raises(ValueError, match=re.escape('config.n_attention_gifs=-1')):
     validation.validate(config)
+  # An image-task key: parity has no gifs to make.
+  assert 'n_attention_gifs' not in parity.get_config('smoke')

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, load_golden, state_dict, to_jax_layout
-from ctm_jax import losses
+from ctm_jax.tasks import image
+from ctm_jax.tasks import maze
+from ctm_jax.tasks import parity
 from ctm_jax.interop import torch as torch_interop
 
 CASES = ['parity', 'image_rp', 'firstlast_unet8', 'none_heads2']
@@ -17,10 +19,10 @@ ALL_CASES = CASES + [c + '__perturbed' for c in CASES]
 
 def _loss_fn(kind):
   if kind == 'parity':
-    return losses.parity_loss
+    return parity.parity_loss
   if kind == 'maze':
-    return losses.maze_loss
-  return losses.image_classification_loss
+    return maze.maze_loss
+  return image.image_classification_loss
 
 
 @functools.lru_cache(maxsize=None)

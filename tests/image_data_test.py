@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import cifar10
-from configs import cifar100
-from configs import digits
-from configs import imagenet
+from ctm_jax.configs import cifar10
+from ctm_jax.configs import cifar100
+from ctm_jax.configs import digits
+from ctm_jax.configs import imagenet
 from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax import validation
@@ -65,7 +65,7 @@ def _records(workdir) -> list[dict]:
 def test_real_data_configs_validate(module, variant, dataset, classes):
   config = module.get_config(variant)
   task, model = validation.validate(config)
-  assert task is tasks.IMAGE_CLASSIFICATION
+  assert task is tasks.get('image_classification')
   assert (config.dataset, config.num_classes, model.out_dims) == (dataset, classes, classes)
 
 
@@ -123,7 +123,7 @@ def test_unprepared_dataset_says_how_to_prepare_before_writing(module, how, tmp_
   config = module.get_config('smoke')
   config.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(ValueError) as error:
-    tasks.IMAGE_CLASSIFICATION.check_data(config)
+    tasks.get('image_classification').check_data(config)
   message = str(error.value)
   assert message.startswith(f'config.dataset={config.dataset!r}: split ')
   assert how in message and '--file_format=array_record' in message

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import image
+from ctm_jax.configs import image
 from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax import validation
@@ -109,7 +109,7 @@ def test_correct_is_the_top_class_per_tick():
   output = ctm_lib.CTMOutput(
       predictions=predictions_BxKxT, certainties=jnp.zeros((2, 2, 2)), synch_out=jnp.zeros((2, 1))
   )
-  correct_BxT = tasks.IMAGE_CLASSIFICATION.correct(output, {'targets': jnp.array([0, 1])})
+  correct_BxT = tasks.get('image_classification').correct(output, {'targets': jnp.array([0, 1])})
   np.testing.assert_array_equal(correct_BxT, [[1.0, 0.0], [1.0, 1.0]])
   assert correct_BxT.dtype == jnp.float32
 
@@ -117,12 +117,12 @@ def test_correct_is_the_top_class_per_tick():
 @pytest.mark.parametrize('variant', ['synthetic', 'smoke'])
 def test_shipped_variants_are_valid(variant):
   config = image.get_config(variant)
-  tasks.IMAGE_CLASSIFICATION.validate(config)
+  tasks.get('image_classification').validate(config)
   task, model = validation.validate(config)
-  assert task is tasks.IMAGE_CLASSIFICATION
+  assert task is tasks.get('image_classification')
   assert model.out_dims == config.num_classes
   assert model.prediction_reshaper == (-1,)
-  assert task.example_input(config).shape == (1, *config.image_shape)
+  assert task.example_batch(config)['inputs'].shape == (1, *config.image_shape)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_shipped_variants_are_valid(variant):
 )
 def test_bad_image_key_is_named(field, value):
   with pytest.raises(ValueError, match=re.escape(f'config.{field}={value!r}')) as error:
-    tasks.IMAGE_CLASSIFICATION.validate(_smoke(**{field: value}))
+    tasks.get('image_classification').validate(_smoke(**{field: value}))
   if field == 'dataset':
     assert 'synthetic' in str(error.value)  # the valid names are listed
 

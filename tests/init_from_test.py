@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import parity
+from ctm_jax.configs import parity
 from conftest import load_golden, state_dict
 from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax import sharding

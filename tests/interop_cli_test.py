@@ -24,7 +24,7 @@ CASES = {
     'parity': ('parity', {'model_type': 'ctm', 'parity_sequence_length': 16, 'dataset': 'parity'}),
     'image_rp': ('image_classification', {'model': 'ctm', 'dataset': 'cifar10'}),
     'firstlast_unet8': (
-        'mazes',
+        'maze',
         {'model': 'ctm', 'dataset': 'mazes-small', 'maze_route_length': 10},
     ),
 }
@@ -176,7 +176,7 @@ def test_mazes_without_route_length_and_unknown_dataset_are_named():
   args = vars(reference_args('firstlast_unet8', meta['constructor_kwargs']))
   del args['maze_route_length']
   with pytest.raises(ValueError, match='maze_route_length'):
-    torch_interop.model_kwargs_from_args(args, task='mazes')
+    torch_interop.model_kwargs_from_args(args, task='maze')
   image = {k: v for k, v in args.items() if k not in ('out_dims',)}
   image['dataset'] = 'svhn'
   with pytest.raises(ValueError, match='dataset'):

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from ctm_jax import losses
+from ctm_jax.tasks import image
+from ctm_jax.tasks import maze
+from ctm_jax.tasks import parity
 
 
 def _ce(logits_BxCxT, targets_B):
@@ -21,7 +23,7 @@ def _random(shape, seed=0):
 def test_image_loss_selects_min_loss_and_certain_ticks(use_most_certain):
   logits, cert = _random((4, 7, 5)), _random((4, 2, 5), seed=1)
   targets = np.array([0, 3, 6, 2])
-  loss, chosen = losses.image_classification_loss(logits, cert, targets, use_most_certain)
+  loss, chosen = image.image_classification_loss(logits, cert, targets, use_most_certain)
   per_tick = _ce(logits, targets)
   rows = np.arange(4)
   want_chosen = cert[:, 1].argmax(-1) if use_most_certain else np.full(4, 4)
@@ -33,7 +35,7 @@ def test_image_loss_selects_min_loss_and_certain_ticks(use_most_certain):
 def test_parity_loss_averages_positions():
   logits, cert = _random((3, 2 * 6, 4)), _random((3, 2, 4), seed=2)
   targets = np.random.default_rng(3).integers(0, 2, (3, 6))
-  loss, _ = losses.parity_loss(logits, cert, targets)
+  loss, _ = parity.parity_loss(logits, cert, targets)
   per_pos = np.stack([_ce(logits.reshape(3, 6, 2, 4)[:, l], targets[:, l]) for l in range(6)], 1)
   per_tick = per_pos.mean(1)
   rows = np.arange(3)
@@ -55,7 +57,7 @@ def test_maze_curriculum_masks_beyond_solved_prefix():
   for r in range(3):
     logits[0, r, targets[0, r], 1] = 10.0
   cert = _random((1, 2, ticks))
-  loss, _, upto = losses.maze_loss(
+  loss, _, upto = maze.maze_loss(
       logits.reshape(1, -1, ticks), cert, targets, cirriculum_lookahead=2
   )
   assert int(upto[0]) == 2 + 2  # last solved step index 2, plus the lookahead
@@ -68,6 +70,6 @@ def test_maze_curriculum_masks_beyond_solved_prefix():
 def test_losses_jit():
   logits, cert = _random((2, 10, 3)), _random((2, 2, 3))
   targets = np.array([1, 9])
-  eager, _ = losses.image_classification_loss(logits, cert, targets)
-  jitted, _ = jax.jit(losses.image_classification_loss)(logits, cert, targets)
+  eager, _ = image.image_classification_loss(logits, cert, targets)
+  jitted, _ = jax.jit(image.image_classification_loss)(logits, cert, targets)
   np.testing.assert_allclose(jitted, eager, rtol=1e-6)

@@ -26,8 +26,7 @@ from ctm_jax import validation
 from ctm_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import parity  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import parity
 
 OVERRIDES = {
     'training_iterations': 6,

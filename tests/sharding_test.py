@@ -1,7 +1,6 @@
 """Sharded training on an 8-device CPU mesh equals the single-device run."""
 
 import os
-import sys
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -15,8 +14,7 @@ from ctm_jax import validation
 from ctm_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import parity as parity_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctm_jax.configs import parity as parity_config
 
 MESHES = {
     'data8': dict(data=8, fsdp=1, neuron=1),
@@ -38,7 +36,7 @@ def parity_config_small():
 
 
 def image_config_small():
-  from configs import image as image_config  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import image as image_config
 
   config = image_config.get_config('smoke')
   config.batch_size = 16

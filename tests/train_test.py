@@ -8,7 +8,6 @@ A subprocess run costs ~5 s to start and ~15 s to compile on a 2-core CPU, so
 the resume runs share one module fixture, a compilation cache, and the CPU.
 """
 
-import dataclasses
 import functools
 import glob
 import json
@@ -28,10 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import parity
+from ctm_jax.configs import parity
 from ctm_jax import checkpoint
 from ctm_jax import optim
 from ctm_jax import steps
+from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax import validation
 from ctm_jax.analysis import plots
@@ -120,7 +120,7 @@ def _restore_like_trainer(config, workdir, step):
   """(TrainState, data iterator) restored as train_and_evaluate restores them."""
   task, model = validation.validate(config)
   tx = optim.make_optimizer(config)
-  example = task.example_input(config)
+  example = task.model_inputs(task.example_batch(config))
   abstract_state = jax.eval_shape(
       lambda: steps.init_state(model, tx, jax.random.key(config.seed), example)
   )
@@ -615,13 +615,14 @@ def test_workdir_of_another_model_is_refused(smoke_run):
 
 def test_compute_options_may_change_on_resume(tmp_path):
   config = _smoke()
-  checkpoint.write_or_check_config(str(tmp_path), config, resuming=False)
+  keys = tasks.get(config.task).identity_keys
+  checkpoint.write_or_check_config(str(tmp_path), config, False, keys)
   config.model.update(dtype='bfloat16', remat='full', unroll=2)
   config.mesh.update(data=2, fsdp=4)
-  checkpoint.write_or_check_config(str(tmp_path), config, resuming=True)
+  checkpoint.write_or_check_config(str(tmp_path), config, True, keys)
   config.parity_sequence_length *= 2
   with pytest.raises(checkpoint.IncompatibleWorkdir, match=r'changed: parity_sequence_length\)'):
-    checkpoint.write_or_check_config(str(tmp_path), config, resuming=True)
+    checkpoint.write_or_check_config(str(tmp_path), config, True, keys)
 
 
 # ---------------------------------------------------------------------------
@@ -633,14 +634,15 @@ def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch)
   make_train_step = steps.make_train_step
   unchanged = []  # (step, whether the step left the whole state as it was)
 
-  def make_poisoned_train_step(model, task, *args, **kwargs):
+  def make_poisoned_train_step(config, model, task, *args, **kwargs):
     # NaN inputs would not do: the parity backbone reads tokens (x == 1), so
     # the loss is scaled by NaN instead, inside the real (jitted) train step.
-    def loss(output, batch, use_most_certain):
-      value, most_certain_B = task.loss(output, batch, use_most_certain)
-      return value * batch['loss_scale'], most_certain_B
+    class Poisoned(type(task)):
+      def loss(self, config, output, batch):
+        value, aux = super().loss(config, output, batch)
+        return value * batch['loss_scale'], aux
 
-    train_step = make_train_step(model, dataclasses.replace(task, loss=loss), *args, **kwargs)
+    train_step = make_train_step(config, model, Poisoned(), *args, **kwargs)
 
     def poisoned(state, batch):
       # state.step counts the steps done: poison the one that ends at `poisoned_step`.

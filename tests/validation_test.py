@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import parity
+from ctm_jax.configs import parity
 from ctm_jax import train
 from ctm_jax import validation
 

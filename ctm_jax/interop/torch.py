@@ -333,6 +333,13 @@ def load_reference_checkpoint(path: str):
   )
 
 
+def _json_safe(args: dict) -> dict:
+  """The saved args that JSON can hold as they are (a record of the source run)."""
+  return {
+      k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None), list))
+  }
+
+
 def import_checkpoint(
     checkpoint: str, workdir: str, task: str | None = None, overwrite: bool = False
 ) -> dict:
@@ -359,7 +366,7 @@ def import_checkpoint(
       'task': task,
       'source_checkpoint': checkpoint,
       'iteration': iteration,
-      'dataset': args.get('dataset'),
+      'reference_args': _json_safe(args),
       'model_kwargs': kwargs,
   }
   os.makedirs(workdir, exist_ok=True)

@@ -20,6 +20,14 @@ from ctm_jax.tasks import base
 REFERENCE_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
 
 
+def image_classification_loss(
+    predictions_BxCxT, certainties_Bx2xT, targets_B, use_most_certain: bool = True
+):
+  """Loss for classification (images, Q&A-MNIST); returns (loss, most_certain_B)."""
+  loss_BxT = losses.per_tick_cross_entropy(predictions_BxCxT, targets_B)
+  return losses.select_ticks(loss_BxT, certainties_Bx2xT, use_most_certain)
+
+
 @base.register
 class ImageClassification(base.Task):
   name = 'image_classification'
@@ -61,7 +69,7 @@ class ImageClassification(base.Task):
     return {**config.model.to_dict(), 'out_dims': config.num_classes, 'prediction_reshaper': (-1,)}
 
   def loss(self, config, output, batch):
-    loss, most_certain_B = losses.image_classification_loss(
+    loss, most_certain_B = image_classification_loss(
         output.predictions, output.certainties, batch['targets'], config.use_most_certain
     )
     return loss, {'most_certain_B': most_certain_B}

@@ -8,6 +8,7 @@ be benchmarked, sized (compile_check) and imported, not trained.
 Dimension glossary: B batch, T ticks, R route length.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,6 +16,38 @@ from ctm_jax import losses
 from ctm_jax.tasks import base
 
 MOVES = 5  # up, down, left, right, wait
+
+
+def maze_loss(
+    predictions_BxOxT,
+    certainties_Bx2xT,
+    targets_BxR,
+    cirriculum_lookahead: int = 5,
+    use_most_certain: bool = True,
+):
+  """Maze route loss with the reference's auto-curriculum.
+
+  Only route steps before `upto` count, where `upto` is the end of the longest
+  correctly predicted route prefix (best tick) plus `cirriculum_lookahead`.
+  Returns (loss, most_certain_B, upto_B).
+  """
+  batch, ticks = predictions_BxOxT.shape[0], predictions_BxOxT.shape[-1]
+  logits_BxRx5xT = predictions_BxOxT.reshape(batch, targets_BxR.shape[1], -1, ticks)
+  route = targets_BxR.shape[1]
+  loss_BxRxT = jax.vmap(losses.per_tick_cross_entropy, in_axes=(1, 1), out_axes=1)(
+      logits_BxRx5xT, targets_BxR
+  )
+  correct_BxRxT = jnp.argmax(logits_BxRx5xT, axis=2) == targets_BxR[..., None]
+  # A step counts as solved when every step up to it is correct.
+  prefix_BxRxT = jnp.cumsum(correct_BxRxT, axis=1) == jnp.arange(1, route + 1)[None, :, None]
+  prefix_BxRxT = prefix_BxRxT.at[:, 0].set(True)
+  # argmax of the cumulative sum = last solved step (first index of the max).
+  last_solved_BxT = jnp.argmax(jnp.cumsum(prefix_BxRxT, axis=1), axis=1)
+  upto_B = last_solved_BxT.max(-1) + cirriculum_lookahead
+  mask_BxR = (jnp.arange(route)[None, :] < upto_B[:, None]).astype(loss_BxRxT.dtype)
+  loss_BxT = (loss_BxRxT * mask_BxR[..., None]).sum(1) / mask_BxR.sum(1)[:, None]
+  loss, chosen_B = losses.select_ticks(loss_BxT, certainties_Bx2xT, use_most_certain)
+  return loss, chosen_B, upto_B
 
 
 @base.register
@@ -57,7 +90,7 @@ class Maze(base.Task):
     }
 
   def loss(self, config, output, batch):
-    loss, most_certain_B, upto_B = losses.maze_loss(
+    loss, most_certain_B, upto_B = maze_loss(
         output.predictions,
         output.certainties,
         batch['targets'],

@@ -6,12 +6,26 @@ answers all L bits at every tick (out_dims 2L, reshaped (L, 2)).
 Dimension glossary: B batch, T ticks, L parity sequence length.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import losses
 from ctm_jax.data import parity as parity_data
 from ctm_jax.tasks import base
+
+
+def parity_loss(predictions_BxOxT, certainties_Bx2xT, targets_BxL, use_most_certain: bool = True):
+  """Cumulative-parity loss; predictions (B, 2L, T) or (B, L, 2, T).
+
+  The cross-entropy is averaged over sequence positions before tick selection.
+  """
+  batch, ticks = predictions_BxOxT.shape[0], predictions_BxOxT.shape[-1]
+  logits_BxLx2xT = predictions_BxOxT.reshape(batch, -1, 2, ticks)
+  loss_BxLxT = jax.vmap(losses.per_tick_cross_entropy, in_axes=(1, 1), out_axes=1)(
+      logits_BxLx2xT, targets_BxL
+  )
+  return losses.select_ticks(loss_BxLxT.mean(1), certainties_Bx2xT, use_most_certain)
 
 
 @base.register
@@ -51,7 +65,7 @@ class Parity(base.Task):
     return {**config.model.to_dict(), 'out_dims': 2 * length, 'prediction_reshaper': (length, 2)}
 
   def loss(self, config, output, batch):
-    loss, most_certain_B = losses.parity_loss(
+    loss, most_certain_B = parity_loss(
         output.predictions, output.certainties, batch['targets'], config.use_most_certain
     )
     return loss, {'most_certain_B': most_certain_B}
