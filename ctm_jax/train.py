@@ -391,7 +391,8 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
         stopping = stopping or stops.local()
         if cadence.saves(done) or cadence.evals(done) or stopping:
           # A checkpoint or an eval never follows an unchecked step; a stop logs its window.
-          stopping = stopping or stops.reported(window.consume(*pending, flush=bool(stopping)))
+          reported = stops.reported(window.consume(*pending, flush=bool(stopping)))
+          stopping = stopping or reported
           pending = None
         if cadence.evals(done):
           scalars = {}

@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctm_jax.configs import image
+from ctm_jax.configs import parity
 from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
-
-from ctm_jax.configs import image
-from ctm_jax.configs import parity
 
 LOGIT_TOL = 0.02  # of the largest |logit|
 CERTAINTY_TOL = 1e-3

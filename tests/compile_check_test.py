@@ -10,10 +10,10 @@ from conftest import needs_8_devices
 import jax
 
 from ctm_jax import sharding
-from ctm_jax import train
-from ctm_jax import validation
 from ctm_jax.tools import compile_check
 from ctm_jax.tools import flops
+from ctm_jax import train
+from ctm_jax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from ctm_jax.configs import image

@@ -18,16 +18,16 @@ import optax
 from PIL import Image
 import pytest
 
-from ctm_jax.configs import image
-from ctm_jax.configs import parity
-from ctm_jax import evaluators
-from ctm_jax import steps
-from ctm_jax import tasks
-from ctm_jax import validation
 from ctm_jax.analysis import evaluation
 from ctm_jax.analysis import metrics
 from ctm_jax.analysis import plots
+from ctm_jax.configs import image
+from ctm_jax.configs import parity
+from ctm_jax import evaluators
 from ctm_jax.models import ctm as ctm_lib
+from ctm_jax import steps
+from ctm_jax import tasks
+from ctm_jax import validation
 
 # grain worker processes read absl flags; tests do not parse a command line.
 flags.FLAGS.mark_as_parsed()

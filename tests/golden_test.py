@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, load_golden, state_dict, to_jax_layout
+from ctm_jax.interop import torch as torch_interop
 from ctm_jax.tasks import image
 from ctm_jax.tasks import maze
 from ctm_jax.tasks import parity
-from ctm_jax.interop import torch as torch_interop
 
 CASES = ['parity', 'image_rp', 'firstlast_unet8', 'none_heads2']
 ALL_CASES = CASES + [c + '__perturbed' for c in CASES]

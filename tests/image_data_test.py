@@ -20,14 +20,14 @@ from ctm_jax.configs import cifar10
 from ctm_jax.configs import cifar100
 from ctm_jax.configs import digits
 from ctm_jax.configs import imagenet
-from ctm_jax import tasks
-from ctm_jax import train
-from ctm_jax import validation
 from ctm_jax.data import augment
 from ctm_jax.data import digits as digits_data
 from ctm_jax.data import images
 from ctm_jax.data import pipeline
 from ctm_jax.data import tfds_images
+from ctm_jax import tasks
+from ctm_jax import train
+from ctm_jax import validation
 from conftest import needs_8_devices
 
 # grain worker processes read absl flags; tests do not parse a command line.

@@ -17,13 +17,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from ctm_jax.analysis import metrics
 from ctm_jax.configs import image
+from ctm_jax.data import images
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax import validation
-from ctm_jax.analysis import metrics
-from ctm_jax.data import images
-from ctm_jax.models import ctm as ctm_lib
 
 # grain worker processes read absl flags; tests do not parse a command line.
 flags.FLAGS.mark_as_parsed()

@@ -7,10 +7,10 @@ import pytest
 from ctm_jax.configs import parity
 from conftest import load_golden, state_dict
 from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax.interop import torch as torch_interop
 from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
-from ctm_jax.interop import torch as torch_interop
 from interop_cli_test import reference_args, save_checkpoint
 
 pytest.importorskip('torch')

@@ -20,10 +20,10 @@ import pytest
 
 from conftest import needs_8_devices
 from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax.data import pipeline
 from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
-from ctm_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from ctm_jax.configs import parity

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import needs_8_devices
+from ctm_jax.data import pipeline
 from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
-from ctm_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from ctm_jax.configs import parity as parity_config

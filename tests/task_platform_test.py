@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 
 from ctm_jax import checkpoint
+from ctm_jax.configs import common
 from ctm_jax import evaluators
 from ctm_jax import losses
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import tasks
 from ctm_jax import train
-from ctm_jax.configs import common
-from ctm_jax.models import ctm as ctm_lib
 
 flags.FLAGS.mark_as_parsed()
 

@@ -27,16 +27,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ctm_jax.configs import parity
+from ctm_jax.analysis import plots
 from ctm_jax import checkpoint
+from ctm_jax.configs import parity
+from ctm_jax.data import parity as parity_data
+from ctm_jax.data import pipeline
 from ctm_jax import optim
 from ctm_jax import steps
 from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax import validation
-from ctm_jax.analysis import plots
-from ctm_jax.data import parity as parity_data
-from ctm_jax.data import pipeline
 
 # grain worker processes read absl flags; tests do not parse a command line.
 flags.FLAGS.mark_as_parsed()

@@ -1,6 +1,23 @@
-"""CTM models."""
+"""CTM models.
+
+`ctm.ContinuousThoughtMachine` is the reference's main model. A model variant
+(a task whose inputs arrive over the ticks, a model without attention, a
+baseline) is one file here: a subclass whose `__call__` composes the shared
+pieces (`featurise`, `project_kv`, `synch_params`, `initial_state`,
+`run_ticks`, `outputs`) and feeds the tick `ctm.TickInputs`, per tick
+(scanned) or fixed (broadcast). A task picks it with `Task.model_class`.
+"""
 
 from ctm_jax.models.ctm import CTMOutput
 from ctm_jax.models.ctm import ContinuousThoughtMachine
+from ctm_jax.models.ctm import TickInputs
 from ctm_jax.models.ctm import Tracking
 from ctm_jax.models.ctm import project_decay_params
+
+__all__ = [
+    'CTMOutput',
+    'ContinuousThoughtMachine',
+    'TickInputs',
+    'Tracking',
+    'project_decay_params',
+]
