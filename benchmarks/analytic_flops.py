@@ -4,12 +4,14 @@ An independent check of XLA's cost analysis (`model_bench.py`'s 'XLA/analytic'
 column): the count walks the model's layers as `ctm_jax/models` builds them and
 adds 2 FLOPs per multiply-add of every dense layer, einsum and convolution.
 Elementwise work (activations, LayerNorm, BatchNorm, GLU, softmax, the synch
-update, pooling, the loss and the optimiser update) is left out, so XLA's count,
-which includes it, is expected to be somewhat higher: XLA/analytic is 1.02-1.06
-on model_bench's configs (up to ~1.3 on tiny models, where the optimiser's
-elementwise update weighs more); below 1 or far above means one of the two
-counts misses work. tests/benchmarks_test.py checks this count against the
-dot_general and convolution ops of the traced train step, exactly.
+update, pooling, the loss, the metrics and the optimiser's clipping and update)
+is left out, so XLA's count, which includes it, is expected to be somewhat
+higher: XLA/analytic is about 1.02-1.06 on model_bench's configs (up to ~1.3 on
+tiny models, where the optimiser's elementwise update weighs more, and ~1.6
+with the quantile clip's per-tensor sorts); below 1 or far above means one of
+the two counts misses work. tests/benchmarks_test.py checks this count against
+the dot_general and convolution ops of the traced train step (the trainer's,
+as model_bench times it), exactly.
 
 Conventions:
   * forward: the matmuls of `apply(train=False)`.
@@ -20,12 +22,15 @@ Conventions:
     gradient. With `remat='full'` the backward pass runs the tick body's
     forward again (+1x of the tick's matmuls), all but the output projector:
     its output leaves the tick and its backward needs only its input; 'sqrt'
-    (ticks and chunks of ticks rematerialised) runs the same twice more. With 'dots' only the batched einsums (attention, neuron-level models) run again
+    (ticks and chunks of ticks rematerialised) runs the same twice more. With
+    'dots' only the batched einsums (attention, neuron-level models) run again
     (matmuls without batch dimensions are saved).
   * convolutions count only kernel taps that land inside the input, not on its
     zero padding, as XLA does.
-  * a config here is a `model_bench.CONFIGS` entry: dict(batch, input_shape,
-    model=ContinuousThoughtMachine kwargs).
+  * a config here is a dict(batch, input_shape, model): the batch size, one
+    example's input shape and the ContinuousThoughtMachine constructor kwargs.
+    model_bench.analytic_spec builds it from a task config:
+    `task.record_spec(config)['inputs'][0]` and `task.model_kwargs(config)`.
 
 Dimension glossary:
   B batch            T ticks (iterations)      D neurons (d_model)

@@ -1,4 +1,4 @@
-"""Compile time, step time, memory and FLOPs of the CTM on the reference's configs.
+"""Compile time, step time, memory and FLOPs of the trainer's CTM step on the reference's configs.
 
 Usage (from the repo root):
   python benchmarks/model_bench.py                        # all configs, one table
@@ -10,24 +10,38 @@ Usage (from the repo root):
   python benchmarks/model_bench.py --scaling --json=/tmp/scaling.json
       # memory (remat) at 25 vs 75 ticks, compile time at 10 vs 75 ticks
 
-Configs (`CONFIGS`; all of them by default): parity_b16 and parity_b64 (the
-75-tick, 25-memory parity model), cifar10_b32, maze_b16 and imagenet_b2
-(ImageNet at 224x224 with the resnet152-4 backbone, batch 2). On a 2-core CPU
-imagenet_b2 alone takes about 4 minutes for init, compiles and one step of each
-kind (8 GiB resident; a train step ~70 s), so with the default --repeats it
-dominates a CPU run: leave it out with --configs there.
+Configs (`CONFIGS`; all of them by default): each names a config file of
+ctm_jax.configs, a variant and a batch size. parity_b16 and parity_b64
+(configs/parity.py: the 75-tick, 25-memory parity model of
+train_ctm_75_25.sh), cifar10_b32 (configs/cifar10.py), maze_b16
+(configs/maze.py) and imagenet_b2 (configs/imagenet.py: 224x224, resnet152-4,
+batch 2). On a 2-core CPU imagenet_b2 alone takes about 4 minutes for init,
+compiles and one step of each kind (8 GiB resident; a train step ~70 s), so
+with the default --repeats it dominates a CPU run: leave it out with --configs
+there.
+
+Each config is the whole task config (`get_config(variant)`: model, optimiser,
+loss), with `batch_size` from the table and `model.remat`, `model.dtype` and
+`model.unroll` from the command line. The step timed is the trainer's own:
+`train.setup(config, model, task, mesh)` on a 1-device mesh, whatever the
+task; every task-specific piece (model kwargs, model inputs, loss, metrics,
+synthetic batches) comes from the task (ctm_jax/tasks/).
 
 Each run first measures the device's matmul peak (`matmul_peak.py`: jitted
-square a @ b in the compute dtype, the best of a few sizes), then per config
-builds the model with the reference script's options (the shared
-`configs/models.py`, which names each source script) and measures:
+square a @ b in the compute dtype, the best of a few sizes), then per config:
   compile    lower + compile of the jitted function (AOT, `jit(f).lower(...)
              .compile()`), timed apart from any execution. The persistent
              compilation cache is off, so every compile is cold.
-  forward    `apply(train=False)`, jitted; median wall time over --repeats
-             calls after --warmup calls, each call blocked until ready.
-  train      forward (train=True) + task loss + backward + optax.adamw update
-             + decay projection, jitted with the state donated; median as above.
+  forward    `model.apply(variables, task.model_inputs(batch))` (train=False),
+             jitted; median wall time over --repeats calls after --warmup
+             calls, each call blocked until ready.
+  train      the trainer's `setup(...).train_step`, state donated: forward
+             (train=True) + the task's loss + backward + the config's
+             optimiser (ctm_jax/optim.py: quantile or global-norm clipping,
+             AdamW on the LR schedule, the weight-decay mask) + the finite
+             guard + decay projection + the task's train metrics; the state
+             from `setup.init()`, the batch from `task.synthetic_batch` on the
+             batch sharding; median as above.
   memory     on GPU/TPU: the device's `memory_stats()['peak_bytes_in_use']`
              (a process-wide high-water mark, so each config runs in its own
              subprocess there; it covers init, forward and train step).
@@ -37,39 +51,47 @@ builds the model with the reference script's options (the shared
   FLOPs      XLA's HLO cost analysis of the train step (and forward). XLA
              counts a while loop's body once whatever its trip count, so the
              raw `compiled.cost_analysis()['flops']` holds one tick. The table
-             scales it: F = F(T=1) + (T - 1) * (F(T=2, unrolled) - F(T=1)),
-             from the cost analysis of 1- and 2-tick variants of the same model
-             (lowered from shapes on CPU, compiled elsewhere); the raw figure
-             is in the JSON.
+             scales it (ctm_jax/tools/flops.py): F = F(T=1) + (T - 1) *
+             (F(T=2, unrolled) - F(T=1)), from the cost analysis of 1- and
+             2-tick variants of the same config (lowered from shapes on CPU,
+             compiled elsewhere); the raw figure is in the JSON.
   XLA/analytic  the scaled train FLOPs over an analytic count of the model's
-             matmuls and convolutions from its config (`analytic_flops.py`:
-             2 FLOPs per multiply-add, train = forward + input and weight
-             gradients = 3x forward, plus the tick body's recomputation under
-             --remat). XLA also counts elementwise work (norms, activations,
-             softmax, the optimiser), so a ratio somewhat above 1 is expected
-             (1.02-1.06 on these configs); far from that, one of the counts
+             matmuls and convolutions from its options and input shape
+             (`analytic_flops.py`, fed `task.model_kwargs(config)` and
+             `task.record_spec(config)['inputs']`: 2 FLOPs per multiply-add,
+             train = forward + input and weight gradients = 3x forward, plus
+             the tick body's recomputation under --remat). XLA also counts
+             elementwise work (norms, activations, softmax, the optimiser and
+             its clipping), so a ratio somewhat above 1 is expected (about
+             1.02-1.06 on these configs); far from that, one of the counts
              misses work. tests/benchmarks_test.py checks that the analytic
-             count equals the matmuls and convolutions of the traced program.
+             count equals the matmuls and convolutions of the traced step.
   GFLOP/s    achieved: train FLOPs (XLA, scaled) / train median time.
   % peak     achieved GFLOP/s / the matmul peak measured at the start of the
              same run (printed in the table header; in the JSON environment).
   ref train  with --reference=DIR, a local checkout of
              github.com/SakanaAI/continuous-thought-machines (imported from DIR
-             at run time by `reference_adapter.py`; it needs torch): the
-             reference's own train step on the same config, batch and task loss
-             (its models/ctm.py and utils/losses.py; zero_grad, forward, loss,
-             backward, torch.optim.AdamW step), on the CPU with all cores, in
-             a worker process of its own (so that the two frameworks share
-             neither heap nor thread pools). It is timed interleaved with ours
-             (rounds of one turn each, the order alternating), so machine noise
-             hits both alike; each turn runs two steps and times the second,
-             as the first step after a switch pays for the other process's
-             memory churn (on this project's VM, parity batch 64: up to 1.9x
-             for ours, about 1.06x for the reference); median
-             over the same --warmup and --repeats. speedup = ref
-             median / our train median: above 1, ours is faster. The first
-             step's losses of both models (at init) are logged as a check that
-             the configs match. The reference always runs in float32.
+             at run time by `reference_adapter.py`; it needs torch, and
+             autoclip for a quantile-clipped config): the reference's own
+             train step as its task's train.py runs it, on the same model
+             options, batch and loss, with the config's optimiser settings
+             where its script reads them (zero_grad, forward, loss, backward,
+             the script's clipping: autoclip's QuantileClip or
+             clip_grad_norm_, torch.optim.AdamW step, scheduler step). It has
+             no finite guard and no metrics beyond the loss: ours is the
+             trainer's step, the reference's its script's. It runs on the CPU
+             with all cores, in a worker process of its own (so that the two
+             frameworks share neither heap nor thread pools). It is timed
+             interleaved with ours (rounds of one turn each, the order
+             alternating), so machine noise hits both alike; each turn runs
+             two steps and times the second, as the first step after a switch
+             pays for the other process's memory churn (on this project's VM,
+             parity batch 64: up to 1.9x for ours, about 1.06x for the
+             reference); median over the same --warmup and --repeats.
+             speedup = ref median / our train median: above 1, ours is
+             faster. The first step's losses of both models (at init) are
+             logged as a check that the configs match. The reference always
+             runs in float32.
 
 On GPU/TPU (--isolate=auto) this process never touches the device: the matmul
 peak and every config run in fresh subprocesses, so each peak memory is that
@@ -85,12 +107,13 @@ bounds (memory <= 1.3x, compile <= 1.2x). Memory needs no execution on the CPU
 (`memory_analysis()` as above); on GPU/TPU each tick count runs one train step
 in a fresh subprocess and reports the device's peak.
 
-Dimension glossary: B batch, L parity length, R maze route length,
-H/W/C image height/width/channels, T ticks.
+Dimension glossary: B batch, T ticks.
 """
 
 import argparse
+import dataclasses
 import datetime
+import importlib
 import json
 import os
 import statistics
@@ -98,17 +121,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from ctm_jax import hostmem
-from ctm_jax import losses
-from ctm_jax.models.ctm import ContinuousThoughtMachine
-from ctm_jax.models.ctm import project_decay_params
+from ctm_jax import sharding
+from ctm_jax import steps
+from ctm_jax import train
+from ctm_jax import validation
 from ctm_jax.models.ctm import REMAT_POLICIES
 from ctm_jax.tools import flops as flops_lib
 
@@ -116,98 +141,157 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import analytic_flops  # pylint: disable=g-import-not-at-top
 from benchmarks import matmul_peak  # pylint: disable=g-import-not-at-top
 from benchmarks import reference_adapter  # pylint: disable=g-import-not-at-top
-from configs import models as model_configs  # pylint: disable=g-import-not-at-top
 
-
-def bench_config(variant, batch, input_shape=None, model_overrides=None, **extra):
-  """A benchmark entry: the shared reference model config at a batch size.
-
-  `input_shape` and `model_overrides` (ContinuousThoughtMachine kwargs) replace
-  the variant's, for smaller variants of the same model (tests).
-  """
-  config = model_configs.get_config(variant)
-  model = {**config.model.to_dict(), **(model_overrides or {})}
-  model['prediction_reshaper'] = tuple(model['prediction_reshaper'])
-  return dict(
-      source=f'configs/models.py:{variant}',
-      task=config.task,
-      batch=batch,
-      input_shape=tuple(input_shape or config.input_shape),
-      model=model,
-      **extra,
-  )
-
-
+# name -> (config file of configs/ (ctm_jax.configs) and variant, as --config
+# names them, batch size).
 CONFIGS = {
-    'parity_b16': bench_config('parity', 16),
-    'parity_b64': bench_config('parity', 64),
-    'cifar10_b32': bench_config('cifar10', 32, num_classes=10),
-    'maze_b16': bench_config('maze', 16, route_length=100),
+    'parity_b16': ('parity.py:default', 16),
+    'parity_b64': ('parity.py:default', 64),
+    'cifar10_b32': ('cifar10.py:default', 32),
+    'maze_b16': ('maze.py:default', 16),
     # Batch 2: the smallest at which ImageNet's train step still fits a
     # 2-core CPU run (~70 s a step, 8 GiB); BatchNorm sees 2 x 14 x 14 values
     # per channel at its last stage.
-    'imagenet_b2': bench_config('imagenet', 2, num_classes=1000),
+    'imagenet_b2': ('imagenet.py:default', 2),
 }
 # The issue's bounds on tick scaling (--scaling): ratio of the later tick count's figure.
 MEMORY_RATIO_BOUND = 1.3
 COMPILE_RATIO_BOUND = 1.2
+# Seed of the synthetic batch every step runs on.
+BATCH_SEED = 0
 
 
-def make_batch(cfg, key):
-  """Synthetic (inputs, targets) with the task's shapes and value ranges."""
-  k_x, k_y = jax.random.split(key)
-  shape = (cfg['batch'], *cfg['input_shape'])
-  if cfg['task'] == 'parity':
-    x_BxL = jnp.where(jax.random.bernoulli(k_x, 0.5, shape), 1.0, -1.0)
-    # Cumulative parity of the -1s, as tasks/parity builds its targets.
-    targets_BxL = jnp.cumsum(x_BxL < 0, axis=1) % 2
-    return x_BxL, targets_BxL.astype(jnp.int32)
-  x_BxHxWxC = jax.random.normal(k_x, shape, jnp.float32)
-  if cfg['task'] == 'image_classification':
-    return x_BxHxWxC, jax.random.randint(k_y, (cfg['batch'],), 0, cfg['num_classes'])
-  # Maze routes: 5 move classes (up, down, left, right, wait).
-  return x_BxHxWxC, jax.random.randint(k_y, (cfg['batch'], cfg['route_length']), 0, 5)
+def task_config(
+    source, batch, remat='none', dtype='float32', unroll=1
+) -> ml_collections.ConfigDict:
+  """The config `source` ('<file>.py:<variant>' of configs/, as --config=configs/<source>)
+  at batch size `batch`, with the command line's compute options in place of the config's."""
+  file, _, variant = source.partition(':')
+  module = importlib.import_module(f'ctm_jax.configs.{file.removesuffix(".py")}')
+  config = module.get_config(variant or None)
+  config.batch_size = batch
+  config.batch_size_test = batch
+  config.model.update(remat=remat, dtype=str(dtype), unroll=unroll)
+  return config
 
 
-def task_loss(task, out, targets):
-  if task == 'parity':
-    return losses.parity_loss(out.predictions, out.certainties, targets)[0]
-  if task == 'image_classification':
-    return losses.image_classification_loss(out.predictions, out.certainties, targets)[0]
-  return losses.maze_loss(out.predictions, out.certainties, targets)[0]
+def bench_config(name, args, batch=None) -> ml_collections.ConfigDict:
+  """The task config of `CONFIGS[name]` under the command line's options."""
+  source, default_batch = CONFIGS[name]
+  return task_config(source, batch or default_batch, args.remat, args.dtype, args.unroll)
 
 
-def build_steps(model, task, tx):
-  """(forward, train_step) as pure functions; jitting is left to the caller."""
+def with_ticks(config, ticks, unroll=None):
+  """A copy of `config` whose model runs `ticks` ticks (and scan `unroll`)."""
+  variant = config.copy_and_resolve_references()
+  variant.model.iterations = ticks
+  if unroll is not None:
+    variant.model.unroll = unroll
+  return variant
 
-  def forward(variables, x):
-    out = model.apply(variables, x, train=False)
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+  """A config's task, model and the trainer's jitted pieces on a 1-device mesh."""
+
+  config: Any
+  task: Any
+  model: Any
+  mesh: jax.sharding.Mesh
+  run: train.Setup  # run.train_step is the trainer's step, run.init its fresh state
+
+
+def build(config) -> Bench:
+  """The trainer's setup of `config` on the first device, as train_and_evaluate builds it.
+
+  Lower and run its functions inside `with jax.set_mesh(bench.mesh)`, as the
+  trainer does.
+  """
+  task, model = validation.validate(config, num_devices=1)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    run = train.setup(config, model, task, mesh)
+  return Bench(config=config, task=task, model=model, mesh=mesh, run=run)
+
+
+def train_step(bench):
+  """The step the benchmark times: the trainer's own, jitted with the state donated.
+
+  (state, global batch) -> (state, metrics): the config's optimiser (clipping,
+  AdamW, LR schedule, weight-decay mask), the finite guard, the decay
+  projection and the task's loss and train metrics (ctm_jax/steps.py).
+  """
+  return bench.run.train_step
+
+
+def local_batch(bench, seed=BATCH_SEED) -> dict:
+  """The task's synthetic batch of the config's batch size (numpy, on the host)."""
+  return bench.task.synthetic_batch(bench.config, bench.config.batch_size, seed)
+
+
+def device_batch(bench, seed=BATCH_SEED) -> dict:
+  """`local_batch` on the train step's batch sharding."""
+  return jax.device_put(local_batch(bench, seed), bench.run.batch_sharding)
+
+
+def batch_shapes(bench) -> dict:
+  """ShapeDtypeStructs of `device_batch` (with its sharding), for lowering from shapes."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bench.run.batch_sharding),
+      local_batch(bench),
+  )
+
+
+def forward_fn(bench):
+  """Jitted (variables, model inputs) -> (predictions, certainties): `apply(train=False)`."""
+  model = bench.model
+
+  def forward(variables, inputs):
+    with sharding.logical_rules():  # as the trainer's steps are traced
+      out = model.apply(variables, inputs)
     return out.predictions, out.certainties
 
-  def train_step(state, x, targets):
-    dropout_key = jax.random.fold_in(state['rng'], state['step'])
+  return jax.jit(forward)
 
-    def loss_fn(params):
-      variables = {'params': params, **state['model_state']}
-      out, updates = model.apply(
-          variables, x, train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats']
-      )
-      return task_loss(task, out, targets), updates
 
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    param_updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = project_decay_params(optax.apply_updates(state['params'], param_updates))
-    model_state = {**state['model_state'], **updates}
-    new_state = dict(
-        params=params,
-        opt_state=opt_state,
-        model_state=model_state,
-        rng=state['rng'],
-        step=state['step'] + 1,
-    )
-    return new_state, loss
+def forward_args(bench, state, batch):
+  """`forward_fn`'s arguments from a train state (or its shapes) and a batch (or its shapes)."""
+  return steps.variables(state, state.params), bench.task.model_inputs(batch)
 
-  return forward, train_step
+
+def analytic_spec(config) -> dict:
+  """What analytic_flops counts from: batch, input shape and model options, from the task."""
+  task = validation.validate(config, num_devices=1)[0]
+  return dict(
+      batch=config.batch_size,
+      input_shape=tuple(task.record_spec(config)['inputs'][0]),
+      model=task.model_kwargs(config),
+  )
+
+
+def reference_spec(config, task) -> dict:
+  """What reference_adapter builds the reference's step from (JSON-able): the task
+  name, our model's constructor kwargs and the whole config (the trainer keys
+  are the reference scripts' argparse names)."""
+  kwargs = task.model_kwargs(config)
+  kwargs['prediction_reshaper'] = list(kwargs['prediction_reshaper'])
+  return dict(task=config.task, model=kwargs, args=config.to_dict())
+
+
+def optimizer_summary(config) -> dict:
+  """The config's optimiser settings, for the JSON (ctm_jax/optim.py builds from these)."""
+  keys = (
+      'lr',
+      'weight_decay',
+      'weight_decay_exclude',
+      'gradient_clipping',
+      'gradient_clipping_type',
+      'use_scheduler',
+      'scheduler_type',
+      'warmup_steps',
+      'training_iterations',
+  )
+  return {k: config[k] for k in keys}
 
 
 def aot_compile(fn, *args):
@@ -292,58 +376,25 @@ def log(msg):
   print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
 
 
-def make_model(cfg, remat, dtype, unroll, iterations=None):
-  """The config's model; the command line's compute options replace the config's."""
-  return ContinuousThoughtMachine(
-      **{
-          **cfg['model'],
-          'iterations': iterations or cfg['model']['iterations'],
-          'remat': remat,
-          'dtype': jnp.dtype(dtype),
-          'unroll': unroll,
-      }
-  )
+def xla_flops(config):
+  """XLA's tick-scaled FLOPs of (forward, train step), lowered from shapes only.
 
+  The train step is the trainer's (`train.setup`) of 1- and 2-tick variants of
+  the config, as ctm_jax/tools/compile_check.py counts it.
+  """
+  ticks = config.model.iterations
 
-def init_state(model, tx, key, x):
-  """The train step's state: parameters, optimiser state, model collections, rng, step."""
-  variables = flax.core.unfreeze(model.init(key, x))
-  params = variables.pop('params')
-  return dict(
-      params=params,
-      opt_state=tx.init(params),
-      model_state=variables,
-      rng=jax.random.key(2),
-      step=jnp.zeros((), jnp.int32),
-  )
+  def lower(is_train, t, unroll):
+    bench = build(with_ticks(config, t, unroll))
+    batch = batch_shapes(bench)
+    with jax.set_mesh(bench.mesh):
+      if is_train:
+        return train_step(bench).lower(bench.run.abstract_state, batch)
+      return forward_fn(bench).lower(*forward_args(bench, bench.run.abstract_state, batch))
 
-
-def state_shapes(model, tx, x):
-  """`init_state`'s shapes and dtypes, without running it (for lowering only)."""
-  return jax.eval_shape(lambda key, x: init_state(model, tx, key, x), jax.random.key(1), x)
-
-
-def forward_variables(state):
-  return {'params': state['params'], **state['model_state']}
-
-
-def xla_flops(cfg, remat='none', dtype='float32'):
-  """XLA's tick-scaled FLOPs of (forward, train step), lowered from shapes only."""
-  x, targets = jax.eval_shape(lambda key: make_batch(cfg, key), jax.random.key(0))
-  tx = optax.adamw(1e-4)
-  # Parameter shapes do not depend on the tick count, so one state serves all.
-  state = state_shapes(make_model(cfg, remat, dtype, 1), tx, x)
-
-  def lower(train, ticks, unroll):
-    forward, train_step = build_steps(make_model(cfg, remat, dtype, unroll, ticks), cfg['task'], tx)
-    if train:
-      return jax.jit(train_step).lower(state, x, targets)
-    return jax.jit(forward).lower(forward_variables(state), x)
-
-  ticks = cfg['model']['iterations']
   return tuple(
-      flops_lib.tick_scaled_flops(lambda t, u, train=train: lower(train, t, u), ticks)
-      for train in (False, True)
+      flops_lib.tick_scaled_flops(lambda t, u, is_train=is_train: lower(is_train, t, u), ticks)
+      for is_train in (False, True)
   )
 
 
@@ -363,66 +414,75 @@ def add_rates(result, peak):
 
 
 def run_config(name, args, peak=None):
-  cfg = CONFIGS[name]
-  model = make_model(cfg, args.remat, args.dtype, args.unroll)
-  tx = optax.adamw(1e-4)
-  x, targets = make_batch(cfg, jax.random.key(0))
-  log(f'{name}: init')
-  state = jax.jit(lambda key, x: init_state(model, tx, key, x))(jax.random.key(1), x)
-  params = state['params']
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  forward, train_step = build_steps(model, cfg['task'], tx)
+  config = bench_config(name, args)
+  bench = build(config)
+  with jax.set_mesh(bench.mesh):
+    return measure(name, bench, args, peak)
+
+
+def measure(name, bench, args, peak=None):
+  """The result of one config: compiles, timings, memory, FLOPs (inside its mesh)."""
+  config, task = bench.config, bench.task
+  log(f'{name}: init ({config.task}, batch {config.batch_size})')
+  state = bench.run.init()
+  batch = device_batch(bench)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
   # Forward.
-  fwd_variables = forward_variables(state)
-  fwd = jax.jit(forward)
+  fwd = forward_fn(bench)
+  fwd_args = forward_args(bench, state, batch)
   log(f'{name}: compile forward')
-  fwd_compiled, fwd_lower_s, fwd_compile_s = aot_compile(fwd, fwd_variables, x)
+  fwd_compiled, fwd_lower_s, fwd_compile_s = aot_compile(fwd, *fwd_args)
   log(f'{name}: forward lower {fwd_lower_s:.1f}s compile {fwd_compile_s:.1f}s; timing')
   fwd_times = time_calls(
-      lambda: jax.block_until_ready(fwd_compiled(fwd_variables, x)), args.warmup, args.repeats
+      lambda: jax.block_until_ready(fwd_compiled(*fwd_args)), args.warmup, args.repeats
   )
+  del fwd_args
   log(f'{name}: forward median {statistics.median(fwd_times):.3f}s')
 
   log(f'{name}: FLOPs from 1- and 2-tick lowerings; analytic count')
-  fwd_flops, train_flops = xla_flops(cfg, args.remat, args.dtype)
-  analytic_fwd = analytic_flops.forward_flops(cfg)
-  analytic_train = analytic_flops.train_flops(cfg, args.remat)
+  fwd_flops, train_flops = xla_flops(config)
+  spec = analytic_spec(config)
+  analytic_fwd = analytic_flops.forward_flops(spec)
+  analytic_train = analytic_flops.train_flops(spec, config.model.remat)
 
-  # Train step, state donated.
-  step = jax.jit(train_step, donate_argnums=0)
+  # The trainer's train step, state donated.
   log(f'{name}: compile train step')
-  train_compiled, train_lower_s, train_compile_s = aot_compile(step, state, x, targets)
+  train_compiled, train_lower_s, train_compile_s = aot_compile(train_step(bench), state, batch)
   log(f'{name}: train lower {train_lower_s:.1f}s compile {train_compile_s:.1f}s; timing')
   holder = {'state': state}
-  losses_seen = []
+  del state
+  metrics_seen = []
 
   def one_step():
-    holder['state'], loss = train_compiled(holder['state'], x, targets)
-    losses_seen.append(float(loss))  # Blocks until the step is done.
+    holder['state'], metrics = train_compiled(holder['state'], batch)
+    jax.block_until_ready((holder['state'], metrics))
+    metrics_seen.append(metrics)
 
   if args.reference:
     ref_result, train_times = time_against_reference(
-        name, cfg, one_step, losses_seen, x, targets, n_params, args
+        name, config, task, one_step, metrics_seen, batch, n_params, args
     )
   else:
     ref_result = {}
     train_times = time_calls(one_step, args.warmup, args.repeats)
   log(f'{name}: train median {statistics.median(train_times):.3f}s')
-  if not all(np.isfinite(losses_seen)):
-    raise FloatingPointError(f'{name}: non-finite train loss {losses_seen}')
+  losses_seen = [float(m['loss']) for m in metrics_seen]
+  if not all(bool(m['finite']) for m in metrics_seen):
+    raise FloatingPointError(f'{name}: non-finite train loss or gradient {losses_seen}')
 
   ratio = lambda a, b: a / b if a and b else None
   result = dict(
       config=name,
-      source=cfg['source'],
-      task=cfg['task'],
-      batch=cfg['batch'],
-      input_shape=list(cfg['input_shape']),
-      model={**cfg['model'], 'prediction_reshaper': list(cfg['model']['prediction_reshaper'])},
-      remat=args.remat,
-      dtype=args.dtype,
-      unroll=args.unroll,
+      source=f'configs/{CONFIGS[name][0]}' if name in CONFIGS else None,
+      task=config.task,
+      batch=config.batch_size,
+      input_shape=list(spec['input_shape']),
+      model=reference_spec(config, task)['model'],
+      optimizer=optimizer_summary(config),
+      remat=config.model.remat,
+      dtype=config.model.dtype,
+      unroll=config.model.unroll,
       n_params=n_params,
       forward_lower_s=fwd_lower_s,
       forward_compile_s=fwd_compile_s,
@@ -433,6 +493,7 @@ def run_config(name, args, peak=None):
       train_times_s=train_times,
       train_median_s=statistics.median(train_times),
       train_losses=losses_seen,
+      train_grad_norms=[float(m['grad_norm']) for m in metrics_seen],
       forward_flops=fwd_flops,
       train_flops=train_flops,
       forward_flops_xla_raw=flops_lib.cost_flops(fwd_compiled),
@@ -449,7 +510,7 @@ def run_config(name, args, peak=None):
   return add_rates(result, peak)
 
 
-def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_params, args):
+def time_against_reference(name, config, task, one_step, metrics_seen, batch, n_params, args):
   """(reference fields of the result, our train times), timed interleaved.
 
   Builds the PyTorch reference (`reference_adapter`) on the same batch and
@@ -460,8 +521,12 @@ def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_param
     log(f'{name}: WARNING the reference runs on the CPU, ours on {jax.devices()[0].platform}')
   log(f'{name}: build the reference model ({ref.torch.__version__}, {ref.threads} threads)')
   ref_step = reference_adapter.ReferenceProcess(
-      ref.dir, cfg, np.asarray(x), np.asarray(targets), env=hostmem.environ_before_reexec()
+      ref.dir,
+      reference_spec(config, task),
+      jax.device_get(batch),
+      env=hostmem.environ_before_reexec(),
   )
+  log(f'{name}: reference optimiser {ref_step.optimizer_text}')
   try:
     log(f'{name}: timing ours and the reference (its own process), interleaved')
     train_times, _ = time_interleaved(
@@ -472,15 +537,16 @@ def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_param
   # The worker's own times of the timed (second) step of each turn after warm-up.
   ref_times = ref_step.times[2 * args.warmup + 1 :: 2]
   ref_losses = ref_step.losses
+  first_loss = float(metrics_seen[0]['loss'])
   # Both models are at init at their first step: the same config and loss give
   # losses of similar size (near log(classes)); a large gap means the configs differ.
   log(
-      f'{name}: first-step loss ours {losses_seen[0]:.4f} reference {ref_losses[0]:.4f}; '
+      f'{name}: first-step loss ours {first_loss:.4f} reference {ref_losses[0]:.4f}; '
       f'params ours {n_params} reference {ref_step.n_params}'
   )
   if not all(np.isfinite(ref_losses)):
     raise FloatingPointError(f'{name}: non-finite reference train loss {ref_losses}')
-  if not 0.5 <= ref_losses[0] / losses_seen[0] <= 2:
+  if not 0.5 <= ref_losses[0] / first_loss <= 2:
     log(f'{name}: WARNING first-step losses differ by more than 2x: check the config mapping')
   ref_median = statistics.median(ref_times)
   speedup = ref_median / statistics.median(train_times)
@@ -489,6 +555,7 @@ def time_against_reference(name, cfg, one_step, losses_seen, x, targets, n_param
       dict(
           ref_n_params=ref_step.n_params,
           ref_model_kwargs=dict(ref_step.kwargs),
+          ref_optimizer=ref_step.optimizer_text,
           ref_train_times_s=ref_times,
           ref_train_median_s=ref_median,
           ref_train_losses=ref_losses,
@@ -582,24 +649,21 @@ def accelerator_present():
 
 
 def scaling_config(args):
-  cfg = CONFIGS[args.scaling_config]
-  return dict(cfg, batch=args.scaling_batch or cfg['batch'])
+  return bench_config(args.scaling_config, args, batch=args.scaling_batch or None)
 
 
-def compile_train_step(cfg, ticks, args):
-  """(compiled, lower_s, compile_s) of a freshly built and jitted train step.
+def compile_train_step(config, ticks):
+  """(compiled, lower_s, compile_s) of a freshly built trainer's step with `ticks` ticks.
 
-  Fresh each call (new model, closures and jit), so nothing of an earlier
+  Fresh each call (new setup, closures and jit), so nothing of an earlier
   compile is reused.
   """
-  model = make_model(cfg, args.remat, args.dtype, args.unroll, ticks)
-  tx = optax.adamw(1e-4)
-  x, targets = jax.eval_shape(lambda key: make_batch(cfg, key), jax.random.key(0))
-  step = jax.jit(build_steps(model, cfg['task'], tx)[1], donate_argnums=0)
-  return aot_compile(step, state_shapes(model, tx, x), x, targets)
+  bench = build(with_ticks(config, ticks))
+  with jax.set_mesh(bench.mesh):
+    return aot_compile(train_step(bench), bench.run.abstract_state, batch_shapes(bench))
 
 
-def measure_ticks(cfg, ticks_list, args, run_step=False):
+def measure_ticks(config, ticks_list, args, run_step=False):
   """Per tick count: train-step lower and compile times (--scaling_repeats each) and memory.
 
   With `run_step` (one tick count only: the device peak is process-wide), one
@@ -607,13 +671,13 @@ def measure_ticks(cfg, ticks_list, args, run_step=False):
   """
   # The process's first compile also pays one-off setup that no tick count
   # should be charged with.
-  compile_train_step(cfg, ticks_list[0], args)
+  compile_train_step(config, ticks_list[0])
   points = {t: dict(ticks=t, lower_s=[], compile_s=[]) for t in ticks_list}
   compiled = {}
   # Rounds over the tick counts, so that machine noise spreads over all of them.
   for _ in range(args.scaling_repeats):
     for ticks in ticks_list:
-      compiled[ticks], lower_s, compile_s = compile_train_step(cfg, ticks, args)
+      compiled[ticks], lower_s, compile_s = compile_train_step(config, ticks)
       points[ticks]['lower_s'].append(lower_s)
       points[ticks]['compile_s'].append(compile_s)
   for ticks, point in points.items():
@@ -624,12 +688,10 @@ def measure_ticks(cfg, ticks_list, args, run_step=False):
     log(f"{ticks} ticks: lower + compile median {point['lower_compile_median_s']:.1f}s")
   if run_step:
     (ticks,) = ticks_list
-    model = make_model(cfg, args.remat, args.dtype, args.unroll, ticks)
-    tx = optax.adamw(1e-4)
-    x, targets = make_batch(cfg, jax.random.key(0))
-    state = jax.jit(lambda key, x: init_state(model, tx, key, x))(jax.random.key(1), x)
-    _, loss = compiled[ticks](state, x, targets)
-    points[ticks].update(loss=float(loss), device_peak_bytes=device_peak_bytes())
+    bench = build(with_ticks(config, ticks))
+    with jax.set_mesh(bench.mesh):
+      _, metrics = compiled[ticks](bench.run.init(), device_batch(bench))
+    points[ticks].update(loss=float(metrics['loss']), device_peak_bytes=device_peak_bytes())
   return [points[t] for t in ticks_list]
 
 
@@ -639,13 +701,13 @@ def point_memory(point, device_peak):
   return (point.get('train_memory_analysis') or {}).get('total_bytes')
 
 
-def run_scaling_point(ticks, cfg, args):
+def run_scaling_point(ticks, config, args):
   """(environment, point) of one tick count measured in a fresh process."""
   out = run_child(
       os.path.abspath(__file__),
       [
           f'--scaling_config={args.scaling_config}',
-          f'--scaling_batch={cfg["batch"]}',
+          f'--scaling_batch={config.batch_size}',
           f'--scaling_repeats={args.scaling_repeats}',
           f'--scaling_point={ticks}',
           *compute_flags(args),
@@ -659,15 +721,15 @@ def run_scaling_point(ticks, cfg, args):
 
 def run_scaling(args, isolate):
   """(environment, summary) of the tick-scaling measurements."""
-  cfg = scaling_config(args)
+  config = scaling_config(args)
   all_ticks = sorted(set(args.memory_ticks + args.compile_ticks))
-  log(f'{args.scaling_config} batch {cfg["batch"]}: ticks {all_ticks}, remat={args.remat}')
+  log(f'{args.scaling_config} batch {config.batch_size}: ticks {all_ticks}, remat={args.remat}')
   if not isolate:
-    env, points = None, measure_ticks(cfg, all_ticks, args)
+    env, points = None, measure_ticks(config, all_ticks, args)
   else:
     env, points = None, []
     for ticks in all_ticks:  # One process per tick count: the device peak is process-wide.
-      child_env, point = run_scaling_point(ticks, cfg, args)
+      child_env, point = run_scaling_point(ticks, config, args)
       env = env or child_env
       points.append(point)
   env = env or environment()
@@ -683,7 +745,7 @@ def run_scaling(args, isolate):
   compile_ratio = ratio(args.compile_ticks, lambda p: p['lower_compile_median_s'])
   summary = dict(
       config=args.scaling_config,
-      batch=cfg['batch'],
+      batch=config.batch_size,
       remat=args.remat,
       dtype=args.dtype,
       unroll=args.unroll,
@@ -823,8 +885,10 @@ def format_table(env, results, args):
       f'# remat={args.remat} dtype={args.dtype} unroll={args.unroll} '
       f'| medians over --repeats={args.repeats} after --warmup={args.warmup}',
       '# compile = lower + compile (AOT) of the jitted function, timed apart from execution.',
-      '# train = fwd(train=True) + task loss + backward + adamw + decay projection, '
-      'state donated.',
+      "# train = the trainer's step (train.setup(...).train_step, state donated): fwd(train=True) "
+      '+ task loss + backward',
+      "#   + the config's optimiser (clipping, AdamW, LR schedule) + finite guard + decay "
+      "projection + task metrics; the task's synthetic batch.",
   ]
   if device_peak:
     lines.append(
@@ -854,8 +918,12 @@ def format_table(env, results, args):
     lines += [
         f"# ref train = PyTorch reference ({ref['dir']}, commit {ref['commit']}), torch "
         f"{ref['torch']}, float32 on the CPU with {ref['torch_threads']} threads:",
-        '#   zero_grad + fwd + loss + backward + AdamW step in a worker process, timed '
-        'interleaved with ours (alternating turns of two steps, the second timed; same batch).',
+        "#   its task's train.py step: zero_grad + fwd + loss + backward + the script's "
+        'clipping (QuantileClip or clip_grad_norm_)',
+        "#   + AdamW + scheduler step, with the config's lr, weight decay and clipping (no finite "
+        'guard, no metrics),',
+        '#   in a worker process, timed interleaved with ours (alternating turns of two steps, '
+        'the second timed; same batch).',
         '# speedup = ref train median / our train median (above 1: ours is faster).',
     ]
   header = (

@@ -2,12 +2,27 @@
 
 DIR is a local checkout of github.com/SakanaAI/continuous-thought-machines.
 Nothing of the reference is part of this project: its `models/ctm.py`
-(ContinuousThoughtMachine) and `utils/losses.py` are imported from DIR at run
-time. `ReferenceTrainStep` builds the reference model from one of
-`model_bench.CONFIGS` (our config keys are the reference constructor's argument
-names), feeds it the same batch as ours (NHWC images transposed to NCHW) and
-runs the reference training scripts' step: zero_grad, forward, task loss,
-backward, torch.optim.AdamW step.
+(ContinuousThoughtMachine), `utils/losses.py` and `utils/schedulers.py` are
+imported from DIR at run time. `ReferenceTrainStep` builds the reference model
+from a benchmark spec (`model_bench.reference_spec`: the task name, our model's
+constructor kwargs from `task.model_kwargs(config)`, whose keys are the
+reference constructor's argument names, and the whole config, whose trainer
+keys are the reference scripts' argparse names), feeds it the same batch as
+ours (NHWC images transposed to NCHW) and runs its training script's step
+(tasks/<task>/train.py) with the config's optimiser settings:
+
+  zero_grad, forward, task loss, backward, gradient clipping, AdamW step,
+  LR scheduler step.
+
+The optimiser is built as the script builds it from its arguments: AdamW(lr,
+eps 1e-8, weight_decay), with the script's parameter groups when
+weight_decay_exclude is set; clipping when gradient_clipping != -1, by the
+config's gradient_clipping_type as the scripts clip (the parity script wraps
+AdamW in autoclip's QuantileClip(quantile, history_length=1000): `pip install
+autoclip`, as the reference's requirements.txt lists it; the image and maze
+scripts call torch.nn.utils.clip_grad_norm_ before the step); the scheduler
+from use_scheduler/scheduler_type/warmup_steps/... (utils/schedulers.py).
+The scripts' AMP (GradScaler) is off here: the reference runs in float32.
 """
 
 import contextlib
@@ -23,9 +38,10 @@ import numpy as np
 
 # Our model options that the reference constructor lacks (compute options).
 JAX_ONLY_KEYS = ('dtype', 'remat', 'unroll')
-# optax.adamw's defaults, which model_bench's optimizer uses (torch's default
-# weight decay is 1e-2).
-ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+# AdamW's eps in every training script (without AMP).
+ADAMW_EPS = 1e-8
+# autoclip's QuantileClip history in the parity script.
+QUANTILE_HISTORY = 1000
 
 
 def _inside(path, directory):
@@ -65,13 +81,14 @@ class Reference:
     try:
       from models import ctm as ref_ctm  # pylint: disable=g-import-not-at-top
       from utils import losses as ref_losses  # pylint: disable=g-import-not-at-top
+      from utils import schedulers as ref_schedulers  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(
           f'importing the reference from {self.dir} failed: {e}. It needs the packages '
           'that models/ctm.py and utils/losses.py import (torch, numpy); install the '
           'missing one named above.'
       ) from e
-    for module in (ref_ctm, ref_losses):
+    for module in (ref_ctm, ref_losses, ref_schedulers):
       if not _inside(module.__file__, self.dir):
         raise ImportError(f'{module.__name__} came from {module.__file__}, not from {self.dir}')
     self.torch = torch
@@ -81,6 +98,7 @@ class Reference:
     torch.set_num_threads(self.threads)
     self.model_cls = ref_ctm.ContinuousThoughtMachine
     self.losses = ref_losses
+    self.schedulers = ref_schedulers
 
   def info(self):
     return dict(
@@ -89,7 +107,6 @@ class Reference:
         torch=self.torch.__version__,
         torch_threads=self.torch.get_num_threads(),
         device='cpu',
-        optimizer=f'torch.optim.AdamW{ADAMW}',
     )
 
   def commit(self):
@@ -125,19 +142,40 @@ class Reference:
     return kwargs
 
 
-class ReferenceTrainStep:
-  """One reference model + AdamW on a fixed batch; `step()` runs a train step."""
+def describe_optimizer(args):
+  """The training script's optimiser for config `args` (reference argparse names), in words."""
+  groups = (
+      f", no decay for {list(args['weight_decay_exclude'])}"
+      if args.get('weight_decay_exclude') and args['weight_decay']
+      else ''
+  )
+  text = f"AdamW(lr={args['lr']}, eps={ADAMW_EPS}, weight_decay={args['weight_decay']}{groups})"
+  clip = args['gradient_clipping']
+  if clip != -1:
+    if args['gradient_clipping_type'] == 'quantile':
+      text = f'autoclip QuantileClip(quantile={clip}, history_length={QUANTILE_HISTORY}) + ' + text
+    else:
+      text = f'clip_grad_norm_(max_norm={clip}) + ' + text
+  if args['use_scheduler']:
+    text += f", {args['scheduler_type']} schedule, warmup {args['warmup_steps']}"
+  elif args['warmup_steps']:
+    text += f", warmup {args['warmup_steps']}"
+  return text
 
-  def __init__(self, ref, cfg, x, targets, seed=0):
-    """`cfg` is a model_bench.CONFIGS entry; x, targets as from make_batch."""
+
+class ReferenceTrainStep:
+  """One reference model + its script's optimiser on a fixed batch; `step()` runs a train step."""
+
+  def __init__(self, ref, spec, batch, seed=0):
+    """`spec` as from model_bench.reference_spec; `batch` our batch ('inputs', 'targets')."""
     torch = ref.torch
-    self.ref, self.task = ref, cfg['task']
-    x = np.array(x, np.float32)  # A writable copy, as torch.from_numpy wants.
+    self.ref, self.task, self.args = ref, spec['task'], spec['args']
+    x = np.array(batch['inputs'], np.float32)  # A writable copy, as torch.from_numpy wants.
     if x.ndim == 4:  # Images: ours NHWC, the reference's NCHW.
       x = x.transpose(0, 3, 1, 2)
     self.x = torch.from_numpy(np.ascontiguousarray(x))
-    self.targets = torch.from_numpy(np.asarray(targets).astype(np.int64))
-    self.kwargs = ref.model_kwargs(cfg['model'])
+    self.targets = torch.from_numpy(np.asarray(batch['targets']).astype(np.int64))
+    self.kwargs = ref.model_kwargs(spec['model'])
     torch.manual_seed(seed)
     np.random.seed(seed)  # The reference draws its neuron indices with np.random.
     # The reference prints (synch sizes, neuron select type) on stdout: keep it
@@ -148,31 +186,99 @@ class ReferenceTrainStep:
     with torch.no_grad():  # Materialise the lazy modules before the optimizer.
       self.model(self.x)
     self.n_params = sum(p.numel() for p in self.model.parameters())
-    self.optimizer = torch.optim.AdamW(self.model.parameters(), **ADAMW)
+    self.optimizer, self.clip_norm = self._optimizer()
+    self.scheduler = self._scheduler()
+    self.optimizer_text = describe_optimizer(self.args)
     self.losses = []
 
+  def _optimizer(self):
+    """(optimizer, max_norm or None) as the task's train.py builds them from its args."""
+    torch, args = self.ref.torch, self.args
+    exclude = list(args.get('weight_decay_exclude') or ())
+    if exclude and args['weight_decay'] != 0:  # the image and maze scripts' parameter groups
+      named = list(self.model.named_parameters())
+      excluded = lambda name: any(s in name for s in exclude)
+      decay = [p for n, p in named if not excluded(n)]
+      params = [
+          {'params': decay, 'weight_decay': args['weight_decay']},
+          {'params': [p for n, p in named if excluded(n)], 'weight_decay': 0},
+      ]
+      optimizer = torch.optim.AdamW(params, lr=args['lr'], eps=ADAMW_EPS)
+    else:
+      optimizer = torch.optim.AdamW(
+          self.model.parameters(), lr=args['lr'], eps=ADAMW_EPS, weight_decay=args['weight_decay']
+      )
+    clip = args['gradient_clipping']
+    if clip == -1:
+      return optimizer, None
+    if args['gradient_clipping_type'] == 'norm':  # tasks/{image_classification,mazes}/train.py
+      return optimizer, clip
+    try:  # tasks/parity/train.py
+      from autoclip.torch import QuantileClip  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          "the config clips by quantile, as the reference's parity script does with autoclip's "
+          'QuantileClip, which is not installed: pip install autoclip (or put it on PYTHONPATH)'
+      ) from e
+    return (
+        QuantileClip.as_optimizer(
+            optimizer=optimizer, quantile=clip, history_length=QUANTILE_HISTORY
+        ),
+        None,
+    )
+
+  def _scheduler(self):
+    """The scripts' scheduler: warmup LambdaLR, or their multistep / cosine schedulers."""
+    torch, args, schedulers = self.ref.torch, self.args, self.ref.schedulers
+    if not args['use_scheduler']:
+      return torch.optim.lr_scheduler.LambdaLR(
+          self.optimizer, lr_lambda=schedulers.warmup(args['warmup_steps']).step
+      )
+    if args['scheduler_type'] == 'multistep':
+      return schedulers.WarmupMultiStepLR(
+          self.optimizer,
+          warmup_steps=args['warmup_steps'],
+          milestones=list(args['milestones']),
+          gamma=args['gamma'],
+      )
+    return schedulers.WarmupCosineAnnealingLR(
+        self.optimizer,
+        args['warmup_steps'],
+        args['training_iterations'],
+        warmup_start_lr=1e-20,
+        eta_min=1e-7,
+    )
+
   def loss(self, predictions, certainties):
-    """The reference training scripts' loss for the task."""
-    losses, targets = self.ref.losses, self.targets
-    if self.task == 'parity':  # tasks/parity/train.py
-      predictions = predictions.reshape(predictions.size(0), -1, 2, predictions.size(-1))
-      return losses.parity_loss(predictions, certainties, targets, use_most_certain=True)[0]
-    if self.task == 'image_classification':  # tasks/image_classification/train.py
-      return losses.image_classification_loss(
-          predictions, certainties, targets, use_most_certain=True
-      )[0]
-    # tasks/mazes/train.py
-    predictions = predictions.reshape(predictions.size(0), -1, 5, predictions.size(-1))
-    return losses.maze_loss(
-        predictions, certainties, targets, cirriculum_lookahead=5, use_most_certain=True
-    )[0]
+    """The training script's loss: `<task>_loss` of the reference's utils/losses.py.
+
+    As every script does, predictions (B, O, T) are first shaped (B,
+    *prediction_reshaper, T); the loss's keyword arguments (use_most_certain,
+    a curriculum lookahead, ...) come from the config keys of the same names,
+    as the scripts pass their argparse values (the image and maze scripts fix
+    use_most_certain=True, which every config here sets).
+    """
+    fn = getattr(self.ref.losses, f'{self.task}_loss', None)
+    if fn is None:
+      raise NotImplementedError(
+          f'the reference has no utils/losses.py:{self.task}_loss for task {self.task!r}'
+      )
+    shaped = predictions.reshape(
+        predictions.size(0), *self.kwargs['prediction_reshaper'], predictions.size(-1)
+    )
+    params = list(inspect.signature(fn).parameters.values())[3:]  # after preds, certs, targets
+    options = {p.name: self.args[p.name] for p in params if p.name in self.args}
+    return fn(shaped, certainties, self.targets, **options)[0]
 
   def step(self):
     self.optimizer.zero_grad(set_to_none=True)
     predictions, certainties, _ = self.model(self.x)
     loss = self.loss(predictions, certainties)
     loss.backward()
+    if self.clip_norm is not None:
+      self.ref.torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.clip_norm)
     self.optimizer.step()
+    self.scheduler.step()
     self.losses.append(float(loss.detach()))
     return self.losses[-1]
 
@@ -188,12 +294,13 @@ class ReferenceProcess:
   `times` holds the worker's own wall time of each step.
   """
 
-  def __init__(self, ref_dir, cfg, x, targets, env=None):
+  def __init__(self, ref_dir, spec, batch, env=None):
     self._tmp = tempfile.TemporaryDirectory()
-    batch = os.path.join(self._tmp.name, 'batch.npz')
-    np.savez(batch, x=np.asarray(x), targets=np.asarray(targets))
-    with open(os.path.join(self._tmp.name, 'cfg.json'), 'w') as f:
-      json.dump(cfg, f)
+    np.savez(
+        os.path.join(self._tmp.name, 'batch.npz'), **{k: np.asarray(v) for k, v in batch.items()}
+    )
+    with open(os.path.join(self._tmp.name, 'spec.json'), 'w') as f:
+      json.dump(spec, f)
     self._proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), ref_dir, self._tmp.name],
         stdin=subprocess.PIPE,
@@ -203,6 +310,7 @@ class ReferenceProcess:
     )
     ready = self._read()
     self.n_params, self.kwargs = ready['n_params'], ready['kwargs']
+    self.optimizer_text = ready['optimizer']
     self.losses, self.times = [], []
 
   def _read(self):
@@ -226,14 +334,18 @@ class ReferenceProcess:
 
 
 def _serve(ref_dir, tmp):
-  """Worker: builds the step from tmp/{cfg.json,batch.npz}; one step per stdin line."""
-  with open(os.path.join(tmp, 'cfg.json')) as f:
-    cfg = json.load(f)
-  batch = np.load(os.path.join(tmp, 'batch.npz'))
+  """Worker: builds the step from tmp/{spec.json,batch.npz}; one step per stdin line."""
+  with open(os.path.join(tmp, 'spec.json')) as f:
+    spec = json.load(f)
+  batch = dict(np.load(os.path.join(tmp, 'batch.npz')))
   # Replies go to the real stdout; anything the reference prints goes to stderr.
   out, sys.stdout = sys.stdout, sys.stderr
-  step = ReferenceTrainStep(Reference(ref_dir), cfg, batch['x'], batch['targets'])
-  print(json.dumps(dict(n_params=step.n_params, kwargs=step.kwargs)), file=out, flush=True)
+  step = ReferenceTrainStep(Reference(ref_dir), spec, batch)
+  print(
+      json.dumps(dict(n_params=step.n_params, kwargs=step.kwargs, optimizer=step.optimizer_text)),
+      file=out,
+      flush=True,
+  )
   for _ in sys.stdin:
     t0 = time.perf_counter()
     loss = step.step()

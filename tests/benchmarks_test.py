@@ -5,6 +5,7 @@ D neurons, E d_input, K heads, M memory length, H NLM hidden width, P synch
 size, N matrix side.
 """
 
+import json
 import os
 import sys
 import time
@@ -12,8 +13,11 @@ import time
 import jax
 from jax.extend import core as jex_core
 import numpy as np
-import optax
 import pytest
+
+from ctm_jax import sharding
+from ctm_jax import train
+from ctm_jax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -21,80 +25,84 @@ sys.path.insert(0, ROOT)
 from benchmarks import analytic_flops
 from benchmarks import matmul_peak
 from benchmarks import model_bench
+from benchmarks import reference_adapter
 
-# XLA's count adds elementwise work (norms, activations, softmax, the optimiser
-# update) to the matmuls the analytic count has; on these small models that
-# work is a larger share than on the benchmark's (1.32 and 1.07 here, 1.03 for
-# imagenet_b2), hence the upper bound.
+# XLA's count adds elementwise work (norms, activations, softmax, the metrics,
+# the optimiser update) to the matmuls the analytic count has; on these small
+# models that work is a larger share than on the benchmark's (train: 1.36 and
+# 1.09 here; 1.03 for parity_b16, 1.06 for cifar10_b32), hence the upper bound.
 RATIO_RANGE = (0.95, 1.5)
 
-# Smoke-size models of both kinds, covering both synapses (MLP / U-Net), both
-# NLMs (deep / shallow), both synch pairings and a positional embedding.
+# Smoke-size task configs of both kinds (the parity and image smoke configs,
+# smaller still), covering both synapses (MLP / U-Net), both NLMs (deep /
+# shallow), both synch pairings and a positional embedding. Each is a whole
+# task config: the benchmark builds the trainer's step from it.
 _LENGTH = 8
-PARITY = model_bench.bench_config(
-    'parity',
-    4,
-    input_shape=(_LENGTH,),
-    model_overrides=dict(
-        iterations=3,
-        d_model=64,
-        d_input=32,
-        heads=4,
-        n_synch_out=8,
-        n_synch_action=8,
-        memory_length=5,
-        memory_hidden_dims=4,
-        out_dims=2 * _LENGTH,
-        prediction_reshaper=(_LENGTH, 2),
-    ),
-)
-IMAGE = model_bench.bench_config(
-    'cifar10',
-    2,
-    input_shape=(16, 16, 3),
-    model_overrides=dict(
-        iterations=3,
-        d_model=48,
-        d_input=32,
-        heads=2,
-        n_synch_out=16,
-        n_synch_action=16,
-        synapse_depth=3,
-        memory_length=4,
-        deep_nlms=False,
-        backbone_type='resnet18-2',
-    ),
-    num_classes=10,
-)
 
 
-def _image_variant(**model_overrides):
-  return dict(IMAGE, model={**IMAGE['model'], **model_overrides})
+def parity_config(remat='none'):
+  """configs/parity.py:smoke (length 8, quantile clipping) with a smaller model."""
+  config = model_bench.task_config('parity.py:smoke', 4, remat=remat)
+  config.parity_sequence_length = _LENGTH
+  config.model.update(
+      iterations=3,
+      d_model=64,
+      d_input=32,
+      heads=4,
+      n_synch_out=8,
+      n_synch_action=8,
+      memory_length=5,
+      memory_hidden_dims=4,
+  )
+  return config
+
+
+def image_config(remat='none', **model_overrides):
+  """configs/image.py:smoke (16x16 synthetic images) with CIFAR-10's classes and a smaller model."""
+  config = model_bench.task_config('image.py:smoke', 2, remat=remat)
+  config.num_classes = 10
+  config.model.update(
+      iterations=3,
+      d_model=48,
+      d_input=32,
+      heads=2,
+      n_synch_out=16,
+      n_synch_action=16,
+      synapse_depth=3,
+      memory_length=4,
+      deep_nlms=False,
+      backbone_type='resnet18-2',
+  )
+  config.model.update(**model_overrides)
+  return config
 
 
 # The other backbones, positional embeddings and pairings, for the traced count.
 VARIANTS = {
-    'bottleneck-fourier': _image_variant(
+    'bottleneck-fourier': dict(
         backbone_type='resnet50-1', positional_embedding_type='learnable-fourier'
     ),
-    'multi-fourier-first-last': _image_variant(
+    'multi-fourier-first-last': dict(
         positional_embedding_type='multi-learnable-fourier', neuron_select_type='first-last'
     ),
-    'shallow-wide-rotational': _image_variant(
+    'shallow-wide-rotational': dict(
         backbone_type='shallow-wide', positional_embedding_type='custom-rotational'
     ),
-    'no-backbone-random': _image_variant(backbone_type='none', neuron_select_type='random'),
+    'no-backbone-random': dict(backbone_type='none', neuron_select_type='random'),
 }
 
 
-def _shapes(cfg, remat):
-  """(forward, train step, their abstract arguments) of a config's model."""
-  x, targets = jax.eval_shape(lambda key: model_bench.make_batch(cfg, key), jax.random.key(0))
-  tx = optax.adamw(1e-4)
-  model = model_bench.make_model(cfg, remat, 'float32', 1)
-  state = model_bench.state_shapes(model, tx, x)
-  forward, train_step = model_bench.build_steps(model, cfg['task'], tx)
-  return (forward, (model_bench.forward_variables(state), x)), (train_step, (state, x, targets))
+def _traced(config):
+  """Matmul + conv FLOPs of the jaxprs of (forward, the trainer's train step), from shapes."""
+  bench = model_bench.build(config)
+  batch = model_bench.batch_shapes(bench)
+  state = bench.run.abstract_state
+  with jax.set_mesh(bench.mesh):
+    forward = jax.make_jaxpr(model_bench.forward_fn(bench))(
+        *model_bench.forward_args(bench, state, batch)
+    )
+    train_step = jax.make_jaxpr(model_bench.train_step(bench))(state, batch)
+  return traced_matmul_flops(forward.jaxpr), traced_matmul_flops(train_step.jaxpr)
 
 
 def _conv_flops(eqn):
@@ -138,16 +146,16 @@ def traced_matmul_flops(jaxpr):
 
 
 @pytest.mark.parametrize(
-    'cfg, remat',
+    'make_config, remat',
     [
-        (PARITY, 'none'),
-        (PARITY, 'full'),
-        (PARITY, 'dots'),
-        (PARITY, 'sqrt'),
-        (IMAGE, 'none'),
-        (IMAGE, 'full'),
+        (parity_config, 'none'),
+        (parity_config, 'full'),
+        (parity_config, 'dots'),
+        (parity_config, 'sqrt'),
+        (image_config, 'none'),
+        (image_config, 'full'),
     ]
-    + [(cfg, 'none') for cfg in VARIANTS.values()],
+    + [(lambda remat, o=o: image_config(remat, **o), 'none') for o in VARIANTS.values()],
     ids=[
         'parity',
         'parity-remat-full',
@@ -158,28 +166,135 @@ def traced_matmul_flops(jaxpr):
     ]
     + list(VARIANTS),
 )
-def test_analytic_flops_equal_the_traced_matmuls(cfg, remat):
+def test_analytic_flops_equal_the_traced_matmuls(make_config, remat):
   """Exactly the matmuls and convolutions of the program JAX hands to XLA.
 
   Every layer counts here, however small: a missing or wrongly sized one fails.
+  The train step is the trainer's (the config's optimiser, clipping, guard and
+  metrics add no matmul).
   """
-  (forward, fwd_args), (train_step, train_args) = _shapes(cfg, remat)
-  traced_fwd = traced_matmul_flops(jax.make_jaxpr(forward)(*fwd_args).jaxpr)
-  traced_train = traced_matmul_flops(jax.make_jaxpr(train_step)(*train_args).jaxpr)
-  assert analytic_flops.forward_flops(cfg) == pytest.approx(traced_fwd, rel=1e-9)
-  assert analytic_flops.train_flops(cfg, remat) == pytest.approx(traced_train, rel=1e-9)
+  config = make_config(remat)
+  traced_fwd, traced_train = _traced(config)
+  spec = model_bench.analytic_spec(config)
+  assert analytic_flops.forward_flops(spec) == pytest.approx(traced_fwd, rel=1e-9)
+  assert analytic_flops.train_flops(spec, remat) == pytest.approx(traced_train, rel=1e-9)
 
 
-@pytest.mark.parametrize('cfg', [PARITY, IMAGE], ids=['parity', 'image'])
-def test_xla_cost_analysis_over_analytic_in_range(cfg):
+def _without_clipping(config):
+  # The parity config's quantile clip sorts a 1000-norm history per parameter
+  # tensor: about a quarter of this tiny model's matmul FLOPs (train ratio 1.61
+  # with it, 1.36 without), a negligible share of the benchmark's.
+  config.gradient_clipping = -1.0
+  return config
+
+
+@pytest.mark.parametrize(
+    'config',
+    [_without_clipping(parity_config()), image_config()],
+    ids=['parity', 'image'],
+)
+def test_xla_cost_analysis_over_analytic_in_range(config):
   """XLA's tick-scaled count (model_bench's) adds only elementwise work to the matmuls."""
-  forward, train = model_bench.xla_flops(cfg)
-  forward_ratio = forward / analytic_flops.forward_flops(cfg)
-  train_ratio = train / analytic_flops.train_flops(cfg)
+  forward, train_flops = model_bench.xla_flops(config)
+  spec = model_bench.analytic_spec(config)
+  forward_ratio = forward / analytic_flops.forward_flops(spec)
+  train_ratio = train_flops / analytic_flops.train_flops(spec)
   assert RATIO_RANGE[0] <= forward_ratio <= RATIO_RANGE[1], forward_ratio
   assert RATIO_RANGE[0] <= train_ratio <= RATIO_RANGE[1], train_ratio
   # A count of the forward only would be far out of range.
   assert train_ratio * 3 > RATIO_RANGE[1]
+
+
+def test_benchmark_step_is_the_trainers_step():
+  """The benchmark's step is train.setup's: the same program on the same state and batch.
+
+  The parity smoke config clips by quantile, so the config's optimiser (not a
+  plain AdamW) is in both. The two lowered programs are compared as text (the
+  same StableHLO computes the same new state and metrics, bit for bit, from the
+  same arguments; a second compile to show it would double the test's time),
+  the benchmark's state and batch against the trainer's init and the task's
+  synthetic batch, and one step of the benchmark's compiled step runs.
+  """
+  config = parity_config()
+  bench = model_bench.build(config)
+  task, model = validation.validate(config, num_devices=1)
+  local = task.synthetic_batch(config, config.batch_size, model_bench.BATCH_SEED)
+  with jax.set_mesh(bench.mesh):
+    run = train.setup(config, model, task, bench.mesh)
+    shapes = model_bench.batch_shapes(bench)
+    ours = model_bench.train_step(bench).lower(bench.run.abstract_state, shapes)
+    theirs = run.train_step.lower(run.abstract_state, shapes)
+    assert ours.as_text() == theirs.as_text()
+    batch = model_bench.device_batch(bench)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(batch), local)
+    state = bench.run.init()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(run.init()))
+    compiled, _, _ = model_bench.aot_compile(model_bench.train_step(bench), state, batch)
+    new_state, metrics = compiled(state, batch)
+  metrics = jax.device_get(metrics)
+  assert {'loss_sum', 'acc_most_certain_sum', 'count', 'grad_norm', 'lr', 'finite', 'loss'} <= set(
+      metrics
+  )
+  assert bool(metrics['finite']) and int(new_state.step) == 1
+  # The quantile clip's history recorded this step's norms: the config's optimiser ran.
+  assert int(jax.device_get(new_state.opt_state[0]).count) == 1
+
+
+@pytest.mark.parametrize('name', list(model_bench.CONFIGS))
+def test_every_benchmark_config_is_a_task_config(name):
+  """Each entry loads, validates on one device, and feeds the analytic count and the reference."""
+  args = model_bench.parse_args([f'--configs={name}'])
+  config = model_bench.bench_config(name, args)
+  _, batch = model_bench.CONFIGS[name]
+  assert config.batch_size == batch and config.model.remat == 'none'
+  assert config.model.dtype == 'float32'  # the command line's, not imagenet's bf16
+  task, _ = validation.validate(config, num_devices=1)
+  spec = model_bench.analytic_spec(config)
+  assert spec['input_shape'] == task.record_spec(config)['inputs'][0]
+  assert analytic_flops.train_flops(spec) > 2 * analytic_flops.forward_flops(spec) > 0
+  ref = json.loads(json.dumps(model_bench.reference_spec(config, task)))
+  assert ref['task'] == config.task and ref['args']['lr'] == config.lr
+  assert ref['model']['out_dims'] == task.model_kwargs(config)['out_dims']
+  assert reference_adapter.describe_optimizer(ref['args']).startswith(
+      'AdamW' if config.gradient_clipping == -1 else ('autoclip', 'clip_grad_norm_')
+  )
+
+
+# A checkout of github.com/SakanaAI/continuous-thought-machines, for the
+# reference adapter's test (it also needs torch, and autoclip for the parity
+# config's quantile clipping).
+REFERENCE_DIR = os.environ.get('CTM_REFERENCE_DIR', '')
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(REFERENCE_DIR, 'models', 'ctm.py')),
+    reason='set CTM_REFERENCE_DIR to a checkout of SakanaAI/continuous-thought-machines',
+)
+@pytest.mark.parametrize(
+    'make_config', [parity_config, image_config], ids=['parity-quantile-clip', 'image']
+)
+def test_reference_worker_runs_the_scripts_step(make_config):
+  """The reference's step from the benchmark's spec: same parameter count, a loss near ours."""
+  pytest.importorskip('torch')
+  config = make_config()
+  bench = model_bench.build(config)
+  worker = reference_adapter.ReferenceProcess(
+      REFERENCE_DIR,
+      model_bench.reference_spec(config, bench.task),
+      model_bench.local_batch(bench),
+  )
+  try:
+    losses = [worker.step() for _ in range(2)]
+  finally:
+    worker.close()
+  with jax.set_mesh(bench.mesh):
+    state = bench.run.init()
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    _, metrics = bench.run.train_step(state, model_bench.device_batch(bench))
+  assert worker.n_params == n_params
+  assert np.all(np.isfinite(losses))
+  assert 0.8 < losses[0] / float(metrics['loss']) < 1.25
+  assert worker.optimizer_text == reference_adapter.describe_optimizer(config.to_dict())
 
 
 def test_analytic_counts_by_hand():
@@ -198,7 +313,9 @@ def test_analytic_counts_by_hand():
   per_tick = 2 * b * macs_per_example
   # Positional embedding (once, not per example); kv_proj, attention_k, attention_v.
   once = 2 * length * 2 * e + 2 * b * length * 3 * e * e
-  assert analytic_flops.forward_flops(PARITY) == 3 * per_tick + once
+  assert analytic_flops.forward_flops(model_bench.analytic_spec(parity_config())) == (
+      3 * per_tick + once
+  )
 
 
 def test_conv_taps_skip_padding():
@@ -288,3 +405,8 @@ def test_scaling_flags():
   assert model_bench.parse_args([]).remat == 'none'
   with pytest.raises(SystemExit):
     model_bench.parse_args(['--scaling', '--compile_ticks=10'])
+  with pytest.raises(SystemExit):
+    model_bench.parse_args(['--configs=parity_b16,nope'])
+  args = model_bench.parse_args(['--configs=parity_b16', '--remat=sqrt', '--unroll=2'])
+  config = model_bench.bench_config('parity_b16', args, batch=8)
+  assert (config.batch_size, config.model.remat, config.model.unroll) == (8, 'sqrt', 2)
