@@ -2,12 +2,19 @@
 
 Usage (from the repo root):
   python benchmarks/parity_time_to_accuracy.py [--workdir=DIR] [--track_every=250] [--json=PATH]
+      [--seed=N | --seeds=0,1,2] [--override=KEY=VALUE ...] [--run_to_end]
 
 Trains the `small` variant from scratch in a fresh workdir, evaluating on the
 held-out set every --track_every steps, and prints a table of the first eval
 (step, wall seconds since the trainer started, compile included) at which the
 per-bit accuracy at the most-certain tick reaches each threshold. It stops
-once the last threshold is reached or the variant's training_iterations are done.
+once the last threshold is reached or the variant's training_iterations are done
+(--run_to_end: always train to the end, to time the whole default run).
+
+--seed=N passes --config.seed=N; --seeds=0,1,2 trains one seed after another
+(each in DIR/seed_N) and prints one row per seed. --override=KEY=VALUE (repeated)
+passes --config.KEY=VALUE, e.g. --override=lr=2e-3 --override=model.iterations=20;
+an override of track_every wins over --track_every.
 """
 
 import argparse
@@ -25,25 +32,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLDS = (0.90, 0.99)
 
 
-def _run(workdir, track_every, stop_at):
-  """Trains in a subprocess, following metrics.jsonl; SIGTERM once `stop_at` is reached."""
+def _command(workdir, track_every, seed, overrides):
   command = [
       sys.executable,
       '-m',
       'ctm_jax.main',
       f'--config={REPO}/configs/parity.py:small',
       f'--workdir={workdir}',
-      f'--config.track_every={track_every}',
   ]
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL)
-  records, seen = [], 0
+  if not any(key == 'track_every' for key, _ in overrides):
+    command.append(f'--config.track_every={track_every}')
+  if seed is not None:
+    command.append(f'--config.seed={seed}')
+  command += [f'--config.{key}={value}' for key, value in overrides]
+  return command
+
+
+def _follow(process, metrics_path, records, stop_at):
+  """Appends the eval records of metrics.jsonl until the trainer exits."""
+  seen = 0
   while True:
     finished = process.poll() is not None
     if os.path.exists(metrics_path):
       with open(metrics_path) as f:
         lines = f.readlines()
-      for line in lines[seen:]:
+      # A line being written has no newline yet: read it next time.
+      complete = len(lines) if not lines or lines[-1].endswith('\n') else len(lines) - 1
+      for line in lines[seen:complete]:
         record = json.loads(line)
         if 'eval/acc_most_certain' not in record:
           continue
@@ -54,28 +69,127 @@ def _run(workdir, track_every, stop_at):
             f"last tick {record['eval/acc_last']:.4f}",
             flush=True,
         )
-        if record['eval/acc_most_certain'] >= stop_at and process.poll() is None:
+        if (
+            stop_at is not None
+            and record['eval/acc_most_certain'] >= stop_at
+            and process.poll() is None
+        ):
           process.send_signal(signal.SIGTERM)  # checkpoints and exits cleanly
-      seen = len(lines)
+      seen = complete
     if finished:
       break
     time.sleep(1.0)
+
+
+def _run(command, workdir, stop_at):
+  """Trains in a subprocess, following metrics.jsonl; SIGTERM once `stop_at` is reached
+  (never when `stop_at` is None). Returns the eval records and the process's wall seconds."""
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  os.makedirs(workdir, exist_ok=True)
+  records = []
+  started = time.perf_counter()
+  # The trainer's log (absl logs to stderr) stays in the workdir, for a failed run.
+  with open(os.path.join(workdir, 'stderr.log'), 'w') as stderr:
+    process = subprocess.Popen(command, cwd=REPO, stderr=stderr)
+    try:
+      _follow(process, metrics_path, records, stop_at)
+    except BaseException:  # Ctrl-C or SIGTERM here: the trainer checkpoints and exits too
+      if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+      raise
+  wall_s = time.perf_counter() - started
   if process.returncode != 0:
-    raise SystemExit(f'training failed with exit code {process.returncode}: {" ".join(command)}')
-  return records
+    print(
+        f'training failed with exit code {process.returncode} (log: {workdir}/stderr.log): '
+        f'{" ".join(command)}',
+        file=sys.stderr,
+        flush=True,
+    )
+  return records, wall_s, process.returncode
+
+
+def _parse_seeds(text):
+  try:
+    return [int(s) for s in text.split(',') if s.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'--seeds wants integers separated by commas, got {text!r}')
+
+
+def _parse_override(text):
+  key, sep, value = text.partition('=')
+  key = key.strip()
+  if key.startswith('--'):
+    key = key[2:]
+  if key.startswith('config.'):
+    key = key[len('config.') :]
+  if not sep or not key:
+    raise argparse.ArgumentTypeError(f'--override wants KEY=VALUE, got {text!r}')
+  return key, value
+
+
+def _cell(hit):
+  if hit is None:
+    return f"{'-':>8} {'-':>7}"
+  return f"{hit['step']:>8d} {hit['eval/elapsed_s']:>7.1f}"
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--workdir', default=None)
+  parser.add_argument('--workdir', default=None, help='fresh; several seeds use DIR/seed_N')
   parser.add_argument('--track_every', type=int, default=250)
   parser.add_argument('--json', default=None)
+  seeds = parser.add_mutually_exclusive_group()
+  seeds.add_argument('--seed', type=int, default=None, help='--config.seed (default: the config)')
+  seeds.add_argument('--seeds', type=_parse_seeds, default=None, help='e.g. 0,1,2: one run each')
+  parser.add_argument(
+      '--override',
+      type=_parse_override,
+      action='append',
+      default=[],
+      metavar='KEY=VALUE',
+      help='passed as --config.KEY=VALUE; repeat for several',
+  )
+  parser.add_argument(
+      '--run_to_end',
+      action='store_true',
+      help='train all training_iterations instead of stopping at the last threshold',
+  )
   args = parser.parse_args(argv)
-  workdir = args.workdir or tempfile.mkdtemp(prefix='parity_tta_')
-  if os.path.exists(os.path.join(workdir, 'checkpoints')):
-    parser.error(f'--workdir {workdir} already holds a run; time-to-accuracy needs a fresh one')
+  # A SIGTERM to this script stops the trainer too (see _run), as Ctrl-C does.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+  if args.seeds is not None and not args.seeds:
+    parser.error('--seeds is empty')
+  seed_list = args.seeds if args.seeds is not None else [args.seed]
+  base = args.workdir or tempfile.mkdtemp(prefix='parity_tta_')
+  workdirs = [
+      os.path.join(base, f'seed_{seed}') if args.seeds is not None else base for seed in seed_list
+  ]
+  for workdir in workdirs:
+    if os.path.exists(os.path.join(workdir, 'checkpoints')):
+      parser.error(f'--workdir {workdir} already holds a run; time-to-accuracy needs a fresh one')
 
-  records = _run(workdir, args.track_every, max(THRESHOLDS))
+  stop_at = None if args.run_to_end else max(THRESHOLDS)
+  runs = []
+  for seed, workdir in zip(seed_list, workdirs):
+    command = _command(workdir, args.track_every, seed, args.override)
+    print(f"# seed {'config default' if seed is None else seed}: {' '.join(command)}", flush=True)
+    records, wall_s, returncode = _run(command, workdir, stop_at)
+    hits = {
+        t: next((r for r in records if r['eval/acc_most_certain'] >= t), None) for t in THRESHOLDS
+    }
+    runs.append(
+        dict(
+            seed=seed,
+            workdir=workdir,
+            command=command,
+            returncode=returncode,
+            wall_s=wall_s,
+            records=records,
+            thresholds=hits,
+        )
+    )
+
   import jax  # pylint: disable=g-import-not-at-top
   import model_bench  # pylint: disable=g-import-not-at-top  (this folder)
 
@@ -86,27 +200,51 @@ def main(argv=None):
       f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {model_bench.git_commit()}'
   )
   print(header)
-  print('per-bit test accuracy (most-certain tick) | first eval step | wall s (compile included)')
-  print('------------------------------------------+-----------------+--------------------------')
-  results = {}
+  overrides = ' '.join(f'{k}={v}' for k, v in args.override) or 'none'
+  print(
+      f'# overrides: {overrides} | eval every '
+      f"{dict(args.override).get('track_every', args.track_every)} steps | "
+      f"{'whole run' if args.run_to_end else f'stops at {max(THRESHOLDS):.0%}'}"
+  )
+  print(
+      'per-bit test accuracy at the most-certain tick: first eval step and wall s since the '
+      'trainer started (compile included); last = last eval; run s = whole process'
+  )
+  titles = ''.join(f' | {t:.0%} step  wall s' for t in THRESHOLDS)
+  print(f'seed{titles} | last step    acc |  run s')
+  print('----' + '+------------------' * len(THRESHOLDS) + '+------------------+-------')
+  for run in runs:
+    seed = '-' if run['seed'] is None else str(run['seed'])
+    cells = ''.join(f' | {_cell(run["thresholds"][t])}' for t in THRESHOLDS)
+    last = run['records'][-1] if run['records'] else None
+    last_cell = (
+        f"{last['step']:>9d} {last['eval/acc_most_certain']:.4f}"
+        if last
+        else f"{'-':>9} {'-':>6}"
+    )
+    failed = '' if run['returncode'] == 0 else f'  (failed, exit {run["returncode"]})'
+    print(f'{seed:>4}{cells} | {last_cell} | {run["wall_s"]:>6.0f}{failed}')
   for threshold in THRESHOLDS:
-    hit = next((r for r in records if r['eval/acc_most_certain'] >= threshold), None)
-    results[threshold] = hit
-    if hit is None:
-      print(f'{threshold:>41.0%} | not reached in the run ({records[-1]["step"]} steps)')
-    else:
-      print(f"{threshold:>41.0%} | {hit['step']:>15d} | {hit['eval/elapsed_s']:>24.1f}")
+    missed = [str(r['seed']) for r in runs if r['thresholds'][threshold] is None]
+    if missed:
+      print(f'{threshold:.0%} not reached by seed(s) {", ".join(missed)}')
   if args.json:
+    result = {
+        'header': header,
+        'overrides': dict(args.override),
+        'run_to_end': args.run_to_end,
+        'runs': [
+            {**run, 'thresholds': {str(t): r for t, r in run['thresholds'].items()}}
+            for run in runs
+        ],
+    }
+    if len(runs) == 1:  # the single-run layout of earlier versions
+      result['records'] = runs[0]['records']
+      result['thresholds'] = {str(t): r for t, r in runs[0]['thresholds'].items()}
     with open(args.json, 'w') as f:
-      json.dump(
-          {
-              'header': header,
-              'records': records,
-              'thresholds': {str(t): r for t, r in results.items()},
-          },
-          f,
-          indent=2,
-      )
+      json.dump(result, f, indent=2)
+  if any(run['returncode'] != 0 for run in runs):
+    raise SystemExit(1)
 
 
 if __name__ == '__main__':
