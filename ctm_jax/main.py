@@ -111,7 +111,8 @@ def main(argv):
     task, _ = validation.validate(_CONFIG.value)
     task.check_data(_CONFIG.value)
   except ValueError as e:
-    sys.exit(f'ctm_jax.main: {e}')
+    print(f'ctm_jax.main: {e}', file=sys.stderr)
+    sys.exit(2)  # a usage error: nothing was compiled or written
   train.train_and_evaluate(_CONFIG.value, workdir)
 
 
