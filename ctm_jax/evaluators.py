@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import sharding
+from ctm_jax import steps
 from ctm_jax.analysis import evaluation
 from ctm_jax.analysis import metrics as metrics_lib
 from ctm_jax.analysis import plots
@@ -173,8 +174,6 @@ def make_attention_step(model, num_top: int):
   Returns `attention_BxTxN` (averaged over heads), `top_probs_BxTxA`,
   `top_classes_BxTxA` (the A = `num_top` most probable classes) and `certainty_BxT`.
   """
-  from ctm_jax import steps  # pylint: disable=g-import-not-at-top
-
   def attention_step(state, images):
     output = model.apply(steps.variables(state, state.params), images, track=True)
     attention_TxBxN = output.tracking.attention.astype(jnp.float32).mean(axis=(2, 3))

@@ -51,7 +51,7 @@ def _prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def summarise(sums: dict, prefix: str) -> dict:
+def _summarise(sums: dict, prefix: str) -> dict:
   """Batch sums -> means: `<metric>_sum` -> `prefix/<metric>`, and a (T,) sum
   -> `prefix/<metric>_<t>`, each divided by `count`."""
   count = float(sums['count'])
@@ -245,7 +245,7 @@ class MetricWindow:
     done = step + 1
     self.progress.update(1)
     if done % self.log_every == 0 or done == self.total or flush:
-      scalars = summarise(self.sums, 'train')
+      scalars = _summarise(self.sums, 'train')
       elapsed = time.perf_counter() - self.start
       scalars.update(
           {

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import evaluators
 from ctm_jax.models import ctm as ctm_lib
 
 # Spec of one model-ready example: leaf name -> (shape without batch, dtype).
@@ -130,8 +131,6 @@ class Task:
     """The evaluators run at every eval (ctm_jax/evaluators.py), given an
     `evaluators.Context`; by default per-tick accuracy and adaptive compute."""
     del config
-    from ctm_jax import evaluators  # pylint: disable=g-import-not-at-top
-
     return [evaluators.TickAccuracy(context), evaluators.AdaptiveCompute(context)]
 
   # --- Reference checkpoints (ctm_jax/interop/torch.py) -------------------------
