@@ -55,16 +55,15 @@ class Context:
     """(per-example arrays over the whole held-out set, mean loss) at `step`, computed once."""
     if self._cache is not None and self._cache[0] == step:
       return self._cache[1], self._cache[2]
-    loss_sum = count = None
+    total = None
     per_batch = []
     for batch in self.eval_batches:
       sums, per_example = self.run.eval_step(state, sharding.global_batch(batch, self.run.mesh))
-      loss_sum = sums['loss_sum'] if loss_sum is None else loss_sum + sums['loss_sum']
-      count = sums['count'] if count is None else count + sums['count']
+      total = steps.add_sums(total, sums)
       per_batch.append(per_example)
-    loss_sum, count, per_batch = jax.device_get((loss_sum, count, per_batch))
+    total, per_batch = jax.device_get((total, per_batch))
     per_example = evaluation.concatenate(per_batch)
-    loss = float(loss_sum) / float(count)
+    loss = float(total['loss_sum']) / float(total['count'])
     self._cache = (step, per_example, loss)
     return per_example, loss
 

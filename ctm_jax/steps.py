@@ -88,6 +88,11 @@ def make_train_step(config, model, task, tx, schedule):
   return train_step
 
 
+def add_sums(total, sums):
+  """Accumulates metric-sum pytrees; `total` None starts a new one."""
+  return sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+
+
 def make_eval_step(config, model, task):
   """(state, batch) -> (loss sums, per-example arrays).
 

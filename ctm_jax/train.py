@@ -68,10 +68,6 @@ def _summarise(sums: dict, prefix: str) -> dict:
   return out
 
 
-def _add(total, sums):
-  return sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
-
-
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """The sharded, jitted pieces of a run on one mesh (also what compile_check lowers)."""
@@ -239,7 +235,7 @@ class MetricWindow:
           f'updated and the last good checkpoint in {self.checkpoint_dir} is intact'
       )
     sums = {k: v for k, v in metrics.items() if k.endswith('_sum') or k == 'count'}
-    self.sums = _add(self.sums, sums)
+    self.sums = steps.add_sums(self.sums, sums)
     self.grad_norm += float(metrics['grad_norm'])
     self.steps += 1
     done = step + 1

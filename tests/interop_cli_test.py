@@ -209,3 +209,10 @@ def test_overwrite_replaces_existing_checkpoint(cli_runs):
   assert not (workdir / 'checkpoint' / 'keep.txt').exists()
   _, _, config = torch_interop.load_imported(str(workdir))
   assert config['task'] == 'parity'
+
+
+def test_unknown_task_is_named_and_nothing_written(tmp_path):
+  workdir = tmp_path / 'imported'
+  with pytest.raises(ValueError, match=r"--task='mazes' is unknown; expected one of .*parity"):
+    torch_interop.import_checkpoint(str(tmp_path / 'any.pt'), str(workdir), task='mazes')
+  assert not workdir.exists()

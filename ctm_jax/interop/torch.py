@@ -351,6 +351,8 @@ def import_checkpoint(
   import shutil  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
+  if task is not None and task not in tasks_lib.names():
+    raise ValueError(f'--task={task!r} is unknown; expected one of {", ".join(tasks_lib.names())}')
   checkpoint, workdir = os.path.abspath(checkpoint), os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   if os.path.exists(ckpt_dir) and not overwrite:
