@@ -4,8 +4,8 @@ Variants (`--config=configs/parity.py:<variant>`):
   (default) tasks/parity/scripts/train_ctm_75_25.sh: length 64, D 1024,
             75 ticks x memory 25, batch 64, lr 1e-4, warmup 500, cosine,
             quantile clip 0.9, 200k iterations.
-  small     length 16, D 128, 25 ticks x memory 10: learns on a 2-core CPU
-            in minutes.
+  small     length 12, D 128, 25 ticks x memory 10: 99% per-bit held-out
+            accuracy on a 2-core CPU in about 4 minutes (seeds 0-2).
   smoke     seconds, for tests.
 
 Run:
@@ -48,7 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == 'default':
     return base()
   if variant == 'small':
-    config = base(length=16)
+    # 12 bits, not 16: at 16 some seeds stall for good with the last bits at
+    # chance (docs/results.md); at 12 every seed tried reaches 99%.
+    config = base(length=12)
     config.model.update(
         iterations=25,
         d_model=128,
@@ -62,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.lr = 1e-3
     config.warmup_steps = 200
-    config.training_iterations = 10_000
+    config.training_iterations = 6000
     config.save_every = 1000
     config.track_every = 500
     config.n_test_batches = 4
