@@ -6,10 +6,14 @@ Resume precedence: the latest checkpoint in the workdir -> `config.init_from`
 
 import json
 import os
+import re
+import zlib
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from ctm_jax import validation
 from ctm_jax.data import pipeline
 
 CONFIG_FILE = 'config.json'
@@ -20,33 +24,114 @@ _IDENTITY_KEYS = ('task', 'model')
 _COMPUTE_KEYS = ('model.dtype', 'model.remat', 'model.unroll')
 
 
-class IncompatibleWorkdir(ValueError):
-  pass
+class IncompatibleWorkdir(validation.UsageError):
+  """The workdir's checkpoints come from a different model."""
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written; the newest committed one is intact."""
+
+  def __init__(self, directory: str, step, cause: BaseException):
+    super().__init__(
+        f'saving checkpoint step {step} under {directory} failed: {_reason(cause)}; '
+        'the newest committed checkpoint there is intact: free space or fix the path, then '
+        'rerun the same command to resume from it'
+    )
+
+
+def _reason(error: BaseException) -> str:
+  """The OS error inside an orbax/TensorStore failure, else its first line."""
+  text = str(error)
+  found = re.search(r"os_error_code='?(\d+)", text)
+  if isinstance(error, OSError) and error.errno:
+    return os.strerror(error.errno)
+  if found:
+    return os.strerror(int(found.group(1)))
+  lines = text.strip().splitlines()
+  first = lines[0] if lines else ''
+  return f'{type(error).__name__}: {first[:300]}'
+
+
+
+class NoIntactCheckpoint(validation.UsageError):
+  """Every checkpoint of a workdir is damaged (each was moved aside)."""
+
+
+def _file_sums(step_dir: str) -> dict[str, list[int]]:
+  """Relative path -> [size, crc32] of every file of a checkpoint step."""
+  sums = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      crc = 0
+      with open(path, 'rb') as f:
+        while chunk := f.read(1 << 22):
+          crc = zlib.crc32(chunk, crc)
+      sums[os.path.relpath(path, step_dir)] = [os.path.getsize(path), crc]
+  return sums
+
+
+def _damage(step_dir: str, recorded: dict) -> str | None:
+  """How a step's files differ from their recorded sums; None when they match."""
+  found = _file_sums(step_dir)
+  missing = sorted(set(recorded) - set(found))
+  if missing:
+    return f'{len(missing)} file(s) missing, e.g. {missing[0]}'
+  for name, (size, crc) in sorted(recorded.items()):
+    if found[name][0] != size:
+      return f'{name} is {found[name][0]} bytes, {size} when saved'
+    if found[name][1] != crc:
+      return f'{name} differs from what was saved (checksum)'
+  return None
 
 
 class Checkpointer:
-  """Asynchronous saves of items `state` and `data` under `workdir/checkpoints`."""
+  """Asynchronous saves of items `state` and `data` under `workdir/checkpoints`.
+
+  Every committed step gets a manifest of its files' sizes and CRC32s in
+  `workdir/checksums/<step>.json`; a restore checks it first. A damaged step
+  (bit rot, truncation, a lost file, an interrupted copy) is moved to
+  `workdir/damaged_checkpoints/` and the next older intact step is used.
+  """
 
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(workdir, 'checkpoints')
+    self.sums_dir = os.path.join(workdir, 'checksums')
+    self.damaged_dir = os.path.join(workdir, 'damaged_checkpoints')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True
     )
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'data')
     )
+    self._saving = None  # the step of the newest save started
 
   def latest_step(self):
     return self.manager.latest_step()
 
+  def check(self):
+    """Raises SaveError if an earlier background save failed (disk full, lost mount)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # whatever the save thread raised
+      raise SaveError(self.directory, self._saving, e) from e
+
   def save(self, step: int, state, data_iterator):
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=pipeline.save_args(data_iterator)
-        ),
-        force=True,
-    )
+    # orbax waits for the previous save before starting one anyway; waiting
+    # here first names that save's step if it failed.
+    self.wait()
+    self._saving = step
+    try:
+      self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), data=pipeline.save_args(data_iterator)
+          ),
+          force=True,
+      )
+    except Exception as e:  # pylint: disable=broad-except  # a disk full shows here or later
+      raise SaveError(self.directory, step, e) from e
 
   def restore(self, step: int, abstract_state, data_iterator):
     """The state onto `abstract_state`'s shardings (any mesh), the iterator in place.
@@ -73,7 +158,98 @@ class Checkpointer:
     return restored['state']
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveError(self.directory, self._saving, e) from e
+    self.check()
+    self._record_sums()
+
+  def _record_sums(self):
+    """Manifests for committed steps that lack one; drops those of deleted steps."""
+    if jax.process_index() != 0:
+      return
+    steps = set(self.manager.all_steps())
+    os.makedirs(self.sums_dir, exist_ok=True)
+    for step in steps:
+      path = os.path.join(self.sums_dir, f'{step}.json')
+      if not os.path.exists(path):
+        sums = _file_sums(os.path.join(self.directory, str(step)))
+        with open(path + '.tmp', 'w') as f:
+          json.dump(sums, f)
+        os.replace(path + '.tmp', path)
+    for name in os.listdir(self.sums_dir):
+      stem = name.split('.')[0]
+      if stem.isdigit() and int(stem) not in steps:
+        os.remove(os.path.join(self.sums_dir, name))
+
+  def _verify(self, step: int) -> str | None:
+    path = os.path.join(self.sums_dir, f'{step}.json')
+    if not os.path.exists(path):
+      return None  # saved before manifests, or killed before its manifest: the restore decides
+    try:
+      with open(path) as f:
+        recorded = json.load(f)
+    except (OSError, ValueError):
+      return None
+    return _damage(os.path.join(self.directory, str(step)), recorded)
+
+  def _set_aside(self, name: str, reason: str):
+    """Moves a damaged step out of orbax's sight (never deletes it)."""
+    os.makedirs(self.damaged_dir, exist_ok=True)
+    target = os.path.join(self.damaged_dir, name)
+    while os.path.exists(target):
+      target += '_'
+    os.rename(os.path.join(self.directory, name), target)
+    sums = os.path.join(self.sums_dir, f'{name}.json')
+    if os.path.exists(sums):
+      os.replace(sums, target + '.checksums.json')
+    logging.warning('Checkpoint step %s is damaged (%s): moved to %s', name, reason, target)
+
+  def restore_latest(self, abstract_state, data_iterator, same_model: bool):
+    """(state, step) of the newest intact step, or None when there is none at all.
+
+    A step whose files differ from its manifest is damaged. A step that matches
+    its manifest but does not restore is not: the error is raised (a different
+    model, say), and nothing is moved. A step without a manifest that does not
+    restore counts as damaged only when `same_model` (config.json vouched for
+    the model). Damaged steps are set aside, each with one warning line;
+    NoIntactCheckpoint when steps exist but none is intact.
+    """
+    if jax.process_count() > 1:
+      # Each process would judge alone, and the moves would race: keep it simple.
+      step = self.latest_step()
+      return None if step is None else (self.restore(step, abstract_state, data_iterator), step)
+    steps = set(self.manager.all_steps())
+    damaged = []
+    for name in sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []:
+      if name.isdigit() and int(name) not in steps:  # orbax does not see it as a checkpoint
+        self._set_aside(name, 'incomplete: orbax finds no checkpoint in it')
+        damaged.append(name)
+    for step in sorted(steps, reverse=True):
+      reason = self._verify(step)
+      if reason is None:
+        verified = os.path.exists(os.path.join(self.sums_dir, f'{step}.json'))
+        try:
+          state = self.restore(step, abstract_state, data_iterator)
+        except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
+          if verified or not same_model:
+            raise
+          reason = f'it does not restore: {_reason(e)}'
+        else:
+          if damaged:
+            logging.warning('Resuming from step %d, the newest intact checkpoint', step)
+          return state, step
+      self._set_aside(str(step), reason)
+      damaged.append(str(step))
+      self.manager.reload()
+    if damaged:
+      raise NoIntactCheckpoint(
+          f'no intact checkpoint in {self.directory}: step(s) {", ".join(damaged)} are damaged '
+          f'and were moved to {self.damaged_dir}; restore them from a copy, or remove '
+          f'{self.directory} to start from scratch'
+      )
+    return None
 
   def close(self):
     self.manager.close()
@@ -114,8 +290,8 @@ def _identity(config_dict, keys, prefix=''):
   return flat
 
 
-def write_or_check_config(workdir: str, config, resuming: bool, identity_keys=()):
-  """Writes config.json; refuses a workdir whose checkpoints came from another model.
+def check_config(workdir: str, config, resuming: bool, identity_keys=()):
+  """Refuses a workdir whose checkpoints came from another model; writes nothing.
 
   Identity: `task`, `model` and the task's `identity_keys`; compute options
   (dtype, remat, unroll) may change.
@@ -135,6 +311,12 @@ def write_or_check_config(workdir: str, config, resuming: bool, identity_keys=()
           f'workdir {workdir} holds checkpoints of a different model '
           f'(changed: {", ".join(changed)}); use a new --workdir or restore the config'
       )
+
+
+def write_config(workdir: str, config) -> str:
+  """workdir/config.json, replaced atomically (process 0 writes it). Returns its path."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  resolved = json.loads(config.to_json_best_effort())
   if jax.process_index() != 0:
     return path
   tmp = path + '.tmp'

@@ -7,24 +7,33 @@ detected and `jax.distributed` set up from their environment; elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
+import difflib
 import logging as std_logging
 import os
 import sys
+import threading
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_lib
 
+from ctm_jax import checkpoint
 from ctm_jax import configs
 from ctm_jax import hostmem
 from ctm_jax import train
 from ctm_jax import validation
+from ctm_jax import writers
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), configs.DEFAULT)
+# No default here: a default is parsed, overrides included, when the flag is
+# defined, where a mistake could only be a traceback. _parse_flags supplies it.
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Config file, with an optional :variant.', lock_config=True
+    'config', None, f'Config file, with an optional :variant (default {configs.DEFAULT}).',
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory (default: ./runs/<config>_<variant>); rerun to resume.'
@@ -50,10 +59,68 @@ def _default_workdir() -> str:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the run log (warnings pass)."""
+  """Keeps orbax's per-save INFO chatter out of the run log (warnings pass), and
+  libraries' tracebacks too: the failure they report reaches the user as the
+  trainer's one-line error; the log keeps the library's own one-line message."""
+
+  def __init__(self):
+    super().__init__()
+    self._seen = set()
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if '/ctm_jax/' in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    if record.levelno >= std_logging.WARNING:
+      # One failure shows up in many futures and callbacks: once per call site.
+      site = (record.pathname, record.lineno)
+      seen = site in self._seen
+      self._seen.add(site)
+      return not seen
+    return '/orbax/' not in record.pathname
+
+
+def _log_callback_failure(exc_type, exc_value, tb):
+  """sys.excepthook: an error raised only through library frames (TensorStore
+  printing a failed asyncio callback after a failed save, say) as one log line;
+  anything that passed through ctm_jax keeps its traceback."""
+  frames = traceback.extract_tb(tb)
+  if not frames or any('/ctm_jax/' in frame.filename for frame in frames):
+    sys.__excepthook__(exc_type, exc_value, tb)
+    return
+  lines = str(exc_value).strip().splitlines()
+  logging.warning('Background callback failed: %s: %s', exc_type.__name__, lines[0] if lines else '')
+
+
+_UNRAISABLE_SEEN = set()
+
+
+def _log_unraisable(args):
+  """sys.unraisablehook: an exception a library could not raise (TensorStore's
+  callbacks into a closed event loop after a failed save) as one log line, once."""
+  lines = str(args.exc_value).strip().splitlines()
+  key = (args.exc_type, lines[0] if lines else '')
+  if key in _UNRAISABLE_SEEN:
+    return
+  _UNRAISABLE_SEEN.add(key)
+  logging.warning(
+      'Ignored in a library callback: %s: %s',
+      getattr(args.exc_type, '__name__', '?'),
+      lines[0] if lines else '',
+  )
+
+
+def _log_thread_failure(args):
+  """A background thread's uncaught exception, as one log line (not a traceback)."""
+  if args.exc_type is SystemExit:
+    return
+  lines = str(args.exc_value).strip().splitlines()
+  logging.warning(
+      'Background thread %s failed: %s: %s',
+      getattr(args.thread, 'name', '?'),
+      args.exc_type.__name__,
+      lines[0] if lines else '',
+  )
 
 
 def _multi_host_environment() -> str | None:
@@ -97,9 +164,71 @@ def _initialize_distributed():
   )
 
 
+def _dotted_keys(config, prefix='config') -> list[str]:
+  keys = []
+  for name, value in config.items():
+    keys.append(f'{prefix}.{name}')
+    if hasattr(value, 'items'):
+      keys += _dotted_keys(value, f'{prefix}.{name}')
+  return keys
+
+
+def _config_error(argv, error) -> str:
+  """One line for a --config or --config.<key> mistake: what is wrong, and the fix."""
+  given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  spec = given[-1] if given else _DEFAULT_CONFIG
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    known = sorted(
+        f for f in os.listdir(os.path.dirname(_DEFAULT_CONFIG))
+        if f.endswith('.py') and f not in ('__init__.py', 'common.py', 'models.py')
+    )
+    return f'--config={spec}: no such config file; the configs are configs/{{{",".join(known)}}}'
+  try:
+    module = config_flags_lib._LoadConfigModule('ctm_config', path)  # pylint: disable=protected-access
+    base = module.get_config(variant or None)
+  except Exception as e:  # pylint: disable=broad-except  # the variant or the file itself
+    lines = str(e).strip().splitlines()
+    return f'--config={spec}: {lines[0] if lines else type(e).__name__}'
+  keys = _dotted_keys(base)
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[2:].split('=', 1)[0]
+      if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = f'did you mean {" or ".join(close)}? ' if close else ''
+        return (
+            f'--{key}: {path} has no such field; {hint}every field and its value is in '
+            'the config.json a run writes to its workdir (README.md, "Configs and overrides")'
+        )
+  lines = str(error).strip().splitlines()
+  return lines[-1] if lines else type(error).__name__
+
+
+def _parse_flags(argv):
+  """absl's parse, with any mistake in the flags reported in one line (exit 2)."""
+  if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    argv = [argv[0], f'--config={_DEFAULT_CONFIG}', *argv[1:]]
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.task  # pylint: disable=pointless-statement  # loads the file, applies overrides
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except  # flag values come from the user
+    if any(a.startswith('--config') for a in argv[1:]) or 'config' in str(e):
+      message = _config_error(argv[1:], e)
+    else:
+      lines = str(e).strip().splitlines()
+      message = lines[0] if lines else type(e).__name__
+    print(f'ctm_jax.main: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  threading.excepthook = _log_thread_failure
+  sys.excepthook = _log_callback_failure
+  sys.unraisablehook = _log_unraisable
   _initialize_distributed()  # before anything touches a device
   logging.info('Host allocator: %s', hostmem.status())
   workdir = _WORKDIR.value
@@ -113,9 +242,16 @@ def main(argv):
   except ValueError as e:
     print(f'ctm_jax.main: {e}', file=sys.stderr)
     sys.exit(2)  # a usage error: nothing was compiled or written
-  train.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    train.train_and_evaluate(_CONFIG.value, workdir)
+  except validation.UsageError as e:  # a workdir refused: it is left as it was
+    print(f'ctm_jax.main: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (checkpoint.SaveError, writers.WriteError, train.NonFiniteError) as e:
+    print(f'ctm_jax.main: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
   hostmem.reexec_with_huge_pages()  # large CPU steps ~15% faster; see hostmem.py
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

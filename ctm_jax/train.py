@@ -5,6 +5,7 @@ loss and metrics, and lists the evaluators the loop runs at each eval.
 """
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -23,6 +24,7 @@ from ctm_jax import optim
 from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax import validation
+from ctm_jax import workdir as workdir_lib
 from ctm_jax import writers
 from ctm_jax.data import pipeline
 from ctm_jax.interop import torch as torch_interop
@@ -33,22 +35,6 @@ STOP_KEY = 'stop'
 
 class NonFiniteError(FloatingPointError):
   pass
-
-
-def _prepare_workdir(workdir: str) -> str:
-  if '://' in workdir:
-    raise ValueError(
-        f'--workdir={workdir}: URLs are not supported yet; mount the bucket on every host '
-        '(e.g. gcsfuse) and give the mounted path'
-    )
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'--workdir={workdir}: cannot create it ({e.strerror})') from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ValueError(f'--workdir={workdir}: not writable')
-  return workdir
 
 
 def _summarise(sums: dict, prefix: str) -> dict:
@@ -215,10 +201,27 @@ class Cadence:
 class MetricWindow:
   """Train metrics of the steps since the last log: checked, summed, logged as means."""
 
-  def __init__(self, writer, progress, log_every: int, total: int, checkpoint_dir: str):
+  def __init__(self, writer, progress, log_every: int, total: int, checkpointer):
     self.writer, self.progress = writer, progress
-    self.log_every, self.total, self.checkpoint_dir = log_every, total, checkpoint_dir
+    self.log_every, self.total, self.checkpointer = log_every, total, checkpointer
     self._reset()
+
+  def _what_is_kept(self) -> str:
+    """The newest checkpoint and the train loss logged at or before it, or that there is none."""
+    directory = self.checkpointer.directory
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return f'no checkpoint has been saved in {directory} yet'
+    loss = None
+    if self.writer.enabled and os.path.exists(self.writer.jsonl_path):
+      with open(self.writer.jsonl_path) as f:
+        for line in f:
+          record = json.loads(line)
+          if record['step'] <= latest and 'train/loss' in record:
+            loss = (record['step'], record['train/loss'])
+    logged = f'; train loss logged at step {loss[0]}: {loss[1]:.4g}' if loss else ''
+    return f'the newest checkpoint is step {latest} in {directory}{logged}'
+
 
   def _reset(self):
     self.sums, self.grad_norm, self.steps = None, 0.0, 0
@@ -232,7 +235,7 @@ class MetricWindow:
       bad = {k: float(metrics[k]) for k in ('loss', 'grad_norm')}
       raise NonFiniteError(
           f'non-finite training metrics at step {step + 1}: {bad}; the state was not '
-          f'updated and the last good checkpoint in {self.checkpoint_dir} is intact'
+          f'updated and nothing non-finite was saved: {self._what_is_kept()}'
       )
     sums = {k: v for k, v in metrics.items() if k.endswith('_sum') or k == 'count'}
     self.sums = steps.add_sums(self.sums, sums)
@@ -259,16 +262,16 @@ class MetricWindow:
     return bool(metrics.get(STOP_KEY, False))
 
 
-def _initial_state(config, model, run: Setup, checkpointer, train_iterator):
+def _initial_state(config, model, run: Setup, checkpointer, train_iterator, same_model):
   """Resume order: latest in workdir -> config.init_from -> fresh init.
 
   The state is created or restored directly in its shardings: no device holds
   more of it than the mesh assigns.
   """
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info('Resuming from %s/%d', checkpointer.directory, latest)
-    return checkpointer.restore(latest, run.abstract_state, train_iterator), 'resumed'
+  restored = checkpointer.restore_latest(run.abstract_state, train_iterator, same_model)
+  if restored is not None:
+    logging.info('Resumed from %s/%d', checkpointer.directory, restored[1])
+    return restored[0], 'resumed'
   state = run.init()
   if config.init_from:
     imported_model, variables, _ = torch_interop.load_imported(config.init_from)
@@ -303,14 +306,25 @@ def train_and_evaluate(config, workdir: str):
 
 
 def _train_and_evaluate(config, workdir, task, model, mesh, started):
+  workdir = workdir_lib.prepare(workdir)
+  with workdir_lib.Lock(workdir, jax.process_index()):
+    return _locked_train_and_evaluate(config, workdir, task, model, mesh, started)
+
+
+def _locked_train_and_evaluate(config, workdir, task, model, mesh, started):
   is_chief = jax.process_index() == 0
-  workdir = _prepare_workdir(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   try:  # until the loop's own cleanup takes over
-    resuming = checkpointer.latest_step() is not None
-    config_path = checkpoint_lib.write_or_check_config(
-        workdir, config, resuming, task.identity_keys
-    )
+    latest = checkpointer.latest_step()
+    resuming = latest is not None
+    if resuming and latest > config.training_iterations:
+      raise validation.UsageError(
+          f'config.training_iterations={config.training_iterations}: {workdir} already holds '
+          f'a checkpoint at step {latest}; pass --config.training_iterations={latest} or more '
+          'to continue it, or another --workdir'
+      )
+    checkpoint_lib.check_config(workdir, config, resuming, task.identity_keys)
+    has_config = os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_FILE))
     run = setup(config, model, task, mesh)
     train_loader = pipeline.make_train_loader(
         task.train_source(config),
@@ -323,7 +337,19 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
         transform=task.train_transform(config),
     )
     train_iterator = iter(train_loader)
-    state, how = _initial_state(config, model, run, checkpointer, train_iterator)
+    try:
+      state, how = _initial_state(config, model, run, checkpointer, train_iterator, has_config)
+    except checkpoint_lib.NoIntactCheckpoint:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if resuming and not has_config:  # nothing says which model wrote the checkpoints
+        raise checkpoint_lib.IncompatibleWorkdir(
+            f'workdir {workdir} holds checkpoints that do not fit this config, and no '
+            f'{checkpoint_lib.CONFIG_FILE} saying which config wrote them; use a new --workdir'
+        ) from e
+      raise
+    # Written only now: a refused or failed start leaves the workdir's record as it was.
+    config_path = checkpoint_lib.write_config(workdir, config)
     start, total = int(state.step), config.training_iterations
     eval_source = task.eval_source(config)
     plot_dir = os.path.join(workdir, 'plots')
@@ -347,10 +373,10 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
         started=started,
     )
     evaluators = task.evaluators(config, context)
+    writer = writers.MetricWriter(workdir, resume_step=start)
   except BaseException:
     checkpointer.close()
     raise
-  writer = writers.MetricWriter(workdir, resume_step=start)
   if is_chief:
     os.makedirs(plot_dir, exist_ok=True)
   logging.info(
@@ -372,7 +398,7 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
   progress = tqdm.tqdm(
       total=total, initial=start, unit='step', dynamic_ncols=True, disable=not is_chief
   )
-  window = MetricWindow(writer, progress, config.log_every, total, checkpointer.directory)
+  window = MetricWindow(writer, progress, config.log_every, total, checkpointer)
   cadence = Cadence(config.save_every, config.track_every, total)
   pending = None  # (step, metrics) not yet read on the host
   try:
@@ -397,6 +423,8 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
           writer.write(done, scalars)
         if cadence.saves(done) or stopping:
           checkpointer.save(done, state, train_iterator)
+        elif done % config.log_every == 0:
+          checkpointer.check()  # a failed background save stops the run now
         if stopping:
           logging.info('%s: checkpointed step %d, exiting', stopping, done)
           break
@@ -404,7 +432,9 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started):
         window.consume(*pending)
   finally:
     progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.wait()  # raises SaveError if the last save failed
+    finally:
+      checkpointer.close()
+      writer.close()
   return state

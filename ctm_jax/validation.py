@@ -58,6 +58,10 @@ TRAIN_KEYS = frozenset(
 )
 
 
+class UsageError(ValueError):
+  """A mistake the user can fix (a field, a path, a workdir): shown as one line, exit 2."""
+
+
 def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
 

@@ -44,7 +44,7 @@ def test_init_from_imported_weights(tmp_path):
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     run = train.setup(config, model, task, mesh)
-    state, how = train._initial_state(config, model, run, checkpointer, None)
+    state, how = train._initial_state(config, model, run, checkpointer, None, same_model=True)
   checkpointer.close()
   assert how == f'initialised from {imported}'
   _, variables, _ = torch_interop.load_imported(str(imported))

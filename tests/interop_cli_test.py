@@ -109,6 +109,10 @@ def cli_runs(tmp_path_factory):
   save_checkpoint(ckpt, sd, reference_args('parity', meta['constructor_kwargs']))
   jobs['wrong_key'] = (root / 'wrong_key', ckpt, [])
 
+  # A pickle payload in the args: refused on the command line too.
+  save_checkpoint(root / 'payload.pt', sd, _Payload(str(root / 'payload_ran')))
+  jobs['payload'] = (root / 'payload', root / 'payload.pt', [])
+
   # An existing workdir/checkpoint, refused and then replaced with --overwrite.
   for name, extra in (('existing', []), ('overwrite', ['--overwrite'])):
     sentinel = root / name / 'checkpoint' / 'keep.txt'
@@ -187,6 +191,16 @@ def test_mazes_without_route_length_and_unknown_dataset_are_named():
     torch_interop.model_kwargs_from_args({**args, 'maze_route_length': 11})
 
 
+def test_cli_refuses_a_pickle_payload_in_one_line(cli_runs):
+  workdir, ckpt, result = cli_runs['payload']
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'refused to unpickle' in lines[0], result.stderr
+  assert str(ckpt) in lines[0] and '--trust_pickle' in lines[0]
+  assert not (ckpt.parent / 'payload_ran').exists()
+  assert not workdir.exists()
+
+
 def test_wrong_key_fails_listing_it_and_writes_nothing(cli_runs):
   workdir, _, result = cli_runs['wrong_key']
   assert result.returncode != 0
@@ -216,3 +230,104 @@ def test_unknown_task_is_named_and_nothing_written(tmp_path):
   with pytest.raises(ValueError, match=r"--task='mazes' is unknown; expected one of .*parity"):
     torch_interop.import_checkpoint(str(tmp_path / 'any.pt'), str(workdir), task='mazes')
   assert not workdir.exists()
+
+
+class _Payload:
+  """Unpickling this opens (creates) `marker` for writing: code the file chose."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+def _golden_parity_checkpoint(path, **extra):
+  arrays, meta = load_golden('parity')
+  sd = state_dict(arrays, meta)
+  args = reference_args('parity', meta['constructor_kwargs'])
+  torch.save(
+      {
+          'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+          'optimizer_state_dict': {},
+          'iteration': 7,
+          'args': args,
+          **extra,
+      },
+      path,
+  )
+  return sd
+
+
+def test_full_reference_save_imports_without_trusting_pickle(tmp_path):
+  """Everything the reference's scripts save beside the weights (RNG states,
+  metric lists of numpy scalars, scaler and scheduler state) loads weights-only."""
+  rng = np.random.RandomState(3)
+  import random  # pylint: disable=g-import-not-at-top
+
+  extra = {
+      'torch_rng_state': torch.get_rng_state(),
+      'numpy_rng_state': rng.get_state(),
+      'random_rng_state': random.Random(1).getstate(),
+      'train_losses': [np.float64(0.5), np.float32(0.25)],
+      'test_accuracies': [np.zeros((3, 4), np.float32)],
+      'scaler_state_dict': {'scale': 65536.0, '_growth_tracker': 0},
+      'scheduler_state_dict': {'last_epoch': 7, '_last_lr': [1e-4]},
+  }
+  _golden_parity_checkpoint(tmp_path / 'full.pt', **extra)
+  config = torch_interop.import_checkpoint(str(tmp_path / 'full.pt'), str(tmp_path / 'w'))
+  assert config['task'] == 'parity' and config['iteration'] == 7
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+  marker = tmp_path / 'payload_ran'
+  arrays, meta = load_golden('parity')
+  save_checkpoint(tmp_path / 'evil.pt', state_dict(arrays, meta), _Payload(str(marker)))
+  workdir = tmp_path / 'w'
+  with pytest.raises(ValueError, match='refused to unpickle.*--trust_pickle') as error:
+    torch_interop.import_checkpoint(str(tmp_path / 'evil.pt'), str(workdir))
+  assert '\n' not in str(error.value)
+  assert not marker.exists()
+  assert not workdir.exists()
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+  arrays, meta = load_golden('parity')
+  sd = state_dict(arrays, meta)
+  sd['q_proj.weight'] = np.array(sd['q_proj.weight'], copy=True)
+  sd['q_proj.weight'][0, 0] = np.nan
+  save_checkpoint(tmp_path / 'nan.pt', sd, reference_args('parity', meta['constructor_kwargs']))
+  with pytest.raises(ValueError, match=r'non-finite weights .* q_proj\.weight'):
+    torch_interop.import_checkpoint(str(tmp_path / 'nan.pt'), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'not_torch', 'empty'])
+def test_unreadable_file_is_one_line(tmp_path, damage):
+  path = tmp_path / 'bad.pt'
+  if damage == 'truncated':
+    _golden_parity_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:2000])
+  elif damage == 'not_torch':
+    path.write_text('a text file, not a checkpoint\n')
+  else:
+    path.write_bytes(b'')
+  with pytest.raises(ValueError, match='not a readable PyTorch checkpoint') as error:
+    torch_interop.import_checkpoint(str(path), str(tmp_path / 'w'))
+  assert '\n' not in str(error.value)
+  assert not (tmp_path / 'w').exists()
+
+
+def test_trust_pickle_loads_what_weights_only_refuses(tmp_path):
+  """Args saved as another object type: refused by default, imported when trusted."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden('parity')
+  args = types.SimpleNamespace(**vars(reference_args('parity', meta['constructor_kwargs'])))
+  save_checkpoint(tmp_path / 'other.pt', state_dict(arrays, meta), args)
+  with pytest.raises(ValueError, match='refused to unpickle'):
+    torch_interop.import_checkpoint(str(tmp_path / 'other.pt'), str(tmp_path / 'w'))
+  config = torch_interop.import_checkpoint(
+      str(tmp_path / 'other.pt'), str(tmp_path / 'w'), trust_pickle=True
+  )
+  assert config['task'] == 'parity'

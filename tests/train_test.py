@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -184,10 +185,13 @@ def _tensorboard_tags(directory) -> dict[str, list[int]]:
 
 
 def _tree_snapshot(directory) -> dict[str, tuple[int, int]]:
-  """relative path -> (size, mtime_ns) of every file below `directory`."""
+  """relative path -> (size, mtime_ns) of every file below `directory` but the
+  workdir lock (each start records its pid there; it is not run data)."""
   out = {}
   for root, _, files in os.walk(directory):
     for name in files:
+      if name.startswith('.lock'):
+        continue
       path = os.path.join(root, name)
       stat = os.stat(path)
       out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns)
@@ -583,28 +587,43 @@ def test_bad_config_is_rejected_before_writing(tmp_path, field, value):
   assert not workdir.exists()
 
 
-def test_cli_rejects_bad_and_unknown_fields(tmp_path):
+def _only_error_line(log_path) -> str:
+  """The one `ctm_jax.main:` line of a refused run (and no traceback)."""
+  log = _read(log_path)
+  lines = [line for line in log.splitlines() if line.startswith('ctm_jax.main:')]
+  assert len(lines) == 1 and 'Traceback' not in log, log[-3000:]
+  return lines[0]
+
+
+def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path):
+  (tmp_path / 'a_file').write_text('not a directory')
   cases = {
-      'lrr': '--config.lrr=1',
-      'batch_size': '--config.batch_size=0',
-      'mesh': '--config.mesh.data=3',
+      'lrr': ('--config.lrr=1', '--config.lrr: ', 'did you mean config.lr'),
+      'nested': ('--config.model.d_modle=3', '--config.model.d_modle: ', 'config.model.d_model'),
+      'batch_size': ('--config.batch_size=0', 'config.batch_size=0: must be a positive integer', ''),
+      'mesh': (
+          '--config.mesh.data=3',
+          'config.mesh (data=3, fsdp=1, neuron=1) needs 3 devices; the run has 2',
+          '',
+      ),
+      'no_file': ('--config=configs/nope.py', '--config=configs/nope.py: no such config file', 'parity.py'),
+      'variant': ('--config=configs/parity.py:huge', "variant 'huge' is unknown", "'small'"),
+      'not_a_float': ('--config.lr=abc', '--config.lr=abc', 'float'),
   }
-  procs = {name: _launch(tmp_path / name, flag) for name, flag in cases.items()}
+  procs = {name: _launch(tmp_path / name, flag) for name, (flag, _, _) in cases.items()}
+  # A workdir that cannot be created: a path under a file.
+  procs['workdir'] = _launch(tmp_path / 'a_file' / 'run', log=f'{tmp_path / "workdir"}.log')
   for name, proc in procs.items():
     log = f'{tmp_path / name}.log'
     returncode = _wait(proc, log)
-    assert returncode != 0, _read(log)[-3000:]
-    if name != 'lrr':  # absl's own flag error for an unknown key; ours exit with 2
-      assert returncode == 2, _read(log)[-3000:]
-    assert not (tmp_path / name / 'checkpoints').exists()
-    assert not (tmp_path / name / 'config.json').exists()
-  assert re.search(r'\blrr\b', _read(f'{tmp_path / "lrr"}.log'))
-  assert 'config.batch_size=0: must be a positive integer' in _read(
-      f'{tmp_path / "batch_size"}.log'
-  )
-  mesh_log = _read(f'{tmp_path / "mesh"}.log')
-  assert 'config.mesh (data=3, fsdp=1, neuron=1) needs 3 devices; the run has 2' in mesh_log
-  assert 'Traceback' not in mesh_log
+    line = _only_error_line(log)
+    assert returncode == 2, _read(log)[-3000:]
+    if name in cases:
+      _, first, second = cases[name]
+      assert first in line and second in line, line
+      assert not (tmp_path / name).exists()
+  line = _only_error_line(f'{tmp_path / "workdir"}.log')
+  assert f'--workdir={tmp_path / "a_file" / "run"}: cannot create it' in line, line
 
 
 def test_workdir_of_another_model_is_refused(smoke_run):
@@ -616,24 +635,119 @@ def test_workdir_of_another_model_is_refused(smoke_run):
   assert _committed_steps(workdir) == [20, 40, 60]
 
 
+def test_workdir_without_config_json_is_not_rewritten_by_another_model(smoke_run, tmp_path):
+  """config.json lost: another model is refused without writing one, and the
+  original command still resumes."""
+  config, source, _ = smoke_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  (workdir / 'config.json').unlink()
+  before = _tree_snapshot(workdir)
+  with pytest.raises(checkpoint.IncompatibleWorkdir, match='no config.json saying which'):
+    train.train_and_evaluate(_smoke(**{'model.d_model': 64}), str(workdir))
+  assert _tree_snapshot(workdir) == before
+  longer = _smoke(training_iterations=config.training_iterations + 1)
+  state = train.train_and_evaluate(longer, str(workdir))
+  assert int(state.step) == config.training_iterations + 1
+  assert (workdir / 'config.json').exists()
+
+
+def _largest_file(directory):
+  files = [p for p in pathlib.Path(directory).rglob('*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _damage(step_dir, kind):
+  """Damages one checkpoint step the ways disks, copies and crashes do."""
+  if kind == 'truncated':
+    target = _largest_file(step_dir / 'state')
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+  elif kind == 'bit_flips':
+    target = _largest_file(step_dir / 'state')
+    data = bytearray(target.read_bytes())
+    for i, bit in ((len(data) // 3, 1), (len(data) // 2, 4), (2 * len(data) // 3, 7)):
+      data[i] ^= 1 << bit
+    target.write_bytes(bytes(data))
+  elif kind == 'empty_dir':
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+  elif kind == 'no_metadata':
+    (step_dir / '_CHECKPOINT_METADATA').unlink()
+    (step_dir / 'state' / '_METADATA').unlink()
+  elif kind == 'iterator_json':
+    (step_dir / 'data' / 'process_0-of-1.json').write_text('{"next_index": 1')
+
+
+@pytest.mark.parametrize(
+    'kind',
+    [
+        'truncated',
+        'bit_flips',
+        pytest.param('empty_dir', marks=pytest.mark.slow),
+        pytest.param('no_metadata', marks=pytest.mark.slow),
+        pytest.param('iterator_json', marks=pytest.mark.slow),
+    ],
+)
+def test_damaged_latest_checkpoint_falls_back_and_is_kept_aside(smoke_run, tmp_path, kind, caplog):
+  config, source, expected = smoke_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  _damage(workdir / 'checkpoints' / '60', kind)
+  with caplog.at_level('WARNING'):
+    state = train.train_and_evaluate(config, str(workdir))
+  # Resumed from 40 and retrained 41-60: the same state as the undamaged run.
+  _assert_trees_equal(state, expected, f'resumed past a damaged step ({kind})')
+  warnings = [r.getMessage() for r in caplog.records if 'is damaged' in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].startswith('Checkpoint step 60 is damaged'), warnings
+  assert str(workdir / 'damaged_checkpoints' / '60') in warnings[0]
+  assert (workdir / 'damaged_checkpoints' / '60').is_dir()  # kept, not deleted
+  assert _committed_steps(workdir) == [20, 40, 60]
+
+
+def test_every_checkpoint_damaged_is_one_error_and_nothing_deleted(smoke_run, tmp_path):
+  config, source, _ = smoke_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  for step in (20, 40, 60):
+    _damage(workdir / 'checkpoints' / str(step), 'bit_flips')
+  with pytest.raises(checkpoint.NoIntactCheckpoint, match='no intact checkpoint in .*step'):
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir / 'damaged_checkpoints')) == [
+      '20', '20.checksums.json', '40', '40.checksums.json', '60', '60.checksums.json'
+  ]
+
+
+def test_fewer_iterations_than_the_checkpoint_is_refused(smoke_run):
+  config, workdir, _ = smoke_run
+  before = _tree_snapshot(workdir)
+  with pytest.raises(
+      validation.UsageError,
+      match=r'config\.training_iterations=40: .* checkpoint at step 60; pass '
+      r'--config\.training_iterations=60 or more',
+  ):
+    train.train_and_evaluate(_smoke(training_iterations=40, warmup_steps=5), str(workdir))
+  assert _tree_snapshot(workdir) == before
+
+
 def test_compute_options_may_change_on_resume(tmp_path):
   config = _smoke()
   keys = tasks.get(config.task).identity_keys
-  checkpoint.write_or_check_config(str(tmp_path), config, False, keys)
+  checkpoint.write_config(str(tmp_path), config)
   config.model.update(dtype='bfloat16', remat='full', unroll=2)
   config.mesh.update(data=2, fsdp=4)
-  checkpoint.write_or_check_config(str(tmp_path), config, True, keys)
+  checkpoint.check_config(str(tmp_path), config, True, keys)
   config.parity_sequence_length *= 2
   with pytest.raises(checkpoint.IncompatibleWorkdir, match=r'changed: parity_sequence_length\)'):
-    checkpoint.write_or_check_config(str(tmp_path), config, True, keys)
+    checkpoint.check_config(str(tmp_path), config, True, keys)
 
 
 # ---------------------------------------------------------------------------
 # 6. A non-finite step raises, naming the step, and never reaches a checkpoint.
 
 
-def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-  poisoned_step = 12  # a save step: its (unchanged) state must not be saved either
+def _poison(monkeypatch, poisoned_step):
+  """Makes the train step that ends at `poisoned_step` non-finite. Returns the
+  list of (step, whether the step left the whole state as it was) it fills."""
   make_train_step = steps.make_train_step
   unchanged = []  # (step, whether the step left the whole state as it was)
 
@@ -662,11 +776,21 @@ def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch)
     return poisoned
 
   monkeypatch.setattr(steps, 'make_train_step', make_poisoned_train_step)
-  config, workdir = _smoke(save_every=6, training_iterations=20), tmp_path / 'run'
+  return unchanged
+
+
+def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+  poisoned_step = 12  # a save step: its (unchanged) state must not be saved either
+  unchanged = _poison(monkeypatch, poisoned_step)
+  config, workdir = _smoke(save_every=6, training_iterations=20, log_every=5), tmp_path / 'run'
   with pytest.raises(train.NonFiniteError, match=rf'at step {poisoned_step}\b') as error:
     train.train_and_evaluate(config, str(workdir))
   message = str(error.value)
   assert "'loss': nan" in message and "'grad_norm': nan" in message, message
+  # What is kept, with the loss logged at or before it.
+  loss_5 = next(r['train/loss'] for r in _records(workdir) if r['step'] == 5)
+  kept = f'the newest checkpoint is step 6 in {workdir}/checkpoints; train loss logged at step 5: '
+  assert f'{kept}{loss_5:.4g}' in message, message
   jax.effects_barrier()
   assert [step for step, same in unchanged if same] == [poisoned_step]
   assert sorted(step for step, _ in unchanged) == list(range(1, poisoned_step + 1))
@@ -681,6 +805,14 @@ def test_non_finite_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch)
       assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
   # Nothing was logged past the last good step.
   assert max(r['step'] for r in _records(workdir)) < poisoned_step
+
+
+def test_non_finite_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+  _poison(monkeypatch, 3)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.NonFiniteError, match='at step 3: .*no checkpoint has been saved'):
+    train.train_and_evaluate(_smoke(save_every=6, training_iterations=20), str(workdir))
+  assert _committed_steps(workdir) == []
 
 
 def test_url_workdir_is_refused_before_anything_runs(tmp_path, monkeypatch):

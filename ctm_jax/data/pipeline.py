@@ -21,6 +21,9 @@ records are read (reader threads or worker processes), off the accelerator.
 Dimension glossary: B per-host batch.
 """
 
+import os
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import grain
@@ -89,8 +92,29 @@ def make_train_loader(
   iter_ds = ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
   if worker_count > 0:
     # Batch inside the workers: one transfer per batch rather than per record.
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_die_with_parent
+    )
   return iter_ds
+
+
+def _watch_parent(parent: int):
+  while os.getppid() == parent:
+    time.sleep(1.0)
+  os._exit(1)  # pylint: disable=protected-access  # the trainer is gone, SIGKILL included
+
+
+def _die_with_parent(worker_index: int, worker_count: int):
+  """Runs in each grain worker: ends it within a second of its trainer's death.
+
+  A killed trainer cannot stop its workers, and they are re-parented, not
+  signalled; polling the parent pid works for any cause of death.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+  if parent == 1:
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
 def make_eval_batches(

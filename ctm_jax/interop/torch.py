@@ -317,20 +317,68 @@ def _clean_state_dict(state_dict, torch) -> dict:
   return out
 
 
-def load_reference_checkpoint(path: str):
-  """(state_dict, args dict, iteration) of a reference training checkpoint."""
+def _safe_globals():
+  """What a reference checkpoint pickles besides tensors: its argparse args, and
+  numpy arrays, dtypes and scalars (the RNG states and metric lists). Each only
+  rebuilds data; none runs code of the file's choosing."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  multiarray = getattr(np, '_core', None) or np.core
+  kinds = (np.uint8, np.uint32, np.int32, np.int64, np.float32, np.float64, np.bool_)
+  safe = [argparse.Namespace, np.ndarray, np.dtype, multiarray.multiarray._reconstruct]
+  safe += [multiarray.multiarray.scalar] + [type(np.dtype(kind)) for kind in kinds]
+  # Pickles from numpy < 2 name numpy.core.*; numpy >= 2 names numpy._core.*.
+  safe += [
+      (multiarray.multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+      (multiarray.multiarray.scalar, 'numpy.core.multiarray.scalar'),
+  ]
+  return safe
+
+
+def load_reference_checkpoint(path: str, trust_pickle: bool = False):
+  """(state_dict, args dict, iteration) of a reference training checkpoint.
+
+  By default the file is unpickled with torch's weights-only loader, which
+  builds tensors, numbers, containers and `_safe_globals()` and refuses any
+  other object, so a hostile file cannot run code. `trust_pickle` loads with
+  plain pickle, for a file from a source you trust that holds other objects.
+  """
+  import pickle  # pylint: disable=g-import-not-at-top
+
   torch = _import_torch()
-  # The checkpoint pickles an argparse.Namespace (and RNG states), hence not weights_only.
-  checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+  try:
+    if trust_pickle:
+      checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    else:
+      with torch.serialization.safe_globals(_safe_globals()):
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    if trust_pickle:
+      raise ValueError(f'{path}: not a readable PyTorch checkpoint ({_first_line(e)})') from e
+    raise ValueError(
+        f'{path}: refused to unpickle it: it holds objects other than tensors, numbers, '
+        f'numpy arrays and argparse args ({_first_line(e)}); only if you trust where the file '
+        'came from, pass --trust_pickle (this runs code the file names)'
+    ) from e
+  except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file makes torch raise
+    raise ValueError(f'{path}: not a readable PyTorch checkpoint ({_first_line(e)})') from e
   if not isinstance(checkpoint, Mapping) or 'model_state_dict' not in checkpoint:
     raise ValueError(f'{path}: not a reference training checkpoint (no model_state_dict)')
   if checkpoint.get('args') is None:
     raise ValueError(f'{path}: the checkpoint has no saved args')
-  return (
-      _clean_state_dict(checkpoint['model_state_dict'], torch),
-      _as_dict(checkpoint['args']),
-      checkpoint.get('iteration'),
-  )
+  state_dict = _clean_state_dict(checkpoint['model_state_dict'], torch)
+  bad = [k for k, v in state_dict.items() if v.dtype.kind == 'f' and not np.isfinite(v).all()]
+  if bad:
+    raise ValueError(
+        f'{path}: non-finite weights (NaN or inf) in {", ".join(sorted(bad))}; '
+        'the run that saved it had diverged: import an earlier checkpoint'
+    )
+  return state_dict, _as_dict(checkpoint['args']), checkpoint.get('iteration')
+
+
+def _first_line(error) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 def _json_safe(args: dict) -> dict:
@@ -341,7 +389,11 @@ def _json_safe(args: dict) -> dict:
 
 
 def import_checkpoint(
-    checkpoint: str, workdir: str, task: str | None = None, overwrite: bool = False
+    checkpoint: str,
+    workdir: str,
+    task: str | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
 ) -> dict:
   """Reference .pt -> workdir/config.json + workdir/checkpoint. Returns the config.
 
@@ -359,7 +411,7 @@ def import_checkpoint(
     raise FileExistsError(f'{ckpt_dir} already exists; pass --overwrite to replace it')
   if not os.path.isfile(checkpoint):
     raise FileNotFoundError(f'{checkpoint}: no such checkpoint file')
-  state_dict, args, iteration = load_reference_checkpoint(checkpoint)
+  state_dict, args, iteration = load_reference_checkpoint(checkpoint, trust_pickle)
   task = task or detect_task(args)
   kwargs = model_kwargs_from_args(args, task)
   model_class = tasks_lib.get(task).model_class
@@ -418,9 +470,11 @@ def _main(argv):
         flag_values.workdir,
         task=flag_values.task,
         overwrite=flag_values.overwrite,
+        trust_pickle=flag_values.trust_pickle,
     )
-  except (ValueError, OSError, ImportError) as e:  # user errors: a message, not a traceback
-    sys.exit(f'error: {e}')
+  except (ValueError, OSError, ImportError) as e:  # user errors: one line, not a traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   workdir = os.path.abspath(flag_values.workdir)
   print(f'imported {config["task"]} CTM from {config["source_checkpoint"]}')
   print(f'  config:     {os.path.join(workdir, CONFIG_FILE)}')
@@ -435,6 +489,12 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'Directory for config.json and checkpoint/.', required=True)
   flags.DEFINE_string('task', None, 'Task override; default: detected from the saved args.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing workdir/checkpoint.')
+  flags.DEFINE_bool(
+      'trust_pickle',
+      False,
+      'Unpickle the checkpoint with plain pickle, which runs any code the file names; '
+      'only for a file from a source you trust (default: weights-only loading).',
+  )
 
 
 if __name__ == '__main__':
