@@ -248,8 +248,12 @@ def main(argv):
     print(f'ctm_jax.main: {e}', file=sys.stderr)
     sys.exit(2)
   except (checkpoint.SaveError, writers.WriteError, train.NonFiniteError) as e:
+    # The trainer has closed what it could. Exit now: I/O threads left behind by
+    # a failed save may block a normal exit or print after the message.
     print(f'ctm_jax.main: {e}', file=sys.stderr)
-    sys.exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -274,14 +274,7 @@ def _initial_state(config, model, run: Setup, checkpointer, train_iterator, same
     return restored[0], 'resumed'
   state = run.init()
   if config.init_from:
-    imported_model, variables, _ = torch_interop.load_imported(config.init_from)
-    # Compute options (dtype, remat, unroll) do not change the weights.
-    compute = dict(dtype=model.dtype, remat=model.remat, unroll=model.unroll)
-    if imported_model.clone(**compute) != model:
-      raise ValueError(
-          f'config.init_from={config.init_from!r}: the imported model differs from config.model '
-          f'(imported {imported_model}, configured {model})'
-      )
+    _, variables, _ = torch_interop.load_imported(config.init_from)  # checked by validation
     state = state.replace(
         params=variables['params'],
         opt_state=run.tx.init(variables['params']),
@@ -292,6 +285,32 @@ def _initial_state(config, model, run: Setup, checkpointer, train_iterator, same
   return state, 'fresh'
 
 
+def _check_data_sizes(config, task):
+  """Batches the data cannot fill, named by their config field (UsageError)."""
+  shards = jax.process_count()
+  records = len(task.train_source(config))
+  if pipeline.train_batches_per_epoch(records, config.batch_size // shards, shards) < 1:
+    raise validation.UsageError(
+        f'config.batch_size={config.batch_size}: the train set has {records} records; '
+        f'pass a batch size of at most {records // shards * shards}'
+    )
+  records = len(task.eval_source(config))
+  available = pipeline.eval_batches_available(records, config.batch_size_test // shards, shards)
+  if available < config.n_test_batches:
+    field, value = ('batch_size_test', config.batch_size_test) if not available else (
+        'n_test_batches', config.n_test_batches
+    )
+    raise validation.UsageError(
+        f'config.{field}={value}: the held-out set has {records} records, '
+        f'{available} batch(es) of batch_size_test={config.batch_size_test}; pass '
+        + (
+            f'--config.n_test_batches={available} or fewer'
+            if available
+            else f'--config.batch_size_test={records // shards * shards} or less'
+        )
+    )
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the state.
 
@@ -300,6 +319,7 @@ def train_and_evaluate(config, workdir: str):
   started = time.perf_counter()
   task, model = validation.validate(config)
   task.check_data(config)  # before anything is written or compiled
+  _check_data_sizes(config, task)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     return _train_and_evaluate(config, workdir, task, model, mesh, started)

@@ -1,5 +1,6 @@
 """Whole-config validation, before anything is compiled or written."""
 
+import dataclasses
 import numbers
 
 import jax
@@ -93,6 +94,8 @@ def validate(config, num_devices: int | None = None):
     value = config.get(field)
     if not _is_int(value) or value < 0:
       _fail(field, value, 'must be a non-negative integer')
+  if config.seed >= 2**32:
+    _fail('seed', config.seed, 'must be below 2**32 (it seeds the data shuffle)')
   if not config.lr > 0:
     _fail('lr', config.lr, 'must be > 0')
   if config.weight_decay < 0:
@@ -125,4 +128,45 @@ def validate(config, num_devices: int | None = None):
   except TypeError as e:  # an unknown constructor argument
     raise ValueError(f'config.model: {e}') from None
   sharding.validate(config, jax.device_count() if num_devices is None else num_devices)
+  if config.init_from:
+    _check_init_from(config.init_from, model)
   return task, model
+
+
+# Options that change how the model computes, not its weights.
+_COMPUTE_FIELDS = ('dtype', 'remat', 'unroll')
+
+
+def _check_init_from(path, model):
+  """config.init_from holds an import of this very model (weights aside)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_path):
+    _fail(
+        'init_from',
+        path,
+        'no imported checkpoint there (no config.json); write one with '
+        f'`python -m ctm_jax.interop.torch --checkpoint=FILE.pt --workdir={path}`',
+    )
+  try:
+    with open(config_path) as f:
+      imported = json.load(f)
+    imported_model = tasks_lib.get(imported['task']).model_class(**imported['model_kwargs'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    _fail('init_from', path, f'{config_path} is not an import record ({e})')
+  names = [
+      f.name
+      for f in dataclasses.fields(model)
+      if f.name not in ('parent', 'name', *_COMPUTE_FIELDS) and f.init
+  ]
+  changed = [
+      f'{name} (imported {getattr(imported_model, name)!r}, configured {getattr(model, name)!r})'
+      for name in names
+      if getattr(imported_model, name, None) != getattr(model, name)
+  ]
+  if type(imported_model) is not type(model):
+    changed.insert(0, f'model class ({type(imported_model).__name__} vs {type(model).__name__})')
+  if changed:
+    _fail('init_from', path, 'the imported model differs from config.model in ' + ', '.join(changed))

@@ -57,5 +57,15 @@ def test_init_from_rejects_a_different_model(tmp_path):
   kwargs, imported = _imported_parity(tmp_path)
   config = _config_for(kwargs, imported)
   config.model.d_model = kwargs['d_model'] * 2
-  with pytest.raises(ValueError, match='init_from'):
+  want = f"imported {kwargs['d_model']}, configured {kwargs['d_model'] * 2}"
+  with pytest.raises(ValueError, match=rf'config\.init_from=.* in d_model \({want}\)$'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # refused before the workdir is made
+
+
+def test_init_from_a_missing_import_is_named(tmp_path):
+  kwargs, _ = _imported_parity(tmp_path)
+  config = _config_for(kwargs, tmp_path / 'nowhere')
+  with pytest.raises(ValueError, match=r'config\.init_from=.*nowhere.*no imported checkpoint there'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

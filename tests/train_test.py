@@ -717,6 +717,27 @@ def test_every_checkpoint_damaged_is_one_error_and_nothing_deleted(smoke_run, tm
   ]
 
 
+@pytest.mark.parametrize(
+    'overrides, message',
+    [
+        ({'batch_size': 4096}, r'config\.batch_size=4096: the train set has 1000 records'),
+        ({'n_test_batches': 10_000}, r'config\.n_test_batches=10000: the held-out set has'),
+        ({'seed': 2**32}, r'config\.seed=4294967296: must be below 2\*\*32'),
+    ],
+)
+def test_data_the_run_cannot_fill_is_refused_before_the_workdir(
+    tmp_path, monkeypatch, overrides, message
+):
+  small = lambda self, config: parity_data.train_source(
+      config.parity_sequence_length, config.seed, num_records=1000
+  )
+  monkeypatch.setattr(type(tasks.get('parity')), 'train_source', small)
+  config = _smoke(**overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_fewer_iterations_than_the_checkpoint_is_refused(smoke_run):
   config, workdir, _ = smoke_run
   before = _tree_snapshot(workdir)

@@ -40,6 +40,16 @@ def _check_batching(batch_size: int, shard_index: int, shard_count: int):
     raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
 
 
+def train_batches_per_epoch(num_records: int, batch_size: int, shard_count: int) -> int:
+  """Full per-shard train batches of `batch_size` an epoch of `num_records` gives."""
+  return num_records // shard_count // batch_size
+
+
+def eval_batches_available(num_records: int, batch_size: int, shard_count: int) -> int:
+  """Full held-out batches of `batch_size` per shard that `num_records` hold."""
+  return num_records // (batch_size * shard_count)
+
+
 def make_train_loader(
     source: Sequence[Any],
     *,
@@ -76,7 +86,7 @@ def make_train_loader(
   if worker_count < 0:
     raise ValueError(f'worker_count must be non-negative, got {worker_count}')
   records_per_epoch = len(source) // shard_count * shard_count
-  if records_per_epoch // shard_count < batch_size:
+  if train_batches_per_epoch(len(source), batch_size, shard_count) < 1:
     raise ValueError(
         f'{len(source)} records over {shard_count} shards leave fewer than one batch of '
         f'{batch_size} per shard'
@@ -134,7 +144,7 @@ def make_eval_batches(
   threads.
   """
   _check_batching(batch_size, shard_index, shard_count)
-  available = len(source) // (batch_size * shard_count)
+  available = eval_batches_available(len(source), batch_size, shard_count)
   if num_batches is None:
     num_batches = available
   if not 0 < num_batches <= available:
