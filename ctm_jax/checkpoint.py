@@ -11,6 +11,8 @@ import zlib
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ctm_jax import validation
@@ -206,49 +208,72 @@ class Checkpointer:
       os.replace(sums, target + '.checksums.json')
     logging.warning('Checkpoint step %s is damaged (%s): moved to %s', name, reason, target)
 
+  def _newest_sound_step(self, damaged: list[str]) -> int | None:
+    """Sets aside, newest first, step directories orbax does not recognise and
+    steps whose files differ from their manifest, until one passes (or has no
+    manifest to check): returns that step, None when none is left. Appends
+    what it set aside to `damaged`."""
+    steps = set(self.manager.all_steps())
+    for name in sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []:
+      if name.isdigit() and int(name) not in steps:
+        self._set_aside(name, 'incomplete: orbax finds no checkpoint in it')
+        damaged.append(name)
+    for step in sorted(steps, reverse=True):
+      reason = self._verify(step)
+      if reason is None:
+        return step
+      self._set_aside(str(step), reason)
+      damaged.append(str(step))
+    return None
+
+  def _none_intact(self, damaged: str) -> NoIntactCheckpoint:
+    return NoIntactCheckpoint(
+        f'no intact checkpoint in {self.directory}: {damaged} damaged and moved to '
+        f'{self.damaged_dir}; restore them from a copy, or remove {self.directory} to start '
+        'from scratch'
+    )
+
   def restore_latest(self, abstract_state, data_iterator, same_model: bool):
     """(state, step) of the newest intact step, or None when there is none at all.
 
     A step whose files differ from its manifest is damaged. A step that matches
     its manifest but does not restore is not: the error is raised (a different
     model, say), and nothing is moved. A step without a manifest that does not
-    restore counts as damaged only when `same_model` (config.json vouched for
-    the model). Damaged steps are set aside, each with one warning line;
-    NoIntactCheckpoint when steps exist but none is intact.
+    restore counts as damaged only in a single-process run and when
+    `same_model` (config.json vouched for the model). Damaged steps are set
+    aside, each with one warning line; NoIntactCheckpoint when steps exist but
+    none is intact.
     """
-    if jax.process_count() > 1:
-      # Each process would judge alone, and the moves would race: keep it simple.
-      step = self.latest_step()
-      return None if step is None else (self.restore(step, abstract_state, data_iterator), step)
-    steps = set(self.manager.all_steps())
     damaged = []
-    for name in sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []:
-      if name.isdigit() and int(name) not in steps:  # orbax does not see it as a checkpoint
-        self._set_aside(name, 'incomplete: orbax finds no checkpoint in it')
-        damaged.append(name)
-    for step in sorted(steps, reverse=True):
-      reason = self._verify(step)
-      if reason is None:
-        verified = os.path.exists(os.path.join(self.sums_dir, f'{step}.json'))
-        try:
-          state = self.restore(step, abstract_state, data_iterator)
-        except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
-          if verified or not same_model:
-            raise
-          reason = f'it does not restore: {_reason(e)}'
-        else:
-          if damaged:
-            logging.warning('Resuming from step %d, the newest intact checkpoint', step)
-          return state, step
-      self._set_aside(str(step), reason)
-      damaged.append(str(step))
-      self.manager.reload()
-    if damaged:
-      raise NoIntactCheckpoint(
-          f'no intact checkpoint in {self.directory}: step(s) {", ".join(damaged)} are damaged '
-          f'and were moved to {self.damaged_dir}; restore them from a copy, or remove '
-          f'{self.directory} to start from scratch'
+    if jax.process_count() > 1:
+      # Process 0 judges and moves; the others restore what it names.
+      step = self._newest_sound_step(damaged) if jax.process_index() == 0 else None
+      agreed = multihost_utils.broadcast_one_to_all(
+          np.array([-1 if step is None else step, len(damaged)], np.int64)
       )
+      self.manager.reload()
+      step, count = int(agreed[0]), int(agreed[1])
+      if step < 0:
+        if count:
+          raise self._none_intact(f'{count} step(s) were')
+        return None
+      return self.restore(step, abstract_state, data_iterator), step
+    while (step := self._newest_sound_step(damaged)) is not None:
+      self.manager.reload()
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
+        if os.path.exists(os.path.join(self.sums_dir, f'{step}.json')) or not same_model:
+          raise
+        self._set_aside(str(step), f'it does not restore: {_reason(e)}')
+        damaged.append(str(step))
+        continue
+      if damaged:
+        logging.warning('Resuming from step %d, the newest intact checkpoint', step)
+      return state, step
+    self.manager.reload()
+    if damaged:
+      raise self._none_intact(f'step(s) {", ".join(damaged)} are')
     return None
 
   def close(self):

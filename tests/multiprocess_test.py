@@ -200,3 +200,28 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=10)
   assert checkpointer.latest_step() == step
   checkpointer.close()
+
+
+@needs_8_devices
+@pytest.mark.slow  # four training processes, about 80 s on 2 cores
+def test_two_processes_fall_back_past_a_damaged_step_together(tmp_path):
+  """Process 0 checks the manifests and sets the damaged step aside; both resume
+  from the step it names and retrain the same losses."""
+  workdir = str(tmp_path / 'run')
+  _run(workdir, processes=2, devices=4)
+  before = _losses(workdir)
+  step_dir = os.path.join(workdir, 'checkpoints', '6', 'state')
+  largest = max(
+      (os.path.join(root, f) for root, _, files in os.walk(step_dir) for f in files),
+      key=os.path.getsize,
+  )
+  with open(largest, 'r+b') as f:
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))
+  logs = _run(workdir, processes=2, devices=4)
+  assert 'Checkpoint step 6 is damaged' in logs[0], logs[0][-3000:]
+  assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '6'))
+  after = _losses(workdir)
+  np.testing.assert_allclose([after[s] for s in (4, 5, 6)], [before[s] for s in (4, 5, 6)], atol=1e-6)
