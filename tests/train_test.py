@@ -635,6 +635,19 @@ def test_workdir_of_another_model_is_refused(smoke_run):
   assert _committed_steps(workdir) == [20, 40, 60]
 
 
+def test_cli_refuses_another_model_in_one_line(smoke_run, tmp_path):
+  _, source, _ = smoke_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  before = _tree_snapshot(workdir)
+  log = f'{tmp_path / "refused"}.log'
+  returncode = _wait(_launch(workdir, '--config.model.d_model=64', log=log), log)
+  assert returncode == 2, _read(log)[-3000:]
+  line = _only_error_line(log)
+  assert f'workdir {workdir} holds checkpoints of a different model (changed: model.d_model)' in line
+  assert _tree_snapshot(workdir) == before
+
+
 def test_workdir_without_config_json_is_not_rewritten_by_another_model(smoke_run, tmp_path):
   """config.json lost: another model is refused without writing one, and the
   original command still resumes."""
