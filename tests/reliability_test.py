@@ -265,3 +265,20 @@ def test_data_workers_die_with_a_killed_trainer(tmp_path):
   for p in left:
     os.kill(p, signal.SIGKILL)
   assert not left, f'processes outlived their SIGKILLed trainer: {left}'
+
+
+def test_read_only_mount_is_one_line_exit_2(tmp_path):
+  mount = tmp_path / 'ro'
+  why = _mount_tmpfs(mount, '1m')
+  if why:
+    pytest.skip(why)
+  try:
+    subprocess.run(['mount', '-o', 'remount,ro', str(mount)], check=True)
+    proc = _main(mount / 'run', stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=_TIMEOUT)
+    assert proc.returncode == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith('ctm_jax.main:')]
+    assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+    assert f'--workdir={mount / "run"}: cannot create it (Read-only file system)' in lines[0]
+  finally:
+    subprocess.run(['umount', '-l', str(mount)], check=False)
