@@ -1,0 +1,300 @@
+"""Mazes: a seeded generator of perfect mazes, the reference's PNG format, routes.
+
+A maze of S x S pixels (S odd) is a grid of (S-1)/2 x (S-1)/2 cells: cell
+(i, j) sits at pixel (2i+1, 2j+1) and the pixel between two cells is free when
+they are joined. Pixels are RGB in [0, 1]: walls black, free white, start red
+(1,0,0), goal green (0,1,0), the solution path between them blue (0,0,1). That
+is the reference's dataset format (`<root>/{train,test}/<class>/*.png`, from
+the maze-dataset library's randomised depth-first search, `gen_dfs`).
+
+A route is the direction of each one-pixel step from start to goal (up 0,
+down 1, left 2, right 3), cut or padded with wait (4) to `route_length`: the
+reference's `MazeImageFolder.get_solution`. Model inputs are the picture with
+the path whitened, scaled to [-1, 1].
+
+Generated records are pure functions of (split, seed, index), like parity's,
+so any host or worker builds any record and a resumed run sees the same data.
+
+Run `python -m ctm_jax.data.mazes --out=DIR --size=39 --train=N --test=M
+--seed=S` to write a generated dataset in the reference's folder layout.
+
+Dimension glossary: H, W pixels; R route length.
+"""
+
+import os
+
+import numpy as np
+
+UP, DOWN, LEFT, RIGHT, WAIT = 0, 1, 2, 3, 4
+# (dy, dx) of each move, in the reference's order of preference.
+_MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+WALL = (0.0, 0.0, 0.0)
+FREE = (1.0, 1.0, 1.0)
+START = (1.0, 0.0, 0.0)
+GOAL = (0.0, 1.0, 0.0)
+PATH = (0.0, 0.0, 1.0)
+
+_SPLIT_STREAMS = {'train': 0, 'test': 1}
+TRAIN_RECORDS = 2**31 - 1  # unbounded for all practical purposes; fits grain's shuffle
+TEST_RECORDS = 1000
+
+
+def _cells(size: int) -> int:
+  if size < 3 or size % 2 == 0:
+    raise ValueError(f'maze size {size}: must be odd and at least 3 (a grid of (size-1)/2 cells)')
+  return (size - 1) // 2
+
+
+def generate(size: int, rng: np.random.Generator) -> np.ndarray:
+  """A perfect maze (one route between any two cells) by randomised depth-first
+  search from a random cell. Returns the free-pixel mask, bool (size, size)."""
+  n = _cells(size)
+  free_HxW = np.zeros((size, size), bool)
+  visited = np.zeros((n, n), bool)
+  start = (int(rng.integers(n)), int(rng.integers(n)))
+  visited[start] = True
+  free_HxW[2 * start[0] + 1, 2 * start[1] + 1] = True
+  stack = [start]
+  while stack:
+    i, j = stack[-1]
+    options = [
+        (i + di, j + dj)
+        for di, dj in _MOVES
+        if 0 <= i + di < n and 0 <= j + dj < n and not visited[i + di, j + dj]
+    ]
+    if not options:
+      stack.pop()
+      continue
+    ni, nj = options[int(rng.integers(len(options)))]
+    visited[ni, nj] = True
+    free_HxW[i + ni + 1, j + nj + 1] = True  # the pixel between the two cells
+    free_HxW[2 * ni + 1, 2 * nj + 1] = True
+    stack.append((ni, nj))
+  return free_HxW
+
+
+def shortest_path(free_HxW: np.ndarray, start, goal) -> list[tuple[int, int]]:
+  """Pixels from start to goal inclusive (breadth-first search); [] if unreachable."""
+  h, w = free_HxW.shape
+  previous = {tuple(start): None}
+  frontier = [tuple(start)]
+  while frontier and tuple(goal) not in previous:
+    nxt = []
+    for y, x in frontier:
+      for dy, dx in _MOVES:
+        p = (y + dy, x + dx)
+        if 0 <= p[0] < h and 0 <= p[1] < w and free_HxW[p] and p not in previous:
+          previous[p] = (y, x)
+          nxt.append(p)
+    frontier = nxt
+  if tuple(goal) not in previous:
+    return []
+  path = [tuple(goal)]
+  while previous[path[-1]] is not None:
+    path.append(previous[path[-1]])
+  return path[::-1]
+
+
+def render(free_HxW: np.ndarray, path) -> np.ndarray:
+  """The reference's picture: float32 (H, W, 3) in [0, 1]."""
+  image_HxWx3 = np.where(free_HxW[..., None], np.float32(1), np.float32(0)).repeat(3, -1)
+  image_HxWx3 = image_HxWx3.astype(np.float32)
+  for p in path[1:-1]:
+    image_HxWx3[p] = PATH
+  image_HxWx3[path[0]] = START
+  image_HxWx3[path[-1]] = GOAL
+  return image_HxWx3
+
+
+def directions(path) -> list[int]:
+  """The moves between consecutive pixels of a path."""
+  out = []
+  for (y0, x0), (y1, x1) in zip(path[:-1], path[1:]):
+    out.append(_MOVES.index((y1 - y0, x1 - x0)))
+  return out
+
+
+def pad_route(moves, route_length: int) -> np.ndarray:
+  route_R = np.full(route_length, WAIT, np.int32)
+  moves = list(moves)[:route_length]
+  route_R[: len(moves)] = moves
+  return route_R
+
+
+def _is(image_HxWx3, colour):
+  return np.all(image_HxWx3 == np.asarray(colour, image_HxWx3.dtype), axis=-1)
+
+
+def route_from_image(image_HxWx3: np.ndarray, route_length: int) -> np.ndarray:
+  """The route a reference-format picture draws, as the reference reads it: from
+  red, step to the first blue or green neighbour (up, down, left, right) until
+  green, `route_length` steps at most."""
+  start, goal = np.argwhere(_is(image_HxWx3, START)), np.argwhere(_is(image_HxWx3, GOAL))
+  if not len(start) or not len(goal):
+    raise ValueError('no start (red) or goal (green) pixel in the maze picture')
+  on_path_HxW = _is(image_HxWx3, PATH) | _is(image_HxWx3, GOAL)
+  h, w = on_path_HxW.shape
+  y, x = start[0]
+  goal = tuple(goal[0])
+  moves = []
+  while (y, x) != goal and len(moves) < route_length:
+    on_path_HxW[y, x] = False  # never step back
+    for move, (dy, dx) in enumerate(_MOVES):
+      if 0 <= y + dy < h and 0 <= x + dx < w and on_path_HxW[y + dy, x + dx]:
+        moves.append(move)
+        y, x = y + dy, x + dx
+        break
+    else:
+      raise ValueError(f'the blue path breaks off at pixel {(int(y), int(x))}')
+  return pad_route(moves, route_length)
+
+
+# Move relabelling under the picture's transforms (np.rot90 on axes (0, 1)).
+_ROT_CCW = (LEFT, RIGHT, DOWN, UP, WAIT)  # k=+1: up becomes left, ...
+_ROT_CW = (RIGHT, LEFT, UP, DOWN, WAIT)  # k=-1
+_FLIP_LR = (UP, DOWN, RIGHT, LEFT, WAIT)
+_FLIP_UD = (DOWN, UP, LEFT, RIGHT, WAIT)
+
+
+def augment(image_HxWx3, route_R, rng: np.random.Generator, p: float):
+  """The reference's train augmentation: with probability p each, a +-90 degree
+  rotation, a left-right flip and an up-down flip, the route relabelled."""
+  image_HxWx3, route_R = np.asarray(image_HxWx3), np.asarray(route_R)
+  if rng.random() < p:
+    k = 1 if rng.random() < 0.5 else -1
+    image_HxWx3 = np.rot90(image_HxWx3, k=k, axes=(0, 1))
+    route_R = np.take(_ROT_CCW if k == 1 else _ROT_CW, route_R)
+  if rng.random() < p:
+    image_HxWx3, route_R = np.fliplr(image_HxWx3), np.take(_FLIP_LR, route_R)
+  if rng.random() < p:
+    image_HxWx3, route_R = np.flipud(image_HxWx3), np.take(_FLIP_UD, route_R)
+  return np.ascontiguousarray(image_HxWx3), route_R.astype(np.int32)
+
+
+def model_input(image_HxWx3: np.ndarray) -> np.ndarray:
+  """The path whitened (the model must find it), then [0, 1] -> [-1, 1]."""
+  image_HxWx3 = np.array(image_HxWx3, np.float32, copy=True)
+  image_HxWx3[_is(image_HxWx3, PATH)] = FREE
+  return image_HxWx3 * 2 - 1
+
+
+def make_maze(size: int, rng: np.random.Generator):
+  """(picture float32 (H, W, 3), path pixels) with start and goal two distinct random cells."""
+  free_HxW = generate(size, rng)
+  n = _cells(size)
+  first, second = rng.choice(n * n, size=2, replace=False)
+  start = (2 * (first // n) + 1, 2 * (first % n) + 1)
+  goal = (2 * (second // n) + 1, 2 * (second % n) + 1)
+  path = shortest_path(free_HxW, start, goal)
+  return render(free_HxW, path), path
+
+
+class GeneratedMazes:
+  """Random-access generated maze records: grain's `RandomAccessDataSource`.
+
+  Record `index` is {'image': float32 (H, W, 3) reference-format picture in
+  [0, 1], 'route': int32 (R,)}, from a generator seeded by (split, seed, index).
+  """
+
+  def __init__(self, size: int, route_length: int, seed: int, num_records: int, split='train'):
+    _cells(size)
+    if split not in _SPLIT_STREAMS:
+      raise ValueError(f'split {split!r}: expected one of {sorted(_SPLIT_STREAMS)}')
+    self.size, self.route_length, self.seed = size, route_length, seed
+    self.num_records, self.split = num_records, split
+
+  def __len__(self):
+    return self.num_records
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < self.num_records:
+      raise IndexError(f'record {index} out of range [0, {self.num_records})')
+    rng = np.random.default_rng([_SPLIT_STREAMS[self.split], self.seed, index])
+    image_HxWx3, path = make_maze(self.size, rng)
+    return {'image': image_HxWx3, 'route': pad_route(directions(path), self.route_length)}
+
+  def __repr__(self):
+    return (
+        f'GeneratedMazes(size={self.size}, route_length={self.route_length}, seed={self.seed}, '
+        f'num_records={self.num_records}, split={self.split!r})'
+    )
+
+
+def read_png(path: str) -> np.ndarray:
+  """A reference-format maze PNG as float32 (H, W, 3) in [0, 1]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(path) as image:
+    return np.asarray(image.convert('RGB'), np.float32) / 255
+
+
+def write_png(path: str, image_HxWx3: np.ndarray):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  Image.fromarray(np.round(np.asarray(image_HxWx3) * 255).astype(np.uint8)).save(path)
+
+
+class MazeFolder:
+  """The reference's maze folders (`<root>/<split>/<class>/*.png`), read into memory.
+
+  Record `index` is {'image', 'route'} as GeneratedMazes gives them; files in
+  sorted order, as torchvision's ImageFolder lists them.
+  """
+
+  def __init__(self, root: str, split: str, route_length: int):
+    directory = os.path.join(root, split)
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f'{directory}: no such maze folder (expected <root>/{split}/<class>/*.png)')
+    paths = sorted(
+        os.path.join(directory, cls, name)
+        for cls in sorted(os.listdir(directory))
+        if os.path.isdir(os.path.join(directory, cls))
+        for name in os.listdir(os.path.join(directory, cls))
+        if name.lower().endswith('.png')
+    )
+    if not paths:
+      raise FileNotFoundError(f'{directory}: no .png mazes in its class folders')
+    self.images = [read_png(p) for p in paths]
+    self.routes = [route_from_image(image, route_length) for image in self.images]
+    self.paths = paths
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    return {'image': self.images[int(index)], 'route': self.routes[int(index)]}
+
+
+def write_dataset(out: str, size: int, train: int, test: int, seed: int, route_length: int = 100):
+  """Generated mazes as reference-format PNGs: out/{train,test}/mazes/<index>.png."""
+  for split, count in (('train', train), ('test', test)):
+    directory = os.path.join(out, split, 'mazes')
+    os.makedirs(directory, exist_ok=True)
+    source = GeneratedMazes(size, route_length, seed, max(count, 1), split)
+    width = len(str(max(count - 1, 0)))
+    for index in range(count):
+      write_png(os.path.join(directory, f'{index:0{width}d}.png'), source[index]['image'])
+
+
+def _main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  del argv
+  values = flags.FLAGS
+  write_dataset(values.out, values.size, values.train, values.test, values.seed)
+  print(f'wrote {values.train} train and {values.test} test mazes of {values.size}x{values.size} '
+        f'pixels under {os.path.abspath(values.out)}')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string('out', None, 'Dataset root to write.', required=True)
+  flags.DEFINE_integer('size', 39, 'Maze size in pixels, odd: a grid of (size-1)/2 cells.')
+  flags.DEFINE_integer('train', 1000, 'Train mazes.')
+  flags.DEFINE_integer('test', 100, 'Test mazes.')
+  flags.DEFINE_integer('seed', 0, 'Generator seed.')
+  app.run(_main)

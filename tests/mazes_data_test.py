@@ -1,0 +1,138 @@
+"""Maze data: the generator, the reference's PNG format and routes, augmentation."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ctm_jax.data import mazes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _walk(image_HxWx3, route_R):
+  """Follows a route from red; returns the pixel it ends on, failing on a wall."""
+  free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
+  y, x = np.argwhere(mazes._is(image_HxWx3, mazes.START))[0]
+  for move in route_R:
+    if move == mazes.WAIT:
+      break
+    dy, dx = mazes._MOVES[move]
+    y, x = y + dy, x + dx
+    assert free_HxW[y, x], f'the route enters a wall at {(y, x)}'
+  return int(y), int(x)
+
+
+def _goal(image_HxWx3):
+  return tuple(int(v) for v in np.argwhere(mazes._is(image_HxWx3, mazes.GOAL))[0])
+
+
+def test_generation_is_seeded_by_split_seed_and_index():
+  source = mazes.GeneratedMazes(15, 60, seed=3, num_records=100)
+  a, b = source[7], source[7]
+  np.testing.assert_array_equal(a['image'], b['image'])
+  np.testing.assert_array_equal(a['route'], b['route'])
+  others = [
+      source[8],
+      mazes.GeneratedMazes(15, 60, seed=4, num_records=100)[7],
+      mazes.GeneratedMazes(15, 60, seed=3, num_records=100, split='test')[7],
+  ]
+  for other in others:
+    assert not np.array_equal(a['image'], other['image'])
+
+
+@pytest.mark.parametrize('size', [3, 15, 39])
+def test_every_maze_is_perfect_and_solvable(size):
+  n = (size - 1) // 2
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    free_HxW = mazes.generate(size, rng)
+    # A spanning tree of the n x n cells: n*n - 1 passages, and every cell reached.
+    cells_HxW = np.zeros_like(free_HxW)
+    cells_HxW[1::2, 1::2] = True
+    assert free_HxW[cells_HxW].all()
+    assert free_HxW[~cells_HxW].sum() == n * n - 1
+    assert not free_HxW[0].any() and not free_HxW[-1].any()
+    assert not free_HxW[:, 0].any() and not free_HxW[:, -1].any()
+    reached = {p for p in np.ndindex(*free_HxW.shape) if free_HxW[p] and mazes.shortest_path(free_HxW, (1, 1), p)}
+    assert len(reached) == free_HxW.sum()
+
+
+def test_route_is_the_shortest_path_and_reaches_the_goal():
+  source = mazes.GeneratedMazes(21, 400, seed=0, num_records=50)
+  for index in range(30):
+    record = source[index]
+    image, route = record['image'], record['route']
+    assert _walk(image, route) == _goal(image)
+    free_HxW = ~np.all(image == 0, axis=-1)
+    start = tuple(np.argwhere(mazes._is(image, mazes.START))[0])
+    path = mazes.shortest_path(free_HxW, start, _goal(image))
+    assert (route != mazes.WAIT).sum() == len(path) - 1
+    # The blue pixels are exactly the path between red and green.
+    assert mazes._is(image, mazes.PATH).sum() == len(path) - 2
+
+
+def test_route_is_cut_and_padded_to_route_length():
+  record = mazes.GeneratedMazes(21, 400, seed=0, num_records=5)[0]
+  moves = int((record['route'] != mazes.WAIT).sum())
+  short = mazes.route_from_image(record['image'], moves // 2)
+  np.testing.assert_array_equal(short, record['route'][: moves // 2])
+  long = mazes.route_from_image(record['image'], moves + 7)
+  assert list(long[moves:]) == [mazes.WAIT] * 7
+
+
+def test_png_round_trip_and_reference_reader(tmp_path):
+  mazes.write_dataset(str(tmp_path), size=15, train=6, test=3, seed=5, route_length=100)
+  assert len(os.listdir(tmp_path / 'train' / 'mazes')) == 6
+  generated = mazes.GeneratedMazes(15, 100, seed=5, num_records=6)
+  folder = mazes.MazeFolder(str(tmp_path), 'train', route_length=100)
+  assert len(folder) == 6
+  for index in range(6):
+    np.testing.assert_array_equal(folder[index]['image'], generated[index]['image'])
+    np.testing.assert_array_equal(folder[index]['route'], generated[index]['route'])
+  with pytest.raises(FileNotFoundError, match='no such maze folder'):
+    mazes.MazeFolder(str(tmp_path), 'val', route_length=100)
+
+
+def test_augmentation_keeps_every_route_valid():
+  source = mazes.GeneratedMazes(15, 100, seed=1, num_records=20)
+  rng = np.random.default_rng(0)
+  transforms = set()
+  for index in range(20):
+    record = source[index]
+    for _ in range(10):
+      image, route = mazes.augment(record['image'], record['route'], rng, p=0.5)
+      assert _walk(image, route) == _goal(image)
+      np.testing.assert_array_equal(mazes.route_from_image(image, 100), route)
+      transforms.add(image.tobytes())
+  assert len(transforms) > 100  # rotations and flips really happen
+
+
+def test_model_input_whitens_the_path_and_expands_the_range():
+  image = mazes.GeneratedMazes(15, 100, seed=2, num_records=1)[0]['image']
+  x = mazes.model_input(image)
+  assert x.min() == -1 and x.max() == 1
+  assert not mazes._is((x + 1) / 2, mazes.PATH).any()
+  assert mazes._is((x + 1) / 2, mazes.START).sum() == 1 and mazes._is((x + 1) / 2, mazes.GOAL).sum() == 1
+  walls = np.all(image == 0, axis=-1)
+  np.testing.assert_array_equal(np.all(x == -1, axis=-1), walls)
+
+
+def test_bad_size_is_named():
+  with pytest.raises(ValueError, match='maze size 20: must be odd'):
+    mazes.GeneratedMazes(20, 10, seed=0, num_records=1)
+
+
+def test_command_writes_the_reference_layout(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.data.mazes', f'--out={tmp_path}', '--size=11', '--train=3', '--test=2', '--seed=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert sorted(os.listdir(tmp_path / 'train' / 'mazes')) == ['0.png', '1.png', '2.png']
+  assert sorted(os.listdir(tmp_path / 'test' / 'mazes')) == ['0.png', '1.png']
+  image = mazes.read_png(str(tmp_path / 'test' / 'mazes' / '1.png'))
+  np.testing.assert_array_equal(image, mazes.GeneratedMazes(11, 100, 1, 2, 'test')[1]['image'])
