@@ -1,4 +1,4 @@
-"""Mazes (the reference's tasks/mazes): the model and loss, no data yet.
+"""Mazes (the reference's tasks/mazes): route prediction on maze pictures.
 
 Variants (`--config=configs/maze.py:<variant>`):
   default  a reduced tasks/mazes/scripts/train_ctm.sh model (configs/models.py:
@@ -6,9 +6,10 @@ Variants (`--config=configs/maze.py:<variant>`):
            on 39x39 mazes with routes of 100 moves; batch 16.
   smoke    a tiny model on 15x15 mazes, for tests.
 
-There is no maze data in ctm-jax yet, so training refuses with a message; the
-config serves the benchmark (benchmarks/model_bench.py) and sizing:
-  python -m ctm_jax.tools.compile_check --config=configs/maze.py --num_devices=8
+Mazes are generated on the fly (seeded perfect mazes, no download);
+`--config.data_dir=DIR` reads the reference's folders instead
+(DIR/{train,test}/<class>/*.png, e.g. its mazes-small). Write a generated
+dataset in that layout with `python -m ctm_jax.data.mazes --out=DIR`.
 """
 
 import ml_collections
@@ -28,6 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.image_shape = (39, 39, 3)
   config.maze_route_length = 100
   config.cirriculum_lookahead = 5  # the reference's name and default
+  config.data_dir = ''  # empty: generated mazes
+  config.augment_p = 0.5  # the reference's MazeImageFolder default
   config.batch_size = 16
   config.batch_size_test = 64
   config.lr = 1e-4
@@ -50,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.image_shape = (15, 15, 3)
     config.maze_route_length = 10
+    config.batch_size_test = 16
+    config.n_test_batches = 2
     config.warmup_steps = 2
     config.training_iterations = 4
   return config

@@ -1,5 +1,6 @@
 """Maze data: the generator, the reference's PNG format and routes, augmentation."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -136,3 +137,32 @@ def test_command_writes_the_reference_layout(tmp_path):
   assert sorted(os.listdir(tmp_path / 'test' / 'mazes')) == ['0.png', '1.png']
   image = mazes.read_png(str(tmp_path / 'test' / 'mazes' / '1.png'))
   np.testing.assert_array_equal(image, mazes.GeneratedMazes(11, 100, 1, 2, 'test')[1]['image'])
+
+
+@pytest.mark.slow  # two sharded training runs, about 60 s on 2 cores
+def test_maze_smoke_trains_on_generated_mazes_and_on_a_reference_folder(tmp_path):
+  """No download: the smoke config trains and evaluates, sharded, on generated
+  mazes, and on a folder in the reference's layout through config.data_dir."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import maze  # pylint: disable=g-import-not-at-top
+
+  flags.FLAGS.mark_as_parsed()
+  config = maze.get_config('smoke')
+  assert jax.device_count() == 8  # the default mesh spreads the batch over all eight
+  state = train.train_and_evaluate(config, str(tmp_path / 'generated'))
+  assert int(state.step) == config.training_iterations
+  records = [json.loads(line) for line in (tmp_path / 'generated' / 'metrics.jsonl').open()]
+  evals = [r for r in records if 'eval/acc_most_certain' in r]
+  assert evals and 0 <= evals[-1]['eval/acc_most_certain'] <= 1
+
+  mazes.write_dataset(str(tmp_path / 'folder'), size=15, train=40, test=32, seed=9)
+  config.data_dir = str(tmp_path / 'folder')
+  state = train.train_and_evaluate(config, str(tmp_path / 'read'))
+  assert int(state.step) == config.training_iterations
+  config.data_dir = str(tmp_path / 'nowhere')
+  with pytest.raises(ValueError, match=r"config\.data_dir=.*nowhere.*no train/ folder"):
+    train.train_and_evaluate(config, str(tmp_path / 'refused'))
+  assert not (tmp_path / 'refused').exists()

@@ -21,6 +21,7 @@ Run `python -m ctm_jax.data.mazes --out=DIR --size=39 --train=N --test=M
 Dimension glossary: H, W pixels; R route length.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -265,6 +266,79 @@ class MazeFolder:
 
   def __getitem__(self, index):
     return {'image': self.images[int(index)], 'route': self.routes[int(index)]}
+
+
+class ModelRecords:
+  """A maze source's records as the model reads them: {'inputs': float32
+  (H, W, 3) in [-1, 1], path whitened; 'targets': int32 (R,) route}."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    record = self.source[index]
+    return {'inputs': model_input(record['image']), 'targets': record['route']}
+
+  def __repr__(self):
+    return f'ModelRecords({self.source!r})'
+
+
+def _augment_record(record, rng, p):
+  inputs, targets = augment(record['inputs'], record['targets'], rng, p)
+  return {'inputs': inputs, 'targets': targets}
+
+
+# --- The task's data, from its config (ctm_jax/tasks/maze.py) ----------------------
+
+
+def check_config(config):
+  """ValueError naming the field when the maze data cannot be what the config says."""
+  height, width, channels = config.image_shape
+  if height != width or channels != 3 or height % 2 == 0 or height < 3:
+    raise ValueError(
+        f'config.image_shape={tuple(config.image_shape)!r}: mazes are square, odd-sized RGB, '
+        'e.g. (39, 39, 3)'
+    )
+  if not 0 <= config.augment_p <= 1:
+    raise ValueError(f'config.augment_p={config.augment_p!r}: a probability in [0, 1]')
+  if config.data_dir:
+    for split in ('train', 'test'):
+      directory = os.path.join(config.data_dir, split)
+      if not os.path.isdir(directory):
+        raise ValueError(
+            f'config.data_dir={config.data_dir!r}: no {split}/ folder of maze PNGs there '
+            '(the reference layout <root>/{train,test}/<class>/*.png); unset it to generate mazes'
+        )
+
+
+def train_source(config):
+  check_config(config)
+  if config.data_dir:
+    return ModelRecords(MazeFolder(config.data_dir, 'train', config.maze_route_length))
+  size = config.image_shape[0]
+  return ModelRecords(
+      GeneratedMazes(size, config.maze_route_length, config.seed, TRAIN_RECORDS, 'train')
+  )
+
+
+def eval_source(config):
+  check_config(config)
+  if config.data_dir:
+    return ModelRecords(MazeFolder(config.data_dir, 'test', config.maze_route_length))
+  size = config.image_shape[0]
+  return ModelRecords(
+      GeneratedMazes(size, config.maze_route_length, config.seed, TEST_RECORDS, 'test')
+  )
+
+
+def train_transform(config):
+  """The reference's random rotations and flips, each with probability augment_p."""
+  if not config.augment_p:
+    return None
+  return functools.partial(_augment_record, p=float(config.augment_p))
 
 
 def write_dataset(out: str, size: int, train: int, test: int, seed: int, route_length: int = 100):

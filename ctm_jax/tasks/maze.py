@@ -2,8 +2,8 @@
 
 Inputs NHWC maze images, targets (B, R): the route's moves (up, down, left,
 right, wait). The model answers all R moves at every tick (out_dims 5R,
-reshaped (R, 5)). Maze data is not part of ctm-jax yet, so a maze config can
-be benchmarked, sized (compile_check) and imported, not trained.
+reshaped (R, 5)). Data: generated perfect mazes, or the reference's maze
+folders when `config.data_dir` is set (ctm_jax/data/mazes.py).
 
 Dimension glossary: B batch, T ticks, R route length.
 """
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import losses
+from ctm_jax.data import mazes as maze_data
 from ctm_jax.tasks import base
 
 MOVES = 5  # up, down, left, right, wait
@@ -53,7 +54,9 @@ def maze_loss(
 @base.register
 class Maze(base.Task):
   name = 'maze'
-  config_keys = frozenset({'maze_route_length', 'image_shape', 'cirriculum_lookahead'})
+  config_keys = frozenset(
+      {'maze_route_length', 'image_shape', 'cirriculum_lookahead', 'data_dir', 'augment_p'}
+  )
   identity_keys = ('maze_route_length', 'image_shape')
 
   def validate(self, config):
@@ -63,10 +66,16 @@ class Maze(base.Task):
         raise ValueError(f'config.{key}={value!r}: must be a positive integer')
 
   def check_data(self, config):
-    raise ValueError(
-        f'config.task={self.name!r}: there is no maze data to train on yet; maze configs '
-        'can be benchmarked (benchmarks/model_bench.py) and sized (ctm_jax.tools.compile_check)'
-    )
+    maze_data.check_config(config)
+
+  def train_source(self, config):
+    return maze_data.train_source(config)
+
+  def eval_source(self, config):
+    return maze_data.eval_source(config)
+
+  def train_transform(self, config):
+    return maze_data.train_transform(config)
 
   def record_spec(self, config):
     return {
