@@ -157,6 +157,10 @@ def test_maze_smoke_trains_on_generated_mazes_and_on_a_reference_folder(tmp_path
   records = [json.loads(line) for line in (tmp_path / 'generated' / 'metrics.jsonl').open()]
   evals = [r for r in records if 'eval/acc_most_certain' in r]
   assert evals and 0 <= evals[-1]['eval/acc_most_certain'] <= 1
+  ticks = config.model.iterations
+  for prefix in ('eval', 'train'):
+    record = next(r for r in records if f'{prefix}/solved_most_certain' in r)
+    assert {f'{prefix}/solved_last', f'{prefix}/solved_tick_{ticks - 1}'} <= set(record)
 
   mazes.write_dataset(str(tmp_path / 'folder'), size=15, train=40, test=32, seed=9)
   config.data_dir = str(tmp_path / 'folder')
@@ -166,3 +170,33 @@ def test_maze_smoke_trains_on_generated_mazes_and_on_a_reference_folder(tmp_path
   with pytest.raises(ValueError, match=r"config\.data_dir=.*nowhere.*no train/ folder"):
     train.train_and_evaluate(config, str(tmp_path / 'refused'))
   assert not (tmp_path / 'refused').exists()
+
+
+def test_solve_rate_counts_whole_routes_per_tick():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from ctm_jax import tasks  # pylint: disable=g-import-not-at-top
+  from ctm_jax.models import ctm  # pylint: disable=g-import-not-at-top
+
+  task = tasks.get('maze')
+  targets_BxR = np.array([[0, 3, 4], [1, 1, 2]], np.int32)
+  # Tick 0: both routes right; tick 1: example 1 wrong at its last step.
+  logits_BxRx5xT = np.zeros((2, 3, 5, 2), np.float32)
+  for b in range(2):
+    for r in range(3):
+      logits_BxRx5xT[b, r, targets_BxR[b, r], :] = 1.0
+  logits_BxRx5xT[1, 2, :, 1] = 0.0
+  logits_BxRx5xT[1, 2, 0, 1] = 1.0
+  output = ctm.CTMOutput(
+      predictions=jnp.asarray(logits_BxRx5xT.reshape(2, 15, 2)),
+      certainties=jnp.zeros((2, 2, 2)),
+      synch_out=jnp.zeros((2, 1)),
+  )
+  batch = {'targets': jnp.asarray(targets_BxR)}
+  aux = {'most_certain_B': jnp.array([1, 1])}
+  metrics = task.train_metrics(None, output, batch, jnp.float32(0), aux)
+  np.testing.assert_array_equal(metrics['solved_tick_sum'], [2, 1])
+  assert float(metrics['solved_most_certain_sum']) == 1 and float(metrics['solved_last_sum']) == 1
+  np.testing.assert_allclose(metrics['acc_tick_sum'], [2, 1 + 2 / 3])
+  arrays = task.eval_arrays(None, output, batch, aux)
+  np.testing.assert_array_equal(arrays['solved_BxT'], [[1, 1], [1, 0]])

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import evaluators
 from ctm_jax import losses
 from ctm_jax.data import mazes as maze_data
 from ctm_jax.tasks import base
@@ -108,12 +109,36 @@ class Maze(base.Task):
     )
     return loss, {'most_certain_B': most_certain_B, 'upto_B': upto_B}
 
-  def correct(self, output, batch):
-    """Fraction of route steps right at every tick, (B, T)."""
+  def _hits(self, output, batch):
+    """Whether each route step is right at each tick, (B, R, T)."""
     batch_size, _, ticks = output.predictions.shape
     logits_BxRx5xT = output.predictions.reshape(batch_size, -1, MOVES, ticks)
-    hits_BxRxT = jnp.argmax(logits_BxRx5xT, axis=2) == batch['targets'][..., None]
-    return hits_BxRxT.mean(axis=1)
+    return jnp.argmax(logits_BxRx5xT, axis=2) == batch['targets'][..., None]
+
+  def correct(self, output, batch):
+    """Fraction of route steps right at every tick, (B, T)."""
+    return self._hits(output, batch).mean(axis=1)
+
+  def train_metrics(self, config, output, batch, loss, aux):
+    """The per-step accuracies, plus the full-route solve rate (every step right,
+    the wait padding included, as the reference's per-maze accuracy)."""
+    metrics = super().train_metrics(config, output, batch, loss, aux)
+    solved_BxT = self._hits(output, batch).all(axis=1).astype(jnp.float32)
+    rows = jnp.arange(solved_BxT.shape[0])
+    metrics.update(
+        solved_tick_sum=solved_BxT.sum(0),
+        solved_most_certain_sum=solved_BxT[rows, aux['most_certain_B']].sum(),
+        solved_last_sum=solved_BxT[:, -1].sum(),
+    )
+    return metrics
+
+  def eval_arrays(self, config, output, batch, aux):
+    arrays = super().eval_arrays(config, output, batch, aux)
+    arrays['solved_BxT'] = self._hits(output, batch).all(axis=1).astype(jnp.float32)
+    return arrays
+
+  def evaluators(self, config, context):
+    return [*super().evaluators(config, context), evaluators.TopK(context, 'solved_BxT', 'solved')]
 
   def matches_reference_args(self, args):
     return 'maze_route_length' in args or str(args.get('dataset')).startswith('mazes')
