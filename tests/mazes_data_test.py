@@ -120,6 +120,8 @@ def test_model_input_whitens_the_path_and_expands_the_range():
   assert mazes._is((x + 1) / 2, mazes.START).sum() == 1 and mazes._is((x + 1) / 2, mazes.GOAL).sum() == 1
   walls = np.all(image == 0, axis=-1)
   np.testing.assert_array_equal(np.all(x == -1, axis=-1), walls)
+  # The reference's --no-expand_range: the whitened picture as it is, in [0, 1].
+  np.testing.assert_array_equal(mazes.model_input(image, expand_range=False), (x + 1) / 2)
 
 
 def test_bad_size_is_named():

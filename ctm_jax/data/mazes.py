@@ -173,11 +173,12 @@ def augment(image_HxWx3, route_R, rng: np.random.Generator, p: float):
   return np.ascontiguousarray(image_HxWx3), route_R.astype(np.int32)
 
 
-def model_input(image_HxWx3: np.ndarray) -> np.ndarray:
-  """The path whitened (the model must find it), then [0, 1] -> [-1, 1]."""
+def model_input(image_HxWx3: np.ndarray, expand_range: bool = True) -> np.ndarray:
+  """The path whitened (the model must find it), then [0, 1] -> [-1, 1] when
+  `expand_range` (the reference's flag; its train_ctm.sh turns it off)."""
   image_HxWx3 = np.array(image_HxWx3, np.float32, copy=True)
   image_HxWx3[_is(image_HxWx3, PATH)] = FREE
-  return image_HxWx3 * 2 - 1
+  return image_HxWx3 * 2 - 1 if expand_range else image_HxWx3
 
 
 def make_maze(size: int, rng: np.random.Generator):
@@ -270,20 +271,24 @@ class MazeFolder:
 
 class ModelRecords:
   """A maze source's records as the model reads them: {'inputs': float32
-  (H, W, 3) in [-1, 1], path whitened; 'targets': int32 (R,) route}."""
+  (H, W, 3), path whitened, in [-1, 1] (or [0, 1] without expand_range);
+  'targets': int32 (R,) route}."""
 
-  def __init__(self, source):
-    self.source = source
+  def __init__(self, source, expand_range: bool = True):
+    self.source, self.expand_range = source, expand_range
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
     record = self.source[index]
-    return {'inputs': model_input(record['image']), 'targets': record['route']}
+    return {
+        'inputs': model_input(record['image'], self.expand_range),
+        'targets': record['route'],
+    }
 
   def __repr__(self):
-    return f'ModelRecords({self.source!r})'
+    return f'ModelRecords({self.source!r}, expand_range={self.expand_range})'
 
 
 def _augment_record(record, rng, p):
@@ -302,6 +307,8 @@ def check_config(config):
         f'config.image_shape={tuple(config.image_shape)!r}: mazes are square, odd-sized RGB, '
         'e.g. (39, 39, 3)'
     )
+  if not isinstance(config.expand_range, bool):
+    raise ValueError(f'config.expand_range={config.expand_range!r}: True or False')
   if not 0 <= config.augment_p <= 1:
     raise ValueError(f'config.augment_p={config.augment_p!r}: a probability in [0, 1]')
   if config.data_dir:
@@ -317,20 +324,26 @@ def check_config(config):
 def train_source(config):
   check_config(config)
   if config.data_dir:
-    return ModelRecords(MazeFolder(config.data_dir, 'train', config.maze_route_length))
+    return ModelRecords(
+        MazeFolder(config.data_dir, 'train', config.maze_route_length), config.expand_range
+    )
   size = config.image_shape[0]
   return ModelRecords(
-      GeneratedMazes(size, config.maze_route_length, config.seed, TRAIN_RECORDS, 'train')
+      GeneratedMazes(size, config.maze_route_length, config.seed, TRAIN_RECORDS, 'train'),
+      config.expand_range,
   )
 
 
 def eval_source(config):
   check_config(config)
   if config.data_dir:
-    return ModelRecords(MazeFolder(config.data_dir, 'test', config.maze_route_length))
+    return ModelRecords(
+        MazeFolder(config.data_dir, 'test', config.maze_route_length), config.expand_range
+    )
   size = config.image_shape[0]
   return ModelRecords(
-      GeneratedMazes(size, config.maze_route_length, config.seed, TEST_RECORDS, 'test')
+      GeneratedMazes(size, config.maze_route_length, config.seed, TEST_RECORDS, 'test'),
+      config.expand_range,
   )
 
 

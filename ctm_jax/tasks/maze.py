@@ -56,7 +56,14 @@ def maze_loss(
 class Maze(base.Task):
   name = 'maze'
   config_keys = frozenset(
-      {'maze_route_length', 'image_shape', 'cirriculum_lookahead', 'data_dir', 'augment_p'}
+      {
+          'maze_route_length',
+          'image_shape',
+          'cirriculum_lookahead',
+          'data_dir',
+          'augment_p',
+          'expand_range',
+      }
   )
   identity_keys = ('maze_route_length', 'image_shape')
 
