@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data_dir = ''  # empty: generated mazes
   config.augment_p = 0.5  # the reference's MazeImageFolder default
   config.expand_range = True  # inputs in [-1, 1]; the reference's flag (train_ctm.sh: off)
+  config.n_route_gifs = 2  # held-out mazes drawn at each eval (plots/route_<step>_<i>.gif)
   config.batch_size = 16
   config.batch_size_test = 64
   config.lr = 1e-4

@@ -167,6 +167,12 @@ class AdaptiveCompute:
     return scalars
 
 
+def head_mean_attention(output):
+  """(B, T, N) attention weights of a tracked forward, averaged over heads."""
+  attention_TxBxN = output.tracking.attention.astype(jnp.float32).mean(axis=(2, 3))
+  return jnp.moveaxis(attention_TxBxN, 0, 1)
+
+
 def make_attention_step(model, num_top: int):
   """(state, images) -> per-tick attention maps and top classes of a few images.
 
@@ -175,13 +181,12 @@ def make_attention_step(model, num_top: int):
   """
   def attention_step(state, images):
     output = model.apply(steps.variables(state, state.params), images, track=True)
-    attention_TxBxN = output.tracking.attention.astype(jnp.float32).mean(axis=(2, 3))
     probs_BxTxC = jax.nn.softmax(
         jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1
     )
     top_probs_BxTxA, top_classes_BxTxA = jax.lax.top_k(probs_BxTxC, num_top)
     return {
-        'attention_BxTxN': jnp.moveaxis(attention_TxBxN, 0, 1),
+        'attention_BxTxN': head_mean_attention(output),
         'top_probs_BxTxA': top_probs_BxTxA,
         'top_classes_BxTxA': top_classes_BxTxA,
         'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
@@ -214,17 +219,18 @@ def feature_grid(model, input_shape) -> tuple[int, int]:
   return shape[1], shape[2]
 
 
-class AttentionGifs:
-  """`attention_<step>_<i>.gif` for the first `count` held-out images (process 0):
-  per tick, where the heads attend, the top classes' probabilities and the certainty.
+class TrackedGifs:
+  """A gif per held-out record for the first `count` records (process 0), drawn
+  from a jitted tracked forward (`make_step(model)`: (state, inputs) -> arrays
+  with a leading batch axis, `attention_BxTxN` among them).
 
-  The images are the same records on every process, so they go in replicated;
-  the tracked step is jitted once and runs without the logical rules, whose
-  batch constraint a few images cannot satisfy. Every process runs it (one SPMD
+  The records are the same on every process, so they go in replicated; the
+  tracked step is jitted once and runs without the logical rules, whose batch
+  constraint a few records cannot satisfy. Every process runs it (one SPMD
   program); process 0 draws.
   """
 
-  def __init__(self, context: Context, count: int):
+  def __init__(self, context: Context, count: int, make_step):
     self.context = context
     model = context.model
     count = min(count, len(context.eval_source))
@@ -234,7 +240,7 @@ class AttentionGifs:
       return
     records = [context.eval_source[i] for i in range(count)]
     self.images = np.stack([np.asarray(r['inputs']) for r in records])
-    self.labels = [int(r['targets']) for r in records]
+    self.targets = [np.asarray(r['targets']) for r in records]
     self.grid = feature_grid(model, self.images.shape[1:])
     run = context.run
     replicated = sharding.replicated(run.mesh)
@@ -242,10 +248,11 @@ class AttentionGifs:
         self.images.shape, replicated, lambda i: self.images[i]
     )
     self.step_fn = jax.jit(
-        make_attention_step(model, min(5, model.out_dims)),
-        in_shardings=(run.state_shardings, replicated),
-        out_shardings=replicated,
+        make_step(model), in_shardings=(run.state_shardings, replicated), out_shardings=replicated
     )
+
+  def draw(self, index: int, tracked: dict, attention_Txhxw, step: int):
+    raise NotImplementedError
 
   def run(self, state, step: int) -> dict[str, float]:
     if not self.active:
@@ -257,15 +264,28 @@ class AttentionGifs:
     grid = self.grid
     if attention_BxTxN.shape[-1] != grid[0] * grid[1]:
       raise ValueError(f'attention over {attention_BxTxN.shape[-1]} positions, not a {grid} map')
-    for i, (image, label) in enumerate(zip(self.images, self.labels)):
-      plots.attention_gif(
-          image,
-          attention_BxTxN[i].reshape(-1, *grid),
-          tracked['top_probs_BxTxA'][i],
-          tracked['top_classes_BxTxA'][i],
-          tracked['certainty_BxT'][i],
-          os.path.join(self.context.plot_dir, f'attention_{step:07d}_{i}.gif'),
-          label=label,
-          title=f'step {step}, eval image {i}: ',
-      )
+    for i in range(len(self.images)):
+      mine = {k: v[i] for k, v in tracked.items()}
+      self.draw(i, mine, attention_BxTxN[i].reshape(-1, *grid), step)
     return {}
+
+
+class AttentionGifs(TrackedGifs):
+  """`attention_<step>_<i>.gif` for the first `count` held-out images: per tick,
+  where the heads attend, the top classes' probabilities and the certainty."""
+
+  def __init__(self, context: Context, count: int):
+    num_top = min(5, context.model.out_dims)
+    super().__init__(context, count, lambda model: make_attention_step(model, num_top))
+
+  def draw(self, index, tracked, attention_Txhxw, step):
+    plots.attention_gif(
+        self.images[index],
+        attention_Txhxw,
+        tracked['top_probs_BxTxA'],
+        tracked['top_classes_BxTxA'],
+        tracked['certainty_BxT'],
+        os.path.join(self.context.plot_dir, f'attention_{step:07d}_{index}.gif'),
+        label=int(self.targets[index]),
+        title=f'step {step}, eval image {index}: ',
+    )

@@ -164,6 +164,14 @@ def test_maze_smoke_trains_on_generated_mazes_and_on_a_reference_folder(tmp_path
     record = next(r for r in records if f'{prefix}/solved_most_certain' in r)
     assert {f'{prefix}/solved_last', f'{prefix}/solved_tick_{ticks - 1}'} <= set(record)
 
+  # The route gifs: a frame per tick.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  gifs = sorted((tmp_path / 'generated' / 'plots').glob('route_*.gif'))
+  assert len(gifs) == config.n_route_gifs, gifs
+  with Image.open(gifs[0]) as gif:
+    assert gif.n_frames == ticks
+
   mazes.write_dataset(str(tmp_path / 'folder'), size=15, train=40, test=32, seed=9)
   config.data_dir = str(tmp_path / 'folder')
   state = train.train_and_evaluate(config, str(tmp_path / 'read'))

@@ -8,12 +8,16 @@ folders when `config.data_dir` is set (ctm_jax/data/mazes.py).
 Dimension glossary: B batch, T ticks, R route length.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import evaluators
 from ctm_jax import losses
+from ctm_jax import steps
+from ctm_jax.analysis import plots
 from ctm_jax.data import mazes as maze_data
 from ctm_jax.tasks import base
 
@@ -52,6 +56,47 @@ def maze_loss(
   return loss, chosen_B, upto_B
 
 
+def _make_route_step(model):
+  """(state, mazes) -> per-tick attention, each tick's predicted route, certainty."""
+
+  def route_step(state, images):
+    output = model.apply(steps.variables(state, state.params), images, track=True)
+    batch, _, ticks = output.predictions.shape
+    logits_BxRx5xT = output.predictions.reshape(batch, -1, MOVES, ticks)
+    return {
+        'attention_BxTxN': evaluators.head_mean_attention(output),
+        'routes_BxTxR': jnp.moveaxis(jnp.argmax(logits_BxRx5xT, axis=2), 2, 1),
+        'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+    }
+
+  return route_step
+
+
+class RouteGifs(evaluators.TrackedGifs):
+  """`route_<step>_<i>.gif` for the first `count` held-out mazes: per tick, the
+  attention over the maze and the route predicted at that tick, walked from the
+  start (the paper's maze figure)."""
+
+  def __init__(self, context, count: int, expand_range: bool):
+    super().__init__(context, count, _make_route_step)
+    self.expand_range = expand_range
+
+  def draw(self, index, tracked, attention_Txhxw, step):
+    image_HxWx3 = self.images[index]
+    if self.expand_range:
+      image_HxWx3 = (image_HxWx3 + 1) / 2
+    start = np.argwhere(np.all(image_HxWx3 == np.array(maze_data.START), axis=-1))[0]
+    plots.route_gif(
+        image_HxWx3,
+        attention_Txhxw,
+        tracked['routes_BxTxR'],
+        tracked['certainty_BxT'],
+        tuple(int(v) for v in start),
+        os.path.join(self.context.plot_dir, f'route_{step:07d}_{index}.gif'),
+        title=f'step {step}, maze {index}: ',
+    )
+
+
 @base.register
 class Maze(base.Task):
   name = 'maze'
@@ -63,6 +108,7 @@ class Maze(base.Task):
           'data_dir',
           'augment_p',
           'expand_range',
+          'n_route_gifs',
       }
   )
   identity_keys = ('maze_route_length', 'image_shape')
@@ -72,6 +118,9 @@ class Maze(base.Task):
       value = config[key]
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'config.{key}={value!r}: must be a positive integer')
+    gifs = config.n_route_gifs
+    if not isinstance(gifs, int) or isinstance(gifs, bool) or gifs < 0:
+      raise ValueError(f'config.n_route_gifs={gifs!r}: must be a non-negative integer')
 
   def check_data(self, config):
     maze_data.check_config(config)
@@ -145,7 +194,10 @@ class Maze(base.Task):
     return arrays
 
   def evaluators(self, config, context):
-    return [*super().evaluators(config, context), evaluators.TopK(context, 'solved_BxT', 'solved')]
+    found = [*super().evaluators(config, context), evaluators.TopK(context, 'solved_BxT', 'solved')]
+    if config.n_route_gifs:
+      found.append(RouteGifs(context, config.n_route_gifs, config.expand_range))
+    return found
 
   def matches_reference_args(self, args):
     return 'maze_route_length' in args or str(args.get('dataset')).startswith('mazes')
