@@ -43,16 +43,12 @@ class SaveError(OSError):
 
 def _reason(error: BaseException) -> str:
   """The OS error inside an orbax/TensorStore failure, else its first line."""
-  text = str(error)
-  found = re.search(r"os_error_code='?(\d+)", text)
   if isinstance(error, OSError) and error.errno:
     return os.strerror(error.errno)
+  found = re.search(r"os_error_code='?(\d+)", str(error))
   if found:
     return os.strerror(int(found.group(1)))
-  lines = text.strip().splitlines()
-  first = lines[0] if lines else ''
-  return f'{type(error).__name__}: {first[:300]}'
-
+  return f'{type(error).__name__}: {validation.first_line(error)[:300]}'
 
 
 class NoIntactCheckpoint(validation.UsageError):

@@ -80,6 +80,10 @@ class _QuietLibraries(std_logging.Filter):
     return '/orbax/' not in record.pathname
 
 
+def _summary(exc_type, exc_value) -> str:
+  return f'{getattr(exc_type, "__name__", "?")}: {validation.first_line(exc_value)}'
+
+
 def _log_callback_failure(exc_type, exc_value, tb):
   """sys.excepthook: an error raised only through library frames (TensorStore
   printing a failed asyncio callback after a failed save, say) as one log line;
@@ -88,8 +92,7 @@ def _log_callback_failure(exc_type, exc_value, tb):
   if not frames or any('/ctm_jax/' in frame.filename for frame in frames):
     sys.__excepthook__(exc_type, exc_value, tb)
     return
-  lines = str(exc_value).strip().splitlines()
-  logging.warning('Background callback failed: %s: %s', exc_type.__name__, lines[0] if lines else '')
+  logging.warning('Background callback failed: %s', _summary(exc_type, exc_value))
 
 
 _UNRAISABLE_SEEN = set()
@@ -98,28 +101,21 @@ _UNRAISABLE_SEEN = set()
 def _log_unraisable(args):
   """sys.unraisablehook: an exception a library could not raise (TensorStore's
   callbacks into a closed event loop after a failed save) as one log line, once."""
-  lines = str(args.exc_value).strip().splitlines()
-  key = (args.exc_type, lines[0] if lines else '')
-  if key in _UNRAISABLE_SEEN:
+  summary = _summary(args.exc_type, args.exc_value)
+  if summary in _UNRAISABLE_SEEN:
     return
-  _UNRAISABLE_SEEN.add(key)
-  logging.warning(
-      'Ignored in a library callback: %s: %s',
-      getattr(args.exc_type, '__name__', '?'),
-      lines[0] if lines else '',
-  )
+  _UNRAISABLE_SEEN.add(summary)
+  logging.warning('Ignored in a library callback: %s', summary)
 
 
 def _log_thread_failure(args):
   """A background thread's uncaught exception, as one log line (not a traceback)."""
   if args.exc_type is SystemExit:
     return
-  lines = str(args.exc_value).strip().splitlines()
   logging.warning(
-      'Background thread %s failed: %s: %s',
+      'Background thread %s failed: %s',
       getattr(args.thread, 'name', '?'),
-      args.exc_type.__name__,
-      lines[0] if lines else '',
+      _summary(args.exc_type, args.exc_value),
   )
 
 
@@ -188,8 +184,7 @@ def _config_error(argv, error) -> str:
     module = config_flags_lib._LoadConfigModule('ctm_config', path)  # pylint: disable=protected-access
     base = module.get_config(variant or None)
   except Exception as e:  # pylint: disable=broad-except  # the variant or the file itself
-    lines = str(e).strip().splitlines()
-    return f'--config={spec}: {lines[0] if lines else type(e).__name__}'
+    return f'--config={spec}: {validation.first_line(e) or type(e).__name__}'
   keys = _dotted_keys(base)
   for arg in argv:
     if arg.startswith('--config.'):
@@ -217,8 +212,7 @@ def _parse_flags(argv):
     if any(a.startswith('--config') for a in argv[1:]) or 'config' in str(e):
       message = _config_error(argv[1:], e)
     else:
-      lines = str(e).strip().splitlines()
-      message = lines[0] if lines else type(e).__name__
+      message = validation.first_line(e) or type(e).__name__
     print(f'ctm_jax.main: {message}', file=sys.stderr)
     sys.exit(2)
 

@@ -222,7 +222,6 @@ class MetricWindow:
     logged = f'; train loss logged at step {loss[0]}: {loss[1]:.4g}' if loss else ''
     return f'the newest checkpoint is step {latest} in {directory}{logged}'
 
-
   def _reset(self):
     self.sums, self.grad_norm, self.steps = None, 0.0, 0
     self.start = time.perf_counter()
@@ -285,16 +284,16 @@ def _initial_state(config, model, run: Setup, checkpointer, train_iterator, same
   return state, 'fresh'
 
 
-def _check_data_sizes(config, task):
+def _check_data_sizes(config, train_source, eval_source):
   """Batches the data cannot fill, named by their config field (UsageError)."""
   shards = jax.process_count()
-  records = len(task.train_source(config))
+  records = len(train_source)
   if pipeline.train_batches_per_epoch(records, config.batch_size // shards, shards) < 1:
     raise validation.UsageError(
         f'config.batch_size={config.batch_size}: the train set has {records} records; '
         f'pass a batch size of at most {records // shards * shards}'
     )
-  records = len(task.eval_source(config))
+  records = len(eval_source)
   available = pipeline.eval_batches_available(records, config.batch_size_test // shards, shards)
   if available < config.n_test_batches:
     field, value = ('batch_size_test', config.batch_size_test) if not available else (
@@ -319,19 +318,18 @@ def train_and_evaluate(config, workdir: str):
   started = time.perf_counter()
   task, model = validation.validate(config)
   task.check_data(config)  # before anything is written or compiled
-  _check_data_sizes(config, task)
+  # Built once: a source may read a whole dataset into memory (maze folders).
+  sources = (task.train_source(config), task.eval_source(config))
+  _check_data_sizes(config, *sources)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    return _train_and_evaluate(config, workdir, task, model, mesh, started)
+    workdir = workdir_lib.prepare(workdir)
+    with workdir_lib.Lock(workdir, jax.process_index()):
+      return _train_and_evaluate(config, workdir, task, model, mesh, started, sources)
 
 
-def _train_and_evaluate(config, workdir, task, model, mesh, started):
-  workdir = workdir_lib.prepare(workdir)
-  with workdir_lib.Lock(workdir, jax.process_index()):
-    return _locked_train_and_evaluate(config, workdir, task, model, mesh, started)
-
-
-def _locked_train_and_evaluate(config, workdir, task, model, mesh, started):
+def _train_and_evaluate(config, workdir, task, model, mesh, started, sources):
+  train_source, eval_source = sources
   is_chief = jax.process_index() == 0
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   try:  # until the loop's own cleanup takes over
@@ -347,7 +345,7 @@ def _locked_train_and_evaluate(config, workdir, task, model, mesh, started):
     has_config = os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_FILE))
     run = setup(config, model, task, mesh)
     train_loader = pipeline.make_train_loader(
-        task.train_source(config),
+        train_source,
         batch_size=config.batch_size // jax.process_count(),  # per host
         seed=config.seed,
         shard_index=jax.process_index(),
@@ -371,7 +369,6 @@ def _locked_train_and_evaluate(config, workdir, task, model, mesh, started):
     # Written only now: a refused or failed start leaves the workdir's record as it was.
     config_path = checkpoint_lib.write_config(workdir, config)
     start, total = int(state.step), config.training_iterations
-    eval_source = task.eval_source(config)
     plot_dir = os.path.join(workdir, 'plots')
     context = evaluators_lib.Context(
         config=config,

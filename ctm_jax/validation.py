@@ -1,7 +1,9 @@
 """Whole-config validation, before anything is compiled or written."""
 
 import dataclasses
+import json
 import numbers
+import os
 
 import jax
 
@@ -61,6 +63,12 @@ TRAIN_KEYS = frozenset(
 
 class UsageError(ValueError):
   """A mistake the user can fix (a field, a path, a workdir): shown as one line, exit 2."""
+
+
+def first_line(error: BaseException) -> str:
+  """The first line of an exception's message ('' when it has none): one-line errors."""
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else ''
 
 
 def _fail(field, value, why):
@@ -139,9 +147,6 @@ _COMPUTE_FIELDS = ('dtype', 'remat', 'unroll')
 
 def _check_init_from(path, model):
   """config.init_from holds an import of this very model (weights aside)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
     _fail(

@@ -69,6 +69,20 @@ def _unit_range(image_HxWxC):
   return image_HxWxC[..., 0] if image_HxWxC.shape[-1] == 1 else image_HxWxC
 
 
+def _frame(fig):
+  """The figure as it is drawn now, as a palette image."""
+  fig.canvas.draw()
+  frame = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+  # Octree palettes: far quicker than Pillow's default median cut.
+  return frame.quantize(method=Image.Quantize.FASTOCTREE)
+
+
+def _save_gif(fig, frames, path, frame_ms: int) -> str:
+  plt.close(fig)
+  frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+  return str(path)
+
+
 def attention_gif(
     image_HxWxC,
     attention_Txhxw,
@@ -113,13 +127,8 @@ def attention_gif(
       name.set_text(f'class {int(cls)}: {float(prob):.2f}')
     truth = '' if label is None else f', label {label}'
     heading.set_text(f'{title}tick {t + 1}/{ticks}, certainty {float(certainty_T[t]):.3f}{truth}')
-    fig.canvas.draw()
-    frame = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    # Octree palettes: far quicker than Pillow's default median cut.
-    frames.append(frame.quantize(method=Image.Quantize.FASTOCTREE))
-  plt.close(fig)
-  frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-  return str(path)
+    frames.append(_frame(fig))
+  return _save_gif(fig, frames, path, frame_ms)
 
 
 def route_gif(
@@ -172,9 +181,5 @@ def route_gif(
     line.set_data(xs, ys)
     cross.set_data([blocked[1]] if blocked else [], [blocked[0]] if blocked else [])
     heading.set_text(f'{title}tick {t + 1}/{len(routes_TxR)}, certainty {float(certainty_T[t]):.3f}')
-    fig.canvas.draw()
-    frame = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    frames.append(frame.quantize(method=Image.Quantize.FASTOCTREE))
-  plt.close(fig)
-  frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-  return str(path)
+    frames.append(_frame(fig))
+  return _save_gif(fig, frames, path, frame_ms)

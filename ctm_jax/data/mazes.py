@@ -321,30 +321,22 @@ def check_config(config):
         )
 
 
-def train_source(config):
+def _source(config, split: str, num_records: int):
   check_config(config)
   if config.data_dir:
-    return ModelRecords(
-        MazeFolder(config.data_dir, 'train', config.maze_route_length), config.expand_range
-    )
-  size = config.image_shape[0]
-  return ModelRecords(
-      GeneratedMazes(size, config.maze_route_length, config.seed, TRAIN_RECORDS, 'train'),
-      config.expand_range,
-  )
+    mazes = MazeFolder(config.data_dir, split, config.maze_route_length)
+  else:
+    size = config.image_shape[0]
+    mazes = GeneratedMazes(size, config.maze_route_length, config.seed, num_records, split)
+  return ModelRecords(mazes, config.expand_range)
+
+
+def train_source(config):
+  return _source(config, 'train', TRAIN_RECORDS)
 
 
 def eval_source(config):
-  check_config(config)
-  if config.data_dir:
-    return ModelRecords(
-        MazeFolder(config.data_dir, 'test', config.maze_route_length), config.expand_range
-    )
-  size = config.image_shape[0]
-  return ModelRecords(
-      GeneratedMazes(size, config.maze_route_length, config.seed, TEST_RECORDS, 'test'),
-      config.expand_range,
-  )
+  return _source(config, 'test', TEST_RECORDS)
 
 
 def train_transform(config):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import tasks as tasks_lib
+from ctm_jax import validation
 from ctm_jax.models import ctm as ctm_lib
 
 # Reference modules evaluated once per tick.
@@ -352,16 +353,15 @@ def load_reference_checkpoint(path: str, trust_pickle: bool = False):
     else:
       with torch.serialization.safe_globals(_safe_globals()):
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    if trust_pickle:
-      raise ValueError(f'{path}: not a readable PyTorch checkpoint ({_first_line(e)})') from e
-    raise ValueError(
-        f'{path}: refused to unpickle it: it holds objects other than tensors, numbers, '
-        f'numpy arrays and argparse args ({_first_line(e)}); only if you trust where the file '
-        'came from, pass --trust_pickle (this runs code the file names)'
-    ) from e
   except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file makes torch raise
-    raise ValueError(f'{path}: not a readable PyTorch checkpoint ({_first_line(e)})') from e
+    reason = validation.first_line(e) or type(e).__name__
+    if isinstance(e, pickle.UnpicklingError) and not trust_pickle:
+      raise ValueError(
+          f'{path}: refused to unpickle it: it holds objects other than tensors, numbers, '
+          f'numpy arrays and argparse args ({reason}); only if you trust where the file '
+          'came from, pass --trust_pickle (this runs code the file names)'
+      ) from e
+    raise ValueError(f'{path}: not a readable PyTorch checkpoint ({reason})') from e
   if not isinstance(checkpoint, Mapping) or 'model_state_dict' not in checkpoint:
     raise ValueError(f'{path}: not a reference training checkpoint (no model_state_dict)')
   if checkpoint.get('args') is None:
@@ -374,11 +374,6 @@ def load_reference_checkpoint(path: str, trust_pickle: bool = False):
         'the run that saved it had diverged: import an earlier checkpoint'
     )
   return state_dict, _as_dict(checkpoint['args']), checkpoint.get('iteration')
-
-
-def _first_line(error) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
 
 
 def _json_safe(args: dict) -> dict:
