@@ -15,7 +15,6 @@ from jax.extend import core as jex_core
 import numpy as np
 import pytest
 
-from ctm_jax import sharding
 from ctm_jax import train
 from ctm_jax import validation
 

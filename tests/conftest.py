@@ -48,3 +48,10 @@ def assert_close(actual, expected, tol=1e-4, what=''):
   assert actual.shape == expected.shape, f'{what}: shape {actual.shape} != {expected.shape}'
   err = np.abs(actual - expected) / np.maximum(1.0, np.abs(expected))
   assert err.max(initial=0.0) <= tol, f'{what}: max error {err.max():.3g} > {tol}'
+
+
+def one_error_line(output: str) -> str:
+  """The one `ctm_jax.main:` line of a command's output, which must hold no traceback."""
+  lines = [line for line in output.splitlines() if line.startswith('ctm_jax.main:')]
+  assert len(lines) == 1 and 'Traceback' not in output, output[-3000:]
+  return lines[0]

@@ -64,13 +64,15 @@ def reference_args(case, kwargs) -> argparse.Namespace:
   return argparse.Namespace(**args)
 
 
-def save_checkpoint(path, sd, args):
+def save_checkpoint(path, sd, args, **extra):
+  """What a reference training script saves; `extra` adds its other entries."""
   torch.save(
       {
           'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
           'optimizer_state_dict': {},
           'iteration': 7,
           'args': args,
+          **extra,
       },
       path,
   )
@@ -244,19 +246,8 @@ class _Payload:
 
 def _golden_parity_checkpoint(path, **extra):
   arrays, meta = load_golden('parity')
-  sd = state_dict(arrays, meta)
   args = reference_args('parity', meta['constructor_kwargs'])
-  torch.save(
-      {
-          'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
-          'optimizer_state_dict': {},
-          'iteration': 7,
-          'args': args,
-          **extra,
-      },
-      path,
-  )
-  return sd
+  save_checkpoint(path, state_dict(arrays, meta), args, **extra)
 
 
 def test_full_reference_save_imports_without_trusting_pickle(tmp_path):

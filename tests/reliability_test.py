@@ -1,5 +1,6 @@
 """Hostile conditions: two trainers on one workdir, a killed lock holder."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import one_error_line
 from ctm_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -107,9 +109,8 @@ def test_second_trainer_on_a_workdir_exits_at_once_and_the_first_is_untouched(tm
     second = _main(workdir, '--config.training_iterations=50')
     out, err = second.communicate(timeout=_TIMEOUT)
     assert second.returncode == 2, err
-    lines = [line for line in err.splitlines() if line.startswith('ctm_jax.main:')]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    assert f'--workdir={workdir} is in use by another run (pid {first.pid} ' in lines[0]
+    line = one_error_line(err)
+    assert f'--workdir={workdir} is in use by another run (pid {first.pid} ' in line
     assert first.poll() is None  # still training
     assert (workdir / 'config.json').read_text() == config_before
   finally:
@@ -117,16 +118,16 @@ def test_second_trainer_on_a_workdir_exits_at_once_and_the_first_is_untouched(tm
     first.wait(timeout=_TIMEOUT)
     log.close()
   assert first.returncode == 0, (tmp_path / 'first.log').read_text()[-3000:]
-  steps = [json.loads(line)['step'] for line in metrics.read_text().splitlines()]
-  train_steps = [s for s, line in zip(steps, metrics.read_text().splitlines()) if 'train/loss' in line]
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
   assert train_steps == sorted(set(train_steps)), train_steps  # one run's lines only
 
 
 def _assert_stopped_in_one_line(proc, err, what):
+  """Exit 1 with one `ctm_jax.main:` line, the last of the output, that says `what`."""
   assert proc.returncode == 1, err[-3000:]
-  assert 'Traceback' not in err, err[-3000:]
-  last = err.strip().splitlines()[-1]
-  assert last.startswith('ctm_jax.main: '), err[-3000:]
+  last = one_error_line(err)
+  assert err.strip().splitlines()[-1] == last, err[-3000:]
   assert what in last, last
   return last
 
@@ -187,25 +188,28 @@ def test_full_disk_stops_the_run_in_one_line_and_keeps_checkpoints(tmp_path):
   assert int(restored['step']) == steps[-1]
 
 
-def _mount_tmpfs(path, size):
+@contextlib.contextmanager
+def _tmpfs(path, size, read_only=False):
+  """A tmpfs of `size` mounted at `path` for the body, unmounted after; skips the
+  test, saying why, where one cannot be mounted (not root, no mount rights)."""
   if os.geteuid() != 0:
-    return 'needs root to mount a tmpfs'
+    pytest.skip('needs root to mount a tmpfs')
   path.mkdir()
+  options = f'size={size}' + (',ro' if read_only else '')
   result = subprocess.run(
-      ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
-      capture_output=True,
-      text=True,
+      ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True, text=True
   )
-  return None if result.returncode == 0 else f'cannot mount a tmpfs here: {result.stderr.strip()}'
+  if result.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {result.stderr.strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=False)
 
 
 def test_tiny_filesystem_stops_the_run_in_one_line(tmp_path):
   """The reported situation: a 1.1 MB tmpfs workdir, a save every 7 steps."""
-  mount = tmp_path / 'tiny'
-  why = _mount_tmpfs(mount, '1100k')
-  if why:
-    pytest.skip(why)
-  try:
+  with _tmpfs(tmp_path / 'tiny', '1100k') as mount:
     proc = _main(
         mount / 'run',
         '--config.training_iterations=300',
@@ -221,8 +225,6 @@ def test_tiny_filesystem_stops_the_run_in_one_line(tmp_path):
       pytest.fail('the run hung on a full filesystem')
     last = _assert_stopped_in_one_line(proc, err, 'step ')
     assert 'No space left on device' in last, last
-  finally:
-    subprocess.run(['umount', '-l', str(mount)], check=False)
 
 
 def _children(pid) -> set[int]:
@@ -268,17 +270,9 @@ def test_data_workers_die_with_a_killed_trainer(tmp_path):
 
 
 def test_read_only_mount_is_one_line_exit_2(tmp_path):
-  mount = tmp_path / 'ro'
-  why = _mount_tmpfs(mount, '1m')
-  if why:
-    pytest.skip(why)
-  try:
-    subprocess.run(['mount', '-o', 'remount,ro', str(mount)], check=True)
+  with _tmpfs(tmp_path / 'ro', '1m', read_only=True) as mount:
     proc = _main(mount / 'run', stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=_TIMEOUT)
     assert proc.returncode == 2, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith('ctm_jax.main:')]
-    assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
-    assert f'--workdir={mount / "run"}: cannot create it (Read-only file system)' in lines[0]
-  finally:
-    subprocess.run(['umount', '-l', str(mount)], check=False)
+    line = one_error_line(err)
+    assert f'--workdir={mount / "run"}: cannot create it (Read-only file system)' in line

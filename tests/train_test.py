@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import one_error_line
 from ctm_jax.analysis import plots
 from ctm_jax import checkpoint
 from ctm_jax.configs import parity
@@ -589,10 +590,7 @@ def test_bad_config_is_rejected_before_writing(tmp_path, field, value):
 
 def _only_error_line(log_path) -> str:
   """The one `ctm_jax.main:` line of a refused run (and no traceback)."""
-  log = _read(log_path)
-  lines = [line for line in log.splitlines() if line.startswith('ctm_jax.main:')]
-  assert len(lines) == 1 and 'Traceback' not in log, log[-3000:]
-  return lines[0]
+  return one_error_line(_read(log_path))
 
 
 def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path):
