@@ -34,11 +34,26 @@ class SaveError(OSError):
   """A checkpoint could not be written; the newest committed one is intact."""
 
   def __init__(self, directory: str, step, cause: BaseException):
+    committed = _committed_steps(directory)
+    if committed:
+      kept = f'the newest committed checkpoint there, step {committed[-1]}, is intact'
+      then = 'rerun the same command to resume from it'
+    else:
+      kept = 'no checkpoint had been committed there yet'
+      then = 'rerun the same command to start again'
     super().__init__(
         f'saving checkpoint step {step} under {directory} failed: {_reason(cause)}; '
-        'the newest committed checkpoint there is intact: free space or fix the path, then '
-        'rerun the same command to resume from it'
+        f'{kept}: free space or fix the path, then {then}'
     )
+
+
+def _committed_steps(directory: str) -> list[int]:
+  """Steps on disk that orbax finished (in-progress ones carry a tmp suffix)."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit())
 
 
 def _reason(error: BaseException) -> str:

@@ -1,6 +1,7 @@
 """Hostile conditions: two trainers on one workdir, a killed lock holder."""
 
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -149,27 +150,36 @@ def _limit_file_size(limit):
 
 def test_full_disk_stops_the_run_in_one_line_and_keeps_checkpoints(tmp_path):
   """Every file the trainer writes is capped (RLIMIT_FSIZE, as a full disk would cap it):
-  the run ends promptly with one line naming the file or checkpoint and the step."""
+  the run ends promptly with one line naming the file or checkpoint, the step and
+  the newest committed checkpoint, which still restores."""
   workdir = tmp_path / 'run'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  command = [
+      sys.executable,
+      '-m',
+      'ctm_jax.main',
+      '--config=configs/parity.py:smoke',
+      f'--workdir={workdir}',
+      '--config.save_every=7',
+      '--config.log_every=1',
+      '--config.track_every=100000',
+  ]
+  # Checkpoints committed before the disk fills (a checkpoint of this model is
+  # close to the cap, so the capped run alone may fail on its first save).
+  first = subprocess.run(
+      command + ['--config.training_iterations=14'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=_TIMEOUT,
+  )
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert _committed(workdir) == [7, 14]
   proc = subprocess.Popen(
-      [
-          sys.executable,
-          '-m',
-          'ctm_jax.main',
-          '--config=configs/parity.py:smoke',
-          f'--workdir={workdir}',
-          '--config.training_iterations=100000',
-          '--config.save_every=7',
-          '--config.log_every=1',
-          '--config.track_every=100000',
-      ],
+      command + ['--config.training_iterations=100000'],
       cwd=REPO,
       env=env,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
-      preexec_fn=_limit_file_size(64 * 1024),
+      preexec_fn=_limit_file_size(32 * 1024),
   )
   try:
     _, err = proc.communicate(timeout=_TIMEOUT)
@@ -179,11 +189,12 @@ def test_full_disk_stops_the_run_in_one_line_and_keeps_checkpoints(tmp_path):
   last = _assert_stopped_in_one_line(proc, err, 'step ')
   assert 'File too large' in last or 'No space' in last, last
   assert 'rerun the same command' in last
-  # What was committed before the failure still restores.
+  steps = _committed(workdir)
+  assert steps and steps[-1] >= 14, steps
+  if 'saving checkpoint' in last:
+    assert f'step {steps[-1]}, is intact' in last, last
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  steps = _committed(workdir)
-  assert steps, 'no checkpoint was committed before the limit'
   restored = ocp.PyTreeCheckpointer().restore(str(workdir / 'checkpoints' / str(steps[-1]) / 'state'))
   assert int(restored['step']) == steps[-1]
 
@@ -276,3 +287,19 @@ def test_read_only_mount_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2, err[-3000:]
     line = one_error_line(err)
     assert f'--workdir={mount / "run"}: cannot create it (Read-only file system)' in line
+
+
+def test_save_error_names_the_newest_committed_step_or_that_there_is_none(tmp_path):
+  from ctm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  directory = tmp_path / 'checkpoints'
+  directory.mkdir()
+  full = OSError(errno.ENOSPC, 'No space left on device')
+  message = str(checkpoint.SaveError(str(directory), 7, full))
+  assert 'No space left on device' in message
+  assert 'no checkpoint had been committed there yet' in message
+  for name in ('7', '14', '21.orbax-checkpoint-tmp'):
+    (directory / name).mkdir()
+  message = str(checkpoint.SaveError(str(directory), 21, full))
+  assert 'saving checkpoint step 21' in message
+  assert 'step 14, is intact' in message
