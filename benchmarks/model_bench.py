@@ -14,7 +14,7 @@ Configs (`CONFIGS`; all of them by default): each names a config file of
 ctm_jax.configs, a variant and a batch size. parity_b16 and parity_b64
 (configs/parity.py: the 75-tick, 25-memory parity model of
 train_ctm_75_25.sh), cifar10_b32 (configs/cifar10.py), maze_b16
-(configs/maze.py) and imagenet_b2 (configs/imagenet.py: 224x224, resnet152-4,
+(configs/mazes.py:benchmark) and imagenet_b2 (configs/imagenet.py: 224x224, resnet152-4,
 batch 2). On a 2-core CPU imagenet_b2 alone takes about 4 minutes for init,
 compiles and one step of each kind (8 GiB resident; a train step ~70 s), so
 with the default --repeats it dominates a CPU run: leave it out with --configs
@@ -148,7 +148,7 @@ CONFIGS = {
     'parity_b16': ('parity.py:default', 16),
     'parity_b64': ('parity.py:default', 64),
     'cifar10_b32': ('cifar10.py:default', 32),
-    'maze_b16': ('maze.py:default', 16),
+    'maze_b16': ('mazes.py:benchmark', 16),
     # Batch 2: the smallest at which ImageNet's train step still fits a
     # 2-core CPU run (~70 s a step, 8 GiB); BatchNorm sees 2 x 14 x 14 values
     # per channel at its last stage.

@@ -66,7 +66,7 @@ def imagenet():
   )
 
 
-def maze():
+def mazes():
   return common.model(
       iterations=25,
       d_model=512,

@@ -21,7 +21,7 @@ CASES = [
 
 
 def test_every_task_has_a_config():
-  assert CONFIG_FILES and {'parity', 'image', 'maze'} <= set(CONFIG_FILES)
+  assert CONFIG_FILES and {'parity', 'image', 'mazes'} <= set(CONFIG_FILES)
   shipped = {
       importlib.import_module(f'ctm_jax.configs.{name}').get_config().task for name in CONFIG_FILES
   }

@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_close, load_golden, state_dict, to_jax_layout
 from ctm_jax.interop import torch as torch_interop
 from ctm_jax.tasks import image
-from ctm_jax.tasks import maze
+from ctm_jax.tasks import mazes
 from ctm_jax.tasks import parity
 
 CASES = ['parity', 'image_rp', 'firstlast_unet8', 'none_heads2']
@@ -21,7 +21,7 @@ def _loss_fn(kind):
   if kind == 'parity':
     return parity.parity_loss
   if kind == 'maze':
-    return maze.maze_loss
+    return mazes.maze_loss
   return image.image_classification_loss
 
 

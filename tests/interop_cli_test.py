@@ -24,7 +24,7 @@ CASES = {
     'parity': ('parity', {'model_type': 'ctm', 'parity_sequence_length': 16, 'dataset': 'parity'}),
     'image_rp': ('image_classification', {'model': 'ctm', 'dataset': 'cifar10'}),
     'firstlast_unet8': (
-        'maze',
+        'mazes',
         {'model': 'ctm', 'dataset': 'mazes-small', 'maze_route_length': 10},
     ),
 }
@@ -182,7 +182,7 @@ def test_mazes_without_route_length_and_unknown_dataset_are_named():
   args = vars(reference_args('firstlast_unet8', meta['constructor_kwargs']))
   del args['maze_route_length']
   with pytest.raises(ValueError, match='maze_route_length'):
-    torch_interop.model_kwargs_from_args(args, task='maze')
+    torch_interop.model_kwargs_from_args(args, task='mazes')
   image = {k: v for k, v in args.items() if k not in ('out_dims',)}
   image['dataset'] = 'svhn'
   with pytest.raises(ValueError, match='dataset'):
@@ -229,8 +229,8 @@ def test_overwrite_replaces_existing_checkpoint(cli_runs):
 
 def test_unknown_task_is_named_and_nothing_written(tmp_path):
   workdir = tmp_path / 'imported'
-  with pytest.raises(ValueError, match=r"--task='mazes' is unknown; expected one of .*parity"):
-    torch_interop.import_checkpoint(str(tmp_path / 'any.pt'), str(workdir), task='mazes')
+  with pytest.raises(ValueError, match=r"--task='no_such_task' is unknown; expected one of .*parity"):
+    torch_interop.import_checkpoint(str(tmp_path / 'any.pt'), str(workdir), task='no_such_task')
   assert not workdir.exists()
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ctm_jax.tasks import image
-from ctm_jax.tasks import maze
+from ctm_jax.tasks import mazes
 from ctm_jax.tasks import parity
 
 
@@ -57,7 +57,7 @@ def test_maze_curriculum_masks_beyond_solved_prefix():
   for r in range(3):
     logits[0, r, targets[0, r], 1] = 10.0
   cert = _random((1, 2, ticks))
-  loss, _, upto = maze.maze_loss(
+  loss, _, upto = mazes.maze_loss(
       logits.reshape(1, -1, ticks), cert, targets, cirriculum_lookahead=2
   )
   assert int(upto[0]) == 2 + 2  # last solved step index 2, plus the lookahead

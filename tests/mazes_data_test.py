@@ -188,7 +188,7 @@ def test_solve_rate_counts_whole_routes_per_tick():
   from ctm_jax import tasks  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import ctm  # pylint: disable=g-import-not-at-top
 
-  task = tasks.get('maze')
+  task = tasks.get('mazes')
   targets_BxR = np.array([[0, 3, 4], [1, 1, 2]], np.int32)
   # Tick 0: both routes right; tick 1: example 1 wrong at its last step.
   logits_BxRx5xT = np.zeros((2, 3, 5, 2), np.float32)

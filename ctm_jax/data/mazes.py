@@ -296,7 +296,7 @@ def _augment_record(record, rng, p):
   return {'inputs': inputs, 'targets': targets}
 
 
-# --- The task's data, from its config (ctm_jax/tasks/maze.py) ----------------------
+# --- The task's data, from its config (ctm_jax/tasks/mazes.py) ----------------------
 
 
 def check_config(config):

@@ -99,7 +99,7 @@ class RouteGifs(evaluators.TrackedGifs):
 
 @base.register
 class Maze(base.Task):
-  name = 'maze'
+  name = 'mazes'
   config_keys = frozenset(
       {
           'maze_route_length',
