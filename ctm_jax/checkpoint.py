@@ -34,7 +34,7 @@ class SaveError(OSError):
   """A checkpoint could not be written; the newest committed one is intact."""
 
   def __init__(self, directory: str, step, cause: BaseException):
-    committed = _committed_steps(directory)
+    committed = committed_steps(directory)
     if committed:
       kept = f'the newest committed checkpoint there, step {committed[-1]}, is intact'
       then = 'rerun the same command to resume from it'
@@ -47,7 +47,7 @@ class SaveError(OSError):
     )
 
 
-def _committed_steps(directory: str) -> list[int]:
+def committed_steps(directory: str) -> list[int]:
   """Steps on disk that orbax finished (in-progress ones carry a tmp suffix)."""
   try:
     names = os.listdir(directory)

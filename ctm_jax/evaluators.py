@@ -106,16 +106,25 @@ class TickAccuracy:
 
 
 class TopK:
-  """A per-tick hit array of the task's (e.g. `top5_BxT`) as `eval/<name>_*`."""
+  """A per-tick hit array of the task's (e.g. `top5_BxT`) as `eval/<name>_*`;
+  with `plot_label`, also plotted against tick (`eval_<name>_<step>.png`)."""
 
-  def __init__(self, context: Context, key: str, name: str):
-    self.context, self.key, self.name = context, key, name
+  def __init__(self, context: Context, key: str, name: str, plot_label: str = ''):
+    self.context, self.key, self.name, self.plot_label = context, key, name, plot_label
 
   def run(self, state, step: int) -> dict[str, float]:
-    per_example, _ = self.context.held_out(state, step)
-    return evaluation.per_tick(
-        per_example[self.key], per_example['most_certain_B'], 'eval', self.name
-    )
+    ctx = self.context
+    per_example, _ = ctx.held_out(state, step)
+    hits_BxT = per_example[self.key]
+    if self.plot_label and ctx.is_chief:
+      plots.plot_ticks(
+          hits_BxT.mean(axis=0),
+          per_example['certainty_BxT'].mean(axis=0),
+          os.path.join(ctx.plot_dir, f'eval_{self.name}_{step:07d}.png'),
+          title=f'{ctx.title}: eval at step {step}',
+          label=self.plot_label,
+      )
+    return evaluation.per_tick(hits_BxT, per_example['most_certain_B'], 'eval', self.name)
 
 
 class Calibration:

@@ -50,8 +50,8 @@ def assert_close(actual, expected, tol=1e-4, what=''):
   assert err.max(initial=0.0) <= tol, f'{what}: max error {err.max():.3g} > {tol}'
 
 
-def one_error_line(output: str) -> str:
-  """The one `ctm_jax.main:` line of a command's output, which must hold no traceback."""
-  lines = [line for line in output.splitlines() if line.startswith('ctm_jax.main:')]
+def one_error_line(output: str, prefix: str = 'ctm_jax.main:') -> str:
+  """The one `prefix` line of a command's output, which must hold no traceback."""
+  lines = [line for line in output.splitlines() if line.startswith(prefix)]
   assert len(lines) == 1 and 'Traceback' not in output, output[-3000:]
   return lines[0]

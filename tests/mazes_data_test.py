@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -141,37 +142,97 @@ def test_command_writes_the_reference_layout(tmp_path):
   np.testing.assert_array_equal(image, mazes.GeneratedMazes(11, 100, 1, 2, 'test')[1]['image'])
 
 
-@pytest.mark.slow  # two sharded training runs, about 60 s on 2 cores
-def test_maze_smoke_trains_on_generated_mazes_and_on_a_reference_folder(tmp_path):
-  """No download: the smoke config trains and evaluates, sharded, on generated
-  mazes, and on a folder in the reference's layout through config.data_dir."""
+def _smoke_config():
+  from ctm_jax.configs import mazes as maze_configs  # pylint: disable=g-import-not-at-top
+
+  config = maze_configs.get_config('smoke')
+  config.save_every = 2
+  return config
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  """The smoke config trained on generated mazes over the 8-device mesh."""
   import jax  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from ctm_jax import train  # pylint: disable=g-import-not-at-top
-  from ctm_jax.configs import maze  # pylint: disable=g-import-not-at-top
 
   flags.FLAGS.mark_as_parsed()
-  config = maze.get_config('smoke')
   assert jax.device_count() == 8  # the default mesh spreads the batch over all eight
-  state = train.train_and_evaluate(config, str(tmp_path / 'generated'))
+  workdir = tmp_path_factory.mktemp('mazes') / 'generated'
+  return workdir, train.train_and_evaluate(_smoke_config(), str(workdir))
+
+
+@pytest.mark.slow  # a sharded training run, about 30 s on 2 cores
+def test_maze_smoke_trains_evaluates_and_draws_on_generated_mazes(smoke_run):
+  """No download: the smoke config trains and evaluates, sharded, on generated
+  mazes; the route gifs have a frame per tick, the solve rate a per-tick plot."""
+  workdir, state = smoke_run
+  config = _smoke_config()
   assert int(state.step) == config.training_iterations
-  records = [json.loads(line) for line in (tmp_path / 'generated' / 'metrics.jsonl').open()]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').open()]
   evals = [r for r in records if 'eval/acc_most_certain' in r]
   assert evals and 0 <= evals[-1]['eval/acc_most_certain'] <= 1
   ticks = config.model.iterations
   for prefix in ('eval', 'train'):
     record = next(r for r in records if f'{prefix}/solved_most_certain' in r)
     assert {f'{prefix}/solved_last', f'{prefix}/solved_tick_{ticks - 1}'} <= set(record)
+  assert (workdir / 'plots' / f'eval_solved_{config.training_iterations:07d}.png').exists()
 
-  # The route gifs: a frame per tick.
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  gifs = sorted((tmp_path / 'generated' / 'plots').glob('route_*.gif'))
+  gifs = sorted((workdir / 'plots').glob('route_*.gif'))
   assert len(gifs) == config.n_route_gifs, gifs
   with Image.open(gifs[0]) as gif:
     assert gif.n_frames == ticks
 
+
+@pytest.mark.slow  # a resumed sharded run
+def test_maze_smoke_resumes_bit_identically(smoke_run, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir, uninterrupted = smoke_run
+  resumed_dir = tmp_path / 'resumed'
+  shutil.copytree(workdir, resumed_dir)
+  shutil.rmtree(resumed_dir / 'checkpoints' / '4')  # back to step 2
+  resumed = train.train_and_evaluate(_smoke_config(), str(resumed_dir))
+  assert int(resumed.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+@pytest.mark.slow  # the command on the trained smoke model
+def test_generalisation_command_reports_bigger_mazes(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  out = tmp_path / 'gen'
+  proc = subprocess.run(
+      [
+          sys.executable, '-m', 'ctm_jax.tasks.mazes_generalisation', f'--workdir={workdir}',
+          '--sizes=15,31', '--count=6', '--max_reapplications=3', '--pictures=2', f'--out={out}',
+      ],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'),
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| 15 | 6 |' in proc.stdout and '| 31 | 6 |' in proc.stdout, proc.stdout
+  results = json.loads((out / 'results.json').read_text())
+  for size in ('15', '31'):
+    entry = results['sizes'][size]
+    assert len(entry['solved']) == 6 and all(1 <= a <= 3 for a in entry['applications'])
+    assert (out / f'route_{size}_1.png').exists()
+
+
+@pytest.mark.slow  # a sharded training run
+def test_maze_smoke_trains_on_a_reference_folder(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+
+  flags.FLAGS.mark_as_parsed()
+  config = _smoke_config()
   mazes.write_dataset(str(tmp_path / 'folder'), size=15, train=40, test=32, seed=9)
   config.data_dir = str(tmp_path / 'folder')
   state = train.train_and_evaluate(config, str(tmp_path / 'read'))

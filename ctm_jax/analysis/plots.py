@@ -12,11 +12,12 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def plot_ticks(accuracy_T, certainty_T, path, title: str = '') -> str:
-  """Accuracy and mean certainty against tick: how the model 'thinks' over time."""
+def plot_ticks(accuracy_T, certainty_T, path, title: str = '', label: str = 'accuracy') -> str:
+  """Accuracy (or another per-tick rate, `label`) and mean certainty against
+  tick: how the model 'thinks' over time."""
   ticks = np.arange(1, len(accuracy_T) + 1)
   fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-  ax.plot(ticks, accuracy_T, label='accuracy', color='tab:blue', lw=2)
+  ax.plot(ticks, accuracy_T, label=label, color='tab:blue', lw=2)
   ax.plot(ticks, certainty_T, label='certainty (1 - normalised entropy)', color='tab:orange', lw=2)
   best = int(np.argmax(accuracy_T))
   ax.scatter([ticks[best]], [accuracy_T[best]], color='tab:blue', zorder=3)

@@ -194,7 +194,10 @@ class Maze(base.Task):
     return arrays
 
   def evaluators(self, config, context):
-    found = [*super().evaluators(config, context), evaluators.TopK(context, 'solved_BxT', 'solved')]
+    found = [
+        *super().evaluators(config, context),
+        evaluators.TopK(context, 'solved_BxT', 'solved', 'full-route solve rate'),
+    ]
     if config.n_route_gifs:
       found.append(RouteGifs(context, config.n_route_gifs, config.expand_range))
     return found

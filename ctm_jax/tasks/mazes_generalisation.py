@@ -1,0 +1,283 @@
+"""Generalisation to larger mazes by re-application.
+
+A maze model predicts a route of R moves from the red start. On a maze bigger
+than it was trained on, the route may stop short: walk the predicted route
+(most-certain tick) as far as it stays on free pixels, move the start there and
+run the model again, up to `max_reapplications` times, until the walk reaches
+the goal. A move into a wall is skipped and counted as a mistake; more than
+`fault_tolerance` mistakes end that walk (the reference's analysis allows 2).
+
+Run on a trained (or imported) maze workdir:
+
+  python -m ctm_jax.tasks.mazes_generalisation --workdir=runs/mazes_small \\
+      --sizes=11,21,31 --count=200 --max_reapplications=20
+
+It prints a table per maze size (solve rate, mean re-applications, route
+lengths) and writes `results.json` and route pictures (each application's walk
+in its own colour) under `--out` (default `<workdir>/generalisation`).
+
+Dimension glossary: B batch, H, W pixels, R route length, T ticks.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax import validation
+from ctm_jax.data import mazes
+
+MOVES = 5  # up, down, left, right, wait
+
+
+@dataclasses.dataclass
+class Maze:
+  free_HxW: np.ndarray  # bool
+  start: tuple[int, int]
+  goal: tuple[int, int]
+  length: int  # moves of the shortest route
+
+  @classmethod
+  def from_image(cls, image_HxWx3):
+    """From a reference-format picture (the blue path, if any, is ignored)."""
+    image_HxWx3 = np.asarray(image_HxWx3, np.float32)
+    start = np.argwhere(np.all(image_HxWx3 == mazes.START, axis=-1))
+    goal = np.argwhere(np.all(image_HxWx3 == mazes.GOAL, axis=-1))
+    if not len(start) or not len(goal):
+      raise ValueError('no start (red) or goal (green) pixel in the maze picture')
+    free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
+    start, goal = tuple(int(v) for v in start[0]), tuple(int(v) for v in goal[0])
+    length = len(mazes.shortest_path(free_HxW, start, goal)) - 1
+    return cls(free_HxW, start, goal, length)
+
+  def picture(self, start) -> np.ndarray:
+    """The model's view with the start at `start`: float32 (H, W, 3) in [0, 1]."""
+    image_HxWx3 = np.where(self.free_HxW[..., None], np.float32(1), np.float32(0)).repeat(3, -1)
+    image_HxWx3[start] = mazes.START
+    image_HxWx3[self.goal] = mazes.GOAL
+    return image_HxWx3
+
+
+def walk(free_HxW, start, goal, route_R, fault_tolerance: int = 2):
+  """Follows `route_R` from `start`. Returns (reached the goal, pixels visited
+  from `start` on). Wait moves stay put; a move off the picture or into a wall
+  is skipped as a mistake, and the walk ends after `fault_tolerance` of them."""
+  height, width = free_HxW.shape
+  y, x = start
+  visited = [(y, x)]
+  mistakes = 0
+  for move in np.asarray(route_R).tolist():
+    if move >= len(mazes._MOVES):  # pylint: disable=protected-access
+      continue
+    dy, dx = mazes._MOVES[move]  # pylint: disable=protected-access
+    if not (0 <= y + dy < height and 0 <= x + dx < width and free_HxW[y + dy, x + dx]):
+      mistakes += 1
+      if mistakes > fault_tolerance:
+        break
+      continue
+    y, x = y + dy, x + dx
+    visited.append((y, x))
+    if (y, x) == tuple(goal):
+      return True, visited
+  return False, visited
+
+
+def make_predict(model, variables, expand_range: bool):
+  """images float32 (B, H, W, 3) in [0, 1] -> routes int (B, R) at each maze's
+  most-certain tick."""
+
+  @jax.jit
+  def predict(images_BxHxWx3):
+    inputs = images_BxHxWx3 * 2 - 1 if expand_range else images_BxHxWx3
+    output = model.apply(variables, inputs)
+    batch, _, ticks = output.predictions.shape
+    logits_BxRx5xT = output.predictions.reshape(batch, -1, MOVES, ticks)
+    tick_B = jnp.argmax(output.certainties[:, 1], axis=-1)
+    logits_BxRx5 = jnp.take_along_axis(logits_BxRx5xT, tick_B[:, None, None, None], axis=3)[..., 0]
+    return jnp.argmax(logits_BxRx5, axis=-1)
+
+  return lambda images: np.asarray(predict(jnp.asarray(images)))
+
+
+def solve(predict, maze_list, max_reapplications: int, batch_size: int = 64, fault_tolerance: int = 2):
+  """Re-applies the model to every maze of `maze_list` (batched). Returns, per
+  maze, {'solved', 'applications', 'walks'}: `walks` is each application's
+  visited pixels. A maze whose walk makes no progress stops early (the model is
+  deterministic, so another application would repeat it)."""
+  results = [{'solved': False, 'applications': 0, 'walks': []} for _ in maze_list]
+  starts = [m.start for m in maze_list]
+  active = list(range(len(maze_list)))
+  for _ in range(max_reapplications):
+    if not active:
+      break
+    still = []
+    for first in range(0, len(active), batch_size):
+      chunk = active[first : first + batch_size]
+      images = np.stack([maze_list[i].picture(starts[i]) for i in chunk])
+      if len(chunk) < batch_size:  # one compiled shape per maze size
+        pad = np.repeat(images[:1], batch_size - len(chunk), axis=0)
+        images = np.concatenate([images, pad])
+      routes_BxR = predict(images)
+      for row, i in enumerate(chunk):
+        maze = maze_list[i]
+        reached, visited = walk(maze.free_HxW, starts[i], maze.goal, routes_BxR[row], fault_tolerance)
+        results[i]['applications'] += 1
+        results[i]['walks'].append(visited)
+        if reached:
+          results[i]['solved'] = True
+        elif visited[-1] != starts[i]:
+          starts[i] = visited[-1]
+          still.append(i)
+    active = still
+  return results
+
+
+def summary(maze_list, results) -> dict:
+  solved = [r['solved'] for r in results]
+  applications = [r['applications'] for r in results if r['solved']]
+  return {
+      'mazes': len(results),
+      'solve_rate': float(np.mean(solved)) if results else 0.0,
+      'mean_applications_solved': float(np.mean(applications)) if applications else float('nan'),
+      'mean_route_length': float(np.mean([m.length for m in maze_list])) if maze_list else 0.0,
+      'max_route_length': int(max((m.length for m in maze_list), default=0)),
+  }
+
+
+def route_picture(maze: Maze, walks, path: str, scale: int = 8) -> str:
+  """The maze with each application's walk in its own colour (start red, goal green)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  image_HxWx3 = maze.picture(maze.start)
+  colours = matplotlib.colormaps['cool'](np.linspace(0, 1, max(len(walks), 2)))[:, :3]
+  for k, visited in enumerate(walks):
+    for p in visited[1:]:
+      image_HxWx3[p] = colours[k]
+  image_HxWx3[maze.start] = mazes.START
+  image_HxWx3[maze.goal] = mazes.GOAL
+  pixels = np.round(image_HxWx3 * 255).astype(np.uint8)
+  pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+  Image.fromarray(pixels).save(path)
+  return path
+
+
+def load_mazes(size: int, count: int, seed: int, data_dir: str = '') -> list[Maze]:
+  """`count` held-out mazes: generated at `size` pixels, or the first of a
+  reference-format folder's test split (`data_dir`)."""
+  if data_dir:
+    folder = mazes.MazeFolder(data_dir, 'test', route_length=1)
+    return [Maze.from_image(folder[i]['image']) for i in range(min(count, len(folder)))]
+  # The held-out stream: a seed other than the run's gives mazes it never evaluated on.
+  source = mazes.GeneratedMazes(size, 1, seed, count, 'test')
+  return [Maze.from_image(source[i]['image']) for i in range(count)]
+
+
+def expand_range_of(config) -> bool:
+  """Whether the model reads [-1, 1] inputs: a training config's flag, or an
+  imported reference model's argument (the reference's default is on)."""
+  if 'expand_range' in config:
+    return bool(config.expand_range)
+  args = config.get('reference_args') or {}
+  return bool(args.get('expand_range', True))
+
+
+def format_table(rows) -> str:
+  lines = [
+      '| maze (pixels) | mazes | mean / max route | solved | mean applications (solved) |',
+      '|---|---|---|---|---|',
+  ]
+  for size, s in rows:
+    lines.append(
+        f"| {size} | {s['mazes']} | {s['mean_route_length']:.1f} / {s['max_route_length']} "
+        f"| {100 * s['solve_rate']:.1f}% | {s['mean_applications_solved']:.2f} |"
+    )
+  return '\n'.join(lines)
+
+
+def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', pictures=4,
+        fault_tolerance=2, batch_size=64, step=None):
+  """The table's rows [(size, summary)], with results.json and pictures under `out`."""
+  from ctm_jax import inference  # pylint: disable=g-import-not-at-top
+
+  model, variables, config = inference.load(workdir, step)
+  predict = make_predict(model, variables, expand_range_of(config))
+  out = out or os.path.join(workdir, 'generalisation')
+  os.makedirs(out, exist_ok=True)
+  rows, records = [], {}
+  for size in ([0] if data_dir else sizes):
+    maze_list = load_mazes(size, count, seed, data_dir)
+    size = size or maze_list[0].free_HxW.shape[0]
+    results = solve(predict, maze_list, max_reapplications, batch_size, fault_tolerance)
+    rows.append((size, summary(maze_list, results)))
+    records[str(size)] = {
+        **rows[-1][1],
+        'solved': [r['solved'] for r in results],
+        'applications': [r['applications'] for r in results],
+        'route_length': [m.length for m in maze_list],
+    }
+    for i in range(min(pictures, len(maze_list))):
+      route_picture(maze_list[i], results[i]['walks'], os.path.join(out, f'route_{size}_{i}.png'))
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump({'workdir': os.path.abspath(workdir), 'max_reapplications': max_reapplications,
+               'fault_tolerance': fault_tolerance, 'sizes': records}, f, indent=1)
+  return rows
+
+
+def _parse_sizes(text: str) -> list[int]:
+  try:
+    sizes = [int(s) for s in text.split(',') if s.strip()]
+  except ValueError:
+    sizes = []
+  if not sizes or any(s < 3 or s % 2 == 0 for s in sizes):
+    raise validation.UsageError(
+        f'--sizes={text!r}: a comma-separated list of odd maze sizes in pixels, e.g. 11,21,31'
+    )
+  return sizes
+
+
+def _main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  logging.set_verbosity(logging.WARNING)  # orbax's per-restore lines would drown the table
+  values = flags.FLAGS
+  try:
+    sizes = _parse_sizes(values.sizes)
+    for name in ('count', 'max_reapplications', 'batch_size'):
+      if values[name].value < 1:
+        raise validation.UsageError(f'--{name}={values[name].value}: must be at least 1')
+    rows = run(
+        values.workdir, sizes, values.count, values.max_reapplications, values.out, values.seed,
+        values.data_dir, values.pictures, values.fault_tolerance, values.batch_size, values.step,
+    )
+  except (validation.UsageError, ValueError, OSError) as e:
+    print(f'mazes_generalisation: {validation.first_line(e)}', file=sys.stderr)
+    sys.exit(2)
+  print(format_table(rows))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string('workdir', None, 'A trained or imported maze workdir.', required=True)
+  flags.DEFINE_string('sizes', '11,21,31', 'Maze sizes in pixels (odd), comma-separated.')
+  flags.DEFINE_integer('count', 200, 'Mazes per size.')
+  flags.DEFINE_integer('max_reapplications', 20, 'Model applications per maze at most.')
+  flags.DEFINE_integer('fault_tolerance', 2, 'Moves into walls a walk may skip.')
+  flags.DEFINE_string('data_dir', '', 'A reference-format maze folder to test on instead.')
+  flags.DEFINE_string('out', '', 'Output directory (default <workdir>/generalisation).')
+  flags.DEFINE_integer('seed', 1, 'Generator seed of the test mazes.')
+  flags.DEFINE_integer('pictures', 4, 'Route pictures per size.')
+  flags.DEFINE_integer('batch_size', 64, 'Mazes per model call.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+  app.run(_main)
