@@ -25,7 +25,7 @@ CASES = {
     'image_rp': ('image_classification', {'model': 'ctm', 'dataset': 'cifar10'}),
     'firstlast_unet8': (
         'mazes',
-        {'model': 'ctm', 'dataset': 'mazes-small', 'maze_route_length': 10},
+        {'model': 'ctm', 'dataset': 'mazes-small', 'maze_route_length': 10, 'expand_range': False},
     ),
 }
 
@@ -149,6 +149,37 @@ def test_cli_import_reproduces_reference(case, cli_runs):
   assert config['source_checkpoint'] == str(ckpt)
   assert config['iteration'] == 7
   out = jax.jit(model.apply)(variables, to_jax_layout(arrays['__in__x']))
+  assert_close(out.predictions, arrays['__out__predictions'], what='predictions')
+
+
+def test_imported_maze_model_reproduces_reference_predictions_from_a_png(cli_runs, tmp_path):
+  """The golden maze drawn as a reference-format PNG (its route in blue), read
+  back by the maze folder reader, gives the reference's own input and targets;
+  the imported model then gives the reference's predictions."""
+  from ctm_jax import inference  # pylint: disable=g-import-not-at-top
+  from ctm_jax.data import mazes  # pylint: disable=g-import-not-at-top
+  from ctm_jax.tasks import mazes_generalisation  # pylint: disable=g-import-not-at-top
+
+  arrays, _ = load_golden('firstlast_unet8')
+  workdir, _, result = cli_runs['firstlast_unet8']
+  assert result.returncode == 0, result.stderr
+  inputs_BxHxWx3 = to_jax_layout(arrays['__in__x'])
+  (tmp_path / 'test' / 'mazes').mkdir(parents=True)
+  for b, x_HxWx3 in enumerate(inputs_BxHxWx3):
+    maze = mazes_generalisation.Maze.from_image(x_HxWx3)
+    path = mazes.shortest_path(maze.free_HxW, maze.start, maze.goal)
+    mazes.write_png(str(tmp_path / 'test' / 'mazes' / f'{b}.png'), mazes.render(maze.free_HxW, path))
+  folder = mazes.MazeFolder(str(tmp_path), 'test', route_length=10)
+  model, variables, config = inference.load(str(workdir))
+  expand_range = mazes_generalisation.expand_range_of(config)
+  assert expand_range is False
+  records = mazes.ModelRecords(folder, expand_range)
+  inputs = np.stack([records[b]['inputs'] for b in range(len(records))])
+  np.testing.assert_array_equal(inputs, inputs_BxHxWx3)
+  np.testing.assert_array_equal(
+      np.stack([records[b]['targets'] for b in range(len(records))]), arrays['__target__targets']
+  )
+  out = jax.jit(model.apply)(variables, inputs)
   assert_close(out.predictions, arrays['__out__predictions'], what='predictions')
 
 
