@@ -1,15 +1,20 @@
-"""Wall time for `configs/parity.py:small` to reach 90% and 99% per-bit test accuracy.
+"""Wall time for a config to reach held-out accuracy thresholds (time to accuracy).
 
 Usage (from the repo root):
-  python benchmarks/parity_time_to_accuracy.py [--workdir=DIR] [--track_every=250] [--json=PATH]
-      [--seed=N | --seeds=0,1,2] [--override=KEY=VALUE ...] [--run_to_end]
+  python benchmarks/time_to_accuracy.py [--config=configs/parity.py:small]
+      [--metric=eval/acc_most_certain] [--thresholds=0.9,0.99] [--workdir=DIR]
+      [--track_every=250] [--json=PATH] [--seed=N | --seeds=0,1,2]
+      [--override=KEY=VALUE ...] [--run_to_end]
 
-Trains the `small` variant from scratch in a fresh workdir, evaluating on the
-held-out set every --track_every steps, and prints a table of the first eval
-(step, wall seconds since the trainer started, compile included) at which the
-per-bit accuracy at the most-certain tick reaches each threshold. It stops
-once the last threshold is reached or the variant's training_iterations are done
+Trains the config from scratch in a fresh workdir, evaluating on the held-out
+set every --track_every steps, and prints a table of the first eval (step, wall
+seconds since the trainer started, compile included) at which --metric (default:
+accuracy at the most-certain tick; per bit for parity) reaches each threshold,
+and every eval as it comes (the curve against wall time). It stops once the
+last threshold is reached or the config's training_iterations are done
 (--run_to_end: always train to the end, to time the whole default run).
+E.g. the laptop maze run: --config=configs/mazes.py:small
+--metric=eval/solved_most_certain --thresholds=0.5,0.8 --track_every=500.
 
 --seed=N passes --config.seed=N; --seeds=0,1,2 trains one seed after another
 (each in DIR/seed_N) and prints one row per seed. --override=KEY=VALUE (repeated)
@@ -30,14 +35,15 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLDS = (0.90, 0.99)
+METRIC = 'eval/acc_most_certain'
 
 
-def _command(workdir, track_every, seed, overrides):
+def _command(config, workdir, track_every, seed, overrides):
   command = [
       sys.executable,
       '-m',
       'ctm_jax.main',
-      f'--config={REPO}/configs/parity.py:small',
+      f'--config={os.path.join(REPO, config)}',
       f'--workdir={workdir}',
   ]
   if not any(key == 'track_every' for key, _ in overrides):
@@ -48,7 +54,7 @@ def _command(workdir, track_every, seed, overrides):
   return command
 
 
-def _follow(process, metrics_path, records, stop_at):
+def _follow(process, metrics_path, records, metric, stop_at):
   """Appends the eval records of metrics.jsonl until the trainer exits."""
   seen = 0
   while True:
@@ -60,18 +66,19 @@ def _follow(process, metrics_path, records, stop_at):
       complete = len(lines) if not lines or lines[-1].endswith('\n') else len(lines) - 1
       for line in lines[seen:complete]:
         record = json.loads(line)
-        if 'eval/acc_most_certain' not in record:
+        if metric not in record:
           continue
         records.append(record)
         print(
             f"step {record['step']:6d}  {record['eval/elapsed_s']:7.1f}s  "
+            f"{metric} {record[metric]:.4f}  "
             f"acc most-certain {record['eval/acc_most_certain']:.4f}  "
             f"last tick {record['eval/acc_last']:.4f}",
             flush=True,
         )
         if (
             stop_at is not None
-            and record['eval/acc_most_certain'] >= stop_at
+            and record[metric] >= stop_at
             and process.poll() is None
         ):
           process.send_signal(signal.SIGTERM)  # checkpoints and exits cleanly
@@ -81,7 +88,7 @@ def _follow(process, metrics_path, records, stop_at):
     time.sleep(1.0)
 
 
-def _run(command, workdir, stop_at):
+def _run(command, workdir, metric, stop_at):
   """Trains in a subprocess, following metrics.jsonl; SIGTERM once `stop_at` is reached
   (never when `stop_at` is None). Returns the eval records and the process's wall seconds."""
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -92,7 +99,7 @@ def _run(command, workdir, stop_at):
   with open(os.path.join(workdir, 'stderr.log'), 'w') as stderr:
     process = subprocess.Popen(command, cwd=REPO, stderr=stderr)
     try:
-      _follow(process, metrics_path, records, stop_at)
+      _follow(process, metrics_path, records, metric, stop_at)
     except BaseException:  # Ctrl-C or SIGTERM here: the trainer checkpoints and exits too
       if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -116,6 +123,16 @@ def _parse_seeds(text):
     raise argparse.ArgumentTypeError(f'--seeds wants integers separated by commas, got {text!r}')
 
 
+def _parse_thresholds(text):
+  try:
+    values = tuple(sorted(float(s) for s in text.split(',') if s.strip()))
+  except ValueError:
+    values = ()
+  if not values:
+    raise argparse.ArgumentTypeError(f'--thresholds wants numbers separated by commas, got {text!r}')
+  return values
+
+
 def _parse_override(text):
   key, sep, value = text.partition('=')
   key = key.strip()
@@ -136,6 +153,9 @@ def _cell(hit):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='configs/parity.py:small', help='config[:variant]')
+  parser.add_argument('--metric', default=METRIC, help='an eval metric of metrics.jsonl')
+  parser.add_argument('--thresholds', type=_parse_thresholds, default=THRESHOLDS)
   parser.add_argument('--workdir', default=None, help='fresh; several seeds use DIR/seed_N')
   parser.add_argument('--track_every', type=int, default=250)
   parser.add_argument('--json', default=None)
@@ -161,7 +181,7 @@ def main(argv=None):
   if args.seeds is not None and not args.seeds:
     parser.error('--seeds is empty')
   seed_list = args.seeds if args.seeds is not None else [args.seed]
-  base = args.workdir or tempfile.mkdtemp(prefix='parity_tta_')
+  base = args.workdir or tempfile.mkdtemp(prefix='tta_')
   workdirs = [
       os.path.join(base, f'seed_{seed}') if args.seeds is not None else base for seed in seed_list
   ]
@@ -169,15 +189,13 @@ def main(argv=None):
     if os.path.exists(os.path.join(workdir, 'checkpoints')):
       parser.error(f'--workdir {workdir} already holds a run; time-to-accuracy needs a fresh one')
 
-  stop_at = None if args.run_to_end else max(THRESHOLDS)
+  stop_at = None if args.run_to_end else max(args.thresholds)
   runs = []
   for seed, workdir in zip(seed_list, workdirs):
-    command = _command(workdir, args.track_every, seed, args.override)
+    command = _command(args.config, workdir, args.track_every, seed, args.override)
     print(f"# seed {'config default' if seed is None else seed}: {' '.join(command)}", flush=True)
-    records, wall_s, returncode = _run(command, workdir, stop_at)
-    hits = {
-        t: next((r for r in records if r['eval/acc_most_certain'] >= t), None) for t in THRESHOLDS
-    }
+    records, wall_s, returncode = _run(command, workdir, args.metric, stop_at)
+    hits = {t: next((r for r in records if r[args.metric] >= t), None) for t in args.thresholds}
     runs.append(
         dict(
             seed=seed,
@@ -195,7 +213,7 @@ def main(argv=None):
 
   device = jax.devices()[0]
   header = (
-      f'# parity.py:small time to accuracy | {device.platform} ({device.device_kind}), '
+      f'# {args.config} time to {args.metric} | {device.platform} ({device.device_kind}), '
       f'{os.cpu_count()} host CPUs, {platform.machine()} | jax {jax.__version__} | '
       f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {model_bench.git_commit()}'
   )
@@ -204,33 +222,35 @@ def main(argv=None):
   print(
       f'# overrides: {overrides} | eval every '
       f"{dict(args.override).get('track_every', args.track_every)} steps | "
-      f"{'whole run' if args.run_to_end else f'stops at {max(THRESHOLDS):.0%}'}"
+      f"{'whole run' if args.run_to_end else f'stops at {max(args.thresholds):.0%}'}"
   )
   print(
-      'per-bit test accuracy at the most-certain tick: first eval step and wall s since the '
-      'trainer started (compile included); last = last eval; run s = whole process'
+      f'{args.metric}: first eval step and wall s since the trainer started (compile '
+      'included); last = last eval; run s = whole process'
   )
-  titles = ''.join(f' | {t:.0%} step  wall s' for t in THRESHOLDS)
+  titles = ''.join(f' | {t:.0%} step  wall s' for t in args.thresholds)
   print(f'seed{titles} | last step    acc |  run s')
-  print('----' + '+------------------' * len(THRESHOLDS) + '+------------------+-------')
+  print('----' + '+------------------' * len(args.thresholds) + '+------------------+-------')
   for run in runs:
     seed = '-' if run['seed'] is None else str(run['seed'])
-    cells = ''.join(f' | {_cell(run["thresholds"][t])}' for t in THRESHOLDS)
+    cells = ''.join(f' | {_cell(run["thresholds"][t])}' for t in args.thresholds)
     last = run['records'][-1] if run['records'] else None
     last_cell = (
-        f"{last['step']:>9d} {last['eval/acc_most_certain']:.4f}"
+        f"{last['step']:>9d} {last[args.metric]:.4f}"
         if last
         else f"{'-':>9} {'-':>6}"
     )
     failed = '' if run['returncode'] == 0 else f'  (failed, exit {run["returncode"]})'
     print(f'{seed:>4}{cells} | {last_cell} | {run["wall_s"]:>6.0f}{failed}')
-  for threshold in THRESHOLDS:
+  for threshold in args.thresholds:
     missed = [str(r['seed']) for r in runs if r['thresholds'][threshold] is None]
     if missed:
       print(f'{threshold:.0%} not reached by seed(s) {", ".join(missed)}')
   if args.json:
     result = {
         'header': header,
+        'config': args.config,
+        'metric': args.metric,
         'overrides': dict(args.override),
         'run_to_end': args.run_to_end,
         'runs': [
