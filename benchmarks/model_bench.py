@@ -165,12 +165,13 @@ def task_config(
     source, batch, remat='none', dtype='float32', unroll=1
 ) -> ml_collections.ConfigDict:
   """The config `source` ('<file>.py:<variant>' of configs/, as --config=configs/<source>)
-  at batch size `batch`, with the command line's compute options in place of the config's."""
+  at batch size `batch` (None: its own), with the command line's compute options in place of the config's."""
   file, _, variant = source.partition(':')
   module = importlib.import_module(f'ctm_jax.configs.{file.removesuffix(".py")}')
   config = module.get_config(variant or None)
-  config.batch_size = batch
-  config.batch_size_test = batch
+  if batch is not None:  # None: the config's own
+    config.batch_size = batch
+    config.batch_size_test = batch
   config.model.update(remat=remat, dtype=str(dtype), unroll=unroll)
   return config
 

@@ -409,3 +409,14 @@ def test_scaling_flags():
   args = model_bench.parse_args(['--configs=parity_b16', '--remat=sqrt', '--unroll=2'])
   config = model_bench.bench_config('parity_b16', args, batch=8)
   assert (config.batch_size, config.model.remat, config.model.unroll) == (8, 'sqrt', 2)
+
+
+def test_data_bench_builds_train_records_as_the_trainer_does(capsys):
+  from benchmarks import data_bench
+
+  config = model_bench.task_config('mazes.py:smoke', batch=None)
+  assert config.batch_size == 16  # the config's own
+  assert data_bench.throughput(config, seconds=0.2) > 10
+  data_bench.main(['--seconds=0.2', '--configs=mazes.py:smoke,parity.py:smoke'])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(('mazes', 'parity'))]
+  assert len(rows) == 2 and all(float(row.split('|')[2]) > 0 for row in rows), rows
