@@ -100,3 +100,14 @@ def test_command_refuses_bad_sizes_and_a_workdir_without_a_run(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert field in one_error_line(proc.stderr, 'mazes_generalisation:')
   assert not (tmp_path / 'generalisation').exists()
+
+
+def test_input_range_of_trained_and_imported_models():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict
+  assert gen.expand_range_of(config({'expand_range': True})) is True
+  assert gen.expand_range_of(config({'expand_range': False})) is False
+  assert gen.expand_range_of(config({'reference_args': {'expand_range': True}})) is True
+  # Released reference checkpoints predate the flag and read [0, 1].
+  assert gen.expand_range_of(config({'reference_args': {'dataset': 'mazes-large'}})) is False

@@ -179,11 +179,13 @@ def load_mazes(size: int, count: int, seed: int, data_dir: str = '') -> list[Maz
 
 def expand_range_of(config) -> bool:
   """Whether the model reads [-1, 1] inputs: a training config's flag, or an
-  imported reference model's argument (the reference's default is on)."""
+  imported reference model's argument. Reference checkpoints saved before that
+  argument existed were trained on [0, 1] (its analysis script's
+  `--legacy_scaling`, on by default), so a missing one means off."""
   if 'expand_range' in config:
     return bool(config.expand_range)
   args = config.get('reference_args') or {}
-  return bool(args.get('expand_range', True))
+  return bool(args.get('expand_range', False))
 
 
 def format_table(rows) -> str:
