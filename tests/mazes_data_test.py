@@ -271,3 +271,23 @@ def test_solve_rate_counts_whole_routes_per_tick():
   np.testing.assert_allclose(metrics['acc_tick_sum'], [2, 1 + 2 / 3])
   arrays = task.eval_arrays(None, output, batch, aux)
   np.testing.assert_array_equal(arrays['solved_BxT'], [[1, 1], [1, 0]])
+
+
+def test_a_folder_of_another_size_is_named_before_training(tmp_path):
+  from ctm_jax.configs import mazes as maze_configs  # pylint: disable=g-import-not-at-top
+
+  mazes.write_dataset(str(tmp_path / 'folder'), size=15, train=3, test=2, seed=0)
+  config = maze_configs.get_config('small')  # 11x11
+  config.data_dir = str(tmp_path / 'folder')
+  with pytest.raises(ValueError, match=r"config\.image_shape=\(11, 11, 3\).*\(15, 15, 3\).*--config\.image_shape="):
+    mazes.check_config(config)
+  config.image_shape = (15, 15, 3)
+  mazes.check_config(config)
+  (tmp_path / 'folder' / 'test' / 'mazes' / '0.png').unlink()
+  (tmp_path / 'folder' / 'test' / 'mazes' / '1.png').unlink()
+  with pytest.raises(ValueError, match=r'no \.png mazes in .*test'):
+    mazes.check_config(config)
+  mazes.write_png(str(tmp_path / 'folder' / 'test' / 'mazes' / '0.png'), np.ones((15, 15, 3)))
+  mazes.write_png(str(tmp_path / 'folder' / 'test' / 'mazes' / '1.png'), np.ones((11, 11, 3)))
+  with pytest.raises(ValueError, match=r'1\.png: \(11, 11, 3\) pixels, unlike'):
+    mazes.MazeFolder(str(tmp_path / 'folder'), 'test', 10)

@@ -238,6 +238,24 @@ def write_png(path: str, image_HxWx3: np.ndarray):
   Image.fromarray(np.round(np.asarray(image_HxWx3) * 255).astype(np.uint8)).save(path)
 
 
+def _png_paths(directory: str) -> list[str]:
+  """<directory>/<class>/*.png, sorted as torchvision's ImageFolder lists them."""
+  return sorted(
+      os.path.join(directory, cls, name)
+      for cls in sorted(os.listdir(directory))
+      if os.path.isdir(os.path.join(directory, cls))
+      for name in os.listdir(os.path.join(directory, cls))
+      if name.lower().endswith('.png')
+  )
+
+
+def _png_shape(path: str) -> tuple[int, int, int]:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(path) as image:  # reads the header only
+    return (image.height, image.width, 3)
+
+
 class MazeFolder:
   """The reference's maze folders (`<root>/<split>/<class>/*.png`), read into memory.
 
@@ -249,16 +267,13 @@ class MazeFolder:
     directory = os.path.join(root, split)
     if not os.path.isdir(directory):
       raise FileNotFoundError(f'{directory}: no such maze folder (expected <root>/{split}/<class>/*.png)')
-    paths = sorted(
-        os.path.join(directory, cls, name)
-        for cls in sorted(os.listdir(directory))
-        if os.path.isdir(os.path.join(directory, cls))
-        for name in os.listdir(os.path.join(directory, cls))
-        if name.lower().endswith('.png')
-    )
+    paths = _png_paths(directory)
     if not paths:
       raise FileNotFoundError(f'{directory}: no .png mazes in its class folders')
     self.images = [read_png(p) for p in paths]
+    for path, image in zip(paths, self.images):
+      if image.shape != self.images[0].shape:
+        raise ValueError(f'{path}: {image.shape} pixels, unlike {paths[0]} ({self.images[0].shape})')
     self.routes = [route_from_image(image, route_length) for image in self.images]
     self.paths = paths
 
@@ -318,6 +333,15 @@ def check_config(config):
         raise ValueError(
             f'config.data_dir={config.data_dir!r}: no {split}/ folder of maze PNGs there '
             '(the reference layout <root>/{train,test}/<class>/*.png); unset it to generate mazes'
+        )
+      first = next(iter(_png_paths(directory)), None)
+      if first is None:
+        raise ValueError(f'config.data_dir={config.data_dir!r}: no .png mazes in {directory}/<class>/')
+      shape = _png_shape(first)
+      if shape != tuple(config.image_shape):
+        raise ValueError(
+            f'config.image_shape={tuple(config.image_shape)!r}: the mazes in {config.data_dir} are '
+            f'{shape!r} ({first}); pass --config.image_shape="{shape!r}"'
         )
 
 
