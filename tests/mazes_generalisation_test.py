@@ -29,6 +29,11 @@ def _oracle(route_length, maze_list_by_shape):
   return predict
 
 
+def test_length_buckets_double_from_the_route_length():
+  assert gen.length_buckets(20, 150) == [(1, 20), (21, 40), (41, 80), (81, 160)]
+  assert gen.length_buckets(20, 5) == [(1, 20)]
+
+
 def test_walk_skips_walls_up_to_the_fault_tolerance_and_stops_at_the_goal():
   maze = gen.load_mazes(11, 1, seed=3)[0]
   path = mazes.shortest_path(maze.free_HxW, maze.start, maze.goal)
@@ -57,12 +62,20 @@ def test_reapplication_follows_short_routes_to_the_goal_of_bigger_mazes(route_le
     assert r['applications'] == max(1, -(-maze.length // route_length))
     walked = [p for w in r['walks'] for p in w[1:]]
     assert walked == mazes.shortest_path(maze.free_HxW, maze.start, maze.goal)[1:]
-  table = gen.summary(maze_list, results)
+  table = gen.summary(maze_list, results, route_length)
   assert table['solve_rate'] == 1.0 and table['mazes'] == 24
+  assert sum(n for n, _ in table['by_length'].values()) == 24
+  assert all(rate == 1.0 for _, rate in table['by_length'].values())
   # Too few applications: the longer routes are not solved.
   capped = gen.solve(_oracle(route_length, None), maze_list, max_reapplications=1)
   expected = [m.length <= route_length for m in maze_list]
   assert [r['solved'] for r in capped] == expected
+  # By length: routes within the model's length solved, every longer one not.
+  by_length = gen.summary(maze_list, capped, route_length)['by_length']
+  assert by_length[f'1-{route_length}'][1] == 1.0
+  assert all(rate == 0.0 for r, (_, rate) in by_length.items() if r != f'1-{route_length}')
+  table = gen.format_table([(21, gen.summary(maze_list, capped, route_length))])
+  assert f'| route 1-{route_length} |' in table and '| 21 | 24 |' in table
 
 
 def test_a_model_that_does_not_move_stops_after_one_application():
@@ -71,7 +84,7 @@ def test_a_model_that_does_not_move_stops_after_one_application():
   results = gen.solve(still, maze_list, max_reapplications=20)
   assert [r['applications'] for r in results] == [1] * 4
   assert not any(r['solved'] for r in results)
-  assert np.isnan(gen.summary(maze_list, results)['mean_applications_solved'])
+  assert np.isnan(gen.summary(maze_list, results, 10)['mean_applications_solved'])
 
 
 def test_route_picture_colours_each_application(tmp_path):

@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _TIMEOUT = 300
 
 
-def _main(workdir, *overrides, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
+def _main(workdir, *overrides, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen):
   """`python -m ctm_jax.main` on the smoke config. A long run must send stderr to a
   file: an unread pipe fills with progress output and stalls it."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
@@ -32,7 +32,7 @@ def _main(workdir, *overrides, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
       *overrides,
   ]
   return subprocess.Popen(
-      command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True
+      command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True, **popen
   )
 
 
@@ -153,32 +153,16 @@ def test_full_disk_stops_the_run_in_one_line_and_keeps_checkpoints(tmp_path):
   the run ends promptly with one line naming the file or checkpoint, the step and
   the newest committed checkpoint, which still restores."""
   workdir = tmp_path / 'run'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  command = [
-      sys.executable,
-      '-m',
-      'ctm_jax.main',
-      '--config=configs/parity.py:smoke',
-      f'--workdir={workdir}',
-      '--config.save_every=7',
-      '--config.log_every=1',
-      '--config.track_every=100000',
-  ]
+  flags = ('--config.save_every=7', '--config.log_every=1', '--config.track_every=100000')
   # Checkpoints committed before the disk fills (a checkpoint of this model is
   # close to the cap, so the capped run alone may fail on its first save).
-  first = subprocess.run(
-      command + ['--config.training_iterations=14'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=_TIMEOUT,
-  )
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert _committed(workdir) == [7, 14]
-  proc = subprocess.Popen(
-      command + ['--config.training_iterations=100000'],
-      cwd=REPO,
-      env=env,
+  _, err = _main(workdir, *flags, '--config.training_iterations=14').communicate(timeout=_TIMEOUT)
+  assert _committed(workdir) == [7, 14], err[-3000:]
+  proc = _main(
+      workdir,
+      *flags,
+      '--config.training_iterations=100000',
       stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
       preexec_fn=_limit_file_size(32 * 1024),
   )
   try:

@@ -13,7 +13,8 @@ Run on a trained (or imported) maze workdir:
       --sizes=11,21,31 --count=200 --max_reapplications=20
 
 It prints a table per maze size (solve rate, mean re-applications, route
-lengths) and writes `results.json` and route pictures (each application's walk
+lengths) and the solve rate by route length (ranges doubling from the
+model's route length) and writes `results.json` and route pictures (each application's walk
 in its own colour) under `--out` (default `<workdir>/generalisation`).
 
 Dimension glossary: B batch, H, W pixels, R route length, T ticks.
@@ -136,15 +137,33 @@ def solve(predict, maze_list, max_reapplications: int, batch_size: int = 64, fau
   return results
 
 
-def summary(maze_list, results) -> dict:
+def length_buckets(route_length: int, longest: int) -> list[tuple[int, int]]:
+  """Route-length ranges doubling from the model's own: [1, R], [R+1, 2R], [2R+1, 4R], ..."""
+  buckets, low, high = [], 1, route_length
+  while low <= max(longest, 1):
+    buckets.append((low, high))
+    low, high = high + 1, 2 * high
+  return buckets
+
+
+def summary(maze_list, results, route_length: int) -> dict:
+  """Solve rate and mean applications; also per route-length range (`by_length`:
+  'lo-hi' -> [mazes, solve rate]), as the reference plots success against length."""
   solved = [r['solved'] for r in results]
   applications = [r['applications'] for r in results if r['solved']]
+  lengths = [m.length for m in maze_list]
+  by_length = {}
+  for low, high in length_buckets(route_length, max(lengths, default=0)):
+    inside = [ok for ok, n in zip(solved, lengths) if low <= n <= high]
+    if inside:
+      by_length[f'{low}-{high}'] = [len(inside), float(np.mean(inside))]
   return {
       'mazes': len(results),
       'solve_rate': float(np.mean(solved)) if results else 0.0,
       'mean_applications_solved': float(np.mean(applications)) if applications else float('nan'),
-      'mean_route_length': float(np.mean([m.length for m in maze_list])) if maze_list else 0.0,
-      'max_route_length': int(max((m.length for m in maze_list), default=0)),
+      'mean_route_length': float(np.mean(lengths)) if lengths else 0.0,
+      'max_route_length': int(max(lengths, default=0)),
+      'by_length': by_length,
   }
 
 
@@ -189,6 +208,7 @@ def expand_range_of(config) -> bool:
 
 
 def format_table(rows) -> str:
+  """Markdown: one row per maze size, then solve rate by route length."""
   lines = [
       '| maze (pixels) | mazes | mean / max route | solved | mean applications (solved) |',
       '|---|---|---|---|---|',
@@ -198,6 +218,18 @@ def format_table(rows) -> str:
         f"| {size} | {s['mazes']} | {s['mean_route_length']:.1f} / {s['max_route_length']} "
         f"| {100 * s['solve_rate']:.1f}% | {s['mean_applications_solved']:.2f} |"
     )
+  ranges = sorted({r for _, s in rows for r in s['by_length']}, key=lambda r: int(r.split('-')[0]))
+  lines += [
+      '',
+      '| maze (pixels) | ' + ' | '.join(f'route {r}' for r in ranges) + ' |',
+      '|---|' + '---|' * len(ranges),
+  ]
+  for size, s in rows:
+    cells = [
+        f'{100 * s["by_length"][r][1]:.0f}% ({s["by_length"][r][0]})' if r in s['by_length'] else '-'
+        for r in ranges
+    ]
+    lines.append(f'| {size} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -208,6 +240,7 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
 
   model, variables, config = inference.load(workdir, step)
   predict = make_predict(model, variables, expand_range_of(config))
+  route_length = int(model.prediction_reshaper[0])
   out = out or os.path.join(workdir, 'generalisation')
   os.makedirs(out, exist_ok=True)
   rows, records = [], {}
@@ -215,7 +248,7 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
     maze_list = load_mazes(size, count, seed, data_dir)
     size = size or maze_list[0].free_HxW.shape[0]
     results = solve(predict, maze_list, max_reapplications, batch_size, fault_tolerance)
-    rows.append((size, summary(maze_list, results)))
+    rows.append((size, summary(maze_list, results, route_length)))
     records[str(size)] = {
         **rows[-1][1],
         'solved': [r['solved'] for r in results],
