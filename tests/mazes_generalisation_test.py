@@ -1,6 +1,5 @@
 """Generalisation by re-application: the walk, the loop, the table, the command."""
 
-import json
 import subprocess
 import sys
 
