@@ -28,6 +28,8 @@ setuptools.setup(
         "tensorboardX",
         "matplotlib",
         "tqdm",
+        # jax.export serialisation (python -m ctm_jax.export).
+        "flatbuffers",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "scikit-learn"],

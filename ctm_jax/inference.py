@@ -1,30 +1,21 @@
 """A trained model from a workdir, for analysis and inference.
 
-Two kinds of workdir load: a training run's (`config.json` + `checkpoints/<step>/`)
-and a PyTorch import's (`python -m ctm_jax.interop.torch`). Variables land on
-the first local device.
+Three kinds of directory load: a training run's (`config.json` +
+`checkpoints/<step>/`), a PyTorch import's (`python -m ctm_jax.interop.torch`)
+and an exported artefact (`python -m ctm_jax.export`). Variables land on the
+first local device.
 """
 
 import json
 import os
 
-import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
+from ctm_jax import artefact
 from ctm_jax import checkpoint
 from ctm_jax import tasks
 from ctm_jax import validation
 from ctm_jax.interop import torch as torch_interop
-
-
-def _restore_on_one_device(path: str):
-  """A PyTree checkpoint onto the first local device, whatever mesh wrote it."""
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  metadata = checkpointer.metadata(path).item_metadata.tree
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-  return checkpointer.restore(path, abstract)
 
 
 def load(workdir: str, step: int | None = None):
@@ -35,6 +26,11 @@ def load(workdir: str, step: int | None = None):
   Raises validation.UsageError naming the workdir when there is nothing to load.
   """
   workdir = os.path.abspath(workdir)
+  if artefact.is_artefact(workdir):
+    spec = artefact.read_spec(workdir)
+    model = tasks.get(spec['task']).model_class(**spec['model_kwargs'])
+    variables = artefact.restore_variables(os.path.join(workdir, artefact.VARIABLES_DIR))
+    return model, variables, ml_collections.ConfigDict(spec['config'])
   config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise validation.UsageError(
@@ -56,7 +52,7 @@ def load(workdir: str, step: int | None = None):
         f'--step={step}: no such checkpoint under {directory} (committed: {committed})'
     )
   task = tasks.get(config.task)
-  state = _restore_on_one_device(os.path.join(directory, str(step), 'state'))
+  state = artefact.restore_variables(os.path.join(directory, str(step), 'state'))
   variables = {'params': state['params'], 'synch': state['synch']}
   if state.get('batch_stats'):
     variables['batch_stats'] = state['batch_stats']

@@ -1,0 +1,76 @@
+"""The exported inference artefact: its layout and a loader that needs no
+training code (only jax, numpy and orbax).
+
+An artefact directory (written by `python -m ctm_jax.export`) holds:
+  model.json           task, model constructor kwargs, the run's config, the
+                       inputs' spec (batch dimension symbolic), its source
+  variables/           orbax checkpoint of the model's variables only (params,
+                       synch indices, batch stats): no optimiser state
+  forward.jax_export   the forward pass serialised with `jax.export`
+                       (StableHLO), variables and inputs as arguments, any
+                       batch size; returns {'predictions' (B, O, T),
+                       'certainties' (B, 2, T)}
+"""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+MODEL_FILE = 'model.json'
+VARIABLES_DIR = 'variables'
+PROGRAM_FILE = 'forward.jax_export'
+FORMAT = 1
+
+
+def is_artefact(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, MODEL_FILE)) and os.path.isfile(
+      os.path.join(directory, PROGRAM_FILE)
+  )
+
+
+def read_spec(directory: str) -> dict:
+  with open(os.path.join(directory, MODEL_FILE)) as f:
+    spec = json.load(f)
+  if spec.get('format') != FORMAT:
+    raise ValueError(
+        f'{directory}: artefact format {spec.get("format")!r}, this version reads {FORMAT}; '
+        're-export it with this version'
+    )
+  return spec
+
+
+def restore_variables(path: str):
+  """An orbax PyTree checkpoint onto the first local device, whatever mesh wrote it."""
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = checkpointer.metadata(path).item_metadata.tree
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+  )
+  return checkpointer.restore(path, abstract)
+
+
+class Program:
+  """The exported forward pass with its variables: `program(inputs)` ->
+  {'predictions', 'certainties'} for any batch size."""
+
+  def __init__(self, directory: str):
+    directory = os.path.abspath(directory)
+    if not is_artefact(directory):
+      raise ValueError(
+          f'{directory}: not an exported artefact (no {MODEL_FILE} and {PROGRAM_FILE}); '
+          'write one with python -m ctm_jax.export'
+      )
+    self.spec = read_spec(directory)
+    with open(os.path.join(directory, PROGRAM_FILE), 'rb') as f:
+      self.exported = jax.export.deserialize(bytearray(f.read()))
+    self.variables = restore_variables(os.path.join(directory, VARIABLES_DIR))
+
+  def __call__(self, inputs):
+    return self.exported.call(self.variables, inputs)
+
+
+def load_program(directory: str) -> Program:
+  return Program(directory)
