@@ -353,3 +353,64 @@ def test_trust_pickle_loads_what_weights_only_refuses(tmp_path):
       str(tmp_path / 'other.pt'), str(tmp_path / 'w'), trust_pickle=True
   )
   assert config['task'] == 'parity'
+
+
+# The only args the reference's released ImageNet checkpoint saves (its
+# inference notebook loads it with strict=False).
+RELEASED_IMAGENET_ARGS = (
+    'backbone_type', 'd_input', 'd_model', 'deep_memory', 'do_normalisation', 'heads',
+    'iterations', 'memory_hidden_dims', 'memory_length', 'n_random_pairing_self',
+    'n_synch_action', 'n_synch_out', 'neuron_select_type', 'out_dims',
+    'positional_embedding_type', 'synapse_depth',
+)
+
+
+def _released_imagenet(tmp_path, extra_key=False, drop_key=None):
+  """The golden image model with 1000 classes, saved as the released checkpoint is."""
+  arrays, meta = load_golden('image_rp')
+  sd = state_dict(arrays, meta)
+  rng = np.random.default_rng(0)
+  synch = sd['output_projector.0.weight'].shape[1]
+  sd['output_projector.0.weight'] = rng.standard_normal((1000, synch)).astype(np.float32)
+  sd['output_projector.0.bias'] = rng.standard_normal(1000).astype(np.float32)
+  if extra_key:
+    sd['legacy_buffer'] = np.zeros(3, np.float32)
+  if drop_key:
+    del sd[drop_key]
+  full = vars(reference_args('image_rp', {**meta['constructor_kwargs'], 'out_dims': 1000}))
+  args = argparse.Namespace(**{k: full[k] for k in RELEASED_IMAGENET_ARGS})
+  path = tmp_path / 'ctm_imagenet.pt'
+  torch.save({'model_state_dict': {k: torch.from_numpy(v) for k, v in sd.items()}, 'args': args}, path)
+  return path, sd
+
+
+def test_released_imagenet_args_import_as_imagenet_classification(tmp_path):
+  path, sd = _released_imagenet(tmp_path)
+  config = torch_interop.import_checkpoint(str(path), str(tmp_path / 'run'))
+  assert config['task'] == 'image_classification' and config['skipped'] == []
+  assert config['model_kwargs']['out_dims'] == 1000 and config['model_kwargs']['dropout'] == 0.0
+  model, variables, _ = torch_interop.load_imported(str(tmp_path / 'run'))
+  out = model.apply(variables, np.ones((2, 32, 32, 3), np.float32))
+  assert out.predictions.shape[:2] == (2, 1000)
+  np.testing.assert_array_equal(
+      variables['params']['tick']['output_projector_0']['kernel'], sd['output_projector.0.weight'].T
+  )
+
+
+def test_released_checkpoint_strict_and_not_strict(tmp_path):
+  path, _ = _released_imagenet(tmp_path, extra_key=True, drop_key='start_trace')
+  with pytest.raises(torch_interop.StateDictMismatch, match=r'(?s)unknown keys \(1\).*legacy_buffer.*missing variables \(1\)'):
+    torch_interop.import_checkpoint(str(path), str(tmp_path / 'strict'))
+  assert not (tmp_path / 'strict').exists()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.interop.torch', f'--checkpoint={path}',
+       f'--workdir={tmp_path / "loose"}', '--strict=false'],
+      capture_output=True, text=True, timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'not strict, 2 key(s) skipped' in proc.stdout
+  assert 'ignored key legacy_buffer' in proc.stdout
+  assert 'missing, left at initialisation: params/start_trace' in proc.stdout, proc.stdout
+  _, variables, config = torch_interop.load_imported(str(tmp_path / 'loose'))
+  assert config['strict'] is False and len(config['skipped']) == 2
+  assert np.all(np.isfinite(variables['params']['start_trace']))

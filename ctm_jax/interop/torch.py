@@ -148,11 +148,16 @@ def example_input(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[st
   return jnp.zeros((1, 4, channels), jnp.float32)
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], abstract_variables):
+def convert_state_dict(
+    state_dict: Mapping[str, Any], abstract_variables, fallback=None, skipped=None
+):
   """Reference state_dict -> variables shaped like `abstract_variables`.
 
   Every key must be consumed and every target filled with the right shape;
-  otherwise one StateDictMismatch lists all the problems.
+  otherwise one StateDictMismatch lists all the problems. With `fallback`
+  (variables, e.g. a fresh init) the load is non-strict, as torch's
+  `strict=False`: unknown keys are ignored and missing variables keep the
+  fallback's values, each listed in `skipped`; a mis-shaped key still fails.
   """
   targets = {}
   for collection, tree in abstract_variables.items():
@@ -173,6 +178,19 @@ def convert_state_dict(state_dict: Mapping[str, Any], abstract_variables):
       else:
         filled[full] = jnp.array(array, dtype=targets[full].dtype)
   missing = ['/'.join(p) for p in targets if p not in filled]
+  if fallback is not None and not misshaped:
+    flat_fallback = {
+        (collection,) + path: leaf
+        for collection, tree in fallback.items()
+        for path, leaf in _flatten(tree).items()
+    }
+    for p in targets:
+      if p not in filled:
+        filled[p] = flat_fallback[p]
+    if skipped is not None:
+      skipped += [f'ignored key {k}' for k in unknown]
+      skipped += [f'missing, left at initialisation: {m}' for m in missing]
+    unknown, missing = [], []
   if unknown or missing or misshaped:
     lines = []
     for title, items in (
@@ -193,16 +211,22 @@ def import_state_dict(
     state_dict: Mapping[str, Any],
     model_kwargs: Mapping[str, Any],
     model_class=ctm_lib.ContinuousThoughtMachine,
+    strict: bool = True,
+    skipped: list | None = None,
 ):
   """Builds `model_class` for the reference's constructor kwargs and loads its weights.
 
   Returns (model, variables). The decay parameters are projected onto
-  [0, 15], as the reference's forward does in place.
+  [0, 15], as the reference's forward does in place. `strict=False` ignores
+  unknown keys and initialises missing variables (seed 0), listing each in
+  `skipped`.
   """
   state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
   model = model_class(**model_kwargs)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), example_input(state_dict, model_kwargs))
-  variables = convert_state_dict(state_dict, abstract)
+  example = example_input(state_dict, model_kwargs)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), example)
+  fallback = None if strict else model.init(jax.random.key(0), example)
+  variables = convert_state_dict(state_dict, abstract, fallback, skipped)
   variables['params'] = ctm_lib.project_decay_params(variables['params'])
   return model, variables
 
@@ -235,6 +259,8 @@ ARG_TO_KWARG = {
     'neuron_select_type': 'neuron_select_type',
     'n_random_pairing_self': 'n_random_pairing_self',
 }
+# Training-only args that released checkpoints leave out: their inference values.
+INFERENCE_DEFAULTS = {'dropout': 0.0, 'n_random_pairing_self': 0}
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoint'
 
@@ -273,11 +299,14 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
     raise ValueError(
         f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints can be imported'
     )
-  missing = [name for name in ARG_TO_KWARG if args.get(name) is None]
+  missing = [
+      name for name in ARG_TO_KWARG if args.get(name) is None and name not in INFERENCE_DEFAULTS
+  ]
   if missing:
     raise ValueError(
         f'saved args lack {", ".join(map(repr, missing))}, needed for the {task_name} model'
     )
+  args = {**INFERENCE_DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
   kwargs = {kwarg: args[name] for name, kwarg in ARG_TO_KWARG.items()}
   kwargs['deep_nlms'] = bool(kwargs['deep_nlms'])
   kwargs['do_layernorm_nlm'] = bool(kwargs['do_layernorm_nlm'])
@@ -389,11 +418,14 @@ def import_checkpoint(
     task: str | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
+    strict: bool = True,
 ) -> dict:
   """Reference .pt -> workdir/config.json + workdir/checkpoint. Returns the config.
 
   Writes nothing when the import fails, and refuses an existing
-  workdir/checkpoint unless `overwrite`.
+  workdir/checkpoint unless `overwrite`. `strict=False` loads as torch's
+  `load_state_dict(strict=False)` does (the reference's inference notebook):
+  the config's `skipped` lists every ignored key and initialised variable.
   """
   import shutil  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -410,13 +442,16 @@ def import_checkpoint(
   task = task or detect_task(args)
   kwargs = model_kwargs_from_args(args, task)
   model_class = tasks_lib.get(task).model_class
-  _, variables = import_state_dict(state_dict, kwargs, model_class)  # raises before any write
+  skipped = []
+  _, variables = import_state_dict(state_dict, kwargs, model_class, strict, skipped)  # raises before any write
   config = {
       'task': task,
       'source_checkpoint': checkpoint,
       'iteration': iteration,
       'reference_args': _json_safe(args),
       'model_kwargs': kwargs,
+      'strict': strict,
+      'skipped': skipped,
   }
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(ckpt_dir):
@@ -466,6 +501,7 @@ def _main(argv):
         task=flag_values.task,
         overwrite=flag_values.overwrite,
         trust_pickle=flag_values.trust_pickle,
+        strict=flag_values.strict,
     )
   except (ValueError, OSError, ImportError) as e:  # user errors: one line, not a traceback
     print(f'error: {e}', file=sys.stderr)
@@ -474,6 +510,10 @@ def _main(argv):
   print(f'imported {config["task"]} CTM from {config["source_checkpoint"]}')
   print(f'  config:     {os.path.join(workdir, CONFIG_FILE)}')
   print(f'  checkpoint: {os.path.join(workdir, CHECKPOINT_DIR)}')
+  if config['skipped']:
+    print(f'  not strict, {len(config["skipped"])} key(s) skipped:')
+    for line in config['skipped']:
+      print(f'    {line}')
 
 
 def _define_flags():
@@ -489,6 +529,12 @@ def _define_flags():
       False,
       'Unpickle the checkpoint with plain pickle, which runs any code the file names; '
       'only for a file from a source you trust (default: weights-only loading).',
+  )
+  flags.DEFINE_bool(
+      'strict',
+      True,
+      'Every state_dict key must fill a variable and every variable be filled; '
+      '--strict=false ignores unknown keys and initialises missing variables, listing each.',
   )
 
 

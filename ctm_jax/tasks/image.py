@@ -104,7 +104,14 @@ class ImageClassification(base.Task):
     return found
 
   def matches_reference_args(self, args):
-    return args.get('dataset') in REFERENCE_CLASSES
+    if 'dataset' in args:
+      return args['dataset'] in REFERENCE_CLASSES
+    # The released ImageNet checkpoint saves no dataset: 1000 classes from a
+    # ResNet backbone can only be ImageNet classification.
+    out_dims = args.get('out_dims')
+    return out_dims == REFERENCE_CLASSES['imagenet'] and str(
+        args.get('backbone_type', '')
+    ).startswith('resnet')
 
   def reference_model_kwargs(self, args):
     dataset = args.get('dataset')
