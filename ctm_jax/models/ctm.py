@@ -68,6 +68,17 @@ class CTMOutput:
 
 
 @flax.struct.dataclass
+class EarlyExit:
+  """Per-example early exit: each example's answer at the first tick whose
+  certainty reached the threshold (or at the last tick allowed)."""
+
+  predictions: jax.Array  # (B, O) at the stopping tick
+  certainties: jax.Array  # (B, 2) at the stopping tick
+  ticks: jax.Array  # (B,) int32: ticks used, 1-based
+  stopped: jax.Array  # (B,) bool: whether the threshold was reached
+
+
+@flax.struct.dataclass
 class TickInputs:
   """What a tick reads from outside its carried state; None where unused.
 
@@ -347,7 +358,18 @@ class ContinuousThoughtMachine(nn.Module):
     )
 
   @nn.compact
-  def __call__(self, x, train: bool = False, track: bool = False) -> CTMOutput:
+  def __call__(
+      self,
+      x,
+      train: bool = False,
+      track: bool = False,
+      exit_threshold: float | jax.Array | None = None,
+      max_ticks: int | None = None,
+  ) -> CTMOutput | EarlyExit:
+    """All ticks (a CTMOutput); or, with `exit_threshold`, per-example early
+    exit (an EarlyExit, inference only): ticks run until every example has had
+    a tick with certainty >= the threshold, or `max_ticks` (default
+    `iterations`; more than trained is allowed) have run."""
     validate_input(self, x)
     batch = x.shape[0]
     kv_BxNxE = self.featurise(x, train)
@@ -356,10 +378,60 @@ class ContinuousThoughtMachine(nn.Module):
     synch_params = self.synch_params()
     state = self.initial_state(batch, synch_params)
     fixed = TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF)
+    if exit_threshold is not None:
+      return self.run_until_certain(
+          state, TickInputs(), fixed, synch_params, exit_threshold, max_ticks or self.iterations
+      )
     final, per_tick = self.run_ticks(
         state, TickInputs(), fixed, synch_params, train=train, track=track
     )
     return self.outputs(final, per_tick, track)
+
+  def run_until_certain(
+      self, state, per_tick: TickInputs, fixed, synch_params, threshold, max_ticks: int
+  ) -> EarlyExit:
+    """Ticks in a while loop with a per-example done mask; the loop ends when
+    every example is done, so a batch of easy examples costs few ticks.
+
+    An example's outputs freeze at its stopping tick; the others in the batch
+    never change them (each example's ticks depend on its own state only).
+    `per_tick` inputs are not supported (tick counts vary).
+    """
+    if jax.tree.leaves(per_tick):
+      raise ValueError('early exit needs inputs fixed over ticks (no per-tick inputs)')
+    if self.is_initializing():
+      raise ValueError('early exit runs trained variables: initialise with a plain call')
+    batch = state.z_BxD.shape[0]
+    tick = Tick(**self._tick_kwargs(False, False), name='tick')
+    threshold = jnp.asarray(threshold, jnp.float32)
+
+    def cond(_, carry):
+      t, _, done_B, *_ = carry
+      return (t < max_ticks) & ~jnp.all(done_B)
+
+    def body(module, carry):
+      t, state, done_B, pred_BxO, cert_Bx2, ticks_B, stopped_B = carry
+      state, out = module(state, TickInputs(), fixed, synch_params)
+      sure_B = out['certainties'][:, 1] >= threshold
+      last = t + 1 >= max_ticks
+      now_B = ~done_B & (sure_B | last)
+      pred_BxO = jnp.where(now_B[:, None], out['predictions'], pred_BxO)
+      cert_Bx2 = jnp.where(now_B[:, None], out['certainties'], cert_Bx2)
+      ticks_B = jnp.where(now_B, t + 1, ticks_B)
+      stopped_B = stopped_B | (~done_B & sure_B)
+      return t + 1, state, done_B | now_B, pred_BxO, cert_Bx2, ticks_B, stopped_B
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        state,
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch, self.out_dims), jnp.float32),
+        jnp.zeros((batch, 2), jnp.float32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), bool),
+    )
+    _, _, _, pred_BxO, cert_Bx2, ticks_B, stopped_B = nn.while_loop(cond, body, tick, init)
+    return EarlyExit(pred_BxO, cert_Bx2, ticks_B, stopped_B)
 
   # --- Pieces shared with the model variants (models/<variant>.py) -----------
   # A variant overrides __call__ and composes: featurise / project_kv (tokens
