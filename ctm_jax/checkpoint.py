@@ -170,6 +170,13 @@ class Checkpointer:
     data_iterator.set_state(_reshard_position(iterator_dir, data_iterator.get_state(), count))
     return restored['state']
 
+  def restore_state(self, step: int, abstract_state):
+    """The train state alone (no data iterator) onto `abstract_state`'s shardings."""
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
+    return restored['state']
+
   def wait(self):
     try:
       self.manager.wait_until_finished()

@@ -310,6 +310,29 @@ def _check_data_sizes(config, train_source, eval_source):
     )
 
 
+def make_context(config, task, model, run, eval_source, plot_dir, started):
+  """What the task's evaluators use: the held-out batches of this process."""
+  return evaluators_lib.Context(
+      config=config,
+      task=task,
+      model=model,
+      run=run,
+      eval_source=eval_source,
+      # Kept on the host and sent per eval: a large held-out set would
+      # otherwise hold GiBs of accelerator memory for the whole run.
+      eval_batches=pipeline.make_eval_batches(
+          eval_source,
+          batch_size=config.batch_size_test // jax.process_count(),  # per host
+          num_batches=config.n_test_batches,
+          shard_index=jax.process_index(),
+          shard_count=jax.process_count(),
+          read_options=grain.ReadOptions(num_threads=config.num_read_threads),
+      ),
+      plot_dir=plot_dir,
+      started=started,
+  )
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the state.
 
@@ -370,25 +393,7 @@ def _train_and_evaluate(config, workdir, task, model, mesh, started, sources):
     config_path = checkpoint_lib.write_config(workdir, config)
     start, total = int(state.step), config.training_iterations
     plot_dir = os.path.join(workdir, 'plots')
-    context = evaluators_lib.Context(
-        config=config,
-        task=task,
-        model=model,
-        run=run,
-        eval_source=eval_source,
-        # Kept on the host and sent per eval: a large held-out set would
-        # otherwise hold GiBs of accelerator memory for the whole run.
-        eval_batches=pipeline.make_eval_batches(
-            eval_source,
-            batch_size=config.batch_size_test // jax.process_count(),  # per host
-            num_batches=config.n_test_batches,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-            read_options=grain.ReadOptions(num_threads=config.num_read_threads),
-        ),
-        plot_dir=plot_dir,
-        started=started,
-    )
+    context = make_context(config, task, model, run, eval_source, plot_dir, started)
     evaluators = task.evaluators(config, context)
     writer = writers.MetricWriter(workdir, resume_step=start)
   except BaseException:

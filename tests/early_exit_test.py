@@ -24,15 +24,19 @@ def _model(config, scale=1.0, head_scale=30.0):
   return model, variables, inputs
 
 
-def _brute_force(model, variables, inputs, threshold, max_ticks):
-  full = model.clone(iterations=max_ticks).apply(variables, inputs)
-  sure_BxT = np.asarray(full.certainties[:, 1]) >= threshold
+def _full_run(model, variables, inputs, max_ticks):
+  full = jax.jit(model.clone(iterations=max_ticks).apply)(variables, inputs)
+  return np.asarray(full.predictions), np.asarray(full.certainties)
+
+
+def _brute_force(full, threshold, max_ticks):
+  """Each example's outputs at its first tick with certainty >= threshold."""
+  predictions_BxOxT, certainties_Bx2xT = full
+  sure_BxT = certainties_Bx2xT[:, 1] >= threshold
   stopped_B = sure_BxT.any(axis=1)
   tick_B = np.where(stopped_B, sure_BxT.argmax(axis=1), max_ticks - 1)
   rows = np.arange(len(tick_B))
-  predictions = np.asarray(full.predictions)[rows, :, tick_B]
-  certainties = np.asarray(full.certainties)[rows, :, tick_B]
-  return predictions, certainties, tick_B + 1, stopped_B, np.asarray(full.certainties[:, 1])
+  return predictions_BxOxT[rows, :, tick_B], certainties_Bx2xT[rows, :, tick_B], tick_B + 1, stopped_B
 
 
 CONFIGS = {  # name -> (config, scale, head_scale)
@@ -51,16 +55,15 @@ def test_early_exit_equals_brute_force_at_random_thresholds(name):
   )
   rng = np.random.default_rng(0)
   ticks = model.iterations
-  _, _, _, _, certainty_BxT = _brute_force(model, variables, inputs, 2.0, ticks)
+  certainty_BxT = _full_run(model, variables, inputs, ticks)[1][:, 1]
   # Thresholds inside the certainties seen, so examples stop at different ticks.
   thresholds = np.quantile(certainty_BxT, rng.uniform(0.05, 0.95, 5)).astype(np.float32)
   spread = set()
   for max_ticks in (ticks, 2 * ticks):  # beyond the trained ticks too
+    full = _full_run(model, variables, inputs, max_ticks)
     for threshold in [*thresholds, np.float32(1.01)]:
       got = run(variables, inputs, threshold, max_ticks)
-      predictions, certainties, ticks_B, stopped_B, _ = _brute_force(
-          model, variables, inputs, threshold, max_ticks
-      )
+      predictions, certainties, ticks_B, stopped_B = _brute_force(full, threshold, max_ticks)
       np.testing.assert_array_equal(got.ticks, ticks_B)
       np.testing.assert_array_equal(got.stopped, stopped_B)
       np.testing.assert_allclose(got.predictions, predictions, rtol=1e-5, atol=1e-5)
@@ -72,11 +75,12 @@ def test_early_exit_equals_brute_force_at_random_thresholds(name):
 
 def test_early_exit_examples_do_not_depend_on_the_batch():
   model, variables, inputs = _model(image_configs.get_config('smoke'))
-  _, _, _, _, certainty_BxT = _brute_force(model, variables, inputs, 2.0, model.iterations)
+  certainty_BxT = _full_run(model, variables, inputs, model.iterations)[1][:, 1]
   threshold = np.float32(np.median(certainty_BxT))
-  together = model.apply(variables, inputs, exit_threshold=threshold)
+  run = jax.jit(lambda x: model.apply(variables, x, exit_threshold=threshold))
+  together = run(inputs)
   assert len(set(np.asarray(together.ticks).tolist())) > 1  # examples stop at different ticks
   for i in range(len(inputs)):
-    alone = model.apply(variables, inputs[i : i + 1], exit_threshold=threshold)
+    alone = run(inputs[i : i + 1])
     assert int(alone.ticks[0]) == int(together.ticks[i])
     np.testing.assert_allclose(alone.predictions[0], together.predictions[i], rtol=1e-5, atol=1e-5)

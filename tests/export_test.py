@@ -1,6 +1,7 @@
 """Export: the serialised forward pass equals model.apply, runs without the
 training code, loads back as a model; bad arguments are one line."""
 
+import json
 import subprocess
 import sys
 
@@ -134,3 +135,26 @@ def test_export_refuses_bad_arguments_in_one_line(trained, tmp_path):
     assert field in one_error_line(proc.stderr, 'ctm_jax.export:')
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
   assert artefact.is_artefact(str(out))  # the refused overwrite left it whole
+
+
+def test_evaluate_command_reproduces_the_training_eval(trained, tmp_path):
+  run, _ = trained
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.evaluate', f'--workdir={run}', f'--out={tmp_path / "eval"}'],
+      capture_output=True, text=True, timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'eval/acc_most_certain' in proc.stdout
+  with open(run / 'metrics.jsonl') as f:
+    trained_eval = [r for r in map(json.loads, f) if 'eval/loss' in r][-1]
+  evaluated = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
+  assert evaluated['step'] == trained_eval['step'] == 2
+  for key, value in trained_eval.items():
+    if key not in ('step', 'eval/elapsed_s'):
+      assert evaluated[key] == pytest.approx(value, abs=1e-6), key
+  assert (tmp_path / 'eval' / 'plots' / 'eval_ticks_0000002.png').exists()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.evaluate', f'--workdir={run}', '--step=7'],
+      capture_output=True, text=True, timeout=300,
+  )
+  assert proc.returncode == 2 and '--step=7' in one_error_line(proc.stderr, 'ctm_jax.evaluate:')

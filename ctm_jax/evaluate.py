@@ -1,0 +1,110 @@
+"""Evaluate a trained run without training: the task's evaluators on its held-out set.
+
+  python -m ctm_jax.evaluate --workdir=RUN [--step=N] [--out=DIR]
+
+restores the run's checkpoint (the newest, or `--step`) on the run's mesh and
+runs the same evaluators as a training eval: the scalars (printed, and written
+to DIR/metrics.json) and the plots (tick accuracy, adaptive compute, the
+task's gifs) under DIR/plots. DIR defaults to RUN/eval_<step>. Overrides of
+the run's config (`--n_test_batches`, `--batch_size_test`) evaluate on more
+or fewer held-out examples.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+
+from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import sharding
+from ctm_jax import train
+from ctm_jax import validation
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise validation.UsageError(
+        f'--workdir={workdir}: no {checkpoint_lib.CONFIG_FILE} there (not a training run)'
+    )
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) -> dict:
+  """The eval scalars of `workdir`'s checkpoint at `step` (default: the newest)."""
+  started = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  config = load_config(workdir)
+  config.update({k: v for k, v in overrides.items() if v is not None})
+  directory = os.path.join(workdir, 'checkpoints')
+  committed = checkpoint_lib.committed_steps(directory)
+  if not committed:
+    raise validation.UsageError(f'--workdir={workdir}: no committed checkpoint under {directory}')
+  if step is None:
+    step = committed[-1]
+  elif step not in committed:
+    raise validation.UsageError(f'--step={step}: no such checkpoint (committed: {committed})')
+  task, model = validation.validate(config)
+  task.check_data(config)
+  eval_source = task.eval_source(config)
+  out = os.path.abspath(out or os.path.join(workdir, f'eval_{step}'))
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    run = train.setup(config, model, task, mesh)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+    try:
+      state = checkpointer.restore_state(step, run.abstract_state)
+    finally:
+      checkpointer.close()
+    plot_dir = os.path.join(out, 'plots')
+    if jax.process_index() == 0:
+      os.makedirs(plot_dir, exist_ok=True)
+    context = train.make_context(config, task, model, run, eval_source, plot_dir, started)
+    scalars = {'step': step}
+    for evaluator in task.evaluators(config, context):
+      scalars.update(evaluator.run(state, step))
+  if jax.process_index() == 0:
+    with open(os.path.join(out, 'metrics.json'), 'w') as f:
+      json.dump(scalars, f, indent=1, sort_keys=True)
+  return scalars
+
+
+def _main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  values = flags.FLAGS
+  try:
+    scalars = evaluate(
+        values.workdir,
+        values.step,
+        values.out,
+        n_test_batches=values.n_test_batches,
+        batch_size_test=values.batch_size_test,
+    )
+  except (validation.UsageError, ValueError, OSError) as e:
+    print(f'ctm_jax.evaluate: {validation.first_line(e)}', file=sys.stderr)
+    sys.exit(2)
+  for key in sorted(scalars):
+    if '_tick_' not in key:
+      print(f'{key:40s} {scalars[key]:.4f}' if isinstance(scalars[key], float) else f'{key:40s} {scalars[key]}')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string('workdir', None, 'A training run.', required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+  flags.DEFINE_string('out', '', 'Output directory (default <workdir>/eval_<step>).')
+  flags.DEFINE_integer('n_test_batches', None, "Held-out batches (default: the run's).")
+  flags.DEFINE_integer('batch_size_test', None, "Held-out batch size (default: the run's).")
+  app.run(_main)
