@@ -41,15 +41,25 @@ def read_spec(directory: str) -> dict:
   return spec
 
 
-def restore_variables(path: str):
-  """An orbax PyTree checkpoint onto the first local device, whatever mesh wrote it."""
-  checkpointer = ocp.StandardCheckpointer()
+def restore_variables(path: str, keys=None):
+  """An orbax PyTree checkpoint onto the first local device, whatever mesh wrote it;
+  with `keys`, only those top-level entries are read (a train state's variables
+  without its optimiser state)."""
+  checkpointer = ocp.PyTreeCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   metadata = checkpointer.metadata(path).item_metadata.tree
+  if keys is not None:
+    metadata = {k: metadata[k] for k in keys if k in metadata}
   abstract = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
   )
-  return checkpointer.restore(path, abstract)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  return checkpointer.restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=keys is not None
+      ),
+  )
 
 
 class Program:

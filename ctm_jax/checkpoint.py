@@ -12,6 +12,7 @@ import zlib
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -54,6 +55,21 @@ def committed_steps(directory: str) -> list[int]:
   except OSError:
     return []
   return sorted(int(n) for n in names if n.isdigit())
+
+
+def choose_step(directory: str, step: int | None, workdir: str) -> int:
+  """`step` if committed under `directory`, else the newest committed one when
+  `step` is None; UsageError naming --step or --workdir otherwise."""
+  committed = committed_steps(directory)
+  if step is None:
+    if not committed:
+      raise validation.UsageError(f'--workdir={workdir}: no committed checkpoint under {directory}')
+    return committed[-1]
+  if step not in committed:
+    raise validation.UsageError(
+        f'--step={step}: no such checkpoint under {directory} (committed: {committed})'
+    )
+  return step
 
 
 def _reason(error: BaseException) -> str:
@@ -354,6 +370,15 @@ def check_config(workdir: str, config, resuming: bool, identity_keys=()):
           f'workdir {workdir} holds checkpoints of a different model '
           f'(changed: {", ".join(changed)}); use a new --workdir or restore the config'
       )
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's workdir/config.json; UsageError naming the workdir when there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise validation.UsageError(f'--workdir={workdir}: no {CONFIG_FILE} there (not a training run)')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def write_config(workdir: str, config) -> str:

@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 
 from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax import sharding
@@ -24,30 +23,13 @@ from ctm_jax import train
 from ctm_jax import validation
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise validation.UsageError(
-        f'--workdir={workdir}: no {checkpoint_lib.CONFIG_FILE} there (not a training run)'
-    )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) -> dict:
   """The eval scalars of `workdir`'s checkpoint at `step` (default: the newest)."""
   started = time.perf_counter()
   workdir = os.path.abspath(workdir)
-  config = load_config(workdir)
+  config = checkpoint_lib.read_config(workdir)
   config.update({k: v for k, v in overrides.items() if v is not None})
-  directory = os.path.join(workdir, 'checkpoints')
-  committed = checkpoint_lib.committed_steps(directory)
-  if not committed:
-    raise validation.UsageError(f'--workdir={workdir}: no committed checkpoint under {directory}')
-  if step is None:
-    step = committed[-1]
-  elif step not in committed:
-    raise validation.UsageError(f'--step={step}: no such checkpoint (committed: {committed})')
+  step = checkpoint_lib.choose_step(os.path.join(workdir, 'checkpoints'), step, workdir)
   task, model = validation.validate(config)
   task.check_data(config)
   eval_source = task.eval_source(config)

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ctm_jax import artefact
+from ctm_jax import checkpoint
 from ctm_jax import inference
 from ctm_jax import tasks
 from ctm_jax import validation
@@ -114,13 +115,13 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
 
 def checkpoint_bytes(workdir: str, step: int | None = None) -> int:
   """The size of one training checkpoint (the newest, or `step`) of a run; 0 if none."""
-  from ctm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  committed = checkpoint.committed_steps(directory)
-  if step is None and committed:
-    step = committed[-1]
-  return _size(os.path.join(directory, str(step))) if step in committed else 0
+  workdir = os.path.abspath(workdir)
+  directory = os.path.join(workdir, 'checkpoints')
+  try:
+    step = checkpoint.choose_step(directory, step, workdir)
+  except validation.UsageError:  # an import: no training checkpoint to compare with
+    return 0
+  return _size(os.path.join(directory, str(step)))
 
 
 def _size(path: str) -> int:

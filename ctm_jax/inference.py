@@ -6,7 +6,6 @@ and an exported artefact (`python -m ctm_jax.export`). Variables land on the
 first local device.
 """
 
-import json
 import os
 
 import ml_collections
@@ -39,21 +38,12 @@ def load(workdir: str, step: int | None = None):
   if os.path.isdir(os.path.join(workdir, torch_interop.CHECKPOINT_DIR)):
     model, variables, config = torch_interop.load_imported(workdir)
     return model, variables, ml_collections.ConfigDict(config)
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpoint.read_config(workdir)
   directory = os.path.join(workdir, 'checkpoints')
-  committed = checkpoint.committed_steps(directory)
-  if step is None:
-    if not committed:
-      raise validation.UsageError(f'--workdir={workdir}: no committed checkpoint under {directory}')
-    step = committed[-1]
-  elif step not in committed:
-    raise validation.UsageError(
-        f'--step={step}: no such checkpoint under {directory} (committed: {committed})'
-    )
-  task = tasks.get(config.task)
-  state = artefact.restore_variables(os.path.join(directory, str(step), 'state'))
-  variables = {'params': state['params'], 'synch': state['synch']}
-  if state.get('batch_stats'):
-    variables['batch_stats'] = state['batch_stats']
-  return task.make_model(config), variables, config
+  step = checkpoint.choose_step(directory, step, workdir)
+  variables = artefact.restore_variables(
+      os.path.join(directory, str(step), 'state'), keys=('params', 'synch', 'batch_stats')
+  )
+  if not variables.get('batch_stats'):
+    variables.pop('batch_stats', None)
+  return tasks.get(config.task).make_model(config), variables, config

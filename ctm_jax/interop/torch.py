@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import artefact
 from ctm_jax import tasks as tasks_lib
 from ctm_jax import validation
 from ctm_jax.models import ctm as ctm_lib
@@ -470,21 +471,12 @@ def load_imported(workdir: str):
 
   Variables land on the first local device; reshard them for training.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   workdir = os.path.abspath(workdir)
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     config = json.load(f)
   model = tasks_lib.get(config['task']).model_class(**config['model_kwargs'])
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  checkpointer = ocp.StandardCheckpointer()
   # Target from the saved metadata, not its sharding: the writer's device may not exist here.
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  metadata = checkpointer.metadata(ckpt_dir).item_metadata.tree
-  abstract = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata
-  )
-  variables = checkpointer.restore(ckpt_dir, abstract)
+  variables = artefact.restore_variables(os.path.join(workdir, CHECKPOINT_DIR))
   return model, variables, config
 
 
