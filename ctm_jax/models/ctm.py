@@ -118,6 +118,16 @@ class SynchParams:
   decay_action_P: jax.Array | None = None
 
 
+@flax.struct.dataclass
+class Prepared:
+  """A batch ready for its first tick (`__call__(x, prepare=True)`): what
+  serving needs to run ticks itself (ctm_jax/serving.py)."""
+
+  state: 'TickState'
+  fixed: TickInputs
+  synch_params: SynchParams
+
+
 class TickState(NamedTuple):
   """What one tick hands to the next."""
 
@@ -339,6 +349,11 @@ class ContinuousThoughtMachine(nn.Module):
   def synch_size_action(self) -> int:
     return synch.synch_size(self.neuron_select_type, self.n_synch_action)
 
+  def make_tick(self) -> 'Tick':
+    """The inference tick, unbound: apply it with `{'params': params['tick']}`
+    to (state, TickInputs(), prepared.fixed, prepared.synch_params)."""
+    return Tick(**self._tick_kwargs(False, False), parent=None)
+
   def _tick_kwargs(self, train, track):
     return dict(
         d_model=self.d_model,
@@ -365,11 +380,14 @@ class ContinuousThoughtMachine(nn.Module):
       track: bool = False,
       exit_threshold: float | jax.Array | None = None,
       max_ticks: int | None = None,
-  ) -> CTMOutput | EarlyExit:
+      prepare: bool = False,
+  ) -> CTMOutput | EarlyExit | Prepared:
     """All ticks (a CTMOutput); or, with `exit_threshold`, per-example early
     exit (an EarlyExit, inference only): ticks run until every example has had
     a tick with certainty >= the threshold, or `max_ticks` (default
-    `iterations`; more than trained is allowed) have run."""
+    `iterations`; more than trained is allowed) have run; or, with `prepare`,
+    no tick at all: the initial state and the tick inputs (a Prepared), for
+    callers that run the ticks themselves with `make_tick()`."""
     validate_input(self, x)
     batch = x.shape[0]
     kv_BxNxE = self.featurise(x, train)
@@ -378,6 +396,8 @@ class ContinuousThoughtMachine(nn.Module):
     synch_params = self.synch_params()
     state = self.initial_state(batch, synch_params)
     fixed = TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF)
+    if prepare:
+      return Prepared(state, fixed, synch_params)
     if exit_threshold is not None:
       return self.run_until_certain(
           state, TickInputs(), fixed, synch_params, exit_threshold, max_ticks or self.iterations

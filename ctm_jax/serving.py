@@ -1,0 +1,188 @@
+"""Batched serving with per-example early exit and slot refill.
+
+`model.apply(v, x, exit_threshold=th)` stops a batch when its least certain
+example is done, so a batch costs its slowest example's ticks. A `Server`
+keeps `slots` examples in flight instead: every tick runs all slots, an example
+leaves its slot at its first tick with certainty >= the threshold (or after
+`max_ticks`), and the next queued example takes the slot at once. Throughput
+then follows the mean ticks per example, not the batch maximum.
+
+All of it is one compiled program per queue length: the queue's inputs are
+featurised in chunks of `slots` (backbone, key/value projections), then a
+`lax.while_loop` ticks the slots until the queue is drained. Results are in
+queue order and equal, example by example, what `exit_threshold` gives.
+
+Dimension glossary: Q queue (examples served), S slots, O out_dims,
+D neurons, M memory length, K heads, N tokens, F head width.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from ctm_jax.models import ctm as ctm_lib
+
+
+def _batch_axis(path) -> int:
+  # The neuron-major trace keeps its batch on axis 1; every other leaf of a
+  # TickState or TickInputs leads with it.
+  return 1 if 'trace_DxBxM' in jax.tree_util.keystr(path) else 0
+
+
+def _take(tree, index_S):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, a: jnp.take(a, index_S, axis=_batch_axis(p)), tree
+  )
+
+
+def _select(mask_S, new, old):
+  """Per slot: `new` where mask_S, else `old`."""
+
+  def pick(path, a, b):
+    axis = _batch_axis(path)
+    shape = [1] * a.ndim
+    shape[axis] = mask_S.shape[0]
+    return jnp.where(mask_S.reshape(shape), a, b)
+
+  return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
+class Server:
+  """`server(variables, inputs_Q, threshold)` -> ctm.EarlyExit over the Q
+  queued examples; afterwards `server.rounds` is how many ticks the slots ran.
+
+  `model` is a ContinuousThoughtMachine (any task whose inputs do not change
+  over ticks); `slots` is how many examples tick at once; `max_ticks` defaults
+  to the model's iterations (more than trained is allowed). The threshold is
+  an argument of each call, so changing it does not recompile.
+  """
+
+  def __init__(self, model, *, slots: int = 64, max_ticks: int | None = None):
+    if not isinstance(slots, int) or slots < 1:
+      raise ValueError(f'slots={slots!r}: must be a positive integer')
+    self.model = model
+    self.slots = slots
+    self.max_ticks = max_ticks or model.iterations
+    if self.max_ticks < 1:
+      raise ValueError(f'max_ticks={max_ticks!r}: must be a positive integer')
+    self._serve = jax.jit(self._serve_fn)
+
+  def __call__(self, variables, inputs, threshold) -> ctm_lib.EarlyExit:
+    result, self.rounds = self._serve(variables, inputs, jnp.asarray(threshold, jnp.float32))
+    return result
+
+  def _prepare(self, variables, inputs):
+    """Every queued example's tick inputs, featurised `slots` at a time; the
+    initial state is one example's (it does not depend on the input)."""
+    queue = jax.tree.leaves(inputs)[0].shape[0]
+    chunks = -(-queue // self.slots)
+    pad = chunks * self.slots - queue
+
+    def chunked(x):
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+      return x.reshape(chunks, self.slots, *x.shape[1:])
+
+    def prepare(x):
+      return self.model.apply(variables, x, prepare=True)
+
+    first = prepare(jax.tree.map(lambda x: x[:1], inputs))
+    fixed = jax.lax.map(lambda x: prepare(x).fixed, jax.tree.map(chunked, inputs))
+    fixed_Q = jax.tree.map(lambda a: a.reshape(chunks * self.slots, *a.shape[2:])[:queue], fixed)
+    return first.state, fixed_Q, first.synch_params
+
+  def _serve_fn(self, variables, inputs, threshold):
+    model, slots, max_ticks = self.model, self.slots, self.max_ticks
+    start_1, fixed_Q, synch_params = self._prepare(variables, inputs)
+    queue = jax.tree.leaves(fixed_Q)[0].shape[0]
+    tick = model.make_tick()
+    tick_params = {'params': variables['params']['tick']}
+
+    first_S = jnp.arange(slots, dtype=jnp.int32)
+    example_S = jnp.where(first_S < queue, first_S, -1)  # -1: an empty slot
+    carry = dict(
+        state=_take(start_1, jnp.zeros((slots,), jnp.int32)),
+        fixed=_take(fixed_Q, jnp.minimum(first_S, queue - 1)),
+        example_S=example_S,
+        ticks_S=jnp.zeros((slots,), jnp.int32),
+        next=jnp.asarray(min(slots, queue), jnp.int32),
+        predictions_QxO=jnp.zeros((queue, model.out_dims), jnp.float32),
+        certainties_Qx2=jnp.zeros((queue, 2), jnp.float32),
+        ticks_Q=jnp.zeros((queue,), jnp.int32),
+        stopped_Q=jnp.zeros((queue,), bool),
+        rounds=jnp.zeros((), jnp.int32),
+    )
+
+    def cond(c):
+      return jnp.any(c['example_S'] >= 0)
+
+    def body(c):
+      state, out = tick.apply(tick_params, c['state'], ctm_lib.TickInputs(), c['fixed'], synch_params)
+      ticks_S = c['ticks_S'] + 1
+      active_S = c['example_S'] >= 0
+      sure_S = out['certainties'][:, 1] >= threshold
+      done_S = active_S & (sure_S | (ticks_S >= max_ticks))
+      # Finished examples write their row; others write out of range (dropped).
+      row_S = jnp.where(done_S, c['example_S'], queue)
+      c = dict(
+          c,
+          predictions_QxO=c['predictions_QxO'].at[row_S].set(out['predictions'], mode='drop'),
+          certainties_Qx2=c['certainties_Qx2'].at[row_S].set(out['certainties'], mode='drop'),
+          ticks_Q=c['ticks_Q'].at[row_S].set(ticks_S, mode='drop'),
+          stopped_Q=c['stopped_Q'].at[row_S].set(sure_S, mode='drop'),
+      )
+      # Refill: the k-th finished slot takes queued example next + k.
+      incoming_S = c['next'] + jnp.cumsum(done_S) - 1
+      refill_S = done_S & (incoming_S < queue)
+      example_S = jnp.where(done_S, jnp.where(refill_S, incoming_S, -1), c['example_S'])
+
+      def refill(args):
+        state, fixed = args
+        fresh_index_S = jnp.clip(incoming_S, 0, queue - 1)
+        fresh_state = _take(start_1, jnp.zeros((slots,), jnp.int32))
+        return (
+            _select(refill_S, fresh_state, state),
+            _select(refill_S, _take(fixed_Q, fresh_index_S), fixed),
+        )
+
+      state, fixed = jax.lax.cond(jnp.any(refill_S), refill, lambda a: a, (state, c['fixed']))
+      return dict(
+          c,
+          state=state,
+          fixed=fixed,
+          example_S=example_S,
+          ticks_S=jnp.where(done_S, 0, ticks_S),
+          next=c['next'] + done_S.sum(dtype=jnp.int32),
+          rounds=c['rounds'] + 1,
+      )
+
+    c = jax.lax.while_loop(cond, body, carry)
+    result = ctm_lib.EarlyExit(
+        c['predictions_QxO'], c['certainties_Qx2'], c['ticks_Q'], c['stopped_Q']
+    )
+    return result, c['rounds']
+
+
+def batched(model, *, batch: int, max_ticks: int | None = None):
+  """The no-refill baseline: `fn(variables, inputs_Q, threshold)` runs the
+  queue in batches of `batch` with `exit_threshold`, each batch until its
+  slowest example stops. Same outputs as a Server; for comparing throughput."""
+
+  @jax.jit
+  def run(variables, inputs, threshold):
+    queue = jax.tree.leaves(inputs)[0].shape[0]
+    chunks = -(-queue // batch)
+    pad = chunks * batch - queue
+
+    def chunked(x):
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+      return x.reshape(chunks, batch, *x.shape[1:])
+
+    def one(x):
+      return model.apply(variables, x, exit_threshold=threshold, max_ticks=max_ticks)
+
+    out = jax.lax.map(one, jax.tree.map(chunked, inputs))
+    return jax.tree.map(lambda a: a.reshape(chunks * batch, *a.shape[2:])[:queue], out)
+
+  return lambda variables, inputs, threshold: run(
+      variables, inputs, jnp.asarray(threshold, jnp.float32)
+  )
+
