@@ -2,7 +2,7 @@
 
 Usage (from the repo root):
   python benchmarks/early_exit_bench.py --workdir=RUN [--examples=512] [--batch=1,256]
-      [--thresholds=0.5,0.6,0.7,0.8,0.9,0.95,0.99] [--repeats=5]
+      [--thresholds=0.5,0.6,0.7,0.8,0.9,0.95,0.99] [--repeats=5] [--slots=64]
 
 On the run's first --examples held-out records (its task's eval source), for
 each certainty threshold: accuracy and mean ticks of `model.apply(...,
@@ -11,6 +11,11 @@ each example's first tick past the threshold picked), which must agree; and
 the wall time per example of the early-exit program relative to running every
 tick, at each --batch size (batch 1, on the first 64 examples: each example
 stops on its own; a bigger batch runs until its least certain example stops).
+
+Serving (`--slots=S`, 0 to skip): examples per second over all --examples of
+every tick in batches of S, of early exit in batches of S (each batch until
+its slowest example stops), and of `ctm_jax.serving.Server` with S slots, a
+finished example's slot refilled from the queue at once.
 """
 
 import argparse
@@ -47,8 +52,27 @@ def _timed(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def measure(model, variables, task, data, thresholds, batches, repeats):
-  """Rows per threshold: early-exit vs post-hoc accuracy and ticks, and time ratios."""
+def _every_tick(model, variables, batch):
+  """The plain forward (a scan over every tick) over a queue, `batch` at a time."""
+
+  @jax.jit
+  def run(inputs):
+    queue = jax.tree.leaves(inputs)[0].shape[0]
+    chunks = queue // batch
+    head = jax.tree.map(lambda x: x[: chunks * batch].reshape(chunks, batch, *x.shape[1:]), inputs)
+    out = jax.lax.map(lambda x: model.apply(variables, x).predictions, head)
+    rest = jax.tree.map(lambda x: x[chunks * batch :], inputs)
+    if queue % batch:
+      return out, model.apply(variables, rest).predictions
+    return out
+
+  return run
+
+
+def measure(model, variables, task, data, thresholds, batches, repeats, slots=0):
+  """Rows per threshold: early-exit vs post-hoc accuracy and ticks, time
+  ratios, and served throughput with and without refill."""
+  from ctm_jax import serving  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import ctm  # pylint: disable=g-import-not-at-top
 
   inputs, count = task.model_inputs(data), len(data['targets'])
@@ -83,6 +107,17 @@ def measure(model, variables, task, data, thresholds, batches, repeats):
       t_exit = sum(_timed(lambda c=c: early(c, th32), repeats) for c in chunks) / n
       row[f'ms_full_b{batch}'] = 1e3 * t_full
       row[f'ms_exit_b{batch}'] = 1e3 * t_exit
+    if slots:
+      server = serving.Server(model, slots=slots)
+      no_refill = serving.batched(model, batch=slots)
+      every_tick = _every_tick(model, variables, slots)
+      served = server(variables, inputs, th32)
+      if not np.array_equal(np.asarray(served.ticks), np.asarray(exit_out.ticks)):
+        raise AssertionError('the server stopped examples at other ticks than exit_threshold')
+      row['rounds'] = int(server.rounds)
+      row['eps_all'] = count / _timed(lambda: every_tick(inputs), repeats)
+      row['eps_batched'] = count / _timed(lambda: no_refill(variables, inputs, th32), repeats)
+      row['eps_served'] = count / _timed(lambda: server(variables, inputs, th32), repeats)
     rows.append(row)
   return rows
 
@@ -94,6 +129,7 @@ def main(argv=None):
   parser.add_argument('--batch', default='1,256')
   parser.add_argument('--thresholds', default=','.join(map(str, THRESHOLDS)))
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--slots', type=int, default=64)
   args = parser.parse_args(argv)
   from ctm_jax import inference  # pylint: disable=g-import-not-at-top
   from ctm_jax import tasks  # pylint: disable=g-import-not-at-top
@@ -104,7 +140,7 @@ def main(argv=None):
   data = held_out(task, config, args.examples)
   rows = measure(
       model, variables, task, data, [float(t) for t in args.thresholds.split(',')],
-      batches, args.repeats,
+      batches, args.repeats, args.slots,
   )
   device = jax.devices()[0]
   print(
@@ -127,6 +163,15 @@ def main(argv=None):
         for b in batches
     )
     print(line)
+  if args.slots:
+    print(f'\nServed throughput, {args.slots} slots (examples/s over {len(data["targets"])} examples):\n')
+    print('| threshold | mean ticks | every tick | early exit, no refill | early exit, refill | refill vs every tick |')
+    print('|---|---|---|---|---|---|')
+    for r in rows:
+      print(
+          f"| {r['threshold']:g} | {r['exit_ticks']:.2f} | {r['eps_all']:.0f} | {r['eps_batched']:.0f} "
+          f"| {r['eps_served']:.0f} | {r['eps_served'] / r['eps_all']:.2f}x |"
+      )
 
 
 if __name__ == '__main__':
