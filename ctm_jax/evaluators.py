@@ -182,24 +182,26 @@ def head_mean_attention(output):
   return jnp.moveaxis(attention_TxBxN, 0, 1)
 
 
-def make_attention_step(model, num_top: int):
-  """(state, images) -> per-tick attention maps and top classes of a few images.
+def attention_arrays(model, variables, images, num_top: int) -> dict[str, jax.Array]:
+  """Per-tick attention maps and top classes of a few images: `attention_BxTxN`
+  (averaged over heads), `top_probs_BxTxA`, `top_classes_BxTxA` (the A =
+  `num_top` most probable classes) and `certainty_BxT`."""
+  output = model.apply(variables, images, track=True)
+  probs_BxTxC = jax.nn.softmax(jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1)
+  top_probs_BxTxA, top_classes_BxTxA = jax.lax.top_k(probs_BxTxC, num_top)
+  return {
+      'attention_BxTxN': head_mean_attention(output),
+      'top_probs_BxTxA': top_probs_BxTxA,
+      'top_classes_BxTxA': top_classes_BxTxA,
+      'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+  }
 
-  Returns `attention_BxTxN` (averaged over heads), `top_probs_BxTxA`,
-  `top_classes_BxTxA` (the A = `num_top` most probable classes) and `certainty_BxT`.
-  """
+
+def make_attention_step(model, num_top: int):
+  """(state, images) -> `attention_arrays` of a train state's model."""
+
   def attention_step(state, images):
-    output = model.apply(steps.variables(state, state.params), images, track=True)
-    probs_BxTxC = jax.nn.softmax(
-        jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1
-    )
-    top_probs_BxTxA, top_classes_BxTxA = jax.lax.top_k(probs_BxTxC, num_top)
-    return {
-        'attention_BxTxN': head_mean_attention(output),
-        'top_probs_BxTxA': top_probs_BxTxA,
-        'top_classes_BxTxA': top_classes_BxTxA,
-        'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
-    }
+    return attention_arrays(model, steps.variables(state, state.params), images, num_top)
 
   return attention_step
 

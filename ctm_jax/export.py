@@ -64,7 +64,7 @@ def export(workdir: str, out: str, step: int | None = None, input_shape=None, ov
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise validation.UsageError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
   model, variables, config = inference.load(workdir, step)
-  source = {'workdir': os.path.abspath(workdir), 'step': step}
+  source = {'workdir': os.path.abspath(workdir), 'step': _checkpoint_step(workdir, step)}
   return write(model, variables, config, out, input_shape, source)
 
 
@@ -111,6 +111,17 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
   os.replace(tmp, out)  # a complete artefact or none
   spec['bytes'] = _size(out)
   return spec
+
+
+def _checkpoint_step(workdir: str, step: int | None) -> int | None:
+  """The training step exported: `step`, or the newest; None for an import."""
+  workdir = os.path.abspath(workdir)
+  if artefact.is_artefact(workdir):
+    return (artefact.read_spec(workdir).get('source') or {}).get('step')
+  try:
+    return checkpoint.choose_step(os.path.join(workdir, 'checkpoints'), step, workdir)
+  except validation.UsageError:
+    return None
 
 
 def checkpoint_bytes(workdir: str, step: int | None = None) -> int:

@@ -12,6 +12,7 @@ from absl import flags
 
 from conftest import one_error_line
 from ctm_jax import artefact
+from ctm_jax import evaluate
 from ctm_jax import export
 from ctm_jax import inference
 from ctm_jax import tasks
@@ -98,7 +99,7 @@ def test_export_of_a_run_holds_its_trained_variables_and_is_smaller(trained):
   run, out = trained
   model, variables, _ = inference.load(str(run))
   program = artefact.load_program(str(out))
-  assert program.spec['source'] == {'workdir': str(run), 'step': None}
+  assert program.spec['source'] == {'workdir': str(run), 'step': 2}  # the newest, resolved
   inputs = _inputs(program.spec, 3, seed=0)
   np.testing.assert_allclose(
       program(inputs)['predictions'], model.apply(variables, inputs).predictions, atol=1e-6
@@ -147,7 +148,7 @@ def test_export_refuses_bad_arguments_in_one_line(trained, tmp_path):
 
 
 def test_evaluate_command_reproduces_the_training_eval(trained, tmp_path):
-  run, _ = trained
+  run, out = trained
   proc = subprocess.run(
       [sys.executable, '-m', 'ctm_jax.evaluate', f'--workdir={run}', f'--out={tmp_path / "eval"}'],
       capture_output=True, text=True, timeout=300,
@@ -162,6 +163,13 @@ def test_evaluate_command_reproduces_the_training_eval(trained, tmp_path):
     if key not in ('step', 'eval/elapsed_s'):
       assert evaluated[key] == pytest.approx(value, abs=1e-6), key
   assert (tmp_path / 'eval' / 'plots' / 'eval_ticks_0000002.png').exists()
+  # The exported artefact evaluates to the same numbers (its config is the run's).
+  from_artefact = evaluate.evaluate(str(out), out=str(tmp_path / 'eval_artefact'))
+  assert from_artefact['step'] == 2
+  for key, value in trained_eval.items():
+    if key not in ('step', 'eval/elapsed_s'):
+      assert from_artefact[key] == pytest.approx(value, abs=1e-6), key
+  assert (tmp_path / 'eval_artefact' / 'plots' / 'eval_ticks_0000002.png').exists()
   proc = subprocess.run(
       [sys.executable, '-m', 'ctm_jax.evaluate', f'--workdir={run}', '--step=7'],
       capture_output=True, text=True, timeout=300,

@@ -171,7 +171,7 @@ def test_imported_maze_model_reproduces_reference_predictions_from_a_png(cli_run
     mazes.write_png(str(tmp_path / 'test' / 'mazes' / f'{b}.png'), mazes.render(maze.free_HxW, path))
   folder = mazes.MazeFolder(str(tmp_path), 'test', route_length=10)
   model, variables, config = inference.load(str(workdir))
-  expand_range = mazes_generalisation.expand_range_of(config)
+  expand_range = mazes.expand_range_of(config)
   assert expand_range is False
   records = mazes.ModelRecords(folder, expand_range)
   inputs = np.stack([records[b]['inputs'] for b in range(len(records))])

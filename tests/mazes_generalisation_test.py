@@ -118,8 +118,8 @@ def test_input_range_of_trained_and_imported_models():
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict
-  assert gen.expand_range_of(config({'expand_range': True})) is True
-  assert gen.expand_range_of(config({'expand_range': False})) is False
-  assert gen.expand_range_of(config({'reference_args': {'expand_range': True}})) is True
+  assert mazes.expand_range_of(config({'expand_range': True})) is True
+  assert mazes.expand_range_of(config({'expand_range': False})) is False
+  assert mazes.expand_range_of(config({'reference_args': {'expand_range': True}})) is True
   # Released reference checkpoints predate the flag and read [0, 1].
-  assert gen.expand_range_of(config({'reference_args': {'dataset': 'mazes-large'}})) is False
+  assert mazes.expand_range_of(config({'reference_args': {'dataset': 'mazes-large'}})) is False

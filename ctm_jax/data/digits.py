@@ -38,6 +38,14 @@ def _load():
   return images_NxHxW, digits.target.astype(np.int32), train, test
 
 
+def standardise(images_xHxW: np.ndarray) -> np.ndarray:
+  """Pixels in [0, 1] (ink high) -> what the model reads: the train split's
+  mean and std taken out, a channel axis added."""
+  all_NxHxW, _, train, _ = _load()
+  mean, std = all_NxHxW[train].mean(), all_NxHxW[train].std()
+  return ((np.asarray(images_xHxW, np.float32) - mean) / std)[..., None].astype(np.float32)
+
+
 class Digits:
   """Random-access records {'inputs': float32 (8, 8, 1), 'targets': int32 ()}."""
 
@@ -45,10 +53,9 @@ class Digits:
     if split not in ('train', 'eval'):
       raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     images_NxHxW, labels_N, train, test = _load()
-    mean, std = images_NxHxW[train].mean(), images_NxHxW[train].std()
     rows = train if split == 'train' else test
     self.split = split
-    self.inputs_NxHxWxC = ((images_NxHxW[rows] - mean) / std)[..., None].astype(np.float32)
+    self.inputs_NxHxWxC = standardise(images_NxHxW[rows])
     self.targets_N = labels_N[rows]
 
   def __len__(self) -> int:

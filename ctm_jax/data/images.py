@@ -104,6 +104,32 @@ def record_spec(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   }
 
 
+def read_image_file(path: str, dataset: str, image_shape) -> np.ndarray:
+  """A picture file (PNG, JPEG, ...) as the model's eval input, float32 (H, W, C):
+  for `dataset`'s preprocessing and `image_shape`. digits: grey, white ink on
+  black as the dataset's (pass a dark-on-light drawing inverted), box-resized
+  to 8x8; CIFAR: resized to the configured size; ImageNet: the eval resize
+  and centre crop; each then normalised as in training."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
+  if dataset == 'synthetic':
+    raise ValueError(f'--input={path}: synthetic images are not pictures; give a .npy of one {tuple(image_shape)} image')
+  height, width, channels = image_shape
+  try:
+    with Image.open(path) as image:
+      image = image.convert('L' if channels == 1 else 'RGB')
+      if dataset == 'digits':
+        grey_HxW = np.asarray(image.resize((width, height), Image.BOX), np.float32) / 255
+        return digits_data.standardise(grey_HxW)
+      if dataset != 'imagenet2012':
+        image = image.resize((width, height), Image.BILINEAR)
+      pixels = np.asarray(image, np.uint8)
+  except (OSError, UnidentifiedImageError) as e:
+    raise ValueError(f'--input={path}: not a picture PIL can read ({e})') from None
+  return tfds_images.eval_image(pixels[..., None] if pixels.ndim == 2 else pixels, dataset, height)
+
+
 class SyntheticImages:
   """Random-access records: grain's `RandomAccessDataSource` protocol.
 

@@ -181,6 +181,17 @@ def model_input(image_HxWx3: np.ndarray, expand_range: bool = True) -> np.ndarra
   return image_HxWx3 * 2 - 1 if expand_range else image_HxWx3
 
 
+def expand_range_of(config) -> bool:
+  """Whether the model reads [-1, 1] inputs: a training config's flag, or an
+  imported reference model's argument. Reference checkpoints saved before that
+  argument existed were trained on [0, 1] (its analysis script's
+  `--legacy_scaling`, on by default), so a missing one means off."""
+  if 'expand_range' in config:
+    return bool(config.expand_range)
+  args = config.get('reference_args') or {}
+  return bool(args.get('expand_range', False))
+
+
 def make_maze(size: int, rng: np.random.Generator):
   """(picture float32 (H, W, 3), path pixels) with start and goal two distinct random cells."""
   free_HxW = generate(size, rng)

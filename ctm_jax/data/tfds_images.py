@@ -164,6 +164,12 @@ def _eval_image(image_HxWxC, dataset: str, size: int):
   return image_HxWxC
 
 
+def eval_image(image_HxWxC, dataset: str, size: int) -> np.ndarray:
+  """A uint8 picture -> the model's deterministic eval input, float32."""
+  spec = SPECS[dataset]
+  return augment.normalize(_eval_image(image_HxWxC, dataset, size), spec.mean, spec.std)
+
+
 def eval_preprocess(record, *, dataset: str, size: int):
   """A stored record -> the model's deterministic eval example."""
   spec = SPECS[dataset]

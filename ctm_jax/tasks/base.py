@@ -133,6 +133,34 @@ class Task:
     del config
     return [evaluators.TickAccuracy(context), evaluators.AdaptiveCompute(context)]
 
+  # --- One input at a time (python -m ctm_jax.predict) ------------------------
+
+  def read_input(self, config, source: str) -> dict[str, np.ndarray]:
+    """A batch of one from a user's file: {'inputs'}, plus 'targets' where the
+    input determines them. `config` is a run's or an import's (inference.load).
+    Every task reads a `.npy` of one model-ready example; tasks add their own
+    formats. ValueError naming `source` and the format expected."""
+    del config
+    if not source.lower().endswith('.npy'):
+      raise ValueError(f'--input={source}: task {self.name!r} reads a .npy of one model-ready example')
+    try:
+      array = np.load(source, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'--input={source}: cannot read it as a .npy array ({e})') from None
+    if not np.issubdtype(array.dtype, np.number):
+      raise ValueError(f'--input={source}: a {array.dtype} array; expected numbers')
+    return {'inputs': array.astype(np.float32)[None]}
+
+  def describe(self, config, prediction_O: np.ndarray) -> str:
+    """One tick's answer as a user reads it, from its (O,) logits."""
+    del config
+    return f'class {int(np.argmax(prediction_O))}'
+
+  def prediction_gif(self, config, model, variables, batch, path: str) -> str:
+    """Draws a one-example batch's ticks (attention, answer, certainty) to a gif at `path`."""
+    del config, model, variables, batch, path
+    raise ValueError(f'task {self.name!r} draws no gif')
+
   # --- Reference checkpoints (ctm_jax/interop/torch.py) -------------------------
 
   # The saved-args field that names the model type ('ctm' for a CTM).

@@ -7,17 +7,41 @@ calibration to the per-tick accuracy, and attention gifs of a few eval images.
 Dimension glossary: B batch, T ticks, C classes.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import evaluators
 from ctm_jax import losses
+from ctm_jax.analysis import plots
 from ctm_jax.data import images as image_data
+from ctm_jax.data import tfds_images
 from ctm_jax.tasks import base
 
 # tasks/image_classification/train.py: len(class_labels) of each dataset.
 REFERENCE_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
+# The reference's dataset names -> ours (its ImageNet is imagenet2012's images).
+_REFERENCE_DATASETS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'imagenet': 'imagenet2012'}
+
+
+def picture_settings(config) -> tuple[str, tuple[int, int, int]]:
+  """(dataset, image_shape) a picture is preprocessed for: a training run's
+  config says; an import's saved args name the dataset (none, with 1000
+  classes: the released ImageNet checkpoint), whose default shape is taken."""
+  if 'dataset' in config:
+    return config.dataset, tuple(config.image_shape)
+  args = config.get('reference_args') or {}
+  dataset = _REFERENCE_DATASETS.get(args.get('dataset'))
+  if dataset is None and config.model_kwargs.out_dims == REFERENCE_CLASSES['imagenet']:
+    dataset = 'imagenet2012'
+  if dataset is None:
+    raise ValueError(
+        f'the imported model\'s args name no dataset we preprocess for (dataset='
+        f'{args.get("dataset")!r}); give a .npy of one model-ready image'
+    )
+  return dataset, tfds_images.SPECS[dataset].image_shape
 
 
 def image_classification_loss(
@@ -102,6 +126,36 @@ class ImageClassification(base.Task):
     if config.n_attention_gifs:
       found.append(evaluators.AttentionGifs(context, config.n_attention_gifs))
     return found
+
+  def read_input(self, config, source):
+    if source.lower().endswith('.npy'):
+      return super().read_input(config, source)
+    dataset, image_shape = picture_settings(config)
+    return {'inputs': image_data.read_image_file(source, dataset, image_shape)[None]}
+
+  def describe(self, config, prediction_O):
+    probs_O = np.exp(prediction_O - prediction_O.max())
+    probs_O /= probs_O.sum()
+    top = int(np.argmax(probs_O))
+    return f'class {top} (p {probs_O[top]:.3f})'
+
+  def prediction_gif(self, config, model, variables, batch, path):
+    images = batch['inputs']
+    num_top = min(5, model.out_dims)
+    tracked = jax.device_get(jax.jit(evaluators.attention_arrays, static_argnums=(0, 3))(
+        model, variables, images, num_top))
+    grid = evaluators.feature_grid(model, images.shape[1:])
+    targets = batch.get('targets')
+    return plots.attention_gif(
+        images[0],
+        tracked['attention_BxTxN'][0].reshape(-1, *grid),
+        tracked['top_probs_BxTxA'][0],
+        tracked['top_classes_BxTxA'][0],
+        tracked['certainty_BxT'][0],
+        path,
+        label=None if targets is None else int(targets[0]),
+        title=f'{os.path.basename(path)}: ',
+    )
 
   def matches_reference_args(self, args):
     if 'dataset' in args:

@@ -20,6 +20,7 @@ from ctm_jax import steps
 from ctm_jax.analysis import plots
 from ctm_jax.data import mazes as maze_data
 from ctm_jax.tasks import base
+from ctm_jax.tasks import mazes_generalisation
 
 MOVES = 5  # up, down, left, right, wait
 
@@ -56,18 +57,22 @@ def maze_loss(
   return loss, chosen_B, upto_B
 
 
-def _make_route_step(model):
-  """(state, mazes) -> per-tick attention, each tick's predicted route, certainty."""
+def route_arrays(model, variables, images):
+  """Per-tick attention (`attention_BxTxN`), each tick's predicted route
+  (`routes_BxTxR`) and certainty (`certainty_BxT`) of a few mazes."""
+  output = model.apply(variables, images, track=True)
+  batch, _, ticks = output.predictions.shape
+  logits_BxRx5xT = output.predictions.reshape(batch, -1, MOVES, ticks)
+  return {
+      'attention_BxTxN': evaluators.head_mean_attention(output),
+      'routes_BxTxR': jnp.moveaxis(jnp.argmax(logits_BxRx5xT, axis=2), 2, 1),
+      'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+  }
 
+
+def _make_route_step(model):
   def route_step(state, images):
-    output = model.apply(steps.variables(state, state.params), images, track=True)
-    batch, _, ticks = output.predictions.shape
-    logits_BxRx5xT = output.predictions.reshape(batch, -1, MOVES, ticks)
-    return {
-        'attention_BxTxN': evaluators.head_mean_attention(output),
-        'routes_BxTxR': jnp.moveaxis(jnp.argmax(logits_BxRx5xT, axis=2), 2, 1),
-        'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
-    }
+    return route_arrays(model, steps.variables(state, state.params), images)
 
   return route_step
 
@@ -95,6 +100,13 @@ class RouteGifs(evaluators.TrackedGifs):
         os.path.join(self.context.plot_dir, f'route_{step:07d}_{index}.gif'),
         title=f'step {step}, maze {index}: ',
     )
+
+
+def route_length(config) -> int:
+  """R of a training run's config or of an import's (its out_dims are 5R)."""
+  if 'maze_route_length' in config:
+    return int(config.maze_route_length)
+  return int(config.model_kwargs.out_dims) // MOVES
 
 
 @base.register
@@ -201,6 +213,50 @@ class Maze(base.Task):
     if config.n_route_gifs:
       found.append(RouteGifs(context, config.n_route_gifs, config.expand_range))
     return found
+
+  def read_input(self, config, source):
+    """A reference-format maze PNG (black walls, red start, green goal; a
+    drawn route is ignored); targets: its shortest route."""
+    if source.lower().endswith('.npy'):
+      return super().read_input(config, source)
+    try:
+      image_HxWx3 = maze_data.read_png(source)
+    except OSError as e:
+      raise ValueError(f'--input={source}: not a maze picture PIL can read ({e})') from None
+    route = route_length(config)
+    try:
+      maze = mazes_generalisation.Maze.from_image(image_HxWx3)
+    except ValueError as e:
+      raise ValueError(f'--input={source}: {e}') from None
+    path = maze_data.shortest_path(maze.free_HxW, maze.start, maze.goal)
+    inputs = maze_data.model_input(image_HxWx3, maze_data.expand_range_of(config))
+    return {
+        'inputs': inputs[None],
+        'targets': maze_data.pad_route(maze_data.directions(path), route)[None],
+    }
+
+  def describe(self, config, prediction_O):
+    moves_R = prediction_O.reshape(-1, MOVES).argmax(-1)
+    letters = ''.join('UDLR.'[m] for m in moves_R)
+    return f'route {letters}'
+
+  def prediction_gif(self, config, model, variables, batch, path):
+    images = batch['inputs']
+    tracked = jax.device_get(jax.jit(route_arrays, static_argnums=0)(model, variables, images))
+    grid = evaluators.feature_grid(model, images.shape[1:])
+    image_HxWx3 = images[0]
+    if maze_data.expand_range_of(config):
+      image_HxWx3 = (image_HxWx3 + 1) / 2
+    start = np.argwhere(np.all(image_HxWx3 == np.array(maze_data.START), axis=-1))[0]
+    return plots.route_gif(
+        image_HxWx3,
+        tracked['attention_BxTxN'][0].reshape(-1, *grid),
+        tracked['routes_BxTxR'][0],
+        tracked['certainty_BxT'][0],
+        tuple(int(v) for v in start),
+        path,
+        title=f'{os.path.basename(path)}: ',
+    )
 
   def matches_reference_args(self, args):
     return 'maze_route_length' in args or str(args.get('dataset')).startswith('mazes')

@@ -196,17 +196,6 @@ def load_mazes(size: int, count: int, seed: int, data_dir: str = '') -> list[Maz
   return [Maze.from_image(source[i]['image']) for i in range(count)]
 
 
-def expand_range_of(config) -> bool:
-  """Whether the model reads [-1, 1] inputs: a training config's flag, or an
-  imported reference model's argument. Reference checkpoints saved before that
-  argument existed were trained on [0, 1] (its analysis script's
-  `--legacy_scaling`, on by default), so a missing one means off."""
-  if 'expand_range' in config:
-    return bool(config.expand_range)
-  args = config.get('reference_args') or {}
-  return bool(args.get('expand_range', False))
-
-
 def format_table(rows) -> str:
   """Markdown: one row per maze size, then solve rate by route length."""
   lines = [
@@ -239,7 +228,7 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
   from ctm_jax import inference  # pylint: disable=g-import-not-at-top
 
   model, variables, config = inference.load(workdir, step)
-  predict = make_predict(model, variables, expand_range_of(config))
+  predict = make_predict(model, variables, mazes.expand_range_of(config))
   route_length = int(model.prediction_reshaper[0])
   out = out or os.path.join(workdir, 'generalisation')
   os.makedirs(out, exist_ok=True)

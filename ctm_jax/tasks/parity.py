@@ -6,11 +6,15 @@ answers all L bits at every tick (out_dims 2L, reshaped (L, 2)).
 Dimension glossary: B batch, T ticks, L parity sequence length.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import evaluators
 from ctm_jax import losses
+from ctm_jax.analysis import plots
 from ctm_jax.data import parity as parity_data
 from ctm_jax.tasks import base
 
@@ -26,6 +30,32 @@ def parity_loss(predictions_BxOxT, certainties_Bx2xT, targets_BxL, use_most_cert
       logits_BxLx2xT, targets_BxL
   )
   return losses.select_ticks(loss_BxLxT.mean(1), certainties_Bx2xT, use_most_certain)
+
+
+def sequence_length(config) -> int:
+  """L of a training run's config or of an import's (its out_dims are 2L)."""
+  if 'parity_sequence_length' in config:
+    return int(config.parity_sequence_length)
+  return int(config.model_kwargs.out_dims) // 2
+
+
+def parse_sequence(text: str, source: str) -> np.ndarray:
+  """(L,) float32 of +-1 from bits, signs or whitespace/comma-separated values."""
+  text = text.strip()
+  tokens = text.replace(',', ' ').split()
+  values = {'1': 1.0, '+1': 1.0, '-1': -1.0}
+  if len(tokens) > 1 and all(t in values for t in tokens):
+    return np.array([values[t] for t in tokens], np.float32)
+  compact = ''.join(tokens)
+  if compact and set(compact) <= set('01'):
+    return np.where(np.array(list(compact)) == '1', -1.0, 1.0).astype(np.float32)
+  if compact and set(compact) <= set('+-'):
+    return np.where(np.array(list(compact)) == '-', -1.0, 1.0).astype(np.float32)
+  shown = text if len(text) < 40 else text[:37] + '...'
+  raise ValueError(
+      f'--input={source}: {shown!r} is not a parity sequence; give bits (0110...), '
+      'signs (+--+...) or values (1 -1 -1 ...), or a file of one'
+  )
 
 
 @base.register
@@ -76,6 +106,43 @@ class Parity(base.Task):
     logits_BxLx2xT = output.predictions.reshape(batch_size, -1, 2, ticks)
     hits_BxLxT = jnp.argmax(logits_BxLx2xT, axis=2) == batch['targets'][..., None]
     return hits_BxLxT.mean(axis=1)
+
+  def read_input(self, config, source):
+    """A file of, or the text of, one sequence: bits ('0110...', a 1 flips the
+    parity), signs ('+--+...') or the model's values ('1 -1 -1 1 ...')."""
+    if source.lower().endswith('.npy'):
+      batch = super().read_input(config, source)
+    else:
+      text = source
+      if os.path.isfile(source):
+        with open(source) as f:
+          text = f.read(1 << 20)
+      batch = {'inputs': parse_sequence(text, source)[None]}
+    length = sequence_length(config)
+    inputs = batch['inputs']
+    if inputs.shape != (1, length) or not np.all(np.abs(inputs) == 1):
+      raise ValueError(
+          f'--input={source}: {inputs.shape[1:]} values; the model reads {length} values of +-1'
+      )
+    batch['targets'] = parity_data.parity_targets(inputs)
+    return batch
+
+  def describe(self, config, prediction_O):
+    bits_L = prediction_O.reshape(-1, 2).argmax(-1)
+    return f'parity {bits_L[-1]}, cumulative {"".join(map(str, bits_L))}'
+
+  def prediction_gif(self, config, model, variables, batch, path):
+    output = jax.jit(lambda v, x: model.apply(v, x, track=True))(variables, batch['inputs'])
+    predictions_LxT = np.asarray(output.predictions[0]).reshape(-1, 2, output.predictions.shape[-1])
+    return plots.parity_gif(
+        np.asarray(batch['inputs'][0]),
+        np.asarray(evaluators.head_mean_attention(output)[0]),
+        predictions_LxT.argmax(1).T,
+        np.asarray(batch['targets'][0]),
+        np.asarray(output.certainties[0, 1]),
+        path,
+        title=f'{os.path.basename(path)}: ',
+    )
 
   def matches_reference_args(self, args):
     return 'parity_sequence_length' in args or args.get('dataset') == 'parity'
