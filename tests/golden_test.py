@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_close, load_golden, state_dict, to_jax_layout
 from ctm_jax.interop import torch as torch_interop
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax.tasks import image
 from ctm_jax.tasks import mazes
 from ctm_jax.tasks import parity
@@ -100,3 +101,20 @@ def test_loss_and_gradients_match_reference(case):
     # bias: softmax ignores a shift shared by all tokens), where both sides hold
     # only rounding noise of order 1e-9.
     assert err <= 1e-4 * scale + 1e-8, f'{jax.tree_util.keystr(path)}: {err:.3g} vs |g| {scale:.3g}'
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_to_state_dict_gives_back_the_reference_state_dict(case):
+  """Exporting imported variables reproduces the reference's own state_dict:
+  every key, shape and value (decay parameters after the import's clamp)."""
+  arrays, meta, _, variables = _imported(case)
+  want = state_dict(arrays, meta)
+  got = torch_interop.to_state_dict(variables)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key].shape == value.shape, key
+    if key.endswith('num_batches_tracked'):
+      continue  # training counters: 0 in an export
+    if key.startswith('decay_params'):
+      value = np.clip(value, *ctm_lib.DECAY_CLAMP)
+    np.testing.assert_array_equal(got[key], value, err_msg=key)

@@ -1,4 +1,4 @@
-"""PyTorch reference state_dict -> ctm-jax variables. All renames live here.
+"""PyTorch reference state_dict <-> ctm-jax variables. All renames live here.
 
 Naming rule: a Flax path is the reference's module path with numeric
 Sequential indices fused to the preceding name (`kv_proj.0` -> `kv_proj_0`,
@@ -8,10 +8,12 @@ inside the tick loop live under `tick/`. Leaves: Linear/Conv `weight` ->
 `batch_stats` `mean/var`, SuperLinear `T` -> `temperature`, Embedding
 `weight` -> `embedding`. The attention's packed `in_proj` is split into
 `tick/attention_q` and the hoisted `attention_k`, `attention_v`.
+`to_state_dict` is the inverse: variables -> a state_dict the reference loads.
 """
 
 import json
 import os
+import re
 import sys
 from typing import Any, Mapping
 
@@ -132,6 +134,56 @@ def _unflatten(flat):
       node = node.setdefault(name, {})
     node[path[-1]] = value
   return tree
+
+
+_FUSED = re.compile(r'^(.*?)((?:_\d+)+)$')
+_LEAF_NAMES = {'scale': 'weight', 'embedding': 'weight', 'temperature': 'T'}
+
+
+def _torch_prefix(path) -> list[str]:
+  """A Flax module path -> the reference's module path (`tick/` dropped,
+  fused Sequential indices split again: `layer1_0` -> `layer1.0`)."""
+  parts = []
+  for name in path[1:] if path and path[0] == 'tick' else path:
+    fused = _FUSED.match(name)
+    if fused and fused.group(1):
+      parts += [fused.group(1), *fused.group(2)[1:].split('_')]
+    else:
+      parts.append(name)
+  return parts
+
+
+def to_state_dict(variables) -> dict[str, np.ndarray]:
+  """ctm-jax variables -> the reference's state_dict (numpy arrays; wrap each
+  in torch.from_numpy to load it): the inverse of `convert_state_dict`, plus
+  the `num_batches_tracked` counters torch's batch norms carry (0)."""
+  out = {}
+  packed = {}
+  for path, value in _flatten(variables.get('params', {})).items():
+    value = np.asarray(value)
+    module, leaf = path[:-1], path[-1]
+    name = module[-1] if module else ''
+    if name in ('attention_q', 'attention_k', 'attention_v'):
+      packed[(name[-1], leaf)] = value.T if leaf == 'kernel' else value
+      continue
+    if name == 'attention_out':
+      out[f'attention.out_proj.{"weight" if leaf == "kernel" else "bias"}'] = (
+          value.T if leaf == 'kernel' else value
+      )
+      continue
+    if leaf == 'kernel':
+      leaf, value = 'weight', value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    out['.'.join(_torch_prefix(module) + [_LEAF_NAMES.get(leaf, leaf)])] = value
+  if packed:
+    for leaf, torch_leaf in (('kernel', 'in_proj_weight'), ('bias', 'in_proj_bias')):
+      out[f'attention.{torch_leaf}'] = np.concatenate([packed[(q, leaf)] for q in 'qkv'])
+  for path, value in _flatten(variables.get('batch_stats', {})).items():
+    prefix = '.'.join(_torch_prefix(path[:-1]))
+    out[f'{prefix}.running_{path[-1]}'] = np.asarray(value)
+    out[f'{prefix}.num_batches_tracked'] = np.zeros((), np.int64)
+  for name, value in variables.get('synch', {}).items():
+    out[name] = np.asarray(value).astype(np.int64)
+  return out
 
 
 def example_input(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any]):
