@@ -32,7 +32,8 @@ setuptools.setup(
         "flatbuffers",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "scikit-learn"],
+        # nbclient/ipykernel/nbformat: the tests execute notebooks/.
+        "test": ["pytest", "pytest-xdist", "scikit-learn", "nbclient", "nbformat", "ipykernel"],
         # configs/digits.py: scikit-learn's bundled 8x8 digits, no download.
         "digits": ["scikit-learn"],
         # Reading the reference's .pt checkpoints.

@@ -4,19 +4,25 @@ Dimension glossary: T ticks, K thresholds, H x W image, h x w attended feature
 map, A top classes shown.
 """
 
-import matplotlib
+from matplotlib.backends import backend_agg
+from matplotlib import figure as figure_lib
+import numpy as np
+from PIL import Image
 
-matplotlib.use('Agg')  # files only; no display on training machines
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+def _subplots(*grid, **kwargs):
+  """(figure, axes) drawn by Agg to files only. Not pyplot: no GUI backend on
+  training machines, and a notebook's own backend is left as it is."""
+  fig = figure_lib.Figure(figsize=kwargs.pop('figsize'), dpi=kwargs.pop('dpi'))
+  backend_agg.FigureCanvasAgg(fig)
+  return fig, fig.subplots(*grid, **kwargs)
 
 
 def plot_ticks(accuracy_T, certainty_T, path, title: str = '', label: str = 'accuracy') -> str:
   """Accuracy (or another per-tick rate, `label`) and mean certainty against
   tick: how the model 'thinks' over time."""
   ticks = np.arange(1, len(accuracy_T) + 1)
-  fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+  fig, ax = _subplots(figsize=(7, 4), dpi=100)
   ax.plot(ticks, accuracy_T, label=label, color='tab:blue', lw=2)
   ax.plot(ticks, certainty_T, label='certainty (1 - normalised entropy)', color='tab:orange', lw=2)
   best = int(np.argmax(accuracy_T))
@@ -29,7 +35,6 @@ def plot_ticks(accuracy_T, certainty_T, path, title: str = '', label: str = 'acc
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return str(path)
 
 
@@ -39,7 +44,7 @@ def plot_adaptive_compute(adaptive: dict, path, title: str = '') -> str:
   `adaptive`: ctm_jax.analysis.evaluation.adaptive's table (`thresholds`,
   `accuracy`, `mean_ticks` (K,), `ticks`, `acc_last`, `acc_most_certain`).
   """
-  fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+  fig, ax = _subplots(figsize=(7, 4), dpi=100)
   ticks_K, acc_K = np.asarray(adaptive['mean_ticks']), np.asarray(adaptive['accuracy'])
   ax.plot(ticks_K, acc_K, marker='o', color='tab:blue', lw=2, label='stop at certainty threshold')
   for th, x, y in zip(adaptive['thresholds'], ticks_K, acc_K):
@@ -58,7 +63,6 @@ def plot_adaptive_compute(adaptive: dict, path, title: str = '') -> str:
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return str(path)
 
 
@@ -78,8 +82,7 @@ def _frame(fig):
   return frame.quantize(method=Image.Quantize.FASTOCTREE)
 
 
-def _save_gif(fig, frames, path, frame_ms: int) -> str:
-  plt.close(fig)
+def _save_gif(frames, path, frame_ms: int) -> str:
   frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
   return str(path)
 
@@ -99,7 +102,7 @@ def attention_gif(
   (stretched over it), the most probable classes, and the certainty."""
   ticks, num_top = np.shape(top_probs_TxA)
   height, width = np.shape(image_HxWxC)[:2]
-  fig, (ax_image, ax_probs) = plt.subplots(1, 2, figsize=(6, 3.2), dpi=80)
+  fig, (ax_image, ax_probs) = _subplots(1, 2, figsize=(6, 3.2), dpi=80)
   ax_image.imshow(_unit_range(image_HxWxC), cmap='gray', interpolation='nearest')
   # The map's cells cover the image: extent stretches (h, w) over (H, W).
   overlay = ax_image.imshow(
@@ -129,7 +132,7 @@ def attention_gif(
     truth = '' if label is None else f', label {label}'
     heading.set_text(f'{title}tick {t + 1}/{ticks}, certainty {float(certainty_T[t]):.3f}{truth}')
     frames.append(_frame(fig))
-  return _save_gif(fig, frames, path, frame_ms)
+  return _save_gif(frames, path, frame_ms)
 
 
 def route_gif(
@@ -149,7 +152,7 @@ def route_gif(
   image_HxWx3 = np.clip(np.asarray(image_HxWx3, np.float32), 0, 1)
   height, width = image_HxWx3.shape[:2]
   free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
-  fig, ax = plt.subplots(figsize=(3.6, 3.9), dpi=80)
+  fig, ax = _subplots(figsize=(3.6, 3.9), dpi=80)
   ax.imshow(image_HxWx3, interpolation='nearest')
   overlay = ax.imshow(
       attention_Txhxw[0],
@@ -183,7 +186,7 @@ def route_gif(
     cross.set_data([blocked[1]] if blocked else [], [blocked[0]] if blocked else [])
     heading.set_text(f'{title}tick {t + 1}/{len(routes_TxR)}, certainty {float(certainty_T[t]):.3f}')
     frames.append(_frame(fig))
-  return _save_gif(fig, frames, path, frame_ms)
+  return _save_gif(frames, path, frame_ms)
 
 
 def _grid_shape(length: int) -> tuple[int, int]:
@@ -207,7 +210,7 @@ def parity_gif(
   model answers at that tick (green right, red wrong; a dot marks a 1)."""
   length = len(inputs_L)
   rows, cols = _grid_shape(length)
-  fig, (ax_in, ax_out) = plt.subplots(1, 2, figsize=(6, 3.4), dpi=80)
+  fig, (ax_in, ax_out) = _subplots(1, 2, figsize=(6, 3.4), dpi=80)
   ax_in.imshow((np.asarray(inputs_L) > 0).reshape(rows, cols), cmap='gray', vmin=0, vmax=1)
   on_grid = np.shape(attention_TxN)[1] == length
   overlay = ax_in.imshow(
@@ -240,4 +243,4 @@ def parity_gif(
         f'{int(right_L.sum())}/{length} right'
     )
     frames.append(_frame(fig))
-  return _save_gif(fig, frames, path, frame_ms)
+  return _save_gif(frames, path, frame_ms)
