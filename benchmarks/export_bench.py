@@ -39,7 +39,7 @@ def train_one_step(name: str, variant: str, workdir: str):
   config = importlib.import_module(f'ctm_jax.configs.{name}').get_config(variant or None)
   config.update(
       dataset='synthetic', dataset_size=64, batch_size=2, batch_size_test=2, n_test_batches=1,
-      training_iterations=1, warmup_steps=1, save_every=1, track_every=10**9, log_every=1,
+      training_iterations=1, warmup_steps=0, save_every=1, track_every=10**9, log_every=1,
       n_attention_gifs=0, num_workers_train=0, num_read_threads=0,
   )
   config.mesh.data, config.mesh.fsdp = 1, 1

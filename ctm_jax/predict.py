@@ -1,7 +1,8 @@
-"""Run a trained CTM on one input and watch it think, tick by tick.
+"""Run a trained CTM on one input and watch it think, tick by tick; or serve a folder.
 
   python -m ctm_jax.predict --workdir=RUN --input=FILE [--step=N]
       [--threshold=0.9] [--max_ticks=T] [--gif=OUT.gif]
+  python -m ctm_jax.predict --workdir=RUN --input=DIR --threshold=0.9 [--slots=64]
 
 RUN is a training run, an exported artefact or an imported reference model.
 FILE is what the run's task reads (`Task.read_input`): a picture for image
@@ -10,30 +11,42 @@ classification, a maze PNG, a parity sequence (a file, or the bits themselves:
 each tick's answer and certainty (and whether it is right, when the input
 determines the answer), the most certain tick, and with --threshold the tick
 where early exit stops. --gif writes the attention animation.
+
+With a folder as --input, every file in it is read the same way and served
+with early exit (`ctm_jax.serving.Server`: --slots examples tick together, a
+finished one's slot refilled at once): one line per file (answer, ticks used,
+certainty, how right when the input determines it) and the throughput.
 """
 
 import os
 import sys
+import time
 
 import jax
 import numpy as np
 
 from ctm_jax import inference
+from ctm_jax import serving
 from ctm_jax import tasks
 from ctm_jax import validation
+from ctm_jax.models import ctm as ctm_lib
+
+
+def _load(workdir, step, threshold, max_ticks):
+  if max_ticks is not None and max_ticks < 1:
+    raise validation.UsageError(f'--max_ticks={max_ticks}: must be a positive integer')
+  if threshold is not None and not 0 < threshold:
+    raise validation.UsageError(f'--threshold={threshold}: a certainty in (0, 1]')
+  model, variables, config = inference.load(workdir, step)
+  if max_ticks is not None:
+    model = model.clone(iterations=max_ticks)
+  return model, variables, config, tasks.get(config.task)
 
 
 def predict(workdir: str, source: str, step=None, threshold=None, max_ticks=None, gif=''):
   """Rows (tick, certainty, answer, right or None) and a summary dict."""
-  model, variables, config = inference.load(workdir, step)
-  task = tasks.get(config.task)
+  model, variables, config, task = _load(workdir, step, threshold, max_ticks)
   batch = task.read_input(config, source)
-  if max_ticks is not None:
-    if max_ticks < 1:
-      raise validation.UsageError(f'--max_ticks={max_ticks}: must be a positive integer')
-    model = model.clone(iterations=max_ticks)
-  if threshold is not None and not 0 < threshold:
-    raise validation.UsageError(f'--threshold={threshold}: a certainty in (0, 1]')
   try:
     output = jax.jit(model.apply)(variables, batch['inputs'])
   except (TypeError, ValueError) as e:
@@ -57,6 +70,74 @@ def predict(workdir: str, source: str, step=None, threshold=None, max_ticks=None
     os.makedirs(os.path.dirname(os.path.abspath(gif)), exist_ok=True)
     summary['gif'] = task.prediction_gif(config, model, variables, batch, gif)
   return rows, summary
+
+
+def serve_folder(workdir: str, directory: str, step=None, threshold=None, max_ticks=None, slots=64):
+  """Rows (file, answer, ticks, certainty, right or None) of every file in
+  `directory`, served with early exit at `threshold` (None: every tick), and
+  a summary dict (examples/s of the compiled server, measured on a second run)."""
+  model, variables, config, task = _load(workdir, step, threshold, max_ticks)
+  names = sorted(n for n in os.listdir(directory) if not n.startswith('.'))
+  paths = [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
+  if not paths:
+    raise validation.UsageError(f'--input={directory}: no files in the folder')
+  batches = [task.read_input(config, path) for path in paths]
+  shape = batches[0]['inputs'].shape
+  for path, batch in zip(paths, batches):
+    if batch['inputs'].shape != shape:
+      raise validation.UsageError(
+          f'--input={path}: reads as {batch["inputs"].shape[1:]}, the folder\'s first file as '
+          f'{shape[1:]}; serve inputs of one size'
+      )
+  inputs = np.concatenate([b['inputs'] for b in batches])
+  server = serving.Server(model, slots=min(slots, len(paths)))
+  threshold = np.float32(2.0 if threshold is None else threshold)  # > 1: never sure, every tick
+  try:
+    result = jax.block_until_ready(server(variables, inputs, threshold))  # compiles
+  except (TypeError, ValueError) as e:
+    raise validation.UsageError(f'--input={directory}: the model cannot read its files ({e})') from None
+  started = time.perf_counter()
+  jax.block_until_ready(server(variables, inputs, threshold))
+  seconds = time.perf_counter() - started
+  predictions_NxO = np.asarray(result.predictions)
+  right_N = [None] * len(paths)
+  if all('targets' in b for b in batches):
+    one_tick = ctm_lib.CTMOutput(
+        predictions=result.predictions[..., None], certainties=result.certainties[..., None],
+        synch_out=None,
+    )
+    targets = {'targets': np.concatenate([b['targets'] for b in batches])}
+    right_N = np.asarray(task.correct(one_tick, targets))[:, 0].tolist()
+  rows = [
+      (os.path.basename(path), task.describe(config, predictions_NxO[i]), int(result.ticks[i]),
+       float(result.certainties[i, 1]), right_N[i])
+      for i, path in enumerate(paths)
+  ]
+  summary = {
+      'task': config.task,
+      'examples': len(rows),
+      'mean_ticks': float(np.mean(result.ticks)),
+      'max_ticks': server.max_ticks,
+      'examples_per_s': len(rows) / seconds,
+  }
+  if right_N[0] is not None:
+    summary['accuracy'] = float(np.mean(right_N))
+  return rows, summary
+
+
+def format_served(rows, summary) -> str:
+  scored = rows[0][4] is not None
+  width = max(len(r[0]) for r in rows)
+  lines = [f'{"file":{width}s}  ticks  certainty  ' + ('right  ' if scored else '') + 'answer']
+  for name, answer, ticks, certainty, right in rows:
+    score = f'{100 * right:5.1f}% ' if scored else ''
+    lines.append(f'{name:{width}s}  {ticks:5d}  {certainty:9.3f}  {score}{answer}')
+  lines.append(
+      f'{summary["examples"]} inputs, {summary["mean_ticks"]:.2f} ticks on average of '
+      f'{summary["max_ticks"]}, {summary["examples_per_s"]:.0f} inputs/s served'
+      + (f', {100 * summary["accuracy"]:.1f}% right' if 'accuracy' in summary else '')
+  )
+  return '\n'.join(lines)
 
 
 def format_rows(rows, summary) -> str:
@@ -85,6 +166,17 @@ def _main(argv):
   try:
     if not values.input:
       raise validation.UsageError('--input is empty: give a file (or, for parity, the bits)')
+    if os.path.isdir(values.input):
+      if values.gif:
+        raise validation.UsageError(f'--gif={values.gif}: one input at a time; give --input a file')
+      if values.slots < 1:
+        raise validation.UsageError(f'--slots={values.slots}: must be a positive integer')
+      rows, summary = serve_folder(
+          values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.slots
+      )
+      print(f'{summary["task"]}: {os.path.abspath(values.workdir)} on {values.input}')
+      print(format_served(rows, summary))
+      return
     rows, summary = predict(
         values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.gif
     )
@@ -102,9 +194,10 @@ if __name__ == '__main__':
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string('workdir', None, 'A training run, an exported artefact or an import.', required=True)
-  flags.DEFINE_string('input', None, 'The input file (parity: or the bits).', required=True)
+  flags.DEFINE_string('input', None, 'The input file (parity: or the bits), or a folder to serve.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step of a training run (default: the newest).')
   flags.DEFINE_float('threshold', None, 'Mark the tick where early exit at this certainty stops.')
   flags.DEFINE_integer('max_ticks', None, 'Ticks to run (default: as trained; more allowed).')
   flags.DEFINE_string('gif', '', 'Write the attention animation here.')
+  flags.DEFINE_integer('slots', 64, 'A folder as --input: examples ticking at once.')
   app.run(_main)

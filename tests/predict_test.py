@@ -21,6 +21,8 @@ from ctm_jax.data import digits as digits_data
 from ctm_jax.data import mazes as maze_data
 from ctm_jax.data import parity as parity_data
 from ctm_jax.tasks import parity as parity_task
+from early_exit_test import _model
+from serving_test import _thresholds_between
 
 CONFIGS = {
     'parity': lambda: parity_configs.get_config('smoke'),
@@ -37,9 +39,12 @@ def artefacts(tmp_path_factory):
   def get(name):
     if name not in cache:
       config = CONFIGS[name]()
-      task = tasks.get(config.task)
-      model = task.make_model(config)
-      variables = model.init(jax.random.key(1), task.model_inputs(task.example_batch(config)))
+      if name == 'parity':  # scaled up: certainties that differ across examples and ticks
+        model, variables, _ = _model(config, 10.0, 10.0)
+      else:
+        task = tasks.get(config.task)
+        model = task.make_model(config)
+        variables = model.init(jax.random.key(1), task.model_inputs(task.example_batch(config)))
       out = tmp_path_factory.mktemp(name) / 'artefact'
       export.write(model, variables, config, str(out))
       cache[name] = (model, variables, out)
@@ -152,3 +157,33 @@ def test_command_prints_ticks_and_refuses_bad_input_in_one_line(artefacts, tmp_p
   ):
     with pytest.raises(ValueError, match=field):
       predict.predict(str(out), **kwargs)
+
+
+def test_a_folder_is_served_with_early_exit(artefacts, tmp_path):
+  model, variables, out = artefacts('parity')
+  config = parity_configs.get_config('smoke')
+  length = config.parity_sequence_length
+  rng = np.random.default_rng(4)
+  folder = tmp_path / 'queue'
+  folder.mkdir()
+  inputs = []
+  for i in range(7):
+    bits = ''.join(rng.choice(['0', '1'], length))
+    (folder / f'{i}.txt').write_text(bits)
+    inputs.append(parity_task.parse_sequence(bits, 'x'))
+  inputs = np.stack(inputs)
+  full = jax.jit(model.apply)(variables, inputs)
+  certainty_NxT = np.asarray(full.certainties[:, 1])
+  (threshold,) = _thresholds_between(certainty_NxT, rng, 1)
+  threshold = float(threshold)
+  rows, summary = predict.serve_folder(str(out), str(folder), threshold=threshold, slots=3)
+  want = jax.jit(lambda x: model.apply(variables, x, exit_threshold=np.float32(threshold)))(inputs)
+  assert [r[0] for r in rows] == [f'{i}.txt' for i in range(7)]
+  assert [r[2] for r in rows] == np.asarray(want.ticks).tolist()
+  task = tasks.get('parity')
+  assert [r[1] for r in rows] == [task.describe(config, np.asarray(p)) for p in want.predictions]
+  assert summary['examples'] == 7 and 0 <= summary['accuracy'] <= 1
+  assert summary['mean_ticks'] == pytest.approx(np.mean(want.ticks))
+  (folder / 'odd.txt').write_text('0' * (length + 2))
+  with pytest.raises(ValueError, match='odd.txt'):
+    predict.serve_folder(str(out), str(folder), threshold=threshold)
