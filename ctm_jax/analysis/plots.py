@@ -218,9 +218,11 @@ def parity_gif(
       cmap='inferno',
       alpha=0.55,
   )
-  ax_in.set_title('input, attention', fontsize=8)
-  answer = ax_out.imshow(np.zeros((rows, cols, 3)))
   ys, xs = np.divmod(np.arange(length), cols)
+  for y, x, value in zip(ys, xs, np.asarray(inputs_L)):  # the input stays readable under the map
+    ax_in.text(x, y, '+' if value > 0 else '-', ha='center', va='center', color='cyan', fontsize=12)
+  ax_in.set_title('input (+1 / -1), attention', fontsize=8)
+  answer = ax_out.imshow(np.zeros((rows, cols, 3)))
   (dots,) = ax_out.plot([], [], 'o', color='black', markersize=4)
   ax_out.set_title('cumulative parity answered', fontsize=8)
   for ax in (ax_in, ax_out):
