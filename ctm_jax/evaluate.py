@@ -14,7 +14,6 @@ or fewer held-out examples.
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -95,29 +94,18 @@ def _state_from_artefact(directory: str, abstract_state):
   )
 
 
-def _main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
-  values = flags.FLAGS
-  try:
-    scalars = evaluate(
-        values.workdir,
-        values.step,
-        values.out,
-        n_test_batches=values.n_test_batches,
-        batch_size_test=values.batch_size_test,
-    )
-  except (validation.UsageError, ValueError, OSError) as e:
-    print(f'ctm_jax.evaluate: {validation.first_line(e)}', file=sys.stderr)
-    sys.exit(2)
+def _run(values):
+  scalars = evaluate(
+      values.workdir,
+      values.step,
+      values.out,
+      n_test_batches=values.n_test_batches,
+      batch_size_test=values.batch_size_test,
+  )
   for key in sorted(scalars):
     if '_tick_' not in key:
-      print(f'{key:40s} {scalars[key]:.4f}' if isinstance(scalars[key], float) else f'{key:40s} {scalars[key]}')
+      value = scalars[key]
+      print(f'{key:40s} {value:.4f}' if isinstance(value, float) else f'{key:40s} {value}')
 
 
 if __name__ == '__main__':
@@ -129,4 +117,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('out', '', 'Output directory (default <workdir>/eval_<step>).')
   flags.DEFINE_integer('n_test_batches', None, "Held-out batches (default: the run's).")
   flags.DEFINE_integer('batch_size_test', None, "Held-out batch size (default: the run's).")
-  app.run(_main)
+  app.run(validation.command('ctm_jax.evaluate', _run))

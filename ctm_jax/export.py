@@ -14,7 +14,6 @@ reference model, whose config does not say what it reads.
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -141,28 +140,16 @@ def _size(path: str) -> int:
   )
 
 
-def _main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax's per-file lines
-  values = flags.FLAGS
-  try:
-    shape = None
-    if values.input_shape:
-      try:
-        shape = tuple(int(v) for v in values.input_shape.split(','))
-      except ValueError:
-        raise validation.UsageError(
-            f'--input_shape={values.input_shape!r}: comma-separated integers, e.g. 224,224,3'
-        ) from None
-    spec = export(values.workdir, values.out, values.step, shape, values.overwrite)
-  except (validation.UsageError, ValueError, OSError) as e:
-    print(f'ctm_jax.export: {validation.first_line(e)}', file=sys.stderr)
-    sys.exit(2)
+def _run(values):
+  shape = None
+  if values.input_shape:
+    try:
+      shape = tuple(int(v) for v in values.input_shape.split(','))
+    except ValueError:
+      raise validation.UsageError(
+          f'--input_shape={values.input_shape!r}: comma-separated integers, e.g. 224,224,3'
+      ) from None
+  spec = export(values.workdir, values.out, values.step, shape, values.overwrite)
   trained = checkpoint_bytes(values.workdir, values.step)
   print(
       f'exported {spec["task"]} model to {os.path.abspath(values.out)}: {spec["bytes"] / 1e6:.2f} MB'
@@ -179,4 +166,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('input_shape', '', "One example's shape, for an imported model.")
   flags.DEFINE_bool('overwrite', False, 'Replace an existing artefact.')
-  app.run(_main)
+  app.run(validation.command('ctm_jax.export', _run))

@@ -19,7 +19,6 @@ certainty, how right when the input determines it) and the throughput.
 """
 
 import os
-import sys
 import time
 
 import jax
@@ -154,35 +153,23 @@ def format_rows(rows, summary) -> str:
   return '\n'.join(lines)
 
 
-def _main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
-  values = flags.FLAGS
-  try:
-    if not values.input:
-      raise validation.UsageError('--input is empty: give a file (or, for parity, the bits)')
-    if os.path.isdir(values.input):
-      if values.gif:
-        raise validation.UsageError(f'--gif={values.gif}: one input at a time; give --input a file')
-      if values.slots < 1:
-        raise validation.UsageError(f'--slots={values.slots}: must be a positive integer')
-      rows, summary = serve_folder(
-          values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.slots
-      )
-      print(f'{summary["task"]}: {os.path.abspath(values.workdir)} on {values.input}')
-      print(format_served(rows, summary))
-      return
-    rows, summary = predict(
-        values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.gif
+def _run(values):
+  if not values.input:
+    raise validation.UsageError('--input is empty: give a file (or, for parity, the bits)')
+  if os.path.isdir(values.input):
+    if values.gif:
+      raise validation.UsageError(f'--gif={values.gif}: one input at a time; give --input a file')
+    if values.slots < 1:
+      raise validation.UsageError(f'--slots={values.slots}: must be a positive integer')
+    rows, summary = serve_folder(
+        values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.slots
     )
-  except (validation.UsageError, ValueError, OSError) as e:
-    print(f'ctm_jax.predict: {validation.first_line(e)}', file=sys.stderr)
-    sys.exit(2)
+    print(f'{summary["task"]}: {os.path.abspath(values.workdir)} on {values.input}')
+    print(format_served(rows, summary))
+    return
+  rows, summary = predict(
+      values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.gif
+  )
   print(f'{summary["task"]}: {os.path.abspath(values.workdir)} on {values.input}, {summary["ticks"]} ticks')
   print(format_rows(rows, summary))
   if 'gif' in summary:
@@ -200,4 +187,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_ticks', None, 'Ticks to run (default: as trained; more allowed).')
   flags.DEFINE_string('gif', '', 'Write the attention animation here.')
   flags.DEFINE_integer('slots', 64, 'A folder as --input: examples ticking at once.')
-  app.run(_main)
+  app.run(validation.command('ctm_jax.predict', _run))

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import numbers
 import os
+import sys
 
 import jax
 
@@ -69,6 +70,28 @@ def first_line(error: BaseException) -> str:
   """The first line of an exception's message ('' when it has none): one-line errors."""
   lines = str(error).strip().splitlines()
   return lines[0] if lines else ''
+
+
+def command(prog: str, body):
+  """An absl `main` for a command: `body(flags.FLAGS)` with absl's and orbax's
+  info lines off; a mistake the user can fix (UsageError, ValueError, OSError)
+  is one line `<prog>: ...` on stderr and exit code 2, never a traceback."""
+
+  def main(argv):
+    from absl import app  # pylint: disable=g-import-not-at-top
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.set_verbosity(logging.WARNING)
+    try:
+      body(flags.FLAGS)
+    except (UsageError, ValueError, OSError) as e:
+      print(f'{prog}: {first_line(e)}', file=sys.stderr)
+      sys.exit(2)
+
+  return main
 
 
 def _fail(field, value, why):

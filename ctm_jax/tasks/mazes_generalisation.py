@@ -23,7 +23,6 @@ Dimension glossary: B batch, H, W pixels, R route length, T ticks.
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -264,28 +263,15 @@ def _parse_sizes(text: str) -> list[int]:
   return sizes
 
 
-def _main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from absl import logging  # pylint: disable=g-import-not-at-top
-
-  logging.set_verbosity(logging.WARNING)  # orbax's per-restore lines would drown the table
-  values = flags.FLAGS
-  try:
-    sizes = _parse_sizes(values.sizes)
-    for name in ('count', 'max_reapplications', 'batch_size'):
-      if values[name].value < 1:
-        raise validation.UsageError(f'--{name}={values[name].value}: must be at least 1')
-    rows = run(
-        values.workdir, sizes, values.count, values.max_reapplications, values.out, values.seed,
-        values.data_dir, values.pictures, values.fault_tolerance, values.batch_size, values.step,
-    )
-  except (validation.UsageError, ValueError, OSError) as e:
-    print(f'mazes_generalisation: {validation.first_line(e)}', file=sys.stderr)
-    sys.exit(2)
+def _run(values):
+  sizes = _parse_sizes(values.sizes)
+  for name in ('count', 'max_reapplications', 'batch_size'):
+    if values[name].value < 1:
+      raise validation.UsageError(f'--{name}={values[name].value}: must be at least 1')
+  rows = run(
+      values.workdir, sizes, values.count, values.max_reapplications, values.out, values.seed,
+      values.data_dir, values.pictures, values.fault_tolerance, values.batch_size, values.step,
+  )
   print(format_table(rows))
 
 
@@ -304,4 +290,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('pictures', 4, 'Route pictures per size.')
   flags.DEFINE_integer('batch_size', 64, 'Mazes per model call.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
-  app.run(_main)
+  app.run(validation.command('mazes_generalisation', _run))
