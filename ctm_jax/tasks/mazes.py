@@ -87,19 +87,29 @@ class RouteGifs(evaluators.TrackedGifs):
     self.expand_range = expand_range
 
   def draw(self, index, tracked, attention_Txhxw, step):
-    image_HxWx3 = self.images[index]
-    if self.expand_range:
-      image_HxWx3 = (image_HxWx3 + 1) / 2
-    start = np.argwhere(np.all(image_HxWx3 == np.array(maze_data.START), axis=-1))[0]
-    plots.route_gif(
-        image_HxWx3,
+    draw_route_gif(
+        self.images[index],
+        self.expand_range,
         attention_Txhxw,
-        tracked['routes_BxTxR'],
-        tracked['certainty_BxT'],
-        tuple(int(v) for v in start),
+        tracked,
         os.path.join(self.context.plot_dir, f'route_{step:07d}_{index}.gif'),
         title=f'step {step}, maze {index}: ',
     )
+
+
+def draw_route_gif(inputs_HxWx3, expand_range, attention_Txhxw, tracked, path, title) -> str:
+  """The route gif of one maze as the model read it, from its `route_arrays` row."""
+  image_HxWx3 = (inputs_HxWx3 + 1) / 2 if expand_range else inputs_HxWx3
+  start = np.argwhere(np.all(image_HxWx3 == np.array(maze_data.START), axis=-1))[0]
+  return plots.route_gif(
+      image_HxWx3,
+      attention_Txhxw,
+      tracked['routes_BxTxR'],
+      tracked['certainty_BxT'],
+      tuple(int(v) for v in start),
+      path,
+      title=title,
+  )
 
 
 def route_length(config) -> int:
@@ -244,16 +254,11 @@ class Maze(base.Task):
     images = batch['inputs']
     tracked = jax.device_get(jax.jit(route_arrays, static_argnums=0)(model, variables, images))
     grid = evaluators.feature_grid(model, images.shape[1:])
-    image_HxWx3 = images[0]
-    if maze_data.expand_range_of(config):
-      image_HxWx3 = (image_HxWx3 + 1) / 2
-    start = np.argwhere(np.all(image_HxWx3 == np.array(maze_data.START), axis=-1))[0]
-    return plots.route_gif(
-        image_HxWx3,
+    return draw_route_gif(
+        images[0],
+        maze_data.expand_range_of(config),
         tracked['attention_BxTxN'][0].reshape(-1, *grid),
-        tracked['routes_BxTxR'][0],
-        tracked['certainty_BxT'][0],
-        tuple(int(v) for v in start),
+        {k: v[0] for k, v in tracked.items()},
         path,
         title=f'{os.path.basename(path)}: ',
     )
