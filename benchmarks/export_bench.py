@@ -1,13 +1,13 @@
 """Export size and load-and-run time against the training checkpoint.
 
 Usage (from the repo root):
-  python benchmarks/export_bench.py [--config=imagenet] [--variant=] [--workdir=DIR]
+  python benchmarks/export_bench.py [--config=imagenet] [--variant=synthetic] [--workdir=DIR]
   python benchmarks/export_bench.py --workdir=RUN --no-train   # an existing run
 
 Without --no-train it first trains one step of `configs/<config>.py[:variant]`
-on synthetic data of the config's image shape and classes (batch 2, so the
-model, optimiser state and checkpoint are the config's own: what its real run
-writes at every save), with the trainer itself. Then it exports the newest
+at batch 2 with the trainer itself (`imagenet.py:synthetic`: the ImageNet
+model and optimiser on synthetic images, so the checkpoint is what the real
+run writes at every save). Then it exports the newest
 checkpoint (`ctm_jax.export`) and prints the training checkpoint's bytes, the
 artefact's bytes, and the artefact's load (`artefact.load_program`: the
 serialised program and the variables) and first / second call times at batch 1.
@@ -38,9 +38,8 @@ def train_one_step(name: str, variant: str, workdir: str):
   flags.FLAGS.mark_as_parsed()
   config = importlib.import_module(f'ctm_jax.configs.{name}').get_config(variant or None)
   config.update(
-      dataset='synthetic', dataset_size=64, batch_size=2, batch_size_test=2, n_test_batches=1,
-      training_iterations=1, warmup_steps=0, save_every=1, track_every=10**9, log_every=1,
-      n_attention_gifs=0, num_workers_train=0, num_read_threads=0,
+      batch_size=2, batch_size_test=2, n_test_batches=1, training_iterations=1, warmup_steps=0,
+      save_every=1, track_every=10**9, log_every=1, num_workers_train=0,
   )
   config.mesh.data, config.mesh.fsdp = 1, 1
   train.train_and_evaluate(config, workdir)
@@ -49,7 +48,7 @@ def train_one_step(name: str, variant: str, workdir: str):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='imagenet')
-  parser.add_argument('--variant', default='')
+  parser.add_argument('--variant', default='synthetic')
   parser.add_argument('--workdir', default='')
   parser.add_argument('--no-train', dest='train', action='store_false')
   args = parser.parse_args(argv)
@@ -79,8 +78,9 @@ def main(argv=None):
     times.append(time.perf_counter() - started)
   params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(program.variables))
   device = jax.devices()[0]
+  label = f'{args.config}{":" + args.variant if args.variant else ""}' if args.train else workdir
   print(
-      f'# export | {args.config}{":" + args.variant if args.variant else ""}, '
+      f'# export | {label}, '
       f'{params / 1e6:.1f} M parameters | {device.platform} ({device.device_kind}), '
       f'{os.cpu_count()} CPUs, {platform.machine()} | '
       f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {model_bench.git_commit()}'

@@ -10,6 +10,9 @@ Variants (`--config=configs/imagenet.py:<variant>`):
             + CenterCrop(224), the reference's normalisation.
   smoke     ImageNet records through a tiny model at 64x64, for tests (run on
             tfds mock data).
+  synthetic the default model and optimiser on synthetic 224x224 images of
+            1000 classes: the full model without ImageNet, for sizing and
+            checking a machine (benchmarks/export_bench.py trains it a step).
 
 Prepare ImageNet once: download ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar from image-net.org into MANUAL_DIR, then (needs
@@ -31,7 +34,7 @@ from ctm_jax.configs import image
 from ctm_jax.configs import models
 
 
-VARIANTS = ('default', 'smoke')
+VARIANTS = ('default', 'smoke', 'synthetic')
 
 
 def base() -> ml_collections.ConfigDict:
@@ -72,6 +75,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = common.variant(arg, VARIANTS)
   if variant == 'default':
     return base()
+  if variant == 'synthetic':
+    config = base()
+    config.dataset = 'synthetic'
+    config.dataset_size = 10_000
+    config.num_read_threads = 0
+    config.n_attention_gifs = 0
+    return config
   config = base()  # smoke
   config.model.update(
       d_model=64,

@@ -55,3 +55,19 @@ def one_error_line(output: str, prefix: str = 'ctm_jax.main:') -> str:
   lines = [line for line in output.splitlines() if line.startswith(prefix)]
   assert len(lines) == 1 and 'Traceback' not in output, output[-3000:]
   return lines[0]
+
+
+def write_artefact(config, out, seed=0, model_and_variables=None):
+  """(model, variables) exported to `out`: `config`'s model freshly initialised
+  with `seed`, or the given model and variables."""
+  from ctm_jax import export  # pylint: disable=g-import-not-at-top
+  from ctm_jax import tasks  # pylint: disable=g-import-not-at-top
+
+  if model_and_variables is None:
+    task = tasks.get(config.task)
+    model = task.make_model(config)
+    variables = model.init(jax.random.key(seed), task.model_inputs(task.example_batch(config)))
+  else:
+    model, variables = model_and_variables
+  export.write(model, variables, config, str(out))
+  return model, variables

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from absl import flags
 
-from conftest import one_error_line
+from conftest import one_error_line, write_artefact
 from ctm_jax import artefact
 from ctm_jax import evaluate
 from ctm_jax import export
 from ctm_jax import inference
-from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax.configs import image as image_configs
 from ctm_jax.configs import mazes as maze_configs
@@ -35,13 +34,8 @@ def exported(tmp_path_factory):
 
   def get(name):
     if name not in cache:
-      config = CONFIGS[name]()
-      task = tasks.get(config.task)
-      model = task.make_model(config)
-      variables = model.init(jax.random.key(0), task.model_inputs(task.example_batch(config)))
       out = tmp_path_factory.mktemp(name) / 'artefact'
-      export.write(model, variables, config, str(out))
-      cache[name] = (model, variables, out)
+      cache[name] = (*write_artefact(CONFIGS[name](), out), out)
     return cache[name]
 
   return get

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_error_line
-from ctm_jax import export
+from conftest import one_error_line, write_artefact
 from ctm_jax import predict
 from ctm_jax import tasks
 from ctm_jax.configs import digits as digits_configs
@@ -39,15 +38,11 @@ def artefacts(tmp_path_factory):
   def get(name):
     if name not in cache:
       config = CONFIGS[name]()
-      if name == 'parity':  # scaled up: certainties that differ across examples and ticks
-        model, variables, _ = _model(config, 10.0, 10.0)
-      else:
-        task = tasks.get(config.task)
-        model = task.make_model(config)
-        variables = model.init(jax.random.key(1), task.model_inputs(task.example_batch(config)))
       out = tmp_path_factory.mktemp(name) / 'artefact'
-      export.write(model, variables, config, str(out))
-      cache[name] = (model, variables, out)
+      given = None
+      if name == 'parity':  # scaled up: certainties that differ across examples and ticks
+        given = _model(config, 10.0, 10.0)[:2]
+      cache[name] = (*write_artefact(config, out, seed=1, model_and_variables=given), out)
     return cache[name]
 
   return get
