@@ -89,6 +89,7 @@ def test_exported_program_equals_model_apply_at_any_batch_size(name, exported):
   )
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_export_of_a_run_holds_its_trained_variables_and_is_smaller(trained):
   run, out = trained
   model, variables, _ = inference.load(str(run))
@@ -124,6 +125,7 @@ def test_program_runs_in_a_process_without_training_code(exported, tmp_path):
   )
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_export_refuses_bad_arguments_in_one_line(trained, tmp_path):
   run, out = trained
   for argv, field in (
@@ -141,6 +143,7 @@ def test_export_refuses_bad_arguments_in_one_line(trained, tmp_path):
   assert artefact.is_artefact(str(out))  # the refused overwrite left it whole
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_evaluate_command_reproduces_the_training_eval(trained, tmp_path):
   run, out = trained
   proc = subprocess.run(

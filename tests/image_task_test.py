@@ -162,6 +162,7 @@ def smoke_run(tmp_path_factory):
   return config, workdir, state
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_smoke_run_end_to_end(smoke_run):
   config, workdir, state = smoke_run
   total, ticks = config.training_iterations, config.model.iterations
@@ -189,6 +190,7 @@ def test_smoke_run_end_to_end(smoke_run):
   )
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_smoke_run_writes_the_paper_metrics_and_gifs(smoke_run):
   config, workdir, _ = smoke_run
   step, ticks = config.training_iterations, config.model.iterations
@@ -217,6 +219,7 @@ def test_smoke_run_writes_the_paper_metrics_and_gifs(smoke_run):
       assert gif.n_frames == ticks
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_smoke_run_learns(smoke_run):
   config, workdir, _ = smoke_run
   records = _records(workdir)

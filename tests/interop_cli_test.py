@@ -397,6 +397,7 @@ def test_released_imagenet_args_import_as_imagenet_classification(tmp_path):
   )
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_released_checkpoint_strict_and_not_strict(tmp_path):
   path, _ = _released_imagenet(tmp_path, extra_key=True, drop_key='start_trace')
   with pytest.raises(torch_interop.StateDictMismatch, match=r'(?s)unknown keys \(1\).*legacy_buffer.*missing variables \(1\)'):

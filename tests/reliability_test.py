@@ -93,6 +93,7 @@ def test_lock_left_by_a_dead_process_is_taken(tmp_path):
     pass
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_second_trainer_on_a_workdir_exits_at_once_and_the_first_is_untouched(tmp_path):
   workdir = tmp_path / 'run'
   log = open(tmp_path / 'first.log', 'w')
@@ -148,6 +149,7 @@ def _limit_file_size(limit):
   return preexec
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_full_disk_stops_the_run_in_one_line_and_keeps_checkpoints(tmp_path):
   """Every file the trainer writes is capped (RLIMIT_FSIZE, as a full disk would cap it):
   the run ends promptly with one line naming the file or checkpoint, the step and
@@ -235,6 +237,7 @@ def _alive(pid) -> bool:
     return False
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_data_workers_die_with_a_killed_trainer(tmp_path):
   workdir = tmp_path / 'run'
   trainer = _main(

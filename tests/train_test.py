@@ -378,6 +378,7 @@ def _assert_same_final_state(info, name):
   _assert_trees_equal(actual, expected, f'{name} rerun vs uninterrupted: state')
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_resume_after_sigkill_is_exact(resume_runs):
   info = resume_runs
   assert info['sigkill_rc'] == -signal.SIGKILL, 'the run ended before SIGKILL reached it'
@@ -401,6 +402,7 @@ def test_resume_after_sigkill_is_exact(resume_runs):
     assert _scalars(info['dirs']['sigkill'], key) == _scalars(info['dirs']['uninterrupted'], key)
 
 
+@pytest.mark.slow  # over 10 s: the slow tier (CI runs it after the default suite)
 def test_resume_after_sigterm_is_exact(resume_runs):
   info = resume_runs
   log = _read(info['logs']['sigterm'])
