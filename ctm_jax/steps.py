@@ -72,7 +72,9 @@ def make_train_step(config, model, task, tx, schedule):
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = ctm_lib.project_decay_params(optax.apply_updates(state.params, deltas))
+    params = optax.apply_updates(state.params, deltas)
+    if not getattr(model, 'decay_clamp_in_graph', False):
+      params = ctm_lib.project_decay_params(params)
     new_state = state.replace(
         step=state.step + 1,
         params=params,

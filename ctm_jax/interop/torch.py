@@ -197,6 +197,8 @@ def example_input(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[st
   if backbone == 'shallow-wide':
     channels = state_dict['backbone.layers.0.weight'].shape[1]
     return jnp.zeros((1, 8, 8, channels), jnp.float32)
+  if 'kv_proj.0.weight' not in state_dict:  # no attention: (B, d_input) straight to the synapses
+    return jnp.zeros((1, model_kwargs['d_input']), jnp.float32)
   channels = state_dict['kv_proj.0.weight'].shape[1]
   return jnp.zeros((1, 4, channels), jnp.float32)
 
@@ -270,7 +272,8 @@ def import_state_dict(
   """Builds `model_class` for the reference's constructor kwargs and loads its weights.
 
   Returns (model, variables). The decay parameters are projected onto
-  [0, 15], as the reference's forward does in place. `strict=False` ignores
+  [0, 15], as the reference's forward does in place (not for the variants
+  that clamp inside the graph, sort and RL). `strict=False` ignores
   unknown keys and initialises missing variables (seed 0), listing each in
   `skipped`.
   """
@@ -280,7 +283,8 @@ def import_state_dict(
   abstract = jax.eval_shape(model.init, jax.random.key(0), example)
   fallback = None if strict else model.init(jax.random.key(0), example)
   variables = convert_state_dict(state_dict, abstract, fallback, skipped)
-  variables['params'] = ctm_lib.project_decay_params(variables['params'])
+  if not model_class.decay_clamp_in_graph:  # variants that clamp in the graph keep them as saved
+    variables['params'] = ctm_lib.project_decay_params(variables['params'])
   return model, variables
 
 
@@ -352,14 +356,13 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
     raise ValueError(
         f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints can be imported'
     )
-  missing = [
-      name for name in ARG_TO_KWARG if args.get(name) is None and name not in INFERENCE_DEFAULTS
-  ]
+  defaults = {**INFERENCE_DEFAULTS, **task.reference_arg_defaults}
+  missing = [name for name in ARG_TO_KWARG if args.get(name) is None and name not in defaults]
   if missing:
     raise ValueError(
         f'saved args lack {", ".join(map(repr, missing))}, needed for the {task_name} model'
     )
-  args = {**INFERENCE_DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+  args = {**defaults, **{k: v for k, v in args.items() if v is not None}}
   kwargs = {kwarg: args[name] for name, kwarg in ARG_TO_KWARG.items()}
   kwargs['deep_nlms'] = bool(kwargs['deep_nlms'])
   kwargs['do_layernorm_nlm'] = bool(kwargs['do_layernorm_nlm'])

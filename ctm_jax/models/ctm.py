@@ -332,6 +332,10 @@ class ContinuousThoughtMachine(nn.Module):
   # Variants that feed their input straight to the synapses (sort, RL) set
   # this False and may use heads = n_synch_action = 0.
   attends: ClassVar[bool] = True
+  # The main class clamps the synch decays in place, outside autograd (the
+  # trainer projects them after each update: project_decay_params); sort and
+  # RL clamp inside the graph, so a decay outside [0, 15] gets no gradient.
+  decay_clamp_in_graph: ClassVar[bool] = False
 
   def __post_init__(self):
     object.__setattr__(self, 'prediction_reshaper', tuple(self.prediction_reshaper))
@@ -388,24 +392,28 @@ class ContinuousThoughtMachine(nn.Module):
     `iterations`; more than trained is allowed) have run; or, with `prepare`,
     no tick at all: the initial state and the tick inputs (a Prepared), for
     callers that run the ticks themselves with `make_tick()`."""
-    validate_input(self, x)
-    batch = x.shape[0]
-    kv_BxNxE = self.featurise(x, train)
-    k_BxKxNxF, v_BxKxNxF = self.project_kv(kv_BxNxE)
-
+    self.check_input(x)
+    per_tick, fixed = self.tick_inputs(x, train)
     synch_params = self.synch_params()
-    state = self.initial_state(batch, synch_params)
-    fixed = TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF)
+    state = self.initial_state(x.shape[0], synch_params)
     if prepare:
       return Prepared(state, fixed, synch_params)
     if exit_threshold is not None:
       return self.run_until_certain(
-          state, TickInputs(), fixed, synch_params, exit_threshold, max_ticks or self.iterations
+          state, per_tick, fixed, synch_params, exit_threshold, max_ticks or self.iterations
       )
-    final, per_tick = self.run_ticks(
-        state, TickInputs(), fixed, synch_params, train=train, track=track
-    )
+    final, per_tick = self.run_ticks(state, per_tick, fixed, synch_params, train=train, track=track)
     return self.outputs(final, per_tick, track)
+
+  def check_input(self, x) -> None:
+    """Raises ValueError for an input the model cannot take (variants override)."""
+    validate_input(self, x)
+
+  def tick_inputs(self, x, train) -> tuple[TickInputs, TickInputs]:
+    """(per-tick, fixed) TickInputs of a batch: here the attention's keys and
+    values, computed once (backbone, positional embedding, projections)."""
+    k_BxKxNxF, v_BxKxNxF = self.project_kv(self.featurise(x, train))
+    return TickInputs(), TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF)
 
   def run_until_certain(
       self, state, per_tick: TickInputs, fixed, synch_params, threshold, max_ticks: int
@@ -523,9 +531,8 @@ class ContinuousThoughtMachine(nn.Module):
       fields[f'{side}_left_P'], fields[f'{side}_right_P'] = synch.pair_indices(
           self.neuron_select_type, left.value, right.value
       )
-      fields[f'decay_{side}_P'] = self.param(
-          f'decay_params_{side}', nn.initializers.zeros, (size,)
-      )
+      decay_P = self.param(f'decay_params_{side}', nn.initializers.zeros, (size,))
+      fields[f'decay_{side}_P'] = clamp_in_graph(decay_P) if self.decay_clamp_in_graph else decay_P
     return SynchParams(**fields)
 
   def initial_state(self, batch: int, synch_params: SynchParams) -> TickState:
@@ -767,6 +774,14 @@ def validate_input(m: ContinuousThoughtMachine, x) -> None:
         shape,
         "positional_embedding_type='custom-rotational' needs square images (H == W)",
     )
+
+
+def clamp_in_graph(decay_P):
+  """clip(decay, 0, 15) with torch.clamp's gradient: 1 inside the range, its
+  ends included, and 0 outside (jnp.clip would halve it at the ends)."""
+  low, high = DECAY_CLAMP
+  inside_P = (decay_P >= low) & (decay_P <= high)
+  return jnp.where(inside_P, decay_P, jax.lax.stop_gradient(jnp.clip(decay_P, low, high)))
 
 
 def project_decay_params(params):

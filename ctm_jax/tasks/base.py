@@ -165,6 +165,9 @@ class Task:
 
   # The saved-args field that names the model type ('ctm' for a CTM).
   reference_model_field: ClassVar[str] = 'model'
+  # Constructor args this task's reference script does not save (it has no
+  # flag for them), with the values it builds the model with.
+  reference_arg_defaults: ClassVar[dict] = {}
 
   def matches_reference_args(self, args: dict) -> bool:
     """Whether a reference training script of this task saved `args`."""
