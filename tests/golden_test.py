@@ -10,26 +10,35 @@ import pytest
 from conftest import assert_close, load_golden, state_dict, to_jax_layout
 from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import ctm as ctm_lib
+from ctm_jax.models import lstm
 from ctm_jax.models import sort
 from ctm_jax.tasks import image
 from ctm_jax.tasks import mazes
 from ctm_jax.tasks import parity
 from ctm_jax.tasks import sort as sort_task
 
-CASES = ['parity', 'image_rp', 'firstlast_unet8', 'none_heads2', 'sort']
+CASES = [
+    'parity', 'image_rp', 'firstlast_unet8', 'none_heads2', 'sort',
+    'lstm_parity', 'lstm_image', 'lstm_maze',
+]
 ALL_CASES = CASES + [c + '__perturbed' for c in CASES]
-# Golden case -> the model variant its reference class is (default: the main class).
-VARIANTS = {'sort': sort.ContinuousThoughtMachineSORT}
+# Golden case -> the model its reference class is (default: the main class).
+VARIANTS = {
+    'sort': sort.ContinuousThoughtMachineSORT,
+    'lstm_parity': lstm.LSTMBaseline,
+    'lstm_image': lstm.LSTMBaseline,
+    'lstm_maze': lstm.LSTMBaseline,
+}
 
 
-def _loss_fn(kind):
+def _loss_fn(kind, use_most_certain=True):
   if kind == 'parity':
-    return parity.parity_loss
+    return functools.partial(parity.parity_loss, use_most_certain=use_most_certain)
   if kind == 'maze':
-    return mazes.maze_loss
+    return functools.partial(mazes.maze_loss, use_most_certain=use_most_certain)
   if kind == 'sort':
     return lambda predictions, certainties, targets: (sort_task.sort_loss(predictions, targets),)
-  return image.image_classification_loss
+  return functools.partial(image.image_classification_loss, use_most_certain=use_most_certain)
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +58,10 @@ def test_forward_matches_reference(case):
   out = jax.jit(model.apply)(variables, x)
   assert_close(out.predictions, arrays['__out__predictions'], what='predictions')
   assert_close(out.certainties, arrays['__out__certainties'], what='certainties')
-  assert_close(out.synch_out, arrays['__out__synchronisation_out'], what='synch_out')
+  if out.synch_out is None:  # the LSTM baseline has no synchronisation
+    assert '__out__synchronisation_out' not in arrays
+  else:
+    assert_close(out.synch_out, arrays['__out__synchronisation_out'], what='synch_out')
 
 
 @pytest.mark.parametrize('case', ALL_CASES)
@@ -83,7 +95,7 @@ def test_loss_and_gradients_match_reference(case):
   arrays, meta, model, variables = _imported(case)
   x = to_jax_layout(arrays['__in__x'])
   targets = jnp.asarray(arrays['__target__targets'])
-  loss_fn = _loss_fn(meta['loss'])
+  loss_fn = _loss_fn(meta['loss'], meta.get('use_most_certain', True))
 
   def loss(params):
     out = model.apply({**variables, 'params': params}, x)
@@ -94,7 +106,9 @@ def test_loss_and_gradients_match_reference(case):
   expected = float(arrays['__loss__loss'])
   assert abs(float(value) - expected) <= 1e-5 * max(1.0, abs(expected)), (value, expected)
   if '__loss__where_most_certain' in arrays:  # CTC (sort) selects no tick
-    np.testing.assert_array_equal(aux[0], arrays['__loss__where_most_certain'])
+    ticks = arrays['__out__predictions'].shape[-1]
+    # The reference writes the last tick as -1 when it does not use the most certain.
+    np.testing.assert_array_equal(aux[0], arrays['__loss__where_most_certain'] % ticks)
   if meta['loss'] == 'maze':
     np.testing.assert_array_equal(aux[1], arrays['__loss__upto_where'])
 

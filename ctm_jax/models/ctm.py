@@ -264,30 +264,37 @@ class Tick(nn.Module):
     return next_state, outputs
 
   def _attend(self, q_BxE, inputs: TickInputs):
-    """Single-query multi-head attention over the pre-projected keys/values."""
     k_BxKxNxF, v_BxKxNxF = inputs.keys_BxKxNxF, inputs.values_BxKxNxF
     if k_BxKxNxF is None or v_BxKxNxF is None:
       raise ValueError('an attending tick needs TickInputs.keys_BxKxNxF and values_BxKxNxF')
-    head_dim = self.d_input // self.heads
-    q_BxE = layers.Linear(
-        self.d_input,
-        kernel_init=_xavier_qkv(self.d_input),
-        bias_init=nn.initializers.zeros,
-        dtype=self.dtype,
-        name='attention_q',
-    )(q_BxE)
-    q_BxKxF = _split_heads(q_BxE, self.heads) * math.sqrt(1.0 / head_dim)
-    # b: batch, k: head, f: head feature, n: token.
-    scores_BxKxN = jnp.einsum('bkf,bknf->bkn', q_BxKxF, k_BxKxNxF.astype(self.dtype))
-    weights_BxKxN = jax.nn.softmax(scores_BxKxN.astype(jnp.float32), axis=-1)
-    dropped_BxKxN = nn.Dropout(self.dropout, deterministic=not self.train)(weights_BxKxN)
-    out_BxKxF = jnp.einsum(
-        'bkn,bknf->bkf', dropped_BxKxN.astype(self.dtype), v_BxKxNxF.astype(self.dtype)
-    )
-    out_BxE = layers.Linear(
-        self.d_input, bias_init=nn.initializers.zeros, dtype=self.dtype, name='attention_out'
-    )(out_BxKxF.reshape(q_BxE.shape))
-    return out_BxE, weights_BxKxN
+    return attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF)
+
+
+def attend(module, q_BxE, k_BxKxNxF, v_BxKxNxF):
+  """Single-query multi-head attention over pre-projected keys/values, its
+  query projection and output projection (`attention_q`, `attention_out`)
+  created in `module` (which has d_input, heads, dropout, train, dtype).
+  Returns (out_BxE, weights_BxKxN)."""
+  head_dim = module.d_input // module.heads
+  q_BxE = layers.Linear(
+      module.d_input,
+      kernel_init=_xavier_qkv(module.d_input),
+      bias_init=nn.initializers.zeros,
+      dtype=module.dtype,
+      name='attention_q',
+  )(q_BxE)
+  q_BxKxF = _split_heads(q_BxE, module.heads) * math.sqrt(1.0 / head_dim)
+  # b: batch, k: head, f: head feature, n: token.
+  scores_BxKxN = jnp.einsum('bkf,bknf->bkn', q_BxKxF, k_BxKxNxF.astype(module.dtype))
+  weights_BxKxN = jax.nn.softmax(scores_BxKxN.astype(jnp.float32), axis=-1)
+  dropped_BxKxN = nn.Dropout(module.dropout, deterministic=not module.train)(weights_BxKxN)
+  out_BxKxF = jnp.einsum(
+      'bkn,bknf->bkf', dropped_BxKxN.astype(module.dtype), v_BxKxNxF.astype(module.dtype)
+  )
+  out_BxE = layers.Linear(
+      module.d_input, bias_init=nn.initializers.zeros, dtype=module.dtype, name='attention_out'
+  )(out_BxKxF.reshape(q_BxE.shape))
+  return out_BxE, weights_BxKxN
 
 
 class ContinuousThoughtMachine(nn.Module):
@@ -468,48 +475,11 @@ class ContinuousThoughtMachine(nn.Module):
 
   def featurise(self, x, train):
     """Tokens (B, N, E) after backbone, positional embedding and kv_proj."""
-    if 'resnet' in self.backbone_type:
-      # A 1x1 conv to 3 channels (torch LazyConv2d(3, 1) with bias).
-      x = nn.Conv(
-          3,
-          (1, 1),
-          kernel_init=layers.torch_kernel_init,
-          bias_init=layers.torch_bias_init(x.shape[-1]),
-          dtype=self.dtype,
-          name='initial_rgb',
-      )(x)
-    backbone = backbones.make_backbone(
-        self.backbone_type, self.d_input, self.dtype, name='backbone'
-    )
-    features = x if backbone is None else backbone(x, train=train)
-    pe = posemb.make_positional_embedding(
-        self.positional_embedding_type,
-        backbones.backbone_channels(self.backbone_type, self.d_input, x.shape[-1]),
-        self.dtype,
-        name='positional_embedding',
-    )
-    if pe is not None:
-      features = features + pe(features)
-    tokens_BxNxC = features.reshape(features.shape[0], -1, features.shape[-1])
-    kv_BxNxE = layers.Linear(self.d_input, dtype=self.dtype, name='kv_proj_0')(tokens_BxNxC)
-    return layers.LayerNorm(dtype=self.dtype, name='kv_proj_1')(kv_BxNxE)
+    return featurise(self, x, train)
 
   def project_kv(self, kv_BxNxE):
     """The attention's key/value projections, hoisted out of the tick loop."""
-
-    def proj(name):
-      y = layers.Linear(
-          self.d_input,
-          kernel_init=_xavier_qkv(self.d_input),
-          bias_init=nn.initializers.zeros,
-          dtype=self.dtype,
-          name=name,
-      )(kv_BxNxE)
-      # Head-major once here, so the per-tick attention reads keys and values
-      # without a transpose in either pass.
-      return jnp.swapaxes(_split_heads(y, self.heads), 1, 2)
-
-    return proj('attention_k'), proj('attention_v')
+    return project_kv(self, kv_BxNxE)
 
   def synch_params(self) -> SynchParams:
     """Pair indices (P,) and decay parameters (P,) for both synch sides."""
@@ -637,6 +607,55 @@ class ContinuousThoughtMachine(nn.Module):
         synch_out=synch.synchronisation(final.synch_out),
         tracking=tracking,
     )
+
+
+def featurise(module, x, train):
+  """Tokens (B, N, E) after backbone, positional embedding and kv_proj, created
+  in `module` (which has backbone_type, positional_embedding_type, d_input, dtype)."""
+  if 'resnet' in module.backbone_type:
+    # A 1x1 conv to 3 channels (torch LazyConv2d(3, 1) with bias).
+    x = nn.Conv(
+        3,
+        (1, 1),
+        kernel_init=layers.torch_kernel_init,
+        bias_init=layers.torch_bias_init(x.shape[-1]),
+        dtype=module.dtype,
+        name='initial_rgb',
+    )(x)
+  backbone = backbones.make_backbone(
+      module.backbone_type, module.d_input, module.dtype, name='backbone'
+  )
+  features = x if backbone is None else backbone(x, train=train)
+  pe = posemb.make_positional_embedding(
+      module.positional_embedding_type,
+      backbones.backbone_channels(module.backbone_type, module.d_input, x.shape[-1]),
+      module.dtype,
+      name='positional_embedding',
+  )
+  if pe is not None:
+    features = features + pe(features)
+  tokens_BxNxC = features.reshape(features.shape[0], -1, features.shape[-1])
+  kv_BxNxE = layers.Linear(module.d_input, dtype=module.dtype, name='kv_proj_0')(tokens_BxNxC)
+  return layers.LayerNorm(dtype=module.dtype, name='kv_proj_1')(kv_BxNxE)
+
+
+def project_kv(module, kv_BxNxE):
+  """The attention's key/value projections (`attention_k`, `attention_v`) in
+  `module`, head-major (B, K, N, F): hoisted out of the tick loop."""
+
+  def proj(name):
+    y = layers.Linear(
+        module.d_input,
+        kernel_init=_xavier_qkv(module.d_input),
+        bias_init=nn.initializers.zeros,
+        dtype=module.dtype,
+        name=name,
+    )(kv_BxNxE)
+    # Head-major once here, so the per-tick attention reads keys and values
+    # without a transpose in either pass.
+    return jnp.swapaxes(_split_heads(y, module.heads), 1, 2)
+
+  return proj('attention_k'), proj('attention_v')
 
 
 def sqrt_remat_chunks(length: int) -> tuple[int, int, int]:
