@@ -28,6 +28,8 @@ def trainer() -> ml_collections.ConfigDict:
   each config then sets its reference script's values."""
   return ml_collections.ConfigDict(
       dict(
+          # 'ctm', or a baseline the task offers ('lstm', 'ff'): the reference's --model(_type).
+          model_type='ctm',
           seed=0,
           batch_size=32,
           batch_size_test=32,

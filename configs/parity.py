@@ -7,6 +7,12 @@ Variants (`--config=configs/parity.py:<variant>`):
   small     length 12, D 128, 25 ticks x memory 10: 99% per-bit held-out
             accuracy on a 2-core CPU in about 4 minutes (seeds 0-2).
   smoke     seconds, for tests.
+  lstm_<T>, lstm_<T>_certain (T in 1, 10, 25, 50, 75, 100; _certain for 10
+            and 25): tasks/parity/scripts/train_lstm_<T>[_certain].sh, the
+            LSTM baseline (one layer, as the script builds it) with the
+            script's parameter-matched width, no clipping, the last tick's
+            loss (the most certain tick's with _certain).
+  lstm_small, lstm_smoke: the LSTM baseline at `small`'s and `smoke`'s sizes.
 
 Run:
   python -m ctm_jax.main --config=configs/parity.py:small --workdir=runs/parity_small
@@ -19,7 +25,10 @@ import ml_collections
 from ctm_jax.configs import common
 from ctm_jax.configs import models
 
-VARIANTS = ('default', 'small', 'smoke')
+# tasks/parity/scripts/train_lstm_<ticks>.sh: the parameter-matched LSTM width.
+LSTM_WIDTHS = {1: 669, 10: 686, 25: 706, 50: 765, 75: 765, 100: 857}
+LSTM_VARIANTS = tuple(f'lstm_{t}' for t in LSTM_WIDTHS) + ('lstm_10_certain', 'lstm_25_certain')
+VARIANTS = ('default', 'small', 'smoke', *LSTM_VARIANTS, 'lstm_small', 'lstm_smoke')
 
 
 def base(length: int = 64) -> ml_collections.ConfigDict:
@@ -43,10 +52,27 @@ def base(length: int = 64) -> ml_collections.ConfigDict:
   return config
 
 
+def lstm(config: ml_collections.ConfigDict, use_most_certain: bool = False) -> ml_collections.ConfigDict:
+  """`config` with the LSTM baseline as the parity script builds it: one layer,
+  no gradient clipping, the last tick's loss unless --use_most_certain_with_lstm."""
+  config.model_type = 'lstm'
+  config.model.num_layers = 1
+  config.gradient_clipping = -1.0
+  config.use_most_certain = use_most_certain
+  return config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = common.variant(arg, VARIANTS)
   if variant == 'default':
     return base()
+  if variant in LSTM_VARIANTS:
+    ticks = int(variant.split('_')[1])
+    config = lstm(base(), use_most_certain=variant.endswith('_certain'))
+    config.model.update(iterations=ticks, d_model=LSTM_WIDTHS[ticks])
+    return config
+  if variant in ('lstm_small', 'lstm_smoke'):
+    return lstm(get_config(variant[len('lstm_'):]))
   if variant == 'small':
     # 12 bits, not 16: at 16 some seeds stall for good with the last bits at
     # chance (docs/results.md); at 12 every seed tried reaches 99%.

@@ -22,7 +22,7 @@ from ctm_jax.data import pipeline
 CONFIG_FILE = 'config.json'
 # Keys whose change makes existing checkpoints meaningless for any run; a task
 # adds its own (`Task.identity_keys`).
-_IDENTITY_KEYS = ('task', 'model')
+_IDENTITY_KEYS = ('task', 'model', 'model_type')
 # Compute options: a run may resume with another dtype, remat policy or unroll.
 _COMPUTE_KEYS = ('model.dtype', 'model.remat', 'model.unroll')
 
@@ -352,7 +352,7 @@ def _identity(config_dict, keys, prefix=''):
 def check_config(workdir: str, config, resuming: bool, identity_keys=()):
   """Refuses a workdir whose checkpoints came from another model; writes nothing.
 
-  Identity: `task`, `model` and the task's `identity_keys`; compute options
+  Identity: `task`, `model`, `model_type` and the task's `identity_keys`; compute options
   (dtype, remat, unroll) may change.
   """
   path = os.path.join(workdir, CONFIG_FILE)
@@ -362,6 +362,8 @@ def check_config(workdir: str, config, resuming: bool, identity_keys=()):
       previous = json.load(f)
     keys = (*_IDENTITY_KEYS, *identity_keys)
     old, new = _identity(previous, keys), _identity(resolved, keys)
+    for flat in (old, new):  # runs written before model types existed trained a CTM
+      flat.setdefault('model_type', 'ctm')
     for key in _COMPUTE_KEYS:
       old.pop(key, None), new.pop(key, None)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

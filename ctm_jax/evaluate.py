@@ -89,7 +89,7 @@ def _state_from_artefact(directory: str, abstract_state):
   state = jax.tree.map(zeros, abstract_state)
   return state.replace(
       params=jax.tree.map(put, variables['params'], abstract_state.params),
-      synch=jax.tree.map(put, variables['synch'], abstract_state.synch),
+      synch=jax.tree.map(put, variables.get('synch', {}), abstract_state.synch),
       batch_stats=jax.tree.map(put, variables.get('batch_stats', {}), abstract_state.batch_stats),
   )
 

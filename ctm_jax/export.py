@@ -11,6 +11,7 @@ serialised with `jax.export` for any batch size. Load it back with
 reference model, whose config does not say what it reads.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,10 +48,13 @@ def _example_inputs(task, config, input_shape):
   return task.model_inputs(task.example_batch(config))
 
 
-def _model_kwargs(task, config) -> dict:
-  if 'model_kwargs' in config:
-    return config.model_kwargs.to_dict()
-  return task.model_kwargs(config)
+def _model_kwargs(model) -> dict:
+  """The constructor kwargs `model` was built with."""
+  return {
+      f.name: getattr(model, f.name)
+      for f in dataclasses.fields(model)
+      if f.init and f.name not in ('parent', 'name')
+  }
 
 
 def _jsonable(value):
@@ -92,7 +96,8 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
   spec = {
       'format': artefact.FORMAT,
       'task': config.task,
-      'model_kwargs': _jsonable(_model_kwargs(task, config)),
+      'model_type': config.get('model_type', 'ctm'),
+      'model_kwargs': _jsonable(_model_kwargs(model)),
       'inputs': jax.tree.map(
           lambda s: {'shape': [None, *s.shape[1:]], 'dtype': str(s.dtype)}, abstract_inputs
       ),

@@ -27,7 +27,8 @@ def load(workdir: str, step: int | None = None):
   workdir = os.path.abspath(workdir)
   if artefact.is_artefact(workdir):
     spec = artefact.read_spec(workdir)
-    model = tasks.get(spec['task']).model_class(**spec['model_kwargs'])
+    model_class = tasks.get(spec['task']).model_class_for(spec.get('model_type', 'ctm'))
+    model = model_class(**spec['model_kwargs'])
     variables = artefact.restore_variables(os.path.join(workdir, artefact.VARIABLES_DIR))
     return model, variables, ml_collections.ConfigDict(spec['config'])
   config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)

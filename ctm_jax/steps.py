@@ -33,14 +33,16 @@ def init_state(model, tx, rng, example_inputs) -> TrainState:
       params=params,
       opt_state=tx.init(params),
       batch_stats=initial.get('batch_stats', {}),
-      synch=initial['synch'],
+      synch=initial.get('synch', {}),  # baselines have no synch indices
       rng=jax.random.key_data(state_rng),
   )
 
 
 def variables(state, params):
   """The model's variables from a train state, with `params` in place of its own."""
-  out = {'params': params, 'synch': state.synch}
+  out = {'params': params}
+  if state.synch:
+    out['synch'] = state.synch
   if state.batch_stats:
     out['batch_stats'] = state.batch_stats
   return out

@@ -278,7 +278,7 @@ def _initial_state(config, model, run: Setup, checkpointer, train_iterator, same
         params=variables['params'],
         opt_state=run.tx.init(variables['params']),
         batch_stats=variables.get('batch_stats', {}),
-        synch=variables['synch'],
+        synch=variables.get('synch', {}),
     )
     return jax.device_put(state, run.state_shardings), f'initialised from {config.init_from}'
   return state, 'fresh'

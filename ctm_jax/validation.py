@@ -21,6 +21,10 @@ _POSITIVE_INTS = (
     'log_every',
     'keep_checkpoints',
 )
+# Keys a config may leave out: `model_type` (the reference's --model /
+# --model_type: 'ctm', or a baseline the task offers) is 'ctm' when absent, as
+# in runs written before baselines existed.
+OPTIONAL_KEYS = frozenset({'model_type'})
 _NON_NEGATIVE_INTS = (
     'warmup_steps',
     'num_workers_train',
@@ -112,10 +116,13 @@ def validate(config, num_devices: int | None = None):
   task = tasks_lib.get(config.task)
   known = TRAIN_KEYS | task.config_keys
   for key in config:
-    if key not in known:
+    if key not in known | OPTIONAL_KEYS:
       _fail(key, config[key], f'unknown key for task {config.task!r}')
   for key in sorted(known - set(config)):
     _fail(key, None, 'missing')
+  model_type = config.get('model_type', 'ctm')
+  if model_type not in task.model_types():
+    _fail('model_type', model_type, f'task {config.task!r} trains {", ".join(map(repr, task.model_types()))}')
   task.validate(config)
   for field in _POSITIVE_INTS:
     value = config.get(field)
@@ -181,7 +188,10 @@ def _check_init_from(path, model):
   try:
     with open(config_path) as f:
       imported = json.load(f)
-    imported_model = tasks_lib.get(imported['task']).model_class(**imported['model_kwargs'])
+    imported_task = tasks_lib.get(imported['task'])
+    imported_model = imported_task.model_class_for(imported.get('model_type', 'ctm'))(
+        **imported['model_kwargs']
+    )
   except (OSError, ValueError, KeyError, TypeError) as e:
     _fail('init_from', path, f'{config_path} is not an import record ({e})')
   names = [

@@ -218,7 +218,9 @@ def test_mazes_without_route_length_and_unknown_dataset_are_named():
   image['dataset'] = 'svhn'
   with pytest.raises(ValueError, match='dataset'):
     torch_interop.model_kwargs_from_args(image)
-  with pytest.raises(ValueError, match='model'):
+  with pytest.raises(ValueError, match="model='rnn'"):
+    torch_interop.model_kwargs_from_args({**args, 'maze_route_length': 10, 'model': 'rnn'})
+  with pytest.raises(ValueError, match='num_layers'):  # an LSTM baseline's args, one short
     torch_interop.model_kwargs_from_args({**args, 'maze_route_length': 10, 'model': 'lstm'})
   with pytest.raises(ValueError, match='out_dims'):
     torch_interop.model_kwargs_from_args({**args, 'maze_route_length': 11})

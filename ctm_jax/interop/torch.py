@@ -11,6 +11,7 @@ inside the tick loop live under `tick/`. Leaves: Linear/Conv `weight` ->
 `to_state_dict` is the inverse: variables -> a state_dict the reference loads.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -351,11 +352,9 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
   args = _as_dict(args)
   task_name = task or detect_task(args)
   task = tasks_lib.get(task_name)
-  type_field = task.reference_model_field
-  if args.get(type_field, 'ctm') != 'ctm':  # absent: an older CTM-only run
-    raise ValueError(
-        f'saved args: {type_field}={args[type_field]!r}; only CTM checkpoints can be imported'
-    )
+  model_type = reference_model_type(args, task_name)
+  if model_type != 'ctm':
+    return _baseline_kwargs(args, task, model_type)
   defaults = {**INFERENCE_DEFAULTS, **task.reference_arg_defaults}
   missing = [name for name in ARG_TO_KWARG if args.get(name) is None and name not in defaults]
   if missing:
@@ -373,6 +372,42 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
         f'saved args: out_dims={args["out_dims"]} but the {task_name} task gives {head["out_dims"]}'
     )
   kwargs.update(head)
+  return kwargs
+
+
+def reference_model_type(args, task: str) -> str:
+  """'ctm', or the baseline (the task's `baselines`) that saved `args`: the
+  script's --model / --model_type field; absent in runs older than baselines."""
+  args = _as_dict(args)
+  task_lib = tasks_lib.get(task)
+  value = args.get(task_lib.reference_model_field) or 'ctm'
+  try:
+    task_lib.model_class_for(value)
+  except ValueError:
+    raise ValueError(
+        f'saved args: {task_lib.reference_model_field}={value!r}; task {task!r} imports '
+        f'{", ".join(map(repr, task_lib.model_types()))}'
+    ) from None
+  return value
+
+
+def _baseline_kwargs(args: dict, task, model_type: str) -> dict:
+  """A baseline's constructor kwargs: the saved args of the same names, the
+  task's head (out_dims, prediction_reshaper, and what its script fixes)."""
+  model_class = task.model_class_for(model_type)
+  fields = {
+      f.name: f for f in dataclasses.fields(model_class) if f.init and f.name not in ('parent', 'name', 'dtype')
+  }
+  head = task.reference_model_kwargs({**args, 'model_type': model_type})
+  values = {**INFERENCE_DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+  kwargs = {name: values[name] for name in fields if name in values}
+  kwargs.update({k: v for k, v in head.items() if k in fields})
+  missing = [
+      name for name, f in fields.items()
+      if name not in kwargs and f.default is dataclasses.MISSING
+  ]
+  if missing:
+    raise ValueError(f'saved args lack {", ".join(map(repr, missing))}, needed for the {model_type} baseline')
   return kwargs
 
 
@@ -497,11 +532,13 @@ def import_checkpoint(
   state_dict, args, iteration = load_reference_checkpoint(checkpoint, trust_pickle)
   task = task or detect_task(args)
   kwargs = model_kwargs_from_args(args, task)
-  model_class = tasks_lib.get(task).model_class
+  model_type = reference_model_type(args, task)
+  model_class = tasks_lib.get(task).model_class_for(model_type)
   skipped = []
   _, variables = import_state_dict(state_dict, kwargs, model_class, strict, skipped)  # raises before any write
   config = {
       'task': task,
+      'model_type': model_type,
       'source_checkpoint': checkpoint,
       'iteration': iteration,
       'reference_args': _json_safe(args),
@@ -529,7 +566,8 @@ def load_imported(workdir: str):
   workdir = os.path.abspath(workdir)
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     config = json.load(f)
-  model = tasks_lib.get(config['task']).model_class(**config['model_kwargs'])
+  model_class = tasks_lib.get(config['task']).model_class_for(config.get('model_type', 'ctm'))
+  model = model_class(**config['model_kwargs'])
   # Target from the saved metadata, not its sharding: the writer's device may not exist here.
   variables = artefact.restore_variables(os.path.join(workdir, CHECKPOINT_DIR))
   return model, variables, config

@@ -11,6 +11,7 @@ The trainer (`train.py`), `steps.py`, `checkpoint.py`, `validation.py`,
 Dimension glossary: B batch, T ticks.
 """
 
+import dataclasses
 import importlib
 import pkgutil
 from typing import Any, ClassVar
@@ -41,6 +42,9 @@ class Task:
   identity_keys: ClassVar[tuple[str, ...]] = ()
   # The model variant: ContinuousThoughtMachine or a subclass in models/<variant>.py.
   model_class: ClassVar[type] = ctm_lib.ContinuousThoughtMachine
+  # The baselines this task also trains (`config.model_type`, the reference's
+  # --model / --model_type): e.g. {'lstm': lstm.LSTMBaseline}.
+  baselines: ClassVar[dict[str, type]] = {}
 
   # --- Config and data ----------------------------------------------------------
 
@@ -78,8 +82,28 @@ class Task:
     """Constructor kwargs of `model_class`; by default `config.model` as it is."""
     return config.model.to_dict()
 
+  def model_types(self) -> dict[str, type]:
+    """`config.model_type` -> model class: 'ctm' and the task's baselines."""
+    return {'ctm': self.model_class, **self.baselines}
+
+  def model_class_for(self, model_type: str = 'ctm') -> type:
+    types = self.model_types()
+    if model_type not in types:
+      raise ValueError(f'model_type={model_type!r}: task {self.name!r} trains {", ".join(map(repr, types))}')
+    return types[model_type]
+
   def make_model(self, config):
-    return self.model_class(**self.model_kwargs(config))
+    """`config.model_type`'s class with `model_kwargs(config)`. A baseline takes
+    the options it has; the CTM options it lacks (config.model is shared) are
+    left out, any other unknown option is refused."""
+    model_type = config.get('model_type', 'ctm')
+    cls = self.model_class_for(model_type)
+    kwargs = self.model_kwargs(config)
+    if model_type != 'ctm':
+      own = {f.name for f in dataclasses.fields(cls) if f.init}
+      ctm_options = {f.name for f in dataclasses.fields(self.model_class) if f.init}
+      kwargs = {k: v for k, v in kwargs.items() if k in own or k not in ctm_options}
+    return cls(**kwargs)
 
   def model_inputs(self, batch) -> Any:
     """What `model.apply` takes of a batch: any pytree."""

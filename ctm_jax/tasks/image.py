@@ -18,6 +18,8 @@ from ctm_jax import losses
 from ctm_jax.analysis import plots
 from ctm_jax.data import images as image_data
 from ctm_jax.data import tfds_images
+from ctm_jax.models import ff as ff_model
+from ctm_jax.models import lstm as lstm_model
 from ctm_jax.tasks import base
 
 # tasks/image_classification/train.py: len(class_labels) of each dataset.
@@ -60,6 +62,7 @@ class ImageClassification(base.Task):
        'n_attention_gifs'}
   )
   identity_keys = ('num_classes', 'image_shape')
+  baselines = {'lstm': lstm_model.LSTMBaseline, 'ff': ff_model.FFBaseline}
 
   def validate(self, config):
     image_data.check_config(config)

@@ -19,6 +19,8 @@ from ctm_jax import losses
 from ctm_jax import steps
 from ctm_jax.analysis import plots
 from ctm_jax.data import mazes as maze_data
+from ctm_jax.models import ff as ff_model
+from ctm_jax.models import lstm as lstm_model
 from ctm_jax.tasks import base
 from ctm_jax.tasks import mazes_generalisation
 
@@ -134,6 +136,7 @@ class Maze(base.Task):
       }
   )
   identity_keys = ('maze_route_length', 'image_shape')
+  baselines = {'lstm': lstm_model.LSTMBaseline, 'ff': ff_model.FFBaseline}
 
   def validate(self, config):
     for key in ('maze_route_length', 'cirriculum_lookahead'):

@@ -16,6 +16,7 @@ from ctm_jax import evaluators
 from ctm_jax import losses
 from ctm_jax.analysis import plots
 from ctm_jax.data import parity as parity_data
+from ctm_jax.models import lstm as lstm_model
 from ctm_jax.tasks import base
 
 
@@ -63,6 +64,7 @@ class Parity(base.Task):
   name = 'parity'
   config_keys = frozenset({'parity_sequence_length'})
   identity_keys = ('parity_sequence_length',)
+  baselines = {'lstm': lstm_model.LSTMBaseline}
   reference_model_field = 'model_type'
 
   def validate(self, config):
@@ -149,5 +151,9 @@ class Parity(base.Task):
 
   def reference_model_kwargs(self, args):
     length = int(base.required_arg(args, 'parity_sequence_length', self.name))
-    # The parity script leaves dropout_nlm at the constructor default (None).
-    return {'out_dims': 2 * length, 'prediction_reshaper': [length, 2], 'dropout_nlm': None}
+    # The parity script leaves dropout_nlm at the constructor default (None),
+    # and builds its LSTM baseline with one layer whatever its args say.
+    kwargs = {'out_dims': 2 * length, 'prediction_reshaper': [length, 2], 'dropout_nlm': None}
+    if args.get(self.reference_model_field) == 'lstm':
+      kwargs['num_layers'] = 1
+    return kwargs
