@@ -72,6 +72,8 @@ def model(**options) -> ml_collections.ConfigDict:
       do_layernorm_nlm=False,
       deep_nlms=True,
       positional_embedding_type='none',
+      # The LSTM baseline's depth (--num_layers; the CTM ignores it).
+      num_layers=2,
       # Beyond the reference: compute dtype, tick rematerialisation, scan unroll.
       dtype='float32',
       remat='none',

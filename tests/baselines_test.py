@@ -31,6 +31,9 @@ def test_model_type_picks_the_class_and_an_unknown_one_is_named():
   config.model.d_model = 48
   _, model = validation.validate(config)
   assert isinstance(model, ff.FFBaseline) and model.d_model == 48
+  config.model_type = 'lstm'  # the image and maze scripts' default depth
+  _, model = validation.validate(config)
+  assert isinstance(model, lstm.LSTMBaseline) and model.num_layers == 2
   config = parity_configs.get_config('smoke')
   config.model_type = 'ff'  # parity has no feed-forward baseline
   with pytest.raises(ValueError, match=r"config.model_type='ff': task 'parity' trains 'ctm', 'lstm'"):

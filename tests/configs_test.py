@@ -34,7 +34,7 @@ def test_every_task_has_a_config():
 def test_config_builds_its_model(name, variant):
   config = importlib.import_module(f'ctm_jax.configs.{name}').get_config(variant)
   task, model = validation.validate(config, num_devices=8)
-  assert isinstance(model, task.model_class)
+  assert isinstance(model, task.model_class_for(config.get('model_type', 'ctm')))
   if name == 'imagenet':  # parameter shapes do not depend on the image size
     config.image_shape = (32, 32, 3)
   example = task.model_inputs(task.example_batch(config))

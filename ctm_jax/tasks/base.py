@@ -93,16 +93,13 @@ class Task:
     return types[model_type]
 
   def make_model(self, config):
-    """`config.model_type`'s class with `model_kwargs(config)`. A baseline takes
-    the options it has; the CTM options it lacks (config.model is shared) are
-    left out, any other unknown option is refused."""
-    model_type = config.get('model_type', 'ctm')
-    cls = self.model_class_for(model_type)
-    kwargs = self.model_kwargs(config)
-    if model_type != 'ctm':
-      own = {f.name for f in dataclasses.fields(cls) if f.init}
-      ctm_options = {f.name for f in dataclasses.fields(self.model_class) if f.init}
-      kwargs = {k: v for k, v in kwargs.items() if k in own or k not in ctm_options}
+    """`config.model_type`'s class with `model_kwargs(config)`. config.model is
+    shared by the model types: each takes the options it has, those of the
+    other types are left out, and an option no model has is refused."""
+    cls = self.model_class_for(config.get('model_type', 'ctm'))
+    own = _init_fields(cls)
+    others = set().union(*(_init_fields(c) for task in _REGISTRY.values() for c in task.model_types().values()))
+    kwargs = {k: v for k, v in self.model_kwargs(config).items() if k in own or k not in others}
     return cls(**kwargs)
 
   def model_inputs(self, batch) -> Any:
@@ -202,6 +199,10 @@ class Task:
     """The task-derived constructor kwargs (out_dims, prediction_reshaper, ...)
     the reference's training script sets from its saved `args`."""
     raise NotImplementedError(f'task {self.name!r} cannot import reference checkpoints')
+
+
+def _init_fields(cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')}
 
 
 _REGISTRY: dict[str, Task] = {}
