@@ -609,19 +609,24 @@ class ContinuousThoughtMachine(nn.Module):
     )
 
 
+def initial_rgb(module, x_BxHxWxC):
+  """The 1x1 conv to 3 channels before a ResNet (torch LazyConv2d(3, 1) with
+  bias), `initial_rgb` in `module`."""
+  return nn.Conv(
+      3,
+      (1, 1),
+      kernel_init=layers.torch_kernel_init,
+      bias_init=layers.torch_bias_init(x_BxHxWxC.shape[-1]),
+      dtype=module.dtype,
+      name='initial_rgb',
+  )(x_BxHxWxC)
+
+
 def featurise(module, x, train):
   """Tokens (B, N, E) after backbone, positional embedding and kv_proj, created
   in `module` (which has backbone_type, positional_embedding_type, d_input, dtype)."""
   if 'resnet' in module.backbone_type:
-    # A 1x1 conv to 3 channels (torch LazyConv2d(3, 1) with bias).
-    x = nn.Conv(
-        3,
-        (1, 1),
-        kernel_init=layers.torch_kernel_init,
-        bias_init=layers.torch_bias_init(x.shape[-1]),
-        dtype=module.dtype,
-        name='initial_rgb',
-    )(x)
+    x = initial_rgb(module, x)
   backbone = backbones.make_backbone(
       module.backbone_type, module.d_input, module.dtype, name='backbone'
   )

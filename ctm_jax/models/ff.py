@@ -62,14 +62,7 @@ class FFBaseline(nn.Module):
     del track  # nothing ticks
     if x.ndim != 4:
       raise ValueError(f'x.shape={tuple(x.shape)!r}: the feed-forward baseline takes NHWC images')
-    x = nn.Conv(
-        3,
-        (1, 1),
-        kernel_init=layers.torch_kernel_init,
-        bias_init=layers.torch_bias_init(x.shape[-1]),
-        dtype=self.dtype,
-        name='initial_rgb',
-    )(x)
+    x = ctm.initial_rgb(self, x)
     features = backbones.make_backbone(self.backbone_type, 0, self.dtype, name='backbone')(x, train=train)
     pooled_BxC = features.astype(jnp.float32).mean(axis=(1, 2))
     logits_BxO = ReadOut(self.d_model, self.out_dims, self.dropout, self.dtype, name='tick')(

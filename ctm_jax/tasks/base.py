@@ -13,6 +13,7 @@ Dimension glossary: B batch, T ticks.
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from typing import Any, ClassVar
 
@@ -246,6 +247,15 @@ def get(name: str) -> Task:
   if name not in _REGISTRY:
     raise ValueError(f'config.task={name!r} is unknown; expected one of {", ".join(names())}')
   return _REGISTRY[name]
+
+
+def text_input(source: str) -> str:
+  """`--input` for tasks whose input is text: the file's text when `source`
+  names a file, else `source` itself (e.g. parity bits on the command line)."""
+  if os.path.isfile(source):
+    with open(source) as f:
+      return f.read(1 << 20)
+  return source
 
 
 def required_arg(args: dict, name: str, task: str):

@@ -115,10 +115,7 @@ class Parity(base.Task):
     if source.lower().endswith('.npy'):
       batch = super().read_input(config, source)
     else:
-      text = source
-      if os.path.isfile(source):
-        with open(source) as f:
-          text = f.read(1 << 20)
+      text = base.text_input(source)
       batch = {'inputs': parse_sequence(text, source)[None]}
     length = sequence_length(config)
     inputs = batch['inputs']

@@ -195,10 +195,7 @@ class Sort(base.Task):
     if source.lower().endswith('.npy'):
       batch = super().read_input(config, source)
     else:
-      text = source
-      if os.path.isfile(source):
-        with open(source) as f:
-          text = f.read(1 << 20)
+      text = base.text_input(source)
       try:
         values = [float(v) for v in text.replace(',', ' ').split()]
       except ValueError:
