@@ -54,26 +54,19 @@ def _timed(fn, repeats: int) -> float:
 
 def _every_tick(model, variables, batch):
   """The plain forward (a scan over every tick) over a queue, `batch` at a time."""
+  from ctm_jax import serving  # pylint: disable=g-import-not-at-top
 
-  @jax.jit
-  def run(inputs):
-    queue = jax.tree.leaves(inputs)[0].shape[0]
-    chunks = queue // batch
-    head = jax.tree.map(lambda x: x[: chunks * batch].reshape(chunks, batch, *x.shape[1:]), inputs)
-    out = jax.lax.map(lambda x: model.apply(variables, x).predictions, head)
-    rest = jax.tree.map(lambda x: x[chunks * batch :], inputs)
-    if queue % batch:
-      return out, model.apply(variables, rest).predictions
-    return out
-
-  return run
+  return jax.jit(
+      lambda inputs: serving.map_in_chunks(
+          lambda x: model.apply(variables, x).predictions, inputs, batch
+      )
+  )
 
 
 def measure(model, variables, task, data, thresholds, batches, repeats, slots=0):
   """Rows per threshold: early-exit vs post-hoc accuracy and ticks, time
   ratios, and served throughput with and without refill."""
   from ctm_jax import serving  # pylint: disable=g-import-not-at-top
-  from ctm_jax.models import ctm  # pylint: disable=g-import-not-at-top
 
   inputs, count = task.model_inputs(data), len(data['targets'])
   full = jax.jit(lambda x: model.apply(variables, x))
@@ -87,16 +80,11 @@ def measure(model, variables, task, data, thresholds, batches, repeats, slots=0)
     sure_NxT = certainty_NxT >= th32
     tick_N = np.where(sure_NxT.any(1), sure_NxT.argmax(1), certainty_NxT.shape[1] - 1)
     exit_out = early(inputs, th32)
-    one_tick = ctm.CTMOutput(
-        predictions=exit_out.predictions[..., None],
-        certainties=exit_out.certainties[..., None],
-        synch_out=None,
-    )
     row = {
         'threshold': th,
         'posthoc_acc': float(correct_NxT[np.arange(count), tick_N].mean()),
         'posthoc_ticks': float((tick_N + 1).mean()),
-        'exit_acc': float(np.asarray(task.correct(one_tick, data))[:, 0].mean()),
+        'exit_acc': float(np.asarray(task.correct(exit_out.as_output(), data))[:, 0].mean()),
         'exit_ticks': float(np.asarray(exit_out.ticks).mean()),
     }
     for batch in batches:

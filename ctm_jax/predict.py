@@ -28,7 +28,6 @@ from ctm_jax import inference
 from ctm_jax import serving
 from ctm_jax import tasks
 from ctm_jax import validation
-from ctm_jax.models import ctm as ctm_lib
 
 
 def _load(workdir, step, threshold, max_ticks):
@@ -101,12 +100,8 @@ def serve_folder(workdir: str, directory: str, step=None, threshold=None, max_ti
   predictions_NxO = np.asarray(result.predictions)
   right_N = [None] * len(paths)
   if all('targets' in b for b in batches):
-    one_tick = ctm_lib.CTMOutput(
-        predictions=result.predictions[..., None], certainties=result.certainties[..., None],
-        synch_out=None,
-    )
     targets = {'targets': np.concatenate([b['targets'] for b in batches])}
-    right_N = np.asarray(task.correct(one_tick, targets))[:, 0].tolist()
+    right_N = np.asarray(task.correct(result.as_output(), targets))[:, 0].tolist()
   rows = [
       (os.path.basename(path), task.describe(config, predictions_NxO[i]), int(result.ticks[i]),
        float(result.certainties[i, 1]), right_N[i])

@@ -46,6 +46,22 @@ def _select(mask_S, new, old):
   return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
+def map_in_chunks(fn, inputs, size: int):
+  """`fn` over a queue (leading axis Q) `size` examples at a time, in one
+  `lax.map`: the queue is padded to a whole number of chunks with copies of
+  its last example, and the padding's outputs are dropped."""
+  queue = jax.tree.leaves(inputs)[0].shape[0]
+  chunks = -(-queue // size)
+  pad = chunks * size - queue
+
+  def chunked(x):
+    x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+    return x.reshape(chunks, size, *x.shape[1:])
+
+  out = jax.lax.map(fn, jax.tree.map(chunked, inputs))
+  return jax.tree.map(lambda a: a.reshape(chunks * size, *a.shape[2:])[:queue], out)
+
+
 class Server:
   """`server(variables, inputs_Q, threshold)` -> ctm.EarlyExit over the Q
   queued examples; afterwards `server.rounds` is how many ticks the slots ran.
@@ -73,20 +89,12 @@ class Server:
   def _prepare(self, variables, inputs):
     """Every queued example's tick inputs, featurised `slots` at a time; the
     initial state is one example's (it does not depend on the input)."""
-    queue = jax.tree.leaves(inputs)[0].shape[0]
-    chunks = -(-queue // self.slots)
-    pad = chunks * self.slots - queue
-
-    def chunked(x):
-      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
-      return x.reshape(chunks, self.slots, *x.shape[1:])
 
     def prepare(x):
       return self.model.apply(variables, x, prepare=True)
 
     first = prepare(jax.tree.map(lambda x: x[:1], inputs))
-    fixed = jax.lax.map(lambda x: prepare(x).fixed, jax.tree.map(chunked, inputs))
-    fixed_Q = jax.tree.map(lambda a: a.reshape(chunks * self.slots, *a.shape[2:])[:queue], fixed)
+    fixed_Q = map_in_chunks(lambda x: prepare(x).fixed, inputs, self.slots)
     return first.state, fixed_Q, first.synch_params
 
   def _serve_fn(self, variables, inputs, threshold):
@@ -168,19 +176,11 @@ def batched(model, *, batch: int, max_ticks: int | None = None):
 
   @jax.jit
   def run(variables, inputs, threshold):
-    queue = jax.tree.leaves(inputs)[0].shape[0]
-    chunks = -(-queue // batch)
-    pad = chunks * batch - queue
-
-    def chunked(x):
-      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
-      return x.reshape(chunks, batch, *x.shape[1:])
-
-    def one(x):
-      return model.apply(variables, x, exit_threshold=threshold, max_ticks=max_ticks)
-
-    out = jax.lax.map(one, jax.tree.map(chunked, inputs))
-    return jax.tree.map(lambda a: a.reshape(chunks * batch, *a.shape[2:])[:queue], out)
+    return map_in_chunks(
+        lambda x: model.apply(variables, x, exit_threshold=threshold, max_ticks=max_ticks),
+        inputs,
+        batch,
+    )
 
   return lambda variables, inputs, threshold: run(
       variables, inputs, jnp.asarray(threshold, jnp.float32)

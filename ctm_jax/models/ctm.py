@@ -77,6 +77,15 @@ class EarlyExit:
   ticks: jax.Array  # (B,) int32: ticks used, 1-based
   stopped: jax.Array  # (B,) bool: whether the threshold was reached
 
+  def as_output(self) -> 'CTMOutput':
+    """The answers at the stopping ticks as a one-tick CTMOutput, for a
+    task's `correct` and `loss`."""
+    return CTMOutput(
+        predictions=self.predictions[..., None],
+        certainties=self.certainties[..., None],
+        synch_out=None,
+    )
+
 
 @flax.struct.dataclass
 class TickInputs:
