@@ -154,11 +154,12 @@ def _torch_prefix(path) -> list[str]:
   return parts
 
 
-def to_state_dict(variables) -> dict[str, np.ndarray]:
+def to_state_dict(variables, model=None) -> dict[str, np.ndarray]:
   """ctm-jax variables -> the reference's state_dict (numpy arrays; wrap each
   in torch.from_numpy to load it): the inverse of `convert_state_dict`, plus
-  the `num_batches_tracked` counters torch's batch norms carry (0)."""
-  out = {}
+  the `num_batches_tracked` counters torch's batch norms carry (0) and, given
+  the `model`, the fixed buffers the reference stores (`reference_constants`)."""
+  out = {key: np.array(value) for key, value in reference_constants(model).items()}
   packed = {}
   for path, value in _flatten(variables.get('params', {})).items():
     value = np.asarray(value)
@@ -263,6 +264,31 @@ def convert_state_dict(
   return _unflatten(flat)
 
 
+def reference_constants(model) -> dict[str, np.ndarray]:
+  """Buffers of the reference's state_dict that the model computes itself."""
+  return model.reference_constants() if hasattr(model, 'reference_constants') else {}
+
+
+def _drop_constants(state_dict, constants, strict, skipped):
+  """`state_dict` without the model's fixed buffers, each checked against the
+  values the model uses (a checkpoint with other values would not run as saved)."""
+  out = dict(state_dict)
+  for key, want in constants.items():
+    if key not in out:
+      if strict:
+        raise StateDictMismatch(f'state_dict does not match the model:\nmissing key {key} (a fixed buffer)')
+      if skipped is not None:
+        skipped.append(f'missing fixed buffer {key} (the model computes it)')
+      continue
+    got = out.pop(key)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-5):
+      raise StateDictMismatch(
+          f'state_dict does not match the model:\n{key}: a fixed buffer of shape {want.shape} '
+          f'that the model computes; this checkpoint holds {"other values" if got.shape == want.shape else f"shape {got.shape}"}'
+      )
+  return out
+
+
 def import_state_dict(
     state_dict: Mapping[str, Any],
     model_kwargs: Mapping[str, Any],
@@ -280,7 +306,11 @@ def import_state_dict(
   """
   state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
   model = model_class(**model_kwargs)
-  example = example_input(state_dict, model_kwargs)
+  state_dict = _drop_constants(state_dict, reference_constants(model), strict, skipped)
+  if hasattr(model_class, 'example_input'):
+    example = model_class.example_input(state_dict, model_kwargs)
+  else:
+    example = example_input(state_dict, model_kwargs)
   abstract = jax.eval_shape(model.init, jax.random.key(0), example)
   fallback = None if strict else model.init(jax.random.key(0), example)
   variables = convert_state_dict(state_dict, abstract, fallback, skipped)

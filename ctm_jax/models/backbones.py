@@ -64,7 +64,11 @@ class BatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array, use_running_average: bool) -> jax.Array:
+  def __call__(
+      self, x_BxHxWxC: jax.Array, use_running_average: bool, mask_B: jax.Array | None = None
+  ) -> jax.Array:
+    """`mask_B` ((B,) bool) leaves the unmasked images out of the training
+    statistics (padding); every image is still normalised."""
     c = x_BxHxWxC.shape[-1]
     scale_C = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias_C = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -77,14 +81,21 @@ class BatchNorm(nn.Module):
       mean_C, var_C = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x32.ndim - 1))
-      n = x32.size // c
-      if n < 2:
-        raise ValueError(
-            "BatchNorm in training needs more than 1 value per channel, "
-            f"got input shape {x_BxHxWxC.shape}"
-        )
-      mean_C = jnp.mean(x32, axis=axes)
-      var_C = jnp.mean(jnp.square(x32 - mean_C), axis=axes)  # biased: normalises
+      if mask_B is None:
+        n = x32.size // c
+        if n < 2:
+          raise ValueError(
+              "BatchNorm in training needs more than 1 value per channel, "
+              f"got input shape {x_BxHxWxC.shape}"
+          )
+        mean_C = jnp.mean(x32, axis=axes)
+        var_C = jnp.mean(jnp.square(x32 - mean_C), axis=axes)  # biased: normalises
+      else:
+        weight = mask_B.astype(jnp.float32).reshape((-1,) + (1,) * (x32.ndim - 1))
+        # At least two values, so an all-padding batch gives finite statistics.
+        n = jnp.maximum(weight.sum() * (x32.size // (c * x32.shape[0])), 2.0)
+        mean_C = jnp.sum(x32 * weight, axis=axes) / n
+        var_C = jnp.sum(jnp.square(x32 - mean_C) * weight, axis=axes) / n
       # Skipped during init so fresh variables are torch's fresh buffers.
       if not self.is_initializing():
         m = self.momentum
@@ -220,6 +231,24 @@ class ShallowWide(nn.Module):
     x = _conv(4096, 3, 1, 1, self.dtype, "layers_3", groups=32, bias_fan_in=(2048 // 32) * 9)(x)
     x = nn.glu(x, axis=-1)
     return BatchNorm(dtype=self.dtype, name="layers_5")(x, not train)
+
+
+class MNISTBackbone(nn.Module):
+  """Q&A-MNIST's digit backbone: two [conv 3x3 (d_input channels, bias) ->
+  BatchNorm -> ReLU -> max-pool 2] blocks; a 28 (32) pixel digit gives 7x7
+  (8x8) tokens. `mask_B` keeps padding digits out of the batch statistics."""
+
+  d_input: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool, mask_B: jax.Array | None = None) -> jax.Array:
+    x = x_BxHxWxC
+    for conv, norm in (("layers_0", "layers_1"), ("layers_4", "layers_5")):
+      x = _conv(self.d_input, 3, 1, 1, self.dtype, conv, bias_fan_in=x.shape[-1] * 9)(x)
+      x = nn.relu(BatchNorm(dtype=self.dtype, name=norm)(x, not train, mask_B))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return x
 
 
 _RESNET_CONFIGS = {

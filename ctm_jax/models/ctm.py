@@ -57,6 +57,9 @@ class Tracking:
   attention: jax.Array | None  # (T, B, K, 1, N)
   synch_out: jax.Array  # (T, B, P_out)
   synch_action: jax.Array | None  # (T, B, P_action)
+  # Inputs fed without attention, where a variant tracks them (Q&A-MNIST's
+  # question embeddings): (T_question, B, E).
+  embeddings: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -95,13 +98,23 @@ class TickInputs:
   leading tick axis (T, ...) and are scanned, one slice per tick (Q&A-MNIST's
   tokens change every tick), and `fixed`, whose fields every tick sees whole
   (an image's keys and values). A field is set in at most one of the two.
-  Attention reads `keys_BxKxNxF` / `values_BxKxNxF` (head-major, projected);
-  a model without attention feeds `features_BxE` straight to the synapses.
+  Attention reads `keys_BxKxNxF` / `values_BxKxNxF` (head-major, projected),
+  or, when `key_set` (a () index, per tick) is given, that set of
+  `key_sets_BxSxKxNxF` / `value_sets_BxSxKxNxF` (S inputs shown in turn); a
+  model without attention feeds `features_BxE` straight to the synapses, and
+  one that has both picks per tick with `attend` (a () bool). `active_B`
+  ((B,) bool, per tick) False leaves an example's state as it was: a padded
+  tick, for inputs shorter than the batch's longest.
   """
 
   keys_BxKxNxF: jax.Array | None = None
   values_BxKxNxF: jax.Array | None = None
   features_BxE: jax.Array | None = None
+  key_sets_BxSxKxNxF: jax.Array | None = None
+  value_sets_BxSxKxNxF: jax.Array | None = None
+  key_set: jax.Array | None = None
+  attend: jax.Array | None = None
+  active_B: jax.Array | None = None
 
   def merge(self, fixed: 'TickInputs') -> 'TickInputs':
     """This tick's slice of the per-tick fields, the fixed ones elsewhere."""
@@ -223,6 +236,8 @@ class Tick(nn.Module):
       )
       q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(synch_action_BxP)
       features_BxE, attention_BxKxN = self._attend(q_BxE, inputs)
+      if inputs.attend is not None:  # a tick that reads its input directly
+        features_BxE = jnp.where(inputs.attend, features_BxE, inputs.features_BxE.astype(features_BxE.dtype))
       if self.track:
         outputs['synch_action'] = synch_action_BxP
         outputs['attention'] = attention_BxKxN[:, :, None, :]
@@ -270,13 +285,37 @@ class Tick(nn.Module):
     if z_trace_BxDxM is not None:
       z_trace_BxDxM = _push(z_trace_BxDxM, z_BxD)
     next_state = TickState(trace_DxBxM, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
+    if inputs.active_B is not None:
+      next_state = hold_inactive(inputs.active_B, next_state, state)
     return next_state, outputs
 
   def _attend(self, q_BxE, inputs: TickInputs):
     k_BxKxNxF, v_BxKxNxF = inputs.keys_BxKxNxF, inputs.values_BxKxNxF
+    if inputs.key_set is not None:
+      k_BxKxNxF = jnp.take(inputs.key_sets_BxSxKxNxF, inputs.key_set, axis=1)
+      v_BxKxNxF = jnp.take(inputs.value_sets_BxSxKxNxF, inputs.key_set, axis=1)
     if k_BxKxNxF is None or v_BxKxNxF is None:
       raise ValueError('an attending tick needs TickInputs.keys_BxKxNxF and values_BxKxNxF')
     return attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF)
+
+
+def hold_inactive(active_B, new: TickState, old: TickState) -> TickState:
+  """`new` where `active_B`, else `old`: an inactive example's tick is a no-op."""
+
+  def pick(batch_axis):
+    def select(n, o):
+      shape = [1] * n.ndim
+      shape[batch_axis] = n.shape[batch_axis]
+      return jnp.where(active_B.reshape(shape), n, o)
+
+    return select
+
+  fields = new._asdict()
+  for name, value in fields.items():
+    if value is not None:
+      axis = 1 if name == 'trace_DxBxM' else 0
+      fields[name] = jax.tree.map(pick(axis), value, getattr(old, name))
+  return TickState(**fields)
 
 
 def attend(module, q_BxE, k_BxKxNxF, v_BxKxNxF):
@@ -411,15 +450,15 @@ class ContinuousThoughtMachine(nn.Module):
     self.check_input(x)
     per_tick, fixed = self.tick_inputs(x, train)
     synch_params = self.synch_params()
-    state = self.initial_state(x.shape[0], synch_params)
+    state = self.initial_state(jax.tree.leaves(x)[0].shape[0], synch_params)
     if prepare:
       return Prepared(state, fixed, synch_params)
     if exit_threshold is not None:
       return self.run_until_certain(
           state, per_tick, fixed, synch_params, exit_threshold, max_ticks or self.iterations
       )
-    final, per_tick = self.run_ticks(state, per_tick, fixed, synch_params, train=train, track=track)
-    return self.outputs(final, per_tick, track)
+    final, per_tick_out = self.run_ticks(state, per_tick, fixed, synch_params, train=train, track=track)
+    return self.outputs(final, per_tick_out, track, per_tick)
 
   def check_input(self, x) -> None:
     """Raises ValueError for an input the model cannot take (variants override)."""
@@ -545,12 +584,14 @@ class ContinuousThoughtMachine(nn.Module):
       track: bool,
       length: int | None = None,
   ):
-    """Scans the tick `length` (default `iterations`) times; per-tick outputs stacked on axis 0.
+    """Scans the tick `length` times (default: the ticks of `per_tick`, else
+    `iterations`); per-tick outputs stacked on axis 0.
 
     `per_tick`'s fields have a leading axis of `length` ticks; `fixed`'s are
     the same for every tick.
     """
-    length = length or self.iterations
+    leaves = jax.tree.leaves(per_tick)
+    length = length or (leaves[0].shape[0] if leaves else self.iterations)
     for name, leaf in jax.tree_util.tree_leaves_with_path(per_tick):
       if leaf.shape[0] != length:
         raise ValueError(
@@ -598,7 +639,10 @@ class ContinuousThoughtMachine(nn.Module):
       per_tick = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), per_tick, per_tick_rest)
     return state, per_tick
 
-  def outputs(self, final: TickState, per_tick, track: bool) -> CTMOutput:
+  def outputs(self, final: TickState, per_tick, track: bool, inputs: TickInputs | None = None) -> CTMOutput:
+    """The CTMOutput of the scan's per-tick outputs; `inputs` are the scanned
+    TickInputs, for variants whose tracking depends on them."""
+    del inputs
     tracking = None
     if track:
       tracking = Tracking(
