@@ -21,7 +21,7 @@ from ctm_jax.tasks import sort as sort_task
 
 CASES = [
     'parity', 'image_rp', 'firstlast_unet8', 'none_heads2', 'sort', 'qamnist',
-    'lstm_parity', 'lstm_image', 'lstm_maze', 'ff_image',
+    'lstm_parity', 'lstm_image', 'lstm_maze', 'lstm_qamnist', 'ff_image',
 ]
 ALL_CASES = CASES + [c + '__perturbed' for c in CASES]
 # Golden case -> the model its reference class is (default: the main class).
@@ -31,6 +31,7 @@ VARIANTS = {
     'lstm_parity': lstm.LSTMBaseline,
     'lstm_image': lstm.LSTMBaseline,
     'lstm_maze': lstm.LSTMBaseline,
+    'lstm_qamnist': qamnist.LSTMQAMNIST,
     'ff_image': ff.FFBaseline,
 }
 
@@ -65,9 +66,11 @@ def _model_input(arrays):
 def _imported(case):
   arrays, meta = load_golden(case)
   model_class = VARIANTS.get(case.split('__')[0], ctm_lib.ContinuousThoughtMachine)
+  # Options the reference's Q&A-MNIST classes fix rather than take.
+  fixed = {'backbone_type': 'none', 'positional_embedding_type': 'none', 'num_layers': 1}
   kwargs = dict(meta['constructor_kwargs'])
-  if model_class is qamnist.ContinuousThoughtMachineQAMNIST:  # the reference's class fixes these
-    kwargs.update(backbone_type='none', positional_embedding_type='none')
+  if issubclass(model_class, qamnist.QAMNISTMixin):
+    kwargs.update({k: v for k, v in fixed.items() if k in model_class.__dataclass_fields__})
   model, variables = torch_interop.import_state_dict(state_dict(arrays, meta), kwargs, model_class)
   return arrays, meta, model, variables
 

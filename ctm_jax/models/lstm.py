@@ -31,6 +31,8 @@ class LSTMWeights(nn.Module):
   num_layers: int
   d_input: int
   d_model: int
+  # torch.nn.LSTMCell's names: one layer, no `_l0` suffix.
+  cell: bool = False
 
   @nn.compact
   def __call__(self):
@@ -38,11 +40,12 @@ class LSTMWeights(nn.Module):
     out = []
     for layer in range(self.num_layers):
       width = self.d_input if layer == 0 else self.d_model
+      suffix = '' if self.cell else f'_l{layer}'
       out.append({
-          'w_ih': self.param(f'weight_ih_l{layer}', init, (4 * self.d_model, width)),
-          'w_hh': self.param(f'weight_hh_l{layer}', init, (4 * self.d_model, self.d_model)),
-          'b_ih': self.param(f'bias_ih_l{layer}', init, (4 * self.d_model,)),
-          'b_hh': self.param(f'bias_hh_l{layer}', init, (4 * self.d_model,)),
+          'w_ih': self.param(f'weight_ih{suffix}', init, (4 * self.d_model, width)),
+          'w_hh': self.param(f'weight_hh{suffix}', init, (4 * self.d_model, self.d_model)),
+          'b_ih': self.param(f'bias_ih{suffix}', init, (4 * self.d_model,)),
+          'b_hh': self.param(f'bias_hh{suffix}', init, (4 * self.d_model,)),
       })
     return out
 
@@ -69,7 +72,11 @@ def lstm_step(weights, x_BxE, h_LxBxD, c_LxBxD, dropout, deterministic, dtype):
 
 
 class LSTMTick(nn.Module):
-  """One tick: query from the top hidden state, attention, LSTM step, read-out."""
+  """One tick: query from the top hidden state, attention, LSTM step, read-out.
+
+  Reads `ctm.TickInputs` as the CTM's tick does (keys/values or a per-tick key
+  set; `attend` False feeds `features_BxE` instead; `active_B` False holds an
+  example's state)."""
 
   d_input: int
   heads: int
@@ -81,14 +88,25 @@ class LSTMTick(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, state, _, fixed, weights):
+  def __call__(self, state, per_tick: ctm.TickInputs, fixed: ctm.TickInputs, weights):
+    inputs = per_tick.merge(fixed)
     h_LxBxD, c_LxBxD = state
-    k_BxKxNxF, v_BxKxNxF = fixed
+    k_BxKxNxF, v_BxKxNxF = inputs.keys_BxKxNxF, inputs.values_BxKxNxF
+    if inputs.key_set is not None:
+      k_BxKxNxF = jnp.take(inputs.key_sets_BxSxKxNxF, inputs.key_set, axis=1)
+      v_BxKxNxF = jnp.take(inputs.value_sets_BxSxKxNxF, inputs.key_set, axis=1)
     q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(h_LxBxD[-1])
     features_BxE, attention_BxKxN = ctm.attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF)
-    h_LxBxD, c_LxBxD = lstm_step(
+    if inputs.attend is not None:
+      features_BxE = jnp.where(inputs.attend, features_BxE, inputs.features_BxE.astype(features_BxE.dtype))
+    new_h_LxBxD, new_c_LxBxD = lstm_step(
         weights, features_BxE, h_LxBxD, c_LxBxD, self.dropout, not self.train, self.dtype
     )
+    if inputs.active_B is not None:
+      active_1xBx1 = inputs.active_B[None, :, None]
+      new_h_LxBxD = jnp.where(active_1xBx1, new_h_LxBxD, h_LxBxD)
+      new_c_LxBxD = jnp.where(active_1xBx1, new_c_LxBxD, c_LxBxD)
+    h_LxBxD, c_LxBxD = new_h_LxBxD, new_c_LxBxD
     prediction_BxO = layers.Linear(self.out_dims, dtype=self.dtype, name='output_projector_0')(
         h_LxBxD[-1]
     ).astype(jnp.float32)
@@ -122,6 +140,8 @@ class LSTMBaseline(nn.Module):
 
   attends: ClassVar[bool] = True
   decay_clamp_in_graph: ClassVar[bool] = False
+  # The Q&A-MNIST baseline's torch.nn.LSTMCell: one layer, (D,) start states.
+  single_cell: ClassVar[bool] = False
 
   def __post_init__(self):
     object.__setattr__(self, 'prediction_reshaper', tuple(self.prediction_reshaper))
@@ -136,21 +156,23 @@ class LSTMBaseline(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, track: bool = False) -> ctm.CTMOutput:
-    ctm.validate_input(self, x)
-    batch = x.shape[0]
-    k_BxKxNxF, v_BxKxNxF = ctm.project_kv(self, ctm.featurise(self, x, train))
-    weights = LSTMWeights(self.num_layers, self.d_input, self.d_model, name='lstm')()
+    self.check_input(x)
+    batch = jax.tree.leaves(x)[0].shape[0]
+    per_tick, fixed = self.tick_inputs(x, train)
+    cell = self.single_cell
+    weights = LSTMWeights(self.num_layers, self.d_input, self.d_model, cell, name='lstm_cell' if cell else 'lstm')()
     bound = math.sqrt(1 / self.d_model)
-    start_shape = (self.num_layers, self.d_model)
-    h_LxD = self.param('start_hidden_state', layers.uniform(bound), start_shape)
-    c_LxD = self.param('start_cell_state', layers.uniform(bound), start_shape)
+    start_shape = (self.d_model,) if cell else (self.num_layers, self.d_model)
+    h_LxD = self.param('start_hidden_state', layers.uniform(bound), start_shape).reshape(-1, self.d_model)
+    c_LxD = self.param('start_cell_state', layers.uniform(bound), start_shape).reshape(-1, self.d_model)
     state = tuple(jnp.broadcast_to(s[:, None], (self.num_layers, batch, self.d_model)) for s in (h_LxD, c_LxD))
+    leaves = jax.tree.leaves(per_tick)
     scan = nn.scan(
         LSTMTick,
         variable_broadcast='params',
         split_rngs={'params': False, 'dropout': True},
         in_axes=(0, nn.broadcast, nn.broadcast),
-        length=self.iterations,
+        length=leaves[0].shape[0] if leaves else self.iterations,
     )
     tick = scan(
         d_input=self.d_input,
@@ -163,20 +185,33 @@ class LSTMBaseline(nn.Module):
         dtype=self.dtype,
         name='tick',
     )
-    _, per_tick = tick(state, None, (k_BxKxNxF, v_BxKxNxF), weights)
+    _, per_tick_out = tick(state, per_tick, fixed, weights)
     tracking = None
     if track:
-      post_TxBxD = per_tick['post_activations']
-      tracking = ctm.Tracking(
-          pre_activations=jnp.zeros_like(post_TxBxD),
-          post_activations=post_TxBxD,
-          attention=per_tick['attention'],
-          synch_out=None,
-          synch_action=None,
-      )
+      tracking = self.tracking(per_tick_out, per_tick)
     return ctm.CTMOutput(
-        predictions=jnp.transpose(per_tick['predictions'], (1, 2, 0)),
-        certainties=jnp.transpose(per_tick['certainties'], (1, 2, 0)),
+        predictions=jnp.transpose(per_tick_out['predictions'], (1, 2, 0)),
+        certainties=jnp.transpose(per_tick_out['certainties'], (1, 2, 0)),
         synch_out=None,
         tracking=tracking,
+    )
+
+  def check_input(self, x) -> None:
+    ctm.validate_input(self, x)
+
+  def tick_inputs(self, x, train) -> tuple[ctm.TickInputs, ctm.TickInputs]:
+    """(per-tick, fixed) TickInputs, as the CTM's: the featurised keys and values."""
+    k_BxKxNxF, v_BxKxNxF = ctm.project_kv(self, ctm.featurise(self, x, train))
+    return ctm.TickInputs(), ctm.TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF)
+
+  def tracking(self, per_tick_out, inputs: ctm.TickInputs) -> ctm.Tracking:
+    """The reference's tracking: zeros as pre-activations."""
+    del inputs
+    post_TxBxD = per_tick_out['post_activations']
+    return ctm.Tracking(
+        pre_activations=jnp.zeros_like(post_TxBxD),
+        post_activations=post_TxBxD,
+        attention=per_tick_out['attention'],
+        synch_out=None,
+        synch_action=None,
     )

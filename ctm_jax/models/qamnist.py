@@ -28,6 +28,7 @@ import numpy as np
 from ctm_jax.models import backbones
 from ctm_jax.models import ctm
 from ctm_jax.models import layers
+from ctm_jax.models import lstm
 
 # The reference's index embedding: a fixed sinusoidal table of 50 positions.
 MAX_INDEX = 50
@@ -119,9 +120,16 @@ def question_embeddings(module, question_BxQ):
   return jnp.where(is_index_Q[None, :, None], index_BxQxE, operator_BxQxE)
 
 
-def digit_tokens(module, x, train):
+def kv_projection(module):
+  """The reference's kv_proj (Linear, LayerNorm) as one callable, created in `module`."""
+  linear = layers.Linear(module.d_input, dtype=module.dtype, name='kv_proj_0')
+  norm = layers.LayerNorm(dtype=module.dtype, name='kv_proj_1')
+  return lambda tokens: norm(linear(tokens))
+
+
+def digit_tokens(module, x, train, kv_proj):
   """(B, S, N, E): each digit through `backbone_digit` (padding digits left
-  out of the batch statistics) and kv_proj."""
+  out of the batch statistics) and `kv_proj`."""
   digits = x['digits']
   batch, slots = digits.shape[:2]
   images = digits.reshape(batch * slots, *digits.shape[2:])
@@ -129,9 +137,7 @@ def digit_tokens(module, x, train):
   features = backbones.MNISTBackbone(module.d_input, module.dtype, name='backbone_digit')(
       images, train, mask_BS if train else None
   )
-  tokens = features.reshape(batch * slots, -1, features.shape[-1])
-  kv = layers.Linear(module.d_input, dtype=module.dtype, name='kv_proj_0')(tokens)
-  kv = layers.LayerNorm(dtype=module.dtype, name='kv_proj_1')(kv)
+  kv = kv_proj(features.reshape(batch * slots, -1, features.shape[-1]))
   return kv.reshape(batch, slots, *kv.shape[1:])
 
 
@@ -143,6 +149,35 @@ def example_qa_input(channels: int = 1, size: int = 28):
       'num_digits': jnp.ones((1,), jnp.int32),
       'num_operations': jnp.zeros((1,), jnp.int32),
   }
+
+
+def qa_tick_inputs(module, x, train, embed_through_kv_proj: bool):
+  """(per-tick, fixed) TickInputs of a Q&A batch: the digits' key/value sets,
+  per tick the digit shown, whether to attend, the question embedding (zeros
+  on digit and answer ticks; through kv_proj first for the LSTM baseline) and
+  which examples are active."""
+  batch = x['digits'].shape[0]
+  kv_proj = kv_projection(module)
+  kv_BxSxNxE = digit_tokens(module, x, train, kv_proj)
+  slots, tokens = kv_BxSxNxE.shape[1], kv_BxSxNxE.shape[2]
+  k, v = ctm.project_kv(module, kv_BxSxNxE.reshape(batch * slots, tokens, -1))
+  key_sets, value_sets = (a.reshape(batch, slots, *a.shape[1:]) for a in (k, v))
+  phase_T, digit_T, token_T = schedule = module.schedule(x)
+  emb_BxQxE = question_embeddings(module, x['question']).astype(module.dtype)
+  if embed_through_kv_proj:
+    emb_BxQxE = kv_proj(emb_BxQxE)
+  is_question_T = phase_T == PHASE_QUESTION
+  features_TxBxE = jnp.where(
+      is_question_T[:, None, None], jnp.moveaxis(jnp.take(emb_BxQxE, token_T, axis=1), 1, 0), 0
+  )
+  per_tick = ctm.TickInputs(
+      features_BxE=features_TxBxE,
+      key_set=digit_T,
+      attend=phase_T == PHASE_DIGIT,
+      active_B=active_ticks(schedule, x['num_digits'], x['num_operations']),
+  )
+  fixed = ctm.TickInputs(key_sets_BxSxKxNxF=key_sets, value_sets_BxSxKxNxF=value_sets)
+  return per_tick, fixed
 
 
 class QAMNISTMixin:
@@ -202,25 +237,7 @@ class ContinuousThoughtMachineQAMNIST(QAMNISTMixin, ctm.ContinuousThoughtMachine
     check_qa_input(self, x)
 
   def tick_inputs(self, x, train):
-    batch = x['digits'].shape[0]
-    kv_BxSxNxE = digit_tokens(self, x, train)
-    slots, tokens = kv_BxSxNxE.shape[1], kv_BxSxNxE.shape[2]
-    k, v = self.project_kv(kv_BxSxNxE.reshape(batch * slots, tokens, -1))
-    key_sets, value_sets = (a.reshape(batch, slots, *a.shape[1:]) for a in (k, v))
-    phase_T, digit_T, token_T = schedule = self.schedule(x)
-    emb_BxQxE = question_embeddings(self, x['question']).astype(self.dtype)
-    is_question_T = phase_T == PHASE_QUESTION
-    features_TxBxE = jnp.where(
-        is_question_T[:, None, None], jnp.moveaxis(jnp.take(emb_BxQxE, token_T, axis=1), 1, 0), 0
-    )
-    per_tick = ctm.TickInputs(
-        features_BxE=features_TxBxE,
-        key_set=digit_T,
-        attend=phase_T == PHASE_DIGIT,
-        active_B=active_ticks(schedule, x['num_digits'], x['num_operations']),
-    )
-    fixed = ctm.TickInputs(key_sets_BxSxKxNxF=key_sets, value_sets_BxSxKxNxF=value_sets)
-    return per_tick, fixed
+    return qa_tick_inputs(self, x, train, embed_through_kv_proj=False)
 
   def outputs(self, final, per_tick, track, inputs=None):
     out = super().outputs(final, per_tick, track)
@@ -239,3 +256,42 @@ def qa_tracking(tracking: ctm.Tracking, inputs: ctm.TickInputs, answer_ticks: in
       attention=None if tracking.attention is None else tracking.attention[attend_T],
       embeddings=inputs.features_BxE[question_T],
   )
+
+
+class LSTMQAMNIST(QAMNISTMixin, lstm.LSTMBaseline):
+  """The reference's Q&A-MNIST LSTM baseline (models/lstm_qamnist.py): one
+  torch.nn.LSTMCell (`lstm_cell/weight_ih` ...), (D,) start states, the CTM
+  variant's digit backbone and attention on digit ticks; on question ticks the
+  embedding goes through kv_proj and straight into the cell; zeros on answer
+  ticks. Same input as ContinuousThoughtMachineQAMNIST. `backbone_type`,
+  `positional_embedding_type` and `num_layers` are fixed ('none', 'none', 1)."""
+
+  iterations_per_digit: int = 1
+  iterations_per_question_part: int = 1
+  iterations_for_answering: int = 1
+
+  single_cell: ClassVar[bool] = True
+
+  def __post_init__(self):
+    object.__setattr__(self, 'backbone_type', 'none')
+    object.__setattr__(self, 'positional_embedding_type', 'none')
+    object.__setattr__(self, 'num_layers', 1)
+    _check_schedule_options(self)
+    super().__post_init__()
+
+  def check_input(self, x) -> None:
+    check_qa_input(self, x)
+
+  def tick_inputs(self, x, train):
+    return qa_tick_inputs(self, x, train, embed_through_kv_proj=True)
+
+  def tracking(self, per_tick_out, inputs):
+    post_TxBxD = per_tick_out['post_activations']
+    tracking = ctm.Tracking(
+        pre_activations=post_TxBxD,  # the reference tracks h twice
+        post_activations=post_TxBxD,
+        attention=per_tick_out['attention'],
+        synch_out=None,
+        synch_action=None,
+    )
+    return qa_tracking(tracking, inputs, self.iterations_for_answering)
