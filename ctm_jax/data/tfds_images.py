@@ -94,11 +94,12 @@ def check_shape(dataset: str, image_shape, field: str = 'image_shape'):
     raise ValueError(f'config.{field}={shape!r}: {dataset} images are {spec.image_shape}')
 
 
-def open_split(dataset: str, split: str, data_dir: str):
-  """`tfds.data_source` of one split, or a ValueError saying how to prepare it."""
+def open_split(dataset: str, split: str, data_dir: str, spec: Spec | None = None):
+  """`tfds.data_source` of one split, or a ValueError saying how to prepare it.
+  `spec` for a dataset outside SPECS (Q&A-MNIST's MNIST)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  spec = SPECS[dataset]
+  spec = spec or SPECS[dataset]
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
   try:
     return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir or None, download=False)

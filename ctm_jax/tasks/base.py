@@ -125,10 +125,16 @@ class Task:
     """Per-tick accuracy of every example, (B, T) in [0, 1]."""
     raise NotImplementedError
 
+  def scored(self, config, output, batch) -> jax.Array:
+    """`correct` at the ticks the loss and metrics read, (B, T'); by default
+    every tick (Q&A-MNIST: its answer ticks)."""
+    del config
+    return self.correct(output, batch)
+
   def train_metrics(self, config, output, batch, loss, aux) -> dict[str, jax.Array]:
     """Sums over the batch, named `<metric>_sum`, and `count`; the host logs
     `train/<metric>` = sum / count (a (T,) sum gives `train/<metric>_<t>`)."""
-    correct_BxT = self.correct(output, batch)
+    correct_BxT = self.scored(config, output, batch)
     most_certain_B = aux['most_certain_B']
     rows = jnp.arange(correct_BxT.shape[0])
     return {
@@ -144,7 +150,7 @@ class Task:
     """Per-example arrays the eval step returns, (B, ...) and small (never logits);
     the evaluators read them over the whole held-out set."""
     return {
-        'correct_BxT': self.correct(output, batch).astype(jnp.float32),
+        'correct_BxT': self.scored(config, output, batch).astype(jnp.float32),
         'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
         'most_certain_B': aux['most_certain_B'].astype(jnp.int32),
     }
