@@ -109,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.seed = 0
     config.batch_size = 64
-    config.batch_size_test = 250
+    config.batch_size_test = 256
     config.n_test_batches = 4
     config.lr = 1e-3
     config.warmup_steps = 500
