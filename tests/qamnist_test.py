@@ -1,20 +1,16 @@
 """Q&A-MNIST: the data (answers, counts, determinism), the tick schedule,
 padding ticks that change nothing, the configs, reference checkpoint args,
-and the smoke configs on the 8-device mesh."""
+and MNIST on tfds mock data (the smoke configs on the mesh:
+smoke_resume_test.py)."""
 
 import argparse
-import json
-import shutil
-
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_golden, needs_8_devices, state_dict
+from conftest import load_golden, state_dict
 from ctm_jax import tasks
-from ctm_jax import train
 from ctm_jax.configs import qamnist as qa_configs
 from ctm_jax.data import qamnist as qa_data
 from ctm_jax.interop import torch as torch_interop
@@ -230,23 +226,26 @@ def test_a_changed_index_table_is_refused():
     torch_interop.import_state_dict(sd, kwargs, qa_model.ContinuousThoughtMachineQAMNIST)
 
 
-@pytest.mark.slow  # two short training runs on 8 devices
-@needs_8_devices
-@pytest.mark.parametrize('variant', ['smoke', 'lstm_smoke'])
-def test_smoke_config_trains_resumes_bit_identically_and_evaluates_on_the_mesh(variant, tmp_path):
-  flags.FLAGS.mark_as_parsed()
-  config = qa_configs.get_config(variant)
-  config.mesh.data, config.mesh.fsdp, config.mesh.neuron = 2, 2, 2
-  workdir = tmp_path / 'run'
-  uninterrupted = train.train_and_evaluate(config, str(workdir))
-  with open(workdir / 'metrics.jsonl') as f:
-    records = [json.loads(line) for line in f]
-  evals = [r for r in records if 'eval/acc_most_certain' in r]
-  assert [r['step'] for r in evals] == [10, 20]
-  assert all(np.isfinite(r['train/loss']) for r in records if 'train/loss' in r)
-  resumed_dir = tmp_path / 'resumed'
-  shutil.copytree(workdir, resumed_dir)
-  shutil.rmtree(resumed_dir / 'checkpoints' / '20')  # back to step 10
-  resumed = train.train_and_evaluate(config, str(resumed_dir))
-  assert int(resumed.step) == 20
-  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+def _mock_mnist(num_examples=40):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  return tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def test_mnist_records_on_mock_data_are_the_references_preprocessing():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  config = qa_configs.get_config('smoke')
+  config.dataset = 'mnist'
+  task = tasks.get('qamnist')
+  with _mock_mnist():
+    task.check_data(config)
+    images = qa_data.MnistImages('train', '')
+    raw = images._source[3]  # pylint: disable=protected-access
+    image, label = images.get(3)
+    record = task.train_source(config)[5]
+  resized = np.asarray(Image.fromarray(np.asarray(raw['image'], np.uint8)[..., 0]).resize((32, 32), Image.BILINEAR))
+  np.testing.assert_allclose(image[..., 0], (resized / 255.0 - 0.1307) / 0.3081, atol=1e-5)
+  assert label == int(raw['label'])
+  spec = task.record_spec(config)
+  assert {k: (v.shape, v.dtype) for k, v in record.items()} == spec
