@@ -38,6 +38,9 @@ def base(repeats: int = 10) -> ml_collections.ConfigDict:
   config.q_num_operations = 3
   config.q_num_operations_delta = 2
   config.q_num_answer_steps = repeats
+  # Beyond the script: gifs of this many held-out questions at every eval
+  # (the script draws one batch's at each track).
+  config.n_attention_gifs = 2
   config.model = common.model(
       iterations=50,  # the script's default; unused: the ticks follow the question
       d_model=1024,
@@ -138,4 +141,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.save_every = 10
   config.track_every = 10
   config.log_every = 5
+  config.n_attention_gifs = 1
   return config

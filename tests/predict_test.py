@@ -16,6 +16,7 @@ from ctm_jax import tasks
 from ctm_jax.configs import digits as digits_configs
 from ctm_jax.configs import mazes as maze_configs
 from ctm_jax.configs import parity as parity_configs
+from ctm_jax.configs import qamnist as qamnist_configs
 from ctm_jax.data import digits as digits_data
 from ctm_jax.data import mazes as maze_data
 from ctm_jax.data import parity as parity_data
@@ -27,6 +28,7 @@ CONFIGS = {
     'parity': lambda: parity_configs.get_config('smoke'),
     'digits': lambda: digits_configs.get_config('smoke'),
     'mazes': lambda: maze_configs.get_config('smoke'),
+    'qamnist': lambda: qamnist_configs.get_config('smoke'),
 }
 
 
@@ -182,3 +184,35 @@ def test_a_folder_is_served_with_early_exit(artefacts, tmp_path):
   (folder / 'odd.txt').write_text('0' * (length + 2))
   with pytest.raises(ValueError, match='odd.txt'):
     predict.serve_folder(str(out), str(folder), threshold=threshold)
+
+
+@pytest.mark.slow  # compiles the Q&A-MNIST model
+def test_a_question_about_digit_pictures_reads_as_the_dataset_and_draws(artefacts, tmp_path):
+  from ctm_jax.data import qamnist as qa_data  # pylint: disable=g-import-not-at-top
+
+  model, variables, out = artefacts('qamnist')
+  config = qamnist_configs.get_config('smoke')
+  source = qa_data.SmallDigitImages('eval')
+  images, _, _, test_rows = digits_data._load()  # pylint: disable=protected-access
+  paths = []
+  for k, row in enumerate(test_rows[:2]):  # the eval split's first two digits, as 8x8 PNGs
+    path = tmp_path / f'digit{k}.png'
+    Image.fromarray(np.round(images[row] * 255).astype(np.uint8)).save(path)
+    paths.append(str(path))
+  question = f'{paths[0]} {paths[1]} ? d1 - d0 + d1 = 4'
+  batch = tasks.get('qamnist').read_input(config, question)
+  inputs = batch['inputs']
+  np.testing.assert_array_equal(inputs['digits'][0], np.stack([source.get(0)[0], source.get(1)[0]]))
+  assert inputs['question'][0].tolist() == [1, -2, 0, -1, 1] and batch['targets'].tolist() == [4]
+  rows, summary = predict.predict(str(out), question, gif=str(tmp_path / 'q.gif'))
+  output = jax.jit(model.apply)(variables, inputs)
+  ticks = 2 + 5 + model.iterations_for_answering
+  assert [r[0] for r in rows] == list(range(1, ticks + 1))
+  np.testing.assert_allclose([r[1] for r in rows], np.asarray(output.certainties[0, 1]), atol=1e-6)
+  right = (np.asarray(output.predictions[0]).argmax(0) == 4).astype(float)
+  np.testing.assert_array_equal([r[3] for r in rows], right)
+  assert Image.open(summary['gif']).n_frames == ticks
+  with pytest.raises(ValueError, match="'x' where an operator"):
+    tasks.get('qamnist').read_input(config, f'{paths[0]} ? d0 x d0')
+  with pytest.raises(ValueError, match=r'do not alternate digit indices'):
+    tasks.get('qamnist').read_input(config, f'{paths[0]} ? d3 + d0')

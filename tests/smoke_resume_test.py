@@ -52,6 +52,8 @@ def test_smoke_config_trains_evaluates_and_resumes_bit_identically_on_the_mesh(n
   evals = [r for r in records if 'eval/loss' in r]
   assert [r['step'] for r in evals] == [total // 2, total]
   assert all(np.isfinite(r['train/loss']) for r in records if 'train/loss' in r)
+  if config.task == 'qamnist':  # its pictures: a gif per held-out question
+    assert (workdir / 'plots' / f'question_{total:07d}_0.gif').exists()
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
   shutil.rmtree(resumed_dir / 'checkpoints' / str(total))  # back to the middle

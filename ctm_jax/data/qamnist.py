@@ -87,14 +87,10 @@ def _small_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's digits of one split at 28x28, standardised by the train split."""
   images_NxHxW, labels_N, train, test = digits_data._load()  # pylint: disable=protected-access
 
-  def resized(rows):
-    as_uint8 = np.round(images_NxHxW[rows] * 255).astype(np.uint8)
-    return np.stack([_resize(im, DIGITS_SIZE) for im in as_uint8]).astype(np.float32) / 255.0
-
-  train_images = resized(train)
-  mean, std = train_images.mean(), train_images.std()
-  images = train_images if split == 'train' else resized(test)
   rows = train if split == 'train' else test
+  as_uint8 = np.round(images_NxHxW[rows] * 255).astype(np.uint8)
+  images = np.stack([_resize(im, DIGITS_SIZE) for im in as_uint8]).astype(np.float32) / 255.0
+  mean, std = _small_digit_stats()
   return ((images - mean) / std)[..., None].astype(np.float32), labels_N[rows]
 
 
@@ -110,6 +106,27 @@ class SmallDigitImages:
 
   def get(self, index: int) -> tuple[np.ndarray, int]:
     return self.images_NxHxWx1[index], int(self.labels_N[index])
+
+
+def read_digit(path: str, dataset: str) -> np.ndarray:
+  """A user's picture of one digit (light ink on dark, as MNIST) as the
+  model reads `dataset`'s digits: grey, resized, normalised; (H, W, 1)."""
+  with Image.open(path) as image:
+    grey = np.asarray(image.convert('L'))
+  size = image_size(dataset)
+  pixels = _resize(grey, size).astype(np.float32) / 255.0
+  if dataset == 'mnist':
+    return ((pixels - MNIST_MEAN) / MNIST_STD)[..., None].astype(np.float32)
+  mean, std = _small_digit_stats()
+  return ((pixels - mean) / std)[..., None].astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _small_digit_stats() -> tuple[float, float]:
+  images_NxHxW, _, train, _ = digits_data._load()  # pylint: disable=protected-access
+  as_uint8 = np.round(images_NxHxW[train] * 255).astype(np.uint8)
+  resized = np.stack([_resize(im, DIGITS_SIZE) for im in as_uint8]).astype(np.float32) / 255.0
+  return float(resized.mean()), float(resized.std())
 
 
 def base_images(dataset: str, split: str, data_dir: str = ''):

@@ -11,16 +11,138 @@ tick for the LSTM baseline) against the answer, 0-9.
 Dimension glossary: B batch, A answer ticks, S digit slots, Q question tokens.
 """
 
+import os
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-import jax.numpy as jnp
-
+from ctm_jax import evaluators
+from ctm_jax import sharding
+from ctm_jax import steps
+from ctm_jax.analysis import plots
 from ctm_jax.data import qamnist as qa_data
 from ctm_jax.models import qamnist as qa_model
 from ctm_jax.tasks import base
 from ctm_jax.tasks import image
 
 NUM_ANSWERS = qa_data.MODULO
+
+
+def question_text(question_Q, num_operations: int) -> str:
+  """'d0 + d2 - d1 (mod 10)': the question as the tokens ask it."""
+  words = []
+  for position, token in enumerate(question_Q[: 2 * num_operations + 1]):
+    words.append(f'd{int(token)}' if position % 2 == 0 else qa_model.OPERATORS[int(token)])
+  return ' '.join(words) + f' (mod {qa_data.MODULO})'
+
+
+def tick_frames(model, record):
+  """What each of an example's own ticks shows: (tick indices, inputs to
+  draw: a digit image or a token's text)."""
+  slots, tokens = record['digits'].shape[0], record['question'].shape[0]
+  phase_T, digit_T, token_T = schedule = qa_model.tick_schedule(
+      slots, tokens, model.iterations_per_digit, model.iterations_per_question_part,
+      model.iterations_for_answering,
+  )
+  active_T = np.asarray(qa_model.active_ticks(
+      schedule, np.asarray([record['num_digits']]), np.asarray([record['num_operations']])
+  ))[:, 0]
+  ticks, shown = [], []
+  for t in np.flatnonzero(active_T):
+    ticks.append(int(t))
+    if phase_T[t] == qa_model.PHASE_DIGIT:
+      shown.append(record['digits'][digit_T[t]])
+    elif phase_T[t] == qa_model.PHASE_QUESTION:
+      token = int(record['question'][token_T[t]])
+      shown.append(f'd{token}' if token_T[t] % 2 == 0 else qa_model.OPERATORS[token])
+    else:
+      shown.append('?')
+  return ticks, shown, phase_T
+
+
+class QuestionGifs:
+  """`question_<step>_<i>.gif` for the first `count` held-out questions:
+  each of the example's own ticks, the digit shown under the attention (or
+  the question token), every answer's probability and the certainty."""
+
+  def __init__(self, context, count: int):
+    self.context = context
+    count = min(count, len(context.eval_source))
+    self.records = [context.eval_source[i] for i in range(count)]
+    inputs = {k: np.stack([r[k] for r in self.records]) for k in qa_model.QA_INPUT_KEYS}
+    run, model = context.run, context.model
+    replicated = sharding.replicated(run.mesh)
+    self.inputs = {
+        k: jax.make_array_from_callback(v.shape, replicated, lambda i, v=v: v[i]) for k, v in inputs.items()
+    }
+
+    def tracked(state, x):
+      output = model.apply(steps.variables(state, state.params), x, track=True)
+      return {
+          'probs_BxTxC': jax.nn.softmax(jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1),
+          'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+          'attention_BxTxN': evaluators.head_mean_attention(output),
+      }
+
+    self.step_fn = jax.jit(tracked, in_shardings=(run.state_shardings, replicated), out_shardings=replicated)
+
+  def run(self, state, step: int) -> dict[str, float]:
+    if not self.records:
+      return {}
+    arrays = jax.device_get(self.step_fn(state, self.inputs))
+    if not self.context.is_chief:
+      return {}
+    model = self.context.model
+    for i, record in enumerate(self.records):
+      ticks, shown, phase_T = tick_frames(model, record)
+      attention_TxN = arrays['attention_BxTxN'][i]  # digit ticks only, the first ones
+      side = int(round(np.sqrt(attention_TxN.shape[-1])))
+      attention = [
+          attention_TxN[t].reshape(side, side) if phase_T[t] == qa_model.PHASE_DIGIT else None for t in ticks
+      ]
+      plots.question_gif(
+          shown,
+          attention,
+          arrays['probs_BxTxC'][i][ticks],
+          arrays['certainty_BxT'][i][ticks],
+          os.path.join(self.context.plot_dir, f'question_{step:07d}_{i}.gif'),
+          answer=int(record['targets']),
+          question=question_text(record['question'], int(record['num_operations'])),
+          title=f'step {step}, eval question {i}: ',
+      )
+    return {}
+
+
+def _parse_question(text: str, source: str, dataset: str):
+  """'a.png b.png ? d0 + d1 - d0 [= 7]' -> (digits (S, H, W, 1), tokens (Q,), answer or None)."""
+  pictures, mark, question = text.partition('?')
+  question, _, answer = question.partition('=')
+  paths = pictures.split()
+  words = question.replace('+', ' + ').replace('-', ' - ').split()
+  if not mark or not paths or not words:
+    raise ValueError(f"--input={source}: expected 'a.png b.png ? d0 + d1 - d0' (pictures, '?', the question)")
+  tokens = []
+  for position, word in enumerate(words):
+    if position % 2:
+      if word not in ('+', '-'):
+        raise ValueError(f'--input={source}: {word!r} where an operator (+ or -) belongs')
+      tokens.append(-1 if word == '+' else -2)
+    elif word.startswith('d') and word[1:].isdigit():
+      tokens.append(int(word[1:]))
+    else:
+      raise ValueError(f'--input={source}: {word!r} where a digit (d0, d1, ...) belongs')
+  digits = []
+  for path in paths:
+    try:
+      digits.append(qa_data.read_digit(path, dataset))
+    except (OSError, ValueError) as e:
+      raise ValueError(f'--input={source}: cannot read the picture {path} ({e})') from None
+  try:
+    value = int(answer) if answer.strip() else None
+  except ValueError:
+    raise ValueError(f'--input={source}: the answer after = must be a digit, got {answer.strip()!r}') from None
+  return np.stack(digits), np.asarray(tokens, np.int32), value
 
 
 def _positive(config, key, minimum=1):
@@ -42,7 +164,7 @@ class QAMNIST(base.Task):
   name = 'qamnist'
   config_keys = frozenset({
       'dataset', 'data_dir', 'q_num_images', 'q_num_images_delta', 'q_num_repeats_per_input',
-      'q_num_operations', 'q_num_operations_delta', 'q_num_answer_steps',
+      'q_num_operations', 'q_num_operations_delta', 'q_num_answer_steps', 'n_attention_gifs',
   })
   identity_keys = (
       'dataset', 'q_num_images', 'q_num_images_delta', 'q_num_repeats_per_input',
@@ -65,6 +187,7 @@ class QAMNIST(base.Task):
       if n - d < 1:
         raise ValueError(f'config.{delta}={d}: {key} - {delta} must be at least 1 (got {n - d})')
     _positive(config, 'q_num_repeats_per_input')
+    _positive(config, 'n_attention_gifs', 0)
     _positive(config, 'q_num_answer_steps')
     slots, _ = slots_and_tokens(config)
     if slots > qa_model.MAX_INDEX:
@@ -147,8 +270,73 @@ class QAMNIST(base.Task):
     arrays['certainty_BxT'] = arrays['certainty_BxT'][:, -config.q_num_answer_steps:]
     return arrays
 
+  def evaluators(self, config, context):
+    found = super().evaluators(config, context)
+    if config.n_attention_gifs:
+      found.append(QuestionGifs(context, config.n_attention_gifs))
+    return found
+
   def describe(self, config, prediction_O):
     return f'answer {int(np.argmax(prediction_O))}'
+
+  def read_input(self, config, source):
+    """A question: 'a.png b.png ? d0 + d1 - d0' (digit pictures, light ink on
+    dark as MNIST, then the question: d<k> is the k-th picture, operators + and
+    -; optionally '= 7', the answer), as text or in a file; or a `.npz` of
+    `digits` (S, H, W, 1) and `question` (Q,) tokens (optionally `targets`)."""
+    dataset = config.get('dataset', 'mnist')
+    if source.lower().endswith('.npz'):
+      try:
+        with np.load(source, allow_pickle=False) as data:
+          arrays = {k: np.asarray(data[k]) for k in data.files}
+      except (OSError, ValueError) as e:
+        raise ValueError(f'--input={source}: cannot read it as a .npz ({e})') from None
+      if 'digits' not in arrays or 'question' not in arrays:
+        raise ValueError(f'--input={source}: a .npz needs `digits` (S, H, W, 1) and `question` (Q,)')
+      digits, question = arrays['digits'].astype(np.float32), arrays['question'].astype(np.int32)
+      answer = int(arrays['targets']) if 'targets' in arrays else None
+    else:
+      digits, question, answer = _parse_question(base.text_input(source), source, dataset)
+    if digits.ndim == 3:
+      digits = digits[..., None]
+    size = qa_data.image_size(dataset)
+    if digits.ndim != 4 or digits.shape[1:] != (size, size, 1) or question.ndim != 1 or len(question) % 2 != 1:
+      raise ValueError(
+          f'--input={source}: digits {digits.shape} and question {question.shape}; the model reads '
+          f'(S, {size}, {size}, 1) digits and an odd number of tokens'
+      )
+    indices = question[0::2]
+    if (indices < 0).any() or (indices >= len(digits)).any() or not np.isin(question[1::2], [-1, -2]).all():
+      raise ValueError(f'--input={source}: question tokens {question.tolist()} do not alternate digit indices and operators')
+    inputs = {
+        'digits': digits[None],
+        'question': question[None],
+        'num_digits': np.array([len(digits)], np.int32),
+        'num_operations': np.array([len(question) // 2], np.int32),
+    }
+    batch = {'inputs': inputs}
+    if answer is not None:
+      batch['targets'] = np.array([answer], np.int32)
+    return batch
+
+  def prediction_gif(self, config, model, variables, batch, path):
+    inputs = batch['inputs']
+    output = jax.jit(lambda v, x: model.apply(v, x, track=True))(variables, inputs)
+    record = {k: np.asarray(v[0]) for k, v in inputs.items()}
+    ticks, shown, phase_T = tick_frames(model, record)
+    attention_TxN = np.asarray(evaluators.head_mean_attention(output)[0])
+    side = int(round(np.sqrt(attention_TxN.shape[-1])))
+    probs_TxC = np.asarray(jax.nn.softmax(output.predictions[0].T, axis=-1))
+    return plots.question_gif(
+        shown,
+        [attention_TxN[t].reshape(side, side) if phase_T[t] == qa_model.PHASE_DIGIT else None for t in ticks],
+        probs_TxC[ticks],
+        np.asarray(output.certainties[0, 1])[ticks],
+        path,
+        answer=int(batch['targets'][0]) if 'targets' in batch else None,
+        question=question_text(record['question'], int(record['num_operations'])),
+        title=f'{os.path.basename(path)}: ',
+    )
 
   def matches_reference_args(self, args):
     return 'q_num_images' in args
