@@ -15,7 +15,6 @@ from ctm_jax.configs import qamnist as qa_configs
 from ctm_jax.data import qamnist as qa_data
 from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import qamnist as qa_model
-from ctm_jax.tasks import qamnist as qa_task
 
 
 class NumberedImages:

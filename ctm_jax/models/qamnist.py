@@ -21,7 +21,6 @@ import math
 from typing import ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

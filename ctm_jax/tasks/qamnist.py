@@ -11,6 +11,7 @@ tick for the LSTM baseline) against the answer, 0-9.
 Dimension glossary: B batch, A answer ticks, S digit slots, Q question tokens.
 """
 
+import functools
 import os
 
 import jax
@@ -61,6 +62,35 @@ def tick_frames(model, record):
   return ticks, shown, phase_T
 
 
+def tracked_arrays(model, variables, inputs) -> dict[str, jax.Array]:
+  """What a question gif draws, from a tracked forward: answer probabilities
+  `probs_BxTxC`, `certainty_BxT`, head-averaged attention `attention_BxTxN`
+  (digit ticks only)."""
+  output = model.apply(variables, inputs, track=True)
+  return {
+      'probs_BxTxC': jax.nn.softmax(jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1),
+      'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
+      'attention_BxTxN': evaluators.head_mean_attention(output),
+  }
+
+
+def draw_question(model, record, probs_TxC, certainty_T, attention_TxN, path, answer, title) -> str:
+  """The gif of one example's own ticks (padding ticks left out)."""
+  ticks, shown, phase_T = tick_frames(model, record)
+  side = int(round(np.sqrt(attention_TxN.shape[-1])))
+  attention = [attention_TxN[t].reshape(side, side) if phase_T[t] == qa_model.PHASE_DIGIT else None for t in ticks]
+  return plots.question_gif(
+      shown,
+      attention,
+      np.asarray(probs_TxC)[ticks],
+      np.asarray(certainty_T)[ticks],
+      path,
+      answer=answer,
+      question=question_text(record['question'], int(record['num_operations'])),
+      title=title,
+  )
+
+
 class QuestionGifs:
   """`question_<step>_<i>.gif` for the first `count` held-out questions:
   each of the example's own ticks, the digit shown under the attention (or
@@ -78,12 +108,7 @@ class QuestionGifs:
     }
 
     def tracked(state, x):
-      output = model.apply(steps.variables(state, state.params), x, track=True)
-      return {
-          'probs_BxTxC': jax.nn.softmax(jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1),
-          'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
-          'attention_BxTxN': evaluators.head_mean_attention(output),
-      }
+      return tracked_arrays(model, steps.variables(state, state.params), x)
 
     self.step_fn = jax.jit(tracked, in_shardings=(run.state_shardings, replicated), out_shardings=replicated)
 
@@ -93,22 +118,15 @@ class QuestionGifs:
     arrays = jax.device_get(self.step_fn(state, self.inputs))
     if not self.context.is_chief:
       return {}
-    model = self.context.model
     for i, record in enumerate(self.records):
-      ticks, shown, phase_T = tick_frames(model, record)
-      attention_TxN = arrays['attention_BxTxN'][i]  # digit ticks only, the first ones
-      side = int(round(np.sqrt(attention_TxN.shape[-1])))
-      attention = [
-          attention_TxN[t].reshape(side, side) if phase_T[t] == qa_model.PHASE_DIGIT else None for t in ticks
-      ]
-      plots.question_gif(
-          shown,
-          attention,
-          arrays['probs_BxTxC'][i][ticks],
-          arrays['certainty_BxT'][i][ticks],
+      draw_question(
+          self.context.model,
+          record,
+          arrays['probs_BxTxC'][i],
+          arrays['certainty_BxT'][i],
+          arrays['attention_BxTxN'][i],
           os.path.join(self.context.plot_dir, f'question_{step:07d}_{i}.gif'),
           answer=int(record['targets']),
-          question=question_text(record['question'], int(record['num_operations'])),
           title=f'step {step}, eval question {i}: ',
       )
     return {}
@@ -321,20 +339,15 @@ class QAMNIST(base.Task):
 
   def prediction_gif(self, config, model, variables, batch, path):
     inputs = batch['inputs']
-    output = jax.jit(lambda v, x: model.apply(v, x, track=True))(variables, inputs)
-    record = {k: np.asarray(v[0]) for k, v in inputs.items()}
-    ticks, shown, phase_T = tick_frames(model, record)
-    attention_TxN = np.asarray(evaluators.head_mean_attention(output)[0])
-    side = int(round(np.sqrt(attention_TxN.shape[-1])))
-    probs_TxC = np.asarray(jax.nn.softmax(output.predictions[0].T, axis=-1))
-    return plots.question_gif(
-        shown,
-        [attention_TxN[t].reshape(side, side) if phase_T[t] == qa_model.PHASE_DIGIT else None for t in ticks],
-        probs_TxC[ticks],
-        np.asarray(output.certainties[0, 1])[ticks],
+    arrays = jax.device_get(jax.jit(functools.partial(tracked_arrays, model))(variables, inputs))
+    return draw_question(
+        model,
+        {k: np.asarray(v[0]) for k, v in inputs.items()},
+        arrays['probs_BxTxC'][0],
+        arrays['certainty_BxT'][0],
+        arrays['attention_BxTxN'][0],
         path,
         answer=int(batch['targets'][0]) if 'targets' in batch else None,
-        question=question_text(record['question'], int(record['num_operations'])),
         title=f'{os.path.basename(path)}: ',
     )
 
