@@ -69,11 +69,14 @@ def _follow(process, metrics_path, records, metric, stop_at):
         if metric not in record:
           continue
         records.append(record)
+        # The task's other headline numbers, where it logs them (sort has no most-certain tick).
+        others = ''.join(
+            f'  {name} {record[key]:.4f}'
+            for key, name in (('eval/acc_most_certain', 'acc most-certain'), ('eval/acc_last', 'last tick'))
+            if key in record and key != metric
+        )
         print(
-            f"step {record['step']:6d}  {record['eval/elapsed_s']:7.1f}s  "
-            f"{metric} {record[metric]:.4f}  "
-            f"acc most-certain {record['eval/acc_most_certain']:.4f}  "
-            f"last tick {record['eval/acc_last']:.4f}",
+            f"step {record['step']:6d}  {record['eval/elapsed_s']:7.1f}s  {metric} {record[metric]:.4f}{others}",
             flush=True,
         )
         if (
