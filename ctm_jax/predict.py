@@ -80,6 +80,11 @@ def serve_folder(workdir: str, directory: str, step=None, threshold=None, max_ti
   if not paths:
     raise validation.UsageError(f'--input={directory}: no files in the folder')
   batches = [task.read_input(config, path) for path in paths]
+  if not isinstance(batches[0]['inputs'], np.ndarray):
+    raise validation.UsageError(
+        f'--input={directory}: the server ticks inputs fixed over the ticks; task {config.task!r} reads '
+        'several per example (inputs over the ticks): predict its files one at a time'
+    )
   shape = batches[0]['inputs'].shape
   for path, batch in zip(paths, batches):
     if batch['inputs'].shape != shape:

@@ -216,3 +216,14 @@ def test_a_question_about_digit_pictures_reads_as_the_dataset_and_draws(artefact
     tasks.get('qamnist').read_input(config, f'{paths[0]} ? d0 x d0')
   with pytest.raises(ValueError, match=r'do not alternate digit indices'):
     tasks.get('qamnist').read_input(config, f'{paths[0]} ? d3 + d0')
+
+
+@pytest.mark.slow  # exports the Q&A-MNIST model
+def test_a_folder_of_questions_is_refused_in_one_line(artefacts, tmp_path):
+  """The server needs inputs fixed over the ticks; Q&A-MNIST's change."""
+  _, _, out = artefacts('qamnist')
+  folder = tmp_path / 'questions'
+  folder.mkdir()
+  np.savez(folder / 'q.npz', digits=np.zeros((1, 28, 28, 1), np.float32), question=np.zeros(1, np.int32))
+  with pytest.raises(Exception, match=r"task 'qamnist' reads several per example"):
+    predict.serve_folder(str(out), str(folder), threshold=0.9)

@@ -452,6 +452,8 @@ class ContinuousThoughtMachine(nn.Module):
     synch_params = self.synch_params()
     state = self.initial_state(jax.tree.leaves(x)[0].shape[0], synch_params)
     if prepare:
+      if jax.tree.leaves(per_tick):
+        raise ValueError(f'{type(self).__name__} reads inputs that change over the ticks; serving needs fixed ones')
       return Prepared(state, fixed, synch_params)
     if exit_threshold is not None:
       return self.run_until_certain(
