@@ -97,19 +97,22 @@ def _model_and_batch(model_type, seed=0):
   task = tasks.get('qamnist')
   model = task.make_model(config)
   batch = {k: jnp.asarray(v) for k, v in task.synthetic_batch(config, 4, seed).items()}
-  batch['num_digits'] = jnp.array([1, 2, 2, 1], jnp.int32)
-  batch['num_operations'] = jnp.array([2, 1, 2, 1], jnp.int32)
+  # Padding in the digits only, in the question only, in both, in neither.
+  batch['num_digits'] = jnp.array([1, 2, 1, 2], jnp.int32)
+  batch['num_operations'] = jnp.array([2, 1, 1, 2], jnp.int32)
   variables = model.init(jax.random.key(seed), task.model_inputs(batch))
   return task, model, variables, batch
 
 
-@pytest.mark.parametrize('model_type', ['ctm', 'lstm'])
+# The CTM compiles for ~20 s here (five shapes): slow; the LSTM runs by default.
+@pytest.mark.parametrize('model_type', [pytest.param('ctm', marks=pytest.mark.slow), 'lstm'])
 def test_padding_ticks_leave_each_example_as_its_own_length_would(model_type):
   """A batch of mixed lengths gives each example the answers it gets alone,
   cut to its own digits and question (no padding at all)."""
   task, model, variables, batch = _model_and_batch(model_type)
   answer = model.iterations_for_answering
-  padded = jax.jit(model.apply)(variables, task.model_inputs(batch))
+  apply = jax.jit(model.apply)
+  padded = apply(variables, task.model_inputs(batch))
   for b in range(4):
     n_d, n_o = int(batch['num_digits'][b]), int(batch['num_operations'][b])
     alone = {
@@ -118,7 +121,7 @@ def test_padding_ticks_leave_each_example_as_its_own_length_would(model_type):
         'num_digits': batch['num_digits'][b : b + 1],
         'num_operations': batch['num_operations'][b : b + 1],
     }
-    out = model.apply(variables, alone)
+    out = apply(variables, alone)
     assert out.predictions.shape[-1] == model.num_ticks(n_d, 2 * n_o + 1)
     np.testing.assert_allclose(
         padded.predictions[b, :, -answer:], out.predictions[0, :, -answer:], rtol=1e-5, atol=1e-5
@@ -129,7 +132,7 @@ def test_padding_digits_stay_out_of_the_batch_statistics():
   task, model, variables, batch = _model_and_batch('ctm')
   batch['num_digits'] = jnp.full((4,), 1, jnp.int32)
   inputs = task.model_inputs(batch)
-  run = lambda x: model.apply(variables, x, train=True, mutable=['batch_stats'])
+  run = jax.jit(lambda x: model.apply(variables, x, train=True, mutable=['batch_stats']))
   out, stats = run(inputs)
   # Other pixels in the unused slot change nothing; a shorter batch is the same.
   noisy = {**inputs, 'digits': inputs['digits'].at[:, 1].add(5.0)}
