@@ -60,6 +60,16 @@ def trainer() -> ml_collections.ConfigDict:
   )
 
 
+def smoke_run(config: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
+  """`config` as a seconds-long test run: 20 steps, a checkpoint and an eval
+  every 10, two held-out batches."""
+  config.update(
+      batch_size=batch_size, batch_size_test=batch_size, n_test_batches=2, warmup_steps=2,
+      training_iterations=20, save_every=10, track_every=10, log_every=5,
+  )
+  return config
+
+
 def model(**options) -> ml_collections.ConfigDict:
   """ContinuousThoughtMachine options under the reference's argument names, with
   the reference constructor's defaults; the task adds out_dims and

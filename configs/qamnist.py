@@ -132,13 +132,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       d_model=32, d_input=8, heads=2, n_synch_out=8, n_synch_action=8, memory_length=3,
       memory_hidden_dims=2,
   )
-  config.batch_size = 8
-  config.batch_size_test = 8
-  config.n_test_batches = 2
-  config.warmup_steps = 2
-  config.training_iterations = 20
-  config.save_every = 10
-  config.track_every = 10
-  config.log_every = 5
+  common.smoke_run(config, batch_size=8)
   config.n_attention_gifs = 1
   return config

@@ -77,12 +77,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       iterations=10, d_input=6, d_model=32, synapse_depth=2, n_synch_out=8, memory_length=4,
       memory_hidden_dims=2, heads=0, n_synch_action=0,
   )
-  config.batch_size = 16
-  config.batch_size_test = 16
-  config.n_test_batches = 2
-  config.warmup_steps = 2
-  config.training_iterations = 20
-  config.save_every = 10
-  config.track_every = 10
-  config.log_every = 5
+  common.smoke_run(config, batch_size=16)
   return config

@@ -180,7 +180,25 @@ def qa_tick_inputs(module, x, train, embed_through_kv_proj: bool):
 
 
 class QAMNISTMixin:
-  """The schedule's options and what the Q&A-MNIST CTM and LSTM share."""
+  """What the Q&A-MNIST CTM and LSTM share: the schedule (their
+  `iterations_per_*` fields), the input, the constructor options the
+  reference's classes fix (`fixed_options`), and the question embeddings,
+  fed as they are (CTM) or through kv_proj (LSTM)."""
+
+  fixed_options: ClassVar[dict] = {}
+  embed_through_kv_proj: ClassVar[bool] = False
+
+  def __post_init__(self):
+    for field, value in self.fixed_options.items():
+      object.__setattr__(self, field, value)
+    _check_schedule_options(self)
+    super().__post_init__()
+
+  def check_input(self, x) -> None:
+    check_qa_input(self, x)
+
+  def tick_inputs(self, x, train):
+    return qa_tick_inputs(self, x, train, embed_through_kv_proj=self.embed_through_kv_proj)
 
   def schedule(self, x):
     return tick_schedule(
@@ -226,17 +244,7 @@ class ContinuousThoughtMachineQAMNIST(QAMNISTMixin, ctm.ContinuousThoughtMachine
 
   decay_clamp_in_graph: ClassVar[bool] = False
 
-  def __post_init__(self):
-    object.__setattr__(self, 'backbone_type', 'none')
-    object.__setattr__(self, 'positional_embedding_type', 'none')
-    _check_schedule_options(self)
-    super().__post_init__()
-
-  def check_input(self, x) -> None:
-    check_qa_input(self, x)
-
-  def tick_inputs(self, x, train):
-    return qa_tick_inputs(self, x, train, embed_through_kv_proj=False)
+  fixed_options: ClassVar[dict] = {'backbone_type': 'none', 'positional_embedding_type': 'none'}
 
   def outputs(self, final, per_tick, track, inputs=None):
     out = super().outputs(final, per_tick, track)
@@ -271,18 +279,8 @@ class LSTMQAMNIST(QAMNISTMixin, lstm.LSTMBaseline):
 
   single_cell: ClassVar[bool] = True
 
-  def __post_init__(self):
-    object.__setattr__(self, 'backbone_type', 'none')
-    object.__setattr__(self, 'positional_embedding_type', 'none')
-    object.__setattr__(self, 'num_layers', 1)
-    _check_schedule_options(self)
-    super().__post_init__()
-
-  def check_input(self, x) -> None:
-    check_qa_input(self, x)
-
-  def tick_inputs(self, x, train):
-    return qa_tick_inputs(self, x, train, embed_through_kv_proj=True)
+  fixed_options: ClassVar[dict] = {'backbone_type': 'none', 'positional_embedding_type': 'none', 'num_layers': 1}
+  embed_through_kv_proj: ClassVar[bool] = True
 
   def tracking(self, per_tick_out, inputs):
     post_TxBxD = per_tick_out['post_activations']
