@@ -230,6 +230,18 @@ def feature_grid(model, input_shape) -> tuple[int, int]:
   return shape[1], shape[2]
 
 
+def replicated_step(context: Context, step, inputs):
+  """(`inputs`, a pytree of host arrays the same on every process, placed
+  replicated on the run's mesh; `step`: (state, inputs) -> arrays, jitted
+  with the train state's shardings and a replicated output)."""
+  replicated = sharding.replicated(context.run.mesh)
+  placed = jax.tree.map(
+      lambda a: jax.make_array_from_callback(a.shape, replicated, lambda i: a[i]), inputs
+  )
+  jitted = jax.jit(step, in_shardings=(context.run.state_shardings, replicated), out_shardings=replicated)
+  return placed, jitted
+
+
 class TrackedGifs:
   """A gif per held-out record for the first `count` records (process 0), drawn
   from a jitted tracked forward (`make_step(model)`: (state, inputs) -> arrays
@@ -253,14 +265,7 @@ class TrackedGifs:
     self.images = np.stack([np.asarray(r['inputs']) for r in records])
     self.targets = [np.asarray(r['targets']) for r in records]
     self.grid = feature_grid(model, self.images.shape[1:])
-    run = context.run
-    replicated = sharding.replicated(run.mesh)
-    self.images_global = jax.make_array_from_callback(
-        self.images.shape, replicated, lambda i: self.images[i]
-    )
-    self.step_fn = jax.jit(
-        make_step(model), in_shardings=(run.state_shardings, replicated), out_shardings=replicated
-    )
+    self.images_global, self.step_fn = replicated_step(context, make_step(model), self.images)
 
   def draw(self, index: int, tracked: dict, attention_Txhxw, step: int):
     raise NotImplementedError

@@ -83,15 +83,26 @@ class MnistImages:
 
 
 @functools.lru_cache(maxsize=2)
-def _small_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """scikit-learn's digits of one split at 28x28, standardised by the train split."""
+def _resized_small_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits of one split at 28x28 in [0, 1], and their labels."""
   images_NxHxW, labels_N, train, test = digits_data._load()  # pylint: disable=protected-access
-
   rows = train if split == 'train' else test
   as_uint8 = np.round(images_NxHxW[rows] * 255).astype(np.uint8)
   images = np.stack([_resize(im, DIGITS_SIZE) for im in as_uint8]).astype(np.float32) / 255.0
+  return images, labels_N[rows]
+
+
+def _small_digit_stats() -> tuple[float, float]:
+  """Mean and std of the resized train split: the standardisation of both splits."""
+  train_images, _ = _resized_small_digits('train')
+  return float(train_images.mean()), float(train_images.std())
+
+
+def _small_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits of one split at 28x28, standardised by the train split."""
+  images, labels = _resized_small_digits(split)
   mean, std = _small_digit_stats()
-  return ((images - mean) / std)[..., None].astype(np.float32), labels_N[rows]
+  return ((images - mean) / std)[..., None].astype(np.float32), labels
 
 
 class SmallDigitImages:
@@ -119,14 +130,6 @@ def read_digit(path: str, dataset: str) -> np.ndarray:
     return ((pixels - MNIST_MEAN) / MNIST_STD)[..., None].astype(np.float32)
   mean, std = _small_digit_stats()
   return ((pixels - mean) / std)[..., None].astype(np.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def _small_digit_stats() -> tuple[float, float]:
-  images_NxHxW, _, train, _ = digits_data._load()  # pylint: disable=protected-access
-  as_uint8 = np.round(images_NxHxW[train] * 255).astype(np.uint8)
-  resized = np.stack([_resize(im, DIGITS_SIZE) for im in as_uint8]).astype(np.float32) / 255.0
-  return float(resized.mean()), float(resized.std())
 
 
 def base_images(dataset: str, split: str, data_dir: str = ''):

@@ -127,6 +127,39 @@ class TickInputs:
     return TickInputs(**fields)
 
 
+  def keys_values(self):
+    """This tick's (keys_BxKxNxF, values_BxKxNxF): the fixed ones, or the
+    `key_set`-th of the key/value sets."""
+    if self.key_set is not None:
+      return (
+          jnp.take(self.key_sets_BxSxKxNxF, self.key_set, axis=1),
+          jnp.take(self.value_sets_BxSxKxNxF, self.key_set, axis=1),
+      )
+    return self.keys_BxKxNxF, self.values_BxKxNxF
+
+  def attended_or_direct(self, attended_BxE):
+    """The attention's output, or `features_BxE` on ticks that do not attend."""
+    if self.attend is None:
+      return attended_BxE
+    return jnp.where(self.attend, attended_BxE, self.features_BxE.astype(attended_BxE.dtype))
+
+
+def tick_count(per_tick, default: int) -> int:
+  """Ticks of scanned inputs (their leading axis), `default` when there are none."""
+  leaves = jax.tree.leaves(per_tick)
+  return leaves[0].shape[0] if leaves else default
+
+
+def hold(active_B, new, old, batch_axis: int):
+  """`new` where `active_B` along every leaf's `batch_axis`, else `old`."""
+
+  def select(n, o):
+    shape = [1] * n.ndim
+    shape[batch_axis] = n.shape[batch_axis]
+    return jnp.where(active_B.reshape(shape), n, o)
+
+  return jax.tree.map(select, new, old)
+
 @flax.struct.dataclass
 class SynchParams:
   """Neuron-pair indices (P,) and decay parameters (P,) of both synch sides;
@@ -236,8 +269,7 @@ class Tick(nn.Module):
       )
       q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(synch_action_BxP)
       features_BxE, attention_BxKxN = self._attend(q_BxE, inputs)
-      if inputs.attend is not None:  # a tick that reads its input directly
-        features_BxE = jnp.where(inputs.attend, features_BxE, inputs.features_BxE.astype(features_BxE.dtype))
+      features_BxE = inputs.attended_or_direct(features_BxE)
       if self.track:
         outputs['synch_action'] = synch_action_BxP
         outputs['attention'] = attention_BxKxN[:, :, None, :]
@@ -290,10 +322,7 @@ class Tick(nn.Module):
     return next_state, outputs
 
   def _attend(self, q_BxE, inputs: TickInputs):
-    k_BxKxNxF, v_BxKxNxF = inputs.keys_BxKxNxF, inputs.values_BxKxNxF
-    if inputs.key_set is not None:
-      k_BxKxNxF = jnp.take(inputs.key_sets_BxSxKxNxF, inputs.key_set, axis=1)
-      v_BxKxNxF = jnp.take(inputs.value_sets_BxSxKxNxF, inputs.key_set, axis=1)
+    k_BxKxNxF, v_BxKxNxF = inputs.keys_values()
     if k_BxKxNxF is None or v_BxKxNxF is None:
       raise ValueError('an attending tick needs TickInputs.keys_BxKxNxF and values_BxKxNxF')
     return attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF)
@@ -301,20 +330,10 @@ class Tick(nn.Module):
 
 def hold_inactive(active_B, new: TickState, old: TickState) -> TickState:
   """`new` where `active_B`, else `old`: an inactive example's tick is a no-op."""
-
-  def pick(batch_axis):
-    def select(n, o):
-      shape = [1] * n.ndim
-      shape[batch_axis] = n.shape[batch_axis]
-      return jnp.where(active_B.reshape(shape), n, o)
-
-    return select
-
   fields = new._asdict()
   for name, value in fields.items():
-    if value is not None:
-      axis = 1 if name == 'trace_DxBxM' else 0
-      fields[name] = jax.tree.map(pick(axis), value, getattr(old, name))
+    if value is not None:  # the neuron-major trace has its batch on axis 1
+      fields[name] = hold(active_B, value, getattr(old, name), 1 if name == 'trace_DxBxM' else 0)
   return TickState(**fields)
 
 
@@ -592,8 +611,7 @@ class ContinuousThoughtMachine(nn.Module):
     `per_tick`'s fields have a leading axis of `length` ticks; `fixed`'s are
     the same for every tick.
     """
-    leaves = jax.tree.leaves(per_tick)
-    length = length or (leaves[0].shape[0] if leaves else self.iterations)
+    length = length or tick_count(per_tick, self.iterations)
     for name, leaf in jax.tree_util.tree_leaves_with_path(per_tick):
       if leaf.shape[0] != length:
         raise ValueError(

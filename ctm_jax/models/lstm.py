@@ -91,22 +91,14 @@ class LSTMTick(nn.Module):
   def __call__(self, state, per_tick: ctm.TickInputs, fixed: ctm.TickInputs, weights):
     inputs = per_tick.merge(fixed)
     h_LxBxD, c_LxBxD = state
-    k_BxKxNxF, v_BxKxNxF = inputs.keys_BxKxNxF, inputs.values_BxKxNxF
-    if inputs.key_set is not None:
-      k_BxKxNxF = jnp.take(inputs.key_sets_BxSxKxNxF, inputs.key_set, axis=1)
-      v_BxKxNxF = jnp.take(inputs.value_sets_BxSxKxNxF, inputs.key_set, axis=1)
+    k_BxKxNxF, v_BxKxNxF = inputs.keys_values()
     q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(h_LxBxD[-1])
     features_BxE, attention_BxKxN = ctm.attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF)
-    if inputs.attend is not None:
-      features_BxE = jnp.where(inputs.attend, features_BxE, inputs.features_BxE.astype(features_BxE.dtype))
-    new_h_LxBxD, new_c_LxBxD = lstm_step(
-        weights, features_BxE, h_LxBxD, c_LxBxD, self.dropout, not self.train, self.dtype
-    )
+    features_BxE = inputs.attended_or_direct(features_BxE)
+    new_state = lstm_step(weights, features_BxE, h_LxBxD, c_LxBxD, self.dropout, not self.train, self.dtype)
     if inputs.active_B is not None:
-      active_1xBx1 = inputs.active_B[None, :, None]
-      new_h_LxBxD = jnp.where(active_1xBx1, new_h_LxBxD, h_LxBxD)
-      new_c_LxBxD = jnp.where(active_1xBx1, new_c_LxBxD, c_LxBxD)
-    h_LxBxD, c_LxBxD = new_h_LxBxD, new_c_LxBxD
+      new_state = ctm.hold(inputs.active_B, new_state, (h_LxBxD, c_LxBxD), batch_axis=1)
+    h_LxBxD, c_LxBxD = new_state
     prediction_BxO = layers.Linear(self.out_dims, dtype=self.dtype, name='output_projector_0')(
         h_LxBxD[-1]
     ).astype(jnp.float32)
@@ -166,13 +158,12 @@ class LSTMBaseline(nn.Module):
     h_LxD = self.param('start_hidden_state', layers.uniform(bound), start_shape).reshape(-1, self.d_model)
     c_LxD = self.param('start_cell_state', layers.uniform(bound), start_shape).reshape(-1, self.d_model)
     state = tuple(jnp.broadcast_to(s[:, None], (self.num_layers, batch, self.d_model)) for s in (h_LxD, c_LxD))
-    leaves = jax.tree.leaves(per_tick)
     scan = nn.scan(
         LSTMTick,
         variable_broadcast='params',
         split_rngs={'params': False, 'dropout': True},
         in_axes=(0, nn.broadcast, nn.broadcast),
-        length=leaves[0].shape[0] if leaves else self.iterations,
+        length=ctm.tick_count(per_tick, self.iterations),
     )
     tick = scan(
         d_input=self.d_input,

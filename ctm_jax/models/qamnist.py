@@ -76,8 +76,8 @@ def active_ticks(schedule, num_digits_B, num_operations_B):
   )
 
 
-def check_qa_input(model, x) -> None:
-  """Raises ValueError for a batch that is not QAInputs of this model."""
+def check_qa_input(x) -> None:
+  """Raises ValueError for a batch that is not a Q&A model's input dict."""
   if not isinstance(x, dict) or set(x) != set(QA_INPUT_KEYS):
     got = sorted(x) if isinstance(x, dict) else type(x).__name__
     raise ValueError(f'x={got}: Q&A-MNIST models take a dict of {", ".join(QA_INPUT_KEYS)}')
@@ -94,7 +94,6 @@ def check_qa_input(model, x) -> None:
   for name in ('num_digits', 'num_operations'):
     if x[name].shape != (batch,):
       raise ValueError(f"x[{name!r}].shape={tuple(x[name].shape)}: expected ({batch},)")
-  del model
 
 
 class OperatorEmbeddings(nn.Module):
@@ -161,7 +160,7 @@ def qa_tick_inputs(module, x, train, embed_through_kv_proj: bool):
   slots, tokens = kv_BxSxNxE.shape[1], kv_BxSxNxE.shape[2]
   k, v = ctm.project_kv(module, kv_BxSxNxE.reshape(batch * slots, tokens, -1))
   key_sets, value_sets = (a.reshape(batch, slots, *a.shape[1:]) for a in (k, v))
-  phase_T, digit_T, token_T = schedule = module.schedule(x)
+  phase_T, digit_T, token_T = schedule = module.schedule(slots, x['question'].shape[1])
   emb_BxQxE = question_embeddings(module, x['question']).astype(module.dtype)
   if embed_through_kv_proj:
     emb_BxQxE = kv_proj(emb_BxQxE)
@@ -195,22 +194,23 @@ class QAMNISTMixin:
     super().__post_init__()
 
   def check_input(self, x) -> None:
-    check_qa_input(self, x)
+    check_qa_input(x)
 
   def tick_inputs(self, x, train):
     return qa_tick_inputs(self, x, train, embed_through_kv_proj=self.embed_through_kv_proj)
 
-  def schedule(self, x):
+  def schedule(self, slots: int, tokens: int):
+    """`tick_schedule` of `slots` digits and `tokens` question tokens."""
     return tick_schedule(
-        x['digits'].shape[1],
-        x['question'].shape[1],
+        slots,
+        tokens,
         self.iterations_per_digit,
         self.iterations_per_question_part,
         self.iterations_for_answering,
     )
 
   def num_ticks(self, slots: int, tokens: int) -> int:
-    return slots * self.iterations_per_digit + tokens * self.iterations_per_question_part + self.iterations_for_answering
+    return len(self.schedule(slots, tokens)[0])
 
   def reference_constants(self) -> dict[str, np.ndarray]:
     """Buffers the reference's state_dict holds that are fixed functions of

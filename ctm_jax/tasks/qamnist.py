@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import evaluators
-from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax.analysis import plots
 from ctm_jax.data import qamnist as qa_data
@@ -41,11 +40,7 @@ def question_text(question_Q, num_operations: int) -> str:
 def tick_frames(model, record):
   """What each of an example's own ticks shows: (tick indices, inputs to
   draw: a digit image or a token's text)."""
-  slots, tokens = record['digits'].shape[0], record['question'].shape[0]
-  phase_T, digit_T, token_T = schedule = qa_model.tick_schedule(
-      slots, tokens, model.iterations_per_digit, model.iterations_per_question_part,
-      model.iterations_for_answering,
-  )
+  phase_T, digit_T, token_T = schedule = model.schedule(record['digits'].shape[0], record['question'].shape[0])
   active_T = np.asarray(qa_model.active_ticks(
       schedule, np.asarray([record['num_digits']]), np.asarray([record['num_operations']])
   ))[:, 0]
@@ -101,16 +96,12 @@ class QuestionGifs:
     count = min(count, len(context.eval_source))
     self.records = [context.eval_source[i] for i in range(count)]
     inputs = {k: np.stack([r[k] for r in self.records]) for k in qa_model.QA_INPUT_KEYS}
-    run, model = context.run, context.model
-    replicated = sharding.replicated(run.mesh)
-    self.inputs = {
-        k: jax.make_array_from_callback(v.shape, replicated, lambda i, v=v: v[i]) for k, v in inputs.items()
-    }
+    model = context.model
 
     def tracked(state, x):
       return tracked_arrays(model, steps.variables(state, state.params), x)
 
-    self.step_fn = jax.jit(tracked, in_shardings=(run.state_shardings, replicated), out_shardings=replicated)
+    self.inputs, self.step_fn = evaluators.replicated_step(context, tracked, inputs)
 
   def run(self, state, step: int) -> dict[str, float]:
     if not self.records:
