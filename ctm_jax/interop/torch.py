@@ -31,6 +31,8 @@ from ctm_jax.models import ctm as ctm_lib
 TICK_MODULES = ('q_proj', 'synapses', 'trace_processor', 'output_projector')
 BATCH_STAT_LEAVES = {'running_mean': 'mean', 'running_var': 'var'}
 IGNORED_LEAVES = ('num_batches_tracked',)
+# The reference's RL agent holds its recurrent model under this name.
+AGENT_RECURRENT = 'recurrent_model'
 
 
 class StateDictMismatch(ValueError):
@@ -53,8 +55,10 @@ def module_path(key: str) -> tuple[str, ...]:
       path[-1] = f'{path[-1]}_{part}'
     else:
       path.append(part)
-  if parts[0] in TICK_MODULES:
-    path.insert(0, 'tick')
+  # The agent's recurrent model (the RL scripts' `recurrent_model.*`) nests the same layout.
+  nested = 1 if parts[0] == AGENT_RECURRENT and len(parts) > 2 else 0
+  if parts[nested] in TICK_MODULES:
+    path.insert(nested, 'tick')
   return tuple(path) + (parts[-1],)
 
 
@@ -145,7 +149,9 @@ def _torch_prefix(path) -> list[str]:
   """A Flax module path -> the reference's module path (`tick/` dropped,
   fused Sequential indices split again: `layer1_0` -> `layer1.0`)."""
   parts = []
-  for name in path[1:] if path and path[0] == 'tick' else path:
+  for name in path:
+    if name == 'tick':
+      continue
     fused = _FUSED.match(name)
     if fused and fused.group(1):
       parts += [fused.group(1), *fused.group(2)[1:].split('_')]
@@ -311,10 +317,12 @@ def import_state_dict(
     example = model_class.example_input(state_dict, model_kwargs)
   else:
     example = example_input(state_dict, model_kwargs)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), example)
-  fallback = None if strict else model.init(jax.random.key(0), example)
+  # A tuple is several positional inputs (the RL models' observation and carried state).
+  example = example if isinstance(example, tuple) else (example,)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *example)
+  fallback = None if strict else model.init(jax.random.key(0), *example)
   variables = convert_state_dict(state_dict, abstract, fallback, skipped)
-  if not model_class.decay_clamp_in_graph:  # variants that clamp in the graph keep them as saved
+  if not getattr(model_class, 'decay_clamp_in_graph', False):  # variants that clamp in the graph keep them as saved
     variables['params'] = ctm_lib.project_decay_params(variables['params'])
   return model, variables
 

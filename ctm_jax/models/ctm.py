@@ -873,10 +873,10 @@ def validate_input(m: ContinuousThoughtMachine, x) -> None:
     )
 
 
-def clamp_in_graph(decay_P):
-  """clip(decay, 0, 15) with torch.clamp's gradient: 1 inside the range, its
-  ends included, and 0 outside (jnp.clip would halve it at the ends)."""
-  low, high = DECAY_CLAMP
+def clamp_in_graph(decay_P, limits=DECAY_CLAMP):
+  """clip(decay, *limits) with torch.clamp's gradient: 1 inside the range,
+  its ends included, and 0 outside (jnp.clip would halve it at the ends)."""
+  low, high = limits
   inside_P = (decay_P >= low) & (decay_P <= high)
   return jnp.where(inside_P, decay_P, jax.lax.stop_gradient(jnp.clip(decay_P, low, high)))
 

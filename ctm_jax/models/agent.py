@@ -1,0 +1,446 @@
+"""The CTM as a recurrent agent: the reference's ContinuousThoughtMachineRL,
+its LSTM baseline, and the actor-critic agent of its PPO script.
+
+A recurrent model reads one observation and the state carried from the
+previous environment step, runs `iterations` ticks and returns a
+representation and the new state:
+
+* the CTM carries the pre-activation trace and a window of its
+  post-activations, both (B, D, M); its representation is the
+  synchronisation of the last `n_synch_out` neurons over that window, each
+  pair decaying by exp(-clamp(p, 0, 4)) per step back (clamped inside the
+  graph). No attention, no output projector, no action synch.
+* the LSTM carries (h, c), both (B, D); its representation is h.
+
+`ActorCritic` resets the carried state of the environments whose episode
+just ended, runs the recurrent model and reads action logits and a value with
+two MLPs (64, 64, ReLU; orthogonal init, as the reference's `layer_init`).
+Parameter names follow the reference's state_dict (ctm_jax/interop/torch.py):
+the agent's `recurrent_model.*`, `actor.{0,2,4}`, `critic.{0,2,4}`.
+
+Dimension glossary:
+  B batch (environments)   D neurons (d_model)   M memory length
+  E d_input   T ticks   P synch size   A actions   F observation features
+  G grid side (the 7x7 egocentric view)
+"""
+
+import math
+from typing import Any, ClassVar, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax.models import ctm
+from ctm_jax.models import layers
+from ctm_jax.models import lstm
+from ctm_jax.models import nlm
+from ctm_jax.models import synapse
+
+BACKBONES = ('classic-control-backbone', 'navigation-backbone')
+# The navigation backbone's vocabularies (MiniGrid's object, colour and state
+# ids) and embedding width, and the side of the egocentric view.
+NUM_OBJECTS, NUM_COLOURS, NUM_STATES, EMBEDDING_DIM = 11, 6, 3, 8
+GRID = 7
+# The RL synch's decay clamp, applied in the graph.
+DECAY_CLAMP = (0.0, 4.0)
+HEAD_WIDTH = 64
+
+
+def _glu_ln(h, width, dtype, linear_name, norm_name):
+  """Linear(2 * width) -> GLU -> LayerNorm, the reference's repeated block."""
+  h = layers.Linear(2 * width, dtype=dtype, name=linear_name)(h)
+  return layers.LayerNorm(dtype=dtype, name=norm_name)(nn.glu(h, axis=-1))
+
+
+class ClassicControlBackbone(nn.Module):
+  """Flatten -> [Linear(2E), GLU, LayerNorm] x 2: (B, F) floats -> (B, E)."""
+
+  d_input: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxF):
+    h = x_BxF.reshape(x_BxF.shape[0], -1).astype(jnp.float32)
+    h = _glu_ln(h, self.d_input, self.dtype, 'input_projector_1', 'input_projector_3')
+    return _glu_ln(h, self.d_input, self.dtype, 'input_projector_4', 'input_projector_6')
+
+
+class NavigationBackbone(nn.Module):
+  """MiniGrid's (B, G, G, 3) object / colour / state ids -> (B, G, G, E):
+  four embeddings (the position one per cell) concatenated in that order,
+  then [Linear(2E), GLU, LayerNorm] x 2 per cell."""
+
+  d_input: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxGxGx3):
+    ids = x_BxGxGx3.astype(jnp.int32)
+    batch, height, width, _ = ids.shape
+    init = nn.initializers.normal(1.0)  # torch.nn.Embedding
+
+    def embed(name, size, index):
+      return nn.Embed(size, EMBEDDING_DIM, embedding_init=init, name=name)(index)
+
+    position_GxG = jnp.arange(height * width).reshape(height, width)
+    h = jnp.concatenate(
+        [
+            embed('object_embedding', NUM_OBJECTS, ids[..., 0]),
+            embed('color_embedding', NUM_COLOURS, ids[..., 1]),
+            embed('state_embedding', NUM_STATES, ids[..., 2]),
+            jnp.broadcast_to(
+                embed('position_embedding', height * width, position_GxG),
+                (batch, height, width, EMBEDDING_DIM),
+            ),
+        ],
+        -1,
+    )
+    h = _glu_ln(h, self.d_input, self.dtype, 'project_to_d_projection_0', 'project_to_d_projection_2')
+    return _glu_ln(h, self.d_input, self.dtype, 'project_to_d_projection_3', 'project_to_d_projection_5')
+
+
+def make_backbone(backbone_type: str, d_input: int, dtype):
+  if backbone_type == 'classic-control-backbone':
+    return ClassicControlBackbone(d_input, dtype)
+  if backbone_type == 'navigation-backbone':
+    return NavigationBackbone(d_input, dtype)
+  raise ValueError(f'backbone_type={backbone_type!r}: expected one of {", ".join(map(repr, BACKBONES))}')
+
+
+def _check_backbone_input(backbone_type, x):
+  if backbone_type == 'navigation-backbone':
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f'x.shape={tuple(x.shape)!r}: the navigation backbone takes (B, 7, 7, 3) object/colour/state ids')
+  elif x.ndim < 2:
+    raise ValueError(f'x.shape={tuple(x.shape)!r}: the classic-control backbone takes (B, F) observations')
+
+
+class RLTick(nn.Module):
+  """One tick: synapses over [features, newest post-activation] -> trace
+  shift -> NLMs -> post-activation window shift."""
+
+  d_model: int
+  synapse_depth: int
+  deep_nlms: bool
+  memory_hidden_dims: int
+  do_layernorm_nlm: bool
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry, features_BxI, train: bool = False, track: bool = False):
+    trace_DxBxM, z_trace_BxDxM = carry
+    synapse_in = jnp.concatenate(
+        [features_BxI.astype(self.dtype), z_trace_BxDxM[:, :, -1].astype(self.dtype)], -1
+    )
+    if self.synapse_depth == 1:
+      # Two blocks where the main class has one (the reference's RL synapses).
+      h = nn.Dropout(self.dropout, deterministic=not train)(synapse_in)
+      h = _glu_ln(h, self.d_model, self.dtype, 'synapses_1', 'synapses_3')
+      pre_BxD = _glu_ln(h, self.d_model, self.dtype, 'synapses_4', 'synapses_6')
+    else:
+      pre_BxD = synapse.SynapseUNet(
+          self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
+      )(synapse_in, train)
+    pre_BxD = pre_BxD.astype(jnp.float32)
+    trace_DxBxM = ctm._push(trace_DxBxM, pre_BxD.T)  # pylint: disable=protected-access
+    z_DxB = nlm.neuron_level_models(
+        trace_DxBxM,
+        deep=self.deep_nlms,
+        memory_hidden_dims=self.memory_hidden_dims,
+        do_norm=self.do_layernorm_nlm,
+        dropout=self.dropout,
+        train=train,
+        dtype=self.dtype,
+    )
+    z_BxD = z_DxB.T.astype(jnp.float32)
+    z_trace_BxDxM = ctm._push(z_trace_BxDxM, z_BxD)  # pylint: disable=protected-access
+    out = {'pre_activations': pre_BxD, 'post_activations': z_BxD} if track else {}
+    return (trace_DxBxM, z_trace_BxDxM), out
+
+
+def window_synch_pairs(n_synch: int):
+  """(left_P, right_P): the upper triangle, diagonal included, row-major (torch's mask order)."""
+  left, right = np.triu_indices(n_synch)
+  return left.astype(np.int32), right.astype(np.int32)
+
+
+def window_synchronisation(z_trace_BxDxM, decay_P, n_synch: int):
+  """S[b, k] = sum_t d[t,k] z_t,i z_t,j / sqrt(sum_t d[t,k]) over the window of the
+  last `n_synch` neurons, d[t, k] = exp(-(M - 1 - t) * decay_k)."""
+  memory = z_trace_BxDxM.shape[-1]
+  left_P, right_P = window_synch_pairs(n_synch)
+  last_BxNxM = z_trace_BxDxM[:, -n_synch:, :]
+  age_M = jnp.arange(memory - 1, -1, -1, dtype=jnp.float32)
+  weight_MxP = jnp.exp(-age_M[:, None] * decay_P[None, :])
+  # b: batch, p: pair, m: memory step.
+  summed_BxP = jnp.einsum('bpm,bpm,mp->bp', last_BxNxM[:, left_P], last_BxNxM[:, right_P], weight_MxP)
+  return summed_BxP / jnp.sqrt(weight_MxP.sum(0))
+
+
+class ContinuousThoughtMachineRL(nn.Module):
+  """The reference's ContinuousThoughtMachineRL, constructor for constructor.
+
+  `__call__(x, carry, train=False, track=False)` -> (synch (B, P), new carry,
+  tracking or None); `initial_carry(batch)` -> the learned start traces,
+  repeated. `neuron_select_type` must be 'first-last' (the reference's RL
+  synch reads the last n neurons whatever it says; 'random' would fail there).
+  """
+
+  iterations: int
+  d_model: int
+  d_input: int
+  n_synch_out: int
+  synapse_depth: int
+  memory_length: int
+  deep_nlms: bool
+  memory_hidden_dims: int
+  do_layernorm_nlm: bool
+  backbone_type: str
+  prediction_reshaper: Sequence[int] = (-1,)
+  dropout: float = 0.0
+  neuron_select_type: str = 'first-last'
+  dtype: Any = jnp.float32
+
+  decay_clamp_in_graph: ClassVar[bool] = True
+
+  def __post_init__(self):
+    object.__setattr__(self, 'prediction_reshaper', tuple(self.prediction_reshaper))
+    _check_positive(self, ('iterations', 'd_model', 'd_input', 'n_synch_out', 'synapse_depth', 'memory_length'))
+    if self.deep_nlms:
+      _check_positive(self, ('memory_hidden_dims',))
+    if self.backbone_type not in BACKBONES:
+      raise ValueError(f'backbone_type={self.backbone_type!r}: expected one of {", ".join(map(repr, BACKBONES))}')
+    if self.neuron_select_type != 'first-last':
+      raise ValueError(f"neuron_select_type={self.neuron_select_type!r}: the RL CTM synchronises the last n_synch_out neurons ('first-last')")
+    if self.n_synch_out > self.d_model:
+      raise ValueError(f'n_synch_out={self.n_synch_out}: must be <= d_model={self.d_model}')
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f'dropout={self.dropout}: must lie in [0, 1)')
+    if jnp.dtype(self.dtype) not in ctm.COMPUTE_DTYPES:
+      raise ValueError(f'dtype={self.dtype!r}: expected float32 or bfloat16')
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
+    super().__post_init__()
+
+  @property
+  def synch_size_out(self) -> int:
+    return self.n_synch_out * (self.n_synch_out + 1) // 2
+
+  @property
+  def hidden_size(self) -> int:
+    """Width of the representation the actor and critic read."""
+    return self.synch_size_out
+
+  def setup(self):
+    d, m = self.d_model, self.memory_length
+    bound = math.sqrt(1 / (d + m))
+    self.start_trace = self.param('start_trace', layers.uniform(bound), (d, m))
+    self.start_activated_trace = self.param('start_activated_trace', layers.uniform(bound), (d, m))
+    self.decay_params_out = self.param('decay_params_out', nn.initializers.zeros, (self.synch_size_out,))
+    self.backbone = make_backbone(self.backbone_type, self.d_input, self.dtype)
+    self.tick = RLTick(
+        d_model=self.d_model,
+        synapse_depth=self.synapse_depth,
+        deep_nlms=self.deep_nlms,
+        memory_hidden_dims=self.memory_hidden_dims,
+        do_layernorm_nlm=self.do_layernorm_nlm,
+        dropout=self.dropout,
+        dtype=self.dtype,
+    )
+
+  def initial_carry(self, batch: int):
+    """(state_trace, activated_state_trace), each (B, D, M)."""
+    return tuple(
+        jnp.broadcast_to(s, (batch, *s.shape)) for s in (self.start_trace, self.start_activated_trace)
+    )
+
+  def zero_carry(self, batch: int):
+    return tuple(jnp.zeros((batch, self.d_model, self.memory_length)) for _ in range(2))
+
+  def __call__(self, x, carry, train: bool = False, track: bool = False):
+    _check_backbone_input(self.backbone_type, x)
+    features = self.backbone(x)
+    features_BxI = features.reshape(features.shape[0], -1)
+    trace_BxDxM, z_trace_BxDxM = carry
+
+    def tick(module, carry, features_BxI):
+      return module(carry, features_BxI, train, track)
+
+    scan = nn.scan(
+        tick,
+        variable_broadcast='params',
+        split_rngs={'params': False, 'dropout': True},
+        in_axes=(nn.broadcast,),
+        length=self.iterations,
+    )
+    (trace_DxBxM, z_trace_BxDxM), per_tick = scan(
+        self.tick, (jnp.transpose(trace_BxDxM, (1, 0, 2)), z_trace_BxDxM), features_BxI
+    )
+    synch_BxP = window_synchronisation(
+        z_trace_BxDxM, ctm.clamp_in_graph(self.decay_params_out, DECAY_CLAMP), self.n_synch_out
+    )
+    new_carry = (jnp.transpose(trace_DxBxM, (1, 0, 2)), z_trace_BxDxM)
+    tracking = dict(per_tick, synch=synch_BxP) if track else None
+    return synch_BxP, new_carry, tracking
+
+  def reference_constants(self) -> dict[str, np.ndarray]:
+    """The reference's buffers, fixed by the constructor (its forward ignores
+    the index buffers): checked and dropped on import, written on export."""
+    n = self.n_synch_out
+    return {
+        'out_neuron_indices_left': np.arange(n, dtype=np.int64),
+        'out_neuron_indices_right': np.arange(n, dtype=np.int64),
+        'diagonal_mask_out': np.triu(np.ones((n, n), dtype=bool)),
+    }
+
+  def example_observation(self):
+    return example_observation(self.backbone_type, self.d_input)
+
+  @classmethod
+  def example_input(cls, state_dict, model_kwargs):
+    """(observation, carry) of a batch of one, for the importer's init."""
+    model = cls(**model_kwargs)
+    return example_observation(model.backbone_type, observation_features(state_dict)), model.zero_carry(1)
+
+
+class LSTMRL(nn.Module):
+  """The reference's RL LSTM baseline (models/lstm_rl.py): one LSTMCell fed
+  the same backbone features every tick. `__call__(x, carry)` -> (h, (h, c),
+  tracking or None); `initial_carry(batch)` -> the learned start states."""
+
+  iterations: int
+  d_model: int
+  d_input: int
+  backbone_type: str
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    _check_positive(self, ('iterations', 'd_model', 'd_input'))
+    if self.backbone_type not in BACKBONES:
+      raise ValueError(f'backbone_type={self.backbone_type!r}: expected one of {", ".join(map(repr, BACKBONES))}')
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
+    super().__post_init__()
+
+  @property
+  def hidden_size(self) -> int:
+    return self.d_model
+
+  def setup(self):
+    init = layers.uniform(math.sqrt(1 / self.d_model))
+    self.start_hidden_state = self.param('start_hidden_state', init, (self.d_model,))
+    self.start_cell_state = self.param('start_cell_state', init, (self.d_model,))
+    self.backbone = make_backbone(self.backbone_type, self.d_input, self.dtype)
+    cells = GRID * GRID if self.backbone_type == 'navigation-backbone' else 1
+    self.lstm_cell = lstm.LSTMWeights(1, cells * self.d_input, self.d_model, cell=True)
+
+  def initial_carry(self, batch: int):
+    """(h, c), each (B, D)."""
+    return tuple(
+        jnp.broadcast_to(s, (batch, self.d_model)) for s in (self.start_hidden_state, self.start_cell_state)
+    )
+
+  def zero_carry(self, batch: int):
+    return tuple(jnp.zeros((batch, self.d_model)) for _ in range(2))
+
+  def __call__(self, x, carry, train: bool = False, track: bool = False):
+    del train
+    _check_backbone_input(self.backbone_type, x)
+    features = self.backbone(x)
+    features_BxI = features.reshape(features.shape[0], -1)
+    weights = self.lstm_cell()
+
+    def tick(hc, _):
+      h_1xBxD, c_1xBxD = lstm.lstm_step(
+          weights, features_BxI, hc[0][None], hc[1][None], 0.0, True, self.dtype
+      )
+      return (h_1xBxD[0], c_1xBxD[0]), h_1xBxD[0]
+
+    (h_BxD, c_BxD), h_TxBxD = jax.lax.scan(tick, tuple(carry), length=self.iterations)
+    tracking = {'pre_activations': h_TxBxD, 'post_activations': h_TxBxD, 'synch': h_BxD} if track else None
+    return h_BxD, (h_BxD, c_BxD), tracking
+
+  def example_observation(self):
+    return example_observation(self.backbone_type, self.d_input)
+
+  @classmethod
+  def example_input(cls, state_dict, model_kwargs):
+    """(observation, carry) of a batch of one, for the importer's init."""
+    model = cls(**model_kwargs)
+    return example_observation(model.backbone_type, observation_features(state_dict)), model.zero_carry(1)
+
+
+def _check_positive(model, fields):
+  for field in fields:
+    value = getattr(model, field)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise ValueError(f'{field}={value!r}: must be a positive integer')
+
+
+def example_observation(backbone_type: str, features: int = 4):
+  """A batch-of-one observation for init: a (1, 7, 7, 3) grid of ids, or (1, F) floats."""
+  if backbone_type == 'navigation-backbone':
+    return jnp.zeros((1, GRID, GRID, 3), jnp.int32)
+  return jnp.zeros((1, features), jnp.float32)
+
+
+def observation_features(state_dict) -> int:
+  """F of a classic-control state_dict's (B, F) observations (its first layer's
+  input width); 4 for any other."""
+  for key, value in state_dict.items():
+    if key.endswith('backbone.input_projector.1.weight'):
+      return int(np.shape(value)[1])
+  return 4
+
+
+def _head(name: str, out: int):
+  """The reference's layer_init: orthogonal weights (gain 1), zero biases."""
+  return layers.Linear(
+      out, kernel_init=nn.initializers.orthogonal(1.0), bias_init=nn.initializers.zeros, name=name
+  )
+
+
+class ActorCritic(nn.Module):
+  """The reference's PPO `Agent`: a recurrent model, then actor and critic MLPs.
+
+  `__call__(obs, carry, done)` resets the carry of examples whose `done` is
+  set (the episode before this observation ended; with
+  `continuous_state_trace=False` the CTM restarts every step) and returns
+  (logits (B, A), value (B,), new carry, tracking or None).
+  """
+
+  recurrent_model: nn.Module
+  num_actions: int
+  continuous_state_trace: bool = True
+
+  def initial_carry(self, batch: int):
+    return self.recurrent_model.initial_carry(batch)
+
+  def reset(self, carry, done_B):
+    start = self.recurrent_model.initial_carry(done_B.shape[0])
+    if isinstance(self.recurrent_model, ContinuousThoughtMachineRL) and not self.continuous_state_trace:
+      return start
+    return jax.tree.map(
+        lambda s, c: jnp.where(done_B.reshape((-1,) + (1,) * (c.ndim - 1)), s, c), start, carry
+    )
+
+  @nn.compact
+  def __call__(self, obs, carry, done_B, train: bool = False, track: bool = False):
+    carry = self.reset(carry, done_B)
+    hidden_BxH, carry, tracking = self.recurrent_model(obs, carry, train=train, track=track)
+    hidden_BxH = hidden_BxH.astype(jnp.float32)
+
+    def mlp(prefix, out):
+      h = nn.relu(_head(f'{prefix}_0', HEAD_WIDTH)(hidden_BxH))
+      h = nn.relu(_head(f'{prefix}_2', HEAD_WIDTH)(h))
+      return _head(f'{prefix}_4', out)(h)
+
+    logits_BxA = mlp('actor', self.num_actions)
+    value_B = mlp('critic', 1)[:, 0]
+    return logits_BxA, value_B, carry, tracking
+
+  def example_inputs(self):
+    """(obs, carry, done) of a batch of one, for init."""
+    obs = self.recurrent_model.example_observation()
+    return obs, self.recurrent_model.zero_carry(1), jnp.ones((1,), bool)
