@@ -151,14 +151,11 @@ class Checkpointer:
     # here first names that save's step if it failed.
     self.wait()
     self._saving = step
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:  # runs without a dataset (RL) keep everything in `state`
+      items['data'] = pipeline.save_args(data_iterator)
     try:
-      self.manager.save(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state), data=pipeline.save_args(data_iterator)
-          ),
-          force=True,
-      )
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except  # a disk full shows here or later
       raise SaveError(self.directory, step, e) from e
 
@@ -169,6 +166,8 @@ class Checkpointer:
     different number of processes restores through the global record position,
     which the stride-sharded pipeline makes the same for any process count.
     """
+    if data_iterator is None:
+      return self.restore_state(step, abstract_state)
     iterator_dir = os.path.join(self.directory, str(step), pipeline.DATA_ITEM)
     index, count = jax.process_index(), jax.process_count()
     if os.path.exists(os.path.join(iterator_dir, f'process_{index}-of-{count}.json')):

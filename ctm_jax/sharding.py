@@ -101,7 +101,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
   """Checks the mesh and the batch sizes against it, naming the field."""
   sizes = mesh_shape(config.mesh, num_devices)
   shards = batch_shards(sizes)
-  for field in ('batch_size', 'batch_size_test'):
+  batch_fields = [f for f in ('batch_size', 'batch_size_test') if f in config]
+  for field in batch_fields:
     if config[field] % shards:
       raise ValueError(
           f'config.{field}={config[field]}: must be divisible by the mesh batch axes '
@@ -119,7 +120,7 @@ def validate(config, num_devices: int) -> dict[str, int]:
         f'config.mesh: data x fsdp = {shards} batch shards cannot be split over the '
         f'{processes} processes; make data x fsdp a multiple of {processes}'
     )
-  for field in ('batch_size', 'batch_size_test'):
+  for field in batch_fields:
     if config[field] % processes:
       raise ValueError(
           f'config.{field}={config[field]}: must be divisible by the {processes} processes'

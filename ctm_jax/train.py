@@ -340,6 +340,8 @@ def train_and_evaluate(config, workdir: str):
   """
   started = time.perf_counter()
   task, model = validation.validate(config)
+  if task.own_loop() is not None:
+    return task.own_loop()(config, workdir, model)
   task.check_data(config)  # before anything is written or compiled
   # Built once: a source may read a whole dataset into memory (maze folders).
   sources = (task.train_source(config), task.eval_source(config))

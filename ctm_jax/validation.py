@@ -114,7 +114,7 @@ def validate(config, num_devices: int | None = None):
   if 'task' not in config:
     _fail('task', None, 'missing; expected one of ' + ', '.join(tasks_lib.names()))
   task = tasks_lib.get(config.task)
-  known = TRAIN_KEYS | task.config_keys
+  known = (TRAIN_KEYS if task.trainer_keys is None else task.trainer_keys) | task.config_keys
   for key in config:
     if key not in known | OPTIONAL_KEYS:
       _fail(key, config[key], f'unknown key for task {config.task!r}')
@@ -124,11 +124,11 @@ def validate(config, num_devices: int | None = None):
   if model_type not in task.model_types():
     _fail('model_type', model_type, f'task {config.task!r} trains {", ".join(map(repr, task.model_types()))}')
   task.validate(config)
-  for field in _POSITIVE_INTS:
+  for field in (f for f in _POSITIVE_INTS if f in known):
     value = config.get(field)
     if not _is_int(value) or value < 1:
       _fail(field, value, 'must be a positive integer')
-  for field in _NON_NEGATIVE_INTS:
+  for field in (f for f in _NON_NEGATIVE_INTS if f in known):
     value = config.get(field)
     if not _is_int(value) or value < 0:
       _fail(field, value, 'must be a non-negative integer')
@@ -136,6 +136,8 @@ def validate(config, num_devices: int | None = None):
     _fail('seed', config.seed, 'must be below 2**32 (it seeds the data shuffle)')
   if not config.lr > 0:
     _fail('lr', config.lr, 'must be > 0')
+  if not TRAIN_KEYS <= known:  # a task with its own loop checks the rest itself
+    return _model_and_mesh(config, task, num_devices)
   if config.weight_decay < 0:
     _fail('weight_decay', config.weight_decay, 'must be >= 0')
   if config.use_scheduler and config.scheduler_type not in ('cosine', 'multistep'):
@@ -159,6 +161,10 @@ def validate(config, num_devices: int | None = None):
       )
     if config.gradient_clipping_type == 'norm' and not config.gradient_clipping > 0:
       _fail('gradient_clipping', config.gradient_clipping, 'a norm > 0, or -1 to disable')
+  return _model_and_mesh(config, task, num_devices)
+
+
+def _model_and_mesh(config, task, num_devices):
   try:
     model = task.make_model(config)
   except ValueError as e:

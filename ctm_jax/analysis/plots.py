@@ -5,9 +5,11 @@ map, A top classes shown.
 """
 
 from matplotlib.backends import backend_agg
+from matplotlib import colormaps
 from matplotlib import figure as figure_lib
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
 
 
 def _subplots(*grid, **kwargs):
@@ -304,3 +306,44 @@ def question_gif(
     )
     frames.append(_frame(fig))
   return _save_gif(frames, path, frame_ms)
+
+
+def episode_gif(
+    frames_SxHxWx3, post_SxTxD, probs_SxA, values_S, actions_S, path, action_names=None,
+    max_neurons: int = 64, frame_ms: int = 60,
+) -> str:
+  """An agent's episode, one frame per environment step: the environment,
+  the post-activations of up to `max_neurons` neurons over every tick so far
+  (neurons down, ticks across, blue negative, red positive), and the action
+  probabilities with the chosen one marked and the value.
+
+  S steps, T ticks per step, D neurons, A actions.
+  """
+  steps, ticks, neurons = post_SxTxD.shape
+  shown = min(neurons, max_neurons)
+  activity_DxST = post_SxTxD[:, :, :shown].reshape(steps * ticks, shown).T
+  scale = float(np.abs(activity_DxST).max()) or 1.0
+  colours = colormaps['seismic']((activity_DxST / scale + 1) / 2)[..., :3]
+  height = max(frames_SxHxWx3.shape[1], 160)
+  window = 100  # ticks shown: the newest
+  names = action_names or [str(a) for a in range(probs_SxA.shape[1])]
+  images = []
+  for s in range(steps):
+    canvas = Image.new('RGB', (frames_SxHxWx3.shape[2] + 360, height + 20), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.asarray(frames_SxHxWx3[s], np.uint8)), (0, 0))
+    x0 = frames_SxHxWx3.shape[2] + 10
+    end = (s + 1) * ticks
+    raster = colours[:, max(0, end - window):end]
+    raster_image = Image.fromarray((raster * 255).astype(np.uint8)).resize((200, height), Image.NEAREST)
+    canvas.paste(raster_image, (x0, 0))
+    draw = ImageDraw.Draw(canvas)
+    bar_x = x0 + 210
+    for a, p in enumerate(probs_SxA[s]):
+      y = 10 + a * 18
+      fill = (220, 60, 60) if a == int(actions_S[s]) else (90, 90, 200)
+      draw.rectangle([bar_x, y, bar_x + int(100 * float(p)), y + 12], fill=fill)
+      draw.text((bar_x + 104, y), names[a][:6], fill=(0, 0, 0))
+    draw.text((bar_x, height - 20), f'value {float(values_S[s]):.2f}', fill=(0, 0, 0))
+    draw.text((4, height + 4), f'step {s + 1}/{steps}', fill=(0, 0, 0))
+    images.append(canvas.quantize(method=Image.Quantize.FASTOCTREE))
+  return _save_gif(images, path, frame_ms)

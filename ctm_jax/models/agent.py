@@ -295,9 +295,6 @@ class ContinuousThoughtMachineRL(nn.Module):
         'diagonal_mask_out': np.triu(np.ones((n, n), dtype=bool)),
     }
 
-  def example_observation(self):
-    return example_observation(self.backbone_type, self.d_input)
-
   @classmethod
   def example_input(cls, state_dict, model_kwargs):
     """(observation, carry) of a batch of one, for the importer's init."""
@@ -360,9 +357,6 @@ class LSTMRL(nn.Module):
     (h_BxD, c_BxD), h_TxBxD = jax.lax.scan(tick, tuple(carry), length=self.iterations)
     tracking = {'pre_activations': h_TxBxD, 'post_activations': h_TxBxD, 'synch': h_BxD} if track else None
     return h_BxD, (h_BxD, c_BxD), tracking
-
-  def example_observation(self):
-    return example_observation(self.backbone_type, self.d_input)
 
   @classmethod
   def example_input(cls, state_dict, model_kwargs):
@@ -440,7 +434,7 @@ class ActorCritic(nn.Module):
     value_B = mlp('critic', 1)[:, 0]
     return logits_BxA, value_B, carry, tracking
 
-  def example_inputs(self):
+  def example_inputs(self, observation_shape, observation_dtype):
     """(obs, carry, done) of a batch of one, for init."""
-    obs = self.recurrent_model.example_observation()
+    obs = jnp.zeros((1, *observation_shape), observation_dtype)
     return obs, self.recurrent_model.zero_carry(1), jnp.ones((1,), bool)

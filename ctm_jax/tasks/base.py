@@ -43,11 +43,20 @@ class Task:
   identity_keys: ClassVar[tuple[str, ...]] = ()
   # The model variant: ContinuousThoughtMachine or a subclass in models/<variant>.py.
   model_class: ClassVar[type] = ctm_lib.ContinuousThoughtMachine
+  # The trainer keys its configs carry: None for the supervised trainer's
+  # (validation.TRAIN_KEYS); a task with its own loop names its own.
+  trainer_keys: ClassVar[frozenset[str] | None] = None
   # The baselines this task also trains (`config.model_type`, the reference's
   # --model / --model_type): e.g. {'lstm': lstm.LSTMBaseline}.
   baselines: ClassVar[dict[str, type]] = {}
 
   # --- Config and data ----------------------------------------------------------
+
+  def own_loop(self):
+    """None for the supervised trainer (ctm_jax/train.py); a task that trains
+    otherwise (RL: environments, no dataset) returns its
+    `(config, workdir, model) -> state` loop."""
+    return None
 
   def validate(self, config) -> None:
     """Raises ValueError naming `config.<key>=<value>` for a bad task key; reads no data."""

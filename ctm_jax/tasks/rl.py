@@ -1,0 +1,408 @@
+"""Reinforcement learning: the CTM (or the LSTM baseline) as a recurrent PPO
+agent on partially observed control and navigation (the reference's tasks/rl).
+
+The task has its own loop (no dataset): `train_and_evaluate` below builds the
+environments (ctm_jax/data/envs.py), the agent (ctm_jax/models/agent.py) and
+the jitted PPO iteration (ctm_jax/tasks/ppo.py), and shares the supervised
+trainer's config validation, mesh, workdir lock, checkpointer (the whole
+runner: parameters, optimiser, environments mid-episode, carried agent state,
+reward statistics, RNG, so a killed run resumes bit for bit), metric writer
+and progress bar. A training iteration is one rollout and its updates: the
+step of checkpoints, `save_every`, `track_every` and `log_every`.
+
+Metrics: `episodes/return`, `episodes/length` (raw rewards, episodes that
+ended in the logged window), `episodes/success` (MiniGrid), `losses/*` (the
+reference's names), `train/sps` (environment steps per second, rollout and
+update), and at each eval `eval/return`, `eval/length`, `eval/success` over
+`eval_episodes` fresh episodes, with `num_validation_envs` of them drawn to
+`plots/episode_<step>_<i>.gif`.
+
+Dimension glossary: B environments, S evaluation steps, T ticks, D neurons.
+"""
+
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import sharding
+from ctm_jax import train as train_lib
+from ctm_jax import validation
+from ctm_jax import workdir as workdir_lib
+from ctm_jax import writers
+from ctm_jax.analysis import plots
+from ctm_jax.data import envs as envs_lib
+from ctm_jax.models import agent as agent_lib
+from ctm_jax.tasks import base
+from ctm_jax.tasks import ppo
+
+# The supervised trainer's keys that RL configs carry too.
+RL_TRAINER_KEYS = frozenset(
+    {'task', 'model', 'seed', 'lr', 'save_every', 'track_every', 'log_every', 'keep_checkpoints',
+     'init_from', 'mesh'}
+)
+_POSITIVE = ('num_envs', 'num_steps', 'total_timesteps', 'num_minibatches', 'update_epochs',
+             'max_environment_steps', 'eval_episodes')
+_BOOLEANS = ('mask_velocity', 'anneal_lr', 'norm_adv', 'clip_vloss', 'continuous_state_trace')
+
+
+def _fail(field, value, why):
+  raise ValueError(f'config.{field}={value!r}: {why}')
+
+
+@base.register
+class ReinforcementLearning(base.Task):
+  """PPO on the reference's environments; the agent's recurrent model is the
+  CTM (`model_type='ctm'`) or the LSTM baseline (`'lstm'`)."""
+
+  name = 'rl'
+  config_keys = frozenset(
+      {'env_id', 'mask_velocity', 'max_environment_steps', 'num_steps', 'total_timesteps',
+       'num_envs', 'anneal_lr', 'discount_gamma', 'gae_lambda', 'num_minibatches',
+       'update_epochs', 'norm_adv', 'clip_coef', 'clip_vloss', 'ent_coef', 'vf_coef',
+       'max_grad_norm', 'target_kl', 'continuous_state_trace', 'num_validation_envs',
+       'eval_episodes'}
+  )
+  # The runner's arrays are shaped by these: another value cannot resume.
+  identity_keys = ('env_id', 'num_envs')
+  trainer_keys = RL_TRAINER_KEYS
+  model_class = agent_lib.ContinuousThoughtMachineRL
+  baselines = {'lstm': agent_lib.LSTMRL}
+  reference_model_field = 'model_type'
+
+  def validate(self, config) -> None:
+    if config.env_id not in envs_lib.ENV_IDS:
+      _fail('env_id', config.env_id, f'expected one of {", ".join(envs_lib.ENV_IDS)}')
+    for field in _POSITIVE:
+      value = config[field]
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(field, value, 'must be a positive integer')
+    value = config.num_validation_envs
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      _fail('num_validation_envs', value, 'must be a non-negative integer')
+    for field in _BOOLEANS:
+      if not isinstance(config[field], bool):
+        _fail(field, config[field], 'must be True or False')
+    for field, low, high in (('discount_gamma', 0.0, 1.0), ('gae_lambda', 0.0, 1.0)):
+      if not low <= config[field] <= high:
+        _fail(field, config[field], f'must lie in [{low}, {high}]')
+    for field in ('clip_coef', 'max_grad_norm'):
+      if not config[field] > 0:
+        _fail(field, config[field], 'must be > 0')
+    for field in ('ent_coef', 'vf_coef'):
+      if not config[field] >= 0:
+        _fail(field, config[field], 'must be >= 0')
+    if config.target_kl is not None and not config.target_kl > 0:
+      _fail('target_kl', config.target_kl, 'must be > 0, or None for no early stop')
+    if config.num_envs % config.num_minibatches:
+      _fail('num_minibatches', config.num_minibatches, f'must divide num_envs={config.num_envs}')
+    shards = sharding.batch_shards(sharding.mesh_shape(config.mesh, jax.device_count()))
+    per_minibatch = config.num_envs // config.num_minibatches
+    if per_minibatch % shards:
+      _fail(
+          'num_envs', config.num_envs,
+          f'each of the num_minibatches={config.num_minibatches} minibatches holds '
+          f'{per_minibatch} environments, which must be divisible by the mesh batch axes '
+          f'data x fsdp = {shards}',
+      )
+    if config.num_envs * config.num_steps > config.total_timesteps:
+      _fail('total_timesteps', config.total_timesteps,
+            f'below one rollout (num_envs x num_steps = {config.num_envs * config.num_steps})')
+
+  def make_env(self, config):
+    return envs_lib.make(config.env_id, config.max_environment_steps, config.mask_velocity)
+
+  def make_model(self, config):
+    """The agent: `config.model_type`'s recurrent model (backbone from the
+    environment, as the reference's) under actor and critic heads."""
+    env = self.make_env(config)
+    cls = self.model_class_for(config.get('model_type', 'ctm'))
+    fields = base._init_fields(cls)  # pylint: disable=protected-access
+    kwargs = {k: v for k, v in config.model.to_dict().items() if k in fields}
+    unknown = sorted(set(config.model) - set().union(*(base._init_fields(c) for c in self.model_types().values())))  # pylint: disable=protected-access
+    if unknown:
+      raise ValueError(f'{unknown[0]}: no RL model takes this option')
+    kwargs['backbone_type'] = env.backbone_type
+    return agent_lib.ActorCritic(cls(**kwargs), env.num_actions, config.continuous_state_trace)
+
+  def own_loop(self):
+    return train_and_evaluate
+
+  # --- Reference checkpoints ----------------------------------------------------
+
+  reference_arg_defaults = {'prediction_reshaper': [-1]}
+
+  def matches_reference_args(self, args: dict) -> bool:
+    return 'env_id' in args and 'num_envs' in args
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def runner_shardings(abstract_runner, mesh):
+  """Parameters and optimiser state as the supervised trainer shards them;
+  every per-environment array over the mesh's batch axes; the rest replicated."""
+  shardings = sharding.state_shardings(abstract_runner, mesh)
+  batch = sharding.batch_sharding(mesh)
+  per_env = {
+      name: jax.tree.map(lambda _: batch, getattr(abstract_runner, name))
+      for name in ('env_state', 'obs', 'done_B', 'carry', 'normaliser', 'episode_return_B',
+                   'episode_length_B')
+  }
+  return shardings.replace(**per_env)
+
+
+def _under_rules(fn):
+  def wrapped(*args):
+    with sharding.logical_rules():
+      return fn(*args)
+
+  return wrapped
+
+
+class _Window:
+  """Iteration metrics since the last log: summed on the host, logged as means."""
+
+  def __init__(self, config, writer, progress, checkpointer, goal: bool):
+    self.config, self.writer, self.progress, self.checkpointer = config, writer, progress, checkpointer
+    self.goal = goal
+    self.steps_per_iteration = config.num_envs * config.num_steps
+    self._reset()
+    self.last_return = None
+
+  def _reset(self):
+    self.sums, self.count = {}, 0
+    self.start = time.perf_counter()
+
+  def consume(self, step: int, metrics, flush: bool = False):
+    metrics = jax.device_get(metrics)
+    if not metrics['finite']:
+      latest = self.checkpointer.latest_step()
+      kept = f'the newest checkpoint is step {latest}' if latest is not None else 'no checkpoint was saved yet'
+      raise train_lib.NonFiniteError(
+          f'non-finite PPO loss or gradient at iteration {step + 1}; its updates were not '
+          f'applied and nothing non-finite was saved: {kept} in {self.checkpointer.directory}'
+      )
+    for key, value in metrics.items():
+      if key != 'finite':
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+    self.count += 1
+    done = step + 1
+    self.progress.update(1)
+    if done % self.config.log_every and not flush:
+      return
+    elapsed = time.perf_counter() - self.start
+    scalars = {
+        k: v / self.count for k, v in self.sums.items() if not k.startswith('episodes/')
+    }
+    episodes = self.sums.get('episodes/episodes', 0.0)
+    scalars['episodes/count'] = episodes
+    if episodes:
+      scalars['episodes/return'] = self.sums['episodes/return'] / episodes
+      scalars['episodes/length'] = self.sums['episodes/length'] / episodes
+      if self.goal:
+        scalars['episodes/success'] = self.sums['episodes/success'] / episodes
+      self.last_return = scalars['episodes/return']
+    scalars['train/sps'] = self.count * self.steps_per_iteration / max(elapsed, 1e-9)
+    scalars['train/global_step'] = done * self.steps_per_iteration
+    self.writer.write(done, scalars)
+    postfix = {'loss': f"{scalars['train/loss']:.3f}"}
+    if self.last_return is not None:
+      postfix['return'] = f'{self.last_return:.1f}'
+    postfix['sps'] = f"{scalars['train/sps']:.0f}"
+    self.progress.set_postfix(postfix, refresh=False)
+    self._reset()
+
+
+def train_and_evaluate(config, workdir: str, agent):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the runner."""
+  started = time.perf_counter()
+  env = ReinforcementLearning().make_env(config)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    workdir = workdir_lib.prepare(workdir)
+    with workdir_lib.Lock(workdir, jax.process_index()):
+      return _train(config, workdir, agent, env, mesh, started)
+
+
+def _setup(config, agent, env, mesh):
+  tx = ppo.make_optimizer(config)
+
+  def init():
+    return ppo.init_runner(config, agent, env, tx, jax.random.key(config.seed))
+
+  abstract = jax.eval_shape(init)
+  shardings = runner_shardings(abstract, mesh)
+  replicated = sharding.replicated(mesh)
+  iteration = jax.jit(
+      _under_rules(ppo.make_iteration(config, agent, env, tx)),
+      in_shardings=(shardings,),
+      out_shardings=(shardings, replicated),
+      donate_argnums=0,
+  )
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  return tx, jax.jit(init, out_shardings=shardings), iteration, abstract, shardings
+
+
+def _evaluator(config, agent, env):
+  episodes = config.eval_episodes
+
+  @jax.jit
+  def run(params, step):
+    key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+    sums, record = ppo.evaluate(config, agent, env, params, key, episodes, config.num_validation_envs)
+    return {k: v.mean() for k, v in sums.items()}, record
+
+  return run
+
+
+def _draw_episodes(env, record, path_prefix):
+  """One gif per tracked evaluation episode: environment frames and neurons."""
+  record = jax.device_get(record)
+  paths = []
+  for i in range(record['alive'].shape[1]):
+    alive_S = np.asarray(record['alive'][:, i], bool)
+    steps = max(int(alive_S.sum()), 1)  # alive from the start until the episode ends
+    frames = np.stack([
+        env.render(jax.tree.map(lambda x, s=s: x[s, i], record['env_state'])) for s in range(steps)
+    ])
+    paths.append(
+        plots.episode_gif(
+            frames,
+            np.asarray(record['post_activations'][:steps, :, i], np.float32),
+            np.asarray(record['probs'][:steps, i]),
+            np.asarray(record['value'][:steps, i]),
+            np.asarray(record['action'][:steps, i]),
+            f'{path_prefix}_{i}.gif',
+            action_names=getattr(env, 'action_names', None),
+        )
+    )
+  return paths
+
+
+def _train(config, workdir, agent, env, mesh, started):
+  is_chief = jax.process_index() == 0
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+  total = ppo.iterations(config)
+  try:
+    latest = checkpointer.latest_step()
+    resuming = latest is not None
+    if resuming and latest > total:
+      raise validation.UsageError(
+          f'config.total_timesteps={config.total_timesteps}: {workdir} already holds a '
+          f'checkpoint at iteration {latest} of {config.num_envs * config.num_steps} steps; '
+          'pass a larger total_timesteps to continue it, or another --workdir'
+      )
+    checkpoint_lib.check_config(workdir, config, resuming, ReinforcementLearning.identity_keys)
+    has_config = os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_FILE))
+    _, init, iteration, abstract, shardings = _setup(config, agent, env, mesh)
+    restored = checkpointer.restore_latest(abstract, None, has_config)
+    if restored is not None:
+      runner, how = restored[0], 'resumed'
+      logging.info('Resumed from %s/%d', checkpointer.directory, restored[1])
+    else:
+      runner, how = init(), 'fresh'
+      if config.init_from:
+        from ctm_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
+
+        _, variables, _ = torch_interop.load_imported(config.init_from)
+        tx = ppo.make_optimizer(config)
+        runner = jax.device_put(
+            runner.replace(params=variables['params'], opt_state=tx.init(variables['params'])),
+            shardings,
+        )
+        how = f'initialised from {config.init_from}'
+    config_path = checkpoint_lib.write_config(workdir, config)
+    start = int(runner.step)
+    writer = writers.MetricWriter(workdir, resume_step=start)
+    evaluate = _evaluator(config, agent, env)
+  except BaseException:
+    checkpointer.close()
+    raise
+  plot_dir = os.path.join(workdir, 'plots')
+  if is_chief:
+    os.makedirs(plot_dir, exist_ok=True)
+  logging.info(
+      'Run rl on %s (%s at iteration %d of %d, %d environments x %d steps each) on mesh %s. '
+      'Workdir %s: config %s, checkpoints %s, metrics %s, plots %s',
+      config.env_id, how, start, total, config.num_envs, config.num_steps, dict(mesh.shape),
+      workdir, config_path, checkpointer.directory, writer.jsonl_path, plot_dir,
+  )
+  progress = tqdm.tqdm(total=total, initial=start, unit='it', dynamic_ncols=True, disable=not is_chief)
+  window = _Window(config, writer, progress, checkpointer, getattr(env, 'goal', False))
+  pending = None
+  try:
+    with _Stop() as stop:
+      for step in range(start, total):
+        runner, metrics = iteration(runner)
+        done = step + 1
+        if pending is not None:
+          window.consume(*pending)
+        pending = (step, metrics)
+        stopping = stop.requested()
+        saves = done % config.save_every == 0 or done == total
+        evals = done % config.track_every == 0 or done == total
+        if saves or evals or stopping:
+          window.consume(*pending, flush=bool(stopping))
+          pending = None
+        if evals:
+          scalars, record = evaluate(runner.params, done)
+          scalars = {f'eval/{k}': float(v) for k, v in jax.device_get(scalars).items()}
+          if not getattr(env, 'goal', False):
+            scalars.pop('eval/success')
+          writer.write(done, scalars)
+          logging.info('Iteration %d: %s', done, scalars)
+          if is_chief and config.num_validation_envs:
+            _draw_episodes(env, record, os.path.join(plot_dir, f'episode_{done}'))
+        if saves or stopping:
+          checkpointer.save(done, runner, None)
+        elif done % config.log_every == 0:
+          checkpointer.check()
+        if stopping:
+          logging.info('%s: checkpointed iteration %d, exiting', stopping, done)
+          break
+      if pending is not None:
+        window.consume(*pending)
+  finally:
+    progress.close()
+    try:
+      checkpointer.wait()
+    finally:
+      checkpointer.close()
+      writer.close()
+  logging.info('Done in %.0f s', time.perf_counter() - started)
+  return runner
+
+
+class _Stop:
+  """SIGTERM / SIGINT: checkpoint and leave after the current iteration; in a
+  multi-process run every process learns of any one's signal (a tiny
+  all-gather per iteration) so that all save the same iteration."""
+
+  def __init__(self):
+    self._request = train_lib._StopRequest()  # pylint: disable=protected-access
+
+  def __enter__(self):
+    self._request.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._request.__exit__(*exc)
+
+  def requested(self) -> str | None:
+    if jax.process_count() == 1:
+      return self._request.signal
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    flags = multihost_utils.process_allgather(np.array(self._request.signal is not None))
+    if np.any(flags):
+      return self._request.signal or 'a stop on another process'
+    return None

@@ -1,0 +1,243 @@
+"""ctm_jax.data.minigrid.FourRooms against the `minigrid` package's MiniGrid-FourRooms-v0.
+
+The parity rollouts copy each JAX layout into a minigrid environment built as
+the reference builds it (`ImgObsWrapper(gym.make('MiniGrid-FourRooms-v0',
+max_steps=N))`), step both with the same actions and compare every output.
+"""
+
+import collections
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import minigrid  # noqa: F401  (registers the MiniGrid-* environments)
+import numpy as np
+import pytest
+from minigrid.core.constants import DIR_TO_VEC, OBJECT_TO_IDX
+from minigrid.core.grid import Grid
+from minigrid.core.world_object import Goal, Wall
+from minigrid.wrappers import ImgObsWrapper
+
+from ctm_jax.data import minigrid as fourrooms
+
+SIZE = 19
+WALL, EMPTY, GOAL = 2, 1, 6  # xminigrid tile ids
+
+
+def _minigrid_env(max_steps: int, state, index: int = None):
+  """ImgObsWrapper(gym.make(...)) whose state is the JAX `state` (of env `index` if batched)."""
+  if index is not None:
+    state = jax.tree.map(lambda x: x[index], state)
+  env = ImgObsWrapper(gym.make('MiniGrid-FourRooms-v0', max_steps=max_steps))
+  env.reset(seed=0)  # Arms gymnasium's order checks; the layout is overwritten below.
+  base = env.unwrapped
+  base.grid = _minigrid_grid(np.asarray(state.grid[..., 0]))
+  y, x = np.asarray(state.agent.position)
+  base.agent_pos = (int(x), int(y))
+  # xminigrid turns clockwise from up; minigrid from right.
+  base.agent_dir = (int(state.agent.direction) - 1) % 4
+  base.step_count = int(state.step_count)
+  return env
+
+
+def _minigrid_grid(tiles_HxW: np.ndarray) -> Grid:
+  grid = Grid(tiles_HxW.shape[1], tiles_HxW.shape[0])
+  for y, x in zip(*np.nonzero(tiles_HxW == WALL)):
+    grid.set(int(x), int(y), Wall())
+  for y, x in zip(*np.nonzero(tiles_HxW == GOAL)):
+    grid.set(int(x), int(y), Goal())
+  return grid
+
+
+def _steered_action(base, rng, steer: float) -> int:
+  """With probability `steer`, a step along a shortest path to the goal; else any action."""
+  if rng.random() >= steer:
+    return int(rng.integers(0, fourrooms.NUM_ACTIONS))
+  encoded = base.grid.encode()[..., 0]  # [x, y]
+  goal = tuple(np.argwhere(encoded == OBJECT_TO_IDX['goal'])[0])
+  distance = np.full(encoded.shape, np.inf)
+  distance[goal] = 0
+  queue = collections.deque([goal])
+  while queue:
+    cell = queue.popleft()
+    for step in DIR_TO_VEC:
+      nxt = (cell[0] + step[0], cell[1] + step[1])
+      if encoded[nxt] != OBJECT_TO_IDX['wall'] and distance[nxt] == np.inf:
+        distance[nxt] = distance[cell] + 1
+        queue.append(nxt)
+  pos = np.asarray(base.agent_pos)
+  if distance[tuple(pos)] == 0:  # On the goal: wander off again.
+    return int(rng.integers(0, fourrooms.NUM_ACTIONS))
+  ahead = lambda d: distance[tuple(pos + DIR_TO_VEC[d % 4])]
+  if ahead(base.agent_dir) < distance[tuple(pos)]:
+    return fourrooms.FORWARD
+  return fourrooms.RIGHT if ahead(base.agent_dir + 1) < distance[tuple(pos)] else fourrooms.LEFT
+
+
+@pytest.mark.parametrize(
+    'max_steps, num_steps, steer',
+    [
+        (100, 106, (0.0, 0.0, 0.3, 0.6, 0.6, 0.8, 0.8, 0.9, 0.9, 0.9)),  # goals, then truncation
+        (12, 15, (0.0, 0.0, 0.5, 0.5)),  # early truncation
+    ],
+)
+def test_rollouts_match_minigrid_step_for_step(max_steps, num_steps, steer):
+  env = fourrooms.FourRooms(max_steps)
+  num_envs = len(steer)
+  states, obs0_Bx7x7x3 = jax.jit(jax.vmap(env.reset))(
+      jax.random.split(jax.random.key(max_steps), num_envs))
+
+  # minigrid first, choosing the actions (steering reads minigrid's state).
+  rng = np.random.default_rng(max_steps)
+  actions_BxT = np.zeros((num_envs, num_steps), np.int32)
+  expected = collections.defaultdict(list)
+  for b in range(num_envs):
+    env_mg = _minigrid_env(max_steps, states, b)
+    np.testing.assert_array_equal(
+        obs0_Bx7x7x3[b], env_mg.unwrapped.gen_obs()['image'], err_msg=f'reset obs, env {b}')
+    for t in range(num_steps):
+      actions_BxT[b, t] = _steered_action(env_mg.unwrapped, rng, steer[b])
+      obs, reward, terminated, truncated, _ = env_mg.step(actions_BxT[b, t])
+      for name, value in zip(('obs', 'reward', 'terminated', 'truncated'),
+                             (obs, reward, terminated, truncated)):
+        expected[name].append(value)
+  expected = {k: np.stack(v).reshape(num_envs, num_steps, *np.shape(v[0]))
+              for k, v in expected.items()}
+
+  def rollout(state, actions_T):
+    def body(state, action):
+      state, obs, reward, terminated = env.step(jax.random.key(0), state, action)
+      return state, (obs, reward, terminated, env.truncated(state))
+    return jax.lax.scan(body, state, actions_T)[1]
+
+  obs, reward, terminated, truncated = jax.jit(jax.vmap(rollout))(states, actions_BxT)
+
+  assert obs.dtype == jnp.int32 and reward.dtype == jnp.float32
+  assert terminated.dtype == jnp.bool_ and truncated.dtype == jnp.bool_
+  for b in range(num_envs):
+    for t in range(num_steps):
+      np.testing.assert_array_equal(
+          obs[b, t], expected['obs'][b, t], err_msg=f'obs, env {b}, step {t + 1}')
+  np.testing.assert_array_equal(terminated, expected['terminated'])
+  np.testing.assert_array_equal(truncated, expected['truncated'])
+  np.testing.assert_allclose(reward, expected['reward'], rtol=0, atol=1e-6)
+
+  # The rollouts exercise what they claim to: every action, truncation (and
+  # steps past it), and, for the long episodes, reaching the goal.
+  assert set(np.unique(actions_BxT)) == set(range(fourrooms.NUM_ACTIONS))
+  assert expected['truncated'][:, -1].all() and not expected['truncated'][:, 0].any()
+  if max_steps == 100:
+    assert expected['terminated'].sum() >= 3
+    assert (expected['reward'] > 0).sum() == expected['terminated'].sum()
+
+
+def test_visibility_matches_process_vis_on_random_views():
+  rng = np.random.default_rng(0)
+  walls_Nx7x7 = rng.random((300, 7, 7)) < rng.uniform(0.05, 0.7, (300, 1, 1))
+  visible = np.asarray(jax.jit(jax.vmap(fourrooms.visibility_mask))(~walls_Nx7x7))
+  for walls_7x7, visible_7x7 in zip(walls_Nx7x7, visible):
+    grid = Grid(7, 7)
+    for i, j in zip(*np.nonzero(walls_7x7)):
+      grid.set(int(i), int(j), Wall())
+    np.testing.assert_array_equal(visible_7x7, grid.process_vis((3, 6)))
+
+
+def test_cells_outside_the_grid_are_walls_as_in_minigrid():
+  # FourRooms' border hides everything outside the grid, so open the border to
+  # see minigrid's out-of-grid walls.
+  env = fourrooms.FourRooms(100)
+  states, _ = jax.vmap(env.reset)(jax.random.split(jax.random.key(3), 4))
+  floor = jnp.array([EMPTY, 7], jnp.uint8)  # xminigrid's black floor
+  grid = states.grid.at[:, (0, -1), :].set(floor).at[:, :, (0, -1)].set(floor)
+  edge_cells = [(y, x) for y in (0, 1, 2, 16, 17, 18) for x in (0, 1, 5, 17, 18)]
+  cases = [(b, yx, d) for b in range(4) for yx in edge_cells for d in range(4)
+           if grid[b, yx[0], yx[1], 0] == EMPTY]
+  case_states = fourrooms.FourRoomsState(
+      grid=grid[np.array([b for b, _, _ in cases])],
+      agent=states.agent.replace(
+          position=jnp.array([yx for _, yx, _ in cases], jnp.int32),
+          direction=jnp.array([d for _, _, d in cases], jnp.int32),
+          pocket=jnp.zeros((len(cases), 2), jnp.uint8)),
+      step_count=jnp.zeros(len(cases), jnp.int32))
+  obs = jax.jit(jax.vmap(env.observation))(case_states)
+  facing_out = 0
+  for n, (_, (y, x), d) in enumerate(cases):
+    expected = _minigrid_env(100, case_states, n).unwrapped.gen_obs()['image']
+    np.testing.assert_array_equal(obs[n], expected, err_msg=f'case {cases[n]}')
+    ahead_y, ahead_x = np.array((y, x)) + ((-1, 0), (0, 1), (1, 0), (0, -1))[d]
+    if not (0 <= ahead_y < SIZE and 0 <= ahead_x < SIZE):
+      facing_out += 1
+      np.testing.assert_array_equal(expected[3, 5], (OBJECT_TO_IDX['wall'], 5, 0))
+  assert facing_out >= 10
+
+
+def test_layouts_are_minigrids_family():
+  env = fourrooms.FourRooms(100)
+  states, _ = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(0), 512))
+  tiles_NxHxW = np.asarray(states.grid[..., 0])
+
+  # minigrid's skeleton: its walls plus its four door gaps (row 9 and column 9).
+  base = gym.make('MiniGrid-FourRooms-v0').unwrapped
+  base.reset(seed=0)
+  mg_walls_HxW = base.grid.encode()[..., 0].T == OBJECT_TO_IDX['wall']
+  segments = {  # (row slice, column slice) of each door's wall segment
+      'west': (9, slice(1, 9)), 'east': (9, slice(10, 18)),
+      'north': (slice(1, 9), 9), 'south': (slice(10, 18), 9)}
+  skeleton_HxW = mg_walls_HxW.copy()
+  for rows, cols in segments.values():
+    assert (~mg_walls_HxW[rows, cols]).sum() == 1
+    skeleton_HxW[rows, cols] = True
+
+  walls_NxHxW = tiles_NxHxW == WALL
+  np.testing.assert_array_equal(walls_NxHxW | skeleton_HxW, np.broadcast_to(skeleton_HxW,
+                                                                            walls_NxHxW.shape))
+  for name, (rows, cols) in segments.items():
+    gaps_NxK = ~walls_NxHxW[:, rows, cols]
+    assert (gaps_NxK.sum(-1) == 1).all(), name
+    # Each door uniform over its segment's 8 cells: all of them occur.
+    assert set(np.argmax(gaps_NxK, -1)) == set(range(8)), name
+
+  goals = np.argwhere(tiles_NxHxW == GOAL)
+  assert len(goals) == 512 and (goals[:, 0] == np.arange(512)).all()
+  agents = np.asarray(states.agent.position)
+  assert (tiles_NxHxW[np.arange(512), agents[:, 0], agents[:, 1]] == EMPTY).all()
+  assert (agents != goals[:, 1:]).any(-1).all()
+  assert set(np.asarray(states.agent.direction)) == {0, 1, 2, 3}
+  # Agents and goals land in all four rooms and in door gaps.
+  assert (agents == 9).any(-1).any()
+  rooms = (agents[:, 0] > 9) * 2 + (agents[:, 1] > 9)
+  assert set(rooms) == {0, 1, 2, 3}
+
+
+def test_jit_vmap_batch_sharded_and_render():
+  env = fourrooms.FourRooms(5)
+  assert env.num_actions == 7 and env.observation_shape == (7, 7, 3)
+  assert env.observation_dtype == jnp.int32
+  mesh = jax.make_mesh((jax.device_count(),), ('envs',))
+  sharding = jax.NamedSharding(mesh, jax.P('envs'))
+  keys = jax.device_put(jax.random.split(jax.random.key(7), 8), sharding)
+  states, obs = jax.jit(jax.vmap(env.reset))(keys)
+  assert obs.shape == (8, 7, 7, 3) and obs.dtype == jnp.int32
+  step = jax.jit(jax.vmap(env.step))
+  truncated = jax.jit(jax.vmap(env.truncated))
+  actions = jnp.arange(8) % 7
+  for t in range(5):
+    assert not truncated(states).any()
+    new_states, obs, reward, terminated = step(keys, states, actions)
+    # One unbatched environment agrees with its slot of the batch.
+    single = env.step(keys[3], jax.tree.map(lambda x: x[3], states), actions[3])
+    np.testing.assert_array_equal(single[1], obs[3])
+    states = new_states
+  assert obs.shape == (8, 7, 7, 3) and obs.dtype == jnp.int32
+  assert reward.shape == (8,) and reward.dtype == jnp.float32
+  assert terminated.shape == (8,) and terminated.dtype == jnp.bool_
+  assert truncated(states).all() and truncated(states).shape == (8,)
+
+  frame = env.render(jax.tree.map(lambda x: x[0], states))
+  assert frame.shape == (SIZE * 32, SIZE * 32, 3) and frame.dtype == np.uint8
+  y, x = np.asarray(states.agent.position[0]) * 32
+  agent_tile = frame[y:y + 32, x:x + 32].reshape(-1, 3)
+  assert (agent_tile == (255, 0, 0)).all(-1).any()  # The agent's red triangle.
+  goal_y, goal_x = np.argwhere(np.asarray(states.grid[0, ..., 0]) == GOAL)[0] * 32
+  goal_tile = frame[goal_y:goal_y + 32, goal_x:goal_x + 32].reshape(-1, 3)
+  assert (goal_tile == (0, 255, 0)).all(-1).any()
