@@ -129,7 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == 'cartpole_small':
     config = script('cartpole', 'ctm', 2)
     config.model.update(d_model=64, d_input=64, memory_length=10)
-    config.update(num_envs=64, num_steps=50, total_timesteps=1_000_000, update_epochs=4,
+    config.update(num_envs=64, num_steps=50, total_timesteps=2_400_000, update_epochs=4,
                   lr=1e-3, save_every=25, track_every=25, log_every=5, eval_episodes=32)
     return config
   if variant == 'acrobot_small':

@@ -171,7 +171,8 @@ def _model_and_mesh(config, task, num_devices):
     raise ValueError(f'config.model.{e}') from None
   except TypeError as e:  # an unknown constructor argument
     raise ValueError(f'config.model: {e}') from None
-  sharding.validate(config, jax.device_count() if num_devices is None else num_devices)
+  sizes = sharding.validate(config, jax.device_count() if num_devices is None else num_devices)
+  task.validate_mesh(config, sizes)
   if config.init_from:
     _check_init_from(config.init_from, model)
   return task, model

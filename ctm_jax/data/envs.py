@@ -8,8 +8,9 @@ vmaps it over environments and jits everything):
   truncated(state) -> bool: the episode reached `max_environment_steps`
   render(state) -> (H, W, 3) uint8 frame, on the host (evaluation gifs)
 
-and `num_actions`, `observation_shape`, `observation_dtype`, `backbone_type`
-(the agent backbone that reads its observations).
+and `num_actions`, `action_names`, `observation_shape`, `observation_dtype`,
+`backbone_type` (the agent backbone that reads its observations) and `goal`
+(whether a positive terminal reward means success, reported as a rate).
 
 * CartPole-v1 and Acrobot-v1: gymnax's dynamics (gymnasium's equations, in
   float32), with the reference's velocity masks (`mask_velocity`: CartPole
@@ -34,6 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+ACTION_NAMES = {
+    'CartPole-v1': ('left', 'right'),
+    'Acrobot-v1': ('-1', '0', '+1'),  # torque
+}
 CLASSIC_CONTROL = {
     # id: the reference's velocity mask over the observation.
     'CartPole-v1': (1.0, 0.0, 1.0, 0.0),
@@ -55,6 +60,7 @@ class ClassicControl:
 
   backbone_type = 'classic-control-backbone'
   observation_dtype = jnp.float32
+  goal = False  # no success rate: episodes end by failing (CartPole) or by reaching the line
 
   def __post_init__(self):
     env, params = gymnax.make(self.env_id)
@@ -64,6 +70,10 @@ class ClassicControl:
   @property
   def num_actions(self) -> int:
     return int(self._env.num_actions)
+
+  @property
+  def action_names(self) -> tuple[str, ...]:
+    return ACTION_NAMES[self.env_id]
 
   @property
   def observation_shape(self) -> tuple[int, ...]:

@@ -164,7 +164,7 @@ def visibility_mask(transparent_GxG: jax.Array) -> jax.Array:
     after_right_G = _spread_right(seeds_G, transparent_G)
     lit_G = _spread_left(after_right_G, transparent_G)
     rows[row] = lit_G
-    # Cells each sweep visited lit and see-through, and whose light passes on.
+    # Light passes on to the next row from the cells a sweep visited while lit and see-through.
     right_src_G = (after_right_G & transparent_G).at[-1].set(False)
     left_src_G = (lit_G & transparent_G).at[0].set(False)
     seeds_G = (right_src_G | left_src_G
@@ -212,6 +212,10 @@ class FourRooms:
   num_actions: int = NUM_ACTIONS
   observation_shape = (VIEW, VIEW, 3)
   observation_dtype = jnp.int32
+  backbone_type = 'navigation-backbone'
+  action_names = ('left', 'right', 'forward', 'pickup', 'drop', 'toggle', 'done')
+  # Episodes end at a goal: success rates are reported.
+  goal = True
 
   def __init__(self, max_environment_steps: int):
     if max_environment_steps <= 0:

@@ -391,7 +391,7 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
   task_name = task or detect_task(args)
   task = tasks_lib.get(task_name)
   model_type = reference_model_type(args, task_name)
-  if model_type != 'ctm':
+  if model_type != 'ctm' or task.reference_args_by_name:
     return _baseline_kwargs(args, task, model_type)
   defaults = {**INFERENCE_DEFAULTS, **task.reference_arg_defaults}
   missing = [name for name in ARG_TO_KWARG if args.get(name) is None and name not in defaults]

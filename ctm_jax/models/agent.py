@@ -12,7 +12,7 @@ representation and the new state:
   graph). No attention, no output projector, no action synch.
 * the LSTM carries (h, c), both (B, D); its representation is h.
 
-`ActorCritic` resets the carried state of the environments whose episode
+`CTMAgent` / `LSTMAgent` reset the carried state of the environments whose episode
 just ended, runs the recurrent model and reads action logits and a value with
 two MLPs (64, 64, ReLU; orthogonal init, as the reference's `layer_init`).
 Parameter names follow the reference's state_dict (ctm_jax/interop/torch.py):
@@ -24,6 +24,7 @@ Dimension glossary:
   G grid side (the 7x7 egocentric view)
 """
 
+import dataclasses
 import math
 from typing import Any, ClassVar, Sequence
 
@@ -46,6 +47,8 @@ GRID = 7
 # The RL synch's decay clamp, applied in the graph.
 DECAY_CLAMP = (0.0, 4.0)
 HEAD_WIDTH = 64
+# The reference's agent holds its recurrent model under this name.
+AGENT_RECURRENT = 'recurrent_model'
 
 
 def _glu_ln(h, width, dtype, linear_name, norm_name):
@@ -388,15 +391,19 @@ def observation_features(state_dict) -> int:
   return 4
 
 
-def _head(name: str, out: int):
+def _head(out: int):
   """The reference's layer_init: orthogonal weights (gain 1), zero biases."""
-  return layers.Linear(
-      out, kernel_init=nn.initializers.orthogonal(1.0), bias_init=nn.initializers.zeros, name=name
-  )
+  return layers.Linear(out, kernel_init=nn.initializers.orthogonal(1.0), bias_init=nn.initializers.zeros)
 
 
-class ActorCritic(nn.Module):
-  """The reference's PPO `Agent`: a recurrent model, then actor and critic MLPs.
+def _recurrent_kwargs(agent, recurrent_cls) -> dict:
+  names = [f.name for f in dataclasses.fields(recurrent_cls) if f.init and f.name not in ('parent', 'name')]
+  return {name: getattr(agent, name) for name in names}
+
+
+class AgentMixin:
+  """The reference's PPO `Agent`: its recurrent model (`recurrent_model`, built
+  from the agent's own constructor options), then actor and critic MLPs.
 
   `__call__(obs, carry, done)` resets the carry of examples whose `done` is
   set (the episode before this observation ended; with
@@ -404,37 +411,73 @@ class ActorCritic(nn.Module):
   (logits (B, A), value (B,), new carry, tracking or None).
   """
 
-  recurrent_model: nn.Module
-  num_actions: int
-  continuous_state_trace: bool = True
+  recurrent_class: ClassVar[type]
+
+  def setup(self):
+    self.recurrent_model = self.recurrent_class(**_recurrent_kwargs(self, self.recurrent_class))
+    self.actor_0, self.actor_2, self.actor_4 = _head(HEAD_WIDTH), _head(HEAD_WIDTH), _head(self.num_actions)
+    self.critic_0, self.critic_2, self.critic_4 = _head(HEAD_WIDTH), _head(HEAD_WIDTH), _head(1)
 
   def initial_carry(self, batch: int):
     return self.recurrent_model.initial_carry(batch)
 
   def reset(self, carry, done_B):
     start = self.recurrent_model.initial_carry(done_B.shape[0])
-    if isinstance(self.recurrent_model, ContinuousThoughtMachineRL) and not self.continuous_state_trace:
+    if not self.carries_state:
       return start
     return jax.tree.map(
         lambda s, c: jnp.where(done_B.reshape((-1,) + (1,) * (c.ndim - 1)), s, c), start, carry
     )
 
-  @nn.compact
   def __call__(self, obs, carry, done_B, train: bool = False, track: bool = False):
     carry = self.reset(carry, done_B)
     hidden_BxH, carry, tracking = self.recurrent_model(obs, carry, train=train, track=track)
     hidden_BxH = hidden_BxH.astype(jnp.float32)
-
-    def mlp(prefix, out):
-      h = nn.relu(_head(f'{prefix}_0', HEAD_WIDTH)(hidden_BxH))
-      h = nn.relu(_head(f'{prefix}_2', HEAD_WIDTH)(h))
-      return _head(f'{prefix}_4', out)(h)
-
-    logits_BxA = mlp('actor', self.num_actions)
-    value_B = mlp('critic', 1)[:, 0]
+    logits_BxA = self.actor_4(nn.relu(self.actor_2(nn.relu(self.actor_0(hidden_BxH)))))
+    value_B = self.critic_4(nn.relu(self.critic_2(nn.relu(self.critic_0(hidden_BxH)))))[:, 0]
     return logits_BxA, value_B, carry, tracking
 
   def example_inputs(self, observation_shape, observation_dtype):
     """(obs, carry, done) of a batch of one, for init."""
     obs = jnp.zeros((1, *observation_shape), observation_dtype)
-    return obs, self.recurrent_model.zero_carry(1), jnp.ones((1,), bool)
+    return obs, self.zero_carry(1), jnp.ones((1,), bool)
+
+  @classmethod
+  def example_input(cls, state_dict, model_kwargs):
+    """(obs, carry, done) of a batch of one, for the importer's init."""
+    model = cls(**model_kwargs)
+    obs = example_observation(model.backbone_type, observation_features(state_dict))
+    return obs, model.zero_carry(1), jnp.ones((1,), bool)
+
+  def reference_constants(self) -> dict[str, np.ndarray]:
+    recurrent = self.recurrent_class(**_recurrent_kwargs(self, self.recurrent_class))
+    constants = recurrent.reference_constants() if hasattr(recurrent, 'reference_constants') else {}
+    return {f'{AGENT_RECURRENT}.{k}': v for k, v in constants.items()}
+
+
+class CTMAgent(AgentMixin, ContinuousThoughtMachineRL):
+  """The agent over a ContinuousThoughtMachineRL: its options, plus the
+  environment's `num_actions` and `continuous_state_trace` (the reference's
+  flag: carry the traces across environment steps, default on)."""
+
+  num_actions: int = 2
+  continuous_state_trace: bool = True
+
+  recurrent_class = ContinuousThoughtMachineRL
+
+  @property
+  def carries_state(self) -> bool:
+    return self.continuous_state_trace
+
+
+class LSTMAgent(AgentMixin, LSTMRL):
+  """The agent over the LSTM baseline (whose state is always carried)."""
+
+  num_actions: int = 2
+  continuous_state_trace: bool = True  # the reference ignores it for the LSTM
+
+  recurrent_class = LSTMRL
+
+  @property
+  def carries_state(self) -> bool:
+    return True

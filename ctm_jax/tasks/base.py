@@ -61,6 +61,10 @@ class Task:
   def validate(self, config) -> None:
     """Raises ValueError naming `config.<key>=<value>` for a bad task key; reads no data."""
 
+  def validate_mesh(self, config, mesh_sizes: dict[str, int]) -> None:
+    """Raises ValueError for task keys that do not fit the mesh (`mesh_sizes`:
+    axis -> size); the trainer's batch sizes are checked already."""
+
   def check_data(self, config) -> None:
     """Raises ValueError, saying how to fix it, when the task's data cannot be read."""
 
@@ -202,6 +206,9 @@ class Task:
 
   # The saved-args field that names the model type ('ctm' for a CTM).
   reference_model_field: ClassVar[str] = 'model'
+  # True when the reference script saves the model's options under the model
+  # class's own field names (read as a baseline's are), not ARG_TO_KWARG's.
+  reference_args_by_name: ClassVar[bool] = False
   # Constructor args this task's reference script does not save (it has no
   # flag for them), with the values it builds the model with.
   reference_arg_defaults: ClassVar[dict] = {}

@@ -71,9 +71,11 @@ class ReinforcementLearning(base.Task):
   # The runner's arrays are shaped by these: another value cannot resume.
   identity_keys = ('env_id', 'num_envs')
   trainer_keys = RL_TRAINER_KEYS
-  model_class = agent_lib.ContinuousThoughtMachineRL
-  baselines = {'lstm': agent_lib.LSTMRL}
+  model_class = agent_lib.CTMAgent
+  baselines = {'lstm': agent_lib.LSTMAgent}
   reference_model_field = 'model_type'
+  # The RL script's args carry the agent's options under their own names.
+  reference_args_by_name = True
 
   def validate(self, config) -> None:
     if config.env_id not in envs_lib.ENV_IDS:
@@ -101,44 +103,69 @@ class ReinforcementLearning(base.Task):
       _fail('target_kl', config.target_kl, 'must be > 0, or None for no early stop')
     if config.num_envs % config.num_minibatches:
       _fail('num_minibatches', config.num_minibatches, f'must divide num_envs={config.num_envs}')
-    shards = sharding.batch_shards(sharding.mesh_shape(config.mesh, jax.device_count()))
+    if config.num_envs * config.num_steps > config.total_timesteps:
+      _fail('total_timesteps', config.total_timesteps,
+            f'below one rollout (num_envs x num_steps = {config.num_envs * config.num_steps})')
+
+  def validate_mesh(self, config, mesh_sizes) -> None:
+    shards = sharding.batch_shards(mesh_sizes)
     per_minibatch = config.num_envs // config.num_minibatches
     if per_minibatch % shards:
       _fail(
           'num_envs', config.num_envs,
           f'each of the num_minibatches={config.num_minibatches} minibatches holds '
           f'{per_minibatch} environments, which must be divisible by the mesh batch axes '
-          f'data x fsdp = {shards}',
+          f'data x fsdp = {mesh_sizes["data"]} x {mesh_sizes["fsdp"]}; pass a multiple of '
+          f'{shards * config.num_minibatches}, or fewer batch shards (--config.mesh.data, '
+          '--config.mesh.neuron)',
       )
-    if config.num_envs * config.num_steps > config.total_timesteps:
-      _fail('total_timesteps', config.total_timesteps,
-            f'below one rollout (num_envs x num_steps = {config.num_envs * config.num_steps})')
 
   def make_env(self, config):
     return envs_lib.make(config.env_id, config.max_environment_steps, config.mask_velocity)
 
   def make_model(self, config):
-    """The agent: `config.model_type`'s recurrent model (backbone from the
-    environment, as the reference's) under actor and critic heads."""
+    """The agent: `config.model_type`'s recurrent model (its backbone chosen by
+    the environment, as the reference's) under actor and critic heads."""
     env = self.make_env(config)
     cls = self.model_class_for(config.get('model_type', 'ctm'))
     fields = base._init_fields(cls)  # pylint: disable=protected-access
-    kwargs = {k: v for k, v in config.model.to_dict().items() if k in fields}
-    unknown = sorted(set(config.model) - set().union(*(base._init_fields(c) for c in self.model_types().values())))  # pylint: disable=protected-access
+    known = set().union(*(base._init_fields(c) for c in self.model_types().values()))  # pylint: disable=protected-access
+    unknown = sorted(set(config.model) - known)
     if unknown:
       raise ValueError(f'{unknown[0]}: no RL model takes this option')
-    kwargs['backbone_type'] = env.backbone_type
-    return agent_lib.ActorCritic(cls(**kwargs), env.num_actions, config.continuous_state_trace)
+    kwargs = {k: v for k, v in config.model.to_dict().items() if k in fields}
+    kwargs.update(
+        backbone_type=env.backbone_type,
+        num_actions=env.num_actions,
+        continuous_state_trace=config.continuous_state_trace,
+    )
+    return cls(**kwargs)
 
   def own_loop(self):
     return train_and_evaluate
 
   # --- Reference checkpoints ----------------------------------------------------
 
-  reference_arg_defaults = {'prediction_reshaper': [-1]}
-
   def matches_reference_args(self, args: dict) -> bool:
     return 'env_id' in args and 'num_envs' in args
+
+  def reference_model_kwargs(self, args: dict) -> dict:
+    """The agent's options the RL script derives: backbone and action count
+    from the environment, the NLM flags from their argument names."""
+    env_id = base.required_arg(args, 'env_id', 'rl')
+    if env_id not in envs_lib.ENV_IDS:
+      raise ValueError(f'saved args: env_id={env_id!r}; ctm-jax has {", ".join(envs_lib.ENV_IDS)}')
+    env = envs_lib.make(env_id, int(args.get('max_environment_steps') or 500))
+    kwargs = {
+        'backbone_type': env.backbone_type,
+        'num_actions': env.num_actions,
+        'prediction_reshaper': [-1],
+        'continuous_state_trace': bool(args.get('continuous_state_trace', True)),
+    }
+    for arg, kwarg in (('deep_memory', 'deep_nlms'), ('do_normalisation', 'do_layernorm_nlm')):
+      if args.get(arg) is not None:
+        kwargs[kwarg] = bool(args[arg])
+    return kwargs
 
 
 # ---------------------------------------------------------------------------
