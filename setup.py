@@ -30,10 +30,15 @@ setuptools.setup(
         "tqdm",
         # jax.export serialisation (python -m ctm_jax.export).
         "flatbuffers",
+        # RL: environments in JAX (CartPole/Acrobot, MiniGrid FourRooms) and PPO pieces.
+        "gymnax",
+        "xminigrid",
+        "rlax",
     ],
     extras_require={
         # nbclient/ipykernel/nbformat: the tests execute notebooks/.
-        "test": ["pytest", "pytest-xdist", "scikit-learn", "nbclient", "nbformat", "ipykernel"],
+        # gymnasium (with gymnax) and minigrid: the RL environments are checked against them.
+        "test": ["pytest", "pytest-xdist", "scikit-learn", "nbclient", "nbformat", "ipykernel", "minigrid"],
         # configs/digits.py: scikit-learn's bundled 8x8 digits, no download.
         "digits": ["scikit-learn"],
         # Reading the reference's .pt checkpoints.

@@ -531,7 +531,9 @@ def load_reference_checkpoint(path: str, trust_pickle: bool = False):
         f'{path}: non-finite weights (NaN or inf) in {", ".join(sorted(bad))}; '
         'the run that saved it had diverged: import an earlier checkpoint'
     )
-  return state_dict, _as_dict(checkpoint['args']), checkpoint.get('iteration')
+  # The RL script saves its iteration as training_iteration.
+  iteration = checkpoint.get('iteration', checkpoint.get('training_iteration'))
+  return state_dict, _as_dict(checkpoint['args']), iteration
 
 
 def _json_safe(args: dict) -> dict:
