@@ -115,7 +115,7 @@ def test_decays_outside_the_clamp_get_no_gradient():
   assert decay[0] == -1 and decay[1] == 20
   np.testing.assert_array_equal(arrays['__grad__decay_params_out'][:2], 0)
   x, carry = _inputs('rl_classic', arrays)
-  grads = jax.grad(lambda p: jnp.mean(model.apply({**variables, 'params': p}, x, carry)[0] ** 2))(
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({**variables, 'params': p}, x, carry)[0] ** 2)))(
       variables['params']
   )
   g = np.asarray(grads['decay_params_out'])

@@ -33,12 +33,23 @@ def test_every_task_has_a_config():
 @pytest.mark.parametrize('name, variant', CASES)
 def test_config_builds_its_model(name, variant):
   config = importlib.import_module(f'ctm_jax.configs.{name}').get_config(variant)
-  task, model = validation.validate(config, num_devices=8)
+  try:
+    task, model = validation.validate(config, num_devices=8)
+  except ValueError as e:
+    # The reference's Acrobot scripts (12 environments in 4 minibatches) fit no
+    # 8-way batch axis: refused by name there, valid on one device.
+    if 'config.num_envs=12' not in str(e):
+      raise
+    task, model = validation.validate(config, num_devices=1)
   assert isinstance(model, task.model_class_for(config.get('model_type', 'ctm')))
   if name == 'imagenet':  # parameter shapes do not depend on the image size
     config.image_shape = (32, 32, 3)
-  example = task.model_inputs(task.example_batch(config))
-  variables = jax.eval_shape(model.init, jax.random.key(0), example)
+  if task.own_loop() is not None:  # RL: the agent takes (observation, carry, done)
+    env = task.make_env(config)
+    example = model.example_inputs(env.observation_shape, env.observation_dtype)
+  else:
+    example = (task.model_inputs(task.example_batch(config)),)
+  variables = jax.eval_shape(model.init, jax.random.key(0), *example)
   assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params'])) > 0
 
 

@@ -173,10 +173,9 @@ def test_carried_state_resets_exactly_where_episodes_end(model_type):
   carry0 = jax.tree.map(lambda x: x + 0.3, agent.apply({'params': params}, envs, method='initial_carry'))
   logits, values = ppo.replay(agent, params, carry0, obs, jnp.asarray(done), jax.random.key(2))
   fresh_carry = agent.apply({'params': params}, envs, method='initial_carry')
+  apply = jax.jit(agent.apply)
   for t in range(steps):
-    fresh_logits, fresh_values, _, _ = agent.apply(
-        {'params': params}, obs[t], fresh_carry, jnp.zeros((envs,), bool)
-    )
+    fresh_logits, fresh_values, _, _ = apply({'params': params}, obs[t], fresh_carry, jnp.zeros((envs,), bool))
     for b in range(envs):
       same = np.allclose(values[t, b], fresh_values[b], rtol=0, atol=1e-6) and np.allclose(
           logits[t, b], fresh_logits[b], rtol=0, atol=1e-6
@@ -189,8 +188,9 @@ def test_without_a_continuous_trace_the_ctm_restarts_every_step():
   obs = jax.random.normal(jax.random.key(1), (5, 2, 4))
   carry0 = agent.apply({'params': params}, 2, method='initial_carry')
   _, values = ppo.replay(agent, params, carry0, obs, jnp.zeros((5, 2), bool), jax.random.key(2))
+  apply = jax.jit(agent.apply)
   for t in range(5):
-    _, fresh, _, _ = agent.apply({'params': params}, obs[t], carry0, jnp.zeros((2,), bool))
+    _, fresh, _, _ = apply({'params': params}, obs[t], carry0, jnp.zeros((2,), bool))
     np.testing.assert_allclose(values[t], fresh, atol=1e-6)
 
 
@@ -303,8 +303,9 @@ def test_bad_fields_are_named(field, value, message):
     validation.validate(config, num_devices=1)
 
 
+@pytest.mark.slow  # two short PPO runs each
 @needs_8_devices
-@pytest.mark.parametrize('variant', ['smoke', 'lstm_smoke'])
+@pytest.mark.parametrize('variant', ['smoke', 'lstm_smoke', '4rooms_smoke'])
 def test_smoke_trains_evaluates_and_resumes_bit_identically_on_the_mesh(variant, tmp_path):
   flags.FLAGS.mark_as_parsed()
   config = rl_configs.get_config(variant)

@@ -320,6 +320,10 @@ def episode_gif(
   S steps, T ticks per step, D neurons, A actions.
   """
   steps, ticks, neurons = post_SxTxD.shape
+  if frames_SxHxWx3.shape[1] > 192:  # MiniGrid's full-grid frames: shrink for a small gif
+    frames_SxHxWx3 = np.stack(
+        [np.asarray(Image.fromarray(np.asarray(f, np.uint8)).resize((192, 192), Image.BILINEAR)) for f in frames_SxHxWx3]
+    )
   shown = min(neurons, max_neurons)
   activity_DxST = post_SxTxD[:, :, :shown].reshape(steps * ticks, shown).T
   scale = float(np.abs(activity_DxST).max()) or 1.0
@@ -342,7 +346,7 @@ def episode_gif(
       y = 10 + a * 18
       fill = (220, 60, 60) if a == int(actions_S[s]) else (90, 90, 200)
       draw.rectangle([bar_x, y, bar_x + int(100 * float(p)), y + 12], fill=fill)
-      draw.text((bar_x + 104, y), names[a][:6], fill=(0, 0, 0))
+      draw.text((bar_x + 104, y), names[a][:8], fill=(0, 0, 0))
     draw.text((bar_x, height - 20), f'value {float(values_S[s]):.2f}', fill=(0, 0, 0))
     draw.text((4, height + 4), f'step {s + 1}/{steps}', fill=(0, 0, 0))
     images.append(canvas.quantize(method=Image.Quantize.FASTOCTREE))

@@ -354,10 +354,10 @@ def make_iteration(config, agent, env, tx):
   return iteration
 
 
-def evaluate(config, agent, env, params, key, episodes: int, tracked: int = 0):
+def evaluate(config, agent, env, params, key, episodes: int, tracked: int = 0, greedy: bool = False):
   """`episodes` environments played from reset for `max_environment_steps`
-  steps with sampled actions (as the reference's evaluation); each one's first
-  episode counts. Returns (per-episode return / length / success (B,), and a
+  steps with sampled actions (as the reference's evaluation), or the most
+  probable ones with `greedy`; each one's first episode counts. Returns (per-episode return / length / success (B,), and a
   per-step record (S, ..., tracked, ...) of the first `tracked` environments,
   or None)."""
   steps = config.max_environment_steps
@@ -372,7 +372,7 @@ def evaluate(config, agent, env, params, key, episodes: int, tracked: int = 0):
     logits, value, carry, tracking = agent.apply(
         {'params': params}, obs, carry, jnp.zeros((episodes,), bool), track=tracked > 0
     )
-    action = jax.random.categorical(action_key, logits)
+    action = jnp.argmax(logits, -1) if greedy else jax.random.categorical(action_key, logits)
     new_env_state, new_obs, reward, terminated = jax.vmap(env.step)(
         jax.random.split(env_key, episodes), env_state, action
     )

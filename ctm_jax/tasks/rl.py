@@ -14,7 +14,9 @@ Metrics: `episodes/return`, `episodes/length` (raw rewards, episodes that
 ended in the logged window), `episodes/success` (MiniGrid), `losses/*` (the
 reference's names), `train/sps` (environment steps per second, rollout and
 update), and at each eval `eval/return`, `eval/length`, `eval/success` over
-`eval_episodes` fresh episodes, with `num_validation_envs` of them drawn to
+`eval_episodes` fresh episodes with sampled actions (as the reference
+evaluates), `eval/greedy_*` with the most probable actions, and
+`num_validation_envs` of the sampled episodes drawn to
 `plots/episode_<step>_<i>.gif`.
 
 Dimension glossary: B environments, S evaluation steps, T ticks, D neurons.
@@ -48,7 +50,7 @@ RL_TRAINER_KEYS = frozenset(
 )
 _POSITIVE = ('num_envs', 'num_steps', 'total_timesteps', 'num_minibatches', 'update_epochs',
              'max_environment_steps', 'eval_episodes')
-_BOOLEANS = ('mask_velocity', 'anneal_lr', 'norm_adv', 'clip_vloss', 'continuous_state_trace')
+_BOOLEANS = ('mask_velocity', 'anneal_lr', 'norm_adv', 'clip_vloss')
 
 
 def _fail(field, value, why):
@@ -65,7 +67,7 @@ class ReinforcementLearning(base.Task):
       {'env_id', 'mask_velocity', 'max_environment_steps', 'num_steps', 'total_timesteps',
        'num_envs', 'anneal_lr', 'discount_gamma', 'gae_lambda', 'num_minibatches',
        'update_epochs', 'norm_adv', 'clip_coef', 'clip_vloss', 'ent_coef', 'vf_coef',
-       'max_grad_norm', 'target_kl', 'continuous_state_trace', 'num_validation_envs',
+       'max_grad_norm', 'target_kl', 'num_validation_envs',
        'eval_episodes'}
   )
   # The runner's arrays are shaped by these: another value cannot resume.
@@ -101,6 +103,9 @@ class ReinforcementLearning(base.Task):
         _fail(field, config[field], 'must be >= 0')
     if config.target_kl is not None and not config.target_kl > 0:
       _fail('target_kl', config.target_kl, 'must be > 0, or None for no early stop')
+    if config.num_validation_envs > config.eval_episodes:
+      _fail('num_validation_envs', config.num_validation_envs,
+            f'gifs are drawn from the evaluation episodes: at most eval_episodes={config.eval_episodes}')
     if config.num_envs % config.num_minibatches:
       _fail('num_minibatches', config.num_minibatches, f'must divide num_envs={config.num_envs}')
     if config.num_envs * config.num_steps > config.total_timesteps:
@@ -134,11 +139,7 @@ class ReinforcementLearning(base.Task):
     if unknown:
       raise ValueError(f'{unknown[0]}: no RL model takes this option')
     kwargs = {k: v for k, v in config.model.to_dict().items() if k in fields}
-    kwargs.update(
-        backbone_type=env.backbone_type,
-        num_actions=env.num_actions,
-        continuous_state_trace=config.continuous_state_trace,
-    )
+    kwargs.update(backbone_type=env.backbone_type, num_actions=env.num_actions)
     return cls(**kwargs)
 
   def own_loop(self):
@@ -286,7 +287,10 @@ def _evaluator(config, agent, env):
   def run(params, step):
     key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
     sums, record = ppo.evaluate(config, agent, env, params, key, episodes, config.num_validation_envs)
-    return {k: v.mean() for k, v in sums.items()}, record
+    greedy, _ = ppo.evaluate(config, agent, env, params, key, episodes, greedy=True)
+    scalars = {k: v.mean() for k, v in sums.items()}
+    scalars.update({f'greedy_{k}': v.mean() for k, v in greedy.items()})
+    return scalars, record
 
   return run
 
@@ -365,6 +369,7 @@ def _train(config, workdir, agent, env, mesh, started):
   )
   progress = tqdm.tqdm(total=total, initial=start, unit='it', dynamic_ncols=True, disable=not is_chief)
   window = _Window(config, writer, progress, checkpointer, getattr(env, 'goal', False))
+  cadence = train_lib.Cadence(config.save_every, config.track_every, total)
   pending = None
   try:
     with _Stop() as stop:
@@ -375,8 +380,7 @@ def _train(config, workdir, agent, env, mesh, started):
           window.consume(*pending)
         pending = (step, metrics)
         stopping = stop.requested()
-        saves = done % config.save_every == 0 or done == total
-        evals = done % config.track_every == 0 or done == total
+        saves, evals = cadence.saves(done), cadence.evals(done)
         if saves or evals or stopping:
           window.consume(*pending, flush=bool(stopping))
           pending = None
@@ -384,7 +388,7 @@ def _train(config, workdir, agent, env, mesh, started):
           scalars, record = evaluate(runner.params, done)
           scalars = {f'eval/{k}': float(v) for k, v in jax.device_get(scalars).items()}
           if not getattr(env, 'goal', False):
-            scalars.pop('eval/success')
+            scalars.pop('eval/success'), scalars.pop('eval/greedy_success')
           writer.write(done, scalars)
           logging.info('Iteration %d: %s', done, scalars)
           if is_chief and config.num_validation_envs:
