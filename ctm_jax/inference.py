@@ -36,10 +36,11 @@ def load(workdir: str, step: int | None = None):
     raise validation.UsageError(
         f'--workdir={workdir}: no {checkpoint.CONFIG_FILE} there (not a training run or an import)'
     )
+  config = checkpoint.read_config(workdir)
+  validation.supervised_only(tasks.get(config.task), workdir)
   if os.path.isdir(os.path.join(workdir, torch_interop.CHECKPOINT_DIR)):
     model, variables, config = torch_interop.load_imported(workdir)
     return model, variables, ml_collections.ConfigDict(config)
-  config = checkpoint.read_config(workdir)
   directory = os.path.join(workdir, 'checkpoints')
   step = checkpoint.choose_step(directory, step, workdir)
   variables = artefact.restore_variables(

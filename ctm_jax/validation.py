@@ -70,6 +70,16 @@ class UsageError(ValueError):
   """A mistake the user can fix (a field, a path, a workdir): shown as one line, exit 2."""
 
 
+def supervised_only(task, workdir: str) -> None:
+  """UsageError for a run of a task with its own loop (no held-out inputs):
+  the tools that read held-out data or single inputs refuse it in one line."""
+  if task.own_loop() is not None:
+    raise UsageError(
+        f'--workdir={workdir}: a {task.name!r} run, which has no held-out inputs to read; '
+        'it evaluates while it trains (eval/* in metrics.jsonl, plots/)'
+    )
+
+
 def first_line(error: BaseException) -> str:
   """The first line of an exception's message ('' when it has none): one-line errors."""
   lines = str(error).strip().splitlines()

@@ -326,3 +326,14 @@ def test_smoke_trains_evaluates_and_resumes_bit_identically_on_the_mesh(variant,
   resumed = train.train_and_evaluate(config, str(resumed_dir))
   assert int(resumed.step) == total
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+def test_supervised_tools_refuse_an_rl_run_in_one_line(tmp_path):
+  """evaluate / predict / export read held-out inputs an RL run does not have."""
+  from ctm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from ctm_jax import inference  # pylint: disable=g-import-not-at-top
+
+  config = rl_configs.get_config('smoke')
+  checkpoint_lib.write_config(str(tmp_path), config)
+  with pytest.raises(validation.UsageError, match="a 'rl' run, which has no held-out inputs"):
+    inference.load(str(tmp_path))

@@ -17,7 +17,8 @@ update), and at each eval `eval/return`, `eval/length`, `eval/success` over
 `eval_episodes` fresh episodes with sampled actions (as the reference
 evaluates), `eval/greedy_*` with the most probable actions, and
 `num_validation_envs` of the sampled episodes drawn to
-`plots/episode_<step>_<i>.gif`.
+`plots/episode_<step>_<i>.gif`; `eval/elapsed_s` is the wall time since
+the run started (compile included), for success-against-time curves.
 
 Dimension glossary: B environments, S evaluation steps, T ticks, D neurons.
 """
@@ -387,6 +388,7 @@ def _train(config, workdir, agent, env, mesh, started):
         if evals:
           scalars, record = evaluate(runner.params, done)
           scalars = {f'eval/{k}': float(v) for k, v in jax.device_get(scalars).items()}
+          scalars['eval/elapsed_s'] = time.perf_counter() - started  # compile included
           if not getattr(env, 'goal', False):
             scalars.pop('eval/success'), scalars.pop('eval/greedy_success')
           writer.write(done, scalars)
