@@ -172,14 +172,22 @@ def window_synch_pairs(n_synch: int):
 
 def window_synchronisation(z_trace_BxDxM, decay_P, n_synch: int):
   """S[b, k] = sum_t d[t,k] z_t,i z_t,j / sqrt(sum_t d[t,k]) over the window of the
-  last `n_synch` neurons, d[t, k] = exp(-(M - 1 - t) * decay_k)."""
+  last `n_synch` neurons, d[t, k] = exp(-(M - 1 - t) * decay_k).
+
+  Computed for every (i, j) and read out with a constant 0/1 matrix rather
+  than by gathering pairs: a gather's gradient is a scatter, slow on CPU,
+  and this runs every environment step of the PPO replay."""
   memory = z_trace_BxDxM.shape[-1]
   left_P, right_P = window_synch_pairs(n_synch)
+  select_NNxP = np.zeros((n_synch * n_synch, len(left_P)), np.float32)
+  select_NNxP[left_P * n_synch + right_P, np.arange(len(left_P))] = 1.0
   last_BxNxM = z_trace_BxDxM[:, -n_synch:, :]
   age_M = jnp.arange(memory - 1, -1, -1, dtype=jnp.float32)
   weight_MxP = jnp.exp(-age_M[:, None] * decay_P[None, :])
-  # b: batch, p: pair, m: memory step.
-  summed_BxP = jnp.einsum('bpm,bpm,mp->bp', last_BxNxM[:, left_P], last_BxNxM[:, right_P], weight_MxP)
+  weight_MxNxN = (weight_MxP @ select_NNxP.T).reshape(memory, n_synch, n_synch)
+  # b: batch, i/j: neurons, m: memory step.
+  summed_BxNxN = jnp.einsum('bim,bjm,mij->bij', last_BxNxM, last_BxNxM, weight_MxNxN)
+  summed_BxP = summed_BxNxN.reshape(summed_BxNxN.shape[0], -1) @ select_NNxP
   return summed_BxP / jnp.sqrt(weight_MxP.sum(0))
 
 
