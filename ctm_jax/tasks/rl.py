@@ -28,7 +28,6 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -52,6 +51,33 @@ RL_TRAINER_KEYS = frozenset(
 _POSITIVE = ('num_envs', 'num_steps', 'total_timesteps', 'num_minibatches', 'update_epochs',
              'max_environment_steps', 'eval_episodes')
 _BOOLEANS = ('mask_velocity', 'anneal_lr', 'norm_adv', 'clip_vloss')
+
+
+# The reference's PPO script in its checkout, and our config's fields that its
+# flags take: (ours, its flag) in config.model, then the run's own (same names).
+REFERENCE_SCRIPT = os.path.join('tasks', 'rl', 'train.py')
+_REFERENCE_MODEL_FLAGS = (
+    ('iterations', 'iterations'), ('d_model', 'd_model'), ('d_input', 'd_input'),
+    ('synapse_depth', 'synapse_depth'), ('n_synch_out', 'n_synch_out'),
+    ('neuron_select_type', 'neuron_select_type'), ('memory_length', 'memory_length'),
+    ('deep_nlms', 'deep_memory'), ('memory_hidden_dims', 'memory_hidden_dims'),
+    ('dropout', 'dropout'), ('do_layernorm_nlm', 'do_normalisation'),
+    ('continuous_state_trace', 'continuous_state_trace'),
+)
+_REFERENCE_RUN_FLAGS = (
+    'model_type', 'env_id', 'mask_velocity', 'max_environment_steps', 'num_steps', 'num_envs',
+    'anneal_lr', 'discount_gamma', 'gae_lambda', 'num_minibatches', 'update_epochs', 'norm_adv',
+    'clip_coef', 'clip_vloss', 'ent_coef', 'vf_coef', 'max_grad_norm', 'target_kl', 'lr',
+    'num_validation_envs', 'seed', 'total_timesteps',
+)
+
+
+def _flag(name, value) -> list[str]:
+  if value is None:  # target_kl None: the script's own default (no early stop)
+    return []
+  if isinstance(value, bool):  # argparse.BooleanOptionalAction
+    return [f'--{name}' if value else f'--no-{name}']
+  return [f'--{name}', repr(value) if isinstance(value, float) else str(value)]
 
 
 def _fail(field, value, why):
@@ -145,6 +171,40 @@ class ReinforcementLearning(base.Task):
 
   def own_loop(self):
     return train_and_evaluate
+
+  # --- Benchmarks (benchmarks/rl_bench.py) ------------------------------------
+
+  reference_script = REFERENCE_SCRIPT
+
+  def loop_setup(self, config, model, mesh):
+    """(init, iteration, abstract runner): the loop's jitted pieces on `mesh`."""
+    _, init, iteration, abstract, _ = _setup(config, model, self.make_env(config), mesh)
+    return init, iteration, abstract
+
+  def env_steps_per_iteration(self, config) -> int:
+    return config.num_envs * config.num_steps
+
+  def with_iterations(self, config, iterations: int):
+    """`config` set to run `iterations` PPO iterations in our loop (the
+    reference's runs one more: 0..total_timesteps // batch inclusive)."""
+    config.total_timesteps = (iterations - 1) * self.env_steps_per_iteration(config)
+    return config
+
+  def describe_run(self, config) -> dict:
+    return {
+        'env': config.env_id,
+        'model': config.get('model_type', 'ctm'),
+        'batch': f'{config.num_envs} x {config.num_steps}',
+    }
+
+  def reference_script_flags(self, config) -> list[str]:
+    """The reference script's command-line flags for every option it takes from `config`."""
+    flags = []
+    for ours, theirs in _REFERENCE_MODEL_FLAGS:
+      flags += _flag(theirs, config.model[ours])
+    for key in _REFERENCE_RUN_FLAGS:
+      flags += _flag(key, config[key])
+    return flags
 
   # --- Reference checkpoints ----------------------------------------------------
 
