@@ -177,7 +177,7 @@ def rollout(config, agent, env, runner: Runner, key):
     ep_length_B = jnp.where(next_done_B, 0, ep_length_B)
     transition = Rollout(obs, done_B, action_B, logprob_B, value_B, normalised_B)
     carry = (env_state, next_obs, next_done_B, agent_carry, normaliser, ep_return_B, ep_length_B, sums)
-    return _batch_constrain(carry), _batch_constrain(transition, axis=1)
+    return _batch_constrain(carry), _batch_constrain(transition)
 
   zero = jnp.zeros((), jnp.float32)
   init = (
@@ -304,6 +304,8 @@ def make_iteration(config, agent, env, tx):
     def update(state, xs):
       params, opt_state, stopped, finite = state
       mb, mb_carry, key = xs
+      # Each minibatch's environments stay spread over every device.
+      mb, mb_carry = _batch_constrain(mb, axis=1), _batch_constrain(mb_carry)
 
       def loss_fn(p):
         logits, values = replay(agent, p, mb_carry, mb['obs'], mb['done'], key)
