@@ -253,6 +253,7 @@ def test_layouts_are_minigrids_family():
     np.testing.assert_allclose(np.bincount(dirs_N, minlength=4) / num, 1 / 4, atol=0.08)
 
 
+@pytest.mark.slow  # compiles reset and step over 8 sharded environments
 def test_jit_vmap_sharded_batch_and_render():
   env = fourrooms.FourRooms(1)  # The first step truncates.
   assert env.num_actions == 7 and env.observation_shape == (7, 7, 3)

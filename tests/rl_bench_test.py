@@ -20,6 +20,7 @@ from benchmarks import rl_bench
 REFERENCE_DIR = os.environ.get('CTM_REFERENCE_DIR') or '/tmp/ctm_ref'
 
 
+@pytest.mark.slow  # a compile and two PPO iterations
 def test_ours_on_smoke_config(tmp_path):
   """The whole CLI path without --reference: one row, positive steps/s, the right step count."""
   out = tmp_path / 'rl_bench.json'

@@ -183,6 +183,7 @@ def test_carried_state_resets_exactly_where_episodes_end(model_type):
       assert same == bool(done[t, b]), (t, b)
 
 
+@pytest.mark.slow  # a replay compile; the reset path is the same as above
 def test_without_a_continuous_trace_the_ctm_restarts_every_step():
   agent, params = _agent('ctm', continuous=False)
   obs = jax.random.normal(jax.random.key(1), (5, 2, 4))
