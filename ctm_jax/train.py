@@ -69,7 +69,7 @@ class Setup:
   eval_step: Callable  # (state, global batch) -> (metric sums, per-example arrays)
 
 
-def _under_rules(fn):
+def under_rules(fn):
   """Traces `fn` with the logical axis rules, so activation constraints apply."""
 
   def wrapped(*args):
@@ -123,13 +123,13 @@ def setup(config, model, task, mesh) -> Setup:
       batch_sharding=batch_sharding,
       init=jax.jit(init, out_shardings=state_shardings),
       train_step=jax.jit(
-          _under_rules(train_step),
+          under_rules(train_step),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated),
           donate_argnums=0,
       ),
       eval_step=jax.jit(
-          _under_rules(eval_step),
+          under_rules(eval_step),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=replicated,
       ),

@@ -433,9 +433,7 @@ class AgentMixin:
     start = self.recurrent_model.initial_carry(done_B.shape[0])
     if not self.carries_state:
       return start
-    return jax.tree.map(
-        lambda s, c: jnp.where(done_B.reshape((-1,) + (1,) * (c.ndim - 1)), s, c), start, carry
-    )
+    return ctm.hold(done_B, start, carry, 0)
 
   def __call__(self, obs, carry, done_B, train: bool = False, track: bool = False):
     carry = self.reset(carry, done_B)

@@ -33,6 +33,7 @@ import rlax
 
 from ctm_jax import sharding
 from ctm_jax.data import envs as envs_lib
+from ctm_jax.models import ctm
 
 
 class Runner(flax.struct.PyTreeNode):
@@ -62,9 +63,14 @@ class Rollout(flax.struct.PyTreeNode):
   reward: jax.Array  # normalised
 
 
+def steps_per_iteration(config) -> int:
+  """Environment steps of one rollout: num_envs x num_steps."""
+  return config.num_envs * config.num_steps
+
+
 def iterations(config) -> int:
   """Training iterations: the reference's loop runs 0..total_timesteps // batch, inclusive."""
-  return config.total_timesteps // (config.num_envs * config.num_steps) + 1
+  return config.total_timesteps // steps_per_iteration(config) + 1
 
 
 def learning_rate(config, iteration):
@@ -123,7 +129,7 @@ def init_runner(config, agent, env, tx, key) -> Runner:
   )
 
 
-def env_step(config, env, key, env_state, action_B):
+def env_step(env, key, env_state, action_B):
   """Steps every environment, auto-resetting those whose episode ended.
 
   Returns (env_state, next_obs, raw reward, terminated, done)."""
@@ -134,12 +140,8 @@ def env_step(config, env, key, env_state, action_B):
   )
   done_B = terminated_B | jax.vmap(env.truncated)(env_state)
   fresh_state, fresh_obs = jax.vmap(env.reset)(jax.random.split(reset_key, batch))
-
-  def pick(fresh, old):
-    return jnp.where(done_B.reshape((-1,) + (1,) * (old.ndim - 1)), fresh, old)
-
-  env_state = jax.tree.map(pick, fresh_state, env_state)
-  return env_state, pick(fresh_obs, obs), reward_B, terminated_B, done_B
+  env_state, obs = ctm.hold(done_B, (fresh_state, fresh_obs), (env_state, obs), 0)
+  return env_state, obs, reward_B, terminated_B, done_B
 
 
 def iteration_keys(runner: Runner):
@@ -160,7 +162,7 @@ def rollout(config, agent, env, runner: Runner, key):
     action_B = jax.random.categorical(action_key, logits_BxA)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxA), action_B[:, None], 1)[:, 0]
     env_state, next_obs, reward_B, terminated_B, next_done_B = env_step(
-        config, env, env_key, env_state, action_B
+        env, env_key, env_state, action_B
     )
     normalised_B, normaliser = normaliser(reward_B, terminated_B, config.discount_gamma)
     ep_return_B = ep_return_B + reward_B

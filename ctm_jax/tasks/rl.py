@@ -135,9 +135,9 @@ class ReinforcementLearning(base.Task):
             f'gifs are drawn from the evaluation episodes: at most eval_episodes={config.eval_episodes}')
     if config.num_envs % config.num_minibatches:
       _fail('num_minibatches', config.num_minibatches, f'must divide num_envs={config.num_envs}')
-    if config.num_envs * config.num_steps > config.total_timesteps:
+    if ppo.steps_per_iteration(config) > config.total_timesteps:
       _fail('total_timesteps', config.total_timesteps,
-            f'below one rollout (num_envs x num_steps = {config.num_envs * config.num_steps})')
+            f'below one rollout (num_envs x num_steps = {ppo.steps_per_iteration(config)})')
 
   def validate_mesh(self, config, mesh_sizes) -> None:
     shards = sharding.batch_shards(mesh_sizes)
@@ -182,7 +182,7 @@ class ReinforcementLearning(base.Task):
     return init, iteration, abstract
 
   def env_steps_per_iteration(self, config) -> int:
-    return config.num_envs * config.num_steps
+    return ppo.steps_per_iteration(config)
 
   def with_iterations(self, config, iterations: int):
     """`config` set to run `iterations` PPO iterations in our loop (the
@@ -247,21 +247,13 @@ def runner_shardings(abstract_runner, mesh):
   return shardings.replace(**per_env)
 
 
-def _under_rules(fn):
-  def wrapped(*args):
-    with sharding.logical_rules():
-      return fn(*args)
-
-  return wrapped
-
-
 class _Window:
   """Iteration metrics since the last log: summed on the host, logged as means."""
 
   def __init__(self, config, writer, progress, checkpointer, goal: bool):
     self.config, self.writer, self.progress, self.checkpointer = config, writer, progress, checkpointer
     self.goal = goal
-    self.steps_per_iteration = config.num_envs * config.num_steps
+    self.steps_per_iteration = ppo.steps_per_iteration(config)
     self._reset()
     self.last_return = None
 
@@ -330,7 +322,7 @@ def _setup(config, agent, env, mesh):
   shardings = runner_shardings(abstract, mesh)
   replicated = sharding.replicated(mesh)
   iteration = jax.jit(
-      _under_rules(ppo.make_iteration(config, agent, env, tx)),
+      train_lib.under_rules(ppo.make_iteration(config, agent, env, tx)),
       in_shardings=(shardings,),
       out_shardings=(shardings, replicated),
       donate_argnums=0,
@@ -390,12 +382,12 @@ def _train(config, workdir, agent, env, mesh, started):
     if resuming and latest > total:
       raise validation.UsageError(
           f'config.total_timesteps={config.total_timesteps}: {workdir} already holds a '
-          f'checkpoint at iteration {latest} of {config.num_envs * config.num_steps} steps; '
+          f'checkpoint at iteration {latest} of {ppo.steps_per_iteration(config)} steps; '
           'pass a larger total_timesteps to continue it, or another --workdir'
       )
     checkpoint_lib.check_config(workdir, config, resuming, ReinforcementLearning.identity_keys)
     has_config = os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_FILE))
-    _, init, iteration, abstract, shardings = _setup(config, agent, env, mesh)
+    tx, init, iteration, abstract, shardings = _setup(config, agent, env, mesh)
     restored = checkpointer.restore_latest(abstract, None, has_config)
     if restored is not None:
       runner, how = restored[0], 'resumed'
@@ -406,7 +398,6 @@ def _train(config, workdir, agent, env, mesh, started):
         from ctm_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
 
         _, variables, _ = torch_interop.load_imported(config.init_from)
-        tx = ppo.make_optimizer(config)
         runner = jax.device_put(
             runner.replace(params=variables['params'], opt_state=tx.init(variables['params'])),
             shardings,
@@ -475,27 +466,17 @@ def _train(config, workdir, agent, env, mesh, started):
   return runner
 
 
-class _Stop:
+class _Stop(train_lib._StopRequest):  # pylint: disable=protected-access
   """SIGTERM / SIGINT: checkpoint and leave after the current iteration; in a
   multi-process run every process learns of any one's signal (a tiny
   all-gather per iteration) so that all save the same iteration."""
 
-  def __init__(self):
-    self._request = train_lib._StopRequest()  # pylint: disable=protected-access
-
-  def __enter__(self):
-    self._request.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    self._request.__exit__(*exc)
-
   def requested(self) -> str | None:
     if jax.process_count() == 1:
-      return self._request.signal
+      return self.signal
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-    flags = multihost_utils.process_allgather(np.array(self._request.signal is not None))
+    flags = multihost_utils.process_allgather(np.array(self.signal is not None))
     if np.any(flags):
-      return self._request.signal or 'a stop on another process'
+      return self.signal or 'a stop on another process'
     return None
