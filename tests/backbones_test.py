@@ -6,6 +6,7 @@ the backbone and positional-embedding outputs with the reference's forward hooks
 
 from __future__ import annotations
 
+import functools
 
 import flax
 import jax
@@ -327,3 +328,60 @@ def test_bf16_compute_keeps_f32_params():
     )
     assert out.dtype == jnp.bfloat16
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))
+
+
+def _loss_and_grads(net, batch_stats, params, x):
+  def loss(params, x):
+    out, updates = net.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return jnp.sum(jnp.sin(out)), (out, updates)
+
+  return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+
+@pytest.mark.parametrize("backbone_type", ["resnet18-1", "resnet50-1"])
+def test_backbone_remat_keeps_variables_and_checkpoints_every_block(backbone_type):
+  """Same variable tree (so the same init, checkpoints and PyTorch import);
+  every residual block is a checkpoint of its own."""
+  x = jnp.ones((2, 8, 8, 3))
+  plain = backbones.make_backbone(backbone_type, 0, name="backbone")
+  variables = jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), x, train=False))
+  blocks = sum(1 for name in variables["params"] if name.startswith("layer"))
+  for mode in ("convs", "block"):
+    remat = backbones.make_backbone(backbone_type, 0, remat=mode, name="backbone")
+    assert jax.eval_shape(lambda: remat.init(jax.random.PRNGKey(0), x, train=False)) == variables
+    grads = functools.partial(_loss_and_grads, remat)
+    jaxpr = str(jax.make_jaxpr(grads)(variables["batch_stats"], variables["params"], x))
+    assert jaxpr.count("remat") == blocks, mode
+
+
+def test_backbone_remat_same_values_and_gradients():
+  """backbone_remat changes memory, not values: same outputs, batch statistics
+  and gradients (float32), training and eval."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  plain = backbones.make_backbone("resnet18-1", 0, name="backbone")
+  variables = plain.init(jax.random.PRNGKey(0), x, train=False)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  run = lambda net: jax.jit(functools.partial(_loss_and_grads, net, variables["batch_stats"]))(
+      variables["params"], x
+  )
+  (value, (out, stats)), grads = run(plain)
+  eval_out = plain.apply(variables, x, train=False)
+  for mode in ("convs", "block"):
+    remat = backbones.make_backbone("resnet18-1", 0, remat=mode, name="backbone")
+    (remat_value, (remat_out, remat_stats)), remat_grads = run(remat)
+    np.testing.assert_allclose(remat_value, value, rtol=1e-5)
+    close(remat_out, out)
+    jax.tree.map(close, remat_stats, stats)
+    jax.tree.map(close, remat_grads, grads)
+    close(remat.apply(variables, x, train=False), eval_out)
+
+
+def test_backbone_remat_rejects_unknown_modes():
+  with pytest.raises(
+      ValueError, match=r"backbone_remat='blocks': expected one of \['none', 'convs', 'block'\]"
+  ):
+    backbones.make_backbone("resnet18-1", 0, remat="blocks")
+  # Backbones other than ResNets are small and take the option as a no-op.
+  assert isinstance(backbones.make_backbone("shallow-wide", 0, remat="block"), backbones.ShallowWide)

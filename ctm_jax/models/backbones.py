@@ -159,6 +159,18 @@ class Bottleneck(nn.Module):
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# Backbone rematerialisation of a ResNet's residual blocks (memory, not
+# values), mode -> checkpoint policy: 'none' keeps every activation the
+# backward pass needs; 'convs' keeps the convolutions' outputs and recomputes
+# the batch norms (whose float32 intermediates were most of ImageNet's memory)
+# and ReLUs, elementwise work of no extra matmul FLOPs; 'block' keeps only
+# each block's input and recomputes the whole block in the backward pass (the
+# standard per-block checkpointing: one more forward of the backbone).
+BACKBONE_REMAT = {
+    "none": None,
+    "convs": jax.checkpoint_policies.dots_saveable,  # convolutions included
+    "block": jax.checkpoint_policies.nothing_saveable,
+}
 _STEM_CH = 64
 _STAGE_PLANES = (64, 128, 256, 512)
 
@@ -174,6 +186,7 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   num_stages: int = 4
   dtype: Dtype = jnp.float32
+  remat: str = "none"  # one of BACKBONE_REMAT
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
@@ -182,7 +195,15 @@ class ResNet(nn.Module):
     max_stages = min(len(self.stage_sizes), len(_STAGE_PLANES))
     if not 1 <= self.num_stages <= max_stages:
       raise ValueError(f"ResNet num_stages must be in 1..{max_stages}, got {self.num_stages}")
+    check_remat(self.remat)
     block_cls = _BLOCKS[self.block]
+    if self.remat != "none":
+      # Every residual block is a checkpoint of its own (the stem is not: its
+      # recomputation saved nothing on ImageNet). The lifted remat keeps the
+      # block's name and variables (checkpoints and the PyTorch importer see
+      # the same tree); `train` (argument 2, after the module and x) is a
+      # Python bool.
+      block_cls = nn.remat(block_cls, policy=BACKBONE_REMAT[self.remat], static_argnums=(2,))
     x = _conv(_STEM_CH, 3, 1, 1, self.dtype, "conv1")(x_BxHxWxC)
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, not train))
     # Flax's max_pool pads with -inf, as torch's MaxPool2d does.
@@ -278,14 +299,22 @@ def _unknown(backbone_type: str) -> ValueError:
   return ValueError(f"Unknown backbone_type={backbone_type!r}; expected one of {BACKBONE_TYPES}")
 
 
+def check_remat(remat: str) -> None:
+  """Raises ValueError unless `remat` is one of BACKBONE_REMAT."""
+  if remat not in BACKBONE_REMAT:
+    raise ValueError(f"backbone_remat={remat!r}: expected one of {list(BACKBONE_REMAT)}")
+
+
 def make_backbone(
-    backbone_type: str, d_input: int, dtype: Dtype = jnp.float32, **kwargs
+    backbone_type: str, d_input: int, dtype: Dtype = jnp.float32, remat: str = "none", **kwargs
 ) -> nn.Module | None:
   """Backbone module for a reference `backbone_type`; None for 'none'.
 
-  `kwargs` (e.g. name='backbone') go to the module constructor. Every backbone
-  is called as `module(x, train=...)`.
+  `remat` (one of BACKBONE_REMAT) rematerialises a ResNet's residual blocks;
+  the other backbones are small and ignore it. `kwargs` (e.g. name='backbone')
+  go to the module constructor. Every backbone is called as `module(x, train=...)`.
   """
+  check_remat(remat)
   if backbone_type == "none":
     return None
   if backbone_type == "parity_backbone":
@@ -296,7 +325,7 @@ def make_backbone(
   if parsed is None:
     raise _unknown(backbone_type)
   block, sizes, k = parsed
-  return ResNet(block=block, stage_sizes=sizes, num_stages=k, dtype=dtype, **kwargs)
+  return ResNet(block=block, stage_sizes=sizes, num_stages=k, dtype=dtype, remat=remat, **kwargs)
 
 
 def backbone_channels(backbone_type: str, d_input: int, input_channels: int | None = None) -> int:
