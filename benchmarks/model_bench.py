@@ -162,7 +162,7 @@ BATCH_SEED = 0
 
 
 def task_config(
-    source, batch, remat='none', dtype='float32', unroll=1
+    source, batch, remat='none', dtype='float32', unroll=1, deferred_grads=False
 ) -> ml_collections.ConfigDict:
   """The config `source` ('<file>.py:<variant>' of configs/, as --config=configs/<source>)
   at batch size `batch` (None: its own), with the command line's compute options in place of the config's."""
@@ -173,13 +173,22 @@ def task_config(
     config.batch_size = batch
     config.batch_size_test = batch
   config.model.update(remat=remat, dtype=str(dtype), unroll=unroll)
+  if deferred_grads:  # a CTM option; the baselines' configs lack it
+    config.model.deferred_grads = True
   return config
 
 
 def bench_config(name, args, batch=None) -> ml_collections.ConfigDict:
   """The task config of `CONFIGS[name]` under the command line's options."""
   source, default_batch = CONFIGS[name]
-  return task_config(source, batch or default_batch, args.remat, args.dtype, args.unroll)
+  return task_config(
+      source,
+      batch or default_batch,
+      args.remat,
+      args.dtype,
+      args.unroll,
+      getattr(args, 'deferred_grads', False),
+  )
 
 
 def with_ticks(config, ticks, unroll=None):
@@ -591,7 +600,8 @@ def run_child(script, flags):
 
 
 def compute_flags(args):
-  return [f'--remat={args.remat}', f'--dtype={args.dtype}', f'--unroll={args.unroll}']
+  flags = [f'--remat={args.remat}', f'--dtype={args.dtype}', f'--unroll={args.unroll}']
+  return flags + (['--deferred_grads'] if args.deferred_grads else [])
 
 
 def run_isolated(name, args):
@@ -884,6 +894,7 @@ def format_table(env, results, args):
       f"# host allocator: {env.get('host_allocator', 'not recorded')} (ctm_jax/hostmem.py; "
       'a --reference worker runs without it)',
       f'# remat={args.remat} dtype={args.dtype} unroll={args.unroll} '
+      f'deferred_grads={args.deferred_grads} '
       f'| medians over --repeats={args.repeats} after --warmup={args.warmup}',
       '# compile = lower + compile (AOT) of the jitted function, timed apart from execution.',
       "# train = the trainer's step (train.setup(...).train_step, state donated): fwd(train=True) "
@@ -997,6 +1008,11 @@ def parse_args(argv=None):
       help="compute dtype (parameters stay float32); also the matmul peak's dtype",
   )
   p.add_argument('--unroll', type=int, default=1, help='tick scan unroll factor')
+  p.add_argument(
+      '--deferred_grads',
+      action='store_true',
+      help='config.model.deferred_grads: weight gradients after the backward scan',
+  )
   p.add_argument(
       '--isolate',
       default='auto',

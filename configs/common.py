@@ -84,9 +84,11 @@ def model(**options) -> ml_collections.ConfigDict:
       positional_embedding_type='none',
       # The LSTM baseline's depth (--num_layers; the CTM ignores it).
       num_layers=2,
-      # Beyond the reference: compute dtype, tick rematerialisation, scan unroll.
+      # Beyond the reference: compute dtype, tick rematerialisation, scan
+      # unroll, weight gradients after the backward scan (models/deferred.py).
       dtype='float32',
       remat='none',
       unroll=1,
+      deferred_grads=False,
   )
   return ml_collections.ConfigDict({**defaults, **options})

@@ -123,7 +123,11 @@ def test_decay_projection_matches_in_place_clamp(case):
 
 @pytest.mark.parametrize('case', ALL_CASES)
 def test_loss_and_gradients_match_reference(case):
-  arrays, meta, model, variables = _imported(case)
+  _check_gradients(*_imported(case))
+
+
+def _check_gradients(arrays, meta, model, variables):
+  """The loss and every parameter's gradient against the reference's."""
   x = _model_input(arrays)
   targets = jnp.asarray(arrays['__target__targets'])
   loss_fn = _loss_fn(meta['loss'], meta.get('use_most_certain', True))
@@ -181,3 +185,19 @@ def test_to_state_dict_gives_back_the_reference_state_dict(case):
       np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-6, err_msg=key)
       continue
     np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+# The models whose tick loop runs through ContinuousThoughtMachine.run_ticks.
+DEFERRED_CASES = ['parity', 'image_rp', 'firstlast_unet8', 'none_heads2', 'sort', 'qamnist']
+
+
+@pytest.mark.parametrize(
+    'case',
+    [c if c == 'parity' else pytest.param(c, marks=pytest.mark.slow) for c in DEFERRED_CASES]
+    + [pytest.param(c + '__perturbed', marks=pytest.mark.slow) for c in DEFERRED_CASES],
+)
+def test_deferred_gradients_match_reference(case):
+  """models/deferred.py's weight gradients (config.model.deferred_grads)
+  against the reference's, as autodiff's are above."""
+  arrays, meta, model, variables = _imported(case)
+  _check_gradients(arrays, meta, model.clone(deferred_grads=True), variables)

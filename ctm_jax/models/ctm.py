@@ -19,6 +19,7 @@ import numpy as np
 
 from ctm_jax import sharding
 from ctm_jax.models import backbones
+from ctm_jax.models import deferred
 from ctm_jax.models import layers
 from ctm_jax.models import nlm
 from ctm_jax.models import posemb
@@ -43,6 +44,8 @@ REMAT_POLICIES = {
 # per-tick inputs scanned, fixed inputs and synch parameters broadcast.
 _TICK_SCAN = dict(
     variable_broadcast='params',
+    # models/deferred.py: each tick's probes in, its recorded matmul inputs out.
+    variable_axes={'probes': 0, 'deferred': 0},
     split_rngs={'params': False, 'dropout': True},
     in_axes=(0, nn.broadcast, nn.broadcast),
 )
@@ -250,6 +253,8 @@ class Tick(nn.Module):
   train: bool = False
   track: bool = False
   dtype: Any = jnp.float32
+  # The heavy matmuls leave their weight gradients to models/deferred.py.
+  defer: bool = False
 
   @nn.compact
   def __call__(
@@ -267,7 +272,9 @@ class Tick(nn.Module):
           synch_params.action_right_P,
           synch_params.decay_action_P,
       )
-      q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(synch_action_BxP)
+      q_BxE = layers.Linear(self.d_input, dtype=self.dtype, defer=self.defer, name='q_proj')(
+          synch_action_BxP
+      )
       features_BxE, attention_BxKxN = self._attend(q_BxE, inputs)
       features_BxE = inputs.attended_or_direct(features_BxE)
       if self.track:
@@ -280,10 +287,17 @@ class Tick(nn.Module):
 
     synapse_in = jnp.concatenate([features_BxE.astype(self.dtype), z_BxD.astype(self.dtype)], -1)
     if self.synapse_depth == 1:
-      pre_BxD = synapse.mlp_synapse(synapse_in, self.d_model, self.dropout, self.train, self.dtype)
+      pre_BxD = synapse.mlp_synapse(
+          synapse_in, self.d_model, self.dropout, self.train, self.dtype, self.defer
+      )
     else:
       pre_BxD = synapse.SynapseUNet(
-          self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
+          self.d_model,
+          self.synapse_depth,
+          self.dropout,
+          dtype=self.dtype,
+          defer=self.defer,
+          name='synapses',
       )(synapse_in, self.train)
     trace_DxBxM = sharding.constrain(_push(state.trace_DxBxM, pre_BxD.T), _NEURONS_BATCH_MEMORY)
     z_DxB = nlm.neuron_level_models(
@@ -294,6 +308,7 @@ class Tick(nn.Module):
         dropout=self.dropout_nlm,
         train=self.train,
         dtype=self.dtype,
+        defer=self.defer,
     )
     z_BxD = sharding.constrain(z_DxB.T.astype(state.z_BxD.dtype), _BATCH_NEURONS)
     synch_out_BxP, synch_out_state = synch.update(
@@ -303,9 +318,9 @@ class Tick(nn.Module):
         synch_params.out_right_P,
         synch_params.decay_out_P,
     )
-    prediction_BxO = layers.Linear(self.out_dims, dtype=self.dtype, name='output_projector_0')(
-        synch_out_BxP
-    )
+    prediction_BxO = layers.Linear(
+        self.out_dims, dtype=self.dtype, defer=self.defer, name='output_projector_0'
+    )(synch_out_BxP)
     prediction_BxO = prediction_BxO.astype(jnp.float32)
     outputs['predictions'] = prediction_BxO
     outputs['certainties'] = certainty(prediction_BxO, self.prediction_reshaper)
@@ -348,6 +363,7 @@ def attend(module, q_BxE, k_BxKxNxF, v_BxKxNxF):
       kernel_init=_xavier_qkv(module.d_input),
       bias_init=nn.initializers.zeros,
       dtype=module.dtype,
+      defer=getattr(module, 'defer', False),
       name='attention_q',
   )(q_BxE)
   q_BxKxF = _split_heads(q_BxE, module.heads) * math.sqrt(1.0 / head_dim)
@@ -359,7 +375,11 @@ def attend(module, q_BxE, k_BxKxNxF, v_BxKxNxF):
       'bkn,bknf->bkf', dropped_BxKxN.astype(module.dtype), v_BxKxNxF.astype(module.dtype)
   )
   out_BxE = layers.Linear(
-      module.d_input, bias_init=nn.initializers.zeros, dtype=module.dtype, name='attention_out'
+      module.d_input,
+      bias_init=nn.initializers.zeros,
+      dtype=module.dtype,
+      defer=getattr(module, 'defer', False),
+      name='attention_out',
   )(out_BxKxF.reshape(q_BxE.shape))
   return out_BxE, weights_BxKxN
 
@@ -377,7 +397,9 @@ class ContinuousThoughtMachine(nn.Module):
   Extra options (not in the reference): `remat` ('none' | 'full' | 'dots')
   checkpoints the tick body, 'sqrt' chunks of ~sqrt(T) ticks (memory grows
   as sqrt(T)); `dtype` is the compute dtype (parameters stay float32);
-  `unroll` is the scan unroll factor.
+  `unroll` is the scan unroll factor; `deferred_grads` computes the tick
+  loop's weight gradients once after the backward scan (models/deferred.py;
+  the same gradients, remat 'none', 'full' or 'dots').
   """
 
   iterations: int
@@ -402,6 +424,7 @@ class ContinuousThoughtMachine(nn.Module):
   remat: str = 'none'
   dtype: Any = jnp.float32
   unroll: int = 1
+  deferred_grads: bool = False
 
   # Variants that feed their input straight to the synapses (sort, RL) set
   # this False and may use heads = n_synch_action = 0.
@@ -624,6 +647,15 @@ class ContinuousThoughtMachine(nn.Module):
     if self.remat != 'none':
       tick_cls = nn.remat(Tick, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     scan = nn.scan(tick_cls, length=length, unroll=self.unroll, **_TICK_SCAN)
+    if self.deferred_grads and not self.is_initializing():
+      rngs = {'dropout': self.make_rng('dropout')} if train and self.has_rng('dropout') else {}
+      return deferred.scan(
+          scan(**self._tick_kwargs(train, track), parent=None),
+          scan(**self._tick_kwargs(train, track), defer=True, parent=None),
+          self.variables['params']['tick'],
+          args,
+          rngs,
+      )
     return scan(**self._tick_kwargs(train, track), name='tick')(*args)
 
   def _run_ticks_two_level(self, state, xs, fixed, synch_params, *, train, track, length):
@@ -828,6 +860,15 @@ def validate_config(m: ContinuousThoughtMachine) -> None:
       raise _error(field, value, 'must be in [0, 1)')
   if m.remat not in REMAT_POLICIES:
     raise _error('remat', m.remat, f'expected one of {list(REMAT_POLICIES)}')
+  if not isinstance(m.deferred_grads, bool):
+    raise _error('deferred_grads', m.deferred_grads, 'must be True or False')
+  if m.deferred_grads and m.remat == 'sqrt':
+    raise _error(
+        'deferred_grads',
+        m.deferred_grads,
+        "records every tick's matmul inputs, which remat='sqrt' does not keep; "
+        "use remat 'none', 'full' or 'dots', or deferred_grads=False",
+    )
   try:
     dtype = jnp.dtype(m.dtype)
   except TypeError:

@@ -36,14 +36,35 @@ def torch_bias_init(fan_in: int):
   return uniform(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
 
 
+def deferred_matmul(module: nn.Module, equation: str, x, w):
+  """einsum(equation, x, w) whose gradient with respect to `w` is left to the
+  caller (ctm_jax/models/deferred.py): `w` enters as a constant, the input is
+  recorded in the 'deferred' collection and a zero 'probes' variable of the
+  output's shape is added, so that the probe's cotangent is the output's."""
+  y = jnp.einsum(equation, x, jax.lax.stop_gradient(w))
+  module.put_variable('deferred', 'x', x)
+  probe = module.variable('probes', 'y', jnp.zeros, y.shape, y.dtype)
+  return y + probe.value
+
+
 class Linear(nn.Module):
-  """Dense layer initialised like torch.nn.Linear (weight and bias U(+-1/sqrt(I)))."""
+  """Dense layer initialised like torch.nn.Linear (weight and bias U(+-1/sqrt(I))).
+
+  `defer=True` leaves the kernel's gradient to ctm_jax/models/deferred.py
+  (`deferred_matmul`); the forward is unchanged.
+  """
 
   features: int
   use_bias: bool = True
   kernel_init: nn.initializers.Initializer | None = None
   bias_init: nn.initializers.Initializer | None = None
   dtype: Dtype = jnp.float32
+  defer: bool = False
+
+  @staticmethod
+  def effective_weight(params, dtype):
+    """The matrix the forward multiplies by, from this layer's params."""
+    return params['kernel'].astype(dtype)
 
   @nn.compact
   def __call__(self, x_BxI):
@@ -52,7 +73,11 @@ class Linear(nn.Module):
     kernel_IxO = self.param(
         'kernel', self.kernel_init or default, (fan_in, self.features), jnp.float32
     )
-    y_BxO = jnp.dot(x_BxI.astype(self.dtype), kernel_IxO.astype(self.dtype))
+    w_IxO = self.effective_weight({'kernel': kernel_IxO}, self.dtype)
+    if self.defer:
+      y_BxO = deferred_matmul(self, '...i,io->...o', x_BxI.astype(self.dtype), w_IxO)
+    else:
+      y_BxO = jnp.dot(x_BxI.astype(self.dtype), w_IxO)
     if self.use_bias:
       bias_O = self.param('bias', self.bias_init or default, (self.features,), jnp.float32)
       y_BxO = y_BxO + bias_O.astype(self.dtype)

@@ -32,6 +32,13 @@ class SuperLinear(nn.Module):
   do_norm: bool = False
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  defer: bool = False
+
+  @staticmethod
+  def effective_weight(params, dtype):
+    """(D, I, O) private matrices W / T, from this layer's params."""
+    w_DxIxO = jnp.transpose(params['w1'], (2, 0, 1)) / params['temperature']
+    return w_DxIxO.astype(dtype)
 
   @nn.compact
   def __call__(self, x_DxBxI, train: bool = False, glu: bool = False):
@@ -47,13 +54,22 @@ class SuperLinear(nn.Module):
     temperature = self.param('temperature', nn.initializers.ones, (1,))
     # (xW + b) / T as x(W / T) + b / T: the division touches the small weights,
     # not the (D, B, O) output, in both passes.
-    w_DxIxO = (jnp.transpose(w1_IxOxD, (2, 0, 1)) / temperature).astype(self.dtype)
+    w_DxIxO = self.effective_weight({'w1': w1_IxOxD, 'temperature': temperature}, self.dtype)
     b_Dx1xO = (jnp.transpose(b1_1xDxO, (1, 0, 2)) / temperature).astype(self.dtype)
     x_DxBxI = x_DxBxI.astype(self.dtype)
 
+    # d: neuron, b: batch, i: input, o: output. One private matrix per neuron.
+    equation = 'dbi,dio->dbo'
+    if self.defer:
+      # One matmul (its recorded input and probe are the whole layer's).
+      y_DxBxO = layers.deferred_matmul(self, equation, x_DxBxI, w_DxIxO) + b_Dx1xO
+      if not glu:
+        return y_DxBxO
+      half = self.out_dims // 2
+      return y_DxBxO[..., :half] * jax.nn.sigmoid(y_DxBxO[..., half:])
+
     def linear(columns):
-      # d: neuron, b: batch, i: input, o: output. One private matrix per neuron.
-      return jnp.einsum('dbi,dio->dbo', x_DxBxI, w_DxIxO[..., columns]) + b_Dx1xO[..., columns]
+      return jnp.einsum(equation, x_DxBxI, w_DxIxO[..., columns]) + b_Dx1xO[..., columns]
 
     if not glu:
       return linear(slice(None))
@@ -69,7 +85,8 @@ def neuron_level_models(
     do_norm: bool,
     dropout: float,
     train: bool,
-    dtype
+    dtype,
+    defer: bool = False,
 ):
   """Post-activations z (D, B) from the neuron-major pre-activation trace (D, B, M).
 
@@ -77,7 +94,7 @@ def neuron_level_models(
   `trace_processor.0.{0,2}` so weights import one to one.
   """
   n_neurons, _, memory_length = trace_DxBxM.shape
-  common = dict(n_neurons=n_neurons, do_norm=do_norm, dropout=dropout, dtype=dtype)
+  common = dict(n_neurons=n_neurons, do_norm=do_norm, dropout=dropout, dtype=dtype, defer=defer)
   h_DxBxI = trace_DxBxM
   if deep:
     h_DxBxI = SuperLinear(

@@ -23,6 +23,7 @@ class SynapseUNet(nn.Module):
   depth: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  defer: bool = False
 
   @nn.compact
   def __call__(self, x_BxI, train: bool = False):
@@ -30,11 +31,13 @@ class SynapseUNet(nn.Module):
 
     def block(h, width, name):
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
-      h = layers.Linear(width, dtype=self.dtype, name=f'{name}_1')(h)
+      h = layers.Linear(width, dtype=self.dtype, defer=self.defer, name=f'{name}_1')(h)
       h = layers.LayerNorm(dtype=self.dtype, name=f'{name}_2')(h)
       return nn.silu(h)
 
-    h = layers.Linear(widths[0], dtype=self.dtype, name='first_projection_0')(x_BxI)
+    h = layers.Linear(
+        widths[0], dtype=self.dtype, defer=self.defer, name='first_projection_0'
+    )(x_BxI)
     h = layers.LayerNorm(dtype=self.dtype, name='first_projection_1')(h)
     downs = [nn.silu(h)]
     for i in range(self.depth - 1):
@@ -46,13 +49,13 @@ class SynapseUNet(nn.Module):
     return up
 
 
-def mlp_synapse(x_BxI, d_model: int, dropout: float, train: bool, dtype):
+def mlp_synapse(x_BxI, d_model: int, dropout: float, train: bool, dtype, defer: bool = False):
   """Depth-1 synapse: Dropout -> Linear(2D) -> GLU -> LayerNorm.
 
   Call inside a compact method: the layers become children of the caller,
   named after the reference's Sequential indices (synapses.1, synapses.3).
   """
   h = nn.Dropout(dropout, deterministic=not train)(x_BxI)
-  h = layers.Linear(2 * d_model, dtype=dtype, name='synapses_1')(h)
+  h = layers.Linear(2 * d_model, dtype=dtype, defer=defer, name='synapses_1')(h)
   h = nn.glu(h, axis=-1)
   return layers.LayerNorm(dtype=dtype, name='synapses_3')(h)
