@@ -90,5 +90,7 @@ def model(**options) -> ml_collections.ConfigDict:
       remat='none',
       unroll=1,
       deferred_grads=False,
+      # ResNet backbones: rematerialise per residual block (models/backbones.py).
+      backbone_remat='none',
   )
   return ml_collections.ConfigDict({**defaults, **options})

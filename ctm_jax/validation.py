@@ -189,7 +189,7 @@ def _model_and_mesh(config, task, num_devices):
 
 
 # Options that change how the model computes, not its weights.
-_COMPUTE_FIELDS = ('dtype', 'remat', 'unroll', 'deferred_grads')
+_COMPUTE_FIELDS = ('dtype', 'remat', 'unroll', 'deferred_grads', 'backbone_remat')
 
 
 def _check_init_from(path, model):

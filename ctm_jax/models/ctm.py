@@ -399,7 +399,8 @@ class ContinuousThoughtMachine(nn.Module):
   as sqrt(T)); `dtype` is the compute dtype (parameters stay float32);
   `unroll` is the scan unroll factor; `deferred_grads` computes the tick
   loop's weight gradients once after the backward scan (models/deferred.py;
-  the same gradients, remat 'none', 'full' or 'dots').
+  the same gradients, remat 'none', 'full' or 'dots'); `backbone_remat`
+  rematerialises a ResNet backbone per residual block (backbones.BACKBONE_REMAT).
   """
 
   iterations: int
@@ -425,6 +426,7 @@ class ContinuousThoughtMachine(nn.Module):
   dtype: Any = jnp.float32
   unroll: int = 1
   deferred_grads: bool = False
+  backbone_remat: str = 'none'
 
   # Variants that feed their input straight to the synapses (sort, RL) set
   # this False and may use heads = n_synch_action = 0.
@@ -733,7 +735,11 @@ def featurise(module, x, train):
   if 'resnet' in module.backbone_type:
     x = initial_rgb(module, x)
   backbone = backbones.make_backbone(
-      module.backbone_type, module.d_input, module.dtype, name='backbone'
+      module.backbone_type,
+      module.d_input,
+      module.dtype,
+      remat=getattr(module, 'backbone_remat', 'none'),
+      name='backbone',
   )
   features = x if backbone is None else backbone(x, train=train)
   pe = posemb.make_positional_embedding(
@@ -860,6 +866,10 @@ def validate_config(m: ContinuousThoughtMachine) -> None:
       raise _error(field, value, 'must be in [0, 1)')
   if m.remat not in REMAT_POLICIES:
     raise _error('remat', m.remat, f'expected one of {list(REMAT_POLICIES)}')
+  if m.backbone_remat not in backbones.BACKBONE_REMAT:
+    raise _error(
+        'backbone_remat', m.backbone_remat, f'expected one of {list(backbones.BACKBONE_REMAT)}'
+    )
   if not isinstance(m.deferred_grads, bool):
     raise _error('deferred_grads', m.deferred_grads, 'must be True or False')
   if m.deferred_grads and m.remat == 'sqrt':
