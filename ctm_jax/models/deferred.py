@@ -15,6 +15,7 @@ Dimensions: N positions (ticks x batch, and neurons' batch), D neurons,
 I / O a matmul's input / output width.
 """
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -27,31 +28,9 @@ _DEFERRED_WEIGHT = {layers.Linear: 'kernel', nlm.SuperLinear: 'w1'}
 _WEIGHT_INPUTS = {layers.Linear: ('kernel',), nlm.SuperLinear: ('w1', 'temperature')}
 
 
-def _layer_kind(params):
-  return nlm.SuperLinear if 'w1' in params else layers.Linear
-
-
-def _paths(tree, prefix=()):
-  """Paths of the dicts holding an 'x' leaf (the recorded layers)."""
-  if 'x' in tree and not isinstance(tree['x'], dict):
-    yield prefix
-    return
-  for key, sub in tree.items():
-    if isinstance(sub, dict):
-      yield from _paths(sub, prefix + (key,))
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _with(tree, path, value):
-  """A copy of nested dict `tree` with `value` at `path`."""
-  if not path:
-    return value
-  return {**tree, path[0]: _with(tree[path[0]], path[1:], value)}
+def _layer_kind(flat_params, layer):
+  """The deferring layer class at path `layer` of flattened params."""
+  return nlm.SuperLinear if layer + ('w1',) in flat_params else layers.Linear
 
 
 def _weight_gradient(kind, x, dy):
@@ -84,62 +63,54 @@ def scan(plain, deferring, params, args, rngs):
       args,
       rngs,
   )
-  paths = list(_paths(shapes['deferred']))
-
-  kinds = {path: _layer_kind(_get(params, path)) for path in paths}
-
-  def split(p):
-    """(deferred weights by path, the params without them)."""
-    weights = {}
-    for path, kind in kinds.items():
-      layer = dict(_get(p, path))
-      weights[path] = layer.pop(_DEFERRED_WEIGHT[kind])
-      p = _with(p, path, layer)
-    return weights, p
-
-  def join(weights, rest):
-    for path, kind in kinds.items():
-      rest = _with(rest, path, {**_get(rest, path), _DEFERRED_WEIGHT[kind]: weights[path]})
-    return rest
+  flat_params = traverse_util.flatten_dict(params)
+  # Layer path -> its class; each recorded ('x') and probed ('y') under it.
+  kinds = {
+      path[:-1]: _layer_kind(flat_params, path[:-1])
+      for path in traverse_util.flatten_dict(shapes['deferred'])
+  }
+  weight_paths = [layer + (_DEFERRED_WEIGHT[kind],) for layer, kind in kinds.items()]
 
   @jax.custom_vjp
   def run(params, args, rngs):
     return plain.apply({'params': params}, *args, rngs=rngs)
 
   def forward(params, args, rngs):
-    weights, rest = split(params)
+    flat = traverse_util.flatten_dict(params)
+    weights = {path: flat.pop(path) for path in weight_paths}
     probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['probes'])
 
     def differentiated(rest, probes, args):
       out, recorded = deferring.apply(
-          {'params': join(weights, rest), 'probes': probes},
+          {'params': traverse_util.unflatten_dict({**rest, **weights}), 'probes': probes},
           *args,
           rngs=rngs,
           mutable=['deferred'],
       )
       return out, recorded['deferred']
 
-    out, pullback, recorded = jax.vjp(differentiated, rest, probes, args, has_aux=True)
+    out, pullback, recorded = jax.vjp(differentiated, flat, probes, args, has_aux=True)
     return out, (pullback, recorded, params)
 
   def backward(residuals, d_out):
     pullback, recorded, params = residuals
-    d_rest, d_probes, d_args = pullback(d_out)
-    d_params = d_rest
-    for path, kind in kinds.items():
-      layer = _get(params, path)
-      d_w = _weight_gradient(kind, _get(recorded, path)['x'], _get(d_probes, path)['y'])
+    d_flat, d_probes, d_args = pullback(d_out)
+    flat = traverse_util.flatten_dict(params)
+    recorded = traverse_util.flatten_dict(recorded)
+    d_probes = traverse_util.flatten_dict(d_probes)
+    for layer, kind in kinds.items():
+      d_w = _weight_gradient(kind, recorded[layer + ('x',)], d_probes[layer + ('y',)])
       # The effective weight is a differentiable function of the layer's
       # params (float32 here: the compute dtype's cast is the identity's
       # gradient).
-      inputs = {name: layer[name] for name in _WEIGHT_INPUTS[kind]}
+      inputs = {name: flat[layer + (name,)] for name in _WEIGHT_INPUTS[kind]}
       _, to_params = jax.vjp(lambda p: kind.effective_weight(p, jnp.float32), inputs)
-      (d_layer,) = to_params(d_w)
-      merged = dict(_get(d_params, path))
-      for name, g in d_layer.items():
-        merged[name] = merged[name] + g if name in merged else g.astype(layer[name].dtype)
-      d_params = _with(d_params, path, merged)
-    return d_params, d_args, None
+      (d_inputs,) = to_params(d_w)
+      for name, g in d_inputs.items():
+        path = layer + (name,)
+        g = g.astype(flat[path].dtype)
+        d_flat[path] = d_flat[path] + g if path in d_flat else g
+    return traverse_util.unflatten_dict(d_flat), d_args, None
 
   run.defvjp(forward, backward)
   return run(params, args, rngs)
