@@ -23,8 +23,15 @@ CONFIG_FILE = 'config.json'
 # Keys whose change makes existing checkpoints meaningless for any run; a task
 # adds its own (`Task.identity_keys`).
 _IDENTITY_KEYS = ('task', 'model', 'model_type')
-# Compute options: a run may resume with another dtype, remat policy or unroll.
-_COMPUTE_KEYS = ('model.dtype', 'model.remat', 'model.unroll')
+# Compute options: a run may resume with another dtype, remat policy or unroll,
+# and a workdir written before an option existed resumes with it.
+_COMPUTE_KEYS = (
+    'model.dtype',
+    'model.remat',
+    'model.backbone_remat',
+    'model.unroll',
+    'model.deferred_grads',
+)
 
 
 class IncompatibleWorkdir(validation.UsageError):
@@ -352,7 +359,7 @@ def check_config(workdir: str, config, resuming: bool, identity_keys=()):
   """Refuses a workdir whose checkpoints came from another model; writes nothing.
 
   Identity: `task`, `model`, `model_type` and the task's `identity_keys`; compute options
-  (dtype, remat, unroll) may change.
+  (dtype, remat, backbone_remat, unroll, deferred_grads) may change.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   resolved = json.loads(config.to_json_best_effort())

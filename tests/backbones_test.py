@@ -384,4 +384,5 @@ def test_backbone_remat_rejects_unknown_modes():
   ):
     backbones.make_backbone("resnet18-1", 0, remat="blocks")
   # Backbones other than ResNets are small and take the option as a no-op.
-  assert isinstance(backbones.make_backbone("shallow-wide", 0, remat="block"), backbones.ShallowWide)
+  shallow = backbones.make_backbone("shallow-wide", 0, remat="block")
+  assert isinstance(shallow, backbones.ShallowWide)

@@ -298,6 +298,7 @@ BAD_OPTIONS = [
     (dict(heads=0), 'heads', '0'),
     (dict(dropout=1.5), 'dropout', '1.5'),
     (dict(remat='sometimes'), 'remat', 'sometimes'),
+    (dict(backbone_remat='blocks'), 'backbone_remat', 'blocks'),
 ]
 
 
@@ -444,3 +445,37 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert out16.predictions.dtype == jnp.float32
   # bf16 keeps ~3 significant digits; the logits stay close to float32's.
   np.testing.assert_allclose(out16.predictions, out32.predictions, atol=0.05, rtol=0.05)
+
+
+def test_backbone_remat_checkpoints_every_resnet_block():
+  """backbone_remat reaches the ResNet: one checkpoint per residual block in
+  the training gradient, same parameters (values: tests/backbones_test.py)."""
+  x = jnp.ones((2, 8, 8, 3), jnp.float32)
+  image = dict(
+      backbone_type='resnet18-2',
+      positional_embedding_type='none',
+      out_dims=5,
+      prediction_reshaper=(-1,),
+  )
+  plain, remat = _model(**image), _model(**image, backbone_remat='block')
+  variables = jax.eval_shape(plain.init, jax.random.key(0), x)
+  remat_variables = jax.eval_shape(remat.init, jax.random.key(0), x)
+  assert jax.tree.structure(remat_variables) == jax.tree.structure(variables)
+
+  def grad_jaxpr(model):
+    def loss(params, others):
+      out, _ = model.apply(
+          {**others, 'params': params},
+          x,
+          train=True,
+          mutable=['batch_stats'],
+          rngs={'dropout': jax.random.key(1)},
+      )
+      return out.predictions.sum()
+
+    others = {k: v for k, v in variables.items() if k != 'params'}
+    return str(jax.make_jaxpr(jax.grad(loss))(variables['params'], others))
+
+  blocks = sum(1 for name in variables['params']['backbone'] if name.startswith('layer'))
+  assert blocks == 4
+  assert grad_jaxpr(remat).count('remat') - grad_jaxpr(plain).count('remat') == blocks

@@ -767,12 +767,27 @@ def test_compute_options_may_change_on_resume(tmp_path):
   config = _smoke()
   keys = tasks.get(config.task).identity_keys
   checkpoint.write_config(str(tmp_path), config)
-  config.model.update(dtype='bfloat16', remat='full', unroll=2)
+  config.model.update(
+      dtype='bfloat16', remat='full', backbone_remat='block', unroll=2, deferred_grads=True
+  )
   config.mesh.update(data=2, fsdp=4)
   checkpoint.check_config(str(tmp_path), config, True, keys)
   config.parity_sequence_length *= 2
   with pytest.raises(checkpoint.IncompatibleWorkdir, match=r'changed: parity_sequence_length\)'):
     checkpoint.check_config(str(tmp_path), config, True, keys)
+
+
+def test_workdir_from_before_a_compute_option_resumes(tmp_path):
+  """A config.json written before backbone_remat / deferred_grads existed."""
+  config = _smoke()
+  keys = tasks.get(config.task).identity_keys
+  checkpoint.write_config(str(tmp_path), config)
+  path = tmp_path / checkpoint.CONFIG_FILE
+  written = json.loads(path.read_text())
+  for key in ('backbone_remat', 'deferred_grads'):
+    del written['model'][key]
+  path.write_text(json.dumps(written))
+  checkpoint.check_config(str(tmp_path), config, True, keys)
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ BAD = [
     ('model.d_input', 7, 'config.model.d_input=7'),
     ('model.backbone_type', 'resnet99-1', "config.model.backbone_type='resnet99-1'"),
     ('model.neuron_select_type', 'pairs', "config.model.neuron_select_type='pairs'"),
+    ('model.backbone_remat', 'blocks', "config.model.backbone_remat='blocks'"),
 ]
 
 

@@ -76,6 +76,7 @@ def check(config, num_devices: int) -> dict:
       'batch_size': config.batch_size,
       'dtype': str(config.model.dtype),
       'remat': str(config.model.remat),
+      'backbone_remat': str(config.model.get('backbone_remat', 'none')),
       'parameters': int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
       'state_bytes_per_device': _tree_bytes_per_device(run.abstract_state),
       'argument_bytes': memory.argument_size_in_bytes,
@@ -104,7 +105,10 @@ def format_table(result: dict) -> str:
   rows = [
       ('mesh', ', '.join(f'{k}={v}' for k, v in result['mesh'].items())),
       ('global batch', f"{result['batch_size']}"),
-      ('compute dtype / remat', f"{result['dtype']} / {result['remat']}"),
+      (
+          'compute dtype / remat / backbone remat',
+          f"{result['dtype']} / {result['remat']} / {result['backbone_remat']}",
+      ),
       ('parameters', f"{result['parameters']:,}"),
       ('train state per device', f"{result['state_bytes_per_device'] / GIB:.3f} GiB"),
       ('arguments per device', f"{result['argument_bytes'] / GIB:.3f} GiB"),
