@@ -5,26 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctm_jax.models import ctm as ctm_lib
 from ctm_jax.models import deferred
+from ctm_test import _model
+from ctm_test import _parity_input
 
-SMALL = dict(
-    iterations=5,
-    d_model=32,
-    d_input=16,
-    heads=2,
-    n_synch_out=8,
-    n_synch_action=8,
-    synapse_depth=1,
-    memory_length=4,
-    deep_nlms=True,
-    memory_hidden_dims=4,
-    do_layernorm_nlm=False,
-    backbone_type='parity_backbone',
-    positional_embedding_type='custom-rotational-1d',
-    out_dims=4,
-    neuron_select_type='random',
-)
 # Random small configurations: each model option the tick's matmuls depend on.
 CONFIGS = {
     'mlp_synapse': {},
@@ -34,12 +18,8 @@ CONFIGS = {
 }
 
 
-def _model(**options):
-  return ctm_lib.ContinuousThoughtMachine(**{**SMALL, **options})
-
-
 def _inputs():
-  return jnp.sign(jax.random.normal(jax.random.key(1), (3, 16)))
+  return _parity_input(length=16)
 
 
 def _grads(model, variables, x, train=False):
@@ -126,6 +106,8 @@ def test_bfloat16_gradients_as_close_to_float32_as_autodiff(remat):
   for (path, e), a, o in zip(
       jax.tree_util.tree_leaves_with_path(exact), jax.tree.leaves(autodiff), jax.tree.leaves(ours)
   ):
+    if jax.tree_util.keystr(path) in _ZERO_GRADIENTS:
+      continue
     norm = float(jnp.linalg.norm(e)) + 1e-12
     err_autodiff = float(jnp.linalg.norm(a - e)) / norm
     err_ours = float(jnp.linalg.norm(o - e)) / norm
