@@ -56,7 +56,6 @@ quiet, and lists any that ran during each timing phase.
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -260,9 +259,10 @@ def jax_worker(args):
 
   ready = dict(fingerprint=fingerprint, ops=ops, jax=jax.__version__, pid=os.getpid())
   if args.full:
-    t0 = time.perf_counter()
-    step_c = bench.run.train_step.lower(state, batch).compile()
-    ready['step_compile_s'] = time.perf_counter() - t0
+    step_c, lower_s, compile_s = model_bench.aot_compile(
+        model_bench.train_step(bench), state, batch
+    )
+    ready['step_compile_s'] = lower_s + compile_s
     holder = {'state': state}
     del state
     finite = []
@@ -294,27 +294,6 @@ def torch_worker(args):
   batch = dict(np.load(os.path.join(args.worker_dir, 'batch.npz')))
   ref = reference_adapter.Reference(args.reference)
   torch = ref.torch
-  # Our config's keys that the reference constructor lacks and
-  # reference_adapter.JAX_ONLY_KEYS does not list yet: compute options of ours
-  # and the LSTM baseline's num_layers (unused by the CTM). Dropped here, at
-  # values that leave our CTM's function and the reference's model unchanged.
-  takes = set(inspect.signature(ref.model_cls.__init__).parameters)
-  dropped = {
-      k: v
-      for k, v in spec['model'].items()
-      if k not in takes and k not in reference_adapter.JAX_ONLY_KEYS
-  }
-  allowed = {'backbone_remat': ('none',), 'deferred_grads': (False,), 'num_layers': None}
-  for k, v in dropped.items():
-    if k not in allowed or (allowed[k] is not None and v not in allowed[k]):
-      raise TypeError(f'the reference ContinuousThoughtMachine takes no {k}={v!r}')
-    del spec['model'][k]
-  if dropped:
-    print(f'reference worker: left out {dropped} (no reference argument)', file=sys.stderr)
-  # Our task 'mazes' is the reference's utils/losses.py:maze_loss.
-  task = spec['task']
-  if not hasattr(ref.losses, f'{task}_loss') and hasattr(ref.losses, f'{task[:-1]}_loss'):
-    spec['task'] = task[:-1]
   torch.set_num_threads(args.ref_threads)
   ts = reference_adapter.ReferenceTrainStep(ref, spec, batch)
   model = ts.model

@@ -281,11 +281,12 @@ def analytic_spec(config) -> dict:
 
 def reference_spec(config, task) -> dict:
   """What reference_adapter builds the reference's step from (JSON-able): the task
-  name, our model's constructor kwargs and the whole config (the trainer keys
-  are the reference scripts' argparse names)."""
+  name, the reference's loss function, our model's constructor kwargs and the
+  whole config (the trainer keys are the reference scripts' argparse names)."""
   kwargs = task.model_kwargs(config)
   kwargs['prediction_reshaper'] = list(kwargs['prediction_reshaper'])
-  return dict(task=config.task, model=kwargs, args=config.to_dict())
+  loss = task.reference_loss or f'{task.name}_loss'
+  return dict(task=config.task, loss=loss, model=kwargs, args=config.to_dict())
 
 
 def optimizer_summary(config) -> dict:

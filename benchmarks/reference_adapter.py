@@ -36,8 +36,12 @@ import time
 
 import numpy as np
 
-# Our model options that the reference constructor lacks (compute options).
-JAX_ONLY_KEYS = ('dtype', 'remat', 'unroll')
+# Our model options that the reference constructor lacks: compute options,
+# which leave the model's function unchanged.
+JAX_ONLY_KEYS = ('dtype', 'remat', 'unroll', 'backbone_remat', 'deferred_grads')
+# Options of our baselines' that every config carries and the CTM ignores:
+# dropped where the reference constructor has no such argument.
+IGNORED_BY_CTM = ('num_layers',)
 # AdamW's eps in every training script (without AMP).
 ADAMW_EPS = 1e-8
 # autoclip's QuantileClip history in the parity script.
@@ -126,7 +130,11 @@ class Reference:
   def model_kwargs(self, model_cfg):
     """Our model config as the reference constructor's keyword arguments."""
     params = inspect.signature(self.model_cls.__init__).parameters
-    kwargs = {k: v for k, v in model_cfg.items() if k not in JAX_ONLY_KEYS}
+    kwargs = {
+        k: v
+        for k, v in model_cfg.items()
+        if k not in JAX_ONLY_KEYS and (k in params or k not in IGNORED_BY_CTM)
+    }
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
       raise TypeError(f'the reference ContinuousThoughtMachine takes no {unknown}')
@@ -170,6 +178,7 @@ class ReferenceTrainStep:
     """`spec` as from model_bench.reference_spec; `batch` our batch ('inputs', 'targets')."""
     torch = ref.torch
     self.ref, self.task, self.args = ref, spec['task'], spec['args']
+    self.loss_name = spec['loss']
     x = np.array(batch['inputs'], np.float32)  # A writable copy, as torch.from_numpy wants.
     if x.ndim == 4:  # Images: ours NHWC, the reference's NCHW.
       x = x.transpose(0, 3, 1, 2)
@@ -250,7 +259,7 @@ class ReferenceTrainStep:
     )
 
   def loss(self, predictions, certainties):
-    """The training script's loss: `<task>_loss` of the reference's utils/losses.py.
+    """The training script's loss: the spec's function of the reference's utils/losses.py.
 
     As every script does, predictions (B, O, T) are first shaped (B,
     *prediction_reshaper, T); the loss's keyword arguments (use_most_certain,
@@ -258,10 +267,10 @@ class ReferenceTrainStep:
     as the scripts pass their argparse values (the image and maze scripts fix
     use_most_certain=True, which every config here sets).
     """
-    fn = getattr(self.ref.losses, f'{self.task}_loss', None)
+    fn = getattr(self.ref.losses, self.loss_name, None)
     if fn is None:
       raise NotImplementedError(
-          f'the reference has no utils/losses.py:{self.task}_loss for task {self.task!r}'
+          f'the reference has no utils/losses.py:{self.loss_name} for task {self.task!r}'
       )
     shaped = predictions.reshape(
         predictions.size(0), *self.kwargs['prediction_reshaper'], predictions.size(-1)

@@ -5,6 +5,7 @@ D neurons, E d_input, K heads, M memory length, H NLM hidden width, P synch
 size, N matrix side.
 """
 
+import inspect
 import json
 import os
 import sys
@@ -257,6 +258,63 @@ def test_every_benchmark_config_is_a_task_config(name):
   assert reference_adapter.describe_optimizer(ref['args']).startswith(
       'AdamW' if config.gradient_clipping == -1 else ('autoclip', 'clip_grad_norm_')
   )
+
+
+# The reference's ContinuousThoughtMachine constructor arguments (models/ctm.py),
+# those with defaults last, and its utils/losses.py training losses.
+_REFERENCE_CTM_ARGS = (
+    'iterations', 'd_model', 'd_input', 'heads', 'n_synch_out', 'n_synch_action',
+    'synapse_depth', 'memory_length', 'deep_nlms', 'memory_hidden_dims',
+    'do_layernorm_nlm', 'backbone_type', 'positional_embedding_type', 'out_dims',
+)  # fmt: skip
+_REFERENCE_CTM_DEFAULTS = (
+    'prediction_reshaper', 'dropout', 'dropout_nlm', 'neuron_select_type', 'n_random_pairing_self',
+)  # fmt: skip
+_REFERENCE_LOSSES = ('parity_loss', 'image_classification_loss', 'maze_loss', 'qamnist_loss')
+
+
+def _reference_with_ctm_signature():
+  """A reference_adapter.Reference whose model class has the reference's constructor signature."""
+  kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+  params = [inspect.Parameter('self', kind)]
+  params += [inspect.Parameter(n, kind) for n in _REFERENCE_CTM_ARGS]
+  params += [inspect.Parameter(n, kind, default=None) for n in _REFERENCE_CTM_DEFAULTS]
+
+  class ReferenceCTM:
+    def __init__(self, *args, **kwargs):
+      del args, kwargs
+
+  ReferenceCTM.__init__.__signature__ = inspect.Signature(params)
+  ref = reference_adapter.Reference.__new__(reference_adapter.Reference)
+  ref.model_cls = ReferenceCTM
+  return ref
+
+
+@pytest.mark.parametrize('name', list(model_bench.CONFIGS))
+@pytest.mark.parametrize('deferred_grads', [False, True])
+def test_reference_spec_fits_the_reference_constructor_and_loss(name, deferred_grads):
+  """Every benchmark config's spec builds the reference model: our compute options
+  (whatever their value) and the baselines' options are left out, nothing the
+  reference needs is missing, and the loss is one the reference defines."""
+  args = model_bench.parse_args([f'--configs={name}'])
+  config = model_bench.bench_config(name, args)
+  config.model.deferred_grads = deferred_grads
+  task, _ = validation.validate(config, num_devices=1)
+  spec = json.loads(json.dumps(model_bench.reference_spec(config, task)))
+  kwargs = _reference_with_ctm_signature().model_kwargs(spec['model'])
+  assert set(_REFERENCE_CTM_ARGS) <= set(kwargs) <= set(_REFERENCE_CTM_ARGS + _REFERENCE_CTM_DEFAULTS)
+  assert kwargs['out_dims'] == spec['model']['out_dims']
+  assert spec['loss'] in _REFERENCE_LOSSES
+
+
+def test_reference_adapter_names_an_argument_the_reference_lacks():
+  ref = _reference_with_ctm_signature()
+  kwargs = dict.fromkeys(_REFERENCE_CTM_ARGS, 1)
+  assert set(ref.model_kwargs(dict(kwargs, num_layers=2, remat='full', prediction_reshaper=[-1])))
+  with pytest.raises(TypeError, match='takes no .*synapse_width'):
+    ref.model_kwargs(dict(kwargs, synapse_width=8))
+  with pytest.raises(TypeError, match='lacks .*d_input'):
+    ref.model_kwargs({k: v for k, v in kwargs.items() if k != 'd_input'})
 
 
 # A checkout of github.com/SakanaAI/continuous-thought-machines, for the

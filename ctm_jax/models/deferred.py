@@ -22,30 +22,15 @@ import jax.numpy as jnp
 from ctm_jax.models import layers
 from ctm_jax.models import nlm
 
-# Per layer kind: the parameter taken out of autodiff, and the parameters its
-# `effective_weight` reads (which the deferred contraction's gradient reaches).
-_DEFERRED_WEIGHT = {layers.Linear: 'kernel', nlm.SuperLinear: 'w1'}
-_WEIGHT_INPUTS = {layers.Linear: ('kernel',), nlm.SuperLinear: ('w1', 'temperature')}
+# The layer classes that defer (`defer=True`); each names its deferred weight,
+# the parameters its `effective_weight` reads and its `weight_gradient`.
+_KINDS = (layers.Linear, nlm.SuperLinear)
 
 
 def _layer_kind(flat_params, layer):
   """The deferring layer class at path `layer` of flattened params."""
-  return nlm.SuperLinear if layer + ('w1',) in flat_params else layers.Linear
-
-
-def _weight_gradient(kind, x, dy):
-  """The effective weight's gradient: x's and dy's positions contracted, float32."""
-  f32 = jnp.float32
-  if kind is nlm.SuperLinear:
-    # x (..., D, B, I), dy (..., D, B, O): ticks and batch are the positions.
-    # (D, I, N) @ (D, N, O) is the batched matmul layout XLA's CPU dots run fastest.
-    d, b, i = x.shape[-3:]
-    x_DxIxN = jnp.transpose(x.reshape(-1, d, b, i), (1, 3, 0, 2)).reshape(d, i, -1)
-    dy_DxNxO = jnp.swapaxes(dy.reshape(-1, d, b, dy.shape[-1]), 0, 1).reshape(d, -1, dy.shape[-1])
-    return jnp.einsum('din,dno->dio', x_DxIxN, dy_DxNxO, preferred_element_type=f32)
-  x_NxI = x.reshape(-1, x.shape[-1])
-  dy_NxO = dy.reshape(-1, dy.shape[-1])
-  return jnp.einsum('ni,no->io', x_NxI, dy_NxO, preferred_element_type=f32)
+  (kind,) = [k for k in _KINDS if layer + (k.DEFERRED_WEIGHT,) in flat_params]
+  return kind
 
 
 def scan(plain, deferring, params, args, rngs):
@@ -69,7 +54,7 @@ def scan(plain, deferring, params, args, rngs):
       path[:-1]: _layer_kind(flat_params, path[:-1])
       for path in traverse_util.flatten_dict(shapes['deferred'])
   }
-  weight_paths = [layer + (_DEFERRED_WEIGHT[kind],) for layer, kind in kinds.items()]
+  weight_paths = [layer + (kind.DEFERRED_WEIGHT,) for layer, kind in kinds.items()]
 
   @jax.custom_vjp
   def run(params, args, rngs):
@@ -99,11 +84,11 @@ def scan(plain, deferring, params, args, rngs):
     recorded = traverse_util.flatten_dict(recorded)
     d_probes = traverse_util.flatten_dict(d_probes)
     for layer, kind in kinds.items():
-      d_w = _weight_gradient(kind, recorded[layer + ('x',)], d_probes[layer + ('y',)])
+      d_w = kind.weight_gradient(recorded[layer + ('x',)], d_probes[layer + ('y',)])
       # The effective weight is a differentiable function of the layer's
       # params (float32 here: the compute dtype's cast is the identity's
       # gradient).
-      inputs = {name: flat[layer + (name,)] for name in _WEIGHT_INPUTS[kind]}
+      inputs = {name: flat[layer + (name,)] for name in kind.WEIGHT_PARAMS}
       _, to_params = jax.vjp(lambda p: kind.effective_weight(p, jnp.float32), inputs)
       (d_inputs,) = to_params(d_w)
       for name, g in d_inputs.items():

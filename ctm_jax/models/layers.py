@@ -1,10 +1,12 @@
 """Small layers with the reference's (PyTorch) initialisation and numerics.
 
-Dimensions: B batch, I input features, O output features.
+Dimensions: B batch, I input features, O output features, N positions
+(ticks x batch) of a deferred weight gradient.
 """
 
 import functools
 import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -61,10 +63,23 @@ class Linear(nn.Module):
   dtype: Dtype = jnp.float32
   defer: bool = False
 
+  # With `defer`: the parameter taken out of autodiff, and those
+  # `effective_weight` reads (the deferred gradient reaches each).
+  DEFERRED_WEIGHT: ClassVar[str] = 'kernel'
+  WEIGHT_PARAMS: ClassVar[tuple[str, ...]] = ('kernel',)
+
   @staticmethod
   def effective_weight(params, dtype):
     """The matrix the forward multiplies by, from this layer's params."""
     return params['kernel'].astype(dtype)
+
+  @staticmethod
+  def weight_gradient(x_NxI, dy_NxO):
+    """The effective weight's gradient from the recorded inputs and output
+    cotangents (any leading positions: ticks, batch), float32."""
+    x_NxI = x_NxI.reshape(-1, x_NxI.shape[-1])
+    dy_NxO = dy_NxO.reshape(-1, dy_NxO.shape[-1])
+    return jnp.einsum('ni,no->io', x_NxI, dy_NxO, preferred_element_type=jnp.float32)
 
   @nn.compact
   def __call__(self, x_BxI):

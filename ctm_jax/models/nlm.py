@@ -1,7 +1,8 @@
 """Neuron-level models: a private MLP per neuron over its pre-activation history.
 
 Dimensions: D neurons (d_model), B batch, M memory length (history),
-I input width per neuron, O output width per neuron, H NLM hidden width.
+I input width per neuron, O output width per neuron, H NLM hidden width,
+N positions (ticks x batch) of a deferred weight gradient.
 
 Activations are neuron-major, (D, B, ...): the D private matmuls are then one
 batched matmul whose batch axis is already outermost, with no transposes of the
@@ -9,6 +10,7 @@ batched matmul whose batch axis is already outermost, with no transposes of the
 """
 
 import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -34,11 +36,27 @@ class SuperLinear(nn.Module):
   dtype: jnp.dtype = jnp.float32
   defer: bool = False
 
+  # As layers.Linear's: what `defer` takes out of autodiff, what it reaches.
+  DEFERRED_WEIGHT: ClassVar[str] = 'w1'
+  WEIGHT_PARAMS: ClassVar[tuple[str, ...]] = ('w1', 'temperature')
+
   @staticmethod
   def effective_weight(params, dtype):
     """(D, I, O) private matrices W / T, from this layer's params."""
     w_DxIxO = jnp.transpose(params['w1'], (2, 0, 1)) / params['temperature']
     return w_DxIxO.astype(dtype)
+
+  @staticmethod
+  def weight_gradient(x_DxBxI, dy_DxBxO):
+    """(D, I, O) gradient of the effective weight from the recorded inputs and
+    output cotangents (any leading positions: ticks), float32."""
+    # (D, I, N) @ (D, N, O), N = ticks x batch: the batched matmul layout
+    # XLA's CPU dots run fastest.
+    d, b, i = x_DxBxI.shape[-3:]
+    o = dy_DxBxO.shape[-1]
+    x_DxIxN = jnp.transpose(x_DxBxI.reshape(-1, d, b, i), (1, 3, 0, 2)).reshape(d, i, -1)
+    dy_DxNxO = jnp.swapaxes(dy_DxBxO.reshape(-1, d, b, o), 0, 1).reshape(d, -1, o)
+    return jnp.einsum('din,dno->dio', x_DxIxN, dy_DxNxO, preferred_element_type=jnp.float32)
 
   @nn.compact
   def __call__(self, x_DxBxI, train: bool = False, glu: bool = False):

@@ -212,6 +212,9 @@ class Task:
   # Constructor args this task's reference script does not save (it has no
   # flag for them), with the values it builds the model with.
   reference_arg_defaults: ClassVar[dict] = {}
+  # The reference's utils/losses.py function this task trains with ('' for
+  # `<name>_loss`); the benchmark's reference step calls it.
+  reference_loss: ClassVar[str] = ''
 
   def matches_reference_args(self, args: dict) -> bool:
     """Whether a reference training script of this task saved `args`."""

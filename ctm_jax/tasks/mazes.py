@@ -124,6 +124,7 @@ def route_length(config) -> int:
 @base.register
 class Maze(base.Task):
   name = 'mazes'
+  reference_loss = 'maze_loss'
   config_keys = frozenset(
       {
           'maze_route_length',
