@@ -1,11 +1,13 @@
 """Deferred weight gradients (models/deferred.py) against autodiff."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ctm_jax.models import deferred
+from ctm_jax.models import nlm
 from ctm_test import _model
 from ctm_test import _parity_input
 
@@ -123,8 +125,8 @@ def test_dropout_gradients_equal_autodiff_of_the_same_forward(monkeypatch):
   variables = model.init(jax.random.key(0), x)
   loss_d, grads_d = _grads(model, variables, x, train=True)
 
-  def autodiff_scan(plain, deferring, params, args, rngs):
-    del deferring
+  def autodiff_scan(plain, deferring, params, args, rngs, history_of=None):
+    del deferring, history_of
     return plain.apply({'params': params}, *args, rngs=rngs)
 
   monkeypatch.setattr(deferred, 'scan', autodiff_scan)
@@ -165,3 +167,72 @@ def test_init_gives_the_same_parameters():
 def test_bad_options_are_named(options, message):
   with pytest.raises(ValueError, match=message):
     _model(**options)
+
+
+def test_window_weight_gradient_equals_that_of_the_stacked_windows():
+  """The NLM's first layer records only each tick's new trace entry; the
+  windows rebuilt from the history give the gradient of the stacked traces."""
+  t, d, b, m, o = 5, 3, 2, 4, 6
+  keys = jax.random.split(jax.random.key(0), 3)
+  history_DxBxM = jax.random.normal(keys[0], (d, b, m))
+  newest_TxDxB = jax.random.normal(keys[1], (t, d, b))
+  dy_TxDxBxO = jax.random.normal(keys[2], (t, d, b, o))
+  traces, trace = [], history_DxBxM
+  for tick in range(t):  # the tick's push: drop the oldest, append the newest
+    trace = jnp.concatenate([trace[..., 1:], newest_TxDxB[tick][..., None]], -1)
+    traces.append(trace)
+  expected = nlm.SuperLinear.weight_gradient(jnp.stack(traces), dy_TxDxBxO)
+  got = nlm.SuperLinear.window_weight_gradient(history_DxBxM, newest_TxDxB, dy_TxDxBxO)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  assert got.shape == (d, m, o)
+
+
+class _NLMs(nn.Module):
+  do_norm: bool = False
+  dropout: float = 0.0
+  window: bool = True
+
+  @nn.compact
+  def __call__(self, trace_DxBxM, train):
+    return nlm.neuron_level_models(
+        trace_DxBxM,
+        deep=True,
+        memory_hidden_dims=4,
+        do_norm=self.do_norm,
+        dropout=self.dropout,
+        train=train,
+        dtype=jnp.float32,
+        defer=True,
+        window=self.window,
+    )
+
+
+@pytest.mark.parametrize(
+    'options,train,newest_only',
+    [
+        ({}, False, True),
+        ({'dropout': 0.1}, False, True),  # no dropout outside training
+        ({'dropout': 0.1}, True, False),  # the matmul sees dropped-out entries
+        ({'do_norm': True}, False, False),  # ... or normalised ones
+        ({'window': False}, False, False),  # held examples (Q&A-MNIST): no window
+    ],
+)
+def test_first_nlm_layer_records_the_newest_entry_only_for_a_plain_window(
+    options, train, newest_only
+):
+  trace_DxBxM = jnp.ones((3, 2, 5))
+  module = _NLMs(**options)
+  variables = module.init(jax.random.key(0), trace_DxBxM, False)
+  _, recorded = module.apply(
+      {'params': variables['params']},
+      trace_DxBxM,
+      train,
+      rngs={'dropout': jax.random.key(1)},
+      mutable=['deferred', 'probes'],
+  )
+  first = recorded['deferred']['trace_processor_0_0']
+  assert set(first) == ({'x_newest'} if newest_only else {'x'})
+  if newest_only:
+    assert first['x_newest'].shape == (3, 2)
+  # The second layer's input (the hidden GLU output) is no window.
+  assert set(recorded['deferred']['trace_processor_0_2']) == {'x'}

@@ -309,6 +309,8 @@ class Tick(nn.Module):
         train=self.train,
         dtype=self.dtype,
         defer=self.defer,
+        # Held examples keep their trace: then it is no sliding history.
+        window=inputs.active_B is None,
     )
     z_BxD = sharding.constrain(z_DxB.T.astype(state.z_BxD.dtype), _BATCH_NEURONS)
     synch_out_BxP, synch_out_state = synch.update(
@@ -657,6 +659,7 @@ class ContinuousThoughtMachine(nn.Module):
           self.variables['params']['tick'],
           args,
           rngs,
+          history_of=lambda args: args[0].trace_DxBxM,
       )
     return scan(**self._tick_kwargs(train, track), name='tick')(*args)
 

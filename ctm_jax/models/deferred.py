@@ -33,14 +33,17 @@ def _layer_kind(flat_params, layer):
   return kind
 
 
-def scan(plain, deferring, params, args, rngs):
+def scan(plain, deferring, params, args, rngs, history_of=None):
   """`plain.apply({'params': params}, *args, rngs=rngs)` (a scanned tick module,
   unbound), whose parameter gradients come from `deferring` (the same module
   with `defer=True`) as described above.
 
   Returns the scan's (final state, per-tick outputs). `args` are the scan's
   positional inputs (state, per-tick inputs, fixed inputs, synch params);
-  `rngs` its rng dict (may be empty).
+  `rngs` its rng dict (may be empty). `history_of(args)`: the sliding history
+  (D, B, M) before the first tick, for layers that record only its newest
+  entry (the NLMs' first layer: its windows are rebuilt here, not stacked per
+  tick).
   """
   shapes = jax.eval_shape(
       lambda p, a, r: deferring.apply({'params': p}, *a, rngs=r, mutable=['probes', 'deferred'])[1],
@@ -49,7 +52,8 @@ def scan(plain, deferring, params, args, rngs):
       rngs,
   )
   flat_params = traverse_util.flatten_dict(params)
-  # Layer path -> its class; each recorded ('x') and probed ('y') under it.
+  # Layer path -> its class; each recorded ('x', or 'x_newest' of a window) and
+  # probed ('y') under it.
   kinds = {
       path[:-1]: _layer_kind(flat_params, path[:-1])
       for path in traverse_util.flatten_dict(shapes['deferred'])
@@ -75,16 +79,21 @@ def scan(plain, deferring, params, args, rngs):
       return out, recorded['deferred']
 
     out, pullback, recorded = jax.vjp(differentiated, flat, probes, args, has_aux=True)
-    return out, (pullback, recorded, params)
+    history = history_of(args) if history_of else None
+    return out, (pullback, recorded, params, history)
 
   def backward(residuals, d_out):
-    pullback, recorded, params = residuals
+    pullback, recorded, params, history_DxBxM = residuals
     d_flat, d_probes, d_args = pullback(d_out)
     flat = traverse_util.flatten_dict(params)
     recorded = traverse_util.flatten_dict(recorded)
     d_probes = traverse_util.flatten_dict(d_probes)
     for layer, kind in kinds.items():
-      d_w = kind.weight_gradient(recorded[layer + ('x',)], d_probes[layer + ('y',)])
+      dy = d_probes[layer + ('y',)]
+      if layer + ('x_newest',) in recorded:
+        d_w = kind.window_weight_gradient(history_DxBxM, recorded[layer + ('x_newest',)], dy)
+      else:
+        d_w = kind.weight_gradient(recorded[layer + ('x',)], dy)
       # The effective weight is a differentiable function of the layer's
       # params (float32 here: the compute dtype's cast is the identity's
       # gradient).

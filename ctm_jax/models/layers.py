@@ -38,13 +38,21 @@ def torch_bias_init(fan_in: int):
   return uniform(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
 
 
-def deferred_matmul(module: nn.Module, equation: str, x, w):
+def deferred_matmul(module: nn.Module, equation: str, x, w, newest_only: bool = False):
   """einsum(equation, x, w) whose gradient with respect to `w` is left to the
   caller (ctm_jax/models/deferred.py): `w` enters as a constant, the input is
   recorded in the 'deferred' collection and a zero 'probes' variable of the
-  output's shape is added, so that the probe's cotangent is the output's."""
+  output's shape is added, so that the probe's cotangent is the output's.
+
+  `newest_only`: x's last axis is a sliding history, newest last, that gains
+  one entry per call; only that entry is recorded ('x_newest'), and the
+  caller rebuilds the windows from the history.
+  """
   y = jnp.einsum(equation, x, jax.lax.stop_gradient(w))
-  module.put_variable('deferred', 'x', x)
+  if newest_only:
+    module.put_variable('deferred', 'x_newest', x[..., -1])
+  else:
+    module.put_variable('deferred', 'x', x)
   probe = module.variable('probes', 'y', jnp.zeros, y.shape, y.dtype)
   return y + probe.value
 

@@ -35,6 +35,10 @@ class SuperLinear(nn.Module):
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   defer: bool = False
+  # The input is the sliding pre-activation history (one new entry per tick):
+  # with `defer`, only the new entry is recorded where the matmul sees the
+  # history itself (no dropout in training, no LayerNorm).
+  window: bool = False
 
   # As layers.Linear's: what `defer` takes out of autodiff, what it reaches.
   DEFERRED_WEIGHT: ClassVar[str] = 'w1'
@@ -45,6 +49,27 @@ class SuperLinear(nn.Module):
     """(D, I, O) private matrices W / T, from this layer's params."""
     w_DxIxO = jnp.transpose(params['w1'], (2, 0, 1)) / params['temperature']
     return w_DxIxO.astype(dtype)
+
+  @staticmethod
+  def window_weight_gradient(history_DxBxM, newest_TxDxB, dy_TxDxBxO):
+    """`weight_gradient` of T calls on sliding windows: the history before the
+    first (D, B, M) and each call's new entry (T, D, B)."""
+    t, d, b = newest_TxDxB.shape
+    m = history_DxBxM.shape[-1]
+    o = dy_TxDxBxO.shape[-1]
+    history_DxKxB = jnp.concatenate(
+        [
+            jnp.swapaxes(history_DxBxM.astype(newest_TxDxB.dtype), 1, 2),
+            jnp.transpose(newest_TxDxB, (1, 0, 2)),
+        ],
+        axis=1,
+    )  # K = M + T entries, oldest first; call t sees entries t + 1 ... t + M.
+    # Row i of neuron d's input matrix is a contiguous run of its history.
+    x_DxIxN = jnp.stack(
+        [history_DxKxB[:, 1 + i : 1 + i + t].reshape(d, t * b) for i in range(m)], axis=1
+    )
+    dy_DxNxO = jnp.swapaxes(dy_TxDxBxO, 0, 1).reshape(d, t * b, o)
+    return jnp.einsum('din,dno->dio', x_DxIxN, dy_DxNxO, preferred_element_type=jnp.float32)
 
   @staticmethod
   def weight_gradient(x_DxBxI, dy_DxBxO):
@@ -60,6 +85,7 @@ class SuperLinear(nn.Module):
 
   @nn.compact
   def __call__(self, x_DxBxI, train: bool = False, glu: bool = False):
+    newest_only = self.window and not self.do_norm and not (self.dropout > 0 and train)
     if self.dropout > 0:
       x_DxBxI = nn.Dropout(self.dropout, deterministic=not train)(x_DxBxI)
     if self.do_norm:
@@ -80,7 +106,8 @@ class SuperLinear(nn.Module):
     equation = 'dbi,dio->dbo'
     if self.defer:
       # One matmul (its recorded input and probe are the whole layer's).
-      y_DxBxO = layers.deferred_matmul(self, equation, x_DxBxI, w_DxIxO) + b_Dx1xO
+      y_DxBxO = layers.deferred_matmul(self, equation, x_DxBxI, w_DxIxO, newest_only)
+      y_DxBxO = y_DxBxO + b_Dx1xO
       if not glu:
         return y_DxBxO
       half = self.out_dims // 2
@@ -105,24 +132,30 @@ def neuron_level_models(
     train: bool,
     dtype,
     defer: bool = False,
+    window: bool = False,
 ):
   """Post-activations z (D, B) from the neuron-major pre-activation trace (D, B, M).
 
   Call inside a compact method: layers are named after the reference's
-  `trace_processor.0.{0,2}` so weights import one to one.
+  `trace_processor.0.{0,2}` so weights import one to one. `window`: the trace
+  is the sliding history, one new entry per call (SuperLinear.window).
   """
   n_neurons, _, memory_length = trace_DxBxM.shape
   common = dict(n_neurons=n_neurons, do_norm=do_norm, dropout=dropout, dtype=dtype, defer=defer)
   h_DxBxI = trace_DxBxM
   if deep:
     h_DxBxI = SuperLinear(
-        memory_length, 2 * memory_hidden_dims, name='trace_processor_0_0', **common
+        memory_length,
+        2 * memory_hidden_dims,
+        window=window,
+        name='trace_processor_0_0',
+        **common,
     )(h_DxBxI, train, glu=True)
     h_DxBx1 = SuperLinear(memory_hidden_dims, 2, name='trace_processor_0_2', **common)(
         h_DxBxI, train, glu=True
     )
   else:
-    h_DxBx1 = SuperLinear(memory_length, 2, name='trace_processor_0_0', **common)(
+    h_DxBx1 = SuperLinear(memory_length, 2, window=window, name='trace_processor_0_0', **common)(
         h_DxBxI, train, glu=True
     )
   # The last GLU maps the 2-wide output to one value per neuron.
