@@ -23,9 +23,9 @@ from ctm_jax.models import ctm as ctm_lib
 
 
 def _batch_axis(path) -> int:
-  # The neuron-major trace keeps its batch on axis 1; every other leaf of a
+  # The neuron-major trace keeps its batch last (axis 2); every other leaf of a
   # TickState or TickInputs leads with it.
-  return 1 if 'trace_DxBxM' in jax.tree_util.keystr(path) else 0
+  return 2 if 'trace_DxMxB' in jax.tree_util.keystr(path) else 0
 
 
 def _take(tree, index_S):

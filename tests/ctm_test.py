@@ -73,9 +73,9 @@ def test_nlm_is_private_per_neuron():
   class NLM(nn.Module):
 
     @nn.compact
-    def __call__(self, trace_DxBxM):
+    def __call__(self, trace_DxMxB):
       return nlm.neuron_level_models(
-          trace_DxBxM,
+          trace_DxMxB,
           deep=True,
           memory_hidden_dims=4,
           do_norm=True,
@@ -84,10 +84,10 @@ def test_nlm_is_private_per_neuron():
           dtype=jnp.float32,
       )
 
-  trace = jax.random.normal(jax.random.key(1), (7, 1, 5))
+  trace = jax.random.normal(jax.random.key(1), (7, 5, 1))
   module = NLM()
   params = module.init(jax.random.key(0), trace)
-  jac_DxDxM = jax.jacobian(lambda t: module.apply(params, t)[:, 0])(trace)[:, :, 0]
+  jac_DxDxM = jax.jacobian(lambda t: module.apply(params, t)[:, 0])(trace)[..., 0]
   magnitude_DxD = np.abs(np.asarray(jac_DxDxM)).sum(-1)
   off_diagonal = magnitude_DxD * (1 - np.eye(7))
   assert off_diagonal.max() == 0.0
@@ -378,7 +378,7 @@ class _PerTickInputCTM(ctm_lib.ContinuousThoughtMachine):
     synch_params = self.synch_params()
     if state is None:
       state = self.initial_state(inputs_TxBxE.shape[1], synch_params)
-      state = state._replace(z_trace_BxDxM=jnp.zeros_like(state.trace_DxBxM.transpose(1, 0, 2)))
+      state = state._replace(z_trace_BxDxM=jnp.zeros_like(state.trace_DxMxB.transpose(2, 0, 1)))
     final, per_tick = self.run_ticks(
         state,
         ctm_lib.TickInputs(features_BxE=inputs_TxBxE),

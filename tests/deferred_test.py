@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctm_jax.models import ctm
 from ctm_jax.models import deferred
 from ctm_jax.models import nlm
 from ctm_test import _model
@@ -174,17 +175,20 @@ def test_window_weight_gradient_equals_that_of_the_stacked_windows():
   windows rebuilt from the history give the gradient of the stacked traces."""
   t, d, b, m, o = 5, 3, 2, 4, 6
   keys = jax.random.split(jax.random.key(0), 3)
-  history_DxBxM = jax.random.normal(keys[0], (d, b, m))
+  history_DxMxB = jax.random.normal(keys[0], (d, m, b))
   newest_TxDxB = jax.random.normal(keys[1], (t, d, b))
-  dy_TxDxBxO = jax.random.normal(keys[2], (t, d, b, o))
-  traces, trace = [], history_DxBxM
-  for tick in range(t):  # the tick's push: drop the oldest, append the newest
-    trace = jnp.concatenate([trace[..., 1:], newest_TxDxB[tick][..., None]], -1)
+  dy_TxDxOxB = jax.random.normal(keys[2], (t, d, o, b))
+  traces, trace = [], history_DxMxB
+  for tick in range(t):
+    trace = ctm.push_trace(trace, newest_TxDxB[tick])
     traces.append(trace)
-  expected = nlm.SuperLinear.weight_gradient(jnp.stack(traces), dy_TxDxBxO)
-  got = nlm.SuperLinear.window_weight_gradient(history_DxBxM, newest_TxDxB, dy_TxDxBxO)
+  expected = nlm.SuperLinear.weight_gradient(jnp.stack(traces), dy_TxDxOxB)
+  got = nlm.SuperLinear.window_weight_gradient(history_DxMxB, newest_TxDxB, dy_TxDxOxB)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-  assert got.shape == (d, m, o)
+  assert got.shape == (d, o, m)
+  # ... and that of the definition: sum over ticks and batch of dy x^T.
+  by_hand = jnp.einsum('tdob,tdib->doi', dy_TxDxOxB, jnp.stack(traces))
+  np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-5)
 
 
 class _NLMs(nn.Module):
@@ -193,9 +197,9 @@ class _NLMs(nn.Module):
   window: bool = True
 
   @nn.compact
-  def __call__(self, trace_DxBxM, train):
+  def __call__(self, trace_DxMxB, train):
     return nlm.neuron_level_models(
-        trace_DxBxM,
+        trace_DxMxB,
         deep=True,
         memory_hidden_dims=4,
         do_norm=self.do_norm,
@@ -220,12 +224,12 @@ class _NLMs(nn.Module):
 def test_first_nlm_layer_records_the_newest_entry_only_for_a_plain_window(
     options, train, newest_only
 ):
-  trace_DxBxM = jnp.ones((3, 2, 5))
+  trace_DxMxB = jnp.ones((3, 5, 2))
   module = _NLMs(**options)
-  variables = module.init(jax.random.key(0), trace_DxBxM, False)
+  variables = module.init(jax.random.key(0), trace_DxMxB, False)
   _, recorded = module.apply(
       {'params': variables['params']},
-      trace_DxBxM,
+      trace_DxMxB,
       train,
       rngs={'dropout': jax.random.key(1)},
       mutable=['deferred', 'probes'],

@@ -134,7 +134,7 @@ class RLTick(nn.Module):
 
   @nn.compact
   def __call__(self, carry, features_BxI, train: bool = False, track: bool = False):
-    trace_DxBxM, z_trace_BxDxM = carry
+    trace_DxMxB, z_trace_BxDxM = carry
     synapse_in = jnp.concatenate(
         [features_BxI.astype(self.dtype), z_trace_BxDxM[:, :, -1].astype(self.dtype)], -1
     )
@@ -148,9 +148,9 @@ class RLTick(nn.Module):
           self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
       )(synapse_in, train)
     pre_BxD = pre_BxD.astype(jnp.float32)
-    trace_DxBxM = ctm._push(trace_DxBxM, pre_BxD.T)  # pylint: disable=protected-access
+    trace_DxMxB = ctm.push_trace(trace_DxMxB, pre_BxD.T)
     z_DxB = nlm.neuron_level_models(
-        trace_DxBxM,
+        trace_DxMxB,
         deep=self.deep_nlms,
         memory_hidden_dims=self.memory_hidden_dims,
         do_norm=self.do_layernorm_nlm,
@@ -161,7 +161,7 @@ class RLTick(nn.Module):
     z_BxD = z_DxB.T.astype(jnp.float32)
     z_trace_BxDxM = ctm._push(z_trace_BxDxM, z_BxD)  # pylint: disable=protected-access
     out = {'pre_activations': pre_BxD, 'post_activations': z_BxD} if track else {}
-    return (trace_DxBxM, z_trace_BxDxM), out
+    return (trace_DxMxB, z_trace_BxDxM), out
 
 
 def window_synch_pairs(n_synch: int):
@@ -286,13 +286,13 @@ class ContinuousThoughtMachineRL(nn.Module):
         in_axes=(nn.broadcast,),
         length=self.iterations,
     )
-    (trace_DxBxM, z_trace_BxDxM), per_tick = scan(
-        self.tick, (jnp.transpose(trace_BxDxM, (1, 0, 2)), z_trace_BxDxM), features_BxI
+    (trace_DxMxB, z_trace_BxDxM), per_tick = scan(
+        self.tick, (jnp.transpose(trace_BxDxM, (1, 2, 0)), z_trace_BxDxM), features_BxI
     )
     synch_BxP = window_synchronisation(
         z_trace_BxDxM, ctm.clamp_in_graph(self.decay_params_out, DECAY_CLAMP), self.n_synch_out
     )
-    new_carry = (jnp.transpose(trace_DxBxM, (1, 0, 2)), z_trace_BxDxM)
+    new_carry = (jnp.transpose(trace_DxMxB, (2, 0, 1)), z_trace_BxDxM)
     tracking = dict(per_tick, synch=synch_BxP) if track else None
     return synch_BxP, new_carry, tracking
 

@@ -30,7 +30,7 @@ DECAY_CLAMP = (0.0, 15.0)
 # Logical axes of (B, D) activations and of the neuron-major (D, B, M) trace;
 # see ctm_jax/sharding.py.
 _BATCH_NEURONS = ('batch', 'neurons')
-_NEURONS_BATCH_MEMORY = ('neurons', 'batch', None)
+_NEURONS_MEMORY_BATCH = ('neurons', None, 'batch')
 # bf16 is an opt-in compute dtype; parameters and optimiser state stay float32.
 COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 DECAY_PARAM_NAMES = ('decay_params_action', 'decay_params_out')
@@ -189,7 +189,7 @@ class Prepared:
 class TickState(NamedTuple):
   """What one tick hands to the next."""
 
-  trace_DxBxM: jax.Array  # pre-activation history, newest last; neuron-major for the NLMs
+  trace_DxMxB: jax.Array  # pre-activation history, newest last; the NLMs' layout
   z_BxD: jax.Array  # post-activations
   synch_action: synch.SynchState
   synch_out: synch.SynchState
@@ -223,6 +223,12 @@ def _push(history_xM, new):
   """Drops the oldest entry of a (..., M) history and appends `new` (...) last."""
   new_x1 = new[..., None].astype(history_xM.dtype)
   return jnp.concatenate([history_xM[..., 1:], new_x1], -1)
+
+
+def push_trace(trace_DxMxB, new_DxB):
+  """Drops the oldest entry of a (D, M, B) trace and appends `new` (D, B) last."""
+  new_Dx1xB = new_DxB[:, None, :].astype(trace_DxMxB.dtype)
+  return jnp.concatenate([trace_DxMxB[:, 1:], new_Dx1xB], 1)
 
 
 def _split_heads(x_BxNxE, heads):
@@ -299,9 +305,11 @@ class Tick(nn.Module):
           defer=self.defer,
           name='synapses',
       )(synapse_in, self.train)
-    trace_DxBxM = sharding.constrain(_push(state.trace_DxBxM, pre_BxD.T), _NEURONS_BATCH_MEMORY)
+    trace_DxMxB = sharding.constrain(
+        push_trace(state.trace_DxMxB, pre_BxD.T), _NEURONS_MEMORY_BATCH
+    )
     z_DxB = nlm.neuron_level_models(
-        trace_DxBxM,
+        trace_DxMxB,
         deep=self.deep_nlms,
         memory_hidden_dims=self.memory_hidden_dims,
         do_norm=self.do_layernorm_nlm,
@@ -333,7 +341,7 @@ class Tick(nn.Module):
     z_trace_BxDxM = state.z_trace_BxDxM
     if z_trace_BxDxM is not None:
       z_trace_BxDxM = _push(z_trace_BxDxM, z_BxD)
-    next_state = TickState(trace_DxBxM, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
+    next_state = TickState(trace_DxMxB, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
     if inputs.active_B is not None:
       next_state = hold_inactive(inputs.active_B, next_state, state)
     return next_state, outputs
@@ -350,7 +358,7 @@ def hold_inactive(active_B, new: TickState, old: TickState) -> TickState:
   fields = new._asdict()
   for name, value in fields.items():
     if value is not None:  # the neuron-major trace has its batch on axis 1
-      fields[name] = hold(active_B, value, getattr(old, name), 1 if name == 'trace_DxBxM' else 0)
+      fields[name] = hold(active_B, value, getattr(old, name), 2 if name == 'trace_DxMxB' else 0)
   return TickState(**fields)
 
 
@@ -606,8 +614,8 @@ class ContinuousThoughtMachine(nn.Module):
     start_z_D = self.param('start_activated_state', layers.uniform(math.sqrt(1 / d)), (d,))
     start_trace_DxM = self.param('start_trace', layers.uniform(math.sqrt(1 / (d + m))), (d, m))
     z_BxD = sharding.constrain(jnp.broadcast_to(start_z_D, (batch, d)), _BATCH_NEURONS)
-    trace_DxBxM = sharding.constrain(
-        jnp.broadcast_to(start_trace_DxM[:, None, :], (d, batch, m)), _NEURONS_BATCH_MEMORY
+    trace_DxMxB = sharding.constrain(
+        jnp.broadcast_to(start_trace_DxM[:, :, None], (d, m, batch)), _NEURONS_MEMORY_BATCH
     )
     # The output synch starts from z0 before the first tick; the action synch
     # starts empty (its first update sees z0).
@@ -619,7 +627,7 @@ class ContinuousThoughtMachine(nn.Module):
         synch_params.decay_out_P,
     )
     synch_action = synch.zero_state(batch, self.synch_size_action)
-    return TickState(trace_DxBxM, z_BxD, synch_action, synch_out)
+    return TickState(trace_DxMxB, z_BxD, synch_action, synch_out)
 
   def run_ticks(
       self,
@@ -659,7 +667,7 @@ class ContinuousThoughtMachine(nn.Module):
           self.variables['params']['tick'],
           args,
           rngs,
-          history_of=lambda args: args[0].trace_DxBxM,
+          history_of=lambda args: args[0].trace_DxMxB,
       )
     return scan(**self._tick_kwargs(train, track), name='tick')(*args)
 

@@ -44,13 +44,13 @@ def deferred_matmul(module: nn.Module, equation: str, x, w, newest_only: bool = 
   recorded in the 'deferred' collection and a zero 'probes' variable of the
   output's shape is added, so that the probe's cotangent is the output's.
 
-  `newest_only`: x's last axis is a sliding history, newest last, that gains
+  `newest_only`: x's second-last axis is a sliding history, newest last, that gains
   one entry per call; only that entry is recorded ('x_newest'), and the
   caller rebuilds the windows from the history.
   """
   y = jnp.einsum(equation, x, jax.lax.stop_gradient(w))
   if newest_only:
-    module.put_variable('deferred', 'x_newest', x[..., -1])
+    module.put_variable('deferred', 'x_newest', x[..., -1, :])
   else:
     module.put_variable('deferred', 'x', x)
   probe = module.variable('probes', 'y', jnp.zeros, y.shape, y.dtype)
