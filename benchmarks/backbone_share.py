@@ -263,15 +263,12 @@ def jax_worker(args):
         model_bench.train_step(bench), state, batch
     )
     ready['step_compile_s'] = lower_s + compile_s
-    holder = {'state': state}
+    train = model_bench.donated_steps(step_c, state, batch)
     del state
-    finite = []
 
     def step():
-      holder['state'], metrics = step_c(holder['state'], batch)
-      jax.block_until_ready((holder['state'], metrics))
-      finite.append(bool(metrics['finite']))
-      return dict(loss=float(metrics['loss']), finite=finite[-1])
+      metrics = train()
+      return dict(loss=float(metrics['loss']), finite=bool(metrics['finite']))
 
     commands['step'] = step
     spec = model_bench.reference_spec(config, bench.task)
@@ -338,10 +335,7 @@ def wait_quiet(max_s, poll_s=30):
   """
   t0 = time.time()
   while True:
-    found = subprocess.run(
-        ['pgrep', '-af', QUIET_PATTERN], capture_output=True, text=True, check=False
-    ).stdout
-    hits = [l for l in found.splitlines() if l and 'backbone_share' not in l]
+    hits = others_busy()
     if not hits:
       return True, time.time() - t0, []
     if time.time() - t0 >= max_s:
@@ -351,7 +345,10 @@ def wait_quiet(max_s, poll_s=30):
 
 
 def others_busy():
-  out = subprocess.run(['pgrep', '-af', QUIET_PATTERN], capture_output=True, text=True).stdout
+  """The processes matching QUIET_PATTERN, other than this script's."""
+  out = subprocess.run(
+      ['pgrep', '-af', QUIET_PATTERN], capture_output=True, text=True, check=False
+  ).stdout
   return [l for l in out.splitlines() if l and 'backbone_share' not in l]
 
 

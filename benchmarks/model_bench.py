@@ -315,6 +315,20 @@ def aot_compile(fn, *args):
   return compiled, t1 - t0, t2 - t1
 
 
+def donated_steps(compiled, state, batch):
+  """A call running one train step of `compiled` (its state donated) on `batch`
+  from the last step's state, blocked until ready; returns the step's metrics.
+  It owns `state` from here on."""
+  holder = {'state': state}
+
+  def step():
+    holder['state'], metrics = compiled(holder['state'], batch)
+    jax.block_until_ready((holder['state'], metrics))
+    return metrics
+
+  return step
+
+
 def time_calls(call, warmup, repeats):
   """Wall times (s) of `repeats` calls after `warmup` calls; `call()` must block."""
   for _ in range(warmup):
@@ -461,14 +475,12 @@ def measure(name, bench, args, peak=None):
   log(f'{name}: compile train step')
   train_compiled, train_lower_s, train_compile_s = aot_compile(train_step(bench), state, batch)
   log(f'{name}: train lower {train_lower_s:.1f}s compile {train_compile_s:.1f}s; timing')
-  holder = {'state': state}
+  train = donated_steps(train_compiled, state, batch)
   del state
   metrics_seen = []
 
   def one_step():
-    holder['state'], metrics = train_compiled(holder['state'], batch)
-    jax.block_until_ready((holder['state'], metrics))
-    metrics_seen.append(metrics)
+    metrics_seen.append(train())
 
   if args.reference:
     ref_result, train_times = time_against_reference(

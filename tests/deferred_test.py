@@ -180,7 +180,7 @@ def test_window_weight_gradient_equals_that_of_the_stacked_windows():
   dy_TxDxOxB = jax.random.normal(keys[2], (t, d, o, b))
   traces, trace = [], history_DxMxB
   for tick in range(t):
-    trace = ctm.push_trace(trace, newest_TxDxB[tick])
+    trace = ctm.push(trace, newest_TxDxB[tick], axis=1)
     traces.append(trace)
   expected = nlm.SuperLinear.weight_gradient(jnp.stack(traces), dy_TxDxOxB)
   got = nlm.SuperLinear.window_weight_gradient(history_DxMxB, newest_TxDxB, dy_TxDxOxB)

@@ -148,7 +148,7 @@ class RLTick(nn.Module):
           self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
       )(synapse_in, train)
     pre_BxD = pre_BxD.astype(jnp.float32)
-    trace_DxMxB = ctm.push_trace(trace_DxMxB, pre_BxD.T)
+    trace_DxMxB = ctm.push(trace_DxMxB, pre_BxD.T, axis=1)
     z_DxB = nlm.neuron_level_models(
         trace_DxMxB,
         deep=self.deep_nlms,
@@ -159,7 +159,7 @@ class RLTick(nn.Module):
         dtype=self.dtype,
     )
     z_BxD = z_DxB.T.astype(jnp.float32)
-    z_trace_BxDxM = ctm._push(z_trace_BxDxM, z_BxD)  # pylint: disable=protected-access
+    z_trace_BxDxM = ctm.push(z_trace_BxDxM, z_BxD)
     out = {'pre_activations': pre_BxD, 'post_activations': z_BxD} if track else {}
     return (trace_DxMxB, z_trace_BxDxM), out
 

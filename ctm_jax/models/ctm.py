@@ -219,16 +219,12 @@ def _xavier_qkv(d_input: int):
   return layers.uniform(math.sqrt(6.0 / (4 * d_input)))
 
 
-def _push(history_xM, new):
-  """Drops the oldest entry of a (..., M) history and appends `new` (...) last."""
-  new_x1 = new[..., None].astype(history_xM.dtype)
-  return jnp.concatenate([history_xM[..., 1:], new_x1], -1)
-
-
-def push_trace(trace_DxMxB, new_DxB):
-  """Drops the oldest entry of a (D, M, B) trace and appends `new` (D, B) last."""
-  new_Dx1xB = new_DxB[:, None, :].astype(trace_DxMxB.dtype)
-  return jnp.concatenate([trace_DxMxB[:, 1:], new_Dx1xB], 1)
+def push(history, new, axis: int = -1):
+  """Drops the oldest entry of a history along `axis` (newest last) and appends
+  `new`, the history's shape without that axis."""
+  new = jnp.expand_dims(new, axis).astype(history.dtype)
+  oldest_dropped = jax.lax.slice_in_dim(history, 1, None, axis=axis)
+  return jnp.concatenate([oldest_dropped, new], axis)
 
 
 def _split_heads(x_BxNxE, heads):
@@ -306,7 +302,7 @@ class Tick(nn.Module):
           name='synapses',
       )(synapse_in, self.train)
     trace_DxMxB = sharding.constrain(
-        push_trace(state.trace_DxMxB, pre_BxD.T), _NEURONS_MEMORY_BATCH
+        push(state.trace_DxMxB, pre_BxD.T, axis=1), _NEURONS_MEMORY_BATCH
     )
     z_DxB = nlm.neuron_level_models(
         trace_DxMxB,
@@ -340,7 +336,7 @@ class Tick(nn.Module):
       outputs['post_activations'] = z_BxD
     z_trace_BxDxM = state.z_trace_BxDxM
     if z_trace_BxDxM is not None:
-      z_trace_BxDxM = _push(z_trace_BxDxM, z_BxD)
+      z_trace_BxDxM = push(z_trace_BxDxM, z_BxD)
     next_state = TickState(trace_DxMxB, z_BxD, synch_action_state, synch_out_state, z_trace_BxDxM)
     if inputs.active_B is not None:
       next_state = hold_inactive(inputs.active_B, next_state, state)

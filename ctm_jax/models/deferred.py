@@ -41,7 +41,7 @@ def scan(plain, deferring, params, args, rngs, history_of=None):
   Returns the scan's (final state, per-tick outputs). `args` are the scan's
   positional inputs (state, per-tick inputs, fixed inputs, synch params);
   `rngs` its rng dict (may be empty). `history_of(args)`: the sliding history
-  (D, B, M) before the first tick, for layers that record only its newest
+  (D, M, B) before the first tick, for layers that record only its newest
   entry (the NLMs' first layer: its windows are rebuilt here, not stacked per
   tick).
   """
@@ -83,7 +83,7 @@ def scan(plain, deferring, params, args, rngs, history_of=None):
     return out, (pullback, recorded, params, history)
 
   def backward(residuals, d_out):
-    pullback, recorded, params, history_DxBxM = residuals
+    pullback, recorded, params, history_DxMxB = residuals
     d_flat, d_probes, d_args = pullback(d_out)
     flat = traverse_util.flatten_dict(params)
     recorded = traverse_util.flatten_dict(recorded)
@@ -91,7 +91,7 @@ def scan(plain, deferring, params, args, rngs, history_of=None):
     for layer, kind in kinds.items():
       dy = d_probes[layer + ('y',)]
       if layer + ('x_newest',) in recorded:
-        d_w = kind.window_weight_gradient(history_DxBxM, recorded[layer + ('x_newest',)], dy)
+        d_w = kind.window_weight_gradient(history_DxMxB, recorded[layer + ('x_newest',)], dy)
       else:
         d_w = kind.weight_gradient(recorded[layer + ('x',)], dy)
       # The effective weight is a differentiable function of the layer's
