@@ -655,8 +655,10 @@ class ContinuousThoughtMachine(nn.Module):
     if self.remat != 'none':
       tick_cls = nn.remat(Tick, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     scan = nn.scan(tick_cls, length=length, unroll=self.unroll, **_TICK_SCAN)
-    if self.deferred_grads and not self.is_initializing():
-      rngs = {'dropout': self.make_rng('dropout')} if train and self.has_rng('dropout') else {}
+    if self.is_initializing():
+      return scan(**self._tick_kwargs(train, track), name='tick')(*args)
+    rngs = {'dropout': self.make_rng('dropout')} if train and self.has_rng('dropout') else {}
+    if self.deferred_grads:
       return deferred.scan(
           scan(**self._tick_kwargs(train, track), parent=None),
           scan(**self._tick_kwargs(train, track), defer=True, parent=None),
@@ -665,7 +667,11 @@ class ContinuousThoughtMachine(nn.Module):
           rngs,
           history_of=lambda args: args[0].trace_DxMxB,
       )
-    return scan(**self._tick_kwargs(train, track), name='tick')(*args)
+    # The NLMs' weights in their matmuls' layouts once, outside the loop.
+    hoisted = nlm.hoist(self.variables['params']['tick'], self.dtype)
+    return scan(**self._tick_kwargs(train, track), parent=None).apply(
+        {'params': hoisted}, *args, rngs=rngs
+    )
 
   def _run_ticks_two_level(self, state, xs, fixed, synch_params, *, train, track, length):
     """remat='sqrt': an outer scan over chunks of ~sqrt(T) ticks, each chunk rematerialised.

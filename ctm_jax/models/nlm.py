@@ -26,8 +26,9 @@ class SuperLinear(nn.Module):
 
   Parameters keep the reference's layout: w1 (I, O, D), b1 (1, D, O) and a
   learned scalar `temperature` that divides the output. With `glu=True` the
-  call returns GLU(y) = y[..., :O/2] * sigmoid(y[..., O/2:]), computed as two
-  half-width einsums so that neither pass splits or concatenates activations.
+  call returns GLU(y) = y[:, :O/2] * sigmoid(y[:, O/2:]) of the (D, O, B)
+  output. The matmul is `private_matmul`, on weights `hoisted` from the params
+  (in a tick scan, once: `hoist`).
   """
 
   in_dims: int
@@ -74,6 +75,20 @@ class SuperLinear(nn.Module):
     output cotangents (any leading positions: ticks), float32."""
     return _contract_positions(_positions_last(x_DxIxB), _positions_last(dy_DxOxB))
 
+  @staticmethod
+  def hoisted(params, dtype):
+    """What the matmul multiplies by, from this layer's params (names after
+    HOISTED): (W / T) as (D, I, O), whose gradient the backward produces in
+    that layout, its (D, O, I) transpose for the forward (a constant), and
+    b / T as (D, O, 1). `hoist` computes these once, outside a tick scan."""
+    temperature = params['temperature']
+    w_DxIxO = (jnp.transpose(params['w1'], (2, 0, 1)) / temperature).astype(dtype)
+    return {
+        HOISTED + 'w_DxIxO': w_DxIxO,
+        HOISTED + 'w_DxOxI': jax.lax.stop_gradient(jnp.swapaxes(w_DxIxO, 1, 2)),
+        HOISTED + 'b_DxOx1': (jnp.transpose(params['b1'], (1, 2, 0)) / temperature).astype(dtype),
+    }
+
   @nn.compact
   def __call__(self, x_DxIxB, train: bool = False, glu: bool = False):
     newest_only = self.window and not self.do_norm and not (self.dropout > 0 and train)
@@ -83,36 +98,87 @@ class SuperLinear(nn.Module):
       x_DxIxB = layers.LayerNorm(
           reduction_axes=1, feature_axes=1, name='layernorm', dtype=self.dtype
       )(x_DxIxB)
-    bound = 1.0 / math.sqrt(self.in_dims + self.out_dims)
-    w1_IxOxD = self.param(
-        'w1', layers.uniform(bound), (self.in_dims, self.out_dims, self.n_neurons)
-    )
-    b1_1xDxO = self.param('b1', nn.initializers.zeros, (1, self.n_neurons, self.out_dims))
-    temperature = self.param('temperature', nn.initializers.ones, (1,))
+    x_DxIxB = x_DxIxB.astype(self.dtype)
+    if self.has_variable('params', HOISTED + 'w_DxIxO'):  # applied with `hoist`ed params
+      hoisted = {name: self.get_variable('params', name) for name in HOISTED_NAMES}
+    else:
+      bound = 1.0 / math.sqrt(self.in_dims + self.out_dims)
+      params = {
+          'w1': self.param(
+              'w1', layers.uniform(bound), (self.in_dims, self.out_dims, self.n_neurons)
+          ),
+          'b1': self.param('b1', nn.initializers.zeros, (1, self.n_neurons, self.out_dims)),
+          'temperature': self.param('temperature', nn.initializers.ones, (1,)),
+      }
+      hoisted = self.hoisted(params, self.dtype)
+      if self.defer:
+        w_DxOxI = self.effective_weight(params, self.dtype)
+        y_DxOxB = layers.deferred_matmul(self, 'dib,doi->dob', x_DxIxB, w_DxOxI, newest_only)
+        y_DxOxB = y_DxOxB + hoisted[HOISTED + 'b_DxOx1']
+        return _glu(y_DxOxB) if glu else y_DxOxB
     # (xW + b) / T as x(W / T) + b / T: the division touches the small weights,
     # not the (D, O, B) output, in both passes.
-    w_DxOxI = self.effective_weight({'w1': w1_IxOxD, 'temperature': temperature}, self.dtype)
-    b_DxOx1 = (jnp.transpose(b1_1xDxO, (1, 2, 0)) / temperature).astype(self.dtype)
-    x_DxIxB = x_DxIxB.astype(self.dtype)
+    y_DxOxB = private_matmul(
+        hoisted[HOISTED + 'w_DxIxO'], x_DxIxB, hoisted[HOISTED + 'w_DxOxI']
+    )
+    y_DxOxB = y_DxOxB + hoisted[HOISTED + 'b_DxOx1']
+    return _glu(y_DxOxB) if glu else y_DxOxB
 
-    # d: neuron, b: batch, i: input, o: output. One private matrix per neuron.
-    equation = 'dib,doi->dob'
-    if self.defer:
-      # One matmul (its recorded input and probe are the whole layer's).
-      y_DxOxB = layers.deferred_matmul(self, equation, x_DxIxB, w_DxOxI, newest_only)
-      y_DxOxB = y_DxOxB + b_DxOx1
-      if not glu:
-        return y_DxOxB
-      half = self.out_dims // 2
-      return y_DxOxB[:, :half] * jax.nn.sigmoid(y_DxOxB[:, half:])
 
-    def linear(rows):
-      return jnp.einsum(equation, x_DxIxB, w_DxOxI[:, rows]) + b_DxOx1[:, rows]
+# SuperLinear.hoisted's names: the prefix marks them apart from params.
+HOISTED = 'hoisted_'
+HOISTED_NAMES = tuple(HOISTED + n for n in ('w_DxIxO', 'w_DxOxI', 'b_DxOx1'))
+_PARAM_NAMES = frozenset({'w1', 'b1', 'temperature'})
 
-    if not glu:
-      return linear(slice(None))
-    half = self.out_dims // 2
-    return linear(slice(None, half)) * jax.nn.sigmoid(linear(slice(half, None)))
+
+def hoist(params, dtype):
+  """`params` (a module tree's) with every SuperLinear's w1, b1 and temperature
+  replaced by its `hoisted` forms. Apply a scanned module with these and each
+  NLM weight is transposed and scaled once, outside the tick loop, and its
+  gradient is summed over ticks in the layout the backward matmul produces
+  (with the params, it would be transposed into theirs every tick); the
+  gradient reaches the params through this function."""
+  if not hasattr(params, 'items'):
+    return params
+  if _PARAM_NAMES <= set(params):
+    rest = {k: v for k, v in params.items() if k not in _PARAM_NAMES}
+    return {**rest, **SuperLinear.hoisted(params, dtype)}
+  return {k: hoist(v, dtype) for k, v in params.items()}
+
+
+def _glu(y_DxOxB):
+  """GLU over the output axis: y[:, :O/2] * sigmoid(y[:, O/2:])."""
+  half = y_DxOxB.shape[1] // 2
+  return y_DxOxB[:, :half] * jax.nn.sigmoid(y_DxOxB[:, half:])
+
+
+@jax.custom_vjp
+def private_matmul(w_DxIxO, x_DxIxB, w_DxOxI):
+  """Each neuron's (O, I) @ (I, B): (D, O, B). `w_DxOxI` is `w_DxIxO`
+  transposed, a constant (the gradient reaches the weight through `w_DxIxO`).
+
+  Every matmul of both passes contracts the minor axis of one operand with
+  the major axis of the other: the input gradient multiplies by `w_DxIxO`, the
+  weight gradient by the output cotangent transposed, into (D, I, O).
+  Autodiff's contract two minor axes, which XLA:CPU runs 2-3x slower at the
+  NLMs' sizes (docs/performance.md)."""
+  return jnp.einsum('doi,dib->dob', w_DxOxI, x_DxIxB)
+
+
+def _private_matmul_fwd(w_DxIxO, x_DxIxB, w_DxOxI):
+  return private_matmul(w_DxIxO, x_DxIxB, w_DxOxI), (w_DxIxO, x_DxIxB)
+
+
+def _private_matmul_bwd(residuals, dy_DxOxB):
+  w_DxIxO, x_DxIxB = residuals
+  dx_DxIxB = jnp.einsum('dio,dob->dib', w_DxIxO, dy_DxOxB)
+  # The barrier keeps the transpose: XLA would fold it back into the dot.
+  dy_DxBxO = jax.lax.optimization_barrier(jnp.swapaxes(dy_DxOxB, 1, 2))
+  dw_DxIxO = jnp.einsum('dib,dbo->dio', x_DxIxB, dy_DxBxO)
+  return dw_DxIxO, dx_DxIxB, None
+
+
+private_matmul.defvjp(_private_matmul_fwd, _private_matmul_bwd)
 
 
 def _positions_last(a_xDxRxB):
