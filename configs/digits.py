@@ -1,7 +1,6 @@
 """Real data on a laptop: scikit-learn's bundled 8x8 handwritten digits.
 
-No download: the 1797 images ship inside scikit-learn (`pip install
-scikit-learn`). 1437 train / 360 test, a fixed stratified split. A small CTM
+No download: the 1797 images ship inside scikit-learn (a core dependency). 1437 train / 360 test, a fixed stratified split. A small CTM
 (resnet18-1 stem and first stage, D 128, 10 ticks) reaches over 98% test
 accuracy in under two minutes on a 2-core CPU, compilation included.
 

@@ -109,7 +109,9 @@ def _run(values):
       print(f'{key:40s} {value:.4f}' if isinstance(value, float) else f'{key:40s} {value}')
 
 
-if __name__ == '__main__':
+def run():
+  """`ctm-evaluate`, the same as `python -m ctm_jax.evaluate`; flags are defined here, so
+  importing this module adds none."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -119,3 +121,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('n_test_batches', None, "Held-out batches (default: the run's).")
   flags.DEFINE_integer('batch_size_test', None, "Held-out batch size (default: the run's).")
   app.run(validation.command('ctm_jax.evaluate', _run))
+
+
+if __name__ == '__main__':
+  run()

@@ -162,7 +162,9 @@ def _run(values):
   )
 
 
-if __name__ == '__main__':
+def run():
+  """`ctm-export`, the same as `python -m ctm_jax.export`; flags are defined here, so
+  importing this module adds none."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -172,3 +174,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('input_shape', '', "One example's shape, for an imported model.")
   flags.DEFINE_bool('overwrite', False, 'Replace an existing artefact.')
   app.run(validation.command('ctm_jax.export', _run))
+
+
+if __name__ == '__main__':
+  run()

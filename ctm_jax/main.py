@@ -250,6 +250,11 @@ def main(argv):
     os._exit(1)  # pylint: disable=protected-access
 
 
-if __name__ == '__main__':
+def run():
+  """`ctm-train`, the same as `python -m ctm_jax.main`."""
   hostmem.reexec_with_huge_pages()  # large CPU steps ~15% faster; see hostmem.py
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -176,7 +176,9 @@ def _run(values):
     print(f'attention gif: {summary["gif"]}')
 
 
-if __name__ == '__main__':
+def run():
+  """`ctm-predict`, the same as `python -m ctm_jax.predict`; flags are defined here, so
+  importing this module adds none."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -188,3 +190,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('gif', '', 'Write the attention animation here.')
   flags.DEFINE_integer('slots', 64, 'A folder as --input: examples ticking at once.')
   app.run(validation.command('ctm_jax.predict', _run))
+
+
+if __name__ == '__main__':
+  run()

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from absl import flags
 
 from conftest import load_golden, needs_8_devices, state_dict, to_jax_layout
@@ -61,6 +60,7 @@ def test_parity_lstm_variants_are_the_scripts():
 
 
 def _save(path, sd, args):
+  torch = pytest.importorskip('torch')
   torch.save({'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
               'args': argparse.Namespace(**args)}, path)
 

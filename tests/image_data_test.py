@@ -14,7 +14,8 @@ import re
 from absl import flags
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+
+tfds = pytest.importorskip('tensorflow_datasets', reason='the tfds extra: pip install -e ".[tfds]"')
 
 from ctm_jax.configs import cifar10
 from ctm_jax.configs import cifar100

@@ -8,18 +8,21 @@ max_steps=N))`), step both with the same actions and compare every output.
 import collections
 import functools
 
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
-import minigrid  # noqa: F401  (registers the MiniGrid-* environments)
 import numpy as np
 import pytest
-from minigrid.core.constants import DIR_TO_VEC, OBJECT_TO_IDX
-from minigrid.core.grid import Grid
-from minigrid.core.world_object import Goal, Wall
-from minigrid.wrappers import ImgObsWrapper
 
-from ctm_jax.data import minigrid as fourrooms
+# gymnasium's MiniGrid (the test extra) and ours on xland-minigrid (the rl extra).
+gym = pytest.importorskip('gymnasium')
+pytest.importorskip('minigrid')  # registers the MiniGrid-* environments
+pytest.importorskip('xminigrid')
+from minigrid.core.constants import DIR_TO_VEC, OBJECT_TO_IDX  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from minigrid.core.grid import Grid  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from minigrid.core.world_object import Goal, Wall  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from minigrid.wrappers import ImgObsWrapper  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+from ctm_jax.data import minigrid as fourrooms  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 SIZE = 19
 WALL, EMPTY, GOAL = 2, 1, 6  # xminigrid tile ids

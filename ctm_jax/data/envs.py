@@ -30,10 +30,11 @@ import dataclasses
 from typing import Any
 
 import flax
-import gymnax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ctm_jax import extras
 
 ACTION_NAMES = {
     'CartPole-v1': ('left', 'right'),
@@ -63,6 +64,7 @@ class ClassicControl:
   goal = False  # no success rate: episodes end by failing (CartPole) or by reaching the line
 
   def __post_init__(self):
+    gymnax = extras.module('gymnax', f'env_id={self.env_id!r}')
     env, params = gymnax.make(self.env_id)
     object.__setattr__(self, '_env', env)
     object.__setattr__(self, '_params', params.replace(max_steps_in_episode=_NO_LIMIT))
@@ -105,6 +107,7 @@ def make(env_id: str, max_environment_steps: int, mask_velocity: bool = True):
   if env_id in CLASSIC_CONTROL:
     return ClassicControl(env_id, max_environment_steps, mask_velocity)
   if env_id in MINIGRID:
+    extras.require('rl', f'env_id={env_id!r}')
     from ctm_jax.data import minigrid  # pylint: disable=g-import-not-at-top
 
     return minigrid.FourRooms(max_environment_steps)

@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from ctm_jax import extras
 from ctm_jax.data import augment
 
 
@@ -97,8 +98,7 @@ def check_shape(dataset: str, image_shape, field: str = 'image_shape'):
 def open_split(dataset: str, split: str, data_dir: str, spec: Spec | None = None):
   """`tfds.data_source` of one split, or a ValueError saying how to prepare it.
   `spec` for a dataset outside SPECS (Q&A-MNIST's MNIST)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+  tfds = extras.module('tensorflow_datasets', f'config.dataset={dataset!r}')
   spec = spec or SPECS[dataset]
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
   try:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import artefact
+from ctm_jax import extras
 from ctm_jax import tasks as tasks_lib
 from ctm_jax import validation
 from ctm_jax.models import ctm as ctm_lib
@@ -450,11 +451,7 @@ def _baseline_kwargs(args: dict, task, model_type: str) -> dict:
 
 
 def _import_torch():
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('reading a PyTorch checkpoint needs torch: pip install ctm-jax[torch]') from e
-  return torch
+  return extras.module('torch', 'reading a PyTorch checkpoint')
 
 
 def _clean_state_dict(state_dict, torch) -> dict:
@@ -663,8 +660,13 @@ def _define_flags():
   )
 
 
-if __name__ == '__main__':
+def run():
+  """`ctm-import`, the same as `python -m ctm_jax.interop.torch`."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
   _define_flags()
   app.run(_main)
+
+
+if __name__ == '__main__':
+  run()

@@ -29,8 +29,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-import rlax
 
+from ctm_jax import extras
 from ctm_jax import sharding
 from ctm_jax.data import envs as envs_lib
 from ctm_jax.models import ctm
@@ -212,6 +212,7 @@ def gae(reward_TxB, value_TxB, done_TxB, next_value_B, next_done_B, gamma, gae_l
   done_after_TxB = jnp.concatenate([done_TxB[1:], next_done_B[None]], 0)
   discount_TxB = gamma * (1.0 - done_after_TxB.astype(jnp.float32))
   values_T1xB = jnp.concatenate([value_TxB, next_value_B[None]], 0)
+  rlax = extras.module('rlax', 'PPO')
   advantage_BxT = jax.vmap(
       lambda r, d, v: rlax.truncated_generalized_advantage_estimation(r, d, gae_lambda, v),
   )(reward_TxB.T, discount_TxB.T, values_T1xB.T)
@@ -246,6 +247,7 @@ def ppo_loss(config, logits_TxBxA, value_TxB, batch):
   advantage = batch['advantage']
   if config.norm_adv:  # torch's std: unbiased
     advantage = (advantage - advantage.mean()) / (jnp.std(advantage, ddof=1) + 1e-8)
+  rlax = extras.module('rlax', 'PPO')
   pg_loss = rlax.clipped_surrogate_pg_loss(ratio.reshape(-1), advantage.reshape(-1), config.clip_coef)
   returns = batch['return']
   if config.clip_vloss:

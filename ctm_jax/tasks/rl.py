@@ -32,6 +32,7 @@ import numpy as np
 import tqdm
 
 from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import extras
 from ctm_jax import sharding
 from ctm_jax import train as train_lib
 from ctm_jax import validation
@@ -107,6 +108,7 @@ class ReinforcementLearning(base.Task):
   reference_args_by_name = True
 
   def validate(self, config) -> None:
+    extras.require('rl', f'config.task={config.task!r}')
     if config.env_id not in envs_lib.ENV_IDS:
       _fail('env_id', config.env_id, f'expected one of {", ".join(envs_lib.ENV_IDS)}')
     for field in _POSITIVE:
