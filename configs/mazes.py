@@ -18,6 +18,9 @@ Mazes are generated on the fly (seeded perfect mazes, no download);
 `--config.data_dir=DIR` reads the reference's folders instead
 (DIR/{train,test}/<class>/*.png, e.g. its mazes-small). Write a generated
 dataset in that layout with `python -m ctm_jax.data.mazes --out=DIR`.
+
+Run:
+  python -m ctm_jax.main --config=configs/mazes.py:small --workdir=runs/mazes_small
 """
 
 import ml_collections
