@@ -56,8 +56,9 @@ def missing_from_layout(text):
     # named under any enclosing `dir/` entry.
     parent, name = path.rsplit('/', 1)
     parts = parent.split('/')
+    named = re.compile(rf'(?<![\w.]){re.escape(name)}(?!\w)')
     listed = any(
-        re.search(rf'(?<![\w.]){re.escape(name)}(?![\w])', entries.get('/'.join(parts[:i]) + '/', ''))
+        named.search(entries.get('/'.join(parts[:i]) + '/', ''))
         for i in range(len(parts), 0, -1)
     )
     if not listed:
