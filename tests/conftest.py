@@ -1,4 +1,4 @@
-"""Shared test fixtures: the reference goldens in ../shared/golden; device markers."""
+"""Shared test fixtures: the reference goldens (../shared/golden, else tests/golden); device markers."""
 
 import json
 import os
@@ -14,33 +14,9 @@ SHARED = pathlib.Path(
     os.environ.get('CTM_SHARED', pathlib.Path(__file__).resolve().parents[2] / 'shared')
 )
 GOLDEN = SHARED / 'golden'
-
-# CI's first pass runs README's install (no torch); each test skipped there for
-# a module it could not import is listed in this file, and CI runs the list
-# again once the extras are installed (.ci/run), so none is skipped for good.
-_SKIPPED_LOG = os.environ.get('CTM_SKIPPED_FOR_EXTRAS')
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-  """A missing extra (ctm_jax.extras.MissingExtra) skips the test, naming the install."""
-  outcome = yield
-  report = outcome.get_result()
-  if call.excinfo is not None and call.excinfo.errisinstance(extras.MissingExtra):
-    report.outcome = 'skipped'
-    report.longrepr = (str(item.path), item.location[1] or 0, f'Skipped: {call.excinfo.value}')
-
-
-def pytest_runtest_logreport(report):
-  if _SKIPPED_LOG and report.skipped and isinstance(report.longrepr, tuple):
-    reason = report.longrepr[2]
-    if 'could not import' in reason or 'extra (' in reason or 'not installed' in reason:
-      with open(_SKIPPED_LOG, 'a', encoding='utf-8') as f:
-        f.write(report.nodeid + '\n')
-
-
-pytest_collectreport = pytest_runtest_logreport  # a module skipped whole at import
-
+# The compact set shipped with the repository (python -m ctm_jax.tools.make_goldens
+# --compact); the full set in ../shared/golden wins where it has the case.
+REPO_GOLDEN = pathlib.Path(__file__).resolve().parent / 'golden'
 
 needs_8_devices = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -48,13 +24,24 @@ needs_8_devices = pytest.mark.skipif(
 )
 
 
+def golden_path(case: str):
+  """The directory holding golden `case`: ../shared/golden, else tests/golden; None if neither."""
+  for directory in (GOLDEN, REPO_GOLDEN):
+    if (directory / f'{case}.npz').exists():
+      return directory
+  return None
+
+
 def load_golden(case: str):
-  """(arrays, meta) of a golden case; skips the test when goldens are absent."""
-  path = GOLDEN / f'{case}.npz'
-  if not path.exists():
-    pytest.skip(f'reference goldens not found at {path} (expected ../shared beside the repo)')
-  arrays = dict(np.load(path, allow_pickle=False))
-  meta = json.loads((GOLDEN / f'{case}.json').read_text())
+  """(arrays, meta) of a golden case; skips the test when no golden set has it."""
+  directory = golden_path(case)
+  if directory is None:
+    pytest.skip(
+        f'golden {case!r} is in neither {GOLDEN} (the full set, ../shared beside the repo) nor '
+        f'{REPO_GOLDEN} (the compact set); make it with python -m ctm_jax.tools.make_goldens'
+    )
+  arrays = dict(np.load(directory / f'{case}.npz', allow_pickle=False))
+  meta = json.loads((directory / f'{case}.json').read_text())
   return arrays, meta
 
 

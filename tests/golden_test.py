@@ -1,4 +1,4 @@
-"""The CTM against the PyTorch reference's own numbers (../shared/golden)."""
+"""The CTM against the PyTorch reference's own numbers (../shared/golden, else tests/golden)."""
 
 import functools
 
@@ -19,20 +19,22 @@ from ctm_jax.tasks import mazes
 from ctm_jax.tasks import parity
 from ctm_jax.tasks import sort as sort_task
 
+# image_compact and maze_compact (tests/golden) take image_rp's and
+# firstlast_unet8's code paths at a fraction of their size: they run for every
+# cloner, the big ones where ../shared/golden is present.
 CASES = [
-    'parity', 'image_rp', 'firstlast_unet8', 'none_heads2', 'sort', 'qamnist',
-    'lstm_parity', 'lstm_image', 'lstm_maze', 'lstm_qamnist', 'ff_image',
+    'parity', 'image_rp', 'image_compact', 'firstlast_unet8', 'maze_compact', 'none_heads2',
+    'sort', 'qamnist', 'lstm_parity', 'lstm_image', 'lstm_maze', 'lstm_qamnist', 'ff_image',
 ]
 ALL_CASES = CASES + [c + '__perturbed' for c in CASES]
-# Golden case -> the model its reference class is (default: the main class).
+# The json's model variant -> our model of that reference class.
 VARIANTS = {
+    'ctm': ctm_lib.ContinuousThoughtMachine,
     'sort': sort.ContinuousThoughtMachineSORT,
     'qamnist': qamnist.ContinuousThoughtMachineQAMNIST,
-    'lstm_parity': lstm.LSTMBaseline,
-    'lstm_image': lstm.LSTMBaseline,
-    'lstm_maze': lstm.LSTMBaseline,
+    'lstm': lstm.LSTMBaseline,
     'lstm_qamnist': qamnist.LSTMQAMNIST,
-    'ff_image': ff.FFBaseline,
+    'ff': ff.FFBaseline,
 }
 
 
@@ -65,7 +67,7 @@ def _model_input(arrays):
 @functools.lru_cache(maxsize=None)
 def _imported(case):
   arrays, meta = load_golden(case)
-  model_class = VARIANTS.get(case.split('__')[0], ctm_lib.ContinuousThoughtMachine)
+  model_class = VARIANTS[meta['variant']]
   # Options the reference's Q&A-MNIST classes fix rather than take.
   fixed = {'backbone_type': 'none', 'positional_embedding_type': 'none', 'num_layers': 1}
   kwargs = dict(meta['constructor_kwargs'])
@@ -188,7 +190,10 @@ def test_to_state_dict_gives_back_the_reference_state_dict(case):
 
 
 # The models whose tick loop runs through ContinuousThoughtMachine.run_ticks.
-DEFERRED_CASES = ['parity', 'image_rp', 'firstlast_unet8', 'none_heads2', 'sort', 'qamnist']
+DEFERRED_CASES = [
+    'parity', 'image_rp', 'image_compact', 'firstlast_unet8', 'maze_compact', 'none_heads2', 'sort',
+    'qamnist',
+]
 
 
 @pytest.mark.parametrize(

@@ -41,15 +41,6 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_REFERENCE = flags.DEFINE_string(
-    'reference', None, 'Checkout of github.com/SakanaAI/continuous-thought-machines.'
-)
-_OUT = flags.DEFINE_string('out', None, 'Directory for <case>.npz and <case>.json.')
-_CASES = flags.DEFINE_list(
-    'cases', None, 'Cases to make (names as in the table, with or without __perturbed).'
-)
-_COMPACT = flags.DEFINE_bool('compact', False, 'Only the compact set shipped in tests/golden.')
-
 SEED = 0
 PERTURBED = '__perturbed'
 # Input generators, offset from the model seed so that inputs never share a stream.
@@ -277,7 +268,11 @@ class Reference:
 
   def __init__(self, ref_dir):
     # The adapter checks the checkout and imports torch, models/ctm.py and utils/losses.py.
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'benchmarks'))
+    benchmarks = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'benchmarks')
+    if not os.path.isfile(os.path.join(benchmarks, 'reference_adapter.py')):
+      raise ImportError(f'{os.path.normpath(benchmarks)}/reference_adapter.py not found: '
+                        'run make_goldens from a source checkout of ctm-jax')
+    sys.path.insert(0, benchmarks)
     import reference_adapter  # pylint: disable=g-import-not-at-top
     self.adapter = reference_adapter.Reference(ref_dir)
     self.torch = self.adapter.torch
@@ -606,6 +601,56 @@ def task_loss(ref, case, kwargs, outputs, targets, use_most_certain):
   return {'loss': loss, 'where_most_certain': where}
 
 
+# Json fields that describe the run rather than the case.
+RUN_FIELDS = ('torch_version', 'numpy_version', 'reference_commit', 'loss_value', 'elapsed_s')
+# Arrays set before any arithmetic: equal bit for bit on every CPU.
+EXACT_PREFIXES = ('__in__', '__target__')
+
+
+def differences(ours, theirs, tol=1e-4):
+  """(problems, max error, its key) between two cases' arrays (dicts of name -> array).
+
+  State-dict entries, inputs, targets and integer arrays must be equal; float
+  results within `tol`, relative where |value| > 1 (tests/conftest.assert_close):
+  other CPUs round the reference's forwards differently in the last bits.
+  """
+  problems, worst = [], (0.0, None)
+  if set(ours) != set(theirs):
+    problems.append(f'keys: only ours {sorted(set(ours) - set(theirs))}, '
+                    f'only theirs {sorted(set(theirs) - set(ours))}')
+  state = set(np.asarray(theirs.get('__state_dict_keys__', [])).tolist())
+  for key in sorted(set(ours) & set(theirs)):
+    a, b = np.asarray(ours[key]), np.asarray(theirs[key])
+    if key == '__config_json__':
+      ja, jb = json.loads(str(a)), json.loads(str(b))
+      fields = [f for f in set(ja) | set(jb) if f not in RUN_FIELDS and ja.get(f) != jb.get(f)]
+      if fields:
+        problems.append(f'json fields differ: {sorted(fields)}')
+      continue
+    if a.shape != b.shape or a.dtype != b.dtype:
+      problems.append(f'{key}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}')
+    elif a.dtype.kind != 'f' or key in state or key.startswith(EXACT_PREFIXES):
+      if not np.array_equal(a, b):
+        problems.append(f'{key}: not equal')
+    else:
+      err = np.abs(a.astype(np.float64) - b) / np.maximum(1.0, np.abs(b.astype(np.float64)))
+      err = float(err.max(initial=0.0))
+      if err > worst[0]:
+        worst = (err, key)
+      if err > tol:
+        problems.append(f'{key}: max error {err:.3g} > {tol}')
+  return problems, worst[0], worst[1]
+
+
+def load_case(directory, name):
+  """A case's arrays, or None where `directory` lacks it."""
+  path = os.path.join(directory, f'{name}.npz')
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as z:
+    return dict(z)
+
+
 def write_case(out_dir, name, arrays, text):
   np.savez(os.path.join(out_dir, f'{name}.npz'), **arrays)
   with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
@@ -622,14 +667,31 @@ def selected_cases(cases, compact):
   return names
 
 
+def define_flags():
+  """The command line's flags (defined only when run, so that tests can import this module)."""
+  flags.DEFINE_string(
+      'reference', None, 'Checkout of github.com/SakanaAI/continuous-thought-machines.'
+  )
+  flags.DEFINE_string('out', None, 'Directory for <case>.npz and <case>.json.')
+  flags.DEFINE_list(
+      'cases', None, 'Cases to make (names as in the table, with or without __perturbed).'
+  )
+  flags.DEFINE_bool('compact', False, 'Only the compact set shipped in tests/golden.')
+  flags.DEFINE_string(
+      'compare', None, 'Compare each case with the one of the same name in this directory '
+      '(e.g. ../shared/golden); exit 1 if any differs.'
+  )
+
+
 def main(argv):
   del argv
+  values = flags.FLAGS
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     print("make_goldens needs PyTorch: pip install -e '.[torch]'", file=sys.stderr)
     sys.exit(2)
-  ref_dir = _REFERENCE.value
+  ref_dir = values.reference
   if not ref_dir or not os.path.isfile(os.path.join(ref_dir, 'models', 'ctm.py')):
     print(
         f'make_goldens: --reference={ref_dir} is not a checkout of '
@@ -637,22 +699,41 @@ def main(argv):
         file=sys.stderr,
     )
     sys.exit(2)
-  if not _OUT.value:
+  if not values.out:
     print('make_goldens: --out=DIR is required', file=sys.stderr)
     sys.exit(2)
   try:
-    names = selected_cases(_CASES.value, _COMPACT.value)
+    names = selected_cases(values.cases, values.compact)
   except ValueError as e:
     print(f'make_goldens: {e}', file=sys.stderr)
     sys.exit(2)
-  ref = Reference(ref_dir)
-  os.makedirs(_OUT.value, exist_ok=True)
+  try:
+    ref = Reference(ref_dir)
+  except (ImportError, FileNotFoundError) as e:
+    print(f'make_goldens: {e}', file=sys.stderr)
+    sys.exit(2)
+  os.makedirs(values.out, exist_ok=True)
+  failed = []
   for name in names:
     arrays, meta, text = run_case(ref, name)
-    write_case(_OUT.value, name, arrays, text)
-    size = os.path.getsize(os.path.join(_OUT.value, f'{name}.npz'))
-    print(f'{name}: {len(arrays)} arrays, {size / 2**20:.2f} MiB, loss {meta["loss_value"]:.6g}')
+    write_case(values.out, name, arrays, text)
+    size = os.path.getsize(os.path.join(values.out, f'{name}.npz'))
+    line = f'{name}: {len(arrays)} arrays, {size / 2**20:.2f} MiB, loss {meta["loss_value"]:.6g}'
+    theirs = load_case(values.compare, name) if values.compare else None
+    if theirs is not None:
+      problems, err, key = differences(arrays, theirs)
+      line += f'; vs {values.compare}: ' + (
+          f'{len(problems)} differences: ' + '; '.join(problems[:5]) if problems
+          else f'agrees (max error {err:.2g} in {key})'
+      )
+      if problems:
+        failed.append(name)
+    print(line, flush=True)
+  if failed:
+    print(f'make_goldens: {len(failed)} cases differ from {values.compare}: {failed}')
+    sys.exit(1)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
