@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+import chex
 import jax
 from jax.extend import core as jex_core
 import numpy as np
@@ -226,9 +227,9 @@ def test_benchmark_step_is_the_trainers_step():
     theirs = run.train_step.lower(run.abstract_state, shapes)
     assert ours.as_text() == theirs.as_text()
     batch = model_bench.device_batch(bench)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(batch), local)
+    chex.assert_trees_all_equal(jax.device_get(batch), local)
     state = bench.run.init()
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(run.init()))
+    chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(run.init()))
     compiled, _, _ = model_bench.aot_compile(model_bench.train_step(bench), state, batch)
     new_state, metrics = compiled(state, batch)
   metrics = jax.device_get(metrics)

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -161,7 +162,7 @@ def test_remat_equals_no_remat(policy):
 def test_same_key_same_init_and_indices_from_key():
   model, x = _model(), _parity_input()
   a, b = model.init(jax.random.key(3), x), model.init(jax.random.key(3), x)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
   c = model.init(jax.random.key(4), x)
   assert set(a) == {'params', 'synch'}
   assert not np.array_equal(
@@ -425,7 +426,7 @@ def test_tick_state_carries_across_calls():
   whole_out, whole = model.apply(variables, inputs)
   _, first = model.apply(variables, inputs[:3])
   second_out, second = model.apply(variables, inputs[3:], first)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), second, whole)
+  chex.assert_trees_all_close(second, whole, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(second_out.predictions, whole_out.predictions[..., 3:], rtol=1e-6)
   # The window holds the last M = 5 post-activations, oldest first.
   np.testing.assert_allclose(

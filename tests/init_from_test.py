@@ -1,5 +1,6 @@
 """`config.init_from`: a trainer run starts from PyTorch weights imported by the CLI."""
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -48,8 +49,8 @@ def test_init_from_imported_weights(tmp_path):
   checkpointer.close()
   assert how == f'initialised from {imported}'
   _, variables, _ = torch_interop.load_imported(str(imported))
-  jax.tree.map(np.testing.assert_array_equal, state.params, variables['params'])
-  jax.tree.map(np.testing.assert_array_equal, state.synch, variables['synch'])
+  chex.assert_trees_all_equal(state.params, variables['params'])
+  chex.assert_trees_all_equal(state.synch, variables['synch'])
   assert int(state.step) == 0
 
 

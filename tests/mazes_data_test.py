@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -201,7 +202,7 @@ def test_maze_smoke_resumes_bit_identically(smoke_run, tmp_path):
   shutil.rmtree(resumed_dir / 'checkpoints' / '4')  # back to step 2
   resumed = train.train_and_evaluate(_smoke_config(), str(resumed_dir))
   assert int(resumed.step) == 4
-  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  chex.assert_trees_all_equal(resumed, uninterrupted)
 
 
 @pytest.mark.slow  # the command on the trained smoke model

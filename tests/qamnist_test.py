@@ -4,6 +4,8 @@ and MNIST on tfds mock data (the smoke configs on the mesh:
 smoke_resume_test.py)."""
 
 import argparse
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,8 +141,8 @@ def test_padding_digits_stay_out_of_the_batch_statistics():
   out_noisy, stats_noisy = run(noisy)
   cut = {**inputs, 'digits': inputs['digits'][:, :1]}
   out_cut, stats_cut = run(cut)
-  jax.tree.map(np.testing.assert_array_equal, stats, stats_noisy)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, stats_cut)
+  chex.assert_trees_all_equal(stats, stats_noisy)
+  chex.assert_trees_all_close(stats, stats_cut, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out.predictions[..., -2:], out_noisy.predictions[..., -2:], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out.predictions[..., -2:], out_cut.predictions[..., -2:], rtol=1e-5, atol=1e-5)
 

@@ -4,6 +4,7 @@ gymnasium's, and the RL loop: trains, checkpoints, resumes bit for bit."""
 import json
 import shutil
 
+import chex
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -326,7 +327,7 @@ def test_smoke_trains_evaluates_and_resumes_bit_identically_on_the_mesh(variant,
   shutil.rmtree(resumed_dir / 'checkpoints' / str(total))  # back to iteration 2
   resumed = train.train_and_evaluate(config, str(resumed_dir))
   assert int(resumed.step) == total
-  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  chex.assert_trees_all_equal(resumed, uninterrupted)
 
 
 def test_supervised_tools_refuse_an_rl_run_in_one_line(tmp_path):

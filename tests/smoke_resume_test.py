@@ -6,6 +6,7 @@ the uninterrupted run."""
 import json
 import shutil
 
+import chex
 from absl import flags
 import jax
 import numpy as np
@@ -59,4 +60,4 @@ def test_smoke_config_trains_evaluates_and_resumes_bit_identically_on_the_mesh(n
   shutil.rmtree(resumed_dir / 'checkpoints' / str(total))  # back to the middle
   resumed = train.train_and_evaluate(config, str(resumed_dir))
   assert int(resumed.step) == total
-  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  chex.assert_trees_all_equal(resumed, uninterrupted)

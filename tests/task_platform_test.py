@@ -20,6 +20,7 @@ import shutil
 import tokenize
 
 from absl import flags
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -228,7 +229,7 @@ def test_fake_task_resumes_bit_identically(fake_run, tmp_path):
   shutil.rmtree(resumed_dir / 'checkpoints' / '40')  # back to step 20
   resumed = train.train_and_evaluate(_config(), str(resumed_dir))
   assert int(resumed.step) == 40
-  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  chex.assert_trees_all_equal(resumed, uninterrupted)
 
 
 def test_fake_task_refuses_a_changed_identity_key(fake_run):
@@ -244,6 +245,9 @@ def test_fake_task_refuses_a_changed_identity_key(fake_run):
 # Nothing outside the task places names a task or a task key.
 
 _TASK_PLACES = ('ctm_jax/tasks/', 'ctm_jax/data/', 'configs/')
+# Regenerates the reference's own golden files, whose cases are named after the
+# reference's models and scripts (its tasks), not ours.
+_REFERENCE_CASES = ('ctm_jax/tools/make_goldens.py',)
 _CHECKED = ('ctm_jax', 'benchmarks')
 _LIBRARIES = ('np', 'jnp', 'jax', 'lax', 'numpy')
 
@@ -273,7 +277,7 @@ def test_no_task_names_or_keys_outside_the_task_places():
   for root in _CHECKED:
     for path in sorted((REPO / root).rglob('*.py')):
       relative = path.relative_to(REPO).as_posix()
-      if relative.startswith(_TASK_PLACES):
+      if relative.startswith(_TASK_PLACES) or relative in _REFERENCE_CASES:
         continue
       found = sorted(_code_words(path) & forbidden)
       if found:

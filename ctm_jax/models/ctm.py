@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, NamedTuple, Sequence
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -719,9 +720,14 @@ class ContinuousThoughtMachine(nn.Module):
           synch_out=per_tick['synch_out'],
           synch_action=per_tick.get('synch_action'),
       )
+    predictions_BxOxT = jnp.transpose(per_tick['predictions'], (1, 2, 0))
+    certainties_Bx2xT = jnp.transpose(per_tick['certainties'], (1, 2, 0))
+    # The reference's output layout, which losses, evaluators and export read.
+    batch, _, ticks = predictions_BxOxT.shape
+    chex.assert_shape(certainties_Bx2xT, (batch, 2, ticks))
     return CTMOutput(
-        predictions=jnp.transpose(per_tick['predictions'], (1, 2, 0)),
-        certainties=jnp.transpose(per_tick['certainties'], (1, 2, 0)),
+        predictions=predictions_BxOxT,
+        certainties=certainties_Bx2xT,
         # From the final state rather than stacked per tick: the same values,
         # without a (T, B, P) output.
         synch_out=synch.synchronisation(final.synch_out),

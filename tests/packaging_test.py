@@ -1,0 +1,207 @@
+"""The package as a newcomer installs it: README's commands are what CI runs,
+the lean core, bounded dependencies pinned by constraints.txt, the wheel's
+contents and metadata, and console scripts equal to the `python -m` forms."""
+
+import importlib.util
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+from packaging import requirements
+import pytest
+
+import ctm_jax
+import lean_install
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location('readme_commands', REPO / '.ci' / 'readme_commands.py')
+readme_commands = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(readme_commands)
+
+SCRIPTS = {
+    'ctm-train': 'ctm_jax.main',
+    'ctm-evaluate': 'ctm_jax.evaluate',
+    'ctm-predict': 'ctm_jax.predict',
+    'ctm-export': 'ctm_jax.export',
+    'ctm-import': 'ctm_jax.interop.torch',
+}
+
+
+def _setup_kwargs():
+  """setup()'s keyword arguments, read by running setup.py with setup() captured."""
+  import setuptools  # pylint: disable=g-import-not-at-top
+
+  captured = {}
+  original = setuptools.setup
+  setuptools.setup = lambda **kwargs: captured.update(kwargs)
+  try:
+    source = (REPO / 'setup.py').read_text()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+      exec(compile(source, 'setup.py', 'exec'), {'__file__': str(REPO / 'setup.py')})  # pylint: disable=exec-used
+    finally:
+      os.chdir(cwd)
+  finally:
+    setuptools.setup = original
+  return captured
+
+
+SETUP = _setup_kwargs()
+
+
+def test_ci_runs_readmes_two_commands_as_written():
+  readme = (REPO / 'README.md').read_text()
+  commands = readme_commands.commands(readme)
+  assert commands['train'].startswith('pip install -e . && python -m ctm_jax.main')
+  assert '--xla_force_host_platform_device_count=8' in commands['test']
+  assert '-m "not slow"' in commands['test'] and 'pip install -e ".[test]"' in commands['test']
+  ci = (REPO / '.ci' / 'run').read_text()
+  # CI reads both lines from README and evaluates them; it retypes neither.
+  assert 'readme_commands.py train' in ci and 'readme_commands.py test' in ci
+  assert 'eval "$TEST_CMD"' in ci and 'eval "$INSTALL"' in ci and 'bash -c "$RUN"' in ci
+  code = [line.split(' # ')[0] for line in ci.splitlines() if not line.lstrip().startswith('#')]
+  for line in code:
+    assert 'not slow"' not in line or '-m "not slow" $(cat' in line, line
+    assert 'pip install -q -e ".[all]"' in line or 'pip install -e .' not in line, line
+  # The README's test section shows the same test command.
+  assert readme.count(commands['test']) >= 2
+
+
+def test_readme_commands_section_is_checked():
+  with pytest.raises(ValueError, match='one-line bash blocks'):
+    readme_commands.commands('## The two commands\n\n```bash\npip install .\n```\n\n## Next\n')
+
+
+def test_python_floor_is_stated_once_everywhere():
+  floor = SETUP['python_requires']
+  assert floor == '>=3.11'
+  readme = (REPO / 'README.md').read_text()
+  assert 'Python 3.11+' in readme and 'Python 3.10' not in readme
+  assert "v != '$FLOOR'" in (REPO / '.ci' / 'run').read_text()
+  assert f'Programming Language :: Python :: {floor[2:]}' in SETUP['classifiers']
+
+
+def _all_requirements():
+  reqs = [requirements.Requirement(r) for r in SETUP['install_requires']]
+  for extra in SETUP['extras_require'].values():
+    reqs += [requirements.Requirement(r) for r in extra]
+  return reqs
+
+
+# Dependencies with a 1.0+ API that we use lightly; all others are pre-1.0 or
+# have broken us, and carry an upper bound.
+_UNBOUNDED_OK = {'importlib-resources', 'array-record'}
+
+
+def test_every_dependency_is_bounded_and_pinned_within_its_bounds():
+  pins = {}
+  for line in (REPO / 'constraints.txt').read_text().splitlines():
+    line = line.split('#')[0].strip()
+    if line:
+      name, version = line.split('==')
+      pins[re.sub(r'[-_.]+', '-', name).lower()] = version
+  for req in _all_requirements():
+    name = re.sub(r'[-_.]+', '-', req.name).lower()
+    ops = {spec.operator for spec in req.specifier}
+    assert '>=' in ops, f'{req}: no lower bound'
+    assert '<' in ops or name in _UNBOUNDED_OK, f'{req}: no upper bound'
+    assert name in pins, f'{req}: not pinned in constraints.txt'
+    assert req.specifier.contains(pins[name]), f'constraints.txt pins {name}=={pins[name]}, outside {req}'
+
+
+def test_extras_are_the_documented_ones_and_the_core_is_lean():
+  extras = SETUP['extras_require']
+  assert set(extras) == {'rl', 'tfds', 'torch', 'notebooks', 'test', 'all'}
+  core = {requirements.Requirement(r).name for r in SETUP['install_requires']}
+  for heavy in ('gymnax', 'xminigrid', 'rlax', 'tensorflow-datasets', 'torch'):
+    assert heavy not in core
+  assert {requirements.Requirement(r).name for r in extras['all']} >= {
+      requirements.Requirement(r).name for extra in extras.values() for r in extra}
+  # Every module ctm_jax.extras names is installed by the extra of that name.
+  from ctm_jax import extras as extras_lib  # pylint: disable=g-import-not-at-top
+  dists = {'gymnax': 'gymnax', 'xminigrid': 'xminigrid', 'rlax': 'rlax',
+           'tensorflow_datasets': 'tensorflow-datasets', 'torch': 'torch'}
+  for extra, modules in extras_lib.MODULES.items():
+    names = {requirements.Requirement(r).name for r in extras[extra]}
+    assert {dists[m] for m in modules} <= names, extra
+
+
+def test_chex_is_used_where_it_is_declared():
+  """chex is a core dependency because the package uses it (not only the tests)."""
+  used = [p for p in (REPO / 'ctm_jax').rglob('*.py') if re.search(r'^import chex', p.read_text(), re.M)]
+  assert used, 'chex is declared in setup.py but ctm_jax never imports it'
+
+
+def test_a_missing_extra_is_one_line_naming_the_install(tmp_path):
+  """With the extras' modules hidden: RL, tfds datasets and PyTorch import refuse in one
+  line that names the pip install, before writing anything (training: the slow test below
+  and CI's fresh lean venv)."""
+  env = lean_install.hidden_extras_env(tmp_path / 'hidden')
+  env['CTM_JAX_HUGE_PAGES'] = '0'
+  for args, extra in lean_install.REFUSED:
+    line = lean_install.check_refused(args, extra, env, tmp_path)
+    assert f'pip install "ctm-jax[{extra}]"' in line and f'pip install -e ".[{extra}]"' in line
+  lean_install.check_import_refused(env, tmp_path)
+
+
+@pytest.mark.slow
+def test_lean_core_trains_parity_digits_and_mazes():
+  lean_install.main(hide_extras=True)
+
+
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory):
+  out = tmp_path_factory.mktemp('wheel')
+  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', str(REPO), '-w', str(out)],
+                 check=True, capture_output=True)
+  (path,) = out.glob('*.whl')
+  return zipfile.ZipFile(path)
+
+
+def test_wheel_holds_the_package_only(wheel):
+  names = wheel.namelist()
+  top = {name.split('/')[0] for name in names}
+  assert top == {'ctm_jax', f'ctm_jax-{ctm_jax.__version__}.dist-info'}, top
+  assert 'ctm_jax/py.typed' in names and 'ctm_jax/configs/parity.py' in names
+  assert not [n for n in names if re.search(r'(^|/)(tests|docs|benchmarks|notebooks)/', n)]
+  assert any(n.endswith('licenses/LICENSE') for n in names)
+
+
+def test_wheel_metadata(wheel):
+  info = f'ctm_jax-{ctm_jax.__version__}.dist-info'
+  metadata = wheel.read(f'{info}/METADATA').decode()
+  assert f'Version: {ctm_jax.__version__}' in metadata
+  assert 'Requires-Python: >=3.11' in metadata
+  for field in ('License-Expression: Apache-2.0', 'Keywords:', 'Project-URL: Source',
+                'Classifier: Topic :: Scientific/Engineering :: Artificial Intelligence',
+                'Description-Content-Type: text/markdown', '## The two commands'):
+    assert field in metadata or field.replace('License-Expression', 'License') in metadata, field
+  entry_points = wheel.read(f'{info}/entry_points.txt').decode()
+  for script, module in SCRIPTS.items():
+    assert f'{script} = {module}:run' in entry_points
+
+
+@pytest.mark.parametrize('script', sorted(SCRIPTS))
+def test_console_script_is_the_python_m_form(script, tmp_path):
+  """The installed command and `python -m` answer a mistake with the same line and code."""
+  path = shutil.which(script, path=os.path.dirname(sys.executable))
+  if path is None:
+    pytest.skip(f'{script} not installed in this venv: pip install -e .')
+  args = [f'--workdir={tmp_path / "missing"}']
+  args += {'ctm-train': ['--config=/nonexistent/config.py'], 'ctm-evaluate': [],
+           'ctm-predict': ['--input=1010'], 'ctm-export': [f'--out={tmp_path / "out"}'],
+           'ctm-import': [f'--checkpoint={tmp_path / "missing.pt"}']}[script]
+  env = {**os.environ, 'CTM_JAX_HUGE_PAGES': '0'}
+  as_script = subprocess.run([path, *args], capture_output=True, text=True, env=env, check=False)
+  as_module = subprocess.run([sys.executable, '-m', SCRIPTS[script], *args], capture_output=True,
+                             text=True, env=env, check=False)
+  assert as_script.returncode == as_module.returncode == 2, as_module.stderr[-2000:]
+  assert 'Traceback' not in as_script.stderr
+  last = lambda r: [line for line in r.stderr.splitlines() if line.strip()][-1]
+  assert last(as_script) == last(as_module)
+  assert not (tmp_path / 'missing').exists()
