@@ -1,12 +1,12 @@
 """Real data on a laptop: scikit-learn's bundled 8x8 handwritten digits.
 
-No download: the 1797 images ship inside scikit-learn (a core dependency). 1437 train / 360 test, a fixed stratified split. A small CTM
-(resnet18-1 stem and first stage, D 128, 10 ticks) reaches over 98% test
-accuracy in under two minutes on a 2-core CPU, compilation included.
+No download: the 1797 images ship inside scikit-learn (a core dependency).
+1437 train / 360 test, a fixed stratified split. A small CTM (resnet18-1 stem
+and first stage, D 128, 10 ticks) on a 2-core CPU, compilation included:
+docs/results.md, "Real digits on a laptop CPU".
 
 Variants (`--config=configs/digits.py:<variant>`):
-  default  the demo: 1000 steps at batch 64 (~99% test accuracy, under 2
-           minutes on a 2-core CPU).
+  default  the demo: 1000 steps at batch 64.
   smoke    a short run for tests.
 
 Run:

@@ -5,7 +5,8 @@ Variants (`--config=configs/parity.py:<variant>`):
             75 ticks x memory 25, batch 64, lr 1e-4, warmup 500, cosine,
             quantile clip 0.9, 200k iterations.
   small     length 12, D 128, 25 ticks x memory 10: 99% per-bit held-out
-            accuracy on a 2-core CPU in about 4 minutes (seeds 0-2).
+            accuracy on a 2-core CPU in 2.8-5.8 minutes (seeds 0-2,
+            docs/results.md).
   smoke     seconds, for tests.
   lstm_<T>, lstm_<T>_certain (T in 1, 10, 25, 50, 75, 100; _certain for 10
             and 25): tasks/parity/scripts/train_lstm_<T>[_certain].sh, the

@@ -206,6 +206,7 @@ def test_xla_cost_analysis_over_analytic_in_range(config):
   assert train_ratio * 3 > RATIO_RANGE[1]
 
 
+@pytest.mark.slow
 def test_benchmark_step_is_the_trainers_step():
   """The benchmark's step is train.setup's: the same program on the same state and batch.
 

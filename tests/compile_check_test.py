@@ -43,6 +43,7 @@ def test_flops_and_memory_scale_with_the_mesh():
   assert one['parameters'] == data8['parameters'] > 0
 
 
+@pytest.mark.slow
 def test_flops_count_every_tick():
   """The scaled count equals XLA's count of the same step with its ticks unrolled."""
   config = _config(data=1)

@@ -45,6 +45,17 @@ def pytest_runtest_logreport(report):
 pytest_collectreport = pytest_runtest_logreport  # a module skipped whole at import
 
 
+def pytest_collection_modifyitems(items):
+  """A test on a golden case that only the full set has is slow-tier: the compact
+  set's cases (tests/golden) cover every model class in the default suite."""
+  for item in items:
+    params = getattr(getattr(item, 'callspec', None), 'params', {})
+    for value in params.values():
+      if (isinstance(value, str) and not (REPO_GOLDEN / f'{value}.npz').exists()
+          and (GOLDEN / f'{value}.npz').exists()):
+        item.add_marker(pytest.mark.slow)
+
+
 needs_8_devices = pytest.mark.skipif(
     jax.device_count() < 8,
     reason='needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',

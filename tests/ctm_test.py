@@ -144,7 +144,9 @@ def test_jit_equals_no_jit():
   np.testing.assert_allclose(jitted.certainties, eager.certainties, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'sqrt'])
+@pytest.mark.parametrize(
+    'policy', [pytest.param('full', marks=pytest.mark.slow), pytest.param('dots', marks=pytest.mark.slow), 'sqrt']
+)
 def test_remat_equals_no_remat(policy):
   x = _parity_input()
   plain = _model()
@@ -213,6 +215,7 @@ def test_projection_clamps_only_decay_params():
   np.testing.assert_array_equal(projected['start_trace'], params['start_trace'])
 
 
+@pytest.mark.slow
 def test_decay_gradient_is_not_zeroed_outside_range():
   """Like the reference's in-place clamp, the forward uses the value as is."""
   model, x = _model(), _parity_input()
@@ -254,6 +257,7 @@ def test_batch_norm_statistics_update_in_training():
   assert np.isfinite(eval_out.predictions).all()
 
 
+@pytest.mark.slow
 def test_image_backbones_and_embeddings_run():
   x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
   for backbone, pe in [

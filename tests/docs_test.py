@@ -176,3 +176,29 @@ def test_link_check_catches_a_broken_link(tmp_path):
       '[gone](missing.md) [bad](other.md#no-such) [bad](#nowhere)\n'
   )
   assert broken_links(page) == ['missing.md', 'other.md#no-such', '#nowhere']
+
+
+# Measured figures in README must come from a dated record; these are not measurements.
+_NOT_MEASURED = {'2505.05522', '3.11'}  # the paper's arXiv id; the Python floor
+_RECORDS = ('docs/results.md', 'docs/performance.md', 'docs/scaling.md')
+
+
+def readme_figures(text: str) -> set[str]:
+  """Decimals, percentages and thousands in README's prose and tables (not in
+  code, inline code or link targets)."""
+  text = re.sub(r'```.*?```', '', text, flags=re.S)
+  text = re.sub(r'`[^`]*`', '', text)
+  text = re.sub(r'\]\([^)]*\)', ']', text)
+  return set(re.findall(r'(?<![\w.-])(\d+\.\d+|\d{1,3}(?:,\d{3})+|\d+(?=%))', text))
+
+
+def test_every_readme_figure_is_in_a_dated_record():
+  records = ''.join((ROOT / path).read_text() for path in _RECORDS)
+  missing = sorted(readme_figures((ROOT / 'README.md').read_text()) - _NOT_MEASURED - {
+      figure for figure in readme_figures((ROOT / 'README.md').read_text()) if figure in records})
+  assert not missing, f'README quotes figures no record in {_RECORDS} holds: {missing}'
+
+
+def test_figure_check_finds_figures_outside_code():
+  text = 'a 98.9% run in 50.8 s, 2,603 steps/s, `1.5` and [x](a-1.2.md)\n```\n7.7\n```\n'
+  assert readme_figures(text) == {'98.9', '50.8', '2,603'}

@@ -209,6 +209,7 @@ def test_param_logical_axes():
 
 
 @needs_8_devices
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch):
   """Saved fsdp x neuron-sharded, restored data-parallel and on one device, values equal."""
   from ctm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
