@@ -14,8 +14,10 @@
 #                     (created by --setup); default: python3 with pip --user
 #   --setup           first install on every worker: clone --repo_url (at --ref),
 #                     or else copy this checkout (tracked files and untracked ones
-#                     git does not ignore), then `pip install -e DIR 'jax[tpu]'`.
+#                     git does not ignore), then `pip install -e DIR[EXTRAS] 'jax[tpu]'`.
 #                     Without COMMAND, only this.
+#   --extras=LIST     ctm-jax extras --setup installs (default tfds: ImageNet and
+#                     CIFAR read tfds-prepared data; e.g. --extras=tfds,rl)
 #   --repo_url=URL    git URL for --setup (default: copy this checkout)
 #   --ref=REF         branch, tag or commit of --repo_url (default: its HEAD)
 #   --detach          start COMMAND and return (default: follow every worker's
@@ -64,6 +66,7 @@ project=
 # shellcheck disable=SC2088  # a remote path: ~ expands on the worker
 repo_dir='~/ctm-jax'
 venv=
+extras=tfds
 setup=0
 repo_url=
 ref=
@@ -79,6 +82,7 @@ while [[ $# -gt 0 ]]; do
     --project=*) project="${1#*=}" ;;
     --repo_dir=*) repo_dir="${1#*=}" ;;
     --venv=*) venv="${1#*=}" ;;
+    --extras=*) extras="${1#*=}" ;;
     --setup) setup=1 ;;
     --repo_url=*) repo_url="${1#*=}" ;;
     --ref=*) ref="${1#*=}" ;;
@@ -200,7 +204,7 @@ git -C $dir checkout --quiet --detach \"\$r\""
     pip="python3 -m pip install --quiet"
   fi
   say "installing on the workers"
-  on_workers "set -e; $fetch; $make_venv; $activate; $pip -e $dir 'jax[tpu]'; \
+  on_workers "set -e; $fetch; $make_venv; $activate; $pip -e $dir${extras:+\"[$extras]\"} 'jax[tpu]'; \
 echo \"\$(hostname): \$(python3 -c 'import jax, ctm_jax; print(\"jax\", jax.__version__, \"and ctm_jax installed\")')\""
   if (($# == 0)); then
     exit 0
