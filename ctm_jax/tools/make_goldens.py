@@ -25,7 +25,8 @@ and BatchNorm affine and statistics, attention biases, NLM biases and
 temperatures, decay parameters, LSTM biases and start states) are made
 non-trivial, so that a port which drops one of them fails. `--compact` makes
 the set shipped in tests/golden: one plain and one perturbed case per model
-class, a few MB.
+class, 13 MB (three classes carry a ResNet's weights and gradients, ~1.2 MB a
+file, the reference's smallest backbone).
 """
 
 import contextlib
