@@ -15,11 +15,11 @@ def pins(path: str) -> dict[str, str]:
     line = line.split('#')[0].strip()
     if line:
       name, version = line.split('==')
-      out[_norm(name)] = version.strip()
+      out[normalise(name)] = version.strip()
   return out
 
 
-def _norm(name: str) -> str:
+def normalise(name: str) -> str:
   return re.sub(r'[-_.]+', '-', name).lower()
 
 
@@ -27,7 +27,7 @@ def installed() -> dict[str, str]:
   skip = {'pip', 'setuptools', 'wheel', 'ctm-jax'}
   out = {}
   for dist in importlib.metadata.distributions():
-    name = _norm(dist.metadata['Name'])
+    name = normalise(dist.metadata['Name'])
     if name not in skip:
       out[name] = dist.version.split('+')[0]  # torch's local tag (+cpu)
   return out

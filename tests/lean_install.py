@@ -13,9 +13,11 @@ import subprocess
 import sys
 import tempfile
 
+from ctm_jax import extras
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs'
-EXTRA_MODULES = ('gymnax', 'xminigrid', 'rlax', 'tensorflow_datasets', 'torch')
+EXTRA_MODULES = tuple(name for names in extras.MODULES.values() for name in names)
 
 # A config (or command) that needs an extra, and that extra.
 REFUSED = (

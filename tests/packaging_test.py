@@ -18,9 +18,18 @@ import ctm_jax
 import lean_install
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('readme_commands', REPO / '.ci' / 'readme_commands.py')
-readme_commands = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(readme_commands)
+
+
+def _ci_module(name):
+  """A script of .ci/ (not a package), imported by path."""
+  spec = importlib.util.spec_from_file_location(name, REPO / '.ci' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+readme_commands = _ci_module('readme_commands')
+check_constraints = _ci_module('check_constraints')
 
 SCRIPTS = {
     'ctm-train': 'ctm_jax.main',
@@ -99,14 +108,9 @@ _UNBOUNDED_OK = {'importlib-resources', 'array-record'}
 
 
 def test_every_dependency_is_bounded_and_pinned_within_its_bounds():
-  pins = {}
-  for line in (REPO / 'constraints.txt').read_text().splitlines():
-    line = line.split('#')[0].strip()
-    if line:
-      name, version = line.split('==')
-      pins[re.sub(r'[-_.]+', '-', name).lower()] = version
+  pins = check_constraints.pins(str(REPO / 'constraints.txt'))
   for req in _all_requirements():
-    name = re.sub(r'[-_.]+', '-', req.name).lower()
+    name = check_constraints.normalise(req.name)
     ops = {spec.operator for spec in req.specifier}
     assert '>=' in ops, f'{req}: no lower bound'
     assert '<' in ops or name in _UNBOUNDED_OK, f'{req}: no upper bound'

@@ -93,11 +93,6 @@ LSTM_MOST_CERTAIN = {'lstm_parity': False, 'lstm_image': True, 'lstm_maze': Fals
                      'lstm_qamnist': False}
 
 
-def _ctm(**kwargs):
-  """CTM constructor kwargs with the settings every case shares."""
-  return dict(dropout=0.0, **kwargs)
-
-
 # The cases, as data: variant, the reference constructor's kwargs, the inputs, the loss.
 CASES = {
     'parity': dict(
