@@ -19,8 +19,9 @@ from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import backbones, posemb
 
 # Golden cases with a backbone and a positional embedding (their json names
-# them); the compact ones ship in tests/golden, the others in ../shared/golden.
-GOLDEN_CASES = ["image_rp", "image_compact", "firstlast_unet8", "maze_compact", "parity"]
+# them); the compact ones ship in tests/golden, the others in ../shared/golden
+# (maze_compact has neither: its maze is read as raw pixels).
+GOLDEN_CASES = ["image_rp", "image_compact", "firstlast_unet8", "parity"]
 
 
 def torch_to_flax(state_dict, prefix: str, module, *init_args, **init_kwargs) -> dict:

@@ -65,17 +65,19 @@ def _save(path, sd, args):
               'args': argparse.Namespace(**args)}, path)
 
 
-@pytest.mark.parametrize('case', ['lstm_parity', 'ff_image'])
+@pytest.mark.parametrize('case', ['lstm_parity', 'lstm_compact', 'ff_image', 'ff_compact'])
 def test_reference_baseline_checkpoints_import_and_reproduce_the_reference(case, tmp_path):
   arrays, meta = load_golden(case)
   kwargs = meta['constructor_kwargs']
-  if case == 'lstm_parity':
+  if case.startswith('lstm'):
     # tasks/parity/train.py's fields; it builds its LSTM with one layer, so
     # the golden's two-layer model is loaded with --task and a num_layers check.
-    args = dict(model_type='lstm', parity_sequence_length=16, iterations=kwargs['iterations'],
+    args = dict(model_type='lstm', parity_sequence_length=meta['inputs_spec']['length'],
+                iterations=kwargs['iterations'],
                 d_model=kwargs['d_model'], d_input=kwargs['d_input'], heads=kwargs['heads'],
                 backbone_type=kwargs['backbone_type'], dropout=0.0,
-                positional_embedding_type=kwargs['positional_embedding_type'], out_dims=32,
+                positional_embedding_type=kwargs['positional_embedding_type'],
+                out_dims=kwargs['out_dims'],
                 n_synch_out=32, memory_length=25)
     derived = torch_interop.model_kwargs_from_args(args)
     assert derived['num_layers'] == 1  # as the script builds it

@@ -15,15 +15,15 @@ from ctm_jax.tools import make_goldens
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = make_goldens.all_names(make_goldens.COMPACT)
-# Not to outgrow "a few MB": three of the classes carry a ResNet and its gradients.
-MAX_SHIPPED_MIB = 16
+# Not to outgrow "a few MB": two of the classes (image, FF) carry a ResNet and its gradients.
+MAX_SHIPPED_MIB = 6
 # The smallest case, for the regeneration check.
 SMALL_CASE = 'rl_classic'
 
 
 def _arrays(path):
-  with np.load(path, allow_pickle=False) as z:  # no object arrays anywhere
-    return dict(z)
+  """A case's arrays, whole; no object arrays anywhere (allow_pickle=False)."""
+  return make_goldens.load_case(path.parent, path.stem)
 
 
 def test_compact_set_is_shipped_whole_and_small():
@@ -117,3 +117,35 @@ def test_unknown_case_is_named():
     make_goldens.selected_cases(['no_such_case'], compact=False)
   assert make_goldens.selected_cases(['parity__perturbed'], compact=True) == ['parity__perturbed']
   assert make_goldens.selected_cases(None, compact=True) == SHIPPED
+
+
+def _synthetic_case(tag, scale):
+  arrays = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.full(3, scale, np.float32),
+            '__grad__w': np.ones((2, 3), np.float32) * scale}
+  arrays['__state_dict_keys__'] = np.array(['w', 'b'])
+  arrays['__config_json__'] = np.array(json.dumps({'tag': tag}))
+  return arrays
+
+
+def test_compact_twin_stores_only_its_changed_state_and_loads_whole(tmp_path):
+  plain, perturbed = _synthetic_case('c', 1.0), _synthetic_case('c__perturbed', 2.0)
+  make_goldens.write_case(str(tmp_path), 'c', plain, '{}', compact=True)
+  make_goldens.write_case(str(tmp_path), 'c__perturbed', perturbed, '{}', compact=True)
+  with np.load(tmp_path / 'c__perturbed.npz') as stored:
+    assert 'w' not in stored and 'b' in stored  # w is the plain twin's
+    assert str(stored[make_goldens.STATE_FROM]) == 'c'
+  loaded = make_goldens.load_case(str(tmp_path), 'c__perturbed')
+  assert sorted(loaded) == sorted(perturbed)
+  for key, value in perturbed.items():
+    np.testing.assert_array_equal(loaded[key], value)
+  (tmp_path / 'c.npz').unlink()
+  with pytest.raises(FileNotFoundError, match='c.npz'):
+    make_goldens.load_case(str(tmp_path), 'c__perturbed')
+
+
+def test_shipped_perturbed_twins_share_their_plain_twins_state():
+  for base in make_goldens.COMPACT:
+    with np.load(REPO_GOLDEN / f'{base}{make_goldens.PERTURBED}.npz') as stored:
+      assert str(stored[make_goldens.STATE_FROM]) == base
+      own = set(stored['__state_dict_keys__'].tolist()) & set(stored.files)
+      assert own and len(own) < len(stored['__state_dict_keys__']), base

@@ -19,12 +19,13 @@ from ctm_jax.tasks import mazes
 from ctm_jax.tasks import parity
 from ctm_jax.tasks import sort as sort_task
 
-# image_compact and maze_compact (tests/golden) take image_rp's and
-# firstlast_unet8's code paths at a fraction of their size: they run for every
-# cloner, the big ones where ../shared/golden is present.
+# The *_compact cases (tests/golden) take image_rp's, firstlast_unet8's,
+# lstm_parity's and ff_image's code paths at a fraction of their size: they run
+# for every cloner, the big ones where ../shared/golden is present.
 CASES = [
     'parity', 'image_rp', 'image_compact', 'firstlast_unet8', 'maze_compact', 'none_heads2',
-    'sort', 'qamnist', 'lstm_parity', 'lstm_image', 'lstm_maze', 'lstm_qamnist', 'ff_image',
+    'sort', 'qamnist', 'lstm_parity', 'lstm_compact', 'lstm_image', 'lstm_maze', 'lstm_qamnist',
+    'ff_image', 'ff_compact',
 ]
 ALL_CASES = CASES + [c + '__perturbed' for c in CASES]
 # The json's model variant -> our model of that reference class.

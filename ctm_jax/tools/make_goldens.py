@@ -25,8 +25,11 @@ and BatchNorm affine and statistics, attention biases, NLM biases and
 temperatures, decay parameters, LSTM biases and start states) are made
 non-trivial, so that a port which drops one of them fails. `--compact` makes
 the set shipped in tests/golden: one plain and one perturbed case per model
-class, 13 MB (three classes carry a ResNet's weights and gradients, ~1.2 MB a
-file, the reference's smallest backbone).
+class, 5.7 MiB, written compressed (np.savez_compressed), each perturbed twin
+holding only the state entries its perturbation changed and naming its plain
+twin in `__state_from__` for the rest (load_case fills them in). Most of it
+is the ResNet's weights and gradients in the image and FF classes (~1 MB a
+file; resnet18-1 is the reference's smallest backbone).
 """
 
 import contextlib
@@ -89,8 +92,8 @@ OUT_NAMES = {
 }
 FF_TRACK = 'not supported: FFBaseline.forward(x) has no track argument'
 # The LSTM baselines' loss selection, as their train scripts choose it.
-LSTM_MOST_CERTAIN = {'lstm_parity': False, 'lstm_image': True, 'lstm_maze': False,
-                     'lstm_qamnist': False}
+LSTM_MOST_CERTAIN = {'lstm_parity': False, 'lstm_compact': False, 'lstm_image': True,
+                     'lstm_maze': False, 'lstm_qamnist': False}
 
 
 # The cases, as data: variant, the reference constructor's kwargs, the inputs, the loss.
@@ -223,10 +226,13 @@ CASES = {
                                 dropout=0.0),
         inputs_spec=dict(kind='image', batch=2, shape=[3, 32, 32], n_classes=10),
         loss='ff_ce'),
-    # The compact stand-ins for image_rp and firstlast_unet8: the same code paths
-    # (ResNet + learnable-fourier + random-pairing + U-Net; first-last + U-Net +
-    # 2D custom-rotational + shallow NLMs with LayerNorm + maze loss) at a
-    # fraction of their size. resnet18-1 is the smallest ResNet the reference has.
+    # The compact stand-ins, small enough to ship (tests/golden): image_rp's code
+    # path (ResNet + learnable-fourier + random-pairing + U-Net) on 12x12 images,
+    # resnet18-1 being the reference's smallest ResNet; firstlast_unet8's
+    # (first-last + U-Net + shallow NLMs with LayerNorm + maze loss) on the
+    # maze's raw pixels, without a backbone (the ResNet is image_compact's and
+    # ff_compact's to check, the 2D rotational embedding the full set's); ff_image
+    # on 12x12 images; lstm_parity (two layers) at a quarter of the width.
     'image_compact': dict(
         variant='ctm',
         constructor_kwargs=dict(
@@ -242,17 +248,30 @@ CASES = {
         constructor_kwargs=dict(
             iterations=4, d_model=40, d_input=16, heads=2, n_synch_out=8, n_synch_action=6,
             synapse_depth=4, memory_length=4, deep_nlms=False, memory_hidden_dims=4,
-            do_layernorm_nlm=True, backbone_type='resnet18-1',
-            positional_embedding_type='custom-rotational', out_dims=30,
-            prediction_reshaper=[6, 5], dropout=0.0, neuron_select_type='first-last'),
+            do_layernorm_nlm=True, backbone_type='none', positional_embedding_type='none',
+            out_dims=30, prediction_reshaper=[6, 5], dropout=0.0, neuron_select_type='first-last'),
         inputs_spec=dict(kind='maze', batch=2, cells=5, route_length=6),
         loss='maze'),
+    'lstm_compact': dict(
+        variant='lstm',
+        constructor_kwargs=dict(
+            iterations=6, d_model=24, d_input=16, heads=2, backbone_type='parity_backbone',
+            num_layers=2, positional_embedding_type='custom-rotational-1d', out_dims=16,
+            prediction_reshaper=[8, 2], dropout=0.0),
+        inputs_spec=dict(kind='parity', batch=3, length=8),
+        loss='parity'),
+    'ff_compact': dict(
+        variant='ff',
+        constructor_kwargs=dict(d_model=32, backbone_type='resnet18-1', out_dims=10,
+                                dropout=0.0),
+        inputs_spec=dict(kind='image', batch=2, shape=[3, 12, 12], n_classes=10),
+        loss='ff_ce'),
 }
 # One plain and one perturbed case per model class, for tests/golden.
 COMPACT = ('parity', 'image_compact', 'maze_compact', 'sort', 'qamnist', 'rl_classic',
-           'lstm_parity', 'ff_image')
+           'lstm_compact', 'ff_compact')
 # The set of ../shared/golden.
-FULL = tuple(c for c in CASES if c not in ('image_compact', 'maze_compact'))
+FULL = tuple(c for c in CASES if not c.endswith('_compact'))
 
 
 def all_names(bases):
@@ -638,17 +657,56 @@ def differences(ours, theirs, tol=1e-4):
   return problems, worst[0], worst[1]
 
 
-def load_case(directory, name):
-  """A case's arrays, or None where `directory` lacks it."""
-  path = os.path.join(directory, f'{name}.npz')
-  if not os.path.exists(path):
-    return None
+# In the compact set, a perturbed twin names its plain twin here and stores only
+# the state-dict entries that the perturbation changed; the rest are the twin's.
+STATE_FROM = '__state_from__'
+
+
+def _read(path):
   with np.load(path, allow_pickle=False) as z:
     return dict(z)
 
 
-def write_case(out_dir, name, arrays, text):
-  np.savez(os.path.join(out_dir, f'{name}.npz'), **arrays)
+def load_case(directory, name):
+  """A case's arrays, whole (state shared with a twin filled in); None where `directory` lacks it."""
+  path = os.path.join(directory, f'{name}.npz')
+  if not os.path.exists(path):
+    return None
+  arrays = _read(path)
+  if STATE_FROM in arrays:
+    twin = str(arrays.pop(STATE_FROM))
+    twin_path = os.path.join(directory, f'{twin}.npz')
+    if twin != name.removesuffix(PERTURBED) or not os.path.exists(twin_path):
+      raise FileNotFoundError(f'{path} takes its unchanged state from {twin_path}, not found')
+    shared = _read(twin_path)
+    for key in arrays['__state_dict_keys__'].tolist():
+      if key not in arrays:
+        arrays[key] = shared[key]
+  return arrays
+
+
+def shared_with_twin(arrays, twin, twin_name):
+  """`arrays` less the state-dict entries equal to its plain twin's, for the compact set."""
+  state = set(arrays['__state_dict_keys__'].tolist())
+  kept = {k: v for k, v in arrays.items()
+          if not (k in state and k in twin and v.dtype == twin[k].dtype
+                  and np.array_equal(v, twin[k]))}
+  kept[STATE_FROM] = np.array(twin_name)
+  return kept
+
+
+def write_case(out_dir, name, arrays, text, compact=False):
+  """`<name>.npz` and `<name>.json`; the compact set's npz is compressed and a
+  perturbed twin there shares its unchanged state with `<plain>.npz` in out_dir."""
+  path = os.path.join(out_dir, f'{name}.npz')
+  if compact:
+    plain = name.removesuffix(PERTURBED)
+    twin = load_case(out_dir, plain) if plain != name else None
+    if twin is not None:
+      arrays = shared_with_twin(arrays, twin, plain)
+    np.savez_compressed(path, **arrays)
+  else:
+    np.savez(path, **arrays)
   with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
     f.write(text)
 
@@ -712,7 +770,7 @@ def main(argv):
   failed = []
   for name in names:
     arrays, meta, text = run_case(ref, name)
-    write_case(values.out, name, arrays, text)
+    write_case(values.out, name, arrays, text, compact=values.compact)
     size = os.path.getsize(os.path.join(values.out, f'{name}.npz'))
     line = f'{name}: {len(arrays)} arrays, {size / 2**20:.2f} MiB, loss {meta["loss_value"]:.6g}'
     theirs = load_case(values.compare, name) if values.compare else None
