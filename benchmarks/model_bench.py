@@ -23,7 +23,7 @@ there.
 Each config is the whole task config (`get_config(variant)`: model, optimiser,
 loss), with `batch_size` from the table and `model.remat`, `model.dtype` and
 `model.unroll` from the command line. The step timed is the trainer's own:
-`train.setup(config, model, task, mesh)` on a 1-device mesh, whatever the
+`supervised.setup(config, model, task, mesh)` on a 1-device mesh, whatever the
 task; every task-specific piece (model kwargs, model inputs, loss, metrics,
 synthetic batches) comes from the task (ctm_jax/tasks/).
 
@@ -132,7 +132,7 @@ import optax
 from ctm_jax import hostmem
 from ctm_jax import sharding
 from ctm_jax import steps
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 from ctm_jax.models.ctm import REMAT_POLICIES
 from ctm_jax.tools import flops as flops_lib
@@ -208,7 +208,7 @@ class Bench:
   task: Any
   model: Any
   mesh: jax.sharding.Mesh
-  run: train.Setup  # run.train_step is the trainer's step, run.init its fresh state
+  run: supervised.Setup  # run.train_step is the trainer's step, run.init its fresh state
 
 
 def build(config) -> Bench:
@@ -220,7 +220,7 @@ def build(config) -> Bench:
   task, model = validation.validate(config, num_devices=1)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
-    run = train.setup(config, model, task, mesh)
+    run = supervised.setup(config, model, task, mesh)
   return Bench(config=config, task=task, model=model, mesh=mesh, run=run)
 
 
@@ -404,7 +404,7 @@ def log(msg):
 def xla_flops(config):
   """XLA's tick-scaled FLOPs of (forward, train step), lowered from shapes only.
 
-  The train step is the trainer's (`train.setup`) of 1- and 2-tick variants of
+  The train step is the trainer's (`supervised.setup`) of 1- and 2-tick variants of
   the config, as ctm_jax/tools/compile_check.py counts it.
   """
   ticks = config.model.iterations
@@ -910,7 +910,7 @@ def format_table(env, results, args):
       f'deferred_grads={args.deferred_grads} '
       f'| medians over --repeats={args.repeats} after --warmup={args.warmup}',
       '# compile = lower + compile (AOT) of the jitted function, timed apart from execution.',
-      "# train = the trainer's step (train.setup(...).train_step, state donated): fwd(train=True) "
+      "# train = the trainer's step (supervised.setup(...).train_step, state donated): fwd(train=True) "
       '+ task loss + backward',
       "#   + the config's optimiser (clipping, AdamW, LR schedule) + finite guard + decay "
       "projection + task metrics; the task's synthetic batch.",

@@ -23,7 +23,7 @@ import numpy as np
 from ctm_jax import artefact
 from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax import sharding
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 
 
@@ -54,7 +54,7 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) 
   out = os.path.abspath(out or os.path.join(workdir, f'eval_{step}'))
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    run = train.setup(config, model, task, mesh)
+    run = supervised.setup(config, model, task, mesh)
     if exported:
       state = _state_from_artefact(workdir, run.abstract_state)
     else:
@@ -66,7 +66,7 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) 
     plot_dir = os.path.join(out, 'plots')
     if jax.process_index() == 0:
       os.makedirs(plot_dir, exist_ok=True)
-    context = train.make_context(config, task, model, run, eval_source, plot_dir, started)
+    context = supervised.make_context(config, task, model, run, eval_source, plot_dir, started)
     scalars = {'step': step}
     for evaluator in task.evaluators(config, context):
       scalars.update(evaluator.run(state, step))

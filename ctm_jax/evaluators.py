@@ -36,7 +36,7 @@ class Context:
   config: Any
   task: Any
   model: Any
-  run: Any  # train.Setup: mesh, shardings, the jitted eval step
+  run: Any  # supervised.Setup: mesh, shardings, the jitted eval step
   eval_source: Any
   eval_batches: list  # this process's host batches
   plot_dir: str

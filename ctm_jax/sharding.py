@@ -205,3 +205,13 @@ def constrain(x, logical_axes):
 def logical_rules():
   """Context under which the model's activation constraints take effect."""
   return nn.logical_axis_rules(RULES)
+
+
+def under_rules(fn):
+  """`fn` traced under the logical axis rules, so its activation constraints apply."""
+
+  def wrapped(*args):
+    with logical_rules():
+      return fn(*args)
+
+  return wrapped

@@ -71,9 +71,10 @@ class UsageError(ValueError):
 
 
 def supervised_only(task, workdir: str) -> None:
-  """UsageError for a run of a task with its own loop (no held-out inputs):
-  the tools that read held-out data or single inputs refuse it in one line."""
-  if task.own_loop() is not None:
+  """UsageError for a run of a task without held-out inputs (RL: it plays
+  environments): the tools that read held-out data or single inputs refuse
+  it in one line."""
+  if not task.has_held_out_inputs:
     raise UsageError(
         f'--workdir={workdir}: a {task.name!r} run, which has no held-out inputs to read; '
         'it evaluates while it trains (eval/* in metrics.jsonl, plots/)'

@@ -17,7 +17,7 @@ from jax.extend import core as jex_core
 import numpy as np
 import pytest
 
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,7 +208,7 @@ def test_xla_cost_analysis_over_analytic_in_range(config):
 
 @pytest.mark.slow
 def test_benchmark_step_is_the_trainers_step():
-  """The benchmark's step is train.setup's: the same program on the same state and batch.
+  """The benchmark's step is supervised.setup's: the same program on the same state and batch.
 
   The parity smoke config clips by quantile, so the config's optimiser (not a
   plain AdamW) is in both. The two lowered programs are compared as text (the
@@ -222,7 +222,7 @@ def test_benchmark_step_is_the_trainers_step():
   task, model = validation.validate(config, num_devices=1)
   local = task.synthetic_batch(config, config.batch_size, model_bench.BATCH_SEED)
   with jax.set_mesh(bench.mesh):
-    run = train.setup(config, model, task, bench.mesh)
+    run = supervised.setup(config, model, task, bench.mesh)
     shapes = model_bench.batch_shapes(bench)
     ours = model_bench.train_step(bench).lower(bench.run.abstract_state, shapes)
     theirs = run.train_step.lower(run.abstract_state, shapes)

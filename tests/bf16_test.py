@@ -13,7 +13,7 @@ import pytest
 from ctm_jax.configs import image
 from ctm_jax.configs import parity
 from ctm_jax import sharding
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 
 LOGIT_TOL = 0.02  # of the largest |logit|
@@ -56,7 +56,7 @@ def test_bf16_train_state_stays_float32():
   task, model = validation.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    run = train.setup(config, model, task, mesh)
+    run = supervised.setup(config, model, task, mesh)
     state = run.init()
     source = task.train_source(config)
     records = [source[i] for i in range(config.batch_size)]

@@ -12,7 +12,7 @@ import jax
 from ctm_jax import sharding
 from ctm_jax.tools import compile_check
 from ctm_jax.tools import flops
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_flops_count_every_tick():
   task, model = validation.validate(unrolled, num_devices=1)
   mesh = sharding.make_mesh(unrolled.mesh, devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
-    run = train.setup(unrolled, model, task, mesh)
+    run = supervised.setup(unrolled, model, task, mesh)
     batch = {
         name: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype, sharding=run.batch_sharding)
         for name, (shape, dtype) in task.record_spec(config).items()

@@ -44,8 +44,8 @@ def test_init_from_imported_weights(tmp_path):
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'run'), keep=1)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    run = train.setup(config, model, task, mesh)
-    state, how = train._initial_state(config, model, run, checkpointer, None, same_model=True)
+    program = task.training(config, model).program(mesh, str(tmp_path / 'plots'), 0.0)
+    state, how = train._initial_state(config, program, checkpointer, same_model=True)
   checkpointer.close()
   assert how == f'initialised from {imported}'
   _, variables, _ = torch_interop.load_imported(str(imported))

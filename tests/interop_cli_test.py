@@ -171,7 +171,6 @@ def test_imported_maze_model_reproduces_reference_predictions_from_a_png(case, c
   the imported model then gives the reference's predictions."""
   from ctm_jax import inference  # pylint: disable=g-import-not-at-top
   from ctm_jax.data import mazes  # pylint: disable=g-import-not-at-top
-  from ctm_jax.tasks import mazes_generalisation  # pylint: disable=g-import-not-at-top
 
   arrays, meta = load_golden(case)
   workdir, _, result = cli_runs[case]
@@ -179,7 +178,7 @@ def test_imported_maze_model_reproduces_reference_predictions_from_a_png(case, c
   inputs_BxHxWx3 = to_jax_layout(arrays['__in__x'])
   (tmp_path / 'test' / 'mazes').mkdir(parents=True)
   for b, x_HxWx3 in enumerate(inputs_BxHxWx3):
-    maze = mazes_generalisation.Maze.from_image(x_HxWx3)
+    maze = mazes.Maze.from_image(x_HxWx3)
     path = mazes.shortest_path(maze.free_HxW, maze.start, maze.goal)
     mazes.write_png(str(tmp_path / 'test' / 'mazes' / f'{b}.png'), mazes.render(maze.free_HxW, path))
   folder = mazes.MazeFolder(str(tmp_path), 'test', route_length=meta['inputs_spec']['route_length'])

@@ -23,7 +23,7 @@ def _walk(image_HxWx3, route_R):
   for move in route_R:
     if move == mazes.WAIT:
       break
-    dy, dx = mazes._MOVES[move]
+    dy, dx = mazes.MOVE_DELTAS[move]
     y, x = y + dy, x + dx
     assert free_HxW[y, x], f'the route enters a wall at {(y, x)}'
   return int(y), int(x)
@@ -211,7 +211,7 @@ def test_generalisation_command_reports_bigger_mazes(smoke_run, tmp_path):
   out = tmp_path / 'gen'
   proc = subprocess.run(
       [
-          sys.executable, '-m', 'ctm_jax.tasks.mazes_generalisation', f'--workdir={workdir}',
+          sys.executable, '-m', 'ctm_jax.tools.mazes_generalisation', f'--workdir={workdir}',
           '--sizes=15,31', '--count=6', '--max_reapplications=3', '--pictures=2', f'--out={out}',
       ],
       cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ctm_jax.data import mazes
-from ctm_jax.tasks import mazes_generalisation as gen
+from ctm_jax.tools import mazes_generalisation as gen
 
 from conftest import one_error_line
 
@@ -19,7 +19,7 @@ def _oracle(route_length, maze_list_by_shape):
   def predict(images_BxHxWx3):
     routes = []
     for image_HxWx3 in images_BxHxWx3:
-      maze = gen.Maze.from_image(image_HxWx3)
+      maze = mazes.Maze.from_image(image_HxWx3)
       path = mazes.shortest_path(maze.free_HxW, maze.start, maze.goal)
       routes.append(mazes.pad_route(mazes.directions(path), route_length))
     return np.stack(routes)
@@ -37,17 +37,17 @@ def test_walk_skips_walls_up_to_the_fault_tolerance_and_stops_at_the_goal():
   maze = gen.load_mazes(11, 1, seed=3)[0]
   path = mazes.shortest_path(maze.free_HxW, maze.start, maze.goal)
   route = mazes.directions(path)
-  reached, visited = gen.walk(maze.free_HxW, maze.start, maze.goal, route + [mazes.WAIT] * 3)
+  reached, visited = mazes.walk(maze.free_HxW, maze.start, maze.goal, route + [mazes.WAIT] * 3)
   assert reached and visited == path
   # A move into a wall (or off the picture) is skipped and counted.
   y, x = maze.start
   blocked = next(
-      m for m, (dy, dx) in enumerate(mazes._MOVES)
+      m for m, (dy, dx) in enumerate(mazes.MOVE_DELTAS)
       if not (0 <= y + dy < 11 and 0 <= x + dx < 11 and maze.free_HxW[y + dy, x + dx])
   )
-  reached, visited = gen.walk(maze.free_HxW, maze.start, maze.goal, [blocked] * 2 + route, 2)
+  reached, visited = mazes.walk(maze.free_HxW, maze.start, maze.goal, [blocked] * 2 + route, 2)
   assert reached and visited == path
-  reached, visited = gen.walk(maze.free_HxW, maze.start, maze.goal, [blocked] * 3 + route, 2)
+  reached, visited = mazes.walk(maze.free_HxW, maze.start, maze.goal, [blocked] * 3 + route, 2)
   assert not reached and visited == [maze.start]
 
 
@@ -106,7 +106,7 @@ def test_command_refuses_bad_sizes_and_a_workdir_without_a_run(tmp_path):
       ([f'--workdir={tmp_path}', '--sizes=11'], '--workdir='),
   ):
     proc = subprocess.run(
-        [sys.executable, '-m', 'ctm_jax.tasks.mazes_generalisation', *argv],
+        [sys.executable, '-m', 'ctm_jax.tools.mazes_generalisation', *argv],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -22,7 +22,7 @@ from conftest import needs_8_devices
 from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax.data import pipeline
 from ctm_jax import sharding
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +111,7 @@ def _restore(workdir, step):
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=10)
   try:
     with jax.set_mesh(mesh):
-      run = train.setup(config, model, task, mesh)
+      run = supervised.setup(config, model, task, mesh)
       loader = pipeline.make_train_loader(
           task.train_source(config), batch_size=config.batch_size, seed=config.seed
       )

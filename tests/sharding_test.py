@@ -10,7 +10,7 @@ import pytest
 from conftest import needs_8_devices
 from ctm_jax.data import pipeline
 from ctm_jax import sharding
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def _train(config, mesh_axes, devices):
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   losses = []
   with jax.set_mesh(mesh):
-    run = train.setup(config, model, task, mesh)
+    run = supervised.setup(config, model, task, mesh)
     state = run.init()
     for batch in _batches(config, task):
       state, metrics = run.train_step(state, sharding.global_batch(batch, mesh))
@@ -235,7 +235,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch):
     _, model = validation.validate(config, num_devices=len(devices))
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     with jax.set_mesh(mesh):
-      run = train.setup(config, model, task, mesh)
+      run = supervised.setup(config, model, task, mesh)
       restored = checkpointer.restore(STEPS, run.abstract_state, iter(loader))
     for (path, got), expected, target in zip(
         jax.tree_util.tree_leaves_with_path(restored),

@@ -12,6 +12,7 @@ Dimension glossary: B batch, T ticks, N tokens per tick, C token features,
 K heads, F head width, E d_input.
 """
 
+import ast
 import io
 import json
 import os
@@ -279,7 +280,60 @@ def test_no_task_names_or_keys_outside_the_task_places():
       relative = path.relative_to(REPO).as_posix()
       if relative.startswith(_TASK_PLACES) or relative in _REFERENCE_CASES:
         continue
+      if relative.startswith('ctm_jax/tools/') and path.stem.split('_')[0] in tasks.names():
+        continue  # a task's own command-line tool, named after it
       found = sorted(_code_words(path) & forbidden)
       if found:
         offenders.append(f'{relative}: {", ".join(found)}')
   assert not offenders, '\n'.join(offenders)
+
+
+# ---------------------------------------------------------------------------
+# Tasks sit below the loop: they hand it a Program and hold no loop plumbing.
+
+_LOOP_MODULES = ('checkpoint', 'writers', 'workdir', 'train')
+
+
+def _imports(path):
+  """(module, name) of every `from X import Y` and (X, '') of every `import X` in a file."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      found += [(node.module, alias.name) for alias in node.names]
+    elif isinstance(node, ast.Import):
+      found += [(alias.name, '') for alias in node.names]
+  return found
+
+
+def _private_attributes(path, shared_aliases):
+  """`alias._name` uses in a file, for the aliases of modules outside tasks/."""
+  return sorted(
+      f'{node.value.id}.{node.attr}'
+      for node in ast.walk(ast.parse(path.read_text()))
+      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+      and node.value.id in shared_aliases and node.attr.startswith('_')
+      and not node.attr.startswith('__')
+  )
+
+
+def test_tasks_hold_no_loop_plumbing_and_no_private_names_of_shared_modules():
+  offenders = []
+  for path in sorted((REPO / 'ctm_jax' / 'tasks').glob('*.py')):
+    relative = path.relative_to(REPO).as_posix()
+    tree = ast.parse(path.read_text())
+    aliases = {}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('ctm_jax'):
+        for alias in node.names:
+          full = f'{node.module}.{alias.name}'
+          if not full.startswith('ctm_jax.tasks'):
+            aliases[alias.asname or alias.name] = full
+    for module, name in _imports(path):
+      full = f'{module}.{name}' if name else module
+      if full.removeprefix('ctm_jax.') in _LOOP_MODULES:
+        offenders.append(f'{relative} imports {full}')
+      if name.startswith('_'):
+        offenders.append(f'{relative} imports the private {full}')
+    offenders += [f'{relative} uses {a}' for a in _private_attributes(path, aliases)]
+  assert not offenders, '\n'.join(offenders)
+

@@ -436,7 +436,7 @@ def test_sigterm_during_eval_checkpoints_that_step(tmp_path, monkeypatch):
 
   def plot_and_terminate(*args, **kwargs):
     if 'step 12' in kwargs.get('title', ''):  # track_every=12, save_every=8
-      os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's _StopRequest
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's StopRequest
     return plot_ticks(*args, **kwargs)
 
   monkeypatch.setattr(plots, 'plot_ticks', plot_and_terminate)

@@ -21,6 +21,7 @@ Run `python -m ctm_jax.data.mazes --out=DIR --size=39 --train=N --test=M
 Dimension glossary: H, W pixels; R route length.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -28,7 +29,7 @@ import numpy as np
 
 UP, DOWN, LEFT, RIGHT, WAIT = 0, 1, 2, 3, 4
 # (dy, dx) of each move, in the reference's order of preference.
-_MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+MOVE_DELTAS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
 WALL = (0.0, 0.0, 0.0)
 FREE = (1.0, 1.0, 1.0)
@@ -61,7 +62,7 @@ def generate(size: int, rng: np.random.Generator) -> np.ndarray:
     i, j = stack[-1]
     options = [
         (i + di, j + dj)
-        for di, dj in _MOVES
+        for di, dj in MOVE_DELTAS
         if 0 <= i + di < n and 0 <= j + dj < n and not visited[i + di, j + dj]
     ]
     if not options:
@@ -83,7 +84,7 @@ def shortest_path(free_HxW: np.ndarray, start, goal) -> list[tuple[int, int]]:
   while frontier and tuple(goal) not in previous:
     nxt = []
     for y, x in frontier:
-      for dy, dx in _MOVES:
+      for dy, dx in MOVE_DELTAS:
         p = (y + dy, x + dx)
         if 0 <= p[0] < h and 0 <= p[1] < w and free_HxW[p] and p not in previous:
           previous[p] = (y, x)
@@ -112,7 +113,7 @@ def directions(path) -> list[int]:
   """The moves between consecutive pixels of a path."""
   out = []
   for (y0, x0), (y1, x1) in zip(path[:-1], path[1:]):
-    out.append(_MOVES.index((y1 - y0, x1 - x0)))
+    out.append(MOVE_DELTAS.index((y1 - y0, x1 - x0)))
   return out
 
 
@@ -141,7 +142,7 @@ def route_from_image(image_HxWx3: np.ndarray, route_length: int) -> np.ndarray:
   moves = []
   while (y, x) != goal and len(moves) < route_length:
     on_path_HxW[y, x] = False  # never step back
-    for move, (dy, dx) in enumerate(_MOVES):
+    for move, (dy, dx) in enumerate(MOVE_DELTAS):
       if 0 <= y + dy < h and 0 <= x + dx < w and on_path_HxW[y + dy, x + dx]:
         moves.append(move)
         y, x = y + dy, x + dx
@@ -412,3 +413,57 @@ if __name__ == '__main__':
   flags.DEFINE_integer('test', 100, 'Test mazes.')
   flags.DEFINE_integer('seed', 0, 'Generator seed.')
   app.run(_main)
+
+
+@dataclasses.dataclass
+class Maze:
+  """A maze picture as the generalisation tool and `predict` read it."""
+
+  free_HxW: np.ndarray  # bool
+  start: tuple[int, int]
+  goal: tuple[int, int]
+  length: int  # moves of the shortest route
+
+  @classmethod
+  def from_image(cls, image_HxWx3):
+    """From a reference-format picture (the blue path, if any, is ignored)."""
+    image_HxWx3 = np.asarray(image_HxWx3, np.float32)
+    start = np.argwhere(np.all(image_HxWx3 == START, axis=-1))
+    goal = np.argwhere(np.all(image_HxWx3 == GOAL, axis=-1))
+    if not len(start) or not len(goal):
+      raise ValueError('no start (red) or goal (green) pixel in the maze picture')
+    free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
+    start, goal = tuple(int(v) for v in start[0]), tuple(int(v) for v in goal[0])
+    length = len(shortest_path(free_HxW, start, goal)) - 1
+    return cls(free_HxW, start, goal, length)
+
+  def picture(self, start) -> np.ndarray:
+    """The model's view with the start at `start`: float32 (H, W, 3) in [0, 1]."""
+    image_HxWx3 = np.where(self.free_HxW[..., None], np.float32(1), np.float32(0)).repeat(3, -1)
+    image_HxWx3[start] = START
+    image_HxWx3[self.goal] = GOAL
+    return image_HxWx3
+
+
+def walk(free_HxW, start, goal, route_R, fault_tolerance: int = 2):
+  """Follows `route_R` from `start`. Returns (reached the goal, pixels visited
+  from `start` on). Wait moves stay put; a move off the picture or into a wall
+  is skipped as a mistake, and the walk ends after `fault_tolerance` of them."""
+  height, width = free_HxW.shape
+  y, x = start
+  visited = [(y, x)]
+  mistakes = 0
+  for move in np.asarray(route_R).tolist():
+    if move >= len(MOVE_DELTAS):
+      continue
+    dy, dx = MOVE_DELTAS[move]
+    if not (0 <= y + dy < height and 0 <= x + dx < width and free_HxW[y + dy, x + dx]):
+      mistakes += 1
+      if mistakes > fault_tolerance:
+        break
+      continue
+    y, x = y + dy, x + dx
+    visited.append((y, x))
+    if (y, x) == tuple(goal):
+      return True, visited
+  return False, visited

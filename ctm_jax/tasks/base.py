@@ -5,8 +5,9 @@ fix a checkpoint's identity), its model class and constructor kwargs, its data
 sources, how a batch becomes model inputs (any pytree), its loss with per-example
 aux, its train metrics, the per-example arrays its eval step returns, its
 evaluators, and how a reference checkpoint's saved args map onto its model.
-The trainer (`train.py`), `steps.py`, `checkpoint.py`, `validation.py`,
-`interop/torch.py`, `tools/` and `benchmarks/` call these methods only.
+The trainer (`train.py`, through the `Program` of `training`), `supervised.py`,
+`steps.py`, `checkpoint.py`, `validation.py`, `interop/torch.py`, `tools/` and
+`benchmarks/` call these methods only.
 
 Dimension glossary: B batch, T ticks.
 """
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import evaluators
+from ctm_jax import supervised
 from ctm_jax.models import ctm as ctm_lib
 
 # Spec of one model-ready example: leaf name -> (shape without batch, dtype).
@@ -43,8 +45,8 @@ class Task:
   identity_keys: ClassVar[tuple[str, ...]] = ()
   # The model variant: ContinuousThoughtMachine or a subclass in models/<variant>.py.
   model_class: ClassVar[type] = ctm_lib.ContinuousThoughtMachine
-  # The trainer keys its configs carry: None for the supervised trainer's
-  # (validation.TRAIN_KEYS); a task with its own loop names its own.
+  # The trainer keys its configs carry: None for supervised training's
+  # (validation.TRAIN_KEYS); a task with its own kind of training names its own.
   trainer_keys: ClassVar[frozenset[str] | None] = None
   # The baselines this task also trains (`config.model_type`, the reference's
   # --model / --model_type): e.g. {'lstm': lstm.LSTMBaseline}.
@@ -52,11 +54,18 @@ class Task:
 
   # --- Config and data ----------------------------------------------------------
 
-  def own_loop(self):
-    """None for the supervised trainer (ctm_jax/train.py); a task that trains
-    otherwise (RL: environments, no dataset) returns its
-    `(config, workdir, model) -> state` loop."""
-    return None
+  def training(self, config, model):
+    """What the training loop (ctm_jax/train.py) runs for `config`: an object
+    whose `program(mesh, plot_dir, started)` returns the run's
+    `program.Program`. Made before the workdir is touched, so its checks
+    (data readable, batch sizes) refuse a run before anything is written.
+    By default supervised training on the task's data, loss and evaluators
+    (ctm_jax/supervised.py)."""
+    return supervised.Training(self, config, model)
+
+  # Whether the task reads held-out inputs (evaluate, predict): a task whose
+  # program makes its own data (environments) has none.
+  has_held_out_inputs: ClassVar[bool] = True
 
   def validate(self, config) -> None:
     """Raises ValueError naming `config.<key>=<value>` for a bad task key; reads no data."""
@@ -111,8 +120,8 @@ class Task:
     shared by the model types: each takes the options it has, those of the
     other types are left out, and an option no model has is refused."""
     cls = self.model_class_for(config.get('model_type', 'ctm'))
-    own = _init_fields(cls)
-    others = set().union(*(_init_fields(c) for task in _REGISTRY.values() for c in task.model_types().values()))
+    own = init_fields(cls)
+    others = set().union(*(init_fields(c) for task in _REGISTRY.values() for c in task.model_types().values()))
     kwargs = {k: v for k, v in self.model_kwargs(config).items() if k in own or k not in others}
     return cls(**kwargs)
 
@@ -227,7 +236,7 @@ class Task:
     raise NotImplementedError(f'task {self.name!r} cannot import reference checkpoints')
 
 
-def _init_fields(cls) -> set[str]:
+def init_fields(cls) -> set[str]:
   return {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')}
 
 

@@ -22,7 +22,6 @@ from ctm_jax.data import mazes as maze_data
 from ctm_jax.models import ff as ff_model
 from ctm_jax.models import lstm as lstm_model
 from ctm_jax.tasks import base
-from ctm_jax.tasks import mazes_generalisation
 
 MOVES = 5  # up, down, left, right, wait
 
@@ -239,7 +238,7 @@ class Maze(base.Task):
       raise ValueError(f'--input={source}: not a maze picture PIL can read ({e})') from None
     route = route_length(config)
     try:
-      maze = mazes_generalisation.Maze.from_image(image_HxWx3)
+      maze = maze_data.Maze.from_image(image_HxWx3)
     except ValueError as e:
       raise ValueError(f'--input={source}: {e}') from None
     path = maze_data.shortest_path(maze.free_HxW, maze.start, maze.goal)

@@ -1,14 +1,13 @@
 """Reinforcement learning: the CTM (or the LSTM baseline) as a recurrent PPO
 agent on partially observed control and navigation (the reference's tasks/rl).
 
-The task has its own loop (no dataset): `train_and_evaluate` below builds the
-environments (ctm_jax/data/envs.py), the agent (ctm_jax/models/agent.py) and
-the jitted PPO iteration (ctm_jax/tasks/ppo.py), and shares the supervised
-trainer's config validation, mesh, workdir lock, checkpointer (the whole
-runner: parameters, optimiser, environments mid-episode, carried agent state,
-reward statistics, RNG, so a killed run resumes bit for bit), metric writer
-and progress bar. A training iteration is one rollout and its updates: the
-step of checkpoints, `save_every`, `track_every` and `log_every`.
+No dataset: the task's program (`PPOTraining`, run by the one training loop
+of ctm_jax/train.py) steps a jitted PPO iteration (ctm_jax/tasks/ppo.py) of
+the agent (ctm_jax/models/agent.py) on environments (ctm_jax/data/envs.py)
+held in the state: parameters, optimiser, environments mid-episode, carried
+agent state, reward statistics and RNG are checkpointed together, so a killed
+run resumes bit for bit. A training iteration is one rollout and its updates:
+the step of checkpoints, `save_every`, `track_every` and `log_every`.
 
 Metrics: `episodes/return`, `episodes/length` (raw rewards, episodes that
 ended in the logged window), `episodes/success` (MiniGrid), `losses/*` (the
@@ -29,15 +28,10 @@ import time
 from absl import logging
 import jax
 import numpy as np
-import tqdm
 
-from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax import extras
+from ctm_jax import program as program_lib
 from ctm_jax import sharding
-from ctm_jax import train as train_lib
-from ctm_jax import validation
-from ctm_jax import workdir as workdir_lib
-from ctm_jax import writers
 from ctm_jax.analysis import plots
 from ctm_jax.data import envs as envs_lib
 from ctm_jax.models import agent as agent_lib
@@ -162,8 +156,8 @@ class ReinforcementLearning(base.Task):
     the environment, as the reference's) under actor and critic heads."""
     env = self.make_env(config)
     cls = self.model_class_for(config.get('model_type', 'ctm'))
-    fields = base._init_fields(cls)  # pylint: disable=protected-access
-    known = set().union(*(base._init_fields(c) for c in self.model_types().values()))  # pylint: disable=protected-access
+    fields = base.init_fields(cls)
+    known = set().union(*(base.init_fields(c) for c in self.model_types().values()))
     unknown = sorted(set(config.model) - known)
     if unknown:
       raise ValueError(f'{unknown[0]}: no RL model takes this option')
@@ -171,8 +165,11 @@ class ReinforcementLearning(base.Task):
     kwargs.update(backbone_type=env.backbone_type, num_actions=env.num_actions)
     return cls(**kwargs)
 
-  def own_loop(self):
-    return train_and_evaluate
+  # Its program plays environments: no held-out inputs for evaluate / predict.
+  has_held_out_inputs = False
+
+  def training(self, config, model):
+    return PPOTraining(config, model, self.make_env(config))
 
   # --- Benchmarks (benchmarks/rl_bench.py) ------------------------------------
 
@@ -180,8 +177,8 @@ class ReinforcementLearning(base.Task):
 
   def loop_setup(self, config, model, mesh):
     """(init, iteration, abstract runner): the loop's jitted pieces on `mesh`."""
-    _, init, iteration, abstract, _ = _setup(config, model, self.make_env(config), mesh)
-    return init, iteration, abstract
+    jitted = _Jitted(config, model, self.make_env(config), mesh)
+    return jitted.init, jitted.iteration, jitted.abstract
 
   def env_steps_per_iteration(self, config) -> int:
     return ppo.steps_per_iteration(config)
@@ -249,41 +246,23 @@ def runner_shardings(abstract_runner, mesh):
   return shardings.replace(**per_env)
 
 
-class _Window:
-  """Iteration metrics since the last log: summed on the host, logged as means."""
+class EpisodeSummary:
+  """Iteration metrics of a log window: means of the losses, episode returns,
+  lengths (and success) over the episodes that ended in it, environment steps
+  per second."""
 
-  def __init__(self, config, writer, progress, checkpointer, goal: bool):
-    self.config, self.writer, self.progress, self.checkpointer = config, writer, progress, checkpointer
-    self.goal = goal
-    self.steps_per_iteration = ppo.steps_per_iteration(config)
-    self._reset()
+  def __init__(self, steps_per_iteration: int, goal: bool):
+    self.steps_per_iteration, self.goal = steps_per_iteration, goal
+    self.sums, self.count = {}, 0
     self.last_return = None
 
-  def _reset(self):
-    self.sums, self.count = {}, 0
-    self.start = time.perf_counter()
-
-  def consume(self, step: int, metrics, flush: bool = False):
-    metrics = jax.device_get(metrics)
-    if not metrics['finite']:
-      latest = self.checkpointer.latest_step()
-      kept = f'the newest checkpoint is step {latest}' if latest is not None else 'no checkpoint was saved yet'
-      raise train_lib.NonFiniteError(
-          f'non-finite PPO loss or gradient at iteration {step + 1}; its updates were not '
-          f'applied and nothing non-finite was saved: {kept} in {self.checkpointer.directory}'
-      )
+  def add(self, metrics: dict) -> None:
     for key, value in metrics.items():
-      if key != 'finite':
-        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+      self.sums[key] = self.sums.get(key, 0.0) + float(value)
     self.count += 1
-    done = step + 1
-    self.progress.update(1)
-    if done % self.config.log_every and not flush:
-      return
-    elapsed = time.perf_counter() - self.start
-    scalars = {
-        k: v / self.count for k, v in self.sums.items() if not k.startswith('episodes/')
-    }
+
+  def flush(self, done: int, seconds: float):
+    scalars = {k: v / self.count for k, v in self.sums.items() if not k.startswith('episodes/')}
     episodes = self.sums.get('episodes/episodes', 0.0)
     scalars['episodes/count'] = episodes
     if episodes:
@@ -292,62 +271,68 @@ class _Window:
       if self.goal:
         scalars['episodes/success'] = self.sums['episodes/success'] / episodes
       self.last_return = scalars['episodes/return']
-    scalars['train/sps'] = self.count * self.steps_per_iteration / max(elapsed, 1e-9)
+    scalars['train/sps'] = self.count * self.steps_per_iteration / max(seconds, 1e-9)
     scalars['train/global_step'] = done * self.steps_per_iteration
-    self.writer.write(done, scalars)
     postfix = {'loss': f"{scalars['train/loss']:.3f}"}
     if self.last_return is not None:
       postfix['return'] = f'{self.last_return:.1f}'
     postfix['sps'] = f"{scalars['train/sps']:.0f}"
-    self.progress.set_postfix(postfix, refresh=False)
-    self._reset()
+    self.sums, self.count = {}, 0
+    return scalars, postfix
 
 
-def train_and_evaluate(config, workdir: str, agent):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the runner."""
-  started = time.perf_counter()
-  env = ReinforcementLearning().make_env(config)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    workdir = workdir_lib.prepare(workdir)
-    with workdir_lib.Lock(workdir, jax.process_index()):
-      return _train(config, workdir, agent, env, mesh, started)
+class _Jitted:
+  """The PPO iteration and the runner's init, jitted in their shardings on a mesh."""
+
+  def __init__(self, config, agent, env, mesh):
+    self.tx = tx = ppo.make_optimizer(config)
+
+    def init():
+      return ppo.init_runner(config, agent, env, tx, jax.random.key(config.seed))
+
+    abstract = jax.eval_shape(init)
+    self.shardings = runner_shardings(abstract, mesh)
+    self.iteration = jax.jit(
+        sharding.under_rules(ppo.make_iteration(config, agent, env, tx)),
+        in_shardings=(self.shardings,),
+        out_shardings=(self.shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    self.abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings
+    )
+    self.init = jax.jit(init, out_shardings=self.shardings)
 
 
-def _setup(config, agent, env, mesh):
-  tx = ppo.make_optimizer(config)
+class EpisodeEvaluator:
+  """`eval_episodes` fresh episodes with sampled and with greedy actions;
+  `num_validation_envs` of the sampled ones drawn to plots/episode_<step>_<i>.gif."""
 
-  def init():
-    return ppo.init_runner(config, agent, env, tx, jax.random.key(config.seed))
+  def __init__(self, config, agent, env, plot_dir: str, started: float):
+    self.config, self.env, self.plot_dir, self.started = config, env, plot_dir, started
+    episodes = config.eval_episodes
 
-  abstract = jax.eval_shape(init)
-  shardings = runner_shardings(abstract, mesh)
-  replicated = sharding.replicated(mesh)
-  iteration = jax.jit(
-      train_lib.under_rules(ppo.make_iteration(config, agent, env, tx)),
-      in_shardings=(shardings,),
-      out_shardings=(shardings, replicated),
-      donate_argnums=0,
-  )
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
-  return tx, jax.jit(init, out_shardings=shardings), iteration, abstract, shardings
+    @jax.jit
+    def play(params, step):
+      key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+      sums, record = ppo.evaluate(config, agent, env, params, key, episodes, config.num_validation_envs)
+      greedy, _ = ppo.evaluate(config, agent, env, params, key, episodes, greedy=True)
+      scalars = {k: v.mean() for k, v in sums.items()}
+      scalars.update({f'greedy_{k}': v.mean() for k, v in greedy.items()})
+      return scalars, record
 
+    self.play = play
 
-def _evaluator(config, agent, env):
-  episodes = config.eval_episodes
-
-  @jax.jit
-  def run(params, step):
-    key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-    sums, record = ppo.evaluate(config, agent, env, params, key, episodes, config.num_validation_envs)
-    greedy, _ = ppo.evaluate(config, agent, env, params, key, episodes, greedy=True)
-    scalars = {k: v.mean() for k, v in sums.items()}
-    scalars.update({f'greedy_{k}': v.mean() for k, v in greedy.items()})
-    return scalars, record
-
-  return run
+  def run(self, state, step: int) -> dict[str, float]:
+    scalars, record = self.play(state.params, step)
+    scalars = {f'eval/{k}': float(v) for k, v in jax.device_get(scalars).items()}
+    scalars['eval/elapsed_s'] = time.perf_counter() - self.started  # compile included
+    if not getattr(self.env, 'goal', False):
+      scalars.pop('eval/success'), scalars.pop('eval/greedy_success')
+    logging.info('Iteration %d: %s', step, scalars)
+    if jax.process_index() == 0 and self.config.num_validation_envs:
+      _draw_episodes(self.env, record, os.path.join(self.plot_dir, f'episode_{step}'))
+    return scalars
 
 
 def _draw_episodes(env, record, path_prefix):
@@ -374,111 +359,44 @@ def _draw_episodes(env, record, path_prefix):
   return paths
 
 
-def _train(config, workdir, agent, env, mesh, started):
-  is_chief = jax.process_index() == 0
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-  total = ppo.iterations(config)
-  try:
-    latest = checkpointer.latest_step()
-    resuming = latest is not None
-    if resuming and latest > total:
-      raise validation.UsageError(
+class PPOTraining:
+  """PPO as a program of the training loop: a step is one rollout and its
+  updates, the state the whole runner (parameters, optimiser, environments
+  mid-episode, carried agent state, reward statistics, RNG), so a killed run
+  resumes bit for bit; the step makes its own data."""
+
+  def __init__(self, config, agent, env):
+    self.config, self.agent, self.env = config, agent, env
+
+  def program(self, mesh, plot_dir: str, started: float) -> program_lib.Program:
+    config, agent, env = self.config, self.agent, self.env
+    jitted = _Jitted(config, agent, env, mesh)
+    per_iteration = ppo.steps_per_iteration(config)
+
+    def beyond_total(latest, workdir):
+      return (
           f'config.total_timesteps={config.total_timesteps}: {workdir} already holds a '
-          f'checkpoint at iteration {latest} of {ppo.steps_per_iteration(config)} steps; '
+          f'checkpoint at iteration {latest} of {per_iteration} steps; '
           'pass a larger total_timesteps to continue it, or another --workdir'
       )
-    checkpoint_lib.check_config(workdir, config, resuming, ReinforcementLearning.identity_keys)
-    has_config = os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_FILE))
-    tx, init, iteration, abstract, shardings = _setup(config, agent, env, mesh)
-    restored = checkpointer.restore_latest(abstract, None, has_config)
-    if restored is not None:
-      runner, how = restored[0], 'resumed'
-      logging.info('Resumed from %s/%d', checkpointer.directory, restored[1])
-    else:
-      runner, how = init(), 'fresh'
-      if config.init_from:
-        from ctm_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
 
-        _, variables, _ = torch_interop.load_imported(config.init_from)
-        runner = jax.device_put(
-            runner.replace(params=variables['params'], opt_state=tx.init(variables['params'])),
-            shardings,
-        )
-        how = f'initialised from {config.init_from}'
-    config_path = checkpoint_lib.write_config(workdir, config)
-    start = int(runner.step)
-    writer = writers.MetricWriter(workdir, resume_step=start)
-    evaluate = _evaluator(config, agent, env)
-  except BaseException:
-    checkpointer.close()
-    raise
-  plot_dir = os.path.join(workdir, 'plots')
-  if is_chief:
-    os.makedirs(plot_dir, exist_ok=True)
-  logging.info(
-      'Run rl on %s (%s at iteration %d of %d, %d environments x %d steps each) on mesh %s. '
-      'Workdir %s: config %s, checkpoints %s, metrics %s, plots %s',
-      config.env_id, how, start, total, config.num_envs, config.num_steps, dict(mesh.shape),
-      workdir, config_path, checkpointer.directory, writer.jsonl_path, plot_dir,
-  )
-  progress = tqdm.tqdm(total=total, initial=start, unit='it', dynamic_ncols=True, disable=not is_chief)
-  window = _Window(config, writer, progress, checkpointer, getattr(env, 'goal', False))
-  cadence = train_lib.Cadence(config.save_every, config.track_every, total)
-  pending = None
-  try:
-    with _Stop() as stop:
-      for step in range(start, total):
-        runner, metrics = iteration(runner)
-        done = step + 1
-        if pending is not None:
-          window.consume(*pending)
-        pending = (step, metrics)
-        stopping = stop.requested()
-        saves, evals = cadence.saves(done), cadence.evals(done)
-        if saves or evals or stopping:
-          window.consume(*pending, flush=bool(stopping))
-          pending = None
-        if evals:
-          scalars, record = evaluate(runner.params, done)
-          scalars = {f'eval/{k}': float(v) for k, v in jax.device_get(scalars).items()}
-          scalars['eval/elapsed_s'] = time.perf_counter() - started  # compile included
-          if not getattr(env, 'goal', False):
-            scalars.pop('eval/success'), scalars.pop('eval/greedy_success')
-          writer.write(done, scalars)
-          logging.info('Iteration %d: %s', done, scalars)
-          if is_chief and config.num_validation_envs:
-            _draw_episodes(env, record, os.path.join(plot_dir, f'episode_{done}'))
-        if saves or stopping:
-          checkpointer.save(done, runner, None)
-        elif done % config.log_every == 0:
-          checkpointer.check()
-        if stopping:
-          logging.info('%s: checkpointed iteration %d, exiting', stopping, done)
-          break
-      if pending is not None:
-        window.consume(*pending)
-  finally:
-    progress.close()
-    try:
-      checkpointer.wait()
-    finally:
-      checkpointer.close()
-      writer.close()
-  logging.info('Done in %.0f s', time.perf_counter() - started)
-  return runner
+    def with_weights(runner, variables):
+      return runner.replace(params=variables['params'], opt_state=jitted.tx.init(variables['params']))
 
-
-class _Stop(train_lib._StopRequest):  # pylint: disable=protected-access
-  """SIGTERM / SIGINT: checkpoint and leave after the current iteration; in a
-  multi-process run every process learns of any one's signal (a tiny
-  all-gather per iteration) so that all save the same iteration."""
-
-  def requested(self) -> str | None:
-    if jax.process_count() == 1:
-      return self.signal
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    flags = multihost_utils.process_allgather(np.array(self.signal is not None))
-    if np.any(flags):
-      return self.signal or 'a stop on another process'
-    return None
+    return program_lib.Program(
+        describe=(f'rl on {config.env_id} ({config.num_envs} environments x '
+                  f'{config.num_steps} steps each)'),
+        unit='iteration',
+        total=ppo.iterations(config),
+        beyond_total=beyond_total,
+        mesh=mesh,
+        abstract_state=jitted.abstract,
+        state_shardings=jitted.shardings,
+        init=jitted.init,
+        step=jitted.iteration,
+        batches=None,
+        summary=EpisodeSummary(per_iteration, getattr(env, 'goal', False)),
+        watched=('train/loss', 'train/grad_norm'),
+        evaluators=[EpisodeEvaluator(config, agent, env, plot_dir, started)],
+        with_weights=with_weights,
+    )

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from ctm_jax import sharding
-from ctm_jax import train
+from ctm_jax import supervised
 from ctm_jax import validation
 from ctm_jax.tools import flops as flops_lib
 
@@ -51,7 +51,7 @@ def check(config, num_devices: int) -> dict:
     raise ValueError(f'--num_devices={num_devices}: only {len(devices)} devices were created')
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   with jax.set_mesh(mesh):
-    run = train.setup(config, model, task, mesh)
+    run = supervised.setup(config, model, task, mesh)
     batch = {
         name: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype, sharding=run.batch_sharding)
         for name, (shape, dtype) in task.record_spec(config).items()
@@ -64,7 +64,7 @@ def check(config, num_devices: int) -> dict:
       variant = config.copy_and_resolve_references()
       variant.model.update(iterations=ticks, unroll=unroll)
       _, variant_model = validation.validate(variant, num_devices=num_devices)
-      short = train.setup(variant, variant_model, task, mesh)
+      short = supervised.setup(variant, variant_model, task, mesh)
       return short.train_step.lower(short.abstract_state, batch)
 
     flops = flops_lib.tick_scaled_flops(lower, config.model.iterations)

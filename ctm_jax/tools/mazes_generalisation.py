@@ -9,7 +9,7 @@ the goal. A move into a wall is skipped and counted as a mistake; more than
 
 Run on a trained (or imported) maze workdir:
 
-  python -m ctm_jax.tasks.mazes_generalisation --workdir=runs/mazes_small \\
+  python -m ctm_jax.tools.mazes_generalisation --workdir=runs/mazes_small \\
       --sizes=11,21,31 --count=200 --max_reapplications=20
 
 It prints a table per maze size (solve rate, mean re-applications, route
@@ -20,7 +20,6 @@ in its own colour) under `--out` (default `<workdir>/generalisation`).
 Dimension glossary: B batch, H, W pixels, R route length, T ticks.
 """
 
-import dataclasses
 import json
 import os
 
@@ -32,58 +31,6 @@ from ctm_jax import validation
 from ctm_jax.data import mazes
 
 MOVES = 5  # up, down, left, right, wait
-
-
-@dataclasses.dataclass
-class Maze:
-  free_HxW: np.ndarray  # bool
-  start: tuple[int, int]
-  goal: tuple[int, int]
-  length: int  # moves of the shortest route
-
-  @classmethod
-  def from_image(cls, image_HxWx3):
-    """From a reference-format picture (the blue path, if any, is ignored)."""
-    image_HxWx3 = np.asarray(image_HxWx3, np.float32)
-    start = np.argwhere(np.all(image_HxWx3 == mazes.START, axis=-1))
-    goal = np.argwhere(np.all(image_HxWx3 == mazes.GOAL, axis=-1))
-    if not len(start) or not len(goal):
-      raise ValueError('no start (red) or goal (green) pixel in the maze picture')
-    free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
-    start, goal = tuple(int(v) for v in start[0]), tuple(int(v) for v in goal[0])
-    length = len(mazes.shortest_path(free_HxW, start, goal)) - 1
-    return cls(free_HxW, start, goal, length)
-
-  def picture(self, start) -> np.ndarray:
-    """The model's view with the start at `start`: float32 (H, W, 3) in [0, 1]."""
-    image_HxWx3 = np.where(self.free_HxW[..., None], np.float32(1), np.float32(0)).repeat(3, -1)
-    image_HxWx3[start] = mazes.START
-    image_HxWx3[self.goal] = mazes.GOAL
-    return image_HxWx3
-
-
-def walk(free_HxW, start, goal, route_R, fault_tolerance: int = 2):
-  """Follows `route_R` from `start`. Returns (reached the goal, pixels visited
-  from `start` on). Wait moves stay put; a move off the picture or into a wall
-  is skipped as a mistake, and the walk ends after `fault_tolerance` of them."""
-  height, width = free_HxW.shape
-  y, x = start
-  visited = [(y, x)]
-  mistakes = 0
-  for move in np.asarray(route_R).tolist():
-    if move >= len(mazes._MOVES):  # pylint: disable=protected-access
-      continue
-    dy, dx = mazes._MOVES[move]  # pylint: disable=protected-access
-    if not (0 <= y + dy < height and 0 <= x + dx < width and free_HxW[y + dy, x + dx]):
-      mistakes += 1
-      if mistakes > fault_tolerance:
-        break
-      continue
-    y, x = y + dy, x + dx
-    visited.append((y, x))
-    if (y, x) == tuple(goal):
-      return True, visited
-  return False, visited
 
 
 def make_predict(model, variables, expand_range: bool):
@@ -124,7 +71,7 @@ def solve(predict, maze_list, max_reapplications: int, batch_size: int = 64, fau
       routes_BxR = predict(images)
       for row, i in enumerate(chunk):
         maze = maze_list[i]
-        reached, visited = walk(maze.free_HxW, starts[i], maze.goal, routes_BxR[row], fault_tolerance)
+        reached, visited = mazes.walk(maze.free_HxW, starts[i], maze.goal, routes_BxR[row], fault_tolerance)
         results[i]['applications'] += 1
         results[i]['walks'].append(visited)
         if reached:
@@ -166,7 +113,7 @@ def summary(maze_list, results, route_length: int) -> dict:
   }
 
 
-def route_picture(maze: Maze, walks, path: str, scale: int = 8) -> str:
+def route_picture(maze: mazes.Maze, walks, path: str, scale: int = 8) -> str:
   """The maze with each application's walk in its own colour (start red, goal green)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -184,15 +131,15 @@ def route_picture(maze: Maze, walks, path: str, scale: int = 8) -> str:
   return path
 
 
-def load_mazes(size: int, count: int, seed: int, data_dir: str = '') -> list[Maze]:
+def load_mazes(size: int, count: int, seed: int, data_dir: str = '') -> list[mazes.Maze]:
   """`count` held-out mazes: generated at `size` pixels, or the first of a
   reference-format folder's test split (`data_dir`)."""
   if data_dir:
     folder = mazes.MazeFolder(data_dir, 'test', route_length=1)
-    return [Maze.from_image(folder[i]['image']) for i in range(min(count, len(folder)))]
+    return [mazes.Maze.from_image(folder[i]['image']) for i in range(min(count, len(folder)))]
   # The held-out stream: a seed other than the run's gives mazes it never evaluated on.
   source = mazes.GeneratedMazes(size, 1, seed, count, 'test')
-  return [Maze.from_image(source[i]['image']) for i in range(count)]
+  return [mazes.Maze.from_image(source[i]['image']) for i in range(count)]
 
 
 def format_table(rows) -> str:
