@@ -155,7 +155,7 @@ def format_rows(rows, summary) -> str:
 
 def _run(values):
   if not values.input:
-    raise validation.UsageError('--input is empty: give a file (or, for parity, the bits)')
+    raise validation.UsageError('--input is empty: give a file (or, for a task that reads text, the text itself)')
   if os.path.isdir(values.input):
     if values.gif:
       raise validation.UsageError(f'--gif={values.gif}: one input at a time; give --input a file')
@@ -183,7 +183,7 @@ def run():
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string('workdir', None, 'A training run, an exported artefact or an import.', required=True)
-  flags.DEFINE_string('input', None, 'The input file (parity: or the bits), or a folder to serve.', required=True)
+  flags.DEFINE_string('input', None, 'The input file (or, for a task that reads text, the text itself), or a folder to serve.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step of a training run (default: the newest).')
   flags.DEFINE_float('threshold', None, 'Mark the tick where early exit at this certainty stops.')
   flags.DEFINE_integer('max_ticks', None, 'Ticks to run (default: as trained; more allowed).')

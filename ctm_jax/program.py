@@ -8,7 +8,7 @@ how a batch is made (or that the step makes its own, as a PPO rollout does),
 the jitted step, how its metrics are summarised, and its evaluators.
 
 Supervised tasks get theirs from ctm_jax/supervised.py; a task that trains
-otherwise (RL) builds its own from the same parts.
+otherwise (environments instead of a dataset) builds its own from the same parts.
 """
 
 import dataclasses
@@ -44,7 +44,7 @@ class Evaluator(Protocol):
 class Program:
   """One run's training, as the loop runs it."""
 
-  describe: str  # the run in the start log line, e.g. 'parity' or 'rl on CartPole-v1 (...)'
+  describe: str  # the run in the start log line: the task's name, its environment, ...
   unit: str  # what a step is called in messages and the progress bar: 'step', 'iteration'
   total: int  # the run ends after this many steps
   # (latest checkpointed step beyond `total`, workdir) -> the UsageError naming the field to raise.

@@ -1,4 +1,4 @@
-"""PPO on device (ctm_jax/tasks/ppo.py), the JAX environments against
+"""PPO on device (ctm_jax/tasks/rl/ppo.py), the JAX environments against
 gymnasium's, and the RL loop: trains, checkpoints, resumes bit for bit."""
 
 import json
@@ -18,7 +18,7 @@ from ctm_jax import validation
 from ctm_jax.configs import rl as rl_configs
 from ctm_jax.data import envs as envs_lib
 from ctm_jax.models import agent as agent_lib
-from ctm_jax.tasks import ppo
+from ctm_jax.tasks.rl import ppo
 
 
 def _hyper(**overrides):

@@ -318,7 +318,7 @@ def _private_attributes(path, shared_aliases):
 
 def test_tasks_hold_no_loop_plumbing_and_no_private_names_of_shared_modules():
   offenders = []
-  for path in sorted((REPO / 'ctm_jax' / 'tasks').glob('*.py')):
+  for path in sorted((REPO / 'ctm_jax' / 'tasks').rglob('*.py')):
     relative = path.relative_to(REPO).as_posix()
     tree = ast.parse(path.read_text())
     aliases = {}

@@ -102,7 +102,7 @@ def draw_route_gif(inputs_HxWx3, expand_range, attention_Txhxw, tracked, path, t
   """The route gif of one maze as the model read it, from its `route_arrays` row."""
   image_HxWx3 = (inputs_HxWx3 + 1) / 2 if expand_range else inputs_HxWx3
   start = np.argwhere(np.all(image_HxWx3 == np.array(maze_data.START), axis=-1))[0]
-  return plots.route_gif(
+  return route_gif(
       image_HxWx3,
       attention_Txhxw,
       tracked['routes_BxTxR'],
@@ -276,3 +276,61 @@ class Maze(base.Task):
         'prediction_reshaper': [route, MOVES],
         'dropout_nlm': args.get('dropout_nlm'),
     }
+
+
+# ---------------------------------------------------------------------------
+# The task's picture.
+
+
+def route_gif(
+    image_HxWx3,
+    attention_Txhxw,
+    routes_TxR,
+    certainty_T,
+    start,
+    path,
+    moves=((-1, 0), (1, 0), (0, -1), (0, 1)),
+    title: str = '',
+    frame_ms: int = 200,
+) -> str:
+  """One frame per tick: the maze under the head-averaged attention map, and the
+  route predicted at that tick walked from `start` (moves beyond `moves` wait;
+  the walk stops at the first wall, marked with a cross)."""
+  image_HxWx3 = np.clip(np.asarray(image_HxWx3, np.float32), 0, 1)
+  height, width = image_HxWx3.shape[:2]
+  free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
+  fig, ax = plots.subplots(figsize=(3.6, 3.9), dpi=80)
+  ax.imshow(image_HxWx3, interpolation='nearest')
+  overlay = ax.imshow(
+      attention_Txhxw[0],
+      cmap='inferno',
+      alpha=0.45,
+      interpolation='bilinear',
+      extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+  )
+  (line,) = ax.plot([], [], color='tab:cyan', linewidth=2)
+  (cross,) = ax.plot([], [], 'x', color='tab:red', markersize=9, markeredgewidth=2)
+  ax.set_axis_off()
+  heading = fig.suptitle('', fontsize=8)
+  fig.tight_layout(rect=(0, 0, 1, 0.92))
+  frames = []
+  for t in range(len(routes_TxR)):
+    overlay.set_data(attention_Txhxw[t])
+    overlay.set_clim(float(np.min(attention_Txhxw[t])), float(np.max(attention_Txhxw[t])))
+    y, x = start
+    ys, xs, blocked = [y], [x], None
+    for move in routes_TxR[t]:
+      if move >= len(moves):
+        continue  # wait
+      dy, dx = moves[move]
+      if not (0 <= y + dy < height and 0 <= x + dx < width and free_HxW[y + dy, x + dx]):
+        blocked = (y + dy, x + dx)
+        break
+      y, x = y + dy, x + dx
+      ys.append(y)
+      xs.append(x)
+    line.set_data(xs, ys)
+    cross.set_data([blocked[1]] if blocked else [], [blocked[0]] if blocked else [])
+    heading.set_text(f'{title}tick {t + 1}/{len(routes_TxR)}, certainty {float(certainty_T[t]):.3f}')
+    frames.append(plots.frame(fig))
+  return plots.save_gif(frames, path, frame_ms)

@@ -133,7 +133,7 @@ class Parity(base.Task):
   def prediction_gif(self, config, model, variables, batch, path):
     output = jax.jit(lambda v, x: model.apply(v, x, track=True))(variables, batch['inputs'])
     predictions_LxT = np.asarray(output.predictions[0]).reshape(-1, 2, output.predictions.shape[-1])
-    return plots.parity_gif(
+    return parity_gif(
         np.asarray(batch['inputs'][0]),
         np.asarray(evaluators.head_mean_attention(output)[0]),
         predictions_LxT.argmax(1).T,
@@ -154,3 +154,66 @@ class Parity(base.Task):
     if args.get(self.reference_model_field) == 'lstm':
       kwargs['num_layers'] = 1
     return kwargs
+
+
+# ---------------------------------------------------------------------------
+# The task's picture.
+
+
+def grid_shape(length: int) -> tuple[int, int]:
+  """(rows, cols) of the most nearly square grid holding `length` cells exactly."""
+  rows = max(r for r in range(1, int(np.sqrt(length)) + 1) if length % r == 0)
+  return rows, length // rows
+
+
+def parity_gif(
+    inputs_L,
+    attention_TxN,
+    bits_TxL,
+    targets_L,
+    certainty_T,
+    path,
+    title: str = '',
+    frame_ms: int = 200,
+) -> str:
+  """One frame per tick, the sequence laid out row by row: the input (white +1,
+  black -1) under the head-averaged attention, and the cumulative parity the
+  model answers at that tick (green right, red wrong; a dot marks a 1)."""
+  length = len(inputs_L)
+  rows, cols = grid_shape(length)
+  fig, (ax_in, ax_out) = plots.subplots(1, 2, figsize=(6, 3.4), dpi=80)
+  ax_in.imshow((np.asarray(inputs_L) > 0).reshape(rows, cols), cmap='gray', vmin=0, vmax=1)
+  on_grid = np.shape(attention_TxN)[1] == length
+  overlay = ax_in.imshow(
+      np.asarray(attention_TxN[0]).reshape(rows, cols) if on_grid else np.zeros((rows, cols)),
+      cmap='inferno',
+      alpha=0.55,
+  )
+  ys, xs = np.divmod(np.arange(length), cols)
+  for y, x, value in zip(ys, xs, np.asarray(inputs_L)):  # the input stays readable under the map
+    ax_in.text(x, y, '+' if value > 0 else '-', ha='center', va='center', color='cyan', fontsize=12)
+  ax_in.set_title('input (+1 / -1), attention', fontsize=8)
+  answer = ax_out.imshow(np.zeros((rows, cols, 3)))
+  (dots,) = ax_out.plot([], [], 'o', color='black', markersize=4)
+  ax_out.set_title('cumulative parity answered', fontsize=8)
+  for ax in (ax_in, ax_out):
+    ax.set_axis_off()
+  heading = fig.suptitle('', fontsize=9)
+  fig.tight_layout(rect=(0, 0, 1, 0.9))
+  right_rgb, wrong_rgb = np.array([0.3, 0.75, 0.3]), np.array([0.85, 0.25, 0.25])
+  frames = []
+  for t in range(len(bits_TxL)):
+    if on_grid:
+      grid = np.asarray(attention_TxN[t]).reshape(rows, cols)
+      overlay.set_data(grid)
+      overlay.set_clim(float(grid.min()), float(grid.max()))
+    right_L = bits_TxL[t] == targets_L
+    answer.set_data(np.where(right_L[:, None], right_rgb, wrong_rgb).reshape(rows, cols, 3))
+    ones = bits_TxL[t] == 1
+    dots.set_data(xs[ones], ys[ones])
+    heading.set_text(
+        f'{title}tick {t + 1}/{len(bits_TxL)}, certainty {float(certainty_T[t]):.3f}, '
+        f'{int(right_L.sum())}/{length} right'
+    )
+    frames.append(plots.frame(fig))
+  return plots.save_gif(frames, path, frame_ms)

@@ -74,7 +74,7 @@ def draw_question(model, record, probs_TxC, certainty_T, attention_TxN, path, an
   ticks, shown, phase_T = tick_frames(model, record)
   side = int(round(np.sqrt(attention_TxN.shape[-1])))
   attention = [attention_TxN[t].reshape(side, side) if phase_T[t] == qa_model.PHASE_DIGIT else None for t in ticks]
-  return plots.question_gif(
+  return question_gif(
       shown,
       attention,
       np.asarray(probs_TxC)[ticks],
@@ -360,3 +360,64 @@ class QAMNIST(base.Task):
       kwargs.update(backbone_type='none', positional_embedding_type='none', num_layers=1)
     return kwargs
 
+
+# ---------------------------------------------------------------------------
+# The task's picture.
+
+
+def question_gif(
+    frames_in,
+    attention_Txhxw,
+    probs_TxC,
+    certainty_T,
+    path,
+    answer: int | None = None,
+    question: str = '',
+    title: str = '',
+    frame_ms: int = 250,
+) -> str:
+  """One frame per tick of an input that arrives over the ticks (Q&A-MNIST):
+  left, what this tick shows (`frames_in[t]`: an (H, W, C) image, drawn under
+  the head-averaged attention `attention_Txhxw[t]` where that is not None, or
+  a text such as an operator), right, the probability of every answer (the
+  right one green) and the certainty; the question above."""
+  ticks, classes = np.shape(probs_TxC)
+  fig, (ax_in, ax_probs) = plots.subplots(1, 2, figsize=(6.4, 3.4), dpi=80)
+  image = ax_in.imshow(np.zeros((2, 2)), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+  overlay = ax_in.imshow(np.zeros((2, 2)), cmap='inferno', alpha=0.0, interpolation='bilinear')
+  label = ax_in.text(0.5, 0.5, '', ha='center', va='center', fontsize=26, transform=ax_in.transAxes, color='black')
+  ax_in.set_axis_off()
+  bars = ax_probs.bar(np.arange(classes), probs_TxC[0], color='tab:blue')
+  ax_probs.set_ylim(0, 1)
+  ax_probs.set_xticks(np.arange(classes))
+  ax_probs.set_ylabel('probability')
+  heading = fig.suptitle('', fontsize=8)
+  fig.tight_layout(rect=(0, 0, 1, 0.82))
+  frames = []
+  for t in range(ticks):
+    shown = frames_in[t]
+    if isinstance(shown, str):
+      image.set_data(np.ones((2, 2)))
+      overlay.set_alpha(0.0)
+      label.set_text(shown)
+    else:
+      height, width = np.shape(shown)[:2]
+      image.set_data(plots.unit_range(shown))
+      image.set_extent((-0.5, width - 0.5, height - 0.5, -0.5))
+      label.set_text('')
+      if attention_Txhxw[t] is None:
+        overlay.set_alpha(0.0)
+      else:
+        overlay.set_data(attention_Txhxw[t])
+        overlay.set_extent((-0.5, width - 0.5, height - 0.5, -0.5))
+        overlay.set_clim(float(np.min(attention_Txhxw[t])), float(np.max(attention_Txhxw[t])))
+        overlay.set_alpha(0.55)
+    for c, bar in enumerate(bars):
+      bar.set_height(float(probs_TxC[t, c]))
+      bar.set_color('tab:green' if c == answer else 'tab:blue')
+    truth = '' if answer is None else f', answer {answer}'
+    heading.set_text(
+        f'{question}\n{title}tick {t + 1}/{ticks}, certainty {float(certainty_T[t]):.3f}{truth}'
+    )
+    frames.append(plots.frame(fig))
+  return plots.save_gif(frames, path, frame_ms)

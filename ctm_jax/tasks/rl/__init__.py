@@ -2,7 +2,7 @@
 agent on partially observed control and navigation (the reference's tasks/rl).
 
 No dataset: the task's program (`PPOTraining`, run by the one training loop
-of ctm_jax/train.py) steps a jitted PPO iteration (ctm_jax/tasks/ppo.py) of
+of ctm_jax/train.py) steps a jitted PPO iteration (ctm_jax/tasks/rl/ppo.py) of
 the agent (ctm_jax/models/agent.py) on environments (ctm_jax/data/envs.py)
 held in the state: parameters, optimiser, environments mid-episode, carried
 agent state, reward statistics and RNG are checkpointed together, so a killed
@@ -27,7 +27,10 @@ import time
 
 from absl import logging
 import jax
+from matplotlib import colormaps
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
 from ctm_jax import extras
 from ctm_jax import program as program_lib
@@ -36,7 +39,7 @@ from ctm_jax.analysis import plots
 from ctm_jax.data import envs as envs_lib
 from ctm_jax.models import agent as agent_lib
 from ctm_jax.tasks import base
-from ctm_jax.tasks import ppo
+from ctm_jax.tasks.rl import ppo
 
 # The supervised trainer's keys that RL configs carry too.
 RL_TRAINER_KEYS = frozenset(
@@ -346,7 +349,7 @@ def _draw_episodes(env, record, path_prefix):
         env.render(jax.tree.map(lambda x, s=s: x[s, i], record['env_state'])) for s in range(steps)
     ])
     paths.append(
-        plots.episode_gif(
+        episode_gif(
             frames,
             np.asarray(record['post_activations'][:steps, :, i], np.float32),
             np.asarray(record['probs'][:steps, i]),
@@ -400,3 +403,52 @@ class PPOTraining:
         evaluators=[EpisodeEvaluator(config, agent, env, plot_dir, started)],
         with_weights=with_weights,
     )
+
+
+# ---------------------------------------------------------------------------
+# The task's picture.
+
+
+def episode_gif(
+    frames_SxHxWx3, post_SxTxD, probs_SxA, values_S, actions_S, path, action_names=None,
+    max_neurons: int = 64, frame_ms: int = 60,
+) -> str:
+  """An agent's episode, one frame per environment step: the environment,
+  the post-activations of up to `max_neurons` neurons over every tick so far
+  (neurons down, ticks across, blue negative, red positive), and the action
+  probabilities with the chosen one marked and the value.
+
+  S steps, T ticks per step, D neurons, A actions.
+  """
+  steps, ticks, neurons = post_SxTxD.shape
+  if frames_SxHxWx3.shape[1] > 192:  # MiniGrid's full-grid frames: shrink for a small gif
+    frames_SxHxWx3 = np.stack(
+        [np.asarray(Image.fromarray(np.asarray(f, np.uint8)).resize((192, 192), Image.BILINEAR)) for f in frames_SxHxWx3]
+    )
+  shown = min(neurons, max_neurons)
+  activity_DxST = post_SxTxD[:, :, :shown].reshape(steps * ticks, shown).T
+  scale = float(np.abs(activity_DxST).max()) or 1.0
+  colours = colormaps['seismic']((activity_DxST / scale + 1) / 2)[..., :3]
+  height = max(frames_SxHxWx3.shape[1], 160)
+  window = 100  # ticks shown: the newest
+  names = action_names or [str(a) for a in range(probs_SxA.shape[1])]
+  images = []
+  for s in range(steps):
+    canvas = Image.new('RGB', (frames_SxHxWx3.shape[2] + 360, height + 20), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.asarray(frames_SxHxWx3[s], np.uint8)), (0, 0))
+    x0 = frames_SxHxWx3.shape[2] + 10
+    end = (s + 1) * ticks
+    raster = colours[:, max(0, end - window):end]
+    raster_image = Image.fromarray((raster * 255).astype(np.uint8)).resize((200, height), Image.NEAREST)
+    canvas.paste(raster_image, (x0, 0))
+    draw = ImageDraw.Draw(canvas)
+    bar_x = x0 + 210
+    for a, p in enumerate(probs_SxA[s]):
+      y = 10 + a * 18
+      fill = (220, 60, 60) if a == int(actions_S[s]) else (90, 90, 200)
+      draw.rectangle([bar_x, y, bar_x + int(100 * float(p)), y + 12], fill=fill)
+      draw.text((bar_x + 104, y), names[a][:8], fill=(0, 0, 0))
+    draw.text((bar_x, height - 20), f'value {float(values_S[s]):.2f}', fill=(0, 0, 0))
+    draw.text((4, height + 4), f'step {s + 1}/{steps}', fill=(0, 0, 0))
+    images.append(canvas.quantize(method=Image.Quantize.FASTOCTREE))
+  return plots.save_gif(images, path, frame_ms)
