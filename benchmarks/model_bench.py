@@ -134,6 +134,7 @@ from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax import supervised
 from ctm_jax import validation
+from ctm_jax.models.ctm import COMPUTE_FIELDS
 from ctm_jax.models.ctm import REMAT_POLICIES
 from ctm_jax.tools import flops as flops_lib
 
@@ -282,8 +283,9 @@ def analytic_spec(config) -> dict:
 def reference_spec(config, task) -> dict:
   """What reference_adapter builds the reference's step from (JSON-able): the task
   name, the reference's loss function, our model's constructor kwargs and the
-  whole config (the trainer keys are the reference scripts' argparse names)."""
-  kwargs = task.model_kwargs(config)
+  whole config (the trainer keys are the reference scripts' argparse names).
+  Our compute options (ctm.COMPUTE_FIELDS), which the reference lacks, are left out."""
+  kwargs = {k: v for k, v in task.model_kwargs(config).items() if k not in COMPUTE_FIELDS}
   kwargs['prediction_reshaper'] = list(kwargs['prediction_reshaper'])
   loss = task.reference_loss or f'{task.name}_loss'
   return dict(task=config.task, loss=loss, model=kwargs, args=config.to_dict())

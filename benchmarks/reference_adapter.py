@@ -36,9 +36,6 @@ import time
 
 import numpy as np
 
-# Our model options that the reference constructor lacks: compute options,
-# which leave the model's function unchanged.
-JAX_ONLY_KEYS = ('dtype', 'remat', 'unroll', 'backbone_remat', 'deferred_grads')
 # Options of our baselines' that every config carries and the CTM ignores:
 # dropped where the reference constructor has no such argument.
 IGNORED_BY_CTM = ('num_layers',)
@@ -128,12 +125,13 @@ class Reference:
       return 'unknown'
 
   def model_kwargs(self, model_cfg):
-    """Our model config as the reference constructor's keyword arguments."""
+    """Our model config (without our compute options: model_bench.reference_spec)
+    as the reference constructor's keyword arguments."""
     params = inspect.signature(self.model_cls.__init__).parameters
     kwargs = {
         k: v
         for k, v in model_cfg.items()
-        if k not in JAX_ONLY_KEYS and (k in params or k not in IGNORED_BY_CTM)
+        if k in params or k not in IGNORED_BY_CTM
     }
     unknown = sorted(set(kwargs) - set(params))
     if unknown:

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ctm_jax import validation
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax.data import pipeline
 
 CONFIG_FILE = 'config.json'
@@ -25,13 +26,7 @@ CONFIG_FILE = 'config.json'
 _IDENTITY_KEYS = ('task', 'model', 'model_type')
 # Compute options: a run may resume with another dtype, remat policy or unroll,
 # and a workdir written before an option existed resumes with it.
-_COMPUTE_KEYS = (
-    'model.dtype',
-    'model.remat',
-    'model.backbone_remat',
-    'model.unroll',
-    'model.deferred_grads',
-)
+_COMPUTE_KEYS = tuple(f'model.{field}' for field in ctm_lib.COMPUTE_FIELDS)
 
 
 class IncompatibleWorkdir(validation.UsageError):

@@ -9,6 +9,7 @@ import sys
 import jax
 
 from ctm_jax import sharding
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import tasks as tasks_lib
 
 _POSITIVE_INTS = (
@@ -189,10 +190,6 @@ def _model_and_mesh(config, task, num_devices):
   return task, model
 
 
-# Options that change how the model computes, not its weights.
-_COMPUTE_FIELDS = ('dtype', 'remat', 'unroll', 'deferred_grads', 'backbone_remat')
-
-
 def _check_init_from(path, model):
   """config.init_from holds an import of this very model (weights aside)."""
   config_path = os.path.join(path, 'config.json')
@@ -215,7 +212,7 @@ def _check_init_from(path, model):
   names = [
       f.name
       for f in dataclasses.fields(model)
-      if f.name not in ('parent', 'name', *_COMPUTE_FIELDS) and f.init
+      if f.name not in ('parent', 'name', *ctm_lib.COMPUTE_FIELDS) and f.init
   ]
   changed = [
       f'{name} (imported {getattr(imported_model, name)!r}, configured {getattr(model, name)!r})'

@@ -312,7 +312,7 @@ def test_reference_spec_fits_the_reference_constructor_and_loss(name, deferred_g
 def test_reference_adapter_names_an_argument_the_reference_lacks():
   ref = _reference_with_ctm_signature()
   kwargs = dict.fromkeys(_REFERENCE_CTM_ARGS, 1)
-  assert set(ref.model_kwargs(dict(kwargs, num_layers=2, remat='full', prediction_reshaper=[-1])))
+  assert set(ref.model_kwargs(dict(kwargs, num_layers=2, prediction_reshaper=[-1])))
   with pytest.raises(TypeError, match='takes no .*synapse_width'):
     ref.model_kwargs(dict(kwargs, synapse_width=8))
   with pytest.raises(TypeError, match='lacks .*d_input'):

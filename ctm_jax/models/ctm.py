@@ -35,6 +35,9 @@ _NEURONS_MEMORY_BATCH = ('neurons', None, 'batch')
 # bf16 is an opt-in compute dtype; parameters and optimiser state stay float32.
 COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 DECAY_PARAM_NAMES = ('decay_params_action', 'decay_params_out')
+# Options that change how the model computes, not its function or its weights:
+# a run may resume, and an import or the reference may differ, in these.
+COMPUTE_FIELDS = ('dtype', 'remat', 'backbone_remat', 'unroll', 'deferred_grads')
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
