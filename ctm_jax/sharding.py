@@ -7,16 +7,20 @@ Mesh axes (`config.mesh`, sizes by name; -1 takes the devices left over):
   neuron  the D neurons are split: each device holds the NLM weights, the
           pre-activation traces and the start state of D / neuron neurons.
 
-Logical axes name what a dimension is; RULES map them onto mesh axes:
-  batch    -> (data, fsdp)
+Logical axes name what a dimension is. A parameter declares its own where it
+is created (`with_axes`: the NLMs' private weights and the start state along
+`neurons`); large kernels that declare none get `fsdp` on their largest
+dimension that splits evenly. `config.mesh.rules` maps logical axes onto mesh
+axes; DEFAULT_RULES:
+  batch    -> (data, fsdp)   (fixed: batches are split over both)
   neurons  -> neuron
   fsdp     -> fsdp
 
 Dimension glossary: B batch, D neurons, M memory length, H NLM hidden width.
 """
 
+import contextvars
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -27,27 +31,88 @@ import ml_collections
 
 MESH_AXES = ('data', 'fsdp', 'neuron')
 BATCH_AXES = ('data', 'fsdp')
-RULES = (('batch', BATCH_AXES), ('neurons', 'neuron'), ('fsdp', 'fsdp'))
+LOGICAL_AXES = ('batch', 'neurons', 'fsdp')
+DEFAULT_RULES = (('batch', BATCH_AXES), ('neurons', 'neuron'), ('fsdp', 'fsdp'))
 # Kernels with fewer elements stay replicated: gathering them costs more than they weigh.
 FSDP_MIN_SIZE = 2**14
-
-# Parameters on the neuron axis, by the end of their path: the NLMs' private
-# weights (w1 (I, H, D), b1 (1, D, H)) and the per-neuron start state.
-_NEURON_RULES = (
-    (re.compile(r'trace_processor[^/]*/w1$'), (None, None, 'neurons')),
-    (re.compile(r'trace_processor[^/]*/b1$'), (None, 'neurons', None)),
-    (re.compile(r'(^|/)start_trace$'), ('neurons', None)),
-    (re.compile(r'(^|/)start_activated_state$'), ('neurons',)),
-)
+# True while `declared_axes` traces an init: parameters then carry their axes.
+_DECLARING = contextvars.ContextVar('declaring_axes', default=False)
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'neuron': 1})
+  return ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'neuron': 1, 'rules': DEFAULT_RULES})
+
+
+def rules_of(mesh_config) -> tuple:
+  """config.mesh.rules as a tuple of (logical axis, mesh axes); DEFAULT_RULES
+  where a config (e.g. an older run's config.json) has none."""
+  rules = mesh_config.get('rules', None) if hasattr(mesh_config, 'get') else None
+  if rules is None:
+    return DEFAULT_RULES
+  return tuple(
+      (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules
+  )
+
+
+def check_rules(mesh_config) -> None:
+  """ValueError naming config.mesh.rules for a rule the mesh cannot honour."""
+  raw = mesh_config.get('rules', None)
+  if raw is None:
+    return
+  shown = f'config.mesh.rules={raw!r}'
+  if not isinstance(raw, (list, tuple)) or not all(
+      isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in raw
+  ):
+    raise ValueError(f'{shown}: expected pairs (logical axis, mesh axes), e.g. {DEFAULT_RULES!r}')
+  rules = rules_of(mesh_config)
+  names = [name for name, _ in rules]
+  for name, axes in rules:
+    if name not in LOGICAL_AXES:
+      raise ValueError(f'{shown}: unknown logical axis {name!r}; expected {", ".join(LOGICAL_AXES)}')
+    for axis in axes if isinstance(axes, tuple) else (axes,):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f'{shown}: {name!r} -> unknown mesh axis {axis!r}; expected {", ".join(MESH_AXES)}')
+  if len(set(names)) != len(names):
+    raise ValueError(f'{shown}: a logical axis appears twice')
+  if dict(rules).get('batch', BATCH_AXES) != BATCH_AXES:
+    raise ValueError(f"{shown}: 'batch' must map to {BATCH_AXES!r}: batches are split over both")
+
+
+def with_axes(init_fn, names: tuple):
+  """`init_fn` of a parameter whose dimensions are the logical axes `names`
+  (None: not split). Declared where the parameter is created, so a renamed
+  layer keeps them; read by `declared_axes`, invisible elsewhere (the
+  parameter is a plain array)."""
+
+  def init(*args, **kwargs):
+    value = init_fn(*args, **kwargs)
+    return nn.LogicallyPartitioned(value, tuple(names)) if _DECLARING.get() else value
+
+  return init
+
+
+def declared_axes(init_variables) -> dict[str, tuple]:
+  """{'params/<path>': logical axes} of the parameters that declare theirs
+  (`with_axes`), from a model's `init_variables()` (e.g. `lambda:
+  model.init(key, example)`), traced abstractly: nothing is computed."""
+  token = _DECLARING.set(True)
+  try:
+    # A fresh callable: eval_shape caches traces by function, and the boxed
+    # trace must neither come from nor go to a plain caller's cache entry.
+    boxed = jax.eval_shape(lambda: init_variables())  # pylint: disable=unnecessary-lambda
+  finally:
+    _DECLARING.reset(token)
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  return {
+      _path(path): tuple(leaf.names)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box)
+      if is_box(leaf)
+  }
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """Axis sizes with -1 resolved; ValueError naming `config.mesh.<axis>`."""
-  sizes = dict(mesh_config)
+  sizes = {k: v for k, v in dict(mesh_config).items() if k != 'rules'}
   unknown = sorted(set(sizes) - set(MESH_AXES))
   if unknown:
     raise ValueError(
@@ -98,8 +163,9 @@ def batch_shards(mesh_sizes: dict[str, int]) -> int:
 
 
 def validate(config, num_devices: int) -> dict[str, int]:
-  """Checks the mesh and the batch sizes against it, naming the field."""
+  """Checks the mesh, its rules and the batch sizes against it, naming the field."""
   sizes = mesh_shape(config.mesh, num_devices)
+  check_rules(config.mesh)
   shards = batch_shards(sizes)
   batch_fields = [f for f in ('batch_size', 'batch_size_test') if f in config]
   for field in batch_fields:
@@ -132,12 +198,12 @@ def _path(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
-def param_logical_axes(path: str, shape, fsdp_size: int, min_size: int | None = None):
-  """Logical axes of the parameter at `path` (a '/'-joined name) of `shape`."""
+def param_logical_axes(shape, fsdp_size: int, min_size: int | None = None, declared=None):
+  """Logical axes of a parameter of `shape`: those it `declared`, else `fsdp`
+  on a large kernel's largest evenly split dimension."""
   min_size = FSDP_MIN_SIZE if min_size is None else min_size
-  for pattern, axes in _NEURON_RULES:
-    if pattern.search(path) and len(axes) == len(shape):
-      return axes
+  if declared is not None and len(declared) == len(shape):
+    return tuple(declared)
   if fsdp_size > 1 and len(shape) >= 2 and math.prod(shape) >= min_size:
     # The largest dimension that splits evenly; ties go to the last (output) one.
     candidates = [i for i, n in enumerate(shape) if n % fsdp_size == 0]
@@ -147,18 +213,21 @@ def param_logical_axes(path: str, shape, fsdp_size: int, min_size: int | None = 
   return (None,) * len(shape)
 
 
-def _spec(logical_axes) -> P:
-  return nn.logical_to_mesh_axes(logical_axes, RULES)
+def _spec(logical_axes, rules=DEFAULT_RULES) -> P:
+  return nn.logical_to_mesh_axes(logical_axes, rules)
 
 
-def state_shardings(abstract_state, mesh: jax.sharding.Mesh, min_size: int | None = None):
-  """NamedShardings for every leaf of a TrainState.
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh, declared=None,
+                    rules=DEFAULT_RULES, min_size: int | None = None):
+  """NamedShardings for every leaf of a state with `params` and `opt_state`.
 
-  Parameters follow `param_logical_axes`. An optimiser-state leaf whose path ends
-  with a parameter's path and has that parameter's shape (Adam's moments) gets
-  the parameter's sharding; everything else (step, rng, neuron-pair indices,
-  batch statistics, clip histories) is replicated.
+  Parameters follow `param_logical_axes` (`declared`: declared_axes's
+  {path: axes}) mapped by `rules`. An optimiser-state leaf whose path ends
+  with a parameter's path and has that parameter's shape (Adam's moments)
+  gets the parameter's sharding; everything else (step, rng, neuron-pair
+  indices, batch statistics, clip histories) is replicated.
   """
+  declared = declared or {}
   fsdp_size = mesh.shape['fsdp']
   params = {
       _path(path): leaf.shape
@@ -171,8 +240,8 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, min_size: int | Non
       for i in range(1, len(parts)):
         name = '/'.join(parts[i:])
         if params.get(name) == leaf.shape:
-          axes = param_logical_axes(name, leaf.shape, fsdp_size, min_size)
-          return NamedSharding(mesh, _spec(axes))
+          axes = param_logical_axes(leaf.shape, fsdp_size, min_size, declared.get(f'params/{name}'))
+          return NamedSharding(mesh, _spec(axes, rules))
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(sharding, abstract_state)
@@ -202,16 +271,16 @@ def constrain(x, logical_axes):
   return nn.with_logical_constraint(x, logical_axes)
 
 
-def logical_rules():
+def logical_rules(rules=DEFAULT_RULES):
   """Context under which the model's activation constraints take effect."""
-  return nn.logical_axis_rules(RULES)
+  return nn.logical_axis_rules(rules)
 
 
-def under_rules(fn):
+def under_rules(fn, rules=DEFAULT_RULES):
   """`fn` traced under the logical axis rules, so its activation constraints apply."""
 
   def wrapped(*args):
-    with logical_rules():
+    with logical_rules(rules):
       return fn(*args)
 
   return wrapped

@@ -80,8 +80,10 @@ def setup(config, model, task, mesh) -> Setup:
   def init():
     return steps.init_state(model, tx, jax.random.key(config.seed), example)
 
+  rules = sharding.rules_of(config.mesh)
   abstract = jax.eval_shape(init)
-  state_shardings = sharding.state_shardings(abstract, mesh)
+  declared = sharding.declared_axes(lambda: model.init(jax.random.key(config.seed), example))
+  state_shardings = sharding.state_shardings(abstract, mesh, declared, rules)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   train_step = _reporting_stops(
@@ -99,13 +101,13 @@ def setup(config, model, task, mesh) -> Setup:
       batch_sharding=batch_sharding,
       init=jax.jit(init, out_shardings=state_shardings),
       train_step=jax.jit(
-          sharding.under_rules(train_step),
+          sharding.under_rules(train_step, rules),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated),
           donate_argnums=0,
       ),
       eval_step=jax.jit(
-          sharding.under_rules(eval_step),
+          sharding.under_rules(eval_step, rules),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=replicated,
       ),

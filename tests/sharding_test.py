@@ -192,20 +192,18 @@ def test_mesh_shape_resolves_free_axis():
 
 
 def test_param_logical_axes():
-  assert sharding.param_logical_axes('tick/trace_processor_0_0/w1', (4, 8, 32), 4) == (
+  # Declared axes win (when they fit the shape); large kernels get fsdp.
+  assert sharding.param_logical_axes((4, 8, 32), 4, declared=(None, None, 'neurons')) == (
       None,
       None,
       'neurons',
   )
-  assert sharding.param_logical_axes('tick/synapses_1/kernel', (96, 64), 4, min_size=1) == (
-      'fsdp',
-      None,
-  )
+  assert sharding.param_logical_axes((96, 64), 4, min_size=1) == ('fsdp', None)
   # Ties go to the output dimension; small or indivisible kernels stay whole.
-  assert sharding.param_logical_axes('a/kernel', (64, 64), 4, min_size=1) == (None, 'fsdp')
-  assert sharding.param_logical_axes('a/kernel', (64, 64), 4, min_size=10**6) == (None, None)
-  assert sharding.param_logical_axes('a/kernel', (3, 5), 4, min_size=1) == (None, None)
-  assert sharding.param_logical_axes('a/bias', (64,), 4, min_size=1) == (None,)
+  assert sharding.param_logical_axes((64, 64), 4, min_size=1) == (None, 'fsdp')
+  assert sharding.param_logical_axes((64, 64), 4, min_size=10**6) == (None, None)
+  assert sharding.param_logical_axes((3, 5), 4, min_size=1) == (None, None)
+  assert sharding.param_logical_axes((64,), 4, min_size=1) == (None,)
 
 
 @needs_8_devices

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import sharding
 from ctm_jax.models import ctm
 from ctm_jax.models import layers
 from ctm_jax.models import lstm
@@ -247,7 +248,9 @@ class ContinuousThoughtMachineRL(nn.Module):
   def setup(self):
     d, m = self.d_model, self.memory_length
     bound = math.sqrt(1 / (d + m))
-    self.start_trace = self.param('start_trace', layers.uniform(bound), (d, m))
+    self.start_trace = self.param(
+        'start_trace', sharding.with_axes(layers.uniform(bound), ('neurons', None)), (d, m)
+    )
     self.start_activated_trace = self.param('start_activated_trace', layers.uniform(bound), (d, m))
     self.decay_params_out = self.param('decay_params_out', nn.initializers.zeros, (self.synch_size_out,))
     self.backbone = make_backbone(self.backbone_type, self.d_input, self.dtype)

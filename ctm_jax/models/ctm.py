@@ -611,8 +611,14 @@ class ContinuousThoughtMachine(nn.Module):
 
   def initial_state(self, batch: int, synch_params: SynchParams) -> TickState:
     d, m = self.d_model, self.memory_length
-    start_z_D = self.param('start_activated_state', layers.uniform(math.sqrt(1 / d)), (d,))
-    start_trace_DxM = self.param('start_trace', layers.uniform(math.sqrt(1 / (d + m))), (d, m))
+    start_z_D = self.param(
+        'start_activated_state',
+        sharding.with_axes(layers.uniform(math.sqrt(1 / d)), ('neurons',)), (d,),
+    )
+    start_trace_DxM = self.param(
+        'start_trace',
+        sharding.with_axes(layers.uniform(math.sqrt(1 / (d + m))), ('neurons', None)), (d, m),
+    )
     z_BxD = sharding.constrain(jnp.broadcast_to(start_z_D, (batch, d)), _BATCH_NEURONS)
     trace_DxMxB = sharding.constrain(
         jnp.broadcast_to(start_trace_DxM[:, :, None], (d, m, batch)), _NEURONS_MEMORY_BATCH

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ctm_jax import sharding
 from ctm_jax.models import layers
 
 
@@ -105,9 +106,13 @@ class SuperLinear(nn.Module):
       bound = 1.0 / math.sqrt(self.in_dims + self.out_dims)
       params = {
           'w1': self.param(
-              'w1', layers.uniform(bound), (self.in_dims, self.out_dims, self.n_neurons)
+              'w1', sharding.with_axes(layers.uniform(bound), (None, None, 'neurons')),
+              (self.in_dims, self.out_dims, self.n_neurons),
           ),
-          'b1': self.param('b1', nn.initializers.zeros, (1, self.n_neurons, self.out_dims)),
+          'b1': self.param(
+              'b1', sharding.with_axes(nn.initializers.zeros, (None, 'neurons', None)),
+              (1, self.n_neurons, self.out_dims),
+          ),
           'temperature': self.param('temperature', nn.initializers.ones, (1,)),
       }
       hoisted = self.hoisted(params, self.dtype)

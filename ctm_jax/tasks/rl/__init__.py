@@ -236,10 +236,10 @@ class ReinforcementLearning(base.Task):
 # The loop.
 
 
-def runner_shardings(abstract_runner, mesh):
+def runner_shardings(abstract_runner, mesh, declared=None, rules=sharding.DEFAULT_RULES):
   """Parameters and optimiser state as the supervised trainer shards them;
   every per-environment array over the mesh's batch axes; the rest replicated."""
-  shardings = sharding.state_shardings(abstract_runner, mesh)
+  shardings = sharding.state_shardings(abstract_runner, mesh, declared, rules)
   batch = sharding.batch_sharding(mesh)
   per_env = {
       name: jax.tree.map(lambda _: batch, getattr(abstract_runner, name))
@@ -293,10 +293,13 @@ class _Jitted:
     def init():
       return ppo.init_runner(config, agent, env, tx, jax.random.key(config.seed))
 
+    rules = sharding.rules_of(config.mesh)
     abstract = jax.eval_shape(init)
-    self.shardings = runner_shardings(abstract, mesh)
+    example = agent.example_inputs(env.observation_shape, env.observation_dtype)
+    declared = sharding.declared_axes(lambda: agent.init(jax.random.key(config.seed), *example))
+    self.shardings = runner_shardings(abstract, mesh, declared, rules)
     self.iteration = jax.jit(
-        sharding.under_rules(ppo.make_iteration(config, agent, env, tx)),
+        sharding.under_rules(ppo.make_iteration(config, agent, env, tx), rules),
         in_shardings=(self.shardings,),
         out_shardings=(self.shardings, sharding.replicated(mesh)),
         donate_argnums=0,
