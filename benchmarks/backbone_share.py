@@ -1,16 +1,16 @@
 """The ResNet backbone's share of the CIFAR-10 and maze train steps, ours and the reference's.
 
 Usage (from the repo root):
-  python benchmarks/backbone_share.py --reference=/tmp/ctm_ref
-  python benchmarks/backbone_share.py --configs=cifar10_b32 --repeats=9 \
+  python -m benchmarks.backbone_share --reference=/tmp/ctm_ref
+  python -m benchmarks.backbone_share --configs=cifar10_b32 --repeats=9 \
       --reference=/tmp/ctm_ref --variants=default,eigen_conv --json=/tmp/share.json
-  python benchmarks/backbone_share.py --main_configs= --variants=default,eigen_conv \
+  python -m benchmarks.backbone_share --main_configs= --variants=default,eigen_conv \
       --variant_calls=bb_fwdbwd,step   # only the XLA options, on the train step too
 
 What is timed, per config of model_bench.CONFIGS (default cifar10_b32 and
 maze_b16; float32, remat 'none', unroll 1, as model_bench runs them):
 
-  step        ours: the trainer's own step (`model_bench.build(config).run.
+  step        ours: the trainer's own step (`harness.build(config).run.
               train_step`, state donated) on model_bench's synthetic batch; the
               reference's: `reference_adapter.ReferenceTrainStep.step` (its
               script's zero_grad, forward, loss, backward, clipping, AdamW,
@@ -67,9 +67,10 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+from benchmarks import harness
+
+REPO = harness.REPO
+log = harness.log
 
 DEFAULT_CONFIGS = ('cifar10_b32', 'maze_b16')
 # name -> (XLA_FLAGS, jax_default_matmul_precision or None). Only flags this
@@ -94,10 +95,6 @@ VARIANTS = {
 QUIET_PATTERN = 'pytest|compile_check'
 
 
-def log(msg):
-  print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- workers
 
 
@@ -106,11 +103,12 @@ class Worker:
 
   def __init__(self, argv, env, wait=True):
     self.proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), *argv],
+        [sys.executable, '-m', 'benchmarks.backbone_share', *argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=REPO,
     )
     self.ready = self._read() if wait else None
 
@@ -171,7 +169,7 @@ def jax_worker(args):
     jax.config.update('jax_default_matmul_precision', args.precision)
   opts = argparse.Namespace(remat='none', dtype='float32', unroll=1)
   config = model_bench.bench_config(args.worker_config, opts)
-  bench = model_bench.build(config)
+  bench = harness.build(config)
   m = config.model
 
   class Backbone(nn.Module):
@@ -192,7 +190,7 @@ def jax_worker(args):
   module = Backbone()
   mesh_ctx = jax.set_mesh(bench.mesh)
   mesh_ctx.__enter__()
-  batch = model_bench.device_batch(bench)
+  batch = harness.device_batch(bench)
   x = bench.task.model_inputs(batch)
 
   if args.full:  # the trainer's state; the backbone's variables are its subtree
@@ -259,11 +257,11 @@ def jax_worker(args):
 
   ready = dict(fingerprint=fingerprint, ops=ops, jax=jax.__version__, pid=os.getpid())
   if args.full:
-    step_c, lower_s, compile_s = model_bench.aot_compile(
-        model_bench.train_step(bench), state, batch
+    step_c, lower_s, compile_s = harness.aot_compile(
+        harness.train_step(bench), state, batch
     )
     ready['step_compile_s'] = lower_s + compile_s
-    train = model_bench.donated_steps(step_c, state, batch)
+    train = harness.donated_steps(step_c, state, batch)
     del state
 
     def step():
@@ -352,13 +350,14 @@ def others_busy():
   return [l for l in out.splitlines() if l and 'backbone_share' not in l]
 
 
-def time_interleaved(calls, warmup, repeats):
+def time_in_workers(calls, warmup, repeats):
   """({key: [worker-measured s]}, {key: [replies]}) of `repeats` rounds after `warmup`.
 
   `calls` maps a key to (worker, command).
 
   Each round runs every call twice and keeps the second time; the order is
-  reversed every other round.
+  reversed every other round (harness.time_interleaved's rounds, with the
+  times each worker measures around its own command, not this process's).
   """
   keys = list(calls)
   times = {key: [] for key in keys}
@@ -427,7 +426,7 @@ def measure_config(name, args, tmp):
       )
     busy_before = others_busy()
     log(f'{name}: timing {list(calls)} interleaved ({args.warmup} + {args.repeats} rounds)')
-    times, replies = time_interleaved(calls, args.warmup, args.repeats)
+    times, replies = time_in_workers(calls, args.warmup, args.repeats)
     busy_after = others_busy()
     for key, ts in times.items():
       result[key] = summary(ts)
@@ -494,7 +493,7 @@ def measure_variants(name, args, tmp):
     calls['layout_nchw'] = (workers['default'], 'conv_nchw')
     busy = others_busy()
     log(f'{name}: timing variants {list(calls)} interleaved')
-    times, replies = time_interleaved(calls, args.warmup, args.repeats)
+    times, replies = time_in_workers(calls, args.warmup, args.repeats)
     busy += others_busy()
     for key, ts in times.items():
       v, _, call = key.partition('/')

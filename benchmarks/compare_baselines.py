@@ -1,7 +1,7 @@
 """The CTM against its LSTM baseline: matched parameters, the same wall-clock budget.
 
 Usage (from the repo root):
-  python benchmarks/compare_baselines.py [--config=configs/parity.py:small]
+  python -m benchmarks.compare_baselines [--config=configs/parity.py:small]
       [--budget=300] [--workdir=DIR] [--override=KEY=VALUE ...]
 
 Builds the config's CTM and an LSTM baseline (`--config.model_type=lstm`, its
@@ -29,7 +29,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def _value(text: str):

@@ -1,7 +1,7 @@
 """Host-side data throughput per core against what each config's step consumes.
 
 Usage (from the repo root):
-  python benchmarks/data_bench.py [--seconds=5]
+  python -m benchmarks.data_bench [--seconds=5]
       [--configs=mazes.py:small,mazes.py:reference_small,mazes.py:default]
 
 For each config (`<file>.py:<variant>` of configs/), builds train records
@@ -17,13 +17,12 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import model_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import harness
+from benchmarks import model_bench
 
 DEFAULT_CONFIGS = 'mazes.py:small,mazes.py:reference_small,mazes.py:default'
 
@@ -52,7 +51,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   print(
       f'# data per core | {platform.machine()}, {os.cpu_count()} CPUs '
-      f'| {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {model_bench.git_commit()}'
+      f'| {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {harness.git_commit()}'
   )
   print('config                     | batch | records/s (1 core) | steps/s fed (1 core)')
   print('---------------------------+-------+--------------------+---------------------')

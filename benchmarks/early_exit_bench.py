@@ -1,7 +1,7 @@
 """Per-example early exit on a trained model: accuracy, ticks and wall time.
 
 Usage (from the repo root):
-  python benchmarks/early_exit_bench.py --workdir=RUN [--examples=512] [--batch=1,256]
+  python -m benchmarks.early_exit_bench --workdir=RUN [--examples=512] [--batch=1,256]
       [--thresholds=0.5,0.6,0.7,0.8,0.9,0.95,0.99] [--repeats=5] [--slots=64]
 
 On the run's first --examples held-out records (its task's eval source), for
@@ -23,14 +23,12 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import model_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import harness
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -135,7 +133,7 @@ def main(argv=None):
       f'# early exit | {config.task}, {model.iterations} ticks, {len(data["targets"])} held-out '
       f'examples | {device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, '
       f'{platform.machine()} | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} '
-      f'| git {model_bench.git_commit()}'
+      f'| git {harness.git_commit()}'
   )
   header = '| threshold | post-hoc acc | early-exit acc | post-hoc ticks | early-exit ticks |'
   header += ''.join(f' time vs all ticks, batch {b} |' for b in batches)

@@ -1,8 +1,8 @@
 """Export size and load-and-run time against the training checkpoint.
 
 Usage (from the repo root):
-  python benchmarks/export_bench.py [--config=imagenet] [--variant=synthetic] [--workdir=DIR]
-  python benchmarks/export_bench.py --workdir=RUN --no-train   # an existing run
+  python -m benchmarks.export_bench [--config=imagenet] [--variant=synthetic] [--workdir=DIR]
+  python -m benchmarks.export_bench --workdir=RUN --no-train   # an existing run
 
 Without --no-train it first trains one step of `configs/<config>.py[:variant]`
 at batch 2 with the trainer itself (`imagenet.py:synthetic`: the ImageNet
@@ -26,8 +26,7 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import model_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import harness
 
 
 def train_one_step(name: str, variant: str, workdir: str):
@@ -83,7 +82,7 @@ def main(argv=None):
       f'# export | {label}, '
       f'{params / 1e6:.1f} M parameters | {device.platform} ({device.device_kind}), '
       f'{os.cpu_count()} CPUs, {platform.machine()} | '
-      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {model_bench.git_commit()}'
+      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {harness.git_commit()}'
   )
   print('| training checkpoint | artefact | artefact / checkpoint | export | load | first call (b1) | next call (b1) |')
   print('|---|---|---|---|---|---|---|')

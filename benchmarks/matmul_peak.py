@@ -8,7 +8,7 @@ last `min_sample_s` (so dispatch overhead does not count on fast devices) and
 blocks on the last one.
 
 Usage (from the repo root; `model_bench.py` calls `measure` itself):
-  python benchmarks/matmul_peak.py --dtype=bfloat16 --sizes=4096,8192 --json=/tmp/peak.json
+  python -m benchmarks.matmul_peak --dtype=bfloat16 --sizes=4096,8192 --json=/tmp/peak.json
 
 Dimension glossary: N matrix side.
 """

@@ -1,13 +1,13 @@
 """Compile time, step time, memory and FLOPs of the trainer's CTM step on the reference's configs.
 
 Usage (from the repo root):
-  python benchmarks/model_bench.py                        # all configs, one table
-  python benchmarks/model_bench.py --configs=parity_b16,cifar10_b32 \
+  python -m benchmarks.model_bench                        # all configs, one table
+  python -m benchmarks.model_bench --configs=parity_b16,cifar10_b32 \
       --repeats=3 --warmup=1 --json=/tmp/bench.json
-  python benchmarks/model_bench.py --dtype=bfloat16       # bf16 compute, bf16 peak
-  python benchmarks/model_bench.py --configs=cifar10_b32 --repeats=3 --warmup=1 \
+  python -m benchmarks.model_bench --dtype=bfloat16       # bf16 compute, bf16 peak
+  python -m benchmarks.model_bench --configs=cifar10_b32 --repeats=3 --warmup=1 \
       --reference=/path/to/continuous-thought-machines  # + PyTorch reference
-  python benchmarks/model_bench.py --scaling --json=/tmp/scaling.json
+  python -m benchmarks.model_bench --scaling --json=/tmp/scaling.json
       # memory (remat) at 25 vs 75 ticks, compile time at 10 vs 75 ticks
 
 Configs (`CONFIGS`; all of them by default): each names a config file of
@@ -111,37 +111,26 @@ Dimension glossary: B batch, T ticks.
 """
 
 import argparse
-import dataclasses
-import datetime
 import importlib
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from typing import Any
 
-import flax
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from ctm_jax import hostmem
 from ctm_jax import sharding
 from ctm_jax import steps
-from ctm_jax import supervised
 from ctm_jax import validation
 from ctm_jax.models.ctm import COMPUTE_FIELDS
 from ctm_jax.models.ctm import REMAT_POLICIES
 from ctm_jax.tools import flops as flops_lib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import analytic_flops  # pylint: disable=g-import-not-at-top
-from benchmarks import matmul_peak  # pylint: disable=g-import-not-at-top
-from benchmarks import reference_adapter  # pylint: disable=g-import-not-at-top
+from benchmarks import analytic_flops
+from benchmarks import harness
+from benchmarks import matmul_peak
+from benchmarks import reference_adapter
 
 # name -> (config file of configs/ (ctm_jax.configs) and variant, as --config
 # names them, batch size).
@@ -158,8 +147,6 @@ CONFIGS = {
 # The issue's bounds on tick scaling (--scaling): ratio of the later tick count's figure.
 MEMORY_RATIO_BOUND = 1.3
 COMPILE_RATIO_BOUND = 1.2
-# Seed of the synthetic batch every step runs on.
-BATCH_SEED = 0
 
 
 def task_config(
@@ -199,58 +186,6 @@ def with_ticks(config, ticks, unroll=None):
   if unroll is not None:
     variant.model.unroll = unroll
   return variant
-
-
-@dataclasses.dataclass(frozen=True)
-class Bench:
-  """A config's task, model and the trainer's jitted pieces on a 1-device mesh."""
-
-  config: Any
-  task: Any
-  model: Any
-  mesh: jax.sharding.Mesh
-  run: supervised.Setup  # run.train_step is the trainer's step, run.init its fresh state
-
-
-def build(config) -> Bench:
-  """The trainer's setup of `config` on the first device, as train_and_evaluate builds it.
-
-  Lower and run its functions inside `with jax.set_mesh(bench.mesh)`, as the
-  trainer does.
-  """
-  task, model = validation.validate(config, num_devices=1)
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  with jax.set_mesh(mesh):
-    run = supervised.setup(config, model, task, mesh)
-  return Bench(config=config, task=task, model=model, mesh=mesh, run=run)
-
-
-def train_step(bench):
-  """The step the benchmark times: the trainer's own, jitted with the state donated.
-
-  (state, global batch) -> (state, metrics): the config's optimiser (clipping,
-  AdamW, LR schedule, weight-decay mask), the finite guard, the decay
-  projection and the task's loss and train metrics (ctm_jax/steps.py).
-  """
-  return bench.run.train_step
-
-
-def local_batch(bench, seed=BATCH_SEED) -> dict:
-  """The task's synthetic batch of the config's batch size (numpy, on the host)."""
-  return bench.task.synthetic_batch(bench.config, bench.config.batch_size, seed)
-
-
-def device_batch(bench, seed=BATCH_SEED) -> dict:
-  """`local_batch` on the train step's batch sharding."""
-  return jax.device_put(local_batch(bench, seed), bench.run.batch_sharding)
-
-
-def batch_shapes(bench) -> dict:
-  """ShapeDtypeStructs of `device_batch` (with its sharding), for lowering from shapes."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bench.run.batch_sharding),
-      local_batch(bench),
-  )
 
 
 def forward_fn(bench):
@@ -307,102 +242,6 @@ def optimizer_summary(config) -> dict:
   return {k: config[k] for k in keys}
 
 
-def aot_compile(fn, *args):
-  """(compiled, lower_s, compile_s) for an already-jitted `fn`."""
-  t0 = time.perf_counter()
-  lowered = fn.lower(*args)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  return compiled, t1 - t0, t2 - t1
-
-
-def donated_steps(compiled, state, batch):
-  """A call running one train step of `compiled` (its state donated) on `batch`
-  from the last step's state, blocked until ready; returns the step's metrics.
-  It owns `state` from here on."""
-  holder = {'state': state}
-
-  def step():
-    holder['state'], metrics = compiled(holder['state'], batch)
-    jax.block_until_ready((holder['state'], metrics))
-    return metrics
-
-  return step
-
-
-def time_calls(call, warmup, repeats):
-  """Wall times (s) of `repeats` calls after `warmup` calls; `call()` must block."""
-  for _ in range(warmup):
-    call()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t0)
-  return times
-
-
-def time_interleaved(calls, warmup, repeats, untimed_first=False):
-  """Per call, wall times (s) of `repeats` rounds after `warmup` rounds.
-
-  A round runs every call once, the order reversed every other round, so that
-  machine noise (other processes, clocks) hits all of them alike. With
-  `untimed_first`, each turn runs its call twice and times the second: the
-  first absorbs the cost of switching from the other call (on this project's
-  VM the first step after the other process's step ran up to 1.9x slower for
-  ours, about 1.06x for the reference), which a training loop, running steps
-  back to back, never pays.
-  """
-  times = [[] for _ in calls]
-  for i in range(warmup + repeats):
-    order = list(range(len(calls)))[:: -1 if i % 2 else 1]
-    for j in order:
-      if untimed_first:
-        calls[j]()
-      t0 = time.perf_counter()
-      calls[j]()
-      if i >= warmup:
-        times[j].append(time.perf_counter() - t0)
-  return times
-
-
-def memory_analysis_of(compiled):
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:
-    return None
-  if mem is None:
-    return None
-  fields = (
-      'temp_size_in_bytes',
-      'argument_size_in_bytes',
-      'output_size_in_bytes',
-      'alias_size_in_bytes',
-      'generated_code_size_in_bytes',
-  )
-  out = {f: int(getattr(mem, f, 0) or 0) for f in fields}
-  out['total_bytes'] = (
-      out['temp_size_in_bytes']
-      + out['argument_size_in_bytes']
-      + out['output_size_in_bytes']
-      - out['alias_size_in_bytes']
-  )
-  return out
-
-
-def device_peak_bytes():
-  try:
-    stats = jax.devices()[0].memory_stats()
-  except Exception:
-    return None
-  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
-
-
-def log(msg):
-  print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
-
-
 def xla_flops(config):
   """XLA's tick-scaled FLOPs of (forward, train step), lowered from shapes only.
 
@@ -412,11 +251,11 @@ def xla_flops(config):
   ticks = config.model.iterations
 
   def lower(is_train, t, unroll):
-    bench = build(with_ticks(config, t, unroll))
-    batch = batch_shapes(bench)
+    bench = harness.build(with_ticks(config, t, unroll))
+    batch = harness.batch_shapes(bench)
     with jax.set_mesh(bench.mesh):
       if is_train:
-        return train_step(bench).lower(bench.run.abstract_state, batch)
+        return harness.train_step(bench).lower(bench.run.abstract_state, batch)
       return forward_fn(bench).lower(*forward_args(bench, bench.run.abstract_state, batch))
 
   return tuple(
@@ -442,7 +281,7 @@ def add_rates(result, peak):
 
 def run_config(name, args, peak=None):
   config = bench_config(name, args)
-  bench = build(config)
+  bench = harness.build(config)
   with jax.set_mesh(bench.mesh):
     return measure(name, bench, args, peak)
 
@@ -450,34 +289,34 @@ def run_config(name, args, peak=None):
 def measure(name, bench, args, peak=None):
   """The result of one config: compiles, timings, memory, FLOPs (inside its mesh)."""
   config, task = bench.config, bench.task
-  log(f'{name}: init ({config.task}, batch {config.batch_size})')
+  harness.log(f'{name}: init ({config.task}, batch {config.batch_size})')
   state = bench.run.init()
-  batch = device_batch(bench)
+  batch = harness.device_batch(bench)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
   # Forward.
   fwd = forward_fn(bench)
   fwd_args = forward_args(bench, state, batch)
-  log(f'{name}: compile forward')
-  fwd_compiled, fwd_lower_s, fwd_compile_s = aot_compile(fwd, *fwd_args)
-  log(f'{name}: forward lower {fwd_lower_s:.1f}s compile {fwd_compile_s:.1f}s; timing')
-  fwd_times = time_calls(
+  harness.log(f'{name}: compile forward')
+  fwd_compiled, fwd_lower_s, fwd_compile_s = harness.aot_compile(fwd, *fwd_args)
+  harness.log(f'{name}: forward lower {fwd_lower_s:.1f}s compile {fwd_compile_s:.1f}s; timing')
+  fwd_times = harness.time_calls(
       lambda: jax.block_until_ready(fwd_compiled(*fwd_args)), args.warmup, args.repeats
   )
   del fwd_args
-  log(f'{name}: forward median {statistics.median(fwd_times):.3f}s')
+  harness.log(f'{name}: forward median {statistics.median(fwd_times):.3f}s')
 
-  log(f'{name}: FLOPs from 1- and 2-tick lowerings; analytic count')
+  harness.log(f'{name}: FLOPs from 1- and 2-tick lowerings; analytic count')
   fwd_flops, train_flops = xla_flops(config)
   spec = analytic_spec(config)
   analytic_fwd = analytic_flops.forward_flops(spec)
   analytic_train = analytic_flops.train_flops(spec, config.model.remat)
 
   # The trainer's train step, state donated.
-  log(f'{name}: compile train step')
-  train_compiled, train_lower_s, train_compile_s = aot_compile(train_step(bench), state, batch)
-  log(f'{name}: train lower {train_lower_s:.1f}s compile {train_compile_s:.1f}s; timing')
-  train = donated_steps(train_compiled, state, batch)
+  harness.log(f'{name}: compile train step')
+  train_compiled, train_lower_s, train_compile_s = harness.aot_compile(harness.train_step(bench), state, batch)
+  harness.log(f'{name}: train lower {train_lower_s:.1f}s compile {train_compile_s:.1f}s; timing')
+  train = harness.donated_steps(train_compiled, state, batch)
   del state
   metrics_seen = []
 
@@ -490,8 +329,8 @@ def measure(name, bench, args, peak=None):
     )
   else:
     ref_result = {}
-    train_times = time_calls(one_step, args.warmup, args.repeats)
-  log(f'{name}: train median {statistics.median(train_times):.3f}s')
+    train_times = harness.time_calls(one_step, args.warmup, args.repeats)
+  harness.log(f'{name}: train median {statistics.median(train_times):.3f}s')
   losses_seen = [float(m['loss']) for m in metrics_seen]
   if not all(bool(m['finite']) for m in metrics_seen):
     raise FloatingPointError(f'{name}: non-finite train loss or gradient {losses_seen}')
@@ -527,9 +366,9 @@ def measure(name, bench, args, peak=None):
       train_flops_analytic=analytic_train,
       forward_flops_xla_over_analytic=ratio(fwd_flops, analytic_fwd),
       train_flops_xla_over_analytic=ratio(train_flops, analytic_train),
-      train_memory_analysis=memory_analysis_of(train_compiled),
-      forward_memory_analysis=memory_analysis_of(fwd_compiled),
-      device_peak_bytes=device_peak_bytes(),
+      train_memory_analysis=harness.memory_analysis_of(train_compiled),
+      forward_memory_analysis=harness.memory_analysis_of(fwd_compiled),
+      device_peak_bytes=harness.device_peak_bytes(),
       **ref_result,
   )
   return add_rates(result, peak)
@@ -543,18 +382,18 @@ def time_against_reference(name, config, task, one_step, metrics_seen, batch, n_
   """
   ref = load_reference(args.reference)
   if jax.devices()[0].platform != 'cpu':
-    log(f'{name}: WARNING the reference runs on the CPU, ours on {jax.devices()[0].platform}')
-  log(f'{name}: build the reference model ({ref.torch.__version__}, {ref.threads} threads)')
+    harness.log(f'{name}: WARNING the reference runs on the CPU, ours on {jax.devices()[0].platform}')
+  harness.log(f'{name}: build the reference model ({ref.torch.__version__}, {ref.threads} threads)')
   ref_step = reference_adapter.ReferenceProcess(
       ref.dir,
       reference_spec(config, task),
       jax.device_get(batch),
       env=hostmem.environ_before_reexec(),
   )
-  log(f'{name}: reference optimiser {ref_step.optimizer_text}')
+  harness.log(f'{name}: reference optimiser {ref_step.optimizer_text}')
   try:
-    log(f'{name}: timing ours and the reference (its own process), interleaved')
-    train_times, _ = time_interleaved(
+    harness.log(f'{name}: timing ours and the reference (its own process), interleaved')
+    train_times, _ = harness.time_interleaved(
         [one_step, ref_step.step], args.warmup, args.repeats, untimed_first=True
     )
   finally:
@@ -565,17 +404,17 @@ def time_against_reference(name, config, task, one_step, metrics_seen, batch, n_
   first_loss = float(metrics_seen[0]['loss'])
   # Both models are at init at their first step: the same config and loss give
   # losses of similar size (near log(classes)); a large gap means the configs differ.
-  log(
+  harness.log(
       f'{name}: first-step loss ours {first_loss:.4f} reference {ref_losses[0]:.4f}; '
       f'params ours {n_params} reference {ref_step.n_params}'
   )
   if not all(np.isfinite(ref_losses)):
     raise FloatingPointError(f'{name}: non-finite reference train loss {ref_losses}')
   if not 0.5 <= ref_losses[0] / first_loss <= 2:
-    log(f'{name}: WARNING first-step losses differ by more than 2x: check the config mapping')
+    harness.log(f'{name}: WARNING first-step losses differ by more than 2x: check the config mapping')
   ref_median = statistics.median(ref_times)
   speedup = ref_median / statistics.median(train_times)
-  log(f'{name}: reference train median {ref_median:.3f}s, speedup {speedup:.2f}x')
+  harness.log(f'{name}: reference train median {ref_median:.3f}s, speedup {speedup:.2f}x')
   return (
       dict(
           ref_n_params=ref_step.n_params,
@@ -600,20 +439,6 @@ def load_reference(ref_dir):
   return _REFERENCE[ref_dir]
 
 
-def run_child(script, flags):
-  """Runs `script` with `flags` + --json in a fresh process; its JSON, or None if it failed."""
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'result.json')
-    cmd = [sys.executable, script, *flags, f'--json={path}']
-    # The child's table goes to our stderr: only this process's table is on stdout.
-    proc = subprocess.run(cmd, stdout=sys.stderr, check=False)
-    if proc.returncode or not os.path.exists(path):
-      log(f'subprocess {" ".join(cmd[1:])} exited with {proc.returncode}')
-      return None
-    with open(path) as f:
-      return json.load(f)
-
-
 def compute_flags(args):
   flags = [f'--remat={args.remat}', f'--dtype={args.dtype}', f'--unroll={args.unroll}']
   return flags + (['--deferred_grads'] if args.deferred_grads else [])
@@ -621,8 +446,8 @@ def compute_flags(args):
 
 def run_isolated(name, args):
   """(environment, result) of one config run in a fresh process, so the device's peak is its own."""
-  out = run_child(
-      os.path.abspath(__file__),
+  out = harness.run_child(
+      'benchmarks.model_bench',
       [
           f'--configs={name}',
           f'--repeats={args.repeats}',
@@ -643,32 +468,15 @@ def measure_peak(args, isolate):
   if args.peak_sizes == 'none':
     return None
   sizes = [int(n) for n in args.peak_sizes.split(',') if n] or None
-  log(f'matmul peak, {args.dtype}, sizes {sizes or "by platform"}')
+  harness.log(f'matmul peak, {args.dtype}, sizes {sizes or "by platform"}')
   if isolate:
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'matmul_peak.py')
     flags = [f'--dtype={args.dtype}', f'--repeats={args.peak_repeats}']
-    peak = run_child(script, flags + ([f'--sizes={args.peak_sizes}'] if sizes else []))
+    peak = harness.run_child('benchmarks.matmul_peak', flags + ([f'--sizes={args.peak_sizes}'] if sizes else []))
   else:
     peak = matmul_peak.measure(args.dtype, sizes, args.peak_repeats)
   if peak:
-    log(f'matmul peak {matmul_peak.describe(peak)}')
+    harness.log(f'matmul peak {matmul_peak.describe(peak)}')
   return peak
-
-
-def accelerator_present():
-  """Whether JAX's default backend is a GPU/TPU, asked of a throwaway process.
-
-  This process then never initialises the device: a TPU admits one process at
-  a time, and a GPU process would preallocate most of the memory its
-  subprocesses need.
-  """
-  code = 'import jax; print(jax.default_backend())'
-  env = {**os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
-  proc = subprocess.run(
-      [sys.executable, '-c', code], capture_output=True, text=True, env=env, check=False
-  )
-  lines = proc.stdout.split()
-  return bool(lines) and lines[-1] in ('gpu', 'cuda', 'rocm', 'tpu')
 
 
 # --- Tick scaling (--scaling) -------------------------------------------------
@@ -684,9 +492,9 @@ def compile_train_step(config, ticks):
   Fresh each call (new setup, closures and jit), so nothing of an earlier
   compile is reused.
   """
-  bench = build(with_ticks(config, ticks))
+  bench = harness.build(with_ticks(config, ticks))
   with jax.set_mesh(bench.mesh):
-    return aot_compile(train_step(bench), bench.run.abstract_state, batch_shapes(bench))
+    return harness.aot_compile(harness.train_step(bench), bench.run.abstract_state, harness.batch_shapes(bench))
 
 
 def measure_ticks(config, ticks_list, args, run_step=False):
@@ -710,14 +518,14 @@ def measure_ticks(config, ticks_list, args, run_step=False):
     point['lower_compile_median_s'] = statistics.median(
         a + b for a, b in zip(point['lower_s'], point['compile_s'])
     )
-    point['train_memory_analysis'] = memory_analysis_of(compiled[ticks])
-    log(f"{ticks} ticks: lower + compile median {point['lower_compile_median_s']:.1f}s")
+    point['train_memory_analysis'] = harness.memory_analysis_of(compiled[ticks])
+    harness.log(f"{ticks} ticks: lower + compile median {point['lower_compile_median_s']:.1f}s")
   if run_step:
     (ticks,) = ticks_list
-    bench = build(with_ticks(config, ticks))
+    bench = harness.build(with_ticks(config, ticks))
     with jax.set_mesh(bench.mesh):
-      _, metrics = compiled[ticks](bench.run.init(), device_batch(bench))
-    points[ticks].update(loss=float(metrics['loss']), device_peak_bytes=device_peak_bytes())
+      _, metrics = compiled[ticks](bench.run.init(), harness.device_batch(bench))
+    points[ticks].update(loss=float(metrics['loss']), device_peak_bytes=harness.device_peak_bytes())
   return [points[t] for t in ticks_list]
 
 
@@ -729,8 +537,8 @@ def point_memory(point, device_peak):
 
 def run_scaling_point(ticks, config, args):
   """(environment, point) of one tick count measured in a fresh process."""
-  out = run_child(
-      os.path.abspath(__file__),
+  out = harness.run_child(
+      'benchmarks.model_bench',
       [
           f'--scaling_config={args.scaling_config}',
           f'--scaling_batch={config.batch_size}',
@@ -749,7 +557,7 @@ def run_scaling(args, isolate):
   """(environment, summary) of the tick-scaling measurements."""
   config = scaling_config(args)
   all_ticks = sorted(set(args.memory_ticks + args.compile_ticks))
-  log(f'{args.scaling_config} batch {config.batch_size}: ticks {all_ticks}, remat={args.remat}')
+  harness.log(f'{args.scaling_config} batch {config.batch_size}: ticks {all_ticks}, remat={args.remat}')
   if not isolate:
     env, points = None, measure_ticks(config, all_ticks, args)
   else:
@@ -758,7 +566,7 @@ def run_scaling(args, isolate):
       child_env, point = run_scaling_point(ticks, config, args)
       env = env or child_env
       points.append(point)
-  env = env or environment()
+  env = env or harness.environment()
   device_peak = uses_device_peak(env)
   by_ticks = {p['ticks']: p for p in points if 'error' not in p}
 
@@ -846,52 +654,6 @@ def _table(header, rows):
   widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
   fmt = lambda row: ' | '.join(str(c).ljust(w) for c, w in zip(row, widths))
   return [fmt(header), '-+-'.join('-' * w for w in widths)] + [fmt(r) for r in rows]
-
-
-def git_commit():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    sha = subprocess.run(
-        ['git', '-C', root, 'rev-parse', '--short', 'HEAD'],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-  return sha + ('-dirty' if dirty else '')
-
-
-def environment():
-  device = jax.devices()[0]
-  return dict(
-      device_kind=device.device_kind,
-      platform=device.platform,
-      device_count=jax.device_count(),
-      cpu_count=os.cpu_count(),
-      jax=jax.__version__,
-      jaxlib=getattr(jax.lib, '__version__', None) or _jaxlib_version(),
-      flax=flax.__version__,
-      optax=optax.__version__,
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      git_commit=git_commit(),
-      host_allocator=hostmem.status(),
-  )
-
-
-def _jaxlib_version():
-  try:
-    import jaxlib  # pylint: disable=g-import-not-at-top
-
-    return jaxlib.__version__
-  except ImportError:
-    return None
 
 
 def uses_device_peak(env):
@@ -1106,38 +868,33 @@ def parse_args(argv=None):
   return args
 
 
-def write_json(path, env, args, **payload):
-  with open(path, 'w') as f:
-    json.dump(dict(environment=env, args=dict(vars(args)), **payload), f, indent=1)
-
-
 def main(argv=None):
   args = parse_args(argv)
   # Cold compiles only: a persistent cache would turn compile times into cache reads.
   jax.config.update('jax_enable_compilation_cache', False)
   if args.scaling_point:  # A --scaling subprocess on GPU/TPU: one tick count, one step.
-    env = environment()
+    env = harness.environment()
     (point,) = measure_ticks(scaling_config(args), [args.scaling_point], args, run_step=True)
     if args.json:
-      write_json(args.json, env, args, point=point)
+      harness.write_json(args.json, env, args, point=point)
     return
-  isolate = args.isolate == 'yes' or (args.isolate == 'auto' and accelerator_present())
+  isolate = args.isolate == 'yes' or (args.isolate == 'auto' and harness.accelerator_present())
   if args.scaling:
-    log(f'tick scaling of {args.scaling_config}, isolate={isolate}')
+    harness.log(f'tick scaling of {args.scaling_config}, isolate={isolate}')
     env, summary = run_scaling(args, isolate)
     if args.json:
-      write_json(args.json, env, args, scaling=summary)
+      harness.write_json(args.json, env, args, scaling=summary)
     print(format_scaling(env, summary), flush=True)
     return
 
-  log(f'configs {args.config_names}, isolate={isolate}')
+  harness.log(f'configs {args.config_names}, isolate={isolate}')
   # Isolated, this process leaves the device alone: the environment comes from
   # the first config's subprocess.
-  env = None if isolate else environment()
+  env = None if isolate else harness.environment()
   if env and args.reference:
     env['reference'] = load_reference(args.reference).info()
   if env:
-    log(f"device {env['device_kind']}, jax {env['jax']}")
+    harness.log(f"device {env['device_kind']}, jax {env['jax']}")
   # At the start of the run, before any config holds memory.
   peak = measure_peak(args, isolate)
   results = []
@@ -1149,10 +906,10 @@ def main(argv=None):
     else:
       results.append(run_config(name, args, peak))
     if args.json and env:  # Written after each config, so a long run keeps partial results.
-      write_json(args.json, dict(env, matmul_peak=peak), args, results=results)
-  env = dict(env or environment(), matmul_peak=peak)
+      harness.write_json(args.json, dict(env, matmul_peak=peak), args, results=results)
+  env = dict(env or harness.environment(), matmul_peak=peak)
   if args.json:
-    write_json(args.json, env, args, results=results)
+    harness.write_json(args.json, env, args, results=results)
   print(format_table(env, results, args), flush=True)
 
 

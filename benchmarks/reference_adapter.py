@@ -26,6 +26,8 @@ The scripts' AMP (GradScaler) is off here: the reference runs in float32.
 """
 
 import contextlib
+import importlib.machinery
+import importlib.util
 import inspect
 import json
 import os
@@ -43,6 +45,30 @@ IGNORED_BY_CTM = ('num_layers',)
 ADAMW_EPS = 1e-8
 # autoclip's QuantileClip history in the parity script.
 QUANTILE_HISTORY = 1000
+
+
+def _import_package(name, directory):
+  """Imports the package in `directory` as top-level `name` (the reference's
+  `models` and `utils` import each other by those names), leaving sys.path alone."""
+  if name in sys.modules:
+    return sys.modules[name]
+  init = os.path.join(directory, '__init__.py')
+  if os.path.isfile(init):
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[directory]
+    )
+  else:  # a namespace package (the reference's models/ has no __init__.py)
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [directory]
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    if spec.loader is not None:
+      spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
+  return module
 
 
 def _inside(path, directory):
@@ -78,7 +104,8 @@ class Reference:
             f'a module named {name!r} is already imported from {loaded.__file__}; it would '
             f'shadow the reference package {os.path.join(self.dir, name)}'
         )
-    sys.path.insert(0, self.dir)
+    for name in ('models', 'utils'):
+      _import_package(name, os.path.join(self.dir, name))
     try:
       from models import ctm as ref_ctm  # pylint: disable=g-import-not-at-top
       from utils import losses as ref_losses  # pylint: disable=g-import-not-at-top

@@ -1,8 +1,8 @@
 """Environment steps per second of PPO training (rollout + update): ours against the reference's script.
 
 Usage (from the repo root):
-  python benchmarks/rl_bench.py --configs=cartpole_ctm_2,acrobot_ctm_2 --iterations=3
-  python benchmarks/rl_bench.py --configs=cartpole_small --iterations=3 \
+  python -m benchmarks.rl_bench --configs=cartpole_ctm_2,acrobot_ctm_2 --iterations=3
+  python -m benchmarks.rl_bench --configs=cartpole_small --iterations=3 \
       --reference=/path/to/continuous-thought-machines --json=/tmp/rl_bench.json
 
 Configs (--configs): variants of configs/rl.py (`get_config(variant)`: the
@@ -41,9 +41,9 @@ twice, one after the other, never at the same time:
              start.
   speed-up   ours steps/s / the reference's: above 1, ours is faster.
 
-How the reference runs (a runner script written to a temporary directory at
-run time; nothing of the reference is part of this project): DIR goes first
-on sys.path, `tasks.rl.train` is imported and its `if __name__ ==
+How the reference runs (benchmarks/rl_reference_runner.py, in a process of
+its own; nothing of the reference is part of this project): DIR goes first
+on its PYTHONPATH, `tasks.rl.train` is imported and its `if __name__ ==
 "__main__":` body executed in that module with the flags as sys.argv, after:
   - torch.set_num_threads(--threads) (also OMP/MKL_NUM_THREADS); XLA's CPU
     client, for ours, uses every core of this process's affinity mask, so
@@ -76,7 +76,6 @@ need not hit them alike).
 """
 
 import argparse
-import datetime
 import importlib.metadata
 import json
 import os
@@ -94,8 +93,7 @@ from ctm_jax import sharding
 from ctm_jax import tasks
 from ctm_jax import validation
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import model_bench  # pylint: disable=g-import-not-at-top
+from benchmarks import harness
 
 DEFAULT_CONFIGS = 'cartpole_ctm_2,acrobot_ctm_2'
 # The reference's loop iterations before the timed window: 0 and 1 both plot and save.
@@ -108,7 +106,7 @@ CONFIG_MODULE = 'ctm_jax.configs.rl'
 # Our config's keys -> the reference script's argparse names, for every option
 # of tasks/rl/train.py that the config holds (`config_value`: under config.model
 # or at the top level).
-log = model_bench.log
+log = harness.log
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +195,7 @@ def bench_ours(config, iterations, devices=0) -> dict:
     t0 = time.perf_counter()
     runner = jax.block_until_ready(init())
     init_s = time.perf_counter() - t0
-    compiled, lower_s, compile_s = model_bench.aot_compile(iteration, abstract)
+    compiled, lower_s, compile_s = harness.aot_compile(iteration, abstract)
 
     def one(runner):
       runner, metrics = compiled(runner)
@@ -235,165 +233,10 @@ def bench_ours(config, iterations, devices=0) -> dict:
 # ---------------------------------------------------------------------------
 # The reference.
 
-# The runner script, written to a temporary directory and run with DIR as its
-# working directory. argv: DIR, the record file (JSON lines), torch threads,
-# plots mode (auto/run/skip), then the training script's flags.
-RUNNER = r'''
-import ast, json, multiprocessing, os, sys, time, types
+# The reference's runner: benchmarks/rl_reference_runner.py, run with DIR as its
+# working directory and first on its PYTHONPATH.
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'rl_reference_runner.py')
 
-ref_dir, record_path, threads, plots = sys.argv[1:5]
-sys.argv = [os.path.join(ref_dir, 'tasks', 'rl', 'train.py')] + sys.argv[5:]
-sys.path.insert(0, ref_dir)
-_out = open(record_path, 'a', buffering=1)
-
-
-def record(event, **fields):
-  _out.write(json.dumps(dict(event=event, t=time.perf_counter(), **fields)) + '\n')
-
-
-import torch
-torch.set_num_threads(int(threads))
-record('torch', version=torch.__version__, threads=torch.get_num_threads())
-
-
-class _Missing(types.ModuleType):
-  def __getattr__(self, attr):
-    if attr.startswith('__'):
-      raise AttributeError(attr)
-    raise ImportError(f'{self.__name__} is not installed (a stub of the RL benchmark)')
-
-
-for _name in ('cv2', 'umap'):  # imported by tasks/image_classification/plotting.py only
-  try:
-    __import__(_name)
-  except ImportError:
-    sys.modules[_name] = _Missing(_name)
-    record('stub', module=_name)
-
-try:
-  from tensorboardX import SummaryWriter as _Base
-  _writer = 'tensorboardX'
-except ImportError:
-  try:
-    from torch.utils.tensorboard import SummaryWriter as _Base
-    _writer = 'torch.utils.tensorboard'
-  except ImportError:
-    _Base, _writer = None, 'none'
-record('writer', kind=_writer)
-
-
-class SummaryWriter(_Base or object):
-  def __init__(self, *args, **kwargs):
-    if _Base is not None:
-      super().__init__(*args, **kwargs)
-
-  def add_scalar(self, tag, value, global_step=None, *args, **kwargs):
-    if _Base is not None:
-      super().add_scalar(tag, value, global_step, *args, **kwargs)
-    if tag == 'charts/SPS':
-      record('sps', step=int(global_step), sps=float(value))
-
-  def add_text(self, *args, **kwargs):
-    if _Base is not None:
-      super().add_text(*args, **kwargs)
-
-  def close(self):
-    if _Base is not None:
-      super().close()
-
-
-_tb = types.ModuleType('torch.utils.tensorboard')
-_tb.SummaryWriter = SummaryWriter
-sys.modules['torch.utils.tensorboard'] = _tb
-torch.utils.tensorboard = _tb
-
-import gymnasium
-_env_s = [0.0]
-_vector_step = gymnasium.vector.SyncVectorEnv.step
-
-
-def _timed_step(self, actions):
-  t0 = time.perf_counter()
-  try:
-    return _vector_step(self, actions)
-  finally:
-    _env_s[0] += time.perf_counter() - t0
-
-
-gymnasium.vector.SyncVectorEnv.step = _timed_step
-
-import importlib
-train = importlib.import_module('tasks.rl.train')
-record('imported', file=train.__file__)
-
-_get_value = train.Agent.get_value
-
-
-def _get_value_marked(self, *args, **kwargs):
-  record('rollout_end', env_s=_env_s[0])
-  _env_s[0] = 0.0
-  return _get_value(self, *args, **kwargs)
-
-
-train.Agent.get_value = _get_value_marked
-
-_plot = train.plot_activations
-_plot_state = {'skip': plots == 'skip'}
-
-
-def _plot_activations(agent, device, args):
-  t0 = time.perf_counter()
-  if _plot_state['skip']:
-    record('plot', s=0.0, skipped=True)
-    return None
-  try:
-    _plot(agent, device, args)
-    for child in multiprocessing.active_children():  # the gif's process
-      child.join()
-  except Exception as e:  # pylint: disable=broad-except
-    if plots != 'auto':
-      raise
-    agent.train()
-    _plot_state['skip'] = True
-    record('plot_error', error=f'{type(e).__name__}: {e}'[:500])
-    record('plot', s=time.perf_counter() - t0, skipped=True)
-    return None
-  record('plot', s=time.perf_counter() - t0, skipped=False)
-
-
-train.plot_activations = _plot_activations
-_save = train.save_model
-
-
-def _save_model(*args, **kwargs):
-  t0 = time.perf_counter()
-  _save(*args, **kwargs)
-  record('save', s=time.perf_counter() - t0)
-
-
-train.save_model = _save_model
-
-
-def _is_main_guard(node):
-  return (
-      isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-      and isinstance(node.test.left, ast.Name) and node.test.left.id == '__name__'
-      and len(node.test.comparators) == 1
-      and isinstance(node.test.comparators[0], ast.Constant)
-      and node.test.comparators[0].value == '__main__'
-  )
-
-
-with open(train.__file__) as f:
-  tree = ast.parse(f.read(), train.__file__)
-guards = [node for node in tree.body if _is_main_guard(node)]
-if len(guards) != 1:
-  raise RuntimeError(f'{train.__file__}: expected one `if __name__ == "__main__":` block')
-main = ast.Module(body=guards[0].body, type_ignores=[])
-record('start')
-exec(compile(main, train.__file__, 'exec'), vars(train))
-record('end')
-'''
 
 
 def reference_commit(ref_dir):
@@ -472,14 +315,13 @@ def bench_reference(config, iterations, ref_dir, threads, plots='auto', timeout=
         'github.com/SakanaAI/continuous-thought-machines'
     )
   with tempfile.TemporaryDirectory(prefix='rl_bench_') as tmp:
-    runner = os.path.join(tmp, 'run_reference.py')
-    with open(runner, 'w') as f:
-      f.write(RUNNER)
+    runner = RUNNER
     records_path = os.path.join(tmp, 'records.jsonl')
     flags = reference_flags(config, os.path.join(tmp, 'logs'), os.path.join(tmp, 'runs'))
     command = [sys.executable, runner, ref_dir, records_path, str(threads), plots, *flags]
     env = hostmem.environ_before_reexec()
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MPLBACKEND='Agg')
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MPLBACKEND='Agg',
+               PYTHONPATH=ref_dir)
     log(f'reference: cd {ref_dir} && python -m tasks.rl.train {shlex.join(flags)}')
     log_path = os.path.join(tmp, 'output.log')
     t0 = time.perf_counter()
@@ -523,17 +365,6 @@ def run_config(name, args) -> dict:
   return row
 
 
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown'
-
-
 def _version(package):
   try:
     return importlib.metadata.version(package)
@@ -541,21 +372,14 @@ def _version(package):
     return None
 
 
-def environment(args) -> dict:
-  affinity = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
+def environment_with_reference(args) -> dict:
+  """The harness's record of the machine, with the reference side's."""
   return dict(
-      cpu=cpu_model(),
-      cpu_count=os.cpu_count(),
-      cpus_usable=affinity,
-      platform=jax.devices()[0].platform,
-      device_count=jax.device_count(),
-      jax=jax.__version__,
+      harness.environment(),
       torch=_version('torch'),
       gymnasium=_version('gymnasium'),
       torch_threads=args.threads,
       xla_cpu_threads='all cores of the affinity mask',
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      git_commit=model_bench.git_commit(),
       reference=dict(dir=os.path.abspath(args.reference), commit=reference_commit(args.reference))
       if args.reference else None,
       load_before=os.getloadavg(),
@@ -670,26 +494,21 @@ def parse_args(argv=None):
   return args
 
 
-def write_json(path, env, args, results):
-  with open(path, 'w') as f:
-    json.dump(dict(environment=env, args=dict(vars(args)), results=results), f, indent=1)
-
-
 def main(argv=None):
   args = parse_args(argv)
   # Cold compiles only: a persistent cache would turn compile times into cache reads.
   jax.config.update('jax_enable_compilation_cache', False)
-  env = environment(args)
+  env = environment_with_reference(args)
   log(f"configs {args.config_names} on {env['cpu']} ({env['cpus_usable']} cores), "
       f"{env['device_count']} {env['platform']} device(s)")
   results = []
   for name in args.config_names:
     results.append(run_config(name, args))
     if args.json:  # after each config, so a long run keeps partial results
-      write_json(args.json, env, args, results)
+      harness.write_json(args.json, env, args, results=results)
   env['load_after'] = os.getloadavg()
   if args.json:
-    write_json(args.json, env, args, results)
+    harness.write_json(args.json, env, args, results=results)
   print(format_table(env, results, args), flush=True)
   return results
 

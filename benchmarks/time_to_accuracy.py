@@ -1,7 +1,7 @@
 """Wall time for a config to reach held-out accuracy thresholds (time to accuracy).
 
 Usage (from the repo root):
-  python benchmarks/time_to_accuracy.py [--config=configs/parity.py:small]
+  python -m benchmarks.time_to_accuracy [--config=configs/parity.py:small]
       [--metric=eval/acc_most_certain] [--thresholds=0.9,0.99] [--workdir=DIR]
       [--track_every=250] [--json=PATH] [--seed=N | --seeds=0,1,2]
       [--override=KEY=VALUE ...] [--run_to_end]
@@ -212,13 +212,13 @@ def main(argv=None):
     )
 
   import jax  # pylint: disable=g-import-not-at-top
-  import model_bench  # pylint: disable=g-import-not-at-top  (this folder)
+  from benchmarks import harness  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
   header = (
       f'# {args.config} time to {args.metric} | {device.platform} ({device.device_kind}), '
       f'{os.cpu_count()} host CPUs, {platform.machine()} | jax {jax.__version__} | '
-      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {model_bench.git_commit()}'
+      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {harness.git_commit()}'
   )
   print(header)
   overrides = ' '.join(f'{k}={v}' for k, v in args.override) or 'none'

@@ -5,9 +5,11 @@ D neurons, E d_input, K heads, M memory length, H NLM hidden width, P synch
 size, N matrix side.
 """
 
+import ast
 import inspect
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -24,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import analytic_flops
+from benchmarks import harness
 from benchmarks import matmul_peak
 from benchmarks import model_bench
 from benchmarks import reference_adapter
@@ -95,14 +98,14 @@ VARIANTS = {
 
 def _traced(config):
   """Matmul + conv FLOPs of the jaxprs of (forward, the trainer's train step), from shapes."""
-  bench = model_bench.build(config)
-  batch = model_bench.batch_shapes(bench)
+  bench = harness.build(config)
+  batch = harness.batch_shapes(bench)
   state = bench.run.abstract_state
   with jax.set_mesh(bench.mesh):
     forward = jax.make_jaxpr(model_bench.forward_fn(bench))(
         *model_bench.forward_args(bench, state, batch)
     )
-    train_step = jax.make_jaxpr(model_bench.train_step(bench))(state, batch)
+    train_step = jax.make_jaxpr(harness.train_step(bench))(state, batch)
   return traced_matmul_flops(forward.jaxpr), traced_matmul_flops(train_step.jaxpr)
 
 
@@ -218,20 +221,20 @@ def test_benchmark_step_is_the_trainers_step():
   synthetic batch, and one step of the benchmark's compiled step runs.
   """
   config = parity_config()
-  bench = model_bench.build(config)
+  bench = harness.build(config)
   task, model = validation.validate(config, num_devices=1)
-  local = task.synthetic_batch(config, config.batch_size, model_bench.BATCH_SEED)
+  local = task.synthetic_batch(config, config.batch_size, harness.BATCH_SEED)
   with jax.set_mesh(bench.mesh):
     run = supervised.setup(config, model, task, bench.mesh)
-    shapes = model_bench.batch_shapes(bench)
-    ours = model_bench.train_step(bench).lower(bench.run.abstract_state, shapes)
+    shapes = harness.batch_shapes(bench)
+    ours = harness.train_step(bench).lower(bench.run.abstract_state, shapes)
     theirs = run.train_step.lower(run.abstract_state, shapes)
     assert ours.as_text() == theirs.as_text()
-    batch = model_bench.device_batch(bench)
+    batch = harness.device_batch(bench)
     chex.assert_trees_all_equal(jax.device_get(batch), local)
     state = bench.run.init()
     chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(run.init()))
-    compiled, _, _ = model_bench.aot_compile(model_bench.train_step(bench), state, batch)
+    compiled, _, _ = harness.aot_compile(harness.train_step(bench), state, batch)
     new_state, metrics = compiled(state, batch)
   metrics = jax.device_get(metrics)
   assert {'loss_sum', 'acc_most_certain_sum', 'count', 'grad_norm', 'lr', 'finite', 'loss'} <= set(
@@ -336,11 +339,11 @@ def test_reference_worker_runs_the_scripts_step(make_config):
   """The reference's step from the benchmark's spec: same parameter count, a loss near ours."""
   pytest.importorskip('torch')
   config = make_config()
-  bench = model_bench.build(config)
+  bench = harness.build(config)
   worker = reference_adapter.ReferenceProcess(
       REFERENCE_DIR,
       model_bench.reference_spec(config, bench.task),
-      model_bench.local_batch(bench),
+      harness.local_batch(bench),
   )
   try:
     losses = [worker.step() for _ in range(2)]
@@ -349,7 +352,7 @@ def test_reference_worker_runs_the_scripts_step(make_config):
   with jax.set_mesh(bench.mesh):
     state = bench.run.init()
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    _, metrics = bench.run.train_step(state, model_bench.device_batch(bench))
+    _, metrics = bench.run.train_step(state, harness.device_batch(bench))
   assert worker.n_params == n_params
   assert np.all(np.isfinite(losses))
   assert 0.8 < losses[0] / float(metrics['loss']) < 1.25
@@ -444,7 +447,7 @@ def test_interleaved_timing_times_the_second_call_of_each_turn():
 
     return call
 
-  times = model_bench.time_interleaved(
+  times = harness.time_interleaved(
       [make_call('a'), make_call('b')], warmup=1, repeats=3, untimed_first=True
   )
   assert ''.join(log) == 'aabbbbaaaabbbbaa'  # turns of two, order alternating
@@ -454,7 +457,7 @@ def test_interleaved_timing_times_the_second_call_of_each_turn():
   def slow():
     time.sleep(0.05)
 
-  assert min(model_bench.time_interleaved([slow], warmup=0, repeats=2)[0]) >= 0.05
+  assert min(harness.time_interleaved([slow], warmup=0, repeats=2)[0]) >= 0.05
 
 
 def test_scaling_flags():
@@ -480,3 +483,52 @@ def test_data_bench_builds_train_records_as_the_trainer_does(capsys):
   data_bench.main(['--seconds=0.2', '--configs=mazes.py:smoke,parity.py:smoke'])
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(('mazes', 'parity'))]
   assert len(rows) == 2 and all(float(row.split('|')[2]) > 0 for row in rows), rows
+
+
+# ---------------------------------------------------------------------------
+# The benchmarks are a package with one harness.
+
+_HARNESS = ('build', 'aot_compile', 'donated_steps', 'time_calls', 'time_interleaved',
+            'environment', 'git_commit', 'write_json', 'log')
+
+
+def _benchmark_sources():
+  return {path.name: path.read_text() for path in sorted((pathlib.Path(ROOT) / 'benchmarks').glob('*.py'))}
+
+
+def _docstrings(tree):
+  nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+  return {id(n.body[0].value) for n in nodes
+          if n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+
+
+def test_benchmarks_edit_no_sys_path_and_hold_no_scripts_in_strings():
+  for name, source in _benchmark_sources().items():
+    tree = ast.parse(source)
+    docstrings = _docstrings(tree)
+    for node in ast.walk(tree):
+      func = getattr(node, 'func', None) if isinstance(node, ast.Call) else None
+      if (isinstance(func, ast.Attribute) and func.attr in ('insert', 'append', 'extend')
+          and isinstance(func.value, ast.Attribute) and func.value.attr == 'path'
+          and getattr(func.value.value, 'id', '') == 'sys'):
+        raise AssertionError(f'{name}:{node.lineno} edits sys.path')
+      if isinstance(node, ast.Constant) and node.value == '-c':
+        raise AssertionError(f'{name}:{node.lineno} runs a script from a string (python -c)')
+      if (isinstance(node, ast.Constant) and isinstance(node.value, str) and '\n' in node.value
+          and id(node) not in docstrings):
+        try:
+          code = ast.parse(node.value)
+        except SyntaxError:
+          continue
+        assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(code)), (
+            f'{name}:{node.lineno} holds a script in a string'
+        )
+
+
+def test_every_benchmark_takes_its_shared_parts_from_the_harness():
+  for name, source in _benchmark_sources().items():
+    if name in ('harness.py', '__init__.py'):
+      continue
+    tree = ast.parse(source)
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & set(_HARNESS), f'{name} defines its own {sorted(defined & set(_HARNESS))}'
