@@ -318,7 +318,8 @@ def bench_reference(config, iterations, ref_dir, threads, plots='auto', timeout=
     runner = RUNNER
     records_path = os.path.join(tmp, 'records.jsonl')
     flags = reference_flags(config, os.path.join(tmp, 'logs'), os.path.join(tmp, 'runs'))
-    command = [sys.executable, runner, ref_dir, records_path, str(threads), plots, *flags]
+    command = [sys.executable, runner, ref_dir, reference_script(config), records_path,
+               str(threads), plots, *flags]
     env = hostmem.environ_before_reexec()
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MPLBACKEND='Agg',
                PYTHONPATH=ref_dir)

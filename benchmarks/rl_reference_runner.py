@@ -3,13 +3,14 @@ in a process of its own, with the reference checkout as its working directory
 and first on its PYTHONPATH; see rl_bench's docstring for what it changes and
 records. Not imported by the benchmarks package.
 
-argv: DIR, the record file (JSON lines), torch threads, plots mode
-(auto/run/skip), then the training script's flags.
+argv: DIR, the training script (relative to DIR, as the task's
+`reference_script` names it), the record file (JSON lines), torch threads,
+plots mode (auto/run/skip), then the script's flags.
 """
 import ast, json, multiprocessing, os, sys, time, types
 
-ref_dir, record_path, threads, plots = sys.argv[1:5]
-sys.argv = [os.path.join(ref_dir, 'tasks', 'rl', 'train.py')] + sys.argv[5:]
+ref_dir, script, record_path, threads, plots = sys.argv[1:6]
+sys.argv = [os.path.join(ref_dir, script)] + sys.argv[6:]
 _out = open(record_path, 'a', buffering=1)
 
 
@@ -89,7 +90,7 @@ def _timed_step(self, actions):
 gymnasium.vector.SyncVectorEnv.step = _timed_step
 
 import importlib
-train = importlib.import_module('tasks.rl.train')
+train = importlib.import_module(os.path.splitext(script)[0].replace(os.sep, '.'))
 record('imported', file=train.__file__)
 
 _get_value = train.Agent.get_value
