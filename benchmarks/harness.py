@@ -225,16 +225,15 @@ def accelerator_present():
 
 def git_commit():
   """This checkout's short commit, '-dirty' when tracked files changed; 'unknown' outside git."""
-  root = REPO
   try:
     sha = subprocess.run(
-        ['git', '-C', root, 'rev-parse', '--short', 'HEAD'],
+        ['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     dirty = subprocess.run(
-        ['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+        ['git', '-C', REPO, 'status', '--porcelain', '--untracked-files=no'],
         capture_output=True,
         text=True,
         check=True,

@@ -84,6 +84,18 @@ def frame(fig):
   return frame.quantize(method=Image.Quantize.FASTOCTREE)
 
 
+def attention_overlay(ax, attention_hxw, height: int, width: int, alpha: float):
+  """An attention map drawn over an (H, W) picture already on `ax`: its cells
+  cover the picture (extent stretches (h, w) over (H, W))."""
+  return ax.imshow(
+      attention_hxw,
+      cmap='inferno',
+      alpha=alpha,
+      interpolation='bilinear',
+      extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+  )
+
+
 def save_gif(frames, path, frame_ms: int) -> str:
   frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
   return str(path)
@@ -106,14 +118,7 @@ def attention_gif(
   height, width = np.shape(image_HxWxC)[:2]
   fig, (ax_image, ax_probs) = subplots(1, 2, figsize=(6, 3.2), dpi=80)
   ax_image.imshow(unit_range(image_HxWxC), cmap='gray', interpolation='nearest')
-  # The map's cells cover the image: extent stretches (h, w) over (H, W).
-  overlay = ax_image.imshow(
-      attention_Txhxw[0],
-      cmap='inferno',
-      alpha=0.55,
-      interpolation='bilinear',
-      extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-  )
+  overlay = attention_overlay(ax_image, attention_Txhxw[0], height, width, alpha=0.55)
   ax_image.set_axis_off()
   rows = np.arange(num_top)[::-1]  # most probable on top
   bars = ax_probs.barh(rows, top_probs_TxA[0], color='tab:blue')

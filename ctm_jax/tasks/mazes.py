@@ -289,7 +289,7 @@ def route_gif(
     certainty_T,
     start,
     path,
-    moves=((-1, 0), (1, 0), (0, -1), (0, 1)),
+    moves=maze_data.MOVE_DELTAS,
     title: str = '',
     frame_ms: int = 200,
 ) -> str:
@@ -301,13 +301,7 @@ def route_gif(
   free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
   fig, ax = plots.subplots(figsize=(3.6, 3.9), dpi=80)
   ax.imshow(image_HxWx3, interpolation='nearest')
-  overlay = ax.imshow(
-      attention_Txhxw[0],
-      cmap='inferno',
-      alpha=0.45,
-      interpolation='bilinear',
-      extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-  )
+  overlay = plots.attention_overlay(ax, attention_Txhxw[0], height, width, alpha=0.45)
   (line,) = ax.plot([], [], color='tab:cyan', linewidth=2)
   (cross,) = ax.plot([], [], 'x', color='tab:red', markersize=9, markeredgewidth=2)
   ax.set_axis_off()

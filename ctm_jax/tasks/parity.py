@@ -160,7 +160,7 @@ class Parity(base.Task):
 # The task's picture.
 
 
-def grid_shape(length: int) -> tuple[int, int]:
+def _grid_shape(length: int) -> tuple[int, int]:
   """(rows, cols) of the most nearly square grid holding `length` cells exactly."""
   rows = max(r for r in range(1, int(np.sqrt(length)) + 1) if length % r == 0)
   return rows, length // rows
@@ -180,7 +180,7 @@ def parity_gif(
   black -1) under the head-averaged attention, and the cumulative parity the
   model answers at that tick (green right, red wrong; a dot marks a 1)."""
   length = len(inputs_L)
-  rows, cols = grid_shape(length)
+  rows, cols = _grid_shape(length)
   fig, (ax_in, ax_out) = plots.subplots(1, 2, figsize=(6, 3.4), dpi=80)
   ax_in.imshow((np.asarray(inputs_L) > 0).reshape(rows, cols), cmap='gray', vmin=0, vmax=1)
   on_grid = np.shape(attention_TxN)[1] == length
