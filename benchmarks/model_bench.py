@@ -122,6 +122,7 @@ import numpy as np
 from ctm_jax import hostmem
 from ctm_jax import sharding
 from ctm_jax import steps
+from ctm_jax import tasks
 from ctm_jax import validation
 from ctm_jax.models.ctm import COMPUTE_FIELDS
 from ctm_jax.models.ctm import REMAT_POLICIES
@@ -220,6 +221,8 @@ def reference_spec(config, task) -> dict:
   name, the reference's loss function, our model's constructor kwargs and the
   whole config (the trainer keys are the reference scripts' argparse names).
   Our compute options (ctm.COMPUTE_FIELDS), which the reference lacks, are left out."""
+  if not isinstance(task, tasks.ImportsReference):
+    raise ValueError(f'config.task={task.name!r}: the reference has no such task to time')
   kwargs = {k: v for k, v in task.model_kwargs(config).items() if k not in COMPUTE_FIELDS}
   kwargs['prediction_reshaper'] = list(kwargs['prediction_reshaper'])
   loss = task.reference_loss or f'{task.name}_loss'

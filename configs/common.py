@@ -54,6 +54,9 @@ def trainer() -> ml_collections.ConfigDict:
           num_workers_train=0,
           num_read_threads=0,
           init_from='',
+          # The evaluators run at each eval, by name (comma-separated); 'default'
+          # is the task's own list (tasks.Evaluated), e.g. 'default,calibration'.
+          evals='default',
           # Device mesh: -1 takes the devices left over (see ctm_jax/sharding.py).
           mesh=sharding.default_mesh_config(),
       )

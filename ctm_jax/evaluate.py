@@ -9,7 +9,8 @@ runs the same evaluators as a training eval: the scalars (printed, and written
 to DIR/metrics.json) and the plots (tick accuracy, adaptive compute, the
 task's gifs) under DIR/plots. DIR defaults to RUN/eval_<step>. Overrides of
 the run's config (`--n_test_batches`, `--batch_size_test`) evaluate on more
-or fewer held-out examples.
+or fewer held-out examples; `--evals` runs other evaluators of the task
+(`--evals=tick_accuracy`; the task's `evals` names them).
 """
 
 import json
@@ -102,6 +103,7 @@ def _run(values):
       values.out,
       n_test_batches=values.n_test_batches,
       batch_size_test=values.batch_size_test,
+      evals=values.evals,
   )
   for key in sorted(scalars):
     if '_tick_' not in key:
@@ -120,6 +122,7 @@ def run():
   flags.DEFINE_string('out', '', 'Output directory (default <workdir>/eval_<step>).')
   flags.DEFINE_integer('n_test_batches', None, "Held-out batches (default: the run's).")
   flags.DEFINE_integer('batch_size_test', None, "Held-out batch size (default: the run's).")
+  flags.DEFINE_string('evals', None, "Evaluators by name, comma-separated (default: the run's config.evals).")
   app.run(validation.command('ctm_jax.evaluate', _run))
 
 

@@ -1,4 +1,4 @@
-"""Evaluators: small objects a task lists (`Task.evaluators`), each with
+"""Evaluators: small objects a task offers by name (`Evaluated.evals`, chosen by `config.evals`), each with
 `run(state, step) -> {'eval/...': float}` that also writes its own artefacts
 (plots, tables, gifs) under the run's plot dir. The train loop calls them in
 order at every eval and knows nothing else about them.

@@ -27,8 +27,7 @@ def load(workdir: str, step: int | None = None):
   workdir = os.path.abspath(workdir)
   if artefact.is_artefact(workdir):
     spec = artefact.read_spec(workdir)
-    model_class = tasks.get(spec['task']).model_class_for(spec.get('model_type', 'ctm'))
-    model = model_class(**spec['model_kwargs'])
+    model = tasks.get(spec['task']).model_from_kwargs(spec.get('model_type', 'ctm'), spec['model_kwargs'])
     variables = artefact.restore_variables(os.path.join(workdir, artefact.VARIABLES_DIR))
     return model, variables, ml_collections.ConfigDict(spec['config'])
   config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)

@@ -5,7 +5,7 @@
   python -m ctm_jax.predict --workdir=RUN --input=DIR --threshold=0.9 [--slots=64]
 
 RUN is a training run, an exported artefact or an imported reference model.
-FILE is what the run's task reads (`Task.read_input`): a picture for image
+FILE is what the run's task reads (`Predicts.read_input`): a picture for image
 classification, a maze PNG, a parity sequence (a file, or the bits themselves:
 --input=0110...), or a `.npy` of one model-ready example for any task. Prints
 each tick's answer and certainty (and whether it is right, when the input
@@ -36,9 +36,15 @@ def _load(workdir, step, threshold, max_ticks):
   if threshold is not None and not 0 < threshold:
     raise validation.UsageError(f'--threshold={threshold}: a certainty in (0, 1]')
   model, variables, config = inference.load(workdir, step)
+  task = tasks.get(config.task)
+  if not isinstance(task, tasks.Predicts):
+    raise validation.UsageError(
+        f'--workdir={workdir}: task {task.name!r} reads no single inputs (it has no tasks.Predicts part); '
+        'evaluate it with python -m ctm_jax.evaluate'
+    )
   if max_ticks is not None:
     model = model.clone(iterations=max_ticks)
-  return model, variables, config, tasks.get(config.task)
+  return model, variables, config, task
 
 
 def predict(workdir: str, source: str, step=None, threshold=None, max_ticks=None, gif=''):

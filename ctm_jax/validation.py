@@ -22,10 +22,11 @@ _POSITIVE_INTS = (
     'log_every',
     'keep_checkpoints',
 )
-# Keys a config may leave out: `model_type` (the reference's --model /
-# --model_type: 'ctm', or a baseline the task offers) is 'ctm' when absent, as
-# in runs written before baselines existed.
-OPTIONAL_KEYS = frozenset({'model_type'})
+# Keys a config may leave out, as runs written before they existed do:
+# `model_type` (the reference's --model / --model_type: 'ctm', or a baseline
+# the task offers) is 'ctm' when absent; `evals` (the evaluators, for a task
+# that offers a choice: tasks.Evaluated) is 'default'.
+OPTIONAL_KEYS = frozenset({'model_type', 'evals'})
 _NON_NEGATIVE_INTS = (
     'warmup_steps',
     'num_workers_train',
@@ -75,7 +76,7 @@ def supervised_only(task, workdir: str) -> None:
   """UsageError for a run of a task without held-out inputs (RL: it plays
   environments): the tools that read held-out data or single inputs refuse
   it in one line."""
-  if not task.has_held_out_inputs:
+  if not isinstance(task, tasks_lib.Supervised):
     raise UsageError(
         f'--workdir={workdir}: a {task.name!r} run, which has no held-out inputs to read; '
         'it evaluates while it trains (eval/* in metrics.jsonl, plots/)'
@@ -135,6 +136,10 @@ def validate(config, num_devices: int | None = None):
   model_type = config.get('model_type', 'ctm')
   if model_type not in task.model_types():
     _fail('model_type', model_type, f'task {config.task!r} trains {", ".join(map(repr, task.model_types()))}')
+  if 'evals' in config:
+    if not isinstance(task, tasks_lib.Evaluated):
+      _fail('evals', config.evals, f'task {config.task!r} offers no choice of evaluators')
+    task.eval_names(config)
   task.validate(config)
   for field in (f for f in _POSITIVE_INTS if f in known):
     value = config.get(field)
@@ -204,9 +209,7 @@ def _check_init_from(path, model):
     with open(config_path) as f:
       imported = json.load(f)
     imported_task = tasks_lib.get(imported['task'])
-    imported_model = imported_task.model_class_for(imported.get('model_type', 'ctm'))(
-        **imported['model_kwargs']
-    )
+    imported_model = imported_task.model_from_kwargs(imported.get('model_type', 'ctm'), imported['model_kwargs'])
   except (OSError, ValueError, KeyError, TypeError) as e:
     _fail('init_from', path, f'{config_path} is not an import record ({e})')
   names = [

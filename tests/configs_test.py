@@ -44,7 +44,7 @@ def test_config_builds_its_model(name, variant):
   assert isinstance(model, task.model_class_for(config.get('model_type', 'ctm')))
   if name == 'imagenet':  # parameter shapes do not depend on the image size
     config.image_shape = (32, 32, 3)
-  if not task.has_held_out_inputs:  # RL: the agent takes (observation, carry, done)
+  if not isinstance(task, tasks.Supervised):  # RL: the agent takes (observation, carry, done)
     env = task.make_env(config)
     example = model.example_inputs(env.observation_shape, env.observation_dtype)
   else:

@@ -14,6 +14,7 @@ import pytest
 
 from configs_test import CASES
 from ctm_jax import sharding
+from ctm_jax import tasks
 from ctm_jax import validation
 from ctm_jax.models import nlm
 
@@ -33,7 +34,7 @@ def _model_and_init(name, variant):
     task, model = validation.validate(config, num_devices=8)
   except ValueError:  # an RL config whose minibatches fit no 8-way batch axis
     task, model = validation.validate(config, num_devices=1)
-  if task.has_held_out_inputs:
+  if isinstance(task, tasks.Supervised):
     example = (task.model_inputs(task.example_batch(config)),)
   else:  # the agent takes (observation, carry, done)
     env = task.make_env(config)

@@ -13,28 +13,32 @@ K heads, F head width, E d_input.
 """
 
 import ast
+import importlib
 import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import tokenize
 
 from absl import flags
 import chex
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ctm_jax import checkpoint
 from ctm_jax.configs import common
-from ctm_jax import evaluators
+from ctm_jax import evaluate
+from ctm_jax.interop import torch as torch_interop
 from ctm_jax import losses
 from ctm_jax.models import ctm as ctm_lib
+from ctm_jax import predict
 from ctm_jax import tasks
 from ctm_jax import train
+from ctm_jax import validation
 
 flags.FLAGS.mark_as_parsed()
 
@@ -105,7 +109,7 @@ class HeldOutMargin:
 
 
 @tasks.register
-class FakeTokens(tasks.Task):
+class FakeTokens(tasks.Task, tasks.Supervised):
   name = 'fake_tokens_test'
   config_keys = frozenset({'fake_tokens', 'fake_features'})
   identity_keys = ('fake_features',)
@@ -157,8 +161,9 @@ class FakeTokens(tasks.Task):
   def eval_arrays(self, config, output, batch, aux):
     return {**super().eval_arrays(config, output, batch, aux), 'margin_B': aux['margin_B']}
 
-  def evaluators(self, config, context):
-    return [evaluators.TickAccuracy(context), HeldOutMargin(context)]
+  # The evaluators it offers (config.evals chooses among them) and its default.
+  evals = {**tasks.Supervised.evals, 'margin': HeldOutMargin}
+  default_evals = ('tick_accuracy', 'margin')
 
 
 def _config(**overrides):
@@ -240,6 +245,64 @@ def test_fake_task_refuses_a_changed_identity_key(fake_run):
   # A key outside the identity (the token count) may change.
   config = _config(fake_tokens=2, training_iterations=41, save_every=41, track_every=41)
   assert int(train.train_and_evaluate(config, str(workdir)).step) == 41
+
+
+def test_config_evals_chooses_among_the_evaluators_a_task_offers(fake_run, tmp_path):
+  task = tasks.get(FakeTokens.name)
+  assert task.eval_names(_config()) == ['tick_accuracy', 'margin']
+  # 'default' is the task's list, wherever it stands; a name is run once.
+  chosen = task.eval_names(_config(evals='margin, default,adaptive_compute'))
+  assert chosen == ['margin', 'tick_accuracy', 'adaptive_compute']
+  assert task.eval_names(_config(evals='')) == []
+  written_before = _config()
+  del written_before['evals']  # a run's config.json from before config.evals
+  assert task.eval_names(written_before) == ['tick_accuracy', 'margin']
+  validation.validate(written_before)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals='default,top5': 'top5' is not an evaluator of task 'fake_tokens_test'; "
+      'expected names among default, tick_accuracy, adaptive_compute, margin')):
+    validation.validate(_config(evals='default,top5'))
+  # Evaluating the trained run with other evaluators runs those, and only those.
+  workdir, _ = fake_run
+  calls = len(HeldOutMargin.calls)
+  scalars = evaluate.evaluate(str(workdir), out=str(tmp_path / 'eval'), evals='adaptive_compute')
+  assert any(key.startswith('eval/adaptive') for key in scalars)
+  assert 'eval/margin' not in scalars and 'eval/acc_most_certain' not in scalars
+  assert len(HeldOutMargin.calls) == calls
+  assert 'eval/margin' in evaluate.evaluate(str(workdir), out=str(tmp_path / 'eval2'))
+
+
+def test_parts_a_task_lacks_are_refused_in_one_line(fake_run):
+  workdir, _ = fake_run
+  task = tasks.get(FakeTokens.name)
+  assert isinstance(task, tasks.Supervised) and isinstance(task, tasks.Evaluated)
+  assert not isinstance(task, tasks.Predicts) and not isinstance(task, tasks.ImportsReference)
+  with pytest.raises(validation.UsageError, match='reads no single inputs'):
+    predict.predict(str(workdir), 'x.npy')
+  with pytest.raises(ValueError, match=r'--task=fake_tokens_test: it imports no reference checkpoints'):
+    torch_interop.model_kwargs_from_args({'iterations': 4}, FakeTokens.name)
+  assert FakeTokens.name not in [t.name for t in tasks.with_part(tasks.ImportsReference)]
+  # A task not made by a loss (RL: its own program) chooses no evaluators by config.
+  config = importlib.import_module('ctm_jax.configs.rl').get_config()
+  config.evals = 'default'
+  with pytest.raises(ValueError, match=r"config.evals='default': task 'rl' offers no choice"):
+    validation.validate(config)
+
+
+def test_register_refuses_a_task_without_training_or_with_unknown_default_evals():
+  class NoTraining(tasks.Task):
+    name = 'no_training_test'
+
+  with pytest.raises(ValueError, match=r'subclass tasks.Supervised, or define training'):
+    tasks.register(NoTraining)
+
+  class UnknownDefault(tasks.Task, tasks.Supervised):
+    name = 'unknown_default_test'
+    default_evals = ('tick_accuracy', 'margin')
+
+  with pytest.raises(ValueError, match=r"default_evals names \['margin'\], which evals lacks"):
+    tasks.register(UnknownDefault)
+  assert 'no_training_test' not in tasks.names() and 'unknown_default_test' not in tasks.names()
 
 
 # ---------------------------------------------------------------------------

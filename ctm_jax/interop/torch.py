@@ -369,14 +369,24 @@ def _as_dict(args) -> dict:
 def detect_task(args) -> str:
   """Which task's reference training script saved `args` (their argparse fields differ)."""
   args = _as_dict(args)
-  found = [name for name in tasks_lib.names() if tasks_lib.get(name).matches_reference_args(args)]
+  importing = [task.name for task in tasks_lib.with_part(tasks_lib.ImportsReference)]
+  found = [name for name in importing if tasks_lib.get(name).matches_reference_args(args)]
   if len(found) != 1:
     raise ValueError(
         f'cannot tell the task from the saved args (dataset={args.get("dataset")!r}; '
         f'{"several match: " + ", ".join(found) if found else "no task recognises them"}); '
-        f'pass --task, one of {", ".join(tasks_lib.names())}'
+        f'pass --task, one of {", ".join(importing)}'
     )
   return found[0]
+
+
+def importing_task(name: str):
+  """The task `name`, which must import the reference's checkpoints; ValueError otherwise."""
+  task = tasks_lib.get(name)
+  if not isinstance(task, tasks_lib.ImportsReference):
+    importing = [t.name for t in tasks_lib.with_part(tasks_lib.ImportsReference)]
+    raise ValueError(f'--task={name}: it imports no reference checkpoints; expected one of {", ".join(importing)}')
+  return task
 
 
 def model_kwargs_from_args(args, task: str | None = None) -> dict:
@@ -390,7 +400,7 @@ def model_kwargs_from_args(args, task: str | None = None) -> dict:
   """
   args = _as_dict(args)
   task_name = task or detect_task(args)
-  task = tasks_lib.get(task_name)
+  task = importing_task(task_name)
   model_type = reference_model_type(args, task_name)
   if model_type != 'ctm' or task.reference_args_by_name:
     return _baseline_kwargs(args, task, model_type)
@@ -418,7 +428,7 @@ def reference_model_type(args, task: str) -> str:
   """'ctm', or the baseline (the task's `baselines`) that saved `args`: the
   script's --model / --model_type field; absent in runs older than baselines."""
   args = _as_dict(args)
-  task_lib = tasks_lib.get(task)
+  task_lib = importing_task(task)
   value = args.get(task_lib.reference_model_field) or 'ctm'
   try:
     task_lib.model_class_for(value)
@@ -603,8 +613,7 @@ def load_imported(workdir: str):
   workdir = os.path.abspath(workdir)
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     config = json.load(f)
-  model_class = tasks_lib.get(config['task']).model_class_for(config.get('model_type', 'ctm'))
-  model = model_class(**config['model_kwargs'])
+  model = tasks_lib.get(config['task']).model_from_kwargs(config.get('model_type', 'ctm'), config['model_kwargs'])
   # Target from the saved metadata, not its sharding: the writer's device may not exist here.
   variables = artefact.restore_variables(os.path.join(workdir, CHECKPOINT_DIR))
   return model, variables, config

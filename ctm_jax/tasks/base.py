@@ -1,13 +1,18 @@
-"""The task interface and its registry.
+"""The task interface, in parts a task opts into, and the registry.
 
-A task owns everything problem-specific: its config keys (and which of them
-fix a checkpoint's identity), its model class and constructor kwargs, its data
-sources, how a batch becomes model inputs (any pytree), its loss with per-example
-aux, its train metrics, the per-example arrays its eval step returns, its
-evaluators, and how a reference checkpoint's saved args map onto its model.
-The trainer (`train.py`, through the `Program` of `training`), `supervised.py`,
-`steps.py`, `checkpoint.py`, `validation.py`, `interop/torch.py`, `tools/` and
-`benchmarks/` call these methods only.
+- `Task`: every task. Name, config keys (and which fix a checkpoint's
+  identity), model class, baselines and constructor kwargs.
+- `Supervised`: training on data by a loss. Data sources, model inputs
+  (any pytree), loss with per-example aux, train metrics, eval arrays; the
+  training loop (`train.py`) runs it through `supervised.py`. Includes
+  `Evaluated`.
+- `Evaluated`: the evaluators a task offers, chosen by `config.evals`.
+- `Predicts`: one input at a time (`ctm_jax.predict`).
+- `ImportsReference`: the reference's checkpoints of this task (`interop/torch.py`).
+
+A task that is not `Supervised` defines `training(config, model)` itself
+(`tasks/rl/`). Code outside the tasks asks a task only through these parts,
+and checks a part with `isinstance` before it uses it.
 
 Dimension glossary: B batch, T ticks.
 """
@@ -31,10 +36,13 @@ RecordSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 class Task:
-  """Subclass, set `name` and the abstract methods, and decorate with `@register`.
+  """The part every task has: its name, config keys, identity and model.
 
-  Methods take the whole config; a task keeps no state of its own, so one
-  registered instance serves every run.
+  A task subclasses `Task` and the parts it opts into (`Supervised`,
+  `Evaluated`, `Predicts`, `ImportsReference`), sets `name` and decorates
+  the class with `@register`. Methods take the whole config; a task keeps no
+  state of its own, so one registered instance serves every run. A task
+  that is not `Supervised` defines `training(config, model)` itself.
   """
 
   name: ClassVar[str] = ''
@@ -52,21 +60,6 @@ class Task:
   # --model / --model_type): e.g. {'lstm': lstm.LSTMBaseline}.
   baselines: ClassVar[dict[str, type]] = {}
 
-  # --- Config and data ----------------------------------------------------------
-
-  def training(self, config, model):
-    """What the training loop (ctm_jax/train.py) runs for `config`: an object
-    whose `program(mesh, plot_dir, started)` returns the run's
-    `program.Program`. Made before the workdir is touched, so its checks
-    (data readable, batch sizes) refuse a run before anything is written.
-    By default supervised training on the task's data, loss and evaluators
-    (ctm_jax/supervised.py)."""
-    return supervised.Training(self, config, model)
-
-  # Whether the task reads held-out inputs (evaluate, predict): a task whose
-  # program makes its own data (environments) has none.
-  has_held_out_inputs: ClassVar[bool] = True
-
   def validate(self, config) -> None:
     """Raises ValueError naming `config.<key>=<value>` for a bad task key; reads no data."""
 
@@ -76,6 +69,88 @@ class Task:
 
   def check_data(self, config) -> None:
     """Raises ValueError, saying how to fix it, when the task's data cannot be read."""
+
+  def model_kwargs(self, config) -> dict:
+    """Constructor kwargs of the model; by default `config.model` as it is."""
+    return config.model.to_dict()
+
+  def model_types(self) -> dict[str, type]:
+    """`config.model_type` -> model class: 'ctm' and the task's baselines."""
+    return {'ctm': self.model_class, **self.baselines}
+
+  def model_class_for(self, model_type: str = 'ctm') -> type:
+    types = self.model_types()
+    if model_type not in types:
+      raise ValueError(f'model_type={model_type!r}: task {self.name!r} trains {", ".join(map(repr, types))}')
+    return types[model_type]
+
+  def make_model(self, config):
+    """`config.model_type`'s class with `model_kwargs(config)`. config.model is
+    shared by the model types: each takes the options it has, those of the
+    other types are left out, and an option no model has is refused."""
+    model_type = config.get('model_type', 'ctm')
+    own = init_fields(self.model_class_for(model_type))
+    others = set().union(*(init_fields(c) for task in _REGISTRY.values() for c in task.model_types().values()))
+    kwargs = {k: v for k, v in self.model_kwargs(config).items() if k in own or k not in others}
+    return self.model_from_kwargs(model_type, kwargs)
+
+  def model_from_kwargs(self, model_type: str, kwargs: dict):
+    """The model of a record (a run's config, an import, an artefact): the one
+    place a model is constructed."""
+    return self.model_class_for(model_type)(**kwargs)
+
+
+class Evaluated:
+  """Part: the evaluators a task offers, chosen by `config.evals`.
+
+  `evals` maps a name to `factory(context) -> evaluator | None` (None: the
+  config asks for none of it, e.g. zero gifs); `config.evals` is a comma-
+  separated list of names, where `default` stands for `default_evals`. The
+  evaluators run in the order named (ctm_jax/evaluators.py).
+  """
+
+  evals: ClassVar[dict[str, Any]] = {
+      'tick_accuracy': evaluators.TickAccuracy,
+      'adaptive_compute': evaluators.AdaptiveCompute,
+  }
+  default_evals: ClassVar[tuple[str, ...]] = ('tick_accuracy', 'adaptive_compute')
+
+  def eval_names(self, config) -> list[str]:
+    """The names `config.evals` chooses, in order; ValueError naming an unknown one."""
+    chosen = []
+    for name in (n.strip() for n in str(config.get('evals', 'default')).split(',')):
+      found = self.default_evals if name == 'default' else (name,) if name else ()
+      for one in found:
+        if one not in self.evals:
+          raise ValueError(
+              f'config.evals={config.evals!r}: {one!r} is not an evaluator of task {self.name!r}; '
+              f'expected names among default, {", ".join(self.evals)}'
+          )
+        if one not in chosen:
+          chosen.append(one)
+    return chosen
+
+  def evaluators(self, config, context) -> list:
+    made = (self.evals[name](context) for name in self.eval_names(config))
+    return [evaluator for evaluator in made if evaluator is not None]
+
+
+class Supervised(Evaluated):
+  """Part: training on held-out-able data, by a loss and train metrics.
+
+  The training loop runs it through ctm_jax/supervised.py: the data
+  (`record_spec`, `train_source`, `eval_source`, `train_transform`), how a
+  batch feeds the model (`model_inputs`), the `loss` and `train_metrics`, and
+  the per-example `eval_arrays` its evaluators read. Its evaluators are
+  chosen by config (`Evaluated`, which it includes).
+  """
+
+  def training(self, config, model):
+    """What the training loop (ctm_jax/train.py) runs for `config`: an object
+    whose `program(mesh, plot_dir, started)` returns the run's
+    `program.Program`. Made before the workdir is touched, so its checks
+    (data readable, batch sizes) refuse a run before anything is written."""
+    return supervised.Training(self, config, model)
 
   def record_spec(self, config) -> RecordSpec:
     """Shapes and dtypes of one model-ready example, without reading data."""
@@ -99,32 +174,6 @@ class Task:
     """A batch with the task's shapes and value ranges, made up (benchmarks, sizing)."""
     raise NotImplementedError
 
-  # --- Model ----------------------------------------------------------------------
-
-  def model_kwargs(self, config) -> dict:
-    """Constructor kwargs of `model_class`; by default `config.model` as it is."""
-    return config.model.to_dict()
-
-  def model_types(self) -> dict[str, type]:
-    """`config.model_type` -> model class: 'ctm' and the task's baselines."""
-    return {'ctm': self.model_class, **self.baselines}
-
-  def model_class_for(self, model_type: str = 'ctm') -> type:
-    types = self.model_types()
-    if model_type not in types:
-      raise ValueError(f'model_type={model_type!r}: task {self.name!r} trains {", ".join(map(repr, types))}')
-    return types[model_type]
-
-  def make_model(self, config):
-    """`config.model_type`'s class with `model_kwargs(config)`. config.model is
-    shared by the model types: each takes the options it has, those of the
-    other types are left out, and an option no model has is refused."""
-    cls = self.model_class_for(config.get('model_type', 'ctm'))
-    own = init_fields(cls)
-    others = set().union(*(init_fields(c) for task in _REGISTRY.values() for c in task.model_types().values()))
-    kwargs = {k: v for k, v in self.model_kwargs(config).items() if k in own or k not in others}
-    return cls(**kwargs)
-
   def model_inputs(self, batch) -> Any:
     """What `model.apply` takes of a batch: any pytree."""
     return batch['inputs']
@@ -135,8 +184,6 @@ class Task:
         name: jnp.ones((1, *shape), dtype)
         for name, (shape, dtype) in self.record_spec(config).items()
     }
-
-  # --- Loss, metrics, evaluation -------------------------------------------------
 
   def loss(self, config, output, batch) -> tuple[jax.Array, dict]:
     """(scalar loss, aux): aux holds per-example arrays, at least `most_certain_B`
@@ -177,13 +224,9 @@ class Task:
         'most_certain_B': aux['most_certain_B'].astype(jnp.int32),
     }
 
-  def evaluators(self, config, context) -> list:
-    """The evaluators run at every eval (ctm_jax/evaluators.py), given an
-    `evaluators.Context`; by default per-tick accuracy and adaptive compute."""
-    del config
-    return [evaluators.TickAccuracy(context), evaluators.AdaptiveCompute(context)]
 
-  # --- One input at a time (python -m ctm_jax.predict) ------------------------
+class Predicts:
+  """Part: one input at a time (python -m ctm_jax.predict, its folder server)."""
 
   def read_input(self, config, source: str) -> dict[str, np.ndarray]:
     """A batch of one from a user's file: {'inputs'}, plus 'targets' where the
@@ -211,7 +254,10 @@ class Task:
     del config, model, variables, batch, path
     raise ValueError(f'task {self.name!r} draws no gif')
 
-  # --- Reference checkpoints (ctm_jax/interop/torch.py) -------------------------
+
+class ImportsReference:
+  """Part: reads checkpoints of the reference's training script for this task
+  (ctm_jax/interop/torch.py)."""
 
   # The saved-args field that names the model type ('ctm' for a CTM).
   reference_model_field: ClassVar[str] = 'model'
@@ -227,13 +273,12 @@ class Task:
 
   def matches_reference_args(self, args: dict) -> bool:
     """Whether a reference training script of this task saved `args`."""
-    del args
-    return False
+    raise NotImplementedError
 
   def reference_model_kwargs(self, args: dict) -> dict:
     """The task-derived constructor kwargs (out_dims, prediction_reshaper, ...)
     the reference's training script sets from its saved `args`."""
-    raise NotImplementedError(f'task {self.name!r} cannot import reference checkpoints')
+    raise NotImplementedError
 
 
 def init_fields(cls) -> set[str]:
@@ -248,6 +293,16 @@ def register(cls: type[Task]) -> type[Task]:
   """Class decorator: makes `cls` the task named `cls.name`."""
   if not cls.name:
     raise ValueError(f'{cls.__qualname__}: a task needs a name')
+  if not issubclass(cls, Task):
+    raise ValueError(f'task {cls.name!r}: subclass tasks.Task')
+  if not callable(getattr(cls, 'training', None)):
+    raise ValueError(
+        f'task {cls.name!r}: subclass tasks.Supervised, or define training(config, model) '
+        'returning what the training loop runs'
+    )
+  if issubclass(cls, Evaluated) and not set(cls.default_evals) <= set(cls.evals):
+    missing = sorted(set(cls.default_evals) - set(cls.evals))
+    raise ValueError(f'task {cls.name!r}: default_evals names {missing}, which evals lacks')
   previous = _REGISTRY.get(cls.name)
   if previous is not None and (
       type(previous).__module__,
@@ -273,6 +328,11 @@ def _discover():
 def names() -> list[str]:
   _discover()
   return sorted(_REGISTRY)
+
+
+def with_part(part: type) -> list[Task]:
+  """The registered tasks that opted into `part` (e.g. `ImportsReference`), by name."""
+  return [get(name) for name in names() if isinstance(get(name), part)]
 
 
 def get(name: str) -> Task:

@@ -55,7 +55,7 @@ def image_classification_loss(
 
 
 @base.register
-class ImageClassification(base.Task):
+class ImageClassification(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   name = 'image_classification'
   config_keys = frozenset(
       {'dataset', 'num_classes', 'image_shape', 'dataset_size', 'data_dir', 'augment',
@@ -119,16 +119,16 @@ class ImageClassification(base.Task):
     arrays['confidence_BxT'] = jax.nn.softmax(logits_BxCxT, axis=1).max(axis=1)
     return arrays
 
-  def evaluators(self, config, context):
-    found = [
-        evaluators.TickAccuracy(context),
-        evaluators.TopK(context, 'top5_BxT', 'top5'),
-        evaluators.Calibration(context),
-        evaluators.AdaptiveCompute(context),
-    ]
-    if config.n_attention_gifs:
-      found.append(evaluators.AttentionGifs(context, config.n_attention_gifs))
-    return found
+  evals = {
+      **base.Supervised.evals,
+      'top5': lambda context: evaluators.TopK(context, 'top5_BxT', 'top5'),
+      'calibration': evaluators.Calibration,
+      'attention_gifs': lambda context: (
+          evaluators.AttentionGifs(context, context.config.n_attention_gifs)
+          if context.config.n_attention_gifs else None
+      ),
+  }
+  default_evals = ('tick_accuracy', 'top5', 'calibration', 'adaptive_compute', 'attention_gifs')
 
   def read_input(self, config, source):
     if source.lower().endswith('.npy'):

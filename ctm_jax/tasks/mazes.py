@@ -121,7 +121,7 @@ def route_length(config) -> int:
 
 
 @base.register
-class Maze(base.Task):
+class Maze(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   name = 'mazes'
   reference_loss = 'maze_loss'
   config_keys = frozenset(
@@ -218,14 +218,15 @@ class Maze(base.Task):
     arrays['solved_BxT'] = self._hits(output, batch).all(axis=1).astype(jnp.float32)
     return arrays
 
-  def evaluators(self, config, context):
-    found = [
-        *super().evaluators(config, context),
-        evaluators.TopK(context, 'solved_BxT', 'solved', 'full-route solve rate'),
-    ]
-    if config.n_route_gifs:
-      found.append(RouteGifs(context, config.n_route_gifs, config.expand_range))
-    return found
+  evals = {
+      **base.Supervised.evals,
+      'solved': lambda context: evaluators.TopK(context, 'solved_BxT', 'solved', 'full-route solve rate'),
+      'route_gifs': lambda context: (
+          RouteGifs(context, context.config.n_route_gifs, context.config.expand_range)
+          if context.config.n_route_gifs else None
+      ),
+  }
+  default_evals = ('tick_accuracy', 'adaptive_compute', 'solved', 'route_gifs')
 
   def read_input(self, config, source):
     """A reference-format maze PNG (black walls, red start, green goal; a

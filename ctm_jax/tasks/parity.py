@@ -60,7 +60,7 @@ def parse_sequence(text: str, source: str) -> np.ndarray:
 
 
 @base.register
-class Parity(base.Task):
+class Parity(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   name = 'parity'
   config_keys = frozenset({'parity_sequence_length'})
   identity_keys = ('parity_sequence_length',)

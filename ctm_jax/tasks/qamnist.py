@@ -169,7 +169,7 @@ def slots_and_tokens(config) -> tuple[int, int]:
 
 
 @base.register
-class QAMNIST(base.Task):
+class QAMNIST(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   name = 'qamnist'
   config_keys = frozenset({
       'dataset', 'data_dir', 'q_num_images', 'q_num_images_delta', 'q_num_repeats_per_input',
@@ -279,11 +279,14 @@ class QAMNIST(base.Task):
     arrays['certainty_BxT'] = arrays['certainty_BxT'][:, -config.q_num_answer_steps:]
     return arrays
 
-  def evaluators(self, config, context):
-    found = super().evaluators(config, context)
-    if config.n_attention_gifs:
-      found.append(QuestionGifs(context, config.n_attention_gifs))
-    return found
+  evals = {
+      **base.Supervised.evals,
+      'question_gifs': lambda context: (
+          QuestionGifs(context, context.config.n_attention_gifs)
+          if context.config.n_attention_gifs else None
+      ),
+  }
+  default_evals = ('tick_accuracy', 'adaptive_compute', 'question_gifs')
 
   def describe(self, config, prediction_O):
     return f'answer {int(np.argmax(prediction_O))}'

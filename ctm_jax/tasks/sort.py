@@ -120,7 +120,7 @@ class SortAccuracy:
 
 
 @base.register
-class Sort(base.Task):
+class Sort(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   name = 'sort'
   config_keys = frozenset({'N_to_sort'})
   identity_keys = ('N_to_sort',)
@@ -187,8 +187,9 @@ class Sort(base.Task):
         'certainty_BxT': output.certainties[:, 1].astype(jnp.float32),
     }
 
-  def evaluators(self, config, context):
-    return [SortAccuracy(context)]
+  # Its eval arrays are positions decoded right, not a tick's class.
+  evals = {'sort_accuracy': SortAccuracy}
+  default_evals = ('sort_accuracy',)
 
   def read_input(self, config, source):
     """N numbers: a file of them or the text itself (whitespace or commas)."""

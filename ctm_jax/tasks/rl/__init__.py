@@ -83,7 +83,7 @@ def _fail(field, value, why):
 
 
 @base.register
-class ReinforcementLearning(base.Task):
+class ReinforcementLearning(base.Task, base.ImportsReference):
   """PPO on the reference's environments; the agent's recurrent model is the
   CTM (`model_type='ctm'`) or the LSTM baseline (`'lstm'`)."""
 
@@ -158,18 +158,15 @@ class ReinforcementLearning(base.Task):
     """The agent: `config.model_type`'s recurrent model (its backbone chosen by
     the environment, as the reference's) under actor and critic heads."""
     env = self.make_env(config)
-    cls = self.model_class_for(config.get('model_type', 'ctm'))
-    fields = base.init_fields(cls)
+    model_type = config.get('model_type', 'ctm')
+    fields = base.init_fields(self.model_class_for(model_type))
     known = set().union(*(base.init_fields(c) for c in self.model_types().values()))
     unknown = sorted(set(config.model) - known)
     if unknown:
       raise ValueError(f'{unknown[0]}: no RL model takes this option')
     kwargs = {k: v for k, v in config.model.to_dict().items() if k in fields}
     kwargs.update(backbone_type=env.backbone_type, num_actions=env.num_actions)
-    return cls(**kwargs)
-
-  # Its program plays environments: no held-out inputs for evaluate / predict.
-  has_held_out_inputs = False
+    return self.model_from_kwargs(model_type, kwargs)
 
   def training(self, config, model):
     return PPOTraining(config, model, self.make_env(config))
