@@ -57,7 +57,8 @@ def build(config) -> Bench:
   Lower and run its functions inside `with jax.set_mesh(bench.mesh)`, as the
   trainer does.
   """
-  task, model = validation.validate(config, num_devices=1)
+  task = validation.validate(config, num_devices=1)
+  model = task.make_model(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
     run = supervised.setup(config, model, task, mesh)

@@ -208,7 +208,7 @@ def forward_args(bench, state, batch):
 
 def analytic_spec(config) -> dict:
   """What analytic_flops counts from: batch, input shape and model options, from the task."""
-  task = validation.validate(config, num_devices=1)[0]
+  task = validation.validate(config, num_devices=1)
   return dict(
       batch=config.batch_size,
       input_shape=tuple(task.record_spec(config)['inputs'][0]),

@@ -188,7 +188,8 @@ def mesh_device_count(config, requested=0) -> int:
 def bench_ours(config, iterations, devices=0) -> dict:
   """The trainer's jitted iteration: compile time, then `iterations` timed iterations."""
   n_devices = mesh_device_count(config, devices)
-  task, agent = validation.validate(config, num_devices=n_devices)
+  task = validation.validate(config, num_devices=n_devices)
+  agent = task.make_model(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n_devices])
   with jax.set_mesh(mesh):
     init, iteration, abstract = task.loop_setup(config, agent, mesh)

@@ -231,7 +231,7 @@ def main(argv):
     logging.info('No --workdir given; using %s', os.path.abspath(workdir))
   try:
     # Again in the trainer; here for a one-line error.
-    task, _ = validation.validate(_CONFIG.value)
+    task = validation.validate(_CONFIG.value)
     task.check_data(_CONFIG.value)
   except ValueError as e:
     print(f'ctm_jax.main: {e}', file=sys.stderr)

@@ -178,7 +178,8 @@ def train_and_evaluate(config, workdir: str):
   Every process of a multi-host run calls this with the same arguments.
   """
   started = time.perf_counter()
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   training = task.training(config, model)  # its checks run before anything is written
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):

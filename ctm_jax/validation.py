@@ -120,8 +120,10 @@ def _is_int(value):
 
 
 def validate(config, num_devices: int | None = None):
-  """Raises ValueError naming the first bad field; returns the task and model.
+  """Raises ValueError naming the first bad field; returns the config's task.
 
+  Checks only: the model is built by `task.make_model(config)`, the one
+  place models are made (here too, for the checks its constructor makes).
   The mesh is checked against `num_devices` (default: every device of every process).
   """
   if 'task' not in config:
@@ -192,7 +194,7 @@ def _model_and_mesh(config, task, num_devices):
   task.validate_mesh(config, sizes)
   if config.init_from:
     _check_init_from(config.init_from, model)
-  return task, model
+  return task
 
 
 def _check_init_from(path, model):

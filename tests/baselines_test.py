@@ -23,15 +23,18 @@ from ctm_jax.models import lstm
 
 
 def test_model_type_picks_the_class_and_an_unknown_one_is_named():
-  _, model = validation.validate(parity_configs.get_config('lstm_smoke'))
+  config = parity_configs.get_config('lstm_smoke')
+  model = validation.validate(config).make_model(config)
   assert isinstance(model, lstm.LSTMBaseline) and model.num_layers == 1
   config = digits_configs.get_config('smoke')
   config.model_type = 'ff'
   config.model.d_model = 48
-  _, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   assert isinstance(model, ff.FFBaseline) and model.d_model == 48
   config.model_type = 'lstm'  # the image and maze scripts' default depth
-  _, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   assert isinstance(model, lstm.LSTMBaseline) and model.num_layers == 2
   config = parity_configs.get_config('smoke')
   config.model_type = 'ff'  # parity has no feed-forward baseline

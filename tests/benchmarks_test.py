@@ -222,7 +222,8 @@ def test_benchmark_step_is_the_trainers_step():
   """
   config = parity_config()
   bench = harness.build(config)
-  task, model = validation.validate(config, num_devices=1)
+  task = validation.validate(config, num_devices=1)
+  model = task.make_model(config)
   local = task.synthetic_batch(config, config.batch_size, harness.BATCH_SEED)
   with jax.set_mesh(bench.mesh):
     run = supervised.setup(config, model, task, bench.mesh)
@@ -253,7 +254,7 @@ def test_every_benchmark_config_is_a_task_config(name):
   _, batch = model_bench.CONFIGS[name]
   assert config.batch_size == batch and config.model.remat == 'none'
   assert config.model.dtype == 'float32'  # the command line's, not imagenet's bf16
-  task, _ = validation.validate(config, num_devices=1)
+  task = validation.validate(config, num_devices=1)
   spec = model_bench.analytic_spec(config)
   assert spec['input_shape'] == task.record_spec(config)['inputs'][0]
   assert analytic_flops.train_flops(spec) > 2 * analytic_flops.forward_flops(spec) > 0
@@ -304,7 +305,7 @@ def test_reference_spec_fits_the_reference_constructor_and_loss(name, deferred_g
   args = model_bench.parse_args([f'--configs={name}'])
   config = model_bench.bench_config(name, args)
   config.model.deferred_grads = deferred_grads
-  task, _ = validation.validate(config, num_devices=1)
+  task = validation.validate(config, num_devices=1)
   spec = json.loads(json.dumps(model_bench.reference_spec(config, task)))
   kwargs = _reference_with_ctm_signature().model_kwargs(spec['model'])
   assert set(_REFERENCE_CTM_ARGS) <= set(kwargs) <= set(_REFERENCE_CTM_ARGS + _REFERENCE_CTM_DEFAULTS)

@@ -33,7 +33,8 @@ def _inputs(task, config, n=8):
 )
 def test_bf16_logits_close_to_float32(name):
   config = CONFIGS[name]()
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   x = _inputs(task, config)
   variables = model.init(jax.random.key(0), x[:1])
   want = jax.jit(model.apply)(variables, x)
@@ -53,7 +54,8 @@ def test_bf16_logits_close_to_float32(name):
 def test_bf16_train_state_stays_float32():
   config = image.get_config('smoke')
   config.model.dtype = 'bfloat16'
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     run = supervised.setup(config, model, task, mesh)

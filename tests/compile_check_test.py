@@ -50,7 +50,8 @@ def test_flops_count_every_tick():
   result = compile_check.check(config, 1)
   unrolled = config.copy_and_resolve_references()
   unrolled.model.unroll = unrolled.model.iterations
-  task, model = validation.validate(unrolled, num_devices=1)
+  task = validation.validate(unrolled, num_devices=1)
+  model = task.make_model(unrolled)
   mesh = sharding.make_mesh(unrolled.mesh, devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
     run = supervised.setup(unrolled, model, task, mesh)

@@ -34,13 +34,15 @@ def test_every_task_has_a_config():
 def test_config_builds_its_model(name, variant):
   config = importlib.import_module(f'ctm_jax.configs.{name}').get_config(variant)
   try:
-    task, model = validation.validate(config, num_devices=8)
+    task = validation.validate(config, num_devices=8)
+    model = task.make_model(config)
   except ValueError as e:
     # The reference's Acrobot scripts (12 environments in 4 minibatches) fit no
     # 8-way batch axis: refused by name there, valid on one device.
     if 'config.num_envs=12' not in str(e):
       raise
-    task, model = validation.validate(config, num_devices=1)
+    task = validation.validate(config, num_devices=1)
+    model = task.make_model(config)
   assert isinstance(model, task.model_class_for(config.get('model_type', 'ctm')))
   if name == 'imagenet':  # parameter shapes do not depend on the image size
     config.image_shape = (32, 32, 3)

@@ -237,7 +237,8 @@ def test_summary_without_classification_details(tmp_path):
 def _tiny_image_model(image_shape):
   config = image.get_config('smoke')
   config.image_shape = image_shape
-  _, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   return config, model
 
 

@@ -65,7 +65,8 @@ def _records(workdir) -> list[dict]:
 )
 def test_real_data_configs_validate(module, variant, dataset, classes):
   config = module.get_config(variant)
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   assert task is tasks.get('image_classification')
   assert (config.dataset, config.num_classes, model.out_dims) == (dataset, classes, classes)
 

@@ -118,7 +118,8 @@ def test_correct_is_the_top_class_per_tick():
 def test_shipped_variants_are_valid(variant):
   config = image.get_config(variant)
   tasks.get('image_classification').validate(config)
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   assert task is tasks.get('image_classification')
   assert model.out_dims == config.num_classes
   assert model.prediction_reshaper == (-1,)

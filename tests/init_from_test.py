@@ -40,7 +40,8 @@ def _config_for(kwargs, init_from):
 def test_init_from_imported_weights(tmp_path):
   kwargs, imported = _imported_parity(tmp_path)
   config = _config_for(kwargs, imported)
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'run'), keep=1)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):

@@ -106,7 +106,8 @@ def _restore(workdir, step):
   """The checkpoint at `step`, restored in this (single, 8-device) process."""
   config = parity.get_config('smoke')
   config.update(OVERRIDES)
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   mesh = sharding.make_mesh(config.mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=10)
   try:

@@ -31,9 +31,11 @@ def _model_and_init(name, variant):
   if name == 'imagenet':  # parameter shapes do not depend on the image size
     config.image_shape = (32, 32, 3)
   try:
-    task, model = validation.validate(config, num_devices=8)
+    task = validation.validate(config, num_devices=8)
+    model = task.make_model(config)
   except ValueError:  # an RL config whose minibatches fit no 8-way batch axis
-    task, model = validation.validate(config, num_devices=1)
+    task = validation.validate(config, num_devices=1)
+    model = task.make_model(config)
   if isinstance(task, tasks.Supervised):
     example = (task.model_inputs(task.example_batch(config)),)
   else:  # the agent takes (observation, carry, done)

@@ -58,7 +58,8 @@ def _batches(config, task):
 def _train(config, mesh_axes, devices):
   config = config.copy_and_resolve_references()
   config.mesh.update(mesh_axes)
-  task, model = validation.validate(config, num_devices=len(devices))
+  task = validation.validate(config, num_devices=len(devices))
+  model = task.make_model(config)
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   losses = []
   with jax.set_mesh(mesh):
@@ -216,7 +217,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch):
   config = parity_config_small()
   config.mesh.update(data=2, fsdp=2, neuron=2)
   saved, _ = _train(config, config.mesh.to_dict(), jax.devices()[:8])
-  task, _ = validation.validate(config)
+  task = validation.validate(config)
   loader = pipeline.make_train_loader(
       task.train_source(config), batch_size=config.batch_size, seed=config.seed
   )
@@ -230,7 +231,8 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch):
       (dict(data=1, fsdp=1, neuron=1), jax.devices()[:1]),
   ):
     config.mesh.update(mesh_axes)
-    _, model = validation.validate(config, num_devices=len(devices))
+    task = validation.validate(config, num_devices=len(devices))
+    model = task.make_model(config)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     with jax.set_mesh(mesh):
       run = supervised.setup(config, model, task, mesh)

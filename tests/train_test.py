@@ -120,7 +120,8 @@ def _restore_raw(workdir, step) -> dict:
 
 def _restore_like_trainer(config, workdir, step):
   """(TrainState, data iterator) restored as train_and_evaluate restores them."""
-  task, model = validation.validate(config)
+  task = validation.validate(config)
+  model = task.make_model(config)
   tx = optim.make_optimizer(config)
   example = task.model_inputs(task.example_batch(config))
   abstract_state = jax.eval_shape(

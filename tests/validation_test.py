@@ -9,7 +9,9 @@ from ctm_jax import validation
 
 @pytest.mark.parametrize('variant', ['default', 'small', 'smoke'])
 def test_shipped_variants_are_valid(variant):
-  task, model = validation.validate(parity.get_config(variant))
+  config = parity.get_config(variant)
+  task = validation.validate(config)
+  model = task.make_model(config)
   config = parity.get_config(variant)
   assert task.name == 'parity'
   assert model.out_dims == 2 * config.parity_sequence_length

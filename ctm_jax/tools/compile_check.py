@@ -45,7 +45,8 @@ def _tree_bytes_per_device(abstract_tree) -> int:
 
 def check(config, num_devices: int) -> dict:
   """Lowers and compiles `config`'s train step on its mesh over `num_devices` devices."""
-  task, model = validation.validate(config, num_devices=num_devices)
+  task = validation.validate(config, num_devices=num_devices)
+  model = task.make_model(config)
   devices = jax.devices()[:num_devices]
   if len(devices) < num_devices:
     raise ValueError(f'--num_devices={num_devices}: only {len(devices)} devices were created')
@@ -63,7 +64,8 @@ def check(config, num_devices: int) -> dict:
     def lower(ticks, unroll):
       variant = config.copy_and_resolve_references()
       variant.model.update(iterations=ticks, unroll=unroll)
-      _, variant_model = validation.validate(variant, num_devices=num_devices)
+      validation.validate(variant, num_devices=num_devices)
+      variant_model = task.make_model(variant)
       short = supervised.setup(variant, variant_model, task, mesh)
       return short.train_step.lower(short.abstract_state, batch)
 
