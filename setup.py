@@ -38,14 +38,16 @@ _EXTRAS = {
     'tfds': ['tensorflow-datasets>=4.9.4,<5', 'importlib_resources>=6', 'array_record>=0.5'],
     # Reading the reference's .pt checkpoints; ctm_jax.tools.make_goldens.
     'torch': ['torch>=2.1,<3'],
+    # The Hugging Face Hub: hf:// models and datasets, safetensors read into numpy (no torch).
+    'hub': ['huggingface-hub>=0.34,<3', 'safetensors>=0.4,<1'],
     # Running notebooks/ outside Colab (`jupyter execute`), as the slow tests do.
     'notebooks': ['ipykernel>=6,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.9,<6'],
 }
-# The default suite covers RL and the tfds pipeline; gymnasium's MiniGrid is
+# The default suite covers RL, the tfds pipeline and the Hub; gymnasium's MiniGrid is
 # what our FourRooms is checked against.
 _EXTRAS['test'] = [
     'pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'minigrid>=2.3,<4', 'gymnasium>=1.0,<2',
-    *_EXTRAS['rl'], *_EXTRAS['tfds'],
+    *_EXTRAS['rl'], *_EXTRAS['tfds'], *_EXTRAS['hub'],
 ]
 _EXTRAS['all'] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 

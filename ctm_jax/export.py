@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from ctm_jax import artefact
 from ctm_jax import checkpoint
 from ctm_jax import inference
+from ctm_jax.interop import hub
 from ctm_jax import tasks
 from ctm_jax import validation
 
@@ -67,6 +68,8 @@ def export(workdir: str, out: str, step: int | None = None, input_shape=None, ov
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise validation.UsageError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
   model, variables, config = inference.load(workdir, step)
+  if hub.is_hub(workdir):  # a Hub model: one set of weights, no training step
+    return write(model, variables, config, out, input_shape, {'workdir': workdir, 'step': None})
   source = {'workdir': os.path.abspath(workdir), 'step': _checkpoint_step(workdir, step)}
   return write(model, variables, config, out, input_shape, source)
 
@@ -155,7 +158,7 @@ def _run(values):
           f'--input_shape={values.input_shape!r}: comma-separated integers, e.g. 224,224,3'
       ) from None
   spec = export(values.workdir, values.out, values.step, shape, values.overwrite)
-  trained = checkpoint_bytes(values.workdir, values.step)
+  trained = 0 if hub.is_hub(values.workdir) else checkpoint_bytes(values.workdir, values.step)
   print(
       f'exported {spec["task"]} model to {os.path.abspath(values.out)}: {spec["bytes"] / 1e6:.2f} MB'
       + (f' (its training checkpoint: {trained / 1e6:.2f} MB)' if trained else '')
@@ -168,7 +171,10 @@ def run():
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string('workdir', None, 'A training run or an imported reference model.', required=True)
+  flags.DEFINE_string(
+      'workdir', None, 'A training run, an imported reference model, or a Hub model (hf://ORG/NAME).',
+      required=True,
+  )
   flags.DEFINE_string('out', None, 'Directory to write the artefact to.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('input_shape', '', "One example's shape, for an imported model.")

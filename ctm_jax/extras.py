@@ -2,8 +2,8 @@
 the install to run when one is missing.
 
 The core install trains parity, the image tasks on synthetic or offline data
-(digits), mazes, sort and Q&A-MNIST on digits; RL environments, tfds datasets
-and PyTorch checkpoints need their extras (setup.py keeps the same names).
+(digits), mazes, sort and Q&A-MNIST on digits; RL environments, tfds datasets,
+PyTorch checkpoints and the Hugging Face Hub need their extras (setup.py keeps the same names).
 """
 
 import importlib
@@ -14,6 +14,7 @@ MODULES = {
     'rl': ('gymnax', 'xminigrid', 'rlax'),
     'tfds': ('tensorflow_datasets',),
     'torch': ('torch',),
+    'hub': ('huggingface_hub', 'safetensors'),
 }
 
 

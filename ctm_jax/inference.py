@@ -2,8 +2,10 @@
 
 Three kinds of directory load: a training run's (`config.json` +
 `checkpoints/<step>/`), a PyTorch import's (`python -m ctm_jax.interop.torch`)
-and an exported artefact (`python -m ctm_jax.export`). Variables land on the
-first local device.
+and an exported artefact (`python -m ctm_jax.export`); and a reference model
+the Hub mixin wrote, `hf://ORG/NAME[@REVISION]` or its folder
+(`from_pretrained`, imported in memory). Variables land on the first local
+device.
 """
 
 import os
@@ -14,7 +16,24 @@ from ctm_jax import artefact
 from ctm_jax import checkpoint
 from ctm_jax import tasks
 from ctm_jax import validation
+from ctm_jax.interop import hub
 from ctm_jax.interop import torch as torch_interop
+
+
+def from_pretrained(name_or_path: str, task: str | None = None, model_kwargs: dict | None = None):
+  """(model, variables, config) of a reference model on the Hub
+  (`hf://ORG/NAME[@REVISION]`), in a folder of config.json +
+  model.safetensors, or in a .safetensors (with `model_kwargs`), as
+  `load` gives for a workdir; any workdir `load` takes loads too. The
+  task comes from the kwargs unless `task` names it; `config` is the import
+  record `python -m ctm_jax.interop.torch` would write."""
+  if not hub.is_model_folder_or_file(name_or_path):
+    return load(name_or_path)
+  record, state_dict = torch_interop.read_hub_model(name_or_path, task, model_kwargs)
+  model_class = tasks.get(record['task']).model_class_for(record['model_type'])
+  model, variables = torch_interop.import_state_dict(state_dict, record['model_kwargs'], model_class)
+  record = {**record, 'source_checkpoint': name_or_path, 'iteration': None, 'strict': True, 'skipped': []}
+  return model, variables, ml_collections.ConfigDict(record)
 
 
 def load(workdir: str, step: int | None = None):
@@ -24,6 +43,10 @@ def load(workdir: str, step: int | None = None):
   reference's args); `step` picks a training checkpoint (default: the newest).
   Raises validation.UsageError naming the workdir when there is nothing to load.
   """
+  if hub.is_model_folder_or_file(workdir):
+    if step is not None:
+      raise validation.UsageError(f'--step={step}: {workdir} is a reference model, one set of weights')
+    return from_pretrained(workdir)
   workdir = os.path.abspath(workdir)
   if artefact.is_artefact(workdir):
     spec = artefact.read_spec(workdir)

@@ -76,6 +76,17 @@ def check_import_refused(env, tmp):
   assert not workdir.exists()
 
 
+def check_hub_refused(env, tmp):
+  """ctm-import and from_pretrained's loader on a Hub model without the hub extra."""
+  workdir = pathlib.Path(tmp) / 'hub_imported'
+  result = run(['-m', 'ctm_jax.interop.torch', '--checkpoint=hf://SakanaAI/ctm-maze-large',
+                f'--workdir={workdir}'], env, tmp)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert "'hub' extra" in result.stderr and '.[hub]' in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not workdir.exists()
+
+
 def check_trains(config, env, tmp):
   workdir = pathlib.Path(tmp) / config.replace('.py:', '_')
   result = run(['-m', 'ctm_jax.main', f'--config={CONFIGS}/{config}', f'--workdir={workdir}'], env, tmp)
@@ -95,6 +106,8 @@ def main(hide_extras: bool, train: bool = True):
       print(f'refused, names the {extra} extra: {check_refused(args, extra, env, tmp)}')
     check_import_refused(env, tmp)
     print('ctm_jax.interop.torch: refused, names the torch extra')
+    check_hub_refused(env, tmp)
+    print('ctm_jax.interop.torch on hf://: refused, names the hub extra')
     for config in TRAINS if train else ():
       check_trains(config, env, tmp)
       print(f'trained {config} without the extras')

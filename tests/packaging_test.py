@@ -120,16 +120,17 @@ def test_every_dependency_is_bounded_and_pinned_within_its_bounds():
 
 def test_extras_are_the_documented_ones_and_the_core_is_lean():
   extras = SETUP['extras_require']
-  assert set(extras) == {'rl', 'tfds', 'torch', 'notebooks', 'test', 'all'}
+  assert set(extras) == {'rl', 'tfds', 'torch', 'hub', 'notebooks', 'test', 'all'}
   core = {requirements.Requirement(r).name for r in SETUP['install_requires']}
-  for heavy in ('gymnax', 'xminigrid', 'rlax', 'tensorflow-datasets', 'torch'):
+  for heavy in ('gymnax', 'xminigrid', 'rlax', 'tensorflow-datasets', 'torch', 'huggingface-hub', 'safetensors'):
     assert heavy not in core
   assert {requirements.Requirement(r).name for r in extras['all']} >= {
       requirements.Requirement(r).name for extra in extras.values() for r in extra}
   # Every module ctm_jax.extras names is installed by the extra of that name.
   from ctm_jax import extras as extras_lib  # pylint: disable=g-import-not-at-top
   dists = {'gymnax': 'gymnax', 'xminigrid': 'xminigrid', 'rlax': 'rlax',
-           'tensorflow_datasets': 'tensorflow-datasets', 'torch': 'torch'}
+           'tensorflow_datasets': 'tensorflow-datasets', 'torch': 'torch',
+           'huggingface_hub': 'huggingface-hub', 'safetensors': 'safetensors'}
   for extra, modules in extras_lib.MODULES.items():
     names = {requirements.Requirement(r).name for r in extras[extra]}
     assert {dists[m] for m in modules} <= names, extra
@@ -151,6 +152,7 @@ def test_a_missing_extra_is_one_line_naming_the_install(tmp_path):
     line = lean_install.check_refused(args, extra, env, tmp_path)
     assert f'pip install "ctm-jax[{extra}]"' in line and f'pip install -e ".[{extra}]"' in line
   lean_install.check_import_refused(env, tmp_path)
+  lean_install.check_hub_refused(env, tmp_path)
 
 
 @pytest.mark.slow

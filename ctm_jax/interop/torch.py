@@ -26,6 +26,7 @@ from ctm_jax import artefact
 from ctm_jax import extras
 from ctm_jax import tasks as tasks_lib
 from ctm_jax import validation
+from ctm_jax.interop import hub
 from ctm_jax.models import ctm as ctm_lib
 
 # Reference modules evaluated once per tick.
@@ -37,7 +38,7 @@ AGENT_RECURRENT = 'recurrent_model'
 
 
 class StateDictMismatch(ValueError):
-  """Raised with every missing, unknown and mis-shaped key at once."""
+  """Raised with every missing, unknown and mis-shaped key at once, on one line."""
 
 
 def to_numpy(value) -> np.ndarray:
@@ -263,8 +264,8 @@ def convert_state_dict(
         ('mis-shaped keys', misshaped),
     ):
       if items:
-        lines.append(f'{title} ({len(items)}):\n  ' + '\n  '.join(items))
-    raise StateDictMismatch('state_dict does not match the model:\n' + '\n'.join(lines))
+        lines.append(f'{title} ({len(items)}): ' + ', '.join(items))
+    raise StateDictMismatch('state_dict does not match the model: ' + '; '.join(lines))
   flat = {}
   for (collection, *path), value in filled.items():
     flat[(collection, *path)] = value
@@ -283,14 +284,14 @@ def _drop_constants(state_dict, constants, strict, skipped):
   for key, want in constants.items():
     if key not in out:
       if strict:
-        raise StateDictMismatch(f'state_dict does not match the model:\nmissing key {key} (a fixed buffer)')
+        raise StateDictMismatch(f'state_dict does not match the model: missing key {key} (a fixed buffer)')
       if skipped is not None:
         skipped.append(f'missing fixed buffer {key} (the model computes it)')
       continue
     got = out.pop(key)
     if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-5):
       raise StateDictMismatch(
-          f'state_dict does not match the model:\n{key}: a fixed buffer of shape {want.shape} '
+          f'state_dict does not match the model: {key}: a fixed buffer of shape {want.shape} '
           f'that the model computes; this checkpoint holds {"other values" if got.shape == want.shape else f"shape {got.shape}"}'
       )
   return out
@@ -557,11 +558,16 @@ def import_checkpoint(
     overwrite: bool = False,
     trust_pickle: bool = False,
     strict: bool = True,
+    model_kwargs: dict | None = None,
 ) -> dict:
-  """Reference .pt -> workdir/config.json + workdir/checkpoint. Returns the config.
+  """A reference model -> workdir/config.json + workdir/checkpoint. Returns the config.
 
-  Writes nothing when the import fails, and refuses an existing
-  workdir/checkpoint unless `overwrite`. `strict=False` loads as torch's
+  `checkpoint` is a training script's .pt, or a model the reference's Hub
+  mixin wrote (interop/hub.py): `hf://ORG/NAME[@REVISION]`, a folder of
+  config.json + model.safetensors, or a bare .safetensors (read without
+  torch). `model_kwargs` give constructor kwargs the source lacks. Writes
+  nothing when the import fails, and refuses an existing workdir/checkpoint
+  unless `overwrite`. `strict=False` loads as torch's
   `load_state_dict(strict=False)` does (the reference's inference notebook):
   the config's `skipped` lists every ignored key and initialised variable.
   """
@@ -570,26 +576,38 @@ def import_checkpoint(
 
   if task is not None and task not in tasks_lib.names():
     raise ValueError(f'--task={task!r} is unknown; expected one of {", ".join(tasks_lib.names())}')
-  checkpoint, workdir = os.path.abspath(checkpoint), os.path.abspath(workdir)
+  local = not hub.is_hub(checkpoint)
+  if local:
+    checkpoint = os.path.abspath(checkpoint)
+  workdir = os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   if os.path.exists(ckpt_dir) and not overwrite:
     raise FileExistsError(f'{ckpt_dir} already exists; pass --overwrite to replace it')
-  if not os.path.isfile(checkpoint):
+  if local and not os.path.exists(checkpoint):
     raise FileNotFoundError(f'{checkpoint}: no such checkpoint file')
-  state_dict, args, iteration = load_reference_checkpoint(checkpoint, trust_pickle)
-  task = task or detect_task(args)
-  kwargs = model_kwargs_from_args(args, task)
-  model_type = reference_model_type(args, task)
-  model_class = tasks_lib.get(task).model_class_for(model_type)
+  if hub.is_model_folder_or_file(checkpoint):
+    config, state_dict = read_hub_model(checkpoint, task, model_kwargs)
+    iteration = None
+  else:
+    if model_kwargs:
+      raise ValueError(f'--model_kwargs: {checkpoint} saved its args; they give the kwargs')
+    state_dict, args, iteration = load_reference_checkpoint(checkpoint, trust_pickle)
+    task = task or detect_task(args)
+    config = {
+        'task': task,
+        'model_type': reference_model_type(args, task),
+        'reference_args': _json_safe(args),
+        'model_kwargs': model_kwargs_from_args(args, task),
+    }
+  model_class = tasks_lib.get(config['task']).model_class_for(config['model_type'])
   skipped = []
-  _, variables = import_state_dict(state_dict, kwargs, model_class, strict, skipped)  # raises before any write
+  _, variables = import_state_dict(state_dict, config['model_kwargs'], model_class, strict, skipped)  # raises before any write
   config = {
-      'task': task,
-      'model_type': model_type,
+      'task': config['task'],
+      'model_type': config['model_type'],
       'source_checkpoint': checkpoint,
       'iteration': iteration,
-      'reference_args': _json_safe(args),
-      'model_kwargs': kwargs,
+      **{k: v for k, v in config.items() if k not in ('task', 'model_type')},
       'strict': strict,
       'skipped': skipped,
   }
@@ -603,6 +621,56 @@ def import_checkpoint(
   with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
     json.dump(config, f, indent=1)
   return config
+
+
+def read_hub_model(source: str, task: str | None = None, model_kwargs: dict | None = None):
+  """(import record without its source, state_dict) of a model the reference's
+  Hub mixin wrote: its task (from the kwargs, or `task`), its kwargs with
+  the constructor's defaults filled in and listed under `defaults`."""
+  kwargs, state_dict, _ = hub.read_model(source, model_kwargs)
+  task = importing_task(task).name if task else detect_task_from_kwargs(kwargs, source)
+  model_class = tasks_lib.get(task).model_class_for('ctm')
+  fields = {f.name: f for f in dataclasses.fields(model_class) if f.init and f.name not in ('parent', 'name')}
+  unknown = sorted(set(kwargs) - set(fields))
+  if unknown:
+    raise ValueError(f'{source}: constructor kwarg {unknown[0]!r} is not one of the {task} model\'s')
+  missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ValueError(
+        f'{source}: no value for constructor kwarg {missing[0]!r}; give it with '
+        f'--model_kwargs=\'{{"{missing[0]}": ...}}\''
+    )
+  defaults = {
+      n: _json_default(f.default) for n, f in fields.items()
+      if n not in kwargs and n not in ctm_lib.COMPUTE_FIELDS and f.default is not dataclasses.MISSING
+  }
+  record = {
+      'task': task,
+      'model_type': 'ctm',
+      'reference_args': {},
+      'model_kwargs': {**kwargs, **defaults},
+      'defaults': sorted(defaults),
+  }
+  return record, state_dict
+
+
+def _json_default(value):
+  return list(value) if isinstance(value, tuple) else value
+
+
+def detect_task_from_kwargs(kwargs: dict, source: str) -> str:
+  """The task whose model the constructor `kwargs` build (a Hub model's
+  config.json), or a ValueError naming --task."""
+  importing = tasks_lib.with_part(tasks_lib.ImportsReference)
+  found = [task.name for task in importing if task.matches_model_kwargs(kwargs)]
+  if len(found) != 1:
+    raise ValueError(
+        f'{source}: cannot tell the task from its kwargs ('
+        f'{"several match: " + ", ".join(found) if found else "no task recognises them"}); '
+        f'pass --task, one of {", ".join(t.name for t in importing)}'
+    )
+  return found[0]
 
 
 def load_imported(workdir: str):
@@ -633,6 +701,7 @@ def _main(argv):
         overwrite=flag_values.overwrite,
         trust_pickle=flag_values.trust_pickle,
         strict=flag_values.strict,
+        model_kwargs=hub.parse_model_kwargs(flag_values.model_kwargs),
     )
   except (ValueError, OSError, ImportError) as e:  # user errors: one line, not a traceback
     print(f'error: {e}', file=sys.stderr)
@@ -651,7 +720,16 @@ def _define_flags():
   """Defined only when run as a script, so importing this module adds no flags."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string('checkpoint', None, 'Reference training checkpoint (.pt).', required=True)
+  flags.DEFINE_string(
+      'checkpoint', None,
+      'A reference training checkpoint (.pt), a Hub model (hf://ORG/NAME[@REVISION]), a folder of '
+      'config.json + model.safetensors, or a .safetensors file (with --model_kwargs).',
+      required=True,
+  )
+  flags.DEFINE_string(
+      'model_kwargs', None,
+      'Constructor kwargs the checkpoint does not carry: a JSON object, or @FILE.json.',
+  )
   flags.DEFINE_string('workdir', None, 'Directory for config.json and checkpoint/.', required=True)
   flags.DEFINE_string('task', None, 'Task override; default: detected from the saved args.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing workdir/checkpoint.')

@@ -280,6 +280,12 @@ class ImportsReference:
     the reference's training script sets from its saved `args`."""
     raise NotImplementedError
 
+  def matches_model_kwargs(self, kwargs: dict) -> bool:
+    """Whether the reference constructor's `kwargs` (a Hub model's config.json)
+    build this task's model."""
+    del kwargs
+    return False
+
 
 def init_fields(cls) -> set[str]:
   return {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')}

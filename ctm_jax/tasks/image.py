@@ -170,6 +170,11 @@ class ImageClassification(base.Task, base.Supervised, base.Predicts, base.Import
         args.get('backbone_type', '')
     ).startswith('resnet')
 
+  def matches_model_kwargs(self, kwargs):
+    # A ResNet's features to one flat class vector (mazes reshape to routes).
+    reshaper = list(kwargs.get('prediction_reshaper') or [-1])
+    return str(kwargs.get('backbone_type', '')).startswith('resnet') and reshaper == [-1]
+
   def reference_model_kwargs(self, args):
     dataset = args.get('dataset')
     if dataset in REFERENCE_CLASSES:

@@ -270,6 +270,10 @@ class Maze(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   def matches_reference_args(self, args):
     return 'maze_route_length' in args or str(args.get('dataset')).startswith('mazes')
 
+  def matches_model_kwargs(self, kwargs):
+    reshaper = list(kwargs.get('prediction_reshaper') or [])
+    return len(reshaper) == 2 and reshaper[1] == MOVES  # (route, moves)
+
   def reference_model_kwargs(self, args):
     route = int(base.required_arg(args, 'maze_route_length', self.name))
     return {

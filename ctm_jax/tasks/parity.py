@@ -146,6 +146,9 @@ class Parity(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   def matches_reference_args(self, args):
     return 'parity_sequence_length' in args or args.get('dataset') == 'parity'
 
+  def matches_model_kwargs(self, kwargs):
+    return kwargs.get('backbone_type') == 'parity_backbone'
+
   def reference_model_kwargs(self, args):
     length = int(base.required_arg(args, 'parity_sequence_length', self.name))
     # The parity script leaves dropout_nlm at the constructor default (None),

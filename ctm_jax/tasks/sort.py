@@ -211,6 +211,12 @@ class Sort(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
   def matches_reference_args(self, args):
     return 'N_to_sort' in args
 
+  def matches_model_kwargs(self, kwargs):
+    # N numbers in, N positions and the blank out.
+    reshaper = list(kwargs.get('prediction_reshaper') or [-1])
+    return (kwargs.get('backbone_type') == 'none' and reshaper == [-1]
+            and kwargs.get('out_dims') == (kwargs.get('d_input') or 0) + 1)
+
   def reference_model_kwargs(self, args):
     size = int(base.required_arg(args, 'N_to_sort', self.name))
     return {'out_dims': size + 1, 'd_input': size, 'prediction_reshaper': [-1],

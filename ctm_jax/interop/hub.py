@@ -1,0 +1,158 @@
+"""The reference's models from the Hugging Face Hub, or from a folder of its files.
+
+A Hub model repo (`hf://ORG/NAME[@REVISION]`, e.g. hf://SakanaAI/ctm-imagenet)
+holds what the reference's PyTorchModelHubMixin writes: `config.json` (the
+constructor's kwargs) and `model.safetensors` (the state_dict; tensors that
+share memory are stored once, the file's metadata naming each dropped name's
+kept twin). huggingface_hub downloads them (its cache, HF_HOME,
+HF_HUB_OFFLINE and token are the library's) and safetensors reads them into
+numpy: no torch on this path. Both come with the `hub` extra.
+"""
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from ctm_jax import extras
+
+PREFIX = 'hf://'
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+
+
+def is_hub(source: str) -> bool:
+  return str(source).startswith(PREFIX)
+
+
+def parse(source: str) -> tuple[str, str | None]:
+  """(repo_id, revision) of `hf://ORG/NAME[@REVISION]`; ValueError naming the form."""
+  body = source[len(PREFIX):]
+  repo_id, _, revision = body.partition('@')
+  parts = repo_id.split('/')
+  if len(parts) != 2 or not all(parts) or (_ and not revision):
+    raise ValueError(f'{source}: expected hf://ORG/NAME or hf://ORG/NAME@REVISION')
+  return repo_id, revision or None
+
+
+def download(source: str, filename: str) -> str:
+  """The local path of `filename` in the Hub repo `source`, from the Hub cache
+  or downloaded into it; one-line ValueError naming the repo, the file and the fix."""
+  repo_id, revision = parse(source)
+  hub = extras.module('huggingface_hub', source)
+  errors = extras.module('huggingface_hub.errors', source)
+  where = f'{source}: {filename}'
+  try:
+    return hub.hf_hub_download(repo_id, filename, revision=revision)
+  except errors.GatedRepoError:
+    raise ValueError(
+        f'{where}: the repo is gated; accept its terms on huggingface.co/{repo_id} and log in '
+        '(hf auth login, or HF_TOKEN)'
+    ) from None
+  except errors.RepositoryNotFoundError:
+    raise ValueError(
+        f'{where}: no such repo on the Hub, or a private one (log in with hf auth login, or set HF_TOKEN)'
+    ) from None
+  except errors.RevisionNotFoundError:
+    raise ValueError(f'{where}: the repo has no revision {revision!r}') from None
+  except errors.LocalEntryNotFoundError:
+    raise ValueError(
+        f'{where}: not in the Hub cache and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or '
+        'no network); fetch it once online, e.g. hf download ' + repo_id
+    ) from None
+  except errors.EntryNotFoundError:
+    raise ValueError(f'{where}: the repo has no such file') from None
+  except (errors.HfHubHTTPError, OSError) as e:  # a download cut off, a full disk
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'{where}: download failed ({first}); run again to resume it') from None
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A safetensors file as numpy arrays, tensors stored once under a shared
+  name given back under each of their names (the metadata's map). Reading
+  runs no code from the file."""
+  safetensors = extras.module('safetensors', path)
+  try:
+    with safetensors.safe_open(path, framework='np') as f:
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+      metadata = f.metadata() or {}
+  except (OSError, ValueError, TypeError, safetensors.SafetensorError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'{path}: not a readable safetensors file ({first})') from None
+  for dropped, kept in metadata.items():
+    if kept in tensors and dropped not in tensors:
+      tensors[dropped] = tensors[kept]
+  return tensors
+
+
+def parse_model_kwargs(text: str | None) -> dict[str, Any]:
+  """--model_kwargs: a JSON object, or @FILE holding one; {} when not given."""
+  if not text:
+    return {}
+  source = text
+  if text.startswith('@'):
+    try:
+      with open(text[1:]) as f:
+        text = f.read(1 << 20)
+    except OSError as e:
+      raise ValueError(f'--model_kwargs={source}: cannot read {text[1:]} ({e.strerror})') from None
+  try:
+    kwargs = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'--model_kwargs={source}: not JSON ({e.msg} at character {e.pos})') from None
+  if not isinstance(kwargs, dict):
+    raise ValueError(f'--model_kwargs={source}: expected a JSON object of constructor kwargs')
+  return kwargs
+
+
+def is_model_folder_or_file(source: str) -> bool:
+  """Whether `source` is read here: a Hub repo, a folder with model.safetensors, a .safetensors file."""
+  return (
+      is_hub(source)
+      or str(source).endswith('.safetensors')
+      or os.path.isfile(os.path.join(source, WEIGHTS_FILE))
+  )
+
+
+def read_model(source: str, model_kwargs: dict | None = None) -> tuple[dict, dict[str, np.ndarray], str]:
+  """(constructor kwargs, state_dict, where the weights came from) of a Hub
+  repo, a local folder of config.json + model.safetensors, or a bare
+  .safetensors file. `model_kwargs` add to or override config.json's (a bare
+  file has none)."""
+  if is_hub(source):
+    weights = download(source, WEIGHTS_FILE)
+    config_path = download(source, CONFIG_FILE) if not model_kwargs else _optional(source)
+  elif os.path.isdir(source):
+    weights = os.path.join(source, WEIGHTS_FILE)
+    config_path = os.path.join(source, CONFIG_FILE)
+    if not os.path.isfile(weights):
+      raise ValueError(f'{source}: no {WEIGHTS_FILE} in the folder')
+  else:
+    weights, config_path = source, None
+    if not os.path.isfile(weights):
+      raise ValueError(f'{source}: no such file')
+  kwargs = {}
+  if config_path and os.path.isfile(config_path):
+    try:
+      with open(config_path) as f:
+        kwargs = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f'{config_path}: not a JSON object of constructor kwargs ({e})') from None
+    if not isinstance(kwargs, dict):
+      raise ValueError(f'{config_path}: not a JSON object of constructor kwargs')
+  kwargs = {**kwargs, **(model_kwargs or {})}
+  if not kwargs:
+    raise ValueError(
+        f'{source}: no {CONFIG_FILE} beside the weights; give the constructor kwargs with '
+        '--model_kwargs=JSON or --model_kwargs=@FILE.json'
+    )
+  return kwargs, read_safetensors(weights), source if is_hub(source) else os.path.abspath(weights)
+
+
+def _optional(source: str) -> str | None:
+  """config.json of a Hub repo when --model_kwargs may stand in for it."""
+  try:
+    return download(source, CONFIG_FILE)
+  except ValueError:
+    return None

@@ -1,0 +1,231 @@
+"""The reference's Hub models in, offline: caches in the Hub library's own
+layout, built here from the goldens' state_dicts saved as the reference's
+mixin saves them (config.json + model.safetensors, shared tensors once)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import assert_close, load_golden, state_dict, to_jax_layout
+import ctm_jax
+from ctm_jax import extras
+from ctm_jax import inference
+from ctm_jax.interop import hub
+from ctm_jax.interop import torch as torch_interop
+
+CASES = {'maze_compact': 'mazes', 'parity': 'parity', 'image_compact': 'image_classification', 'sort': 'sort'}
+COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+def save_like_the_mixin(folder, arrays, meta, kwargs=None):
+  """config.json + model.safetensors as PyTorchModelHubMixin writes them: a
+  tensor sharing memory with another (first-last's `_right` index buffers)
+  is stored once, the metadata naming the kept twin."""
+  save_file = extras.module('safetensors.numpy', 'the Hub tests').save_file
+  tensors = dict(state_dict(arrays, meta))
+  metadata = {'format': 'pt'}
+  for name in list(tensors):
+    twin = name.replace('_right', '_left')
+    if twin != name and twin in tensors and np.array_equal(tensors[twin], tensors[name]):
+      metadata[name] = twin
+      del tensors[name]
+  os.makedirs(folder, exist_ok=True)
+  save_file(tensors, os.path.join(folder, hub.WEIGHTS_FILE), metadata=metadata)
+  with open(os.path.join(folder, hub.CONFIG_FILE), 'w') as f:
+    json.dump(meta['constructor_kwargs'] if kwargs is None else kwargs, f)
+  return metadata
+
+
+def cache_repo(hf_home, repo_id, folder):
+  """`folder`'s files as the Hub cache holds revision main of `repo_id`."""
+  repo = hf_home / 'hub' / f'models--{repo_id.replace("/", "--")}'
+  (repo / 'refs').mkdir(parents=True, exist_ok=True)
+  (repo / 'refs' / 'main').write_text(COMMIT)
+  snapshot = repo / 'snapshots' / COMMIT
+  snapshot.mkdir(parents=True, exist_ok=True)
+  for name in os.listdir(folder):
+    (snapshot / name).write_bytes((folder / name).read_bytes())
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+  """An empty Hub cache with the library offline (HF_HOME, HF_HUB_OFFLINE=1)."""
+  constants = extras.module('huggingface_hub.constants', 'the Hub tests')
+  hf_home = tmp_path / 'hf_home'
+  monkeypatch.setenv('HF_HOME', str(hf_home))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(hf_home / 'hub'))
+  monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+  return hf_home
+
+
+def _assert_reference_outputs(model, variables, arrays):
+  out = jax.jit(model.apply)(variables, to_jax_layout(arrays['__in__x']))
+  assert_close(out.predictions, arrays['__out__predictions'], what='predictions')
+  assert_close(out.certainties, arrays['__out__certainties'], what='certainties')
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_hub_model_imports_to_the_reference_outputs(case, offline_hub, tmp_path):
+  arrays, meta = load_golden(case)
+  folder = tmp_path / 'repo'
+  metadata = save_like_the_mixin(folder, arrays, meta)
+  if meta['constructor_kwargs'].get('neuron_select_type') == 'first-last':
+    assert any(k.endswith('_right') for k in metadata)  # the shared buffers were stored once
+  cache_repo(offline_hub, f'test-org/{case}', folder)
+  model, variables, config = ctm_jax.from_pretrained(f'hf://test-org/{case}')
+  assert config.task == CASES[case]
+  _assert_reference_outputs(model, variables, arrays)
+  # The folder itself, and the same through inference.load (what predict and export read).
+  model, variables, config = inference.load(str(folder))
+  assert config.task == CASES[case]
+  _assert_reference_outputs(model, variables, arrays)
+
+
+def test_import_command_reads_the_hub_offline_without_torch(offline_hub, tmp_path):
+  arrays, meta = load_golden('maze_compact')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  cache_repo(offline_hub, 'test-org/maze', folder)
+  workdir = tmp_path / 'imported'
+  # The Hub path never imports torch: a torch that fails to import cannot stop it.
+  blocker = tmp_path / 'no_torch'
+  blocker.mkdir()
+  (blocker / 'torch.py').write_text('raise ImportError("torch is blocked in this test")\n')
+  env = {**os.environ, 'HF_HOME': str(offline_hub), 'HF_HUB_OFFLINE': '1',
+         'PYTHONPATH': os.pathsep.join([str(blocker), os.environ.get('PYTHONPATH', '')])}
+  done = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.interop.torch', '--checkpoint=hf://test-org/maze@main',
+       f'--workdir={workdir}'],
+      capture_output=True, text=True, env=env, timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  record = json.loads((workdir / 'config.json').read_text())
+  assert record['task'] == 'mazes' and record['source_checkpoint'] == 'hf://test-org/maze@main'
+  # Kwargs config.json leaves out take the constructor's defaults, each listed.
+  assert set(record['defaults']) == {'dropout_nlm', 'n_random_pairing_self'}
+  model, variables, _ = inference.load(str(workdir))
+  _assert_reference_outputs(model, variables, arrays)
+  # Offline, a repo not in the cache: one line naming the repo, the file and the fix.
+  done = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.interop.torch', '--checkpoint=hf://test-org/absent',
+       f'--workdir={tmp_path / "absent"}'],
+      capture_output=True, text=True, env=env, timeout=300,
+  )
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'hf://test-org/absent: model.safetensors: not in the Hub cache' in lines[0]
+  assert 'hf download test-org/absent' in lines[0]
+  assert not (tmp_path / 'absent').exists()
+
+
+def test_damaged_weights_are_refused_in_one_line_and_nothing_is_written(offline_hub, tmp_path):
+  arrays, meta = load_golden('parity')
+  save_file = extras.module('safetensors.numpy', 'the Hub tests').save_file
+  good = state_dict(arrays, meta)
+  some = sorted(k for k in good if good[k].ndim == 2 and not k.startswith('attention.'))[0]
+  cases = {
+      'mis-shaped': ({**good, some: good[some][:, :-1]}, some),
+      'missing': ({k: v for k, v in good.items() if k != some}, some),
+      'extra': ({**good, 'stray.weight': np.zeros(3, np.float32)}, 'stray.weight'),
+  }
+  for what, (tensors, named) in cases.items():
+    folder = tmp_path / what
+    folder.mkdir()
+    save_file(tensors, str(folder / hub.WEIGHTS_FILE))
+    (folder / hub.CONFIG_FILE).write_text(json.dumps(meta['constructor_kwargs']))
+    workdir = tmp_path / f'{what}_import'
+    with pytest.raises(ValueError) as raised:
+      torch_interop.import_checkpoint(str(folder), str(workdir))
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and named.split('.')[0] in message, (what, message)
+    assert not workdir.exists(), what
+  (tmp_path / 'garbage.safetensors').write_bytes(b'not a safetensors file at all')
+  with pytest.raises(ValueError, match=r'garbage.safetensors: not a readable safetensors file'):
+    hub.read_safetensors(str(tmp_path / 'garbage.safetensors'))
+
+
+def test_a_bare_safetensors_takes_model_kwargs_and_a_missing_one_is_named(tmp_path):
+  arrays, meta = load_golden('parity')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  weights = str(folder / hub.WEIGHTS_FILE)
+  kwargs = dict(meta['constructor_kwargs'])
+  (tmp_path / 'kwargs.json').write_text(json.dumps(kwargs))
+  parsed = hub.parse_model_kwargs(f'@{tmp_path / "kwargs.json"}')
+  assert parsed == kwargs
+  config = torch_interop.import_checkpoint(weights, str(tmp_path / 'imported'), model_kwargs=parsed)
+  assert config['task'] == 'parity'
+  model, variables, _ = inference.load(str(tmp_path / 'imported'))
+  _assert_reference_outputs(model, variables, arrays)
+  with pytest.raises(ValueError, match=r'no config.json beside the weights; give the constructor kwargs'):
+    torch_interop.import_checkpoint(weights, str(tmp_path / 'bare'))
+  del kwargs['heads']
+  with pytest.raises(ValueError, match=r"""no value for constructor kwarg 'heads'; give it with --model_kwargs='\{"heads": ...\}'"""):
+    torch_interop.import_checkpoint(weights, str(tmp_path / 'bare'), model_kwargs=kwargs)
+  with pytest.raises(ValueError, match=r'--model_kwargs=\{1: not JSON'):
+    hub.parse_model_kwargs('{1')
+  assert not (tmp_path / 'bare').exists()
+
+
+def test_task_detection_from_kwargs_and_the_task_override(tmp_path):
+  arrays, meta = load_golden('parity')
+  kwargs = {**meta['constructor_kwargs'], 'backbone_type': 'none', 'prediction_reshaper': [-1]}
+  with pytest.raises(ValueError, match=r'cannot tell the task from its kwargs \(no task recognises them\); pass --task'):
+    torch_interop.detect_task_from_kwargs(kwargs, 'hf://x/y')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  model, _, config = inference.from_pretrained(str(folder), task='parity')
+  assert config.task == 'parity' and model.out_dims == meta['constructor_kwargs']['out_dims']
+  with pytest.raises(ValueError, match=r"--task=rl: it imports no reference checkpoints|constructor kwarg"):
+    inference.from_pretrained(str(folder), task='rl')
+
+
+def test_hub_errors_are_one_line_naming_repo_file_and_fix(monkeypatch):
+  hub_lib = extras.module('huggingface_hub', 'the Hub tests')
+  errors = extras.module('huggingface_hub.errors', 'the Hub tests')
+
+  def raising(error):
+    def download(*args, **kwargs):
+      raise error
+    return download
+
+  response = type('Response', (), {'headers': {}, 'status_code': 401, 'url': 'https://huggingface.co',
+                                   'request': None, 'json': lambda self: {}})()
+  cases = [
+      (errors.GatedRepoError('gated', response=response), 'the repo is gated; accept its terms'),
+      (errors.RepositoryNotFoundError('absent', response=response), 'no such repo on the Hub'),
+      (OSError(28, 'No space left on device'), 'download failed'),
+  ]
+  for error, said in cases:
+    monkeypatch.setattr(hub_lib, 'hf_hub_download', raising(error))
+    with pytest.raises(ValueError) as raised:
+      hub.download('hf://org/name', hub.WEIGHTS_FILE)
+    message = str(raised.value)
+    assert message.startswith('hf://org/name: model.safetensors: ') and said in message, message
+    assert len(message.splitlines()) == 1
+  with pytest.raises(ValueError, match=r'hf://org: expected hf://ORG/NAME'):
+    hub.parse('hf://org')
+
+
+def test_predict_and_export_take_a_hub_model(offline_hub, tmp_path):
+  from ctm_jax import export  # pylint: disable=g-import-not-at-top
+  from ctm_jax import predict  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden('parity')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  cache_repo(offline_hub, 'test-org/parity', folder)
+  length = meta['constructor_kwargs']['prediction_reshaper'][0]
+  bits = ''.join('1' if b > 0 else '0' for b in arrays['__in__x'][0, :length])
+  rows, summary = predict.predict('hf://test-org/parity', bits)
+  assert summary['task'] == 'parity' and len(rows) == meta['constructor_kwargs']['iterations']
+  spec = export.export('hf://test-org/parity', str(tmp_path / 'artefact'), input_shape=(length,))
+  assert spec['task'] == 'parity' and spec['source'] == {'workdir': 'hf://test-org/parity', 'step': None}
+  model, variables, _ = inference.load(str(tmp_path / 'artefact'))
+  _assert_reference_outputs(model, variables, arrays)
