@@ -29,10 +29,7 @@ def from_pretrained(name_or_path: str, task: str | None = None, model_kwargs: di
   record `python -m ctm_jax.interop.torch` would write."""
   if not hub.is_model_folder_or_file(name_or_path):
     return load(name_or_path)
-  record, state_dict = torch_interop.read_hub_model(name_or_path, task, model_kwargs)
-  model_class = tasks.get(record['task']).model_class_for(record['model_type'])
-  model, variables = torch_interop.import_state_dict(state_dict, record['model_kwargs'], model_class)
-  record = {**record, 'source_checkpoint': name_or_path, 'iteration': None, 'strict': True, 'skipped': []}
+  model, variables, record = torch_interop.load_imported(name_or_path, task)
   return model, variables, ml_collections.ConfigDict(record)
 
 

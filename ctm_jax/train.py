@@ -166,7 +166,7 @@ def _initial_state(config, program, checkpointer, same_model):
     return restored[0], 'resumed'
   state = program.init()
   if config.init_from:
-    _, variables, _ = torch_interop.load_imported(config.init_from)  # checked by validation
+    _, variables, _ = torch_interop.load_imported(config.init_from, config.task)  # checked by validation
     state = program.with_weights(state, variables)
     return jax.device_put(state, program.state_shardings), f'initialised from {config.init_from}'
   return state, 'fresh'

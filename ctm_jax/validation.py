@@ -9,6 +9,7 @@ import sys
 import jax
 
 from ctm_jax import sharding
+from ctm_jax.interop import hub
 from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import tasks as tasks_lib
 
@@ -193,27 +194,33 @@ def _model_and_mesh(config, task, num_devices):
   sizes = sharding.validate(config, jax.device_count() if num_devices is None else num_devices)
   task.validate_mesh(config, sizes)
   if config.init_from:
-    _check_init_from(config.init_from, model)
+    _check_init_from(config.init_from, model, task)
   return task
 
 
-def _check_init_from(path, model):
+def _check_init_from(path, model, task):
   """config.init_from holds an import of this very model (weights aside)."""
   config_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_path):
+  if hub.is_model_folder_or_file(path):  # the reference's Hub format: its kwargs, read as this task's
+    try:
+      imported_model = task.model_from_kwargs('ctm', hub.read_kwargs(path))
+    except (ValueError, TypeError) as e:
+      _fail('init_from', path, first_line(e))
+  elif not os.path.isfile(config_path):
     _fail(
         'init_from',
         path,
         'no imported checkpoint there (no config.json); write one with '
         f'`python -m ctm_jax.interop.torch --checkpoint=FILE.pt --workdir={path}`',
     )
-  try:
-    with open(config_path) as f:
-      imported = json.load(f)
-    imported_task = tasks_lib.get(imported['task'])
-    imported_model = imported_task.model_from_kwargs(imported.get('model_type', 'ctm'), imported['model_kwargs'])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    _fail('init_from', path, f'{config_path} is not an import record ({e})')
+  else:
+    try:
+      with open(config_path) as f:
+        imported = json.load(f)
+      imported_task = tasks_lib.get(imported['task'])
+      imported_model = imported_task.model_from_kwargs(imported.get('model_type', 'ctm'), imported['model_kwargs'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      _fail('init_from', path, f'{config_path} is not an import record ({e})')
   names = [
       f.name
       for f in dataclasses.fields(model)

@@ -229,3 +229,58 @@ def test_predict_and_export_take_a_hub_model(offline_hub, tmp_path):
   assert spec['task'] == 'parity' and spec['source'] == {'workdir': 'hf://test-org/parity', 'step': None}
   model, variables, _ = inference.load(str(tmp_path / 'artefact'))
   _assert_reference_outputs(model, variables, arrays)
+
+
+def test_init_from_a_hub_model_starts_training_from_its_weights(offline_hub, tmp_path):
+  import chex  # pylint: disable=g-import-not-at-top
+  from ctm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from ctm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import parity  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden('parity')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  cache_repo(offline_hub, 'test-org/parity', folder)
+  kwargs = meta['constructor_kwargs']
+  config = parity.get_config('smoke')
+  config.parity_sequence_length = kwargs['prediction_reshaper'][0]
+  config.model.update({k: v for k, v in kwargs.items() if k in set(config.model)})
+  config.init_from = 'hf://test-org/parity'
+  task = validation.validate(config)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'run'), keep=1)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    program = task.training(config, task.make_model(config)).program(mesh, str(tmp_path / 'plots'), 0.0)
+    state, how = train._initial_state(config, program, checkpointer, same_model=True)  # pylint: disable=protected-access
+  checkpointer.close()
+  assert how == 'initialised from hf://test-org/parity'
+  _, variables, _ = ctm_jax.from_pretrained('hf://test-org/parity')
+  chex.assert_trees_all_equal(state.params, variables['params'])
+  # Another model, or a repo the cache lacks offline, is refused before anything is written.
+  config.model.d_model = kwargs['d_model'] * 2
+  with pytest.raises(ValueError, match=r"config\.init_from='hf://test-org/parity': the imported model differs .* d_model"):
+    validation.validate(config)
+  config.model.d_model = kwargs['d_model']
+  config.init_from = 'hf://test-org/absent'
+  with pytest.raises(ValueError, match=r'config\.init_from=.*hf://test-org/absent: config.json: not in the Hub cache'):
+    train.train_and_evaluate(config, str(tmp_path / 'run2'))
+  assert not (tmp_path / 'run2').exists()
+
+
+def test_the_maze_generalisation_tool_takes_a_hub_model(offline_hub, tmp_path):
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+  from ctm_jax.tools import mazes_generalisation  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden('maze_compact')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  cache_repo(offline_hub, 'test-org/maze', folder)
+  with pytest.raises(validation.UsageError, match=r'a Hub model; give --out'):
+    mazes_generalisation.run('hf://test-org/maze', [9], 2, 2)
+  out = tmp_path / 'generalisation'
+  rows = mazes_generalisation.run('hf://test-org/maze', [9], 2, 2, out=str(out), pictures=1)
+  assert [size for size, _ in rows] == [9]
+  record = json.loads((out / 'results.json').read_text())
+  assert record['workdir'] == 'hf://test-org/maze' and len(record['sizes']['9']['solved']) == 2

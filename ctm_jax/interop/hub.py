@@ -150,6 +150,24 @@ def read_model(source: str, model_kwargs: dict | None = None) -> tuple[dict, dic
   return kwargs, read_safetensors(weights), source if is_hub(source) else os.path.abspath(weights)
 
 
+def read_kwargs(source: str) -> dict:
+  """The constructor kwargs (config.json) of a Hub repo or a local folder, without the weights."""
+  if is_hub(source):
+    path = download(source, CONFIG_FILE)
+  elif os.path.isdir(source):
+    path = os.path.join(source, CONFIG_FILE)
+  else:
+    raise ValueError(f'{source}: a bare weights file; import it with --model_kwargs first (ctm-import)')
+  try:
+    with open(path) as f:
+      kwargs = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f'{path}: not a JSON object of constructor kwargs ({e})') from None
+  if not isinstance(kwargs, dict):
+    raise ValueError(f'{path}: not a JSON object of constructor kwargs')
+  return kwargs
+
+
 def _optional(source: str) -> str | None:
   """config.json of a Hub repo when --model_kwargs may stand in for it."""
   try:

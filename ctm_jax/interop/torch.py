@@ -673,11 +673,19 @@ def detect_task_from_kwargs(kwargs: dict, source: str) -> str:
   return found[0]
 
 
-def load_imported(workdir: str):
-  """(model, variables, config) of a workdir written by `import_checkpoint`.
+def load_imported(workdir: str, task: str | None = None):
+  """(model, variables, config) of a workdir written by `import_checkpoint`,
+  or of a model the reference's Hub mixin wrote (hf://, its folder; read
+  in memory, as `task` when given).
 
   Variables land on the first local device; reshard them for training.
   """
+  if hub.is_model_folder_or_file(workdir):
+    record, state_dict = read_hub_model(workdir, task)
+    model_class = tasks_lib.get(record['task']).model_class_for(record['model_type'])
+    model, variables = import_state_dict(state_dict, record['model_kwargs'], model_class)
+    record = {**record, 'source_checkpoint': workdir, 'iteration': None, 'strict': True, 'skipped': []}
+    return model, variables, record
   workdir = os.path.abspath(workdir)
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     config = json.load(f)

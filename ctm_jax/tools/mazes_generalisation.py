@@ -29,6 +29,7 @@ import numpy as np
 
 from ctm_jax import validation
 from ctm_jax.data import mazes
+from ctm_jax.interop import hub
 
 MOVES = 5  # up, down, left, right, wait
 
@@ -173,6 +174,8 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
   """The table's rows [(size, summary)], with results.json and pictures under `out`."""
   from ctm_jax import inference  # pylint: disable=g-import-not-at-top
 
+  if hub.is_hub(workdir) and not out:
+    raise validation.UsageError(f'--workdir={workdir}: a Hub model; give --out, the folder for the results')
   model, variables, config = inference.load(workdir, step)
   predict = make_predict(model, variables, mazes.expand_range_of(config))
   route_length = int(model.prediction_reshaper[0])
@@ -193,7 +196,7 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
     for i in range(min(pictures, len(maze_list))):
       route_picture(maze_list[i], results[i]['walks'], os.path.join(out, f'route_{size}_{i}.png'))
   with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump({'workdir': os.path.abspath(workdir), 'max_reapplications': max_reapplications,
+    json.dump({'workdir': workdir if hub.is_hub(workdir) else os.path.abspath(workdir), 'max_reapplications': max_reapplications,
                'fault_tolerance': fault_tolerance, 'sizes': records}, f, indent=1)
   return rows
 
@@ -226,7 +229,10 @@ if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string('workdir', None, 'A trained or imported maze workdir.', required=True)
+  flags.DEFINE_string(
+      'workdir', None, 'A trained or imported maze workdir, or a Hub model (hf://SakanaAI/ctm-maze-large).',
+      required=True,
+  )
   flags.DEFINE_string('sizes', '11,21,31', 'Maze sizes in pixels (odd), comma-separated.')
   flags.DEFINE_integer('count', 200, 'Mazes per size.')
   flags.DEFINE_integer('max_reapplications', 20, 'Model applications per maze at most.')
