@@ -9,6 +9,14 @@ serialised with `jax.export` for any batch size. Load it back with
 `ctm_jax.artefact.load_program(DIR)` (the serialised program: no model code).
 `--input_shape` (one example's shape) is needed only for an imported
 reference model, whose config does not say what it reads.
+
+  python -m ctm_jax.export --workdir=RUN --format=hf --out=DIR [--push_to_hub=ORG/NAME]
+
+writes DIR as the reference's Hub mixin writes a model (config.json,
+model.safetensors) with a model card (README.md): the PyTorch reference
+loads it (`ContinuousThoughtMachine(**config)`, `safetensors.torch.load_model`)
+and `ctm_jax.from_pretrained(DIR)` reads it back exactly; `--push_to_hub`
+uploads it with huggingface_hub (the hub extra).
 """
 
 import dataclasses
@@ -24,6 +32,8 @@ from ctm_jax import artefact
 from ctm_jax import checkpoint
 from ctm_jax import inference
 from ctm_jax.interop import hub
+from ctm_jax.interop import torch as torch_interop
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import tasks
 from ctm_jax import validation
 
@@ -60,6 +70,65 @@ def _model_kwargs(model) -> dict:
 
 def _jsonable(value):
   return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, 'tolist') else str(v)))
+
+
+def export_hf(workdir: str, out: str, step: int | None = None, overwrite=False, push_to_hub: str = '') -> dict:
+  """Writes `workdir`'s model in the reference's Hub format (interop/hub.py);
+  returns {file: bytes}, and the repo's 'url' when pushed."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise validation.UsageError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
+  model, variables, config = inference.load(workdir, step)
+  if not isinstance(model, ctm_lib.ContinuousThoughtMachine):
+    raise validation.UsageError(
+        f'--format=hf: the reference\'s Hub format holds a ContinuousThoughtMachine; '
+        f'{workdir} holds a {type(model).__name__}'
+    )
+  kwargs = _jsonable({k: v for k, v in _model_kwargs(model).items() if k not in ctm_lib.COMPUTE_FIELDS})
+  state_dict = torch_interop.to_state_dict(variables, model)
+  card = _model_card(workdir, model, kwargs, config, step)
+  written = hub.write_model(out, kwargs, state_dict, card)
+  if push_to_hub:
+    written['url'] = hub.push(out, push_to_hub)
+  return written
+
+
+def _model_card(workdir, model, kwargs, config, step) -> str:
+  """README.md of an exported Hub model: task, source, config, metrics, how to load it."""
+  metrics = {}
+  records = os.path.join(workdir, 'metrics.jsonl') if not hub.is_hub(workdir) else ''
+  if records and os.path.isfile(records):
+    with open(records) as f:
+      for line in f:
+        record = json.loads(line)
+        if any(k.startswith('eval/') for k in record) and (step is None or record.get('step') == step):
+          metrics = {k: v for k, v in record.items() if k == 'step' or (k.startswith('eval/') and '_tick_' not in k)}
+  lines = [
+      '---', 'library_name: ctm-jax', 'license: apache-2.0',
+      'tags:', '- continuous-thought-machine', '- ctm-jax', '---', '',
+      f'# Continuous Thought Machine: {config.task}', '',
+      f'Exported by ctm-jax from `{workdir}`' + (f' (step {metrics["step"]})' if 'step' in metrics else '')
+      + f' as a `{type(model).__name__}`, in the format of the reference\'s Hub mixin '
+      '(`config.json`: the constructor\'s kwargs; `model.safetensors`: its state_dict).', '',
+      '## Config', '', '```json', json.dumps(kwargs, indent=1), '```', '',
+  ]
+  if metrics:
+    lines += ['## Held-out metrics', '', '| metric | value |', '|---|---|']
+    lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in sorted(metrics.items())]
+    lines += ['']
+  lines += [
+      '## Load it', '', 'JAX (ctm-jax, `pip install "ctm-jax[hub]"`):', '',
+      '```python', 'import ctm_jax', "model, variables, config = ctm_jax.from_pretrained('hf://ORG/NAME')  # or this folder",
+      '```', '',
+      "PyTorch ([the reference](https://github.com/SakanaAI/continuous-thought-machines)): build the model "
+      'from `config.json`, run one forward to materialise its lazy layers, then load the weights:', '',
+      '```python', 'import json, safetensors.torch',
+      'from models.ctm import ContinuousThoughtMachine',
+      "model = ContinuousThoughtMachine(**json.load(open('config.json')))",
+      'model(example_input)  # one batch of the inputs it reads',
+      "safetensors.torch.load_model(model, 'model.safetensors', strict=True)", 'model.eval()', '```', '',
+  ]
+  return '\n'.join(lines)
 
 
 def export(workdir: str, out: str, step: int | None = None, input_shape=None, overwrite=False) -> dict:
@@ -157,6 +226,17 @@ def _run(values):
       raise validation.UsageError(
           f'--input_shape={values.input_shape!r}: comma-separated integers, e.g. 224,224,3'
       ) from None
+  if values.format == 'hf':
+    if values.input_shape:
+      raise validation.UsageError('--input_shape: the Hub format holds no program; leave it out')
+    written = export_hf(values.workdir, values.out, values.step, values.overwrite, values.push_to_hub)
+    print(f'exported to {os.path.abspath(values.out)} in the Hub format: '
+          + ', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in written.items() if k != 'url'))
+    if 'url' in written:
+      print(f'pushed to {written["url"]}')
+    return
+  if values.push_to_hub:
+    raise validation.UsageError('--push_to_hub: only with --format=hf')
   spec = export(values.workdir, values.out, values.step, shape, values.overwrite)
   trained = 0 if hub.is_hub(values.workdir) else checkpoint_bytes(values.workdir, values.step)
   print(
@@ -179,6 +259,10 @@ def run():
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('input_shape', '', "One example's shape, for an imported model.")
   flags.DEFINE_bool('overwrite', False, 'Replace an existing artefact.')
+  flags.DEFINE_enum('format', 'jax', ['jax', 'hf'],
+                    "jax: our artefact (variables + the serialised program); hf: the reference's Hub "
+                    'format (config.json + model.safetensors + model card).')
+  flags.DEFINE_string('push_to_hub', '', 'With --format=hf: upload to this Hub model repo, ORG/NAME.')
   app.run(validation.command('ctm_jax.export', _run))
 
 

@@ -284,3 +284,80 @@ def test_the_maze_generalisation_tool_takes_a_hub_model(offline_hub, tmp_path):
   assert [size for size, _ in rows] == [9]
   record = json.loads((out / 'results.json').read_text())
   assert record['workdir'] == 'hf://test-org/maze' and len(record['sizes']['9']['solved']) == 2
+
+
+@pytest.mark.parametrize('case', ['maze_compact', 'image_compact'])
+def test_import_export_import_round_trip_is_exact(case, tmp_path):
+  from ctm_jax import export  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden(case)
+  folder = tmp_path / 'repo'
+  metadata = save_like_the_mixin(folder, arrays, meta)
+  imported = tmp_path / 'imported'
+  torch_interop.import_checkpoint(str(folder), str(imported))
+  out = tmp_path / 'exported'
+  written = export.export_hf(str(imported), str(out))
+  assert set(written) == {'config.json', 'model.safetensors', 'README.md'}
+  # The same tensors as the reference's state_dict, shared ones stored once as the mixin does.
+  again = hub.read_safetensors(str(out / hub.WEIGHTS_FILE))
+  original = state_dict(arrays, meta)
+  assert sorted(again) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(again[name], value, err_msg=name)
+  safe_open = extras.module('safetensors', 'the Hub tests').safe_open
+  with safe_open(str(out / hub.WEIGHTS_FILE), framework='np') as f:
+    assert f.metadata() == metadata
+  exported_kwargs = json.loads((out / hub.CONFIG_FILE).read_text())
+  assert {k: exported_kwargs[k] for k in meta['constructor_kwargs']} == meta['constructor_kwargs']
+  card = (out / 'README.md').read_text()
+  assert 'from_pretrained' in card and 'load_model' in card and exported_kwargs['backbone_type'] in card
+  # Imported back: the very same variables.
+  _, first, _ = inference.load(str(imported))
+  _, second, config = ctm_jax.from_pretrained(str(out))
+  jax.tree.map(np.testing.assert_array_equal, first, second)
+  assert config.task == CASES[case]
+  with pytest.raises(Exception, match='exists and is not empty; pass --overwrite'):
+    export.export_hf(str(imported), str(out))
+
+
+def test_push_to_hub_uploads_the_folder_with_the_library(tmp_path, monkeypatch):
+  hub_lib = extras.module('huggingface_hub', 'the Hub tests')
+  calls = []
+
+  class FakeApi:
+    def create_repo(self, repo_id, **kwargs):
+      calls.append(('create_repo', repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+      calls.append(('upload_folder', kwargs['repo_id'], sorted(os.listdir(kwargs['folder_path']))))
+
+  monkeypatch.setattr(hub_lib, 'HfApi', FakeApi)
+  arrays, meta = load_golden('parity')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  from ctm_jax import export  # pylint: disable=g-import-not-at-top
+  written = export.export_hf(str(folder), str(tmp_path / 'out'), push_to_hub='me/parity-ctm')
+  assert written['url'] == 'https://huggingface.co/me/parity-ctm'
+  assert calls == [
+      ('create_repo', 'me/parity-ctm', {'repo_type': 'model', 'exist_ok': True}),
+      ('upload_folder', 'me/parity-ctm', ['README.md', 'config.json', 'model.safetensors']),
+  ]
+  with pytest.raises(ValueError, match=r'--push_to_hub=nope: expected ORG/NAME'):
+    hub.push(str(tmp_path / 'out'), 'nope')
+
+
+def test_export_command_writes_the_hub_format(tmp_path, capsys):
+  import types  # pylint: disable=g-import-not-at-top
+  from ctm_jax import export  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden('parity')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  flags = dict(workdir=str(folder), out=str(tmp_path / 'out'), step=None, input_shape='',
+               overwrite=False, format='hf', push_to_hub='')
+  export._run(types.SimpleNamespace(**flags))  # pylint: disable=protected-access
+  assert 'in the Hub format: config.json' in capsys.readouterr().out
+  assert (tmp_path / 'out' / hub.WEIGHTS_FILE).exists()
+  with pytest.raises(validation.UsageError, match='--push_to_hub: only with --format=hf'):
+    export._run(types.SimpleNamespace(**{**flags, 'format': 'jax', 'push_to_hub': 'me/x'}))  # pylint: disable=protected-access

@@ -11,6 +11,7 @@ numpy: no torch on this path. Both come with the `hub` extra.
 
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from ctm_jax import extras
 PREFIX = 'hf://'
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
+CARD_FILE = 'README.md'
 
 
 def is_hub(source: str) -> bool:
@@ -174,3 +176,54 @@ def _optional(source: str) -> str | None:
     return download(source, CONFIG_FILE)
   except ValueError:
     return None
+
+
+def write_model(out: str, kwargs: dict, state_dict: dict[str, np.ndarray], card: str) -> dict:
+  """`out` as the reference's Hub mixin writes a model: config.json (the
+  constructor's kwargs), model.safetensors (the state_dict; first-last's
+  `_right` index buffers, the same tensors as their `_left` twins in the
+  reference, stored once under the metadata's map) and a model card
+  README.md. Written to a sibling folder first, then moved into place whole.
+  Returns {file: bytes}."""
+  save_file = extras.module('safetensors.numpy', '--format=hf').save_file
+  tensors = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
+  metadata = {'format': 'pt'}
+  if kwargs.get('neuron_select_type') == 'first-last':
+    for name in sorted(tensors):
+      twin = name[: -len('_right')] + '_left' if name.endswith('_right') else None
+      if twin in tensors and np.array_equal(tensors[twin], tensors[name]):
+        metadata[name] = twin
+        del tensors[name]
+  tmp = out.rstrip(os.sep) + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata=metadata)
+  with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+    json.dump(kwargs, f, indent=1)
+  with open(os.path.join(tmp, CARD_FILE), 'w') as f:
+    f.write(card)
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.replace(tmp, out)
+  return {name: os.path.getsize(os.path.join(out, name)) for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)}
+
+
+def push(folder: str, repo_id: str) -> str:
+  """Uploads `folder` to the Hub model repo `repo_id` (made if absent) with
+  huggingface_hub and its login; returns the repo's URL. One-line ValueError
+  naming the repo and the fix."""
+  if len(repo_id.split('/')) != 2 or not all(repo_id.split('/')):
+    raise ValueError(f'--push_to_hub={repo_id}: expected ORG/NAME')
+  hub = extras.module('huggingface_hub', f'--push_to_hub={repo_id}')
+  errors = extras.module('huggingface_hub.errors', f'--push_to_hub={repo_id}')
+  api = hub.HfApi()
+  try:
+    api.create_repo(repo_id, repo_type='model', exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type='model',
+                      commit_message='Upload a CTM exported by ctm-jax')
+  except errors.LocalTokenNotFoundError:
+    raise ValueError(f'--push_to_hub={repo_id}: not logged in to the Hub; run hf auth login or set HF_TOKEN') from None
+  except (errors.HfHubHTTPError, OSError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'--push_to_hub={repo_id}: the upload failed ({first}); {folder} holds the files') from None
+  return f'https://huggingface.co/{repo_id}'
