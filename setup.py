@@ -38,8 +38,8 @@ _EXTRAS = {
     'tfds': ['tensorflow-datasets>=4.9.4,<5', 'importlib_resources>=6', 'array_record>=0.5'],
     # Reading the reference's .pt checkpoints; ctm_jax.tools.make_goldens.
     'torch': ['torch>=2.1,<3'],
-    # The Hugging Face Hub: hf:// models and datasets, safetensors read into numpy (no torch).
-    'hub': ['huggingface-hub>=0.34,<3', 'safetensors>=0.4,<1'],
+    # The Hugging Face Hub: hf:// models (safetensors read into numpy, no torch) and datasets (parquet).
+    'hub': ['huggingface-hub>=0.34,<3', 'safetensors>=0.4,<1', 'pyarrow>=14,<28'],
     # Running notebooks/ outside Colab (`jupyter execute`), as the slow tests do.
     'notebooks': ['ipykernel>=6,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.9,<6'],
 }

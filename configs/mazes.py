@@ -16,7 +16,8 @@ Variants (`--config=configs/mazes.py:<variant>`):
 
 Mazes are generated on the fly (seeded perfect mazes, no download);
 `--config.data_dir=DIR` reads the reference's folders instead
-(DIR/{train,test}/<class>/*.png, e.g. its mazes-small). Write a generated
+(DIR/{train,test}/<class>/*.png, e.g. its mazes-small), and
+`--config.data_dir=hf://SakanaAI/mazes-large` the Hub's (the hub extra). Write a generated
 dataset in that layout with `python -m ctm_jax.data.mazes --out=DIR`.
 
 Run:

@@ -14,7 +14,7 @@ MODULES = {
     'rl': ('gymnax', 'xminigrid', 'rlax'),
     'tfds': ('tensorflow_datasets',),
     'torch': ('torch',),
-    'hub': ('huggingface_hub', 'safetensors'),
+    'hub': ('huggingface_hub', 'safetensors', 'pyarrow'),
 }
 
 

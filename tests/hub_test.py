@@ -361,3 +361,70 @@ def test_export_command_writes_the_hub_format(tmp_path, capsys):
   assert (tmp_path / 'out' / hub.WEIGHTS_FILE).exists()
   with pytest.raises(validation.UsageError, match='--push_to_hub: only with --format=hf'):
     export._run(types.SimpleNamespace(**{**flags, 'format': 'jax', 'push_to_hub': 'me/x'}))  # pylint: disable=protected-access
+
+
+def cache_maze_dataset(hf_home, repo_id, size, counts, seed=0):
+  """A maze dataset in the Hub's row format (parquet: `image` as the Image
+  feature's PNG bytes, `solution_path` the moves), cached as the library
+  caches dataset repos; returns the pictures by split."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from ctm_jax.data import mazes  # pylint: disable=g-import-not-at-top
+
+  pa = extras.module('pyarrow', 'the Hub tests')
+  parquet = extras.module('pyarrow.parquet', 'the Hub tests')
+  snapshot = hf_home / 'hub' / f'datasets--{repo_id.replace("/", "--")}' / 'snapshots' / COMMIT
+  (snapshot / 'data').mkdir(parents=True)
+  (snapshot.parents[1] / 'refs').mkdir()
+  (snapshot.parents[1] / 'refs' / 'main').write_text(COMMIT)
+  rng = np.random.default_rng(seed)
+  pictures = {}
+  for split, count in counts.items():
+    rows = {'image': [], 'solution_path': []}
+    pictures[split] = []
+    for i in range(count):
+      picture, path = mazes.make_maze(size, rng)
+      png = io.BytesIO()
+      Image.fromarray(np.round(picture * 255).astype(np.uint8)).save(png, format='PNG')
+      rows['image'].append({'bytes': png.getvalue(), 'path': f'{i}.png'})
+      rows['solution_path'].append(mazes.directions(path))
+      pictures[split].append(picture)
+    parquet.write_table(pa.table(rows), str(snapshot / 'data' / f'{split}-00000-of-00001.parquet'))
+  return pictures
+
+
+def test_hub_maze_dataset_reads_as_the_reference_folders_do(offline_hub):
+  from ctm_jax.configs import mazes as maze_configs  # pylint: disable=g-import-not-at-top
+  from ctm_jax.data import mazes  # pylint: disable=g-import-not-at-top
+
+  pictures = cache_maze_dataset(offline_hub, 'test-org/mazes-tiny', 15, {'train': 5, 'test': 3})
+  records = mazes.HubMazes('hf://test-org/mazes-tiny', 'test', 20)
+  assert len(records) == 3
+  for i, picture in enumerate(pictures['test']):
+    np.testing.assert_allclose(records[i]['image'], picture, atol=1 / 255)
+    np.testing.assert_array_equal(records[i]['route'], mazes.route_from_image(picture, 20))
+  config = maze_configs.get_config('small')  # 11x11
+  config.data_dir = 'hf://test-org/mazes-tiny'
+  with pytest.raises(ValueError, match=r"config\.image_shape=\(11, 11, 3\).*hf://test-org/mazes-tiny are \(15, 15, 3\).*--config\.image_shape="):
+    mazes.check_config(config)
+  config.image_shape = (15, 15, 3)
+  mazes.check_config(config)
+  config.data_dir = 'hf://test-org/mazes-absent'
+  with pytest.raises(ValueError, match=r"config\.data_dir='hf://test-org/mazes-absent': .*not in the Hub cache"):
+    mazes.check_config(config)
+
+
+@pytest.mark.slow  # a sharded training run
+def test_maze_smoke_trains_on_a_hub_dataset(offline_hub, tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import mazes as maze_configs  # pylint: disable=g-import-not-at-top
+
+  flags.FLAGS.mark_as_parsed()
+  cache_maze_dataset(offline_hub, 'test-org/mazes-tiny', 15, {'train': 40, 'test': 32})
+  config = maze_configs.get_config('smoke')
+  config.data_dir = 'hf://test-org/mazes-tiny'
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state.step) == config.training_iterations
+  records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert any('train/loss' in r for r in records) and any('eval/acc_most_certain' in r for r in records)

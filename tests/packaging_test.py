@@ -130,7 +130,7 @@ def test_extras_are_the_documented_ones_and_the_core_is_lean():
   from ctm_jax import extras as extras_lib  # pylint: disable=g-import-not-at-top
   dists = {'gymnax': 'gymnax', 'xminigrid': 'xminigrid', 'rlax': 'rlax',
            'tensorflow_datasets': 'tensorflow-datasets', 'torch': 'torch',
-           'huggingface_hub': 'huggingface-hub', 'safetensors': 'safetensors'}
+           'huggingface_hub': 'huggingface-hub', 'safetensors': 'safetensors', 'pyarrow': 'pyarrow'}
   for extra, modules in extras_lib.MODULES.items():
     names = {requirements.Requirement(r).name for r in extras[extra]}
     assert {dists[m] for m in modules} <= names, extra

@@ -27,6 +27,8 @@ import os
 
 import numpy as np
 
+from ctm_jax.interop import hub
+
 UP, DOWN, LEFT, RIGHT, WAIT = 0, 1, 2, 3, 4
 # (dy, dx) of each move, in the reference's order of preference.
 MOVE_DELTAS = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -296,6 +298,35 @@ class MazeFolder:
     return {'image': self.images[int(index)], 'route': self.routes[int(index)]}
 
 
+class HubMazes:
+  """A maze dataset on the Hugging Face Hub (`hf://SakanaAI/mazes-large`,
+  -small, -medium, -extralarge: parquet rows of the maze picture as a PNG,
+  `image`, and its `solution_path`), read into memory as MazeFolder reads the
+  same mazes as PNG folders: the same records, routes read off the picture.
+
+  huggingface_hub + pyarrow rather than `datasets`: the rows are plain parquet,
+  read whole into memory here, and the cache, login and offline mode are
+  huggingface_hub's either way; `datasets` would add its own copy and
+  arrow cache of each split for nothing this pipeline uses.
+  """
+
+  def __init__(self, source: str, split: str, route_length: int):
+    paths = hub.dataset_files(source, split)
+    self.images = hub.parquet_images(paths)
+    if not self.images:
+      raise ValueError(f'{source}: its {split} split holds no mazes')
+    for i, image in enumerate(self.images):
+      if image.shape != self.images[0].shape:
+        raise ValueError(f'{source}: {split} maze {i} is {image.shape}, unlike maze 0 ({self.images[0].shape})')
+    self.routes = [route_from_image(image, route_length) for image in self.images]
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    return {'image': self.images[int(index)], 'route': self.routes[int(index)]}
+
+
 class ModelRecords:
   """A maze source's records as the model reads them: {'inputs': float32
   (H, W, 3), path whitened, in [-1, 1] (or [0, 1] without expand_range);
@@ -338,7 +369,18 @@ def check_config(config):
     raise ValueError(f'config.expand_range={config.expand_range!r}: True or False')
   if not 0 <= config.augment_p <= 1:
     raise ValueError(f'config.augment_p={config.augment_p!r}: a probability in [0, 1]')
-  if config.data_dir:
+  if hub.is_hub(config.data_dir):
+    for split in ('train', 'test'):
+      try:
+        (first,) = hub.parquet_images(hub.dataset_files(config.data_dir, split)[:1], limit=1)
+      except ValueError as e:
+        raise ValueError(f'config.data_dir={config.data_dir!r}: {e}') from None
+      if first.shape != tuple(config.image_shape):
+        raise ValueError(
+            f'config.image_shape={tuple(config.image_shape)!r}: the mazes in {config.data_dir} are '
+            f'{first.shape!r}; pass --config.image_shape="{first.shape!r}"'
+        )
+  elif config.data_dir:
     for split in ('train', 'test'):
       directory = os.path.join(config.data_dir, split)
       if not os.path.isdir(directory):
@@ -359,7 +401,9 @@ def check_config(config):
 
 def _source(config, split: str, num_records: int):
   check_config(config)
-  if config.data_dir:
+  if hub.is_hub(config.data_dir):
+    mazes = HubMazes(config.data_dir, split, config.maze_route_length)
+  elif config.data_dir:
     mazes = MazeFolder(config.data_dir, split, config.maze_route_length)
   else:
     size = config.image_shape[0]
