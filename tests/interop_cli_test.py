@@ -434,3 +434,29 @@ def test_released_checkpoint_strict_and_not_strict(tmp_path):
   _, variables, config = torch_interop.load_imported(str(tmp_path / 'loose'))
   assert config['strict'] is False and len(config['skipped']) == 2
   assert np.all(np.isfinite(variables['params']['start_trace']))
+
+
+def test_a_checkpoint_without_args_imports_with_model_kwargs(tmp_path):
+  """The community's checkpoints ({'model_state_dict': ...}, kwargs on the model card)."""
+  arrays, meta = load_golden('parity')
+  ckpt = tmp_path / 'community.pt'
+  torch.save({'model_state_dict': {k: torch.from_numpy(np.asarray(v)) for k, v in
+                                   state_dict(arrays, meta).items()}}, ckpt)
+  with pytest.raises(ValueError, match=r'community.pt: the checkpoint saved no args; give the constructor kwargs with --model_kwargs'):
+    torch_interop.import_checkpoint(str(ckpt), str(tmp_path / 'refused'))
+  kwargs = dict(meta['constructor_kwargs'])
+  heads = kwargs.pop('heads')
+  with pytest.raises(ValueError, match=r"no value for constructor kwarg 'heads'"):
+    torch_interop.import_checkpoint(str(ckpt), str(tmp_path / 'refused'), model_kwargs=kwargs)
+  assert not (tmp_path / 'refused').exists()
+  config = torch_interop.import_checkpoint(str(ckpt), str(tmp_path / 'imported'),
+                                           model_kwargs={**kwargs, 'heads': heads})
+  assert config['task'] == 'parity' and config['defaults'] == ['dropout_nlm', 'n_random_pairing_self']
+  model, variables, _ = torch_interop.load_imported(str(tmp_path / 'imported'))
+  out = jax.jit(model.apply)(variables, to_jax_layout(arrays['__in__x']))
+  assert_close(out.predictions, arrays['__out__predictions'], what='predictions')
+  # A checkpoint with args takes its kwargs from them, not from --model_kwargs.
+  with_args = tmp_path / 'with_args.pt'
+  save_checkpoint(with_args, state_dict(arrays, meta), reference_args('parity', meta['constructor_kwargs']))
+  with pytest.raises(ValueError, match=r'--model_kwargs: .*with_args.pt saved its args'):
+    torch_interop.import_checkpoint(str(with_args), str(tmp_path / 'x'), model_kwargs={'heads': 2})

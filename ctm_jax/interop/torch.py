@@ -503,7 +503,9 @@ def _safe_globals():
 
 
 def load_reference_checkpoint(path: str, trust_pickle: bool = False):
-  """(state_dict, args dict, iteration) of a reference training checkpoint.
+  """(state_dict, args dict or None, iteration) of a reference training
+  checkpoint; args are None for a file that saved none (the community's
+  `{'model_state_dict': ...}`: its kwargs come from elsewhere).
 
   By default the file is unpickled with torch's weights-only loader, which
   builds tensors, numbers, containers and `_safe_globals()` and refuses any
@@ -530,8 +532,6 @@ def load_reference_checkpoint(path: str, trust_pickle: bool = False):
     raise ValueError(f'{path}: not a readable PyTorch checkpoint ({reason})') from e
   if not isinstance(checkpoint, Mapping) or 'model_state_dict' not in checkpoint:
     raise ValueError(f'{path}: not a reference training checkpoint (no model_state_dict)')
-  if checkpoint.get('args') is None:
-    raise ValueError(f'{path}: the checkpoint has no saved args')
   state_dict = _clean_state_dict(checkpoint['model_state_dict'], torch)
   bad = [k for k, v in state_dict.items() if v.dtype.kind == 'f' and not np.isfinite(v).all()]
   if bad:
@@ -541,7 +541,8 @@ def load_reference_checkpoint(path: str, trust_pickle: bool = False):
     )
   # The RL script saves its iteration as training_iteration.
   iteration = checkpoint.get('iteration', checkpoint.get('training_iteration'))
-  return state_dict, _as_dict(checkpoint['args']), iteration
+  args = checkpoint.get('args')
+  return state_dict, None if args is None else _as_dict(args), iteration
 
 
 def _json_safe(args: dict) -> dict:
@@ -587,11 +588,19 @@ def import_checkpoint(
     raise FileNotFoundError(f'{checkpoint}: no such checkpoint file')
   if hub.is_model_folder_or_file(checkpoint):
     config, state_dict = read_hub_model(checkpoint, task, model_kwargs)
-    iteration = None
+    args = iteration = None
   else:
-    if model_kwargs:
-      raise ValueError(f'--model_kwargs: {checkpoint} saved its args; they give the kwargs')
     state_dict, args, iteration = load_reference_checkpoint(checkpoint, trust_pickle)
+    if args is None:  # the community's checkpoints: kwargs from their model cards
+      if not model_kwargs:
+        raise ValueError(
+            f'{checkpoint}: the checkpoint saved no args; give the constructor kwargs with '
+            '--model_kwargs=JSON or --model_kwargs=@FILE.json (its model card lists them; docs/import.md)'
+        )
+      config = record_from_kwargs(model_kwargs, checkpoint, task)
+    elif model_kwargs:
+      raise ValueError(f'--model_kwargs: {checkpoint} saved its args; they give the kwargs')
+  if args is not None:
     task = task or detect_task(args)
     config = {
         'task': task,
@@ -628,6 +637,14 @@ def read_hub_model(source: str, task: str | None = None, model_kwargs: dict | No
   Hub mixin wrote: its task (from the kwargs, or `task`), its kwargs with
   the constructor's defaults filled in and listed under `defaults`."""
   kwargs, state_dict, _ = hub.read_model(source, model_kwargs)
+  return record_from_kwargs(kwargs, source, task), state_dict
+
+
+def record_from_kwargs(kwargs: dict, source: str, task: str | None = None) -> dict:
+  """The import record of a CTM given by the reference constructor's
+  `kwargs`: its task (from the kwargs, or `task`), the kwargs with the
+  constructor's defaults filled in and listed under `defaults`; one-line
+  ValueError naming a kwarg that is unknown or has no value."""
   task = importing_task(task).name if task else detect_task_from_kwargs(kwargs, source)
   model_class = tasks_lib.get(task).model_class_for('ctm')
   fields = {f.name: f for f in dataclasses.fields(model_class) if f.init and f.name not in ('parent', 'name')}
@@ -645,14 +662,13 @@ def read_hub_model(source: str, task: str | None = None, model_kwargs: dict | No
       n: _json_default(f.default) for n, f in fields.items()
       if n not in kwargs and n not in ctm_lib.COMPUTE_FIELDS and f.default is not dataclasses.MISSING
   }
-  record = {
+  return {
       'task': task,
       'model_type': 'ctm',
       'reference_args': {},
       'model_kwargs': {**kwargs, **defaults},
       'defaults': sorted(defaults),
   }
-  return record, state_dict
 
 
 def _json_default(value):
