@@ -428,3 +428,51 @@ def test_maze_smoke_trains_on_a_hub_dataset(offline_hub, tmp_path):
   assert int(state.step) == config.training_iterations
   records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert any('train/loss' in r for r in records) and any('eval/acc_most_certain' in r for r in records)
+
+
+_REFERENCE_DIR = os.environ.get('CTM_REFERENCE_DIR', '')
+# Run in the reference's checkout: build its CTM from our config.json (the
+# kwargs its constructor takes), materialise the lazy layers with one forward,
+# load our model.safetensors with safetensors' load_model(strict=True), predict.
+_REFERENCE_LOADS = '''
+import inspect, json, sys
+import numpy as np, torch, safetensors.torch
+from models.ctm import ContinuousThoughtMachine
+folder, inputs, out = sys.argv[1:]
+kwargs = json.load(open(folder + '/config.json'))
+takes = inspect.signature(ContinuousThoughtMachine.__init__).parameters
+model = ContinuousThoughtMachine(**{k: v for k, v in kwargs.items() if k in takes})
+x = torch.from_numpy(np.load(inputs))
+with torch.no_grad():
+  model.eval()
+  model(x)
+  safetensors.torch.load_model(model, folder + '/model.safetensors', strict=True)
+  predictions, certainties, _ = model(x)
+np.save(out, predictions.numpy())
+'''
+
+
+@pytest.mark.skipif(not _REFERENCE_DIR, reason='set CTM_REFERENCE_DIR to a checkout of SakanaAI/continuous-thought-machines')
+@pytest.mark.parametrize('case', ['maze_compact', 'parity'])
+def test_the_reference_loads_our_export_to_our_predictions(case, tmp_path):
+  pytest.importorskip('torch')
+  from ctm_jax.models import ctm as ctm_lib  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden(case)  # its kwargs: first-last selection (maze) shares buffers
+  model = ctm_lib.ContinuousThoughtMachine(**meta['constructor_kwargs'])
+  x_ref = np.random.default_rng(0).standard_normal(arrays['__in__x'].shape).astype(np.float32)
+  if case == 'parity':
+    x_ref = np.sign(x_ref)
+  x = to_jax_layout(x_ref)
+  variables = model.init(jax.random.key(3), x)  # our own weights, not the reference's
+  variables = {**variables, 'params': ctm_lib.project_decay_params(variables['params'])}
+  hub.write_model(str(tmp_path / 'export'), meta['constructor_kwargs'], torch_interop.to_state_dict(variables, model), 'card')
+  np.save(tmp_path / 'x.npy', x_ref)
+  done = subprocess.run(
+      [sys.executable, '-c', _REFERENCE_LOADS, str(tmp_path / 'export'), str(tmp_path / 'x.npy'),
+       str(tmp_path / 'predictions.npy')],
+      cwd=_REFERENCE_DIR, capture_output=True, text=True, timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  ours = jax.jit(model.apply)(variables, x).predictions
+  assert_close(ours, np.load(tmp_path / 'predictions.npy'), what='predictions')
