@@ -74,3 +74,28 @@ def test_notebooks_open_in_colab_and_install_themselves():
     assert not any(cell.get('outputs') for cell in notebook.cells if cell.cell_type == 'code'), (
         f'{path.name}: commit notebooks without outputs'
     )
+
+
+@pytest.mark.slow
+def test_hub_notebook_runs_on_an_offline_hub_cache(tmp_path, monkeypatch):
+  """notebooks/hub.ipynb against a Hub cache built here (no network): a small
+  maze CTM under SakanaAI/ctm-maze-large's name (the golden maze case's
+  kwargs and weights, saved as the mixin saves them) and 11x11 mazes under
+  SakanaAI/mazes-large's, in huggingface_hub's own cache layout."""
+  from conftest import load_golden  # pylint: disable=g-import-not-at-top
+  import hub_test  # pylint: disable=g-import-not-at-top
+
+  hf_home = tmp_path / 'hf_home'
+  arrays, meta = load_golden('maze_compact')
+  hub_test.save_like_the_mixin(tmp_path / 'model', arrays, meta)
+  hub_test.cache_repo(hf_home, 'SakanaAI/ctm-maze-large', tmp_path / 'model')
+  hub_test.cache_maze_dataset(hf_home, 'SakanaAI/mazes-large', 11, {'train': 2, 'test': 6})
+  monkeypatch.setenv('HF_HOME', str(hf_home))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  (tmp_path / 'run').mkdir()
+  notebook = _execute('hub', tmp_path / 'run')
+  text = _text(notebook)
+  assert 'mazes CTM: 4 ticks, 40 neurons, routes of 6 moves' in text
+  assert '6 held-out mazes of (11, 11, 3); solving 4' in text
+  assert 'maze 3: most certain at tick' in text and 'ticks used:' in text
+  assert _has_image(notebook, 'image/gif')
