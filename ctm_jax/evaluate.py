@@ -23,6 +23,7 @@ import numpy as np
 
 from ctm_jax import artefact
 from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax.interop import hub
 from ctm_jax import sharding
 from ctm_jax import supervised
 from ctm_jax import validation
@@ -31,6 +32,11 @@ from ctm_jax import validation
 def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) -> dict:
   """The eval scalars of `workdir`'s checkpoint at `step` (default: the newest)."""
   started = time.perf_counter()
+  if hub.is_model_folder_or_file(workdir):
+    raise validation.UsageError(
+        f'--workdir={workdir}: a reference model, whose kwargs name no held-out data; fine-tune '
+        'or evaluate it in a run: --config.init_from=' + workdir
+    )
   workdir = os.path.abspath(workdir)
   exported = artefact.is_artefact(workdir)
   if exported:

@@ -201,6 +201,7 @@ def test_hub_errors_are_one_line_naming_repo_file_and_fix(monkeypatch):
       (errors.GatedRepoError('gated', response=response), 'the repo is gated; accept its terms'),
       (errors.RepositoryNotFoundError('absent', response=response), 'no such repo on the Hub'),
       (OSError(28, 'No space left on device'), 'download failed'),
+      (errors.EntryNotFoundError('absent'), 'the repo has no such file'),
   ]
   for error, said in cases:
     monkeypatch.setattr(hub_lib, 'hf_hub_download', raising(error))
@@ -225,6 +226,10 @@ def test_predict_and_export_take_a_hub_model(offline_hub, tmp_path):
   bits = ''.join('1' if b > 0 else '0' for b in arrays['__in__x'][0, :length])
   rows, summary = predict.predict('hf://test-org/parity', bits)
   assert summary['task'] == 'parity' and len(rows) == meta['constructor_kwargs']['iterations']
+  from ctm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+  with pytest.raises(validation.UsageError, match=r'--workdir=hf://test-org/parity: a reference model.*--config.init_from=hf://test-org/parity'):
+    evaluate.evaluate('hf://test-org/parity')
   spec = export.export('hf://test-org/parity', str(tmp_path / 'artefact'), input_shape=(length,))
   assert spec['task'] == 'parity' and spec['source'] == {'workdir': 'hf://test-org/parity', 'step': None}
   model, variables, _ = inference.load(str(tmp_path / 'artefact'))
