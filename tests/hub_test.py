@@ -289,6 +289,11 @@ def test_the_maze_generalisation_tool_takes_a_hub_model(offline_hub, tmp_path):
   assert [size for size, _ in rows] == [9]
   record = json.loads((out / 'results.json').read_text())
   assert record['workdir'] == 'hf://test-org/maze' and len(record['sizes']['9']['solved']) == 2
+  # The Hub's held-out mazes instead of generated ones.
+  cache_maze_dataset(offline_hub, 'test-org/mazes-tiny', 15, {'test': 3})
+  rows = mazes_generalisation.run('hf://test-org/maze', [9], 2, 2, out=str(out), pictures=0,
+                                  data_dir='hf://test-org/mazes-tiny')
+  assert [(size, summary['mazes']) for size, summary in rows] == [(15, 2)]
 
 
 @pytest.mark.parametrize('case', ['maze_compact', 'image_compact'])

@@ -133,10 +133,12 @@ def route_picture(maze: mazes.Maze, walks, path: str, scale: int = 8) -> str:
 
 
 def load_mazes(size: int, count: int, seed: int, data_dir: str = '') -> list[mazes.Maze]:
-  """`count` held-out mazes: generated at `size` pixels, or the first of a
-  reference-format folder's test split (`data_dir`)."""
+  """`count` held-out mazes: generated at `size` pixels, or the first of the
+  test split of a reference-format folder or a Hub dataset (`data_dir`,
+  e.g. hf://SakanaAI/mazes-extralarge)."""
   if data_dir:
-    folder = mazes.MazeFolder(data_dir, 'test', route_length=1)
+    reader = mazes.HubMazes if hub.is_hub(data_dir) else mazes.MazeFolder
+    folder = reader(data_dir, 'test', route_length=1)
     return [mazes.Maze.from_image(folder[i]['image']) for i in range(min(count, len(folder)))]
   # The held-out stream: a seed other than the run's gives mazes it never evaluated on.
   source = mazes.GeneratedMazes(size, 1, seed, count, 'test')
@@ -237,7 +239,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('count', 200, 'Mazes per size.')
   flags.DEFINE_integer('max_reapplications', 20, 'Model applications per maze at most.')
   flags.DEFINE_integer('fault_tolerance', 2, 'Moves into walls a walk may skip.')
-  flags.DEFINE_string('data_dir', '', 'A reference-format maze folder to test on instead.')
+  flags.DEFINE_string('data_dir', '', 'A reference-format maze folder, or a Hub dataset (hf://SakanaAI/mazes-extralarge), to test on instead.')
   flags.DEFINE_string('out', '', 'Output directory (default <workdir>/generalisation).')
   flags.DEFINE_integer('seed', 1, 'Generator seed of the test mazes.')
   flags.DEFINE_integer('pictures', 4, 'Route pictures per size.')
