@@ -52,6 +52,14 @@ def cache_repo(hf_home, repo_id, folder):
     (snapshot / name).write_bytes((folder / name).read_bytes())
 
 
+def cached_golden(hf_home, tmp_path, case, repo_id):
+  """Golden `case` saved as the mixin saves it in tmp_path/repo, cached as `repo_id`."""
+  arrays, meta = load_golden(case)
+  save_like_the_mixin(tmp_path / 'repo', arrays, meta)
+  cache_repo(hf_home, repo_id, tmp_path / 'repo')
+  return arrays, meta, tmp_path / 'repo'
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
   """An empty Hub cache with the library offline (HF_HOME, HF_HUB_OFFLINE=1)."""
@@ -88,10 +96,7 @@ def test_hub_model_imports_to_the_reference_outputs(case, offline_hub, tmp_path)
 
 
 def test_import_command_reads_the_hub_offline_without_torch(offline_hub, tmp_path):
-  arrays, meta = load_golden('maze_compact')
-  folder = tmp_path / 'repo'
-  save_like_the_mixin(folder, arrays, meta)
-  cache_repo(offline_hub, 'test-org/maze', folder)
+  arrays, meta, folder = cached_golden(offline_hub, tmp_path, 'maze_compact', 'test-org/maze')
   workdir = tmp_path / 'imported'
   # The Hub path never imports torch: a torch that fails to import cannot stop it.
   blocker = tmp_path / 'no_torch'
@@ -218,10 +223,7 @@ def test_predict_and_export_take_a_hub_model(offline_hub, tmp_path):
   from ctm_jax import export  # pylint: disable=g-import-not-at-top
   from ctm_jax import predict  # pylint: disable=g-import-not-at-top
 
-  arrays, meta = load_golden('parity')
-  folder = tmp_path / 'repo'
-  save_like_the_mixin(folder, arrays, meta)
-  cache_repo(offline_hub, 'test-org/parity', folder)
+  arrays, meta, folder = cached_golden(offline_hub, tmp_path, 'parity', 'test-org/parity')
   length = meta['constructor_kwargs']['prediction_reshaper'][0]
   bits = ''.join('1' if b > 0 else '0' for b in arrays['__in__x'][0, :length])
   rows, summary = predict.predict('hf://test-org/parity', bits)
@@ -244,10 +246,7 @@ def test_init_from_a_hub_model_starts_training_from_its_weights(offline_hub, tmp
   from ctm_jax import validation  # pylint: disable=g-import-not-at-top
   from ctm_jax.configs import parity  # pylint: disable=g-import-not-at-top
 
-  arrays, meta = load_golden('parity')
-  folder = tmp_path / 'repo'
-  save_like_the_mixin(folder, arrays, meta)
-  cache_repo(offline_hub, 'test-org/parity', folder)
+  arrays, meta, folder = cached_golden(offline_hub, tmp_path, 'parity', 'test-org/parity')
   kwargs = meta['constructor_kwargs']
   config = parity.get_config('smoke')
   config.parity_sequence_length = kwargs['prediction_reshaper'][0]
@@ -278,10 +277,7 @@ def test_the_maze_generalisation_tool_takes_a_hub_model(offline_hub, tmp_path):
   from ctm_jax import validation  # pylint: disable=g-import-not-at-top
   from ctm_jax.tools import mazes_generalisation  # pylint: disable=g-import-not-at-top
 
-  arrays, meta = load_golden('maze_compact')
-  folder = tmp_path / 'repo'
-  save_like_the_mixin(folder, arrays, meta)
-  cache_repo(offline_hub, 'test-org/maze', folder)
+  arrays, meta, folder = cached_golden(offline_hub, tmp_path, 'maze_compact', 'test-org/maze')
   with pytest.raises(validation.UsageError, match=r'a Hub model; give --out'):
     mazes_generalisation.run('hf://test-org/maze', [9], 2, 2)
   out = tmp_path / 'generalisation'

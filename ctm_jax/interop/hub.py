@@ -134,15 +134,7 @@ def read_model(source: str, model_kwargs: dict | None = None) -> tuple[dict, dic
     weights, config_path = source, None
     if not os.path.isfile(weights):
       raise ValueError(f'{source}: no such file')
-  kwargs = {}
-  if config_path and os.path.isfile(config_path):
-    try:
-      with open(config_path) as f:
-        kwargs = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f'{config_path}: not a JSON object of constructor kwargs ({e})') from None
-    if not isinstance(kwargs, dict):
-      raise ValueError(f'{config_path}: not a JSON object of constructor kwargs')
+  kwargs = _read_kwargs_file(config_path) if config_path and os.path.isfile(config_path) else {}
   kwargs = {**kwargs, **(model_kwargs or {})}
   if not kwargs:
     raise ValueError(
@@ -160,6 +152,10 @@ def read_kwargs(source: str) -> dict:
     path = os.path.join(source, CONFIG_FILE)
   else:
     raise ValueError(f'{source}: a bare weights file; import it with --model_kwargs first (ctm-import)')
+  return _read_kwargs_file(path)
+
+
+def _read_kwargs_file(path: str) -> dict:
   try:
     with open(path) as f:
       kwargs = json.load(f)
