@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from ctm_jax.data import hub_datasets
 from ctm_jax.interop import hub
 
 UP, DOWN, LEFT, RIGHT, WAIT = 0, 1, 2, 3, 4
@@ -311,8 +312,8 @@ class HubMazes:
   """
 
   def __init__(self, source: str, split: str, route_length: int):
-    paths = hub.dataset_files(source, split)
-    self.images = hub.parquet_images(paths)
+    paths = hub_datasets.split_files(source, split)
+    self.images = hub_datasets.parquet_images(paths)
     if not self.images:
       raise ValueError(f'{source}: its {split} split holds no mazes')
     for i, image in enumerate(self.images):
@@ -372,7 +373,7 @@ def check_config(config):
   if hub.is_hub(config.data_dir):
     for split in ('train', 'test'):
       try:
-        (first,) = hub.parquet_images(hub.dataset_files(config.data_dir, split)[:1], limit=1)
+        (first,) = hub_datasets.parquet_images(hub_datasets.split_files(config.data_dir, split)[:1], limit=1)
       except ValueError as e:
         raise ValueError(f'config.data_dir={config.data_dir!r}: {e}') from None
       if first.shape != tuple(config.image_shape):

@@ -41,12 +41,20 @@ def parse(source: str) -> tuple[str, str | None]:
 def download(source: str, filename: str) -> str:
   """The local path of `filename` in the Hub repo `source`, from the Hub cache
   or downloaded into it; one-line ValueError naming the repo, the file and the fix."""
+  return fetch(source, filename, lambda hub, repo_id, revision: hub.hf_hub_download(
+      repo_id, filename, revision=revision))
+
+
+def fetch(source: str, what: str, get, fix_offline: str = ''):
+  """`get(huggingface_hub, repo_id, revision)` for the repo `source`, its
+  errors as one ValueError line naming the repo, `what` was fetched and the
+  fix (`fix_offline`: the command that fetches it, default `hf download REPO`)."""
   repo_id, revision = parse(source)
   hub = extras.module('huggingface_hub', source)
   errors = extras.module('huggingface_hub.errors', source)
-  where = f'{source}: {filename}'
+  where = f'{source}: {what}'
   try:
-    return hub.hf_hub_download(repo_id, filename, revision=revision)
+    return get(hub, repo_id, revision)
   except errors.GatedRepoError:
     raise ValueError(
         f'{where}: the repo is gated; accept its terms on huggingface.co/{repo_id} and log in '
@@ -61,7 +69,7 @@ def download(source: str, filename: str) -> str:
   except errors.LocalEntryNotFoundError:
     raise ValueError(
         f'{where}: not in the Hub cache and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or '
-        'no network); fetch it once online, e.g. hf download ' + repo_id
+        f'no network); fetch it once online, e.g. {fix_offline or "hf download " + repo_id}'
     ) from None
   except errors.EntryNotFoundError:
     raise ValueError(f'{where}: the repo has no such file') from None
@@ -224,62 +232,3 @@ def push(folder: str, repo_id: str) -> str:
     raise ValueError(f'--push_to_hub={repo_id}: the upload failed ({first}); {folder} holds the files') from None
   return f'https://huggingface.co/{repo_id}'
 
-
-def dataset_files(source: str, split: str) -> list[str]:
-  """The local paths of a Hub dataset's parquet files of `split` (the Hub's
-  layout: data/<split>-*.parquet or <split>/*.parquet), from the cache or
-  downloaded into it; one-line ValueError naming the repo, the split and the fix."""
-  repo_id, revision = parse(source)
-  hub = extras.module('huggingface_hub', source)
-  errors = extras.module('huggingface_hub.errors', source)
-  try:
-    root = hub.snapshot_download(repo_id, repo_type='dataset', revision=revision,
-                                 allow_patterns=['*.parquet', '**/*.parquet'])
-  except errors.GatedRepoError:
-    raise ValueError(f'{source}: a gated dataset; accept its terms on huggingface.co and log in (hf auth login)') from None
-  except errors.RepositoryNotFoundError:
-    raise ValueError(f'{source}: no such dataset on the Hub, or a private one (log in with hf auth login)') from None
-  except errors.RevisionNotFoundError:
-    raise ValueError(f'{source}: the dataset has no revision {revision!r}') from None
-  except errors.LocalEntryNotFoundError:
-    raise ValueError(
-        f'{source}: not in the Hub cache and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or '
-        f'no network); fetch it once online, e.g. hf download --repo-type=dataset {repo_id}'
-    ) from None
-  except (errors.HfHubHTTPError, OSError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f'{source}: download failed ({first}); run again to resume it') from None
-  found = sorted(
-      os.path.join(folder, name)
-      for folder, _, names in os.walk(root)
-      for name in names
-      if name.endswith('.parquet') and (
-          name.startswith(f'{split}-') or os.path.basename(folder) == split)
-  )
-  if not found:
-    raise ValueError(f'{source}: no {split} split (data/{split}-*.parquet) in the dataset')
-  return found
-
-
-def parquet_images(paths: list[str], limit: int | None = None) -> list[np.ndarray]:
-  """The `image` column of parquet files (the Hub's Image feature: PNG bytes)
-  as float32 (H, W, 3) pictures in [0, 1], in file and row order."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  parquet = extras.module('pyarrow.parquet', paths[0] if paths else 'a Hub dataset')
-  images = []
-  for path in paths:
-    try:
-      column = parquet.read_table(path, columns=['image']).column('image').to_pylist()
-    except (OSError, KeyError, ValueError) as e:
-      raise ValueError(f'{path}: not a parquet file with an image column ({e})') from None
-    for cell in column:
-      data = cell.get('bytes') if isinstance(cell, dict) else cell
-      if not isinstance(data, (bytes, bytearray)):
-        raise ValueError(f'{path}: an image cell holds no PNG bytes')
-      with Image.open(io.BytesIO(data)) as image:
-        images.append(np.asarray(image.convert('RGB'), np.float32) / 255)
-      if limit is not None and len(images) >= limit:
-        return images
-  return images
