@@ -41,11 +41,7 @@ def parquet_images(paths: list[str], limit: int | None = None) -> list[np.ndarra
   parquet = extras.module('pyarrow.parquet', paths[0] if paths else 'a Hub dataset')
   images = []
   for path in paths:
-    try:
-      column = parquet.read_table(path, columns=['image']).column('image').to_pylist()
-    except (OSError, KeyError, ValueError) as e:
-      raise ValueError(f'{path}: not a parquet file with an image column ({e})') from None
-    for cell in column:
+    for cell in _image_cells(parquet, path, limit or 1024):
       data = cell.get('bytes') if isinstance(cell, dict) else cell
       if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f'{path}: an image cell holds no PNG bytes')
@@ -54,3 +50,13 @@ def parquet_images(paths: list[str], limit: int | None = None) -> list[np.ndarra
       if limit is not None and len(images) >= limit:
         return images
   return images
+
+
+def _image_cells(parquet, path: str, batch_size: int):
+  """The `image` cells of a parquet file, a batch at a time: a `limit` (the
+  size check before training) reads only the first batch."""
+  try:
+    for batch in parquet.ParquetFile(path).iter_batches(batch_size=batch_size, columns=['image']):
+      yield from batch.column('image').to_pylist()
+  except (OSError, KeyError, ValueError) as e:
+    raise ValueError(f'{path}: not a parquet file with an image column ({e})') from None

@@ -74,8 +74,12 @@ def fetch(source: str, what: str, get, fix_offline: str = ''):
   except errors.EntryNotFoundError:
     raise ValueError(f'{where}: the repo has no such file') from None
   except (errors.HfHubHTTPError, OSError) as e:  # a download cut off, a full disk
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f'{where}: download failed ({first}); run again to resume it') from None
+    raise ValueError(f'{where}: download failed ({_first_line(e)}); run again to resume it') from None
+
+
+def _first_line(error: BaseException) -> str:
+  """An exception's first message line, or its type's name: for one-line errors."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -88,8 +92,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       tensors = {name: f.get_tensor(name) for name in f.keys()}
       metadata = f.metadata() or {}
   except (OSError, ValueError, TypeError, safetensors.SafetensorError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f'{path}: not a readable safetensors file ({first})') from None
+    raise ValueError(f'{path}: not a readable safetensors file ({_first_line(e)})') from None
   for dropped, kept in metadata.items():
     if kept in tensors and dropped not in tensors:
       tensors[dropped] = tensors[kept]
@@ -228,7 +231,6 @@ def push(folder: str, repo_id: str) -> str:
   except errors.LocalTokenNotFoundError:
     raise ValueError(f'--push_to_hub={repo_id}: not logged in to the Hub; run hf auth login or set HF_TOKEN') from None
   except (errors.HfHubHTTPError, OSError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f'--push_to_hub={repo_id}: the upload failed ({first}); {folder} holds the files') from None
+    raise ValueError(f'--push_to_hub={repo_id}: the upload failed ({_first_line(e)}); {folder} holds the files') from None
   return f'https://huggingface.co/{repo_id}'
 

@@ -586,28 +586,28 @@ def import_checkpoint(
     raise FileExistsError(f'{ckpt_dir} already exists; pass --overwrite to replace it')
   if local and not os.path.exists(checkpoint):
     raise FileNotFoundError(f'{checkpoint}: no such checkpoint file')
+  iteration = None
   if hub.is_model_folder_or_file(checkpoint):
     config, state_dict = read_hub_model(checkpoint, task, model_kwargs)
-    args = iteration = None
   else:
     state_dict, args, iteration = load_reference_checkpoint(checkpoint, trust_pickle)
+    if args is None and not model_kwargs:
+      raise ValueError(
+          f'{checkpoint}: the checkpoint saved no args; give the constructor kwargs with '
+          '--model_kwargs=JSON or --model_kwargs=@FILE.json (its model card lists them; docs/import.md)'
+      )
     if args is None:  # the community's checkpoints: kwargs from their model cards
-      if not model_kwargs:
-        raise ValueError(
-            f'{checkpoint}: the checkpoint saved no args; give the constructor kwargs with '
-            '--model_kwargs=JSON or --model_kwargs=@FILE.json (its model card lists them; docs/import.md)'
-        )
       config = record_from_kwargs(model_kwargs, checkpoint, task)
     elif model_kwargs:
       raise ValueError(f'--model_kwargs: {checkpoint} saved its args; they give the kwargs')
-  if args is not None:
-    task = task or detect_task(args)
-    config = {
-        'task': task,
-        'model_type': reference_model_type(args, task),
-        'reference_args': _json_safe(args),
-        'model_kwargs': model_kwargs_from_args(args, task),
-    }
+    else:
+      task = task or detect_task(args)
+      config = {
+          'task': task,
+          'model_type': reference_model_type(args, task),
+          'reference_args': _json_safe(args),
+          'model_kwargs': model_kwargs_from_args(args, task),
+      }
   model_class = tasks_lib.get(config['task']).model_class_for(config['model_type'])
   skipped = []
   _, variables = import_state_dict(state_dict, config['model_kwargs'], model_class, strict, skipped)  # raises before any write
