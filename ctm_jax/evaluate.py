@@ -1,6 +1,7 @@
 """Evaluate a trained run without training: the task's evaluators on its held-out set.
 
   python -m ctm_jax.evaluate --workdir=RUN [--step=N] [--out=DIR]
+  python -m ctm_jax.evaluate --workdir=hf://ORG/NAME --config=configs/<task>.py[:variant] --out=DIR
 
 RUN is a training run or an artefact exported from one (python -m
 ctm_jax.export), whose model.json carries the run's config. This restores the
@@ -11,6 +12,12 @@ task's gifs) under DIR/plots. DIR defaults to RUN/eval_<step>. Overrides of
 the run's config (`--n_test_batches`, `--batch_size_test`) evaluate on more
 or fewer held-out examples; `--evals` runs other evaluators of the task
 (`--evals=tick_accuracy`; the task's `evals` names them).
+
+An imported model (a Hub repo, a folder of the reference's Hub files, an
+import workdir) carries no data or evaluation settings: `--config` gives
+them, its model fields replaced by the import's kwargs (any that still differ,
+e.g. a route length the task derives, are named in one line), and `--out`
+says where the results go.
 """
 
 import json
@@ -23,34 +30,47 @@ import numpy as np
 
 from ctm_jax import artefact
 from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import cli
 from ctm_jax.interop import hub
+from ctm_jax.interop import torch as torch_interop
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import sharding
 from ctm_jax import supervised
 from ctm_jax import validation
 
 
-def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) -> dict:
-  """The eval scalars of `workdir`'s checkpoint at `step` (default: the newest)."""
+def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, **overrides) -> dict:
+  """The eval scalars of `workdir`'s checkpoint at `step` (default: the newest).
+
+  `workdir` may instead be an imported model (hf://ORG/NAME, a folder of
+  config.json + model.safetensors, an import workdir), which names no data:
+  `config` (--config) then gives the task's data and evaluation, its model
+  fields taken from the import's kwargs, and `out` is required.
+  """
   started = time.perf_counter()
-  if hub.is_model_folder_or_file(workdir):
+  imported = _is_import(workdir)
+  if imported:
+    config, step = _config_for_import(workdir, config, out), 0
+  elif config is not None:
     raise validation.UsageError(
-        f'--workdir={workdir}: a reference model, whose kwargs name no held-out data; fine-tune '
-        'or evaluate it in a run: --config.init_from=' + workdir
+        f'--config: {workdir} is a training run, evaluated with its own config.json; '
+        'leave --config out (--n_test_batches, --batch_size_test and --evals override it)'
     )
-  workdir = os.path.abspath(workdir)
-  exported = artefact.is_artefact(workdir)
+  else:
+    workdir = os.path.abspath(workdir)
+  exported = not imported and artefact.is_artefact(workdir)
   if exported:
     spec = artefact.read_spec(workdir)
     if 'model_kwargs' in spec['config']:
       raise validation.UsageError(
           f'--workdir={workdir}: exported from an imported reference model, whose config names no '
-          'held-out data; evaluate a training run or an artefact exported from one'
+          'held-out data; evaluate the import itself with --config=configs/<task>.py[:variant]'
       )
     if step is not None:
       raise validation.UsageError(f'--step={step}: an artefact holds one step; leave --step out')
     config = ml_collections.ConfigDict(spec['config'])
     step = (spec.get('source') or {}).get('step') or 0
-  else:
+  elif not imported:
     config = checkpoint_lib.read_config(workdir)
     step = checkpoint_lib.choose_step(os.path.join(workdir, 'checkpoints'), step, workdir)
   config.update({k: v for k, v in overrides.items() if v is not None})
@@ -63,8 +83,12 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) 
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     run = supervised.setup(config, model, task, mesh)
-    if exported:
-      state = _state_from_artefact(workdir, run.abstract_state)
+    if imported:  # validate() checked the import builds config's model
+      _, variables, _ = torch_interop.load_imported(workdir, config.task)
+      state = _state_from_variables(variables, run.abstract_state)
+    elif exported:
+      variables = artefact.restore_variables(os.path.join(workdir, artefact.VARIABLES_DIR))
+      state = _state_from_variables(variables, run.abstract_state)
     else:
       checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
       try:
@@ -84,10 +108,41 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', **overrides) 
   return scalars
 
 
-def _state_from_artefact(directory: str, abstract_state):
-  """A train state on the run's shardings with the artefact's variables; the
-  optimiser state, step and rng (which no evaluator reads) are zeros."""
-  variables = artefact.restore_variables(os.path.join(directory, artefact.VARIABLES_DIR))
+def _is_import(workdir: str) -> bool:
+  """Whether `workdir` is an imported model rather than a run or an artefact."""
+  return hub.is_model_folder_or_file(workdir) or os.path.isdir(
+      os.path.join(workdir, torch_interop.CHECKPOINT_DIR)
+  )
+
+
+def _config_for_import(workdir: str, config, out: str):
+  """--config for an imported model: its data and evaluation as given, its
+  model fields (and model type) those of the import, which init_from names
+  for validate() to check against the model the config builds."""
+  if config is None:
+    raise validation.UsageError(
+        f'--workdir={workdir}: an imported model, whose kwargs name no held-out data; name the '
+        'task\'s data with --config=configs/<task>.py[:variant] (and its --config.<key> overrides)'
+    )
+  if not out:
+    raise validation.UsageError(f'--workdir={workdir}: an imported model; pass --out=DIR for the results')
+  if hub.is_model_folder_or_file(workdir):
+    kwargs, model_type = hub.read_kwargs(workdir), 'ctm'
+  else:
+    record = checkpoint_lib.read_config(workdir)
+    kwargs, model_type = record.model_kwargs.to_dict(), record.get('model_type', 'ctm')
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked: --config may be locked
+  for name, value in kwargs.items():
+    if name in config.model and name not in ctm_lib.COMPUTE_FIELDS:
+      config.model[name] = list(value) if isinstance(value, tuple) else value
+  config.model_type = model_type
+  config.init_from = workdir
+  return config
+
+
+def _state_from_variables(variables, abstract_state):
+  """A train state on the run's shardings with `variables`; the optimiser
+  state, step and rng (which no evaluator reads) are zeros."""
 
   def put(value, abstract):
     return jax.device_put(np.asarray(value, abstract.dtype), abstract.sharding)
@@ -108,6 +163,7 @@ def _run(values):
       values.workdir,
       values.step,
       values.out,
+      values.config,
       n_test_batches=values.n_test_batches,
       batch_size_test=values.batch_size_test,
       evals=values.evals,
@@ -123,14 +179,20 @@ def run():
   importing this module adds none."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string('workdir', None, 'A training run, or an artefact exported from one.', required=True)
+  flags.DEFINE_string(
+      'workdir', None, 'A training run, an artefact exported from one, or an imported model '
+      '(hf://ORG/NAME, a model folder, an import workdir; with --config and --out).', required=True)
+  config = config_flags.DEFINE_config_file(
+      'config', None, "An imported model's task data and evaluation: configs/<task>.py[:variant]; "
+      '--config.<key>=VALUE overrides.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('out', '', 'Output directory (default <workdir>/eval_<step>).')
   flags.DEFINE_integer('n_test_batches', None, "Held-out batches (default: the run's).")
   flags.DEFINE_integer('batch_size_test', None, "Held-out batch size (default: the run's).")
   flags.DEFINE_string('evals', None, "Evaluators by name, comma-separated (default: the run's config.evals).")
-  app.run(validation.command('ctm_jax.evaluate', _run))
+  app.run(validation.command('ctm_jax.evaluate', _run), flags_parser=cli.flags_parser('ctm_jax.evaluate', config))
 
 
 if __name__ == '__main__':

@@ -100,8 +100,11 @@ def _model_card(workdir, model, kwargs, config, step) -> str:
   if records and os.path.isfile(records):
     with open(records) as f:
       for line in f:
-        record = json.loads(line)
-        if any(k.startswith('eval/') for k in record) and (step is None or record.get('step') == step):
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a killed run
+          continue
+        if isinstance(record, dict) and any(k.startswith('eval/') for k in record) and (step is None or record.get('step') == step):
           metrics = {k: v for k, v in record.items() if k == 'step' or (k.startswith('eval/') and '_tick_' not in k)}
   lines = [
       '---', 'library_name: ctm-jax', 'license: apache-2.0',

@@ -7,7 +7,6 @@ detected and `jax.distributed` set up from their environment; elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
-import difflib
 import logging as std_logging
 import os
 import sys
@@ -19,18 +18,17 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
-from ml_collections.config_flags import config_flags as config_flags_lib
 
 from ctm_jax import checkpoint
+from ctm_jax import cli
 from ctm_jax import configs
 from ctm_jax import hostmem
 from ctm_jax import train
 from ctm_jax import validation
 from ctm_jax import writers
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), configs.DEFAULT)
 # No default here: a default is parsed, overrides included, when the flag is
-# defined, where a mistake could only be a traceback. _parse_flags supplies it.
+# defined, where a mistake could only be a traceback. cli.flags_parser supplies it.
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, f'Config file, with an optional :variant (default {configs.DEFAULT}).',
     lock_config=True,
@@ -160,63 +158,6 @@ def _initialize_distributed():
   )
 
 
-def _dotted_keys(config, prefix='config') -> list[str]:
-  keys = []
-  for name, value in config.items():
-    keys.append(f'{prefix}.{name}')
-    if hasattr(value, 'items'):
-      keys += _dotted_keys(value, f'{prefix}.{name}')
-  return keys
-
-
-def _config_error(argv, error) -> str:
-  """One line for a --config or --config.<key> mistake: what is wrong, and the fix."""
-  given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
-  spec = given[-1] if given else _DEFAULT_CONFIG
-  path, _, variant = spec.partition(':')
-  if not os.path.isfile(path):
-    known = sorted(
-        f for f in os.listdir(os.path.dirname(_DEFAULT_CONFIG))
-        if f.endswith('.py') and f not in ('__init__.py', 'common.py', 'models.py')
-    )
-    return f'--config={spec}: no such config file; the configs are configs/{{{",".join(known)}}}'
-  try:
-    module = config_flags_lib._LoadConfigModule('ctm_config', path)  # pylint: disable=protected-access
-    base = module.get_config(variant or None)
-  except Exception as e:  # pylint: disable=broad-except  # the variant or the file itself
-    return f'--config={spec}: {validation.first_line(e) or type(e).__name__}'
-  keys = _dotted_keys(base)
-  for arg in argv:
-    if arg.startswith('--config.'):
-      key = arg[2:].split('=', 1)[0]
-      if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-        hint = f'did you mean {" or ".join(close)}? ' if close else ''
-        return (
-            f'--{key}: {path} has no such field; {hint}every field and its value is in '
-            'the config.json a run writes to its workdir (README.md, "Configs and overrides")'
-        )
-  lines = str(error).strip().splitlines()
-  return lines[-1] if lines else type(error).__name__
-
-
-def _parse_flags(argv):
-  """absl's parse, with any mistake in the flags reported in one line (exit 2)."""
-  if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
-    argv = [argv[0], f'--config={_DEFAULT_CONFIG}', *argv[1:]]
-  try:
-    remaining = flags.FLAGS(argv)
-    _CONFIG.value.task  # pylint: disable=pointless-statement  # loads the file, applies overrides
-    return remaining
-  except Exception as e:  # pylint: disable=broad-except  # flag values come from the user
-    if any(a.startswith('--config') for a in argv[1:]) or 'config' in str(e):
-      message = _config_error(argv[1:], e)
-    else:
-      message = validation.first_line(e) or type(e).__name__
-    print(f'ctm_jax.main: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -253,7 +194,7 @@ def main(argv):
 def run():
   """`ctm-train`, the same as `python -m ctm_jax.main`."""
   hostmem.reexec_with_huge_pages()  # large CPU steps ~15% faster; see hostmem.py
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.flags_parser('ctm_jax.main', _CONFIG, cli.DEFAULT_CONFIG))
 
 
 if __name__ == '__main__':

@@ -228,14 +228,55 @@ def test_predict_and_export_take_a_hub_model(offline_hub, tmp_path):
   bits = ''.join('1' if b > 0 else '0' for b in arrays['__in__x'][0, :length])
   rows, summary = predict.predict('hf://test-org/parity', bits)
   assert summary['task'] == 'parity' and len(rows) == meta['constructor_kwargs']['iterations']
-  from ctm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
-  with pytest.raises(validation.UsageError, match=r'--workdir=hf://test-org/parity: a reference model.*--config.init_from=hf://test-org/parity'):
-    evaluate.evaluate('hf://test-org/parity')
   spec = export.export('hf://test-org/parity', str(tmp_path / 'artefact'), input_shape=(length,))
   assert spec['task'] == 'parity' and spec['source'] == {'workdir': 'hf://test-org/parity', 'step': None}
   model, variables, _ = inference.load(str(tmp_path / 'artefact'))
   _assert_reference_outputs(model, variables, arrays)
+
+
+def test_evaluate_takes_a_hub_model_with_a_config_for_its_data(offline_hub, tmp_path):
+  from ctm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import parity  # pylint: disable=g-import-not-at-top
+
+  arrays, meta, folder = cached_golden(offline_hub, tmp_path, 'parity', 'test-org/parity')
+  config = parity.get_config('smoke')
+  config.n_test_batches = 2
+  with pytest.raises(validation.UsageError, match=r'--workdir=hf://test-org/parity: an imported model.*--config=configs/<task>.py'):
+    evaluate.evaluate('hf://test-org/parity', out=str(tmp_path / 'e'))
+  with pytest.raises(validation.UsageError, match=r'pass --out=DIR'):
+    evaluate.evaluate('hf://test-org/parity', config=config)
+  # The config's model fields come from the import; what the task derives must be set by hand.
+  with pytest.raises(ValueError, match=r"config\.init_from='hf://test-org/parity': the imported model differs .* out_dims"):
+    evaluate.evaluate('hf://test-org/parity', out=str(tmp_path / 'e'), config=config)
+  assert not (tmp_path / 'e').exists()
+  config.parity_sequence_length = meta['constructor_kwargs']['prediction_reshaper'][0]
+  scalars = evaluate.evaluate('hf://test-org/parity', out=str(tmp_path / 'hub'), config=config)
+  assert 0 <= scalars['eval/acc_most_certain'] <= 1
+  assert json.loads((tmp_path / 'hub' / 'metrics.json').read_text()) == scalars
+  # An import workdir of the same weights evaluates the same; other weights do not.
+  torch_interop.import_checkpoint(str(folder), str(tmp_path / 'imported'))
+  imported = evaluate.evaluate(str(tmp_path / 'imported'), out=str(tmp_path / 'imp'), config=config)
+  timeless = lambda s: {k: v for k, v in s.items() if not k.endswith('elapsed_s')}
+  assert timeless(imported) == timeless(scalars)
+  arrays = {k: v * 0.5 if k.endswith('.weight') else v for k, v in arrays.items()}
+  save_like_the_mixin(tmp_path / 'halved', arrays, meta)
+  other = evaluate.evaluate(str(tmp_path / 'halved'), out=str(tmp_path / 'other'), config=config)
+  assert timeless(other) != timeless(scalars)
+  # The command: --config and its overrides, a mistake in them one line.
+  env = {**os.environ, 'HF_HOME': str(offline_hub), 'HF_HUB_OFFLINE': '1'}
+  command = [sys.executable, '-m', 'ctm_jax.evaluate', '--workdir=hf://test-org/parity',
+             '--config=configs/parity.py:smoke', '--n_test_batches=2', f'--out={tmp_path / "cli"}']
+  done = subprocess.run(command + [f'--config.parity_sequence_length={config.parity_sequence_length}'],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert timeless(json.loads((tmp_path / 'cli' / 'metrics.json').read_text())) == timeless(scalars)
+  done = subprocess.run(command + ['--config.parity_length=16'], capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 2 and done.stderr.startswith('ctm_jax.evaluate: --config.parity_length: ')
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+  # A run is evaluated with its own config: --config is refused there.
+  with pytest.raises(validation.UsageError, match=r'--config: .* a training run'):
+    evaluate.evaluate(str(tmp_path / 'run'), config=config)
 
 
 def test_init_from_a_hub_model_starts_training_from_its_weights(offline_hub, tmp_path):

@@ -2,6 +2,7 @@
 parquet files through huggingface_hub's cache, the Hub's Image feature
 decoded to float32 pictures. The hub extra (huggingface_hub, pyarrow)."""
 
+import functools
 import io
 import os
 
@@ -15,13 +16,7 @@ def split_files(source: str, split: str) -> list[str]:
   """The local paths of the parquet files of `split` (the Hub's layout:
   data/<split>-*.parquet or <split>/*.parquet), from the cache or downloaded
   into it; one-line ValueError naming the repo, the split and the fix."""
-  repo_id, _ = hub.parse(source)
-  root = hub.fetch(
-      source, f'the {split} split',
-      lambda hf, repo, revision: hf.snapshot_download(
-          repo, repo_type='dataset', revision=revision, allow_patterns=['*.parquet', '**/*.parquet']),
-      fix_offline=f'hf download --repo-type=dataset {repo_id}',
-  )
+  root = _snapshot(source)
   found = sorted(
       os.path.join(folder, name)
       for folder, _, names in os.walk(root)
@@ -31,6 +26,19 @@ def split_files(source: str, split: str) -> list[str]:
   if not found:
     raise ValueError(f'{source}: no {split} split (data/{split}-*.parquet) in the dataset')
   return found
+
+
+@functools.lru_cache(maxsize=8)
+def _snapshot(source: str) -> str:
+  """The local folder of a dataset repo's parquet files: one Hub round trip
+  per repo and process, not one per split or per check."""
+  repo_id, _ = hub.parse(source)
+  return hub.fetch(
+      source, 'its parquet files',
+      lambda hf, repo, revision: hf.snapshot_download(
+          repo, repo_type='dataset', revision=revision, allow_patterns=['*.parquet', '**/*.parquet']),
+      fix_offline=f'hf download --repo-type=dataset {repo_id}',
+  )
 
 
 def parquet_images(paths: list[str], limit: int | None = None) -> list[np.ndarray]:

@@ -105,6 +105,8 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any]:
     return {}
   source = text
   if text.startswith('@'):
+    if os.path.exists(text[1:]) and not os.path.isfile(text[1:]):
+      raise ValueError(f'--model_kwargs={source}: {text[1:]} is not a regular file; give a JSON file')
     try:
       with open(text[1:]) as f:
         text = f.read(1 << 20)
@@ -145,7 +147,7 @@ def read_model(source: str, model_kwargs: dict | None = None) -> tuple[dict, dic
     weights, config_path = source, None
     if not os.path.isfile(weights):
       raise ValueError(f'{source}: no such file')
-  kwargs = _read_kwargs_file(config_path) if config_path and os.path.isfile(config_path) else {}
+  kwargs = _read_kwargs_file(config_path) if config_path and os.path.lexists(config_path) else {}
   kwargs = {**kwargs, **(model_kwargs or {})}
   if not kwargs:
     raise ValueError(
@@ -167,9 +169,11 @@ def read_kwargs(source: str) -> dict:
 
 
 def _read_kwargs_file(path: str) -> dict:
+  if not os.path.isfile(path):  # a FIFO or a device would block the read
+    raise ValueError(f'{path}: not a regular file; expected a JSON object of constructor kwargs')
   try:
     with open(path) as f:
-      kwargs = json.load(f)
+      kwargs = json.loads(f.read(1 << 20))
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f'{path}: not a JSON object of constructor kwargs ({e})') from None
   if not isinstance(kwargs, dict):
