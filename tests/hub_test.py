@@ -523,3 +523,30 @@ def test_the_reference_loads_our_export_to_our_predictions(case, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   ours = jax.jit(model.apply)(variables, x).predictions
   assert_close(ours, np.load(tmp_path / 'predictions.npy'), what='predictions')
+
+
+def test_files_that_would_block_or_are_cut_off_are_one_line_or_skipped(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ctm_jax import export  # pylint: disable=g-import-not-at-top
+
+  # A FIFO as --model_kwargs=@FILE or as a folder's config.json would block a read forever.
+  os.mkfifo(tmp_path / 'fifo')
+  with pytest.raises(ValueError, match=r'--model_kwargs=@.*fifo: .*fifo is not a regular file'):
+    hub.parse_model_kwargs(f'@{tmp_path / "fifo"}')
+  arrays, meta = load_golden('parity')
+  folder = tmp_path / 'repo'
+  save_like_the_mixin(folder, arrays, meta)
+  os.remove(folder / hub.CONFIG_FILE)
+  os.mkfifo(folder / hub.CONFIG_FILE)
+  with pytest.raises(ValueError, match=r'config.json: not a regular file'):
+    hub.read_model(str(folder))
+  with pytest.raises(ValueError, match=r'config.json: not a regular file'):
+    hub.read_kwargs(str(folder))
+  # A run killed mid-write leaves a cut-off last metrics line: the card keeps the last whole record.
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'metrics.jsonl').write_text(
+      json.dumps({'step': 10, 'eval/acc_most_certain': 0.75, 'train/loss': 1.0}) + '\n{"step": 20, "eval/acc')
+  config = ml_collections.ConfigDict({'task': 'parity'})
+  card = export._model_card(str(run), object(), {'d_model': 8}, config, None)  # pylint: disable=protected-access
+  assert '| eval/acc_most_certain | 0.7500 |' in card and '(step 10)' in card
