@@ -350,7 +350,7 @@ def test_import_export_import_round_trip_is_exact(case, tmp_path):
   original = state_dict(arrays, meta)
   assert sorted(again) == sorted(original)
   for name, value in original.items():
-    np.testing.assert_array_equal(again[name], value, err_msg=name)
+    np.testing.assert_array_equal(again[name], value, err_msg=name, strict=True)  # shapes too
   safe_open = extras.module('safetensors', 'the Hub tests').safe_open
   with safe_open(str(out / hub.WEIGHTS_FILE), framework='np') as f:
     assert f.metadata() == metadata
@@ -475,6 +475,10 @@ def test_maze_smoke_trains_on_a_hub_dataset(offline_hub, tmp_path):
   assert int(state.step) == config.training_iterations
   records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert any('train/loss' in r for r in records) and any('eval/acc_most_certain' in r for r in records)
+  # evaluate reads the run's Hub data again, as the run did.
+  from ctm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  scalars = evaluate.evaluate(str(tmp_path / 'run'), n_test_batches=1)
+  assert scalars['step'] == config.training_iterations and 0 <= scalars['eval/acc_most_certain'] <= 1
 
 
 _REFERENCE_DIR = os.environ.get('CTM_REFERENCE_DIR', '')
@@ -500,7 +504,7 @@ np.save(out, predictions.numpy())
 
 
 @pytest.mark.skipif(not _REFERENCE_DIR, reason='set CTM_REFERENCE_DIR to a checkout of SakanaAI/continuous-thought-machines')
-@pytest.mark.parametrize('case', ['maze_compact', 'parity'])
+@pytest.mark.parametrize('case', ['maze_compact', 'parity', 'image_compact'])
 def test_the_reference_loads_our_export_to_our_predictions(case, tmp_path):
   pytest.importorskip('torch')
   from ctm_jax.models import ctm as ctm_lib  # pylint: disable=g-import-not-at-top
@@ -550,3 +554,30 @@ def test_files_that_would_block_or_are_cut_off_are_one_line_or_skipped(tmp_path)
   config = ml_collections.ConfigDict({'task': 'parity'})
   card = export._model_card(str(run), object(), {'d_model': 8}, config, None)  # pylint: disable=protected-access
   assert '| eval/acc_most_certain | 0.7500 |' in card and '(step 10)' in card
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_our_export_has_the_layout_the_reference_loads_strictly(case, tmp_path):
+  # What load_model(strict=True) checks, without the reference's code: the
+  # same names, shapes and dtypes as the reference's own state_dict (the
+  # golden's), the shared buffers stored once, as torch reads the file; and
+  # our weights, read back, give our predictions.
+  torch_safetensors = extras.module('safetensors.torch', 'the torch tier')
+  from ctm_jax.models import ctm as ctm_lib  # pylint: disable=g-import-not-at-top
+
+  arrays, meta = load_golden(case)
+  kwargs = meta['constructor_kwargs']
+  model_class = ctm_jax.tasks.get(CASES[case]).model_class_for('ctm')
+  model = model_class(**kwargs)
+  x = to_jax_layout(arrays['__in__x'])
+  variables = model.init(jax.random.key(5), x)
+  variables = {**variables, 'params': ctm_lib.project_decay_params(variables['params'])}
+  hub.write_model(str(tmp_path / 'export'), kwargs, torch_interop.to_state_dict(variables, model), 'card')
+  loaded = torch_safetensors.load_file(str(tmp_path / 'export' / hub.WEIGHTS_FILE))
+  reference = state_dict(arrays, meta)
+  shared = {name for name in reference if name.endswith('_right') and kwargs.get('neuron_select_type') == 'first-last'}
+  assert sorted(loaded) == sorted(set(reference) - shared)
+  for name, tensor in loaded.items():
+    assert tuple(tensor.shape) == reference[name].shape and str(tensor.dtype) == f'torch.{reference[name].dtype}', name
+  theirs, ours, _ = ctm_jax.from_pretrained(str(tmp_path / 'export'), task=CASES[case])
+  assert_close(jax.jit(theirs.apply)(ours, x).predictions, jax.jit(model.apply)(variables, x).predictions)

@@ -197,7 +197,8 @@ def write_model(out: str, kwargs: dict, state_dict: dict[str, np.ndarray], card:
   README.md. Written to a sibling folder first, then moved into place whole.
   Returns {file: bytes}."""
   save_file = extras.module('safetensors.numpy', '--format=hf').save_file
-  tensors = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
+  # asarray, not ascontiguousarray: that makes a scalar (num_batches_tracked) 1-d.
+  tensors = {name: np.asarray(value, order='C') for name, value in state_dict.items()}
   metadata = {'format': 'pt'}
   if kwargs.get('neuron_select_type') == 'first-last':
     for name in sorted(tensors):
