@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ctm_jax import storage
 from ctm_jax import validation
 from ctm_jax.models import ctm as ctm_lib
 from ctm_jax.data import pipeline
@@ -51,7 +52,13 @@ class SaveError(OSError):
 
 
 def committed_steps(directory: str) -> list[int]:
-  """Steps on disk that orbax finished (in-progress ones carry a tmp suffix)."""
+  """Steps that orbax finished: on disk, in-progress ones carry a tmp suffix;
+  in a bucket, a finished one holds orbax's commit marker."""
+  if storage.is_bucket(directory):
+    try:
+      return sorted(ocp.utils.checkpoint_steps(storage.path(directory)))
+    except (OSError, ValueError):
+      return []
   try:
     names = os.listdir(directory)
   except OSError:
@@ -88,8 +95,11 @@ class NoIntactCheckpoint(validation.UsageError):
   """Every checkpoint of a workdir is damaged (each was moved aside)."""
 
 
-def _file_sums(step_dir: str) -> dict[str, list[int]]:
-  """Relative path -> [size, crc32] of every file of a checkpoint step."""
+def _file_sums(step_dir: str) -> dict[str, list]:
+  """Relative path -> [size, crc32] of every file of a checkpoint step; in a
+  bucket [size, the object's crc32c] from one listing, nothing downloaded."""
+  if storage.is_bucket(step_dir):
+    return _object_sums(step_dir)
   sums = {}
   for root, _, files in os.walk(step_dir):
     for name in files:
@@ -100,6 +110,20 @@ def _file_sums(step_dir: str) -> dict[str, list[int]]:
           crc = zlib.crc32(chunk, crc)
       sums[os.path.relpath(path, step_dir)] = [os.path.getsize(path), crc]
   return sums
+
+
+def _object_sums(step_dir: str) -> dict[str, list]:
+  fs = storage.filesystem(step_dir)
+  prefix = step_dir[len('gs://'):].rstrip('/') + '/'
+  try:
+    found = fs.find(prefix, detail=True)
+  except FileNotFoundError:
+    return {}
+  return {
+      name[len(prefix):]: [int(info['size']), info.get('crc32c')]
+      for name, info in found.items()
+      if info.get('type') == 'file'
+  }
 
 
 def _damage(step_dir: str, recorded: dict) -> str | None:
@@ -126,10 +150,10 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int):
-    workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(workdir, 'checkpoints')
-    self.sums_dir = os.path.join(workdir, 'checksums')
-    self.damaged_dir = os.path.join(workdir, 'damaged_checkpoints')
+    workdir = storage.resolve(workdir)
+    self.directory = storage.join(workdir, 'checkpoints')
+    self.sums_dir = storage.join(workdir, 'checksums')
+    self.damaged_dir = storage.join(workdir, 'damaged_checkpoints')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True
     )
@@ -170,9 +194,9 @@ class Checkpointer:
     """
     if data_iterator is None:
       return self.restore_state(step, abstract_state)
-    iterator_dir = os.path.join(self.directory, str(step), pipeline.DATA_ITEM)
+    iterator_dir = storage.join(self.directory, str(step), pipeline.DATA_ITEM)
     index, count = jax.process_index(), jax.process_count()
-    if os.path.exists(os.path.join(iterator_dir, f'process_{index}-of-{count}.json')):
+    if storage.path(storage.join(iterator_dir, f'process_{index}-of-{count}.json')).exists():
       restored = self.manager.restore(
           step,
           args=ocp.args.Composite(
@@ -200,47 +224,47 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise SaveError(self.directory, self._saving, e) from e
     self.check()
-    self._record_sums()
+    try:
+      self._record_sums()
+    except Exception as e:  # pylint: disable=broad-except  # a full disk, a lost bucket
+      raise SaveError(self.directory, self._saving, e) from e
 
   def _record_sums(self):
     """Manifests for committed steps that lack one; drops those of deleted steps."""
     if jax.process_index() != 0:
       return
     steps = set(self.manager.all_steps())
-    os.makedirs(self.sums_dir, exist_ok=True)
+    sums_dir = storage.path(self.sums_dir)
+    sums_dir.mkdir(parents=True, exist_ok=True)
     for step in steps:
-      path = os.path.join(self.sums_dir, f'{step}.json')
-      if not os.path.exists(path):
-        sums = _file_sums(os.path.join(self.directory, str(step)))
-        with open(path + '.tmp', 'w') as f:
-          json.dump(sums, f)
-        os.replace(path + '.tmp', path)
-    for name in os.listdir(self.sums_dir):
+      path = sums_dir / f'{step}.json'
+      if not path.exists():
+        storage.write_text(path, json.dumps(_file_sums(storage.join(self.directory, str(step)))))
+    for name in storage.names(sums_dir):
       stem = name.split('.')[0]
       if stem.isdigit() and int(stem) not in steps:
-        os.remove(os.path.join(self.sums_dir, name))
+        (sums_dir / name).unlink()
 
   def _verify(self, step: int) -> str | None:
-    path = os.path.join(self.sums_dir, f'{step}.json')
-    if not os.path.exists(path):
+    path = storage.path(storage.join(self.sums_dir, f'{step}.json'))
+    if not path.exists():
       return None  # saved before manifests, or killed before its manifest: the restore decides
     try:
-      with open(path) as f:
-        recorded = json.load(f)
+      recorded = json.loads(path.read_text())
     except (OSError, ValueError):
       return None
-    return _damage(os.path.join(self.directory, str(step)), recorded)
+    return _damage(storage.join(self.directory, str(step)), recorded)
 
   def _set_aside(self, name: str, reason: str):
     """Moves a damaged step out of orbax's sight (never deletes it)."""
-    os.makedirs(self.damaged_dir, exist_ok=True)
-    target = os.path.join(self.damaged_dir, name)
-    while os.path.exists(target):
+    storage.path(self.damaged_dir).mkdir(parents=True, exist_ok=True)
+    target = storage.join(self.damaged_dir, name)
+    while storage.path(target).exists():
       target += '_'
-    os.rename(os.path.join(self.directory, name), target)
-    sums = os.path.join(self.sums_dir, f'{name}.json')
-    if os.path.exists(sums):
-      os.replace(sums, target + '.checksums.json')
+    storage.move(storage.join(self.directory, name), target)
+    sums = storage.join(self.sums_dir, f'{name}.json')
+    if storage.path(sums).exists():
+      storage.move(sums, target + '.checksums.json')
     logging.warning('Checkpoint step %s is damaged (%s): moved to %s', name, reason, target)
 
   def _newest_sound_step(self, damaged: list[str]) -> int | None:
@@ -249,7 +273,7 @@ class Checkpointer:
     manifest to check): returns that step, None when none is left. Appends
     what it set aside to `damaged`."""
     steps = set(self.manager.all_steps())
-    for name in sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []:
+    for name in storage.names(self.directory):
       if name.isdigit() and int(name) not in steps:
         self._set_aside(name, 'incomplete: orbax finds no checkpoint in it')
         damaged.append(name)
@@ -298,7 +322,7 @@ class Checkpointer:
       try:
         state = self.restore(step, abstract_state, data_iterator)
       except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
-        if os.path.exists(os.path.join(self.sums_dir, f'{step}.json')) or not same_model:
+        if storage.path(storage.join(self.sums_dir, f'{step}.json')).exists() or not same_model:
           raise
         self._set_aside(str(step), f'it does not restore: {_reason(e)}')
         damaged.append(str(step))
@@ -317,12 +341,11 @@ class Checkpointer:
 
 def _reshard_position(iterator_dir: str, current: dict, count: int) -> dict:
   """The iterator state of one of `count` processes from another count's files."""
-  saved = sorted(f for f in os.listdir(iterator_dir) if f.startswith('process_0-of-'))
+  saved = [name for name in storage.names(iterator_dir) if name.startswith('process_0-of-')]
   if not saved:
     raise ValueError(f'{iterator_dir}: no data iterator state to restore')
   saved_count = int(saved[0].rsplit('-', 1)[1].split('.')[0])
-  with open(os.path.join(iterator_dir, saved[0])) as f:
-    state = json.load(f)
+  state = json.loads(storage.path(storage.join(iterator_dir, saved[0])).read_text())
   if set(state) != {'next_index'} or set(current) != {'next_index'}:
     raise ValueError(
         f'{iterator_dir}: the data iterator was saved by {saved_count} processes and this run has '
@@ -356,11 +379,10 @@ def check_config(workdir: str, config, resuming: bool, identity_keys=()):
   Identity: `task`, `model`, `model_type` and the task's `identity_keys`; compute options
   (dtype, remat, backbone_remat, unroll, deferred_grads) may change.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = storage.path(storage.join(workdir, CONFIG_FILE))
   resolved = json.loads(config.to_json_best_effort())
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  if resuming and path.exists():
+    previous = json.loads(path.read_text())
     keys = (*_IDENTITY_KEYS, *identity_keys)
     old, new = _identity(previous, keys), _identity(resolved, keys)
     for flat in (old, new):  # runs written before model types existed trained a CTM
@@ -377,21 +399,17 @@ def check_config(workdir: str, config, resuming: bool, identity_keys=()):
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """A run's workdir/config.json; UsageError naming the workdir when there is none."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = storage.path(storage.join(workdir, CONFIG_FILE))
+  if not path.is_file():
     raise validation.UsageError(f'--workdir={workdir}: no {CONFIG_FILE} there (not a training run)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def write_config(workdir: str, config) -> str:
-  """workdir/config.json, replaced atomically (process 0 writes it). Returns its path."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  """workdir/config.json, replaced whole (process 0 writes it). Returns its path."""
+  path = storage.join(workdir, CONFIG_FILE)
   resolved = json.loads(config.to_json_best_effort())
   if jax.process_index() != 0:
     return path
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(resolved, indent=2, sort_keys=True))
   return path

@@ -24,6 +24,7 @@ import numpy as np
 
 from ctm_jax import sharding
 from ctm_jax import steps
+from ctm_jax import storage
 from ctm_jax.analysis import evaluation
 from ctm_jax.analysis import metrics as metrics_lib
 from ctm_jax.analysis import plots
@@ -168,8 +169,7 @@ class AdaptiveCompute:
     )
     if ctx.is_chief:
       path = os.path.join(ctx.plot_dir, f'adaptive_compute_{step:07d}')
-      with open(path + '.json', 'w') as f:
-        json.dump({'step': step, **table}, f, indent=1)
+      storage.write_text(path + '.json', json.dumps({'step': step, **table}, indent=1))
       plots.plot_adaptive_compute(
           table, path + '.png', title=f'{ctx.title}: adaptive compute at step {step}'
       )

@@ -3,7 +3,7 @@ the install to run when one is missing.
 
 The core install trains parity, the image tasks on synthetic or offline data
 (digits), mazes, sort and Q&A-MNIST on digits; RL environments, tfds datasets,
-PyTorch checkpoints and the Hugging Face Hub need their extras (setup.py keeps the same names).
+PyTorch checkpoints, the Hugging Face Hub and gs:// buckets need their extras (setup.py keeps the same names).
 """
 
 import importlib
@@ -15,6 +15,7 @@ MODULES = {
     'tfds': ('tensorflow_datasets',),
     'torch': ('torch',),
     'hub': ('huggingface_hub', 'safetensors', 'pyarrow'),
+    'gcs': ('gcsfs', 'google.cloud.storage'),
 }
 
 
@@ -29,7 +30,10 @@ def install_line(extra: str) -> str:
 def module(name: str, needed_by: str) -> types.ModuleType:
   """`name` (a module of an extra), imported; MissingExtra naming `needed_by`
   and the install to run when it is not installed."""
-  extra = next(extra for extra, names in MODULES.items() if name.split('.')[0] in names)
+  extra = next(
+      extra for extra, names in MODULES.items()
+      if any(name == n or name.startswith(n + '.') for n in names)
+  )
   try:
     return importlib.import_module(name)
   except ImportError as e:

@@ -10,7 +10,6 @@ and its evaluators. The loop names no task.
 
 import dataclasses
 import json
-import os
 import signal
 import time
 
@@ -22,6 +21,7 @@ import tqdm
 from ctm_jax import checkpoint as checkpoint_lib
 from ctm_jax import program as program_lib
 from ctm_jax import sharding
+from ctm_jax import storage
 from ctm_jax import validation
 from ctm_jax import workdir as workdir_lib
 from ctm_jax import writers
@@ -121,12 +121,12 @@ class MetricWindow:
     if latest is None:
       return f'no checkpoint has been saved in {directory} yet'
     loss = None
-    if self.writer.enabled and os.path.exists(self.writer.jsonl_path):
-      with open(self.writer.jsonl_path) as f:
-        for line in f:
-          record = json.loads(line)
-          if record['step'] <= latest and 'train/loss' in record:
-            loss = (record['step'], record['train/loss'])
+    records = storage.path(self.writer.jsonl_path)
+    if self.writer.enabled and records.exists():
+      for line in records.read_text().splitlines():
+        record = json.loads(line)
+        if record['step'] <= latest and 'train/loss' in record:
+          loss = (record['step'], record['train/loss'])
     logged = f'; train loss logged at {self.program.unit} {loss[0]}: {loss[1]:.4g}' if loss else ''
     return f'the newest checkpoint is {self.program.unit} {latest} in {directory}{logged}'
 
@@ -191,7 +191,7 @@ def train_and_evaluate(config, workdir: str):
 def _run(config, workdir, task, training, mesh, started):
   is_chief = jax.process_index() == 0
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-  plot_dir = os.path.join(workdir, 'plots')
+  plot_dir = storage.join(workdir, 'plots')
   try:  # until the loop's own cleanup takes over
     latest = checkpointer.latest_step()
     resuming = latest is not None
@@ -199,7 +199,7 @@ def _run(config, workdir, task, training, mesh, started):
     if resuming and latest > program.total:
       raise validation.UsageError(program.beyond_total(latest, workdir))
     checkpoint_lib.check_config(workdir, config, resuming, task.identity_keys)
-    has_config = os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_FILE))
+    has_config = storage.path(storage.join(workdir, checkpoint_lib.CONFIG_FILE)).exists()
     try:
       state, how = _initial_state(config, program, checkpointer, has_config)
     except checkpoint_lib.NoIntactCheckpoint:
@@ -219,7 +219,7 @@ def _run(config, workdir, task, training, mesh, started):
     checkpointer.close()
     raise
   if is_chief:
-    os.makedirs(plot_dir, exist_ok=True)
+    storage.path(plot_dir).mkdir(parents=True, exist_ok=True)
   logging.info(
       'Run %s (%s at %s %d of %d) on mesh %s, process %d of %d. Workdir %s: config %s, '
       'checkpoints %s, metrics %s, TensorBoard %s, plots %s',

@@ -865,8 +865,8 @@ def test_non_finite_before_any_checkpoint_says_there_is_none(tmp_path, monkeypat
   assert _committed_steps(workdir) == []
 
 
-def test_url_workdir_is_refused_before_anything_runs(tmp_path, monkeypatch):
+def test_a_url_other_than_a_bucket_is_refused_before_anything_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(ValueError, match=r'--workdir=gs://bucket/run: URLs are not supported'):
-    train.train_and_evaluate(_smoke(), 'gs://bucket/run')
+  with pytest.raises(ValueError, match=r'--workdir=s3://bucket/run: only local paths and gs://BUCKET/PATH'):
+    train.train_and_evaluate(_smoke(), 's3://bucket/run')
   assert not os.listdir(tmp_path)

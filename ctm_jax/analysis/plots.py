@@ -6,10 +6,15 @@ Dimension glossary: T ticks, K thresholds, H x W image, h x w attended feature
 map, A top classes shown.
 """
 
+import io
+import os
+
 from matplotlib.backends import backend_agg
 from matplotlib import figure as figure_lib
 import numpy as np
 from PIL import Image
+
+from ctm_jax import storage
 
 
 def subplots(*grid, **kwargs):
@@ -36,7 +41,7 @@ def plot_ticks(accuracy_T, certainty_T, path, title: str = '', label: str = 'acc
   ax.legend(loc='lower right')
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path)
+  _write(path, lambda f: fig.savefig(f, format=os.path.splitext(str(path))[1][1:] or 'png'))
   return str(path)
 
 
@@ -64,8 +69,15 @@ def plot_adaptive_compute(adaptive: dict, path, title: str = '') -> str:
   ax.legend(loc='lower right', fontsize=8)
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path)
+  _write(path, lambda f: fig.savefig(f, format=os.path.splitext(str(path))[1][1:] or 'png'))
   return str(path)
+
+
+def _write(path, save) -> None:
+  """`save(file)` into `path`, local or in a bucket, as one whole write."""
+  buffer = io.BytesIO()
+  save(buffer)
+  storage.write_bytes(str(path), buffer.getvalue())
 
 
 def unit_range(image_HxWxC):
@@ -97,7 +109,8 @@ def attention_overlay(ax, attention_hxw, height: int, width: int, alpha: float):
 
 
 def save_gif(frames, path, frame_ms: int) -> str:
-  frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+  _write(path, lambda f: frames[0].save(
+      f, format='GIF', save_all=True, append_images=frames[1:], duration=frame_ms, loop=0))
   return str(path)
 
 

@@ -2,7 +2,6 @@
 parquet files through huggingface_hub's cache, the Hub's Image feature
 decoded to float32 pictures. The hub extra (huggingface_hub, pyarrow)."""
 
-import functools
 import io
 import os
 
@@ -28,10 +27,9 @@ def split_files(source: str, split: str) -> list[str]:
   return found
 
 
-@functools.lru_cache(maxsize=8)
 def _snapshot(source: str) -> str:
-  """The local folder of a dataset repo's parquet files: one Hub round trip
-  per repo and process, not one per split or per check."""
+  """The local folder of a dataset repo's parquet files (from the cache when
+  there: one metadata request online, none offline)."""
   repo_id, _ = hub.parse(source)
   return hub.fetch(
       source, 'its parquet files',

@@ -1,0 +1,127 @@
+"""Run paths that may be a bucket: a local path or gs://BUCKET/PATH, one
+etils.epath.Path either way (the abstraction orbax and tfds use).
+
+Local paths behave as they always have: absolute, `~` expanded, a file
+replaced through a sibling `.tmp` and a rename. A bucket has neither rename
+nor append, but an object write is whole or nothing: a file there is
+replaced by writing it again, and a reader sees the old object or the new
+one, never half of one. gs:// comes with the `gcs` extra (gcsfs, which
+brings google-cloud-storage); credentials are Google's application default
+ones. `STORAGE_EMULATOR_HOST` (as Google's libraries read it) points every
+client at an emulator, TensorStore's checkpoint writes included.
+"""
+
+import os
+
+from etils import epath
+
+from ctm_jax import extras
+
+BUCKET_SCHEMES = ('gs://',)
+
+
+def is_url(path) -> bool:
+  return '://' in str(path)
+
+
+def is_bucket(path) -> bool:
+  return str(path).startswith(BUCKET_SCHEMES)
+
+
+def resolve(path: str, flag: str = '--workdir') -> str:
+  """`path` absolute (local) or as given (a bucket URL, trailing / dropped);
+  ValueError naming `flag` for a scheme this project does not write."""
+  path = str(path)
+  if is_bucket(path):
+    configure(f'{flag}={path}')
+    return path.rstrip('/')
+  if is_url(path):
+    raise ValueError(
+        f'{flag}={path}: only local paths and gs://BUCKET/PATH are supported; mount other '
+        'storage and give the mounted path'
+    )
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def path(p) -> epath.Path:
+  return epath.Path(resolve(p) if not isinstance(p, epath.Path) else p)
+
+
+def join(base: str, *parts: str) -> str:
+  """`base`/`parts`, for a bucket URL as for a local path."""
+  if is_url(base):
+    return '/'.join([str(base).rstrip('/'), *parts])
+  return os.path.join(base, *parts)
+
+
+def configure(needed_by: str) -> None:
+  """The gcs extra present, or MissingExtra naming `needed_by`."""
+  _name_the_emulator()
+  extras.require('gcs', needed_by)
+
+
+def _name_the_emulator() -> None:
+  """An emulator (STORAGE_EMULATOR_HOST) named to TensorStore too, before
+  gcsfs or TensorStore first read their settings."""
+  emulator = os.environ.get('STORAGE_EMULATOR_HOST')
+  if not emulator:
+    return
+  if not emulator.startswith(('http://', 'https://')):
+    emulator = 'http://' + emulator
+  os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', emulator)
+  # An emulator takes no credentials; TensorStore would look for some.
+  os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'emulator')
+  # Nor has it the storage-layout API: gcsfs's probe of it only warns.
+  os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+
+
+_name_the_emulator()
+
+
+def write_text(p, text: str) -> None:
+  """`p` replaced whole by `text`: readers see the old file or the new one."""
+  target = path(p)
+  if is_url(target):
+    target.write_text(text)
+    return
+  tmp = target.with_name(target.name + '.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, target)
+
+
+def write_bytes(p, data: bytes) -> None:
+  """`p` replaced whole by `data` (see write_text)."""
+  target = path(p)
+  if is_url(target):
+    target.write_bytes(data)
+    return
+  tmp = target.with_name(target.name + '.tmp')
+  tmp.write_bytes(data)
+  os.replace(tmp, target)
+
+
+def filesystem(url: str):
+  """The fsspec filesystem of a bucket URL, its cached listings dropped (orbax
+  and this run write there between listings)."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+
+  fs = fsspec.filesystem(url.split('://', 1)[0])
+  fs.invalidate_cache()
+  return fs
+
+
+def move(source: str, target: str) -> None:
+  """A file or folder moved; in a bucket, copied then deleted (no rename there)."""
+  if is_bucket(source):
+    filesystem(source).mv(source, target, recursive=True)
+  else:
+    os.replace(source, target)
+
+
+def names(p) -> list[str]:
+  """The names in a folder, sorted; [] when it does not exist (a bucket
+  has folders only while objects lie under them)."""
+  try:
+    return sorted(child.name for child in path(p).iterdir())
+  except (FileNotFoundError, NotADirectoryError):
+    return []
