@@ -78,6 +78,21 @@ def _name_the_emulator() -> None:
 _name_the_emulator()
 
 
+def _fresh_listings() -> None:
+  """No cached folder listings for buckets: other processes (TensorStore,
+  other workers, the next run) write there, and a stale listing would hide
+  a checkpoint or show a deleted one."""
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  for protocol in ('gs', 'gcs'):
+    fsspec.config.conf.setdefault(protocol, {})['use_listings_cache'] = False
+
+
+_fresh_listings()
+
+
 def write_text(p, text: str) -> None:
   """`p` replaced whole by `text`: readers see the old file or the new one."""
   target = path(p)
@@ -101,13 +116,10 @@ def write_bytes(p, data: bytes) -> None:
 
 
 def filesystem(url: str):
-  """The fsspec filesystem of a bucket URL, its cached listings dropped (orbax
-  and this run write there between listings)."""
+  """The fsspec filesystem of a bucket URL."""
   import fsspec  # pylint: disable=g-import-not-at-top
 
-  fs = fsspec.filesystem(url.split('://', 1)[0])
-  fs.invalidate_cache()
-  return fs
+  return fsspec.filesystem(url.split('://', 1)[0])
 
 
 def move(source: str, target: str) -> None:

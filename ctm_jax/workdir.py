@@ -11,7 +11,8 @@ In a bucket (gs://) there is no flock: the lock is the object `.lock`,
 created only if absent (generation precondition 0), rewritten every
 LOCK_EXPIRY_S / 4 while the run lives (precondition: the generation it last
 wrote) and deleted when it ends. A lock not rewritten for LOCK_EXPIRY_S (its
-holder was killed) is taken over by the next run, said in the log.
+holder was killed), or whose holder was a process of this host that has
+exited, is taken over by the next run, said in the log.
 """
 
 import datetime
@@ -217,15 +218,22 @@ class BucketLock:
     except exceptions.NotFound:
       return True  # released meanwhile
     age = (_now() - blob.updated).total_seconds() if blob.updated else 0.0
-    if age <= self.expiry_s:
+    try:
+      info = json.loads(blob.download_as_bytes().decode() or '{}')
+    except Exception:  # pylint: disable=broad-except  # unreadable: the expiry decides
+      info = {}
+    # A holder on this host whose process has exited is gone now, not after the expiry.
+    exited = info.get('host') == socket.gethostname() and not _alive(int(info.get('pid') or 0))
+    if age <= self.expiry_s and not exited:
       return False
     try:
       blob.delete(if_generation_match=blob.generation)
     except (exceptions.NotFound, exceptions.PreconditionFailed):
       return False  # another run took it, or its holder refreshed it meanwhile
     logging.warning(
-        'Took over the lock of %s: not refreshed for %.0f s (more than %.0f s), so its run is gone',
-        self.workdir, age, self.expiry_s,
+        'Took over the lock of %s: %s, so its run is gone', self.workdir,
+        f'its holder, pid {info.get("pid")} on this host, has exited' if exited
+        else f'not refreshed for {age:.0f} s (more than {self.expiry_s:.0f} s)',
     )
     return True
 

@@ -1,0 +1,198 @@
+"""gs:// workdirs against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py):
+no credentials, no network. Training writes checkpoints (TensorStore), the
+config, metrics.jsonl, TensorBoard and plots into the bucket, resumes there
+after SIGKILL to the state an uninterrupted local run ends with, and falls
+back past a damaged step; the workdir lock is an object that refuses a
+second run and is taken over once stale; a missing bucket is one line."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from conftest import one_error_line
+
+# Found, not imported: gcsfs reads its settings when imported, after the emulator is named.
+if not importlib.util.find_spec('gcsfs'):
+  pytest.skip('the gcs extra (pip install -e ".[gcs]")', allow_module_level=True)
+if not importlib.util.find_spec('gcp_storage_emulator'):
+  pytest.skip('the GCS emulator (the test extra)', allow_module_level=True)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_TIMEOUT = 300
+_TOTAL, _SAVE_EVERY, _KILL_AFTER = 60, 20, 20
+_FLAGS = (f'--config.training_iterations={_TOTAL}', f'--config.save_every={_SAVE_EVERY}',
+          '--config.keep_checkpoints=5')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def emulator():
+  """The emulator's URL, and the environment Google's libraries read it from."""
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 30
+  while True:
+    try:
+      socket.create_connection(('127.0.0.1', port), timeout=1).close()
+      break
+    except OSError:
+      assert proc.poll() is None and time.monotonic() < deadline, 'the GCS emulator did not start'
+      time.sleep(0.1)
+  url = f'http://127.0.0.1:{port}'
+  saved = {k: os.environ.get(k) for k in ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL',
+                                          'GOOGLE_AUTH_TOKEN_FOR_TESTING', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')}
+  os.environ['STORAGE_EMULATOR_HOST'] = url
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+  storage._name_the_emulator()  # pylint: disable=protected-access  # as importing it with the variable set does
+  yield url
+  proc.terminate()
+  proc.wait()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+
+
+@pytest.fixture
+def bucket_dir(emulator):
+  """A fresh folder in the emulator's bucket."""
+  del emulator
+  return f'gs://test-bucket/{uuid.uuid4().hex[:12]}'
+
+
+def _launch(workdir, *overrides, log, cache):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_COMPILATION_CACHE_DIR=str(cache))
+  command = [sys.executable, '-m', 'ctm_jax.main', '--config=configs/parity.py:smoke',
+             f'--workdir={workdir}', *_FLAGS, *overrides]
+  with open(log, 'a') as f:
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait(proc, log) -> int:
+  try:
+    return proc.wait(_TIMEOUT)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    pytest.fail(f'{proc.args} ran past {_TIMEOUT} s:\n{pathlib.Path(log).read_text()[-3000:]}')
+
+
+def _restore(workdir, step):
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from ctm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=100)
+  try:
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, restored['state'])
+
+
+@pytest.mark.slow  # four training runs (~2 min on 2 cores)
+def test_a_bucket_run_killed_and_resumed_equals_an_uninterrupted_local_run(bucket_dir, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+
+  cache = tmp_path / 'compilation_cache'
+  local = tmp_path / 'local'
+  reference = _launch(local, log=tmp_path / 'local.log', cache=cache)
+  run = _launch(bucket_dir, log=tmp_path / 'bucket.log', cache=cache)
+  checkpoints = storage.join(bucket_dir, 'checkpoints')
+  deadline = time.monotonic() + _TIMEOUT
+  while _KILL_AFTER not in checkpoint.committed_steps(checkpoints):
+    assert run.poll() is None, (tmp_path / 'bucket.log').read_text()[-3000:]
+    assert time.monotonic() < deadline, 'no checkpoint to kill after'
+    time.sleep(0.05)
+  run.send_signal(signal.SIGKILL)
+  run.wait()
+  assert max(checkpoint.committed_steps(checkpoints)) < _TOTAL
+  rerun = _launch(bucket_dir, log=tmp_path / 'rerun.log', cache=cache)
+  assert _wait(rerun, tmp_path / 'rerun.log') == 0, (tmp_path / 'rerun.log').read_text()[-3000:]
+  assert _wait(reference, tmp_path / 'local.log') == 0, (tmp_path / 'local.log').read_text()[-3000:]
+  assert 'Resumed from gs://' in (tmp_path / 'rerun.log').read_text()
+  expected, actual = _restore(str(local), _TOTAL), _restore(bucket_dir, _TOTAL)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(actual)):
+    np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+  # The run's records live in the bucket: one metrics.jsonl, read as one file.
+  records = [json.loads(line) for line in storage.path(storage.join(bucket_dir, 'metrics.jsonl')).read_text().splitlines()]
+  steps = [r['step'] for r in records if 'train/loss' in r]
+  assert steps == sorted(set(steps)) and steps[-1] == _TOTAL
+  assert json.loads(storage.path(storage.join(bucket_dir, 'config.json')).read_text())['training_iterations'] == _TOTAL
+  assert any(name.startswith('events') for name in storage.names(storage.join(bucket_dir, 'tensorboard')))
+  assert any(name.endswith('.png') for name in storage.names(storage.join(bucket_dir, 'plots')))
+  assert storage.names(storage.join(bucket_dir, 'checksums'))
+
+  # A damaged newest step is set aside in the bucket and the run goes on from the one before.
+  damaged = storage.join(checkpoints, str(_TOTAL), 'state', 'manifest.ocdbt')
+  storage.write_bytes(damaged, b'flipped' + storage.path(damaged).read_bytes()[7:])
+  again = _launch(bucket_dir, f'--config.training_iterations={_TOTAL + _SAVE_EVERY}',
+                  log=tmp_path / 'again.log', cache=cache)
+  assert _wait(again, tmp_path / 'again.log') == 0, (tmp_path / 'again.log').read_text()[-3000:]
+  log = (tmp_path / 'again.log').read_text()
+  assert f'Checkpoint step {_TOTAL} is damaged' in log and 'Resumed from' in log
+  assert str(_TOTAL) in storage.names(storage.join(bucket_dir, 'damaged_checkpoints'))
+  assert max(checkpoint.committed_steps(checkpoints)) == _TOTAL + _SAVE_EVERY
+
+
+def test_a_second_run_on_a_bucket_workdir_is_refused_and_a_stale_lock_taken_over(bucket_dir, tmp_path, monkeypatch):
+  from ctm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  with workdir_lib.Lock(bucket_dir):
+    with pytest.raises(workdir_lib.WorkdirInUse, match=r'is in use by another run \(pid \d+ on '):
+      with workdir_lib.Lock(bucket_dir):
+        pass
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    done = subprocess.run(
+        [sys.executable, '-m', 'ctm_jax.main', '--config=configs/parity.py:smoke', f'--workdir={bucket_dir}'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=_TIMEOUT,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f'--workdir={bucket_dir} is in use by another run' in one_error_line(done.stderr)
+  with workdir_lib.Lock(bucket_dir):  # released on exit
+    pass
+  # A holder killed without releasing: its lock stops being refreshed and expires.
+  abandoned = workdir_lib.BucketLock(bucket_dir, expiry_s=1.0).__enter__()
+  abandoned._stop.set()  # pylint: disable=protected-access  # as a SIGKILL stops the refresh
+  with pytest.raises(workdir_lib.WorkdirInUse, match='a lock not refreshed for 1 s is taken over'):
+    with workdir_lib.BucketLock(bucket_dir, expiry_s=1.0):
+      pass
+  time.sleep(2.5)
+  with workdir_lib.BucketLock(bucket_dir, expiry_s=1.0):
+    pass
+  # A live holder keeps its lock past the expiry by refreshing it.
+  with workdir_lib.BucketLock(bucket_dir, expiry_s=1.0):
+    time.sleep(2.5)
+    with pytest.raises(workdir_lib.WorkdirInUse):
+      with workdir_lib.BucketLock(bucket_dir, expiry_s=1.0):
+        pass
+
+
+def test_a_missing_bucket_or_another_scheme_is_one_line_before_anything_runs(emulator):
+  del emulator
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import parity  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(validation.UsageError, match=r'--workdir=gs://no-such-bucket/run: no bucket gs://no-such-bucket; create it'):
+    train.train_and_evaluate(parity.get_config('smoke'), 'gs://no-such-bucket/run')
