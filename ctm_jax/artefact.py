@@ -13,10 +13,11 @@ An artefact directory (written by `python -m ctm_jax.export`) holds:
 """
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from ctm_jax import storage
 
 MODEL_FILE = 'model.json'
 VARIABLES_DIR = 'variables'
@@ -25,14 +26,11 @@ FORMAT = 1
 
 
 def is_artefact(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, MODEL_FILE)) and os.path.isfile(
-      os.path.join(directory, PROGRAM_FILE)
-  )
+  return all(storage.path(storage.join(directory, name)).is_file() for name in (MODEL_FILE, PROGRAM_FILE))
 
 
 def read_spec(directory: str) -> dict:
-  with open(os.path.join(directory, MODEL_FILE)) as f:
-    spec = json.load(f)
+  spec = json.loads(storage.path(storage.join(directory, MODEL_FILE)).read_text())
   if spec.get('format') != FORMAT:
     raise ValueError(
         f'{directory}: artefact format {spec.get("format")!r}, this version reads {FORMAT}; '
@@ -67,16 +65,16 @@ class Program:
   {'predictions', 'certainties'} for any batch size."""
 
   def __init__(self, directory: str):
-    directory = os.path.abspath(directory)
+    directory = storage.resolve(directory)
     if not is_artefact(directory):
       raise ValueError(
           f'{directory}: not an exported artefact (no {MODEL_FILE} and {PROGRAM_FILE}); '
           'write one with python -m ctm_jax.export'
       )
     self.spec = read_spec(directory)
-    with open(os.path.join(directory, PROGRAM_FILE), 'rb') as f:
-      self.exported = jax.export.deserialize(bytearray(f.read()))
-    self.variables = restore_variables(os.path.join(directory, VARIABLES_DIR))
+    program = storage.path(storage.join(directory, PROGRAM_FILE)).read_bytes()
+    self.exported = jax.export.deserialize(bytearray(program))
+    self.variables = restore_variables(storage.join(directory, VARIABLES_DIR))
 
   def __call__(self, inputs):
     return self.exported.call(self.variables, inputs)

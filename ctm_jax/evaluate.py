@@ -21,7 +21,6 @@ says where the results go.
 """
 
 import json
-import os
 import time
 
 import jax
@@ -35,6 +34,7 @@ from ctm_jax.interop import hub
 from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import sharding
+from ctm_jax import storage
 from ctm_jax import supervised
 from ctm_jax import validation
 
@@ -57,7 +57,7 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
         'leave --config out (--n_test_batches, --batch_size_test and --evals override it)'
     )
   else:
-    workdir = os.path.abspath(workdir)
+    workdir = storage.resolve(workdir)
   exported = not imported and artefact.is_artefact(workdir)
   if exported:
     spec = artefact.read_spec(workdir)
@@ -72,14 +72,14 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
     step = (spec.get('source') or {}).get('step') or 0
   elif not imported:
     config = checkpoint_lib.read_config(workdir)
-    step = checkpoint_lib.choose_step(os.path.join(workdir, 'checkpoints'), step, workdir)
+    step = checkpoint_lib.choose_step(storage.join(workdir, 'checkpoints'), step, workdir)
   config.update({k: v for k, v in overrides.items() if v is not None})
   task = validation.validate(config)
   model = task.make_model(config)
   validation.supervised_only(task, workdir)
   task.check_data(config)
   eval_source = task.eval_source(config)
-  out = os.path.abspath(out or os.path.join(workdir, f'eval_{step}'))
+  out = storage.resolve(out or storage.join(workdir, f'eval_{step}'), '--out')
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     run = supervised.setup(config, model, task, mesh)
@@ -87,7 +87,7 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
       _, variables, _ = torch_interop.load_imported(workdir, config.task)
       state = _state_from_variables(variables, run.abstract_state)
     elif exported:
-      variables = artefact.restore_variables(os.path.join(workdir, artefact.VARIABLES_DIR))
+      variables = artefact.restore_variables(storage.join(workdir, artefact.VARIABLES_DIR))
       state = _state_from_variables(variables, run.abstract_state)
     else:
       checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
@@ -95,24 +95,23 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
         state = checkpointer.restore_state(step, run.abstract_state)
       finally:
         checkpointer.close()
-    plot_dir = os.path.join(out, 'plots')
+    plot_dir = storage.join(out, 'plots')
     if jax.process_index() == 0:
-      os.makedirs(plot_dir, exist_ok=True)
+      storage.path(plot_dir).mkdir(parents=True, exist_ok=True)
     context = supervised.make_context(config, task, model, run, eval_source, plot_dir, started)
     scalars = {'step': step}
     for evaluator in task.evaluators(config, context):
       scalars.update(evaluator.run(state, step))
   if jax.process_index() == 0:
-    with open(os.path.join(out, 'metrics.json'), 'w') as f:
-      json.dump(scalars, f, indent=1, sort_keys=True)
+    storage.write_text(storage.join(out, 'metrics.json'), json.dumps(scalars, indent=1, sort_keys=True))
   return scalars
 
 
 def _is_import(workdir: str) -> bool:
   """Whether `workdir` is an imported model rather than a run or an artefact."""
-  return hub.is_model_folder_or_file(workdir) or os.path.isdir(
-      os.path.join(workdir, torch_interop.CHECKPOINT_DIR)
-  )
+  return hub.is_model_folder_or_file(workdir) or storage.path(
+      storage.join(workdir, torch_interop.CHECKPOINT_DIR)
+  ).is_dir()
 
 
 def _config_for_import(workdir: str, config, out: str):

@@ -34,6 +34,7 @@ from ctm_jax import inference
 from ctm_jax.interop import hub
 from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import ctm as ctm_lib
+from ctm_jax import storage
 from ctm_jax import tasks
 from ctm_jax import validation
 
@@ -75,6 +76,11 @@ def _jsonable(value):
 def export_hf(workdir: str, out: str, step: int | None = None, overwrite=False, push_to_hub: str = '') -> dict:
   """Writes `workdir`'s model in the reference's Hub format (interop/hub.py);
   returns {file: bytes}, and the repo's 'url' when pushed."""
+  if storage.is_url(out):
+    raise validation.UsageError(
+        f'--out={out}: --format=hf writes a local folder; write it here and push it with '
+        '--push_to_hub=ORG/NAME, or copy it to the bucket'
+    )
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise validation.UsageError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
@@ -96,9 +102,9 @@ def export_hf(workdir: str, out: str, step: int | None = None, overwrite=False, 
 def _model_card(workdir, model, kwargs, config, step) -> str:
   """README.md of an exported Hub model: task, source, config, metrics, how to load it."""
   metrics = {}
-  records = os.path.join(workdir, 'metrics.jsonl') if not hub.is_hub(workdir) else ''
-  if records and os.path.isfile(records):
-    with open(records) as f:
+  records = storage.path(storage.join(workdir, 'metrics.jsonl')) if not hub.is_hub(workdir) else None
+  if records is not None and records.is_file():
+    with records.open() as f:
       for line in f:
         try:
           record = json.loads(line)
@@ -136,20 +142,22 @@ def _model_card(workdir, model, kwargs, config, step) -> str:
 
 def export(workdir: str, out: str, step: int | None = None, input_shape=None, overwrite=False) -> dict:
   """Writes the artefact; returns its model.json contents (with sizes in bytes)."""
-  out = os.path.abspath(out)
-  if os.path.exists(out) and os.listdir(out) and not overwrite:
+  out = storage.resolve(out, '--out')
+  if storage.names(out) and not overwrite:
     raise validation.UsageError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
   model, variables, config = inference.load(workdir, step)
   if hub.is_hub(workdir):  # a Hub model: one set of weights, no training step
     return write(model, variables, config, out, input_shape, {'workdir': workdir, 'step': None})
-  source = {'workdir': os.path.abspath(workdir), 'step': _checkpoint_step(workdir, step)}
+  source = {'workdir': storage.resolve(workdir), 'step': _checkpoint_step(workdir, step)}
   return write(model, variables, config, out, input_shape, source)
 
 
 def write(model, variables, config, out: str, input_shape=None, source=None) -> dict:
   """The artefact of `model` with `variables` under `config` (a training run's
-  config, or an import's) at `out`, replaced whole."""
-  out = os.path.abspath(out)
+  config, or an import's) at `out`, replaced whole. On disk it is written
+  beside `out` and moved into place; a bucket has no rename, so there
+  model.json goes last: until it is there, `out` is not an artefact."""
+  out = storage.resolve(out, '--out')
   task = tasks.get(config.task)
   example = _example_inputs(task, config, input_shape)
   (batch,) = jax.export.symbolic_shape('batch')
@@ -160,14 +168,17 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
   exported = jax.export.export(jax.jit(forward_fn(model)))(abstract_variables, abstract_inputs)
   program = exported.serialize()
 
-  tmp = out + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  bucket = storage.is_bucket(out)
+  tmp = out if bucket else out + '.tmp'
+  if bucket:
+    storage.remove(out)  # what --overwrite replaces (refused above without it)
+  else:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(tmp, artefact.VARIABLES_DIR), variables)
+  checkpointer.save(storage.join(tmp, artefact.VARIABLES_DIR), variables)
   checkpointer.wait_until_finished()
-  with open(os.path.join(tmp, artefact.PROGRAM_FILE), 'wb') as f:
-    f.write(program)
+  storage.write_bytes(storage.join(tmp, artefact.PROGRAM_FILE), program)
   spec = {
       'format': artefact.FORMAT,
       'task': config.task,
@@ -183,41 +194,35 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
       'config': _jsonable(config.to_dict()),
       'source': source,
   }
-  with open(os.path.join(tmp, artefact.MODEL_FILE), 'w') as f:
-    json.dump(spec, f, indent=1)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)  # a complete artefact or none
-  spec['bytes'] = _size(out)
+  storage.write_text(storage.join(tmp, artefact.MODEL_FILE), json.dumps(spec, indent=1))
+  if not bucket:
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)  # a complete artefact or none
+  spec['bytes'] = storage.size(out)
   return spec
 
 
 def _checkpoint_step(workdir: str, step: int | None) -> int | None:
   """The training step exported: `step`, or the newest; None for an import."""
-  workdir = os.path.abspath(workdir)
+  workdir = storage.resolve(workdir)
   if artefact.is_artefact(workdir):
     return (artefact.read_spec(workdir).get('source') or {}).get('step')
   try:
-    return checkpoint.choose_step(os.path.join(workdir, 'checkpoints'), step, workdir)
+    return checkpoint.choose_step(storage.join(workdir, 'checkpoints'), step, workdir)
   except validation.UsageError:
     return None
 
 
 def checkpoint_bytes(workdir: str, step: int | None = None) -> int:
   """The size of one training checkpoint (the newest, or `step`) of a run; 0 if none."""
-  workdir = os.path.abspath(workdir)
-  directory = os.path.join(workdir, 'checkpoints')
+  workdir = storage.resolve(workdir)
+  directory = storage.join(workdir, 'checkpoints')
   try:
     step = checkpoint.choose_step(directory, step, workdir)
   except validation.UsageError:  # an import: no training checkpoint to compare with
     return 0
-  return _size(os.path.join(directory, str(step)))
-
-
-def _size(path: str) -> int:
-  return sum(
-      os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
-  )
+  return storage.size(storage.join(directory, str(step)))
 
 
 def _run(values):
@@ -243,7 +248,7 @@ def _run(values):
   spec = export(values.workdir, values.out, values.step, shape, values.overwrite)
   trained = 0 if hub.is_hub(values.workdir) else checkpoint_bytes(values.workdir, values.step)
   print(
-      f'exported {spec["task"]} model to {os.path.abspath(values.out)}: {spec["bytes"] / 1e6:.2f} MB'
+      f'exported {spec["task"]} model to {storage.resolve(values.out, "--out")}: {spec["bytes"] / 1e6:.2f} MB'
       + (f' (its training checkpoint: {trained / 1e6:.2f} MB)' if trained else '')
   )
 

@@ -8,12 +8,12 @@ the Hub mixin wrote, `hf://ORG/NAME[@REVISION]` or its folder
 device.
 """
 
-import os
 
 import ml_collections
 
 from ctm_jax import artefact
 from ctm_jax import checkpoint
+from ctm_jax import storage
 from ctm_jax import tasks
 from ctm_jax import validation
 from ctm_jax.interop import hub
@@ -44,26 +44,25 @@ def load(workdir: str, step: int | None = None):
     if step is not None:
       raise validation.UsageError(f'--step={step}: {workdir} is a reference model, one set of weights')
     return from_pretrained(workdir)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.resolve(workdir)
   if artefact.is_artefact(workdir):
     spec = artefact.read_spec(workdir)
     model = tasks.get(spec['task']).model_from_kwargs(spec.get('model_type', 'ctm'), spec['model_kwargs'])
-    variables = artefact.restore_variables(os.path.join(workdir, artefact.VARIABLES_DIR))
+    variables = artefact.restore_variables(storage.join(workdir, artefact.VARIABLES_DIR))
     return model, variables, ml_collections.ConfigDict(spec['config'])
-  config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  if not storage.path(storage.join(workdir, checkpoint.CONFIG_FILE)).is_file():
     raise validation.UsageError(
         f'--workdir={workdir}: no {checkpoint.CONFIG_FILE} there (not a training run or an import)'
     )
   config = checkpoint.read_config(workdir)
   validation.supervised_only(tasks.get(config.task), workdir)
-  if os.path.isdir(os.path.join(workdir, torch_interop.CHECKPOINT_DIR)):
+  if storage.path(storage.join(workdir, torch_interop.CHECKPOINT_DIR)).is_dir():
     model, variables, config = torch_interop.load_imported(workdir)
     return model, variables, ml_collections.ConfigDict(config)
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = storage.join(workdir, 'checkpoints')
   step = checkpoint.choose_step(directory, step, workdir)
   variables = artefact.restore_variables(
-      os.path.join(directory, str(step), 'state'), keys=('params', 'synch', 'batch_stats')
+      storage.join(directory, str(step), 'state'), keys=('params', 'synch', 'batch_stats')
   )
   if not variables.get('batch_stats'):
     variables.pop('batch_stats', None)

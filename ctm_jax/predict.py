@@ -26,6 +26,7 @@ import numpy as np
 
 from ctm_jax import inference
 from ctm_jax import serving
+from ctm_jax import storage
 from ctm_jax import tasks
 from ctm_jax import validation
 
@@ -71,7 +72,7 @@ def predict(workdir: str, source: str, step=None, threshold=None, max_ticks=None
     summary['exit_tick'] = int(np.argmax(sure_T)) + 1 if sure_T.any() else len(rows)
     summary['exit_sure'] = bool(sure_T.any())
   if gif:
-    os.makedirs(os.path.dirname(os.path.abspath(gif)), exist_ok=True)
+    storage.path(storage.resolve(gif, '--gif')).parent.mkdir(parents=True, exist_ok=True)
     summary['gif'] = task.prediction_gif(config, model, variables, batch, gif)
   return rows, summary
 
@@ -159,6 +160,10 @@ def format_rows(rows, summary) -> str:
   return '\n'.join(lines)
 
 
+def _shown(workdir: str) -> str:
+  return workdir if storage.is_url(workdir) else os.path.abspath(workdir)
+
+
 def _run(values):
   if not values.input:
     raise validation.UsageError('--input is empty: give a file (or, for a task that reads text, the text itself)')
@@ -170,13 +175,13 @@ def _run(values):
     rows, summary = serve_folder(
         values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.slots
     )
-    print(f'{summary["task"]}: {os.path.abspath(values.workdir)} on {values.input}')
+    print(f'{summary["task"]}: {_shown(values.workdir)} on {values.input}')
     print(format_served(rows, summary))
     return
   rows, summary = predict(
       values.workdir, values.input, values.step, values.threshold, values.max_ticks, values.gif
   )
-  print(f'{summary["task"]}: {os.path.abspath(values.workdir)} on {values.input}, {summary["ticks"]} ticks')
+  print(f'{summary["task"]}: {_shown(values.workdir)} on {values.input}, {summary["ticks"]} ticks')
   print(format_rows(rows, summary))
   if 'gif' in summary:
     print(f'attention gif: {summary["gif"]}')

@@ -137,3 +137,21 @@ def names(p) -> list[str]:
     return sorted(child.name for child in path(p).iterdir())
   except (FileNotFoundError, NotADirectoryError):
     return []
+
+
+def size(p: str) -> int:
+  """Bytes of a file, or of every file under a folder."""
+  if is_bucket(p):
+    return int(filesystem(p).du(p))
+  if os.path.isfile(p):
+    return os.path.getsize(p)
+  return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(p) for n in names)
+
+
+def remove(p: str) -> None:
+  """Every object under a bucket folder removed (a bucket has no folders to delete)."""
+  if not is_bucket(p):
+    raise ValueError(f'{p}: storage.remove deletes bucket folders only')
+  fs = filesystem(p)
+  if fs.exists(p):
+    fs.rm(p, recursive=True)

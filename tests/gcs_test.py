@@ -196,3 +196,50 @@ def test_a_missing_bucket_or_another_scheme_is_one_line_before_anything_runs(emu
 
   with pytest.raises(validation.UsageError, match=r'--workdir=gs://no-such-bucket/run: no bucket gs://no-such-bucket; create it'):
     train.train_and_evaluate(parity.get_config('smoke'), 'gs://no-such-bucket/run')
+
+
+@pytest.fixture(scope='module')
+def bucket_run(emulator):
+  """(config, gs:// workdir) of one short parity run trained into the bucket, in-process."""
+  del emulator
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import parity  # pylint: disable=g-import-not-at-top
+
+  flags.FLAGS.mark_as_parsed()
+  config = parity.get_config('smoke')
+  config.training_iterations = 20
+  workdir = f'gs://test-bucket/{uuid.uuid4().hex[:12]}'
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_evaluate_export_and_predict_read_and_write_a_bucket_run(bucket_run):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctm_jax import artefact  # pylint: disable=g-import-not-at-top
+  from ctm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ctm_jax import export  # pylint: disable=g-import-not-at-top
+  from ctm_jax import inference  # pylint: disable=g-import-not-at-top
+  from ctm_jax import predict  # pylint: disable=g-import-not-at-top
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+
+  config, workdir = bucket_run
+  scalars = evaluate.evaluate(workdir, n_test_batches=1)
+  assert scalars['step'] == config.training_iterations
+  written = json.loads(storage.path(storage.join(workdir, f'eval_{config.training_iterations}', 'metrics.json')).read_text())
+  assert written['eval/acc_most_certain'] == scalars['eval/acc_most_certain']
+  model, variables, _ = inference.load(workdir)
+  out = storage.join(workdir, 'artefact')
+  spec = export.export(workdir, out)
+  assert spec['source'] == {'workdir': workdir, 'step': config.training_iterations} and spec['bytes'] > 0
+  with pytest.raises(validation.UsageError, match='exists and is not empty; pass --overwrite'):
+    export.export(workdir, out)
+  bits = np.sign(np.random.default_rng(0).standard_normal((2, config.parity_sequence_length))).astype(np.float32)
+  program = artefact.load_program(out)
+  want = jax.jit(model.apply)(variables, bits).predictions
+  np.testing.assert_allclose(program(bits)['predictions'], want, atol=1e-5)
+  _, again, _ = inference.load(out)
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
+  rows, summary = predict.predict(workdir, ''.join('1' if b > 0 else '0' for b in bits[0]))
+  assert summary['task'] == 'parity' and len(rows) == config.model.iterations
