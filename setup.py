@@ -27,7 +27,7 @@ _CORE = [
     'matplotlib>=3.8,<4',
     'tqdm>=4.60,<5',
     # Run paths as one Path, local or a bucket (orbax's and tfds' abstraction).
-    'etils[epath]>=1.7',
+    'etils[epath]>=1.7,<2',
     # jax.export serialisation (ctm-export).
     'flatbuffers>=24.3,<26',
     # configs/digits.py and Q&A-MNIST `small`: scikit-learn's bundled digits, no download.
@@ -43,7 +43,7 @@ _EXTRAS = {
     # The Hugging Face Hub: hf:// models (safetensors read into numpy, no torch) and datasets (parquet).
     'hub': ['huggingface-hub>=0.34,<3', 'safetensors>=0.4,<1', 'pyarrow>=14,<28'],
     # gs:// workdirs and data: gcsfs for files, google-cloud-storage for the workdir lock.
-    'gcs': ['gcsfs>=2024.2', 'google-cloud-storage>=2.14,<4'],
+    'gcs': ['gcsfs>=2024.2,<2028', 'google-cloud-storage>=2.14,<4'],
     # Running notebooks/ outside Colab (`jupyter execute`), as the slow tests do.
     'notebooks': ['ipykernel>=6,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.9,<6'],
 }
@@ -53,7 +53,7 @@ _EXTRAS['test'] = [
     'pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'minigrid>=2.3,<4', 'gymnasium>=1.0,<2',
     *_EXTRAS['rl'], *_EXTRAS['tfds'], *_EXTRAS['hub'], *_EXTRAS['gcs'],
     # A GCS emulator on 127.0.0.1 for the gs:// tests (no credentials, no network).
-    'gcp-storage-emulator>=2024.8',
+    'gcp-storage-emulator>=2024.8,<2028',
 ]
 _EXTRAS['all'] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 

@@ -57,6 +57,8 @@ def trainer() -> ml_collections.ConfigDict:
           # The evaluators run at each eval, by name (comma-separated); 'default'
           # is the task's own list (tasks.Evaluated), e.g. 'default,calibration'.
           evals='default',
+          # 'A,B': a jax.profiler trace of steps A..B into WORKDIR/profile/ ('' none).
+          profile_steps='',
           # Device mesh: -1 takes the devices left over (see ctm_jax/sharding.py).
           mesh=sharding.default_mesh_config(),
       )

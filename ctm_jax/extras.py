@@ -15,7 +15,7 @@ MODULES = {
     'tfds': ('tensorflow_datasets',),
     'torch': ('torch',),
     'hub': ('huggingface_hub', 'safetensors', 'pyarrow'),
-    'gcs': ('gcsfs', 'google.cloud.storage'),
+    'gcs': ('gcsfs',),  # which brings google-cloud-storage (the bucket lock)
 }
 
 

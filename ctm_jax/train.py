@@ -10,7 +10,10 @@ and its evaluators. The loop names no task.
 
 import dataclasses
 import json
+import os
+import shutil
 import signal
+import tempfile
 import time
 
 from absl import logging
@@ -154,6 +157,45 @@ class MetricWindow:
     return stop
 
 
+class Profile:
+  """config.profile_steps='A,B': a jax.profiler trace of steps A..B in
+  WORKDIR/profile/ (every process traces its host). Into a bucket it is
+  traced to a local folder and copied up when it stops: the profiler writes
+  local files."""
+
+  def __init__(self, config, workdir: str, start: int):
+    span = validation.profile_range(config)
+    self.first, self.last = (max(span[0], start + 1), span[1]) if span else (0, -1)
+    self.target = storage.join(workdir, 'profile')
+    self.bucket = storage.is_bucket(workdir)
+    self.folder = None
+
+  def before(self, done: int):
+    if done == self.first and self.first <= self.last:
+      self.folder = tempfile.mkdtemp(prefix='ctm_profile_') if self.bucket else self.target
+      jax.profiler.start_trace(self.folder)
+      logging.info('Tracing steps %d..%d into %s', self.first, self.last, self.target)
+
+  def after(self, done: int, metrics):
+    if self.folder is not None and done == self.last:
+      jax.block_until_ready(metrics)
+      self.stop()
+
+  def stop(self):
+    if self.folder is None:
+      return
+    jax.profiler.stop_trace()
+    if self.bucket:
+      for root, _, names in os.walk(self.folder):
+        for name in names:
+          path = os.path.join(root, name)
+          with open(path, 'rb') as f:
+            storage.write_bytes(storage.join(self.target, os.path.relpath(path, self.folder)), f.read())
+      shutil.rmtree(self.folder, ignore_errors=True)
+    logging.info('Profile written to %s (tensorboard --logdir=%s, Profile tab)', self.target, self.target)
+    self.folder = None
+
+
 def _initial_state(config, program, checkpointer, same_model):
   """Resume order: latest in workdir -> config.init_from -> fresh init.
 
@@ -234,14 +276,17 @@ def _run(config, workdir, task, training, mesh, started):
   cadence = Cadence(config.save_every, config.track_every, total)
   batches = program.batches
   pending = None  # (step, metrics) not yet read on the host
+  profile = Profile(config, workdir, start)
   try:
     with StopAgreement(in_batches=batches is not None) as stops:
       for step in range(start, total):
+        profile.before(step + 1)
         if batches is None:
           state, metrics = program.step(state)
         else:
           state, metrics = program.step(state, sharding.global_batch(stops.tag(next(batches)), mesh))
         done = step + 1
+        profile.after(done, metrics)
         # The previous step's metrics, read while this step runs.
         stopping = stops.reported(window.consume(*pending)) if pending else None
         pending = (step, metrics)
@@ -267,6 +312,7 @@ def _run(config, workdir, task, training, mesh, started):
         window.consume(*pending)
   finally:
     progress.close()
+    profile.stop()
     try:
       checkpointer.wait()  # raises SaveError if the last save failed
     finally:

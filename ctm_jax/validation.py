@@ -3,12 +3,12 @@
 import dataclasses
 import json
 import numbers
-import os
 import sys
 
 import jax
 
 from ctm_jax import sharding
+from ctm_jax import storage
 from ctm_jax.interop import hub
 from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import tasks as tasks_lib
@@ -26,8 +26,9 @@ _POSITIVE_INTS = (
 # Keys a config may leave out, as runs written before they existed do:
 # `model_type` (the reference's --model / --model_type: 'ctm', or a baseline
 # the task offers) is 'ctm' when absent; `evals` (the evaluators, for a task
-# that offers a choice: tasks.Evaluated) is 'default'.
-OPTIONAL_KEYS = frozenset({'model_type', 'evals'})
+# that offers a choice: tasks.Evaluated) is 'default'; `profile_steps` (a
+# jax.profiler trace of steps A..B, 'A,B') is '' (none).
+OPTIONAL_KEYS = frozenset({'model_type', 'evals', 'profile_steps'})
 _NON_NEGATIVE_INTS = (
     'warmup_steps',
     'num_workers_train',
@@ -112,6 +113,21 @@ def command(prog: str, body):
   return main
 
 
+def profile_range(config) -> tuple[int, int] | None:
+  """(A, B) of config.profile_steps='A,B' (trace steps A..B), None when empty."""
+  text = config.get('profile_steps') or ''
+  if not text:
+    return None
+  parts = str(text).split(',')
+  try:
+    first, last = (int(p) for p in parts)
+  except ValueError:
+    first = last = 0
+  if len(parts) != 2 or not 1 <= first <= last:
+    _fail('profile_steps', text, "expected 'A,B', the first and last step to trace, 1 <= A <= B")
+  return first, last
+
+
 def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
 
@@ -143,6 +159,8 @@ def validate(config, num_devices: int | None = None):
     if not isinstance(task, tasks_lib.Evaluated):
       _fail('evals', config.evals, f'task {config.task!r} offers no choice of evaluators')
     task.eval_names(config)
+  if config.get('profile_steps'):
+    profile_range(config)
   task.validate(config)
   for field in (f for f in _POSITIVE_INTS if f in known):
     value = config.get(field)
@@ -200,13 +218,13 @@ def _model_and_mesh(config, task, num_devices):
 
 def _check_init_from(path, model, task):
   """config.init_from holds an import of this very model (weights aside)."""
-  config_path = os.path.join(path, 'config.json')
+  config_path = storage.join(path, 'config.json')
   if hub.is_model_folder_or_file(path):  # the reference's Hub format: its kwargs, read as this task's
     try:
       imported_model = task.model_from_kwargs('ctm', hub.read_kwargs(path))
     except (ValueError, TypeError) as e:
       _fail('init_from', path, first_line(e))
-  elif not os.path.isfile(config_path):
+  elif not storage.path(config_path).is_file():
     _fail(
         'init_from',
         path,
@@ -215,8 +233,7 @@ def _check_init_from(path, model, task):
     )
   else:
     try:
-      with open(config_path) as f:
-        imported = json.load(f)
+      imported = json.loads(storage.path(config_path).read_text())
       imported_task = tasks_lib.get(imported['task'])
       imported_model = imported_task.model_from_kwargs(imported.get('model_type', 'ctm'), imported['model_kwargs'])
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -108,8 +108,8 @@ def _restore(workdir, step):
   return jax.tree.map(np.asarray, restored['state'])
 
 
-@pytest.mark.slow  # four training runs (~2 min on 2 cores)
-def test_a_bucket_run_killed_and_resumed_equals_an_uninterrupted_local_run(bucket_dir, tmp_path):
+@pytest.mark.slow  # five training runs (~2.5 min on 2 cores)
+def test_a_bucket_run_killed_preempted_and_resumed_equals_an_uninterrupted_local_run(bucket_dir, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from ctm_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from ctm_jax import storage  # pylint: disable=g-import-not-at-top
@@ -126,6 +126,17 @@ def test_a_bucket_run_killed_and_resumed_equals_an_uninterrupted_local_run(bucke
     time.sleep(0.05)
   run.send_signal(signal.SIGKILL)
   run.wait()
+  assert max(checkpoint.committed_steps(checkpoints)) < _TOTAL
+  # Resumed, then preempted (SIGTERM): it checkpoints into the bucket and exits.
+  preempted = _launch(bucket_dir, log=tmp_path / 'preempted.log', cache=cache)
+  while 'Run parity (resumed' not in (tmp_path / 'preempted.log').read_text():
+    assert preempted.poll() is None, (tmp_path / 'preempted.log').read_text()[-3000:]
+    assert time.monotonic() < deadline + _TIMEOUT, 'the resumed run did not start'
+    time.sleep(0.05)
+  time.sleep(1)  # into the loop, whose handler turns SIGTERM into a checkpoint
+  preempted.send_signal(signal.SIGTERM)
+  assert _wait(preempted, tmp_path / 'preempted.log') == 0, (tmp_path / 'preempted.log').read_text()[-3000:]
+  assert 'SIGTERM: checkpointed step' in (tmp_path / 'preempted.log').read_text()
   assert max(checkpoint.committed_steps(checkpoints)) < _TOTAL
   rerun = _launch(bucket_dir, log=tmp_path / 'rerun.log', cache=cache)
   assert _wait(rerun, tmp_path / 'rerun.log') == 0, (tmp_path / 'rerun.log').read_text()[-3000:]
@@ -209,9 +220,25 @@ def bucket_run(emulator):
   flags.FLAGS.mark_as_parsed()
   config = parity.get_config('smoke')
   config.training_iterations = 20
+  config.profile_steps = '3,3'
   workdir = f'gs://test-bucket/{uuid.uuid4().hex[:12]}'
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+def test_a_profile_of_the_steps_asked_for_lands_in_the_bucket(bucket_run):
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+
+  _, workdir = bucket_run
+  fs = storage.filesystem(workdir)
+  traces = [p for p in fs.find(storage.join(workdir, 'profile')) if p.endswith('.xplane.pb')]
+  assert traces and all(fs.size(p) > 0 for p in traces)
+  config = bucket_run[0].copy_and_resolve_references()
+  for bad in ('4,3', '0,2', '3', 'a,b', '1,2,3'):
+    config.profile_steps = bad
+    with pytest.raises(ValueError, match=r"config\.profile_steps=.*expected 'A,B'"):
+      validation.validate(config)
 
 
 def test_evaluate_export_and_predict_read_and_write_a_bucket_run(bucket_run):

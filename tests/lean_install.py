@@ -87,6 +87,15 @@ def check_hub_refused(env, tmp):
   assert not workdir.exists()
 
 
+def check_gcs_refused(env, tmp):
+  """A gs:// workdir without the gcs extra: one line, before anything runs."""
+  result = run(['-m', 'ctm_jax.main', f'--config={CONFIGS}/parity.py:smoke', '--workdir=gs://bucket/run'],
+               env, tmp)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  error = [line for line in result.stderr.splitlines() if 'pip install' in line]
+  assert len(error) == 1 and '.[gcs]' in error[0] and '--workdir=gs://bucket/run' in error[0], result.stderr
+
+
 def check_trains(config, env, tmp):
   workdir = pathlib.Path(tmp) / config.replace('.py:', '_')
   result = run(['-m', 'ctm_jax.main', f'--config={CONFIGS}/{config}', f'--workdir={workdir}'], env, tmp)
@@ -108,6 +117,8 @@ def main(hide_extras: bool, train: bool = True):
     print('ctm_jax.interop.torch: refused, names the torch extra')
     check_hub_refused(env, tmp)
     print('ctm_jax.interop.torch on hf://: refused, names the hub extra')
+    check_gcs_refused(env, tmp)
+    print('ctm_jax.main on gs://: refused, names the gcs extra')
     for config in TRAINS if train else ():
       check_trains(config, env, tmp)
       print(f'trained {config} without the extras')

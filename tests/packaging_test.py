@@ -120,9 +120,10 @@ def test_every_dependency_is_bounded_and_pinned_within_its_bounds():
 
 def test_extras_are_the_documented_ones_and_the_core_is_lean():
   extras = SETUP['extras_require']
-  assert set(extras) == {'rl', 'tfds', 'torch', 'hub', 'notebooks', 'test', 'all'}
+  assert set(extras) == {'rl', 'tfds', 'torch', 'hub', 'gcs', 'notebooks', 'test', 'all'}
   core = {requirements.Requirement(r).name for r in SETUP['install_requires']}
-  for heavy in ('gymnax', 'xminigrid', 'rlax', 'tensorflow-datasets', 'torch', 'huggingface-hub', 'safetensors'):
+  for heavy in ('gymnax', 'xminigrid', 'rlax', 'tensorflow-datasets', 'torch', 'huggingface-hub', 'safetensors',
+                'gcsfs', 'google-cloud-storage'):
     assert heavy not in core
   assert {requirements.Requirement(r).name for r in extras['all']} >= {
       requirements.Requirement(r).name for extra in extras.values() for r in extra}
@@ -130,7 +131,8 @@ def test_extras_are_the_documented_ones_and_the_core_is_lean():
   from ctm_jax import extras as extras_lib  # pylint: disable=g-import-not-at-top
   dists = {'gymnax': 'gymnax', 'xminigrid': 'xminigrid', 'rlax': 'rlax',
            'tensorflow_datasets': 'tensorflow-datasets', 'torch': 'torch',
-           'huggingface_hub': 'huggingface-hub', 'safetensors': 'safetensors', 'pyarrow': 'pyarrow'}
+           'huggingface_hub': 'huggingface-hub', 'safetensors': 'safetensors', 'pyarrow': 'pyarrow',
+           'gcsfs': 'gcsfs'}
   for extra, modules in extras_lib.MODULES.items():
     names = {requirements.Requirement(r).name for r in extras[extra]}
     assert {dists[m] for m in modules} <= names, extra

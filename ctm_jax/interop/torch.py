@@ -24,6 +24,7 @@ import numpy as np
 
 from ctm_jax import artefact
 from ctm_jax import extras
+from ctm_jax import storage
 from ctm_jax import tasks as tasks_lib
 from ctm_jax import validation
 from ctm_jax.interop import hub
@@ -580,9 +581,9 @@ def import_checkpoint(
   local = not hub.is_hub(checkpoint)
   if local:
     checkpoint = os.path.abspath(checkpoint)
-  workdir = os.path.abspath(workdir)
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  if os.path.exists(ckpt_dir) and not overwrite:
+  workdir = storage.resolve(workdir)
+  ckpt_dir = storage.join(workdir, CHECKPOINT_DIR)
+  if storage.path(ckpt_dir).exists() and not overwrite:
     raise FileExistsError(f'{ckpt_dir} already exists; pass --overwrite to replace it')
   if local and not os.path.exists(checkpoint):
     raise FileNotFoundError(f'{checkpoint}: no such checkpoint file')
@@ -620,15 +621,17 @@ def import_checkpoint(
       'strict': strict,
       'skipped': skipped,
   }
-  os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(ckpt_dir):
-    shutil.rmtree(ckpt_dir)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
+  if storage.path(ckpt_dir).exists():
+    if storage.is_bucket(ckpt_dir):
+      storage.remove(ckpt_dir)
+    else:
+      shutil.rmtree(ckpt_dir)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(ckpt_dir, variables)
   checkpointer.wait_until_finished()
   # Written last, so a config.json means a complete import.
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    json.dump(config, f, indent=1)
+  storage.write_text(storage.join(workdir, CONFIG_FILE), json.dumps(config, indent=1))
   return config
 
 
@@ -702,12 +705,11 @@ def load_imported(workdir: str, task: str | None = None):
     model, variables = import_state_dict(state_dict, record['model_kwargs'], model_class)
     record = {**record, 'source_checkpoint': workdir, 'iteration': None, 'strict': True, 'skipped': []}
     return model, variables, record
-  workdir = os.path.abspath(workdir)
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    config = json.load(f)
+  workdir = storage.resolve(workdir)
+  config = json.loads(storage.path(storage.join(workdir, CONFIG_FILE)).read_text())
   model = tasks_lib.get(config['task']).model_from_kwargs(config.get('model_type', 'ctm'), config['model_kwargs'])
   # Target from the saved metadata, not its sharding: the writer's device may not exist here.
-  variables = artefact.restore_variables(os.path.join(workdir, CHECKPOINT_DIR))
+  variables = artefact.restore_variables(storage.join(workdir, CHECKPOINT_DIR))
   return model, variables, config
 
 
@@ -730,10 +732,10 @@ def _main(argv):
   except (ValueError, OSError, ImportError) as e:  # user errors: one line, not a traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  workdir = os.path.abspath(flag_values.workdir)
+  workdir = storage.resolve(flag_values.workdir)
   print(f'imported {config["task"]} CTM from {config["source_checkpoint"]}')
-  print(f'  config:     {os.path.join(workdir, CONFIG_FILE)}')
-  print(f'  checkpoint: {os.path.join(workdir, CHECKPOINT_DIR)}')
+  print(f'  config:     {storage.join(workdir, CONFIG_FILE)}')
+  print(f'  checkpoint: {storage.join(workdir, CHECKPOINT_DIR)}')
   if config['skipped']:
     print(f'  not strict, {len(config["skipped"])} key(s) skipped:')
     for line in config['skipped']:

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from ctm_jax import sharding
+from ctm_jax import storage
 from ctm_jax import supervised
 from ctm_jax import validation
 from ctm_jax.tools import flops as flops_lib
@@ -141,8 +142,7 @@ def main(argv):
     sys.exit(2)
   print(format_table(result))
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(result, f, indent=2)
+    storage.write_text(storage.resolve(_JSON.value, '--json'), json.dumps(result, indent=2))
 
 
 if __name__ == '__main__':

@@ -20,13 +20,14 @@ in its own colour) under `--out` (default `<workdir>/generalisation`).
 Dimension glossary: B batch, H, W pixels, R route length, T ticks.
 """
 
+import io
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import storage
 from ctm_jax import validation
 from ctm_jax.data import mazes
 from ctm_jax.interop import hub
@@ -128,7 +129,9 @@ def route_picture(maze: mazes.Maze, walks, path: str, scale: int = 8) -> str:
   image_HxWx3[maze.goal] = mazes.GOAL
   pixels = np.round(image_HxWx3 * 255).astype(np.uint8)
   pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
-  Image.fromarray(pixels).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format='PNG')
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 
@@ -181,8 +184,8 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
   model, variables, config = inference.load(workdir, step)
   predict = make_predict(model, variables, mazes.expand_range_of(config))
   route_length = int(model.prediction_reshaper[0])
-  out = out or os.path.join(workdir, 'generalisation')
-  os.makedirs(out, exist_ok=True)
+  out = storage.resolve(out or storage.join(workdir, 'generalisation'), '--out')
+  storage.path(out).mkdir(parents=True, exist_ok=True)
   rows, records = [], {}
   for size in ([0] if data_dir else sizes):
     maze_list = load_mazes(size, count, seed, data_dir)
@@ -196,10 +199,11 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
         'route_length': [m.length for m in maze_list],
     }
     for i in range(min(pictures, len(maze_list))):
-      route_picture(maze_list[i], results[i]['walks'], os.path.join(out, f'route_{size}_{i}.png'))
-  with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump({'workdir': workdir if hub.is_hub(workdir) else os.path.abspath(workdir), 'max_reapplications': max_reapplications,
-               'fault_tolerance': fault_tolerance, 'sizes': records}, f, indent=1)
+      route_picture(maze_list[i], results[i]['walks'], storage.join(out, f'route_{size}_{i}.png'))
+  storage.write_text(storage.join(out, 'results.json'), json.dumps(
+      {'workdir': workdir if hub.is_hub(workdir) else storage.resolve(workdir),
+       'max_reapplications': max_reapplications, 'fault_tolerance': fault_tolerance, 'sizes': records},
+      indent=1))
   return rows
 
 
