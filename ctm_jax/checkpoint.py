@@ -37,8 +37,8 @@ class IncompatibleWorkdir(validation.UsageError):
 class SaveError(OSError):
   """A checkpoint could not be written; the newest committed one is intact."""
 
-  def __init__(self, directory: str, step, cause: BaseException):
-    committed = committed_steps(directory)
+  def __init__(self, directory: str, step, cause: BaseException, committed: list[int] | None = None):
+    committed = committed_steps(directory) if committed is None else committed
     if committed:
       kept = f'the newest committed checkpoint there, step {committed[-1]}, is intact'
       then = 'rerun the same command to resume from it'
@@ -161,6 +161,9 @@ class Checkpointer:
         self.directory, options=options, item_names=('state', 'data')
     )
     self._saving = None  # the step of the newest save started
+    self._failed = None  # the SaveError already raised: later waits do not retry storage
+    # Steps known committed, for a failure's message without asking failed storage again.
+    self._committed = sorted(self.manager.all_steps())
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -170,7 +173,7 @@ class Checkpointer:
     try:
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except  # whatever the save thread raised
-      raise SaveError(self.directory, self._saving, e) from e
+      raise self._fail(e) from e
 
   def save(self, step: int, state, data_iterator):
     # orbax waits for the previous save before starting one anyway; waiting
@@ -183,7 +186,7 @@ class Checkpointer:
     try:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except  # a disk full shows here or later
-      raise SaveError(self.directory, step, e) from e
+      raise self._fail(e) from e
 
   def restore(self, step: int, abstract_state, data_iterator):
     """The state onto `abstract_state`'s shardings (any mesh), the iterator in place.
@@ -218,16 +221,23 @@ class Checkpointer:
     )
     return restored['state']
 
+  def _fail(self, error: BaseException) -> 'SaveError':
+    self._failed = SaveError(self.directory, self._saving, error, self._committed)
+    return self._failed
+
   def wait(self):
+    if self._failed is not None:  # reported once; storage that failed is not asked again
+      return
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise SaveError(self.directory, self._saving, e) from e
+      raise self._fail(e) from e
     self.check()
     try:
       self._record_sums()
     except Exception as e:  # pylint: disable=broad-except  # a full disk, a lost bucket
-      raise SaveError(self.directory, self._saving, e) from e
+      raise self._fail(e) from e
+    self._committed = sorted(self.manager.all_steps())
 
   def _record_sums(self):
     """Manifests for committed steps that lack one; drops those of deleted steps."""

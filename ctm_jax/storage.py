@@ -55,9 +55,26 @@ def join(base: str, *parts: str) -> str:
 
 
 def configure(needed_by: str) -> None:
-  """The gcs extra present, or MissingExtra naming `needed_by`."""
+  """The gcs extra present, or MissingExtra naming `needed_by`; TensorStore's
+  bucket retries bounded."""
   _name_the_emulator()
   extras.require('gcs', needed_by)
+  _bound_checkpoint_retries()
+
+
+# TensorStore retries a bucket request up to 32 times, up to 32 s apart: a
+# bucket that went away would hold a checkpoint save for ~15 minutes. Six,
+# up to 16 s apart, give up within a minute (a save then fails in one line
+# and the run resumes from the last committed step once storage is back).
+GCS_RETRIES = {'max_retries': 6, 'initial_delay': '1s', 'max_delay': '16s'}
+
+
+def _bound_checkpoint_retries() -> None:
+  # Orbax builds every TensorStore context from these defaults (orbax <0.13).
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+
+  for context in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+    context.setdefault('gcs_request_retries', dict(GCS_RETRIES))
 
 
 def _name_the_emulator() -> None:

@@ -30,6 +30,8 @@ from ctm_jax import validation
 # Seconds a bucket lock lives without a refresh: a killed run's lock blocks a
 # restart for at most this long.
 LOCK_EXPIRY_S = 120.0
+# Seconds the lock's requests retry when taking it and when letting it go.
+ACQUIRE_S, RELEASE_S = 30.0, 10.0
 
 
 class WorkdirInUse(validation.UsageError):
@@ -149,6 +151,14 @@ class BucketLock:
     self._stop = threading.Event()
     self._thread = None
 
+  @staticmethod
+  def _patience(seconds: float) -> dict:
+    """A request's retries bounded by `seconds` (the library's default is
+    120 s per call): storage that went away ends the run, not hangs it."""
+    from google.cloud.storage import retry  # pylint: disable=g-import-not-at-top
+
+    return {'retry': retry.DEFAULT_RETRY.with_timeout(seconds), 'timeout': min(seconds, 60.0)}
+
   def _blob(self):
     from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
 
@@ -170,7 +180,7 @@ class BucketLock:
       blob = self._blob()
       for attempt in range(2):
         try:
-          blob.upload_from_string(self._info(), if_generation_match=0)
+          blob.upload_from_string(self._info(), if_generation_match=0, **self._patience(ACQUIRE_S))
           break
         except exceptions.PreconditionFailed:
           if attempt or not self._take_over_if_stale(blob):
@@ -199,8 +209,8 @@ class BucketLock:
 
   def _holder(self, blob) -> str:
     try:
-      blob.reload()
-      info = json.loads(blob.download_as_bytes(if_generation_match=blob.generation).decode() or '{}')
+      blob.reload(**self._patience(ACQUIRE_S))
+      info = json.loads(blob.download_as_bytes(**self._patience(ACQUIRE_S)).decode() or '{}')
       refreshed = blob.updated.isoformat(timespec='seconds') if blob.updated else '?'
     except Exception:  # pylint: disable=broad-except  # only for the message
       return 'holder unknown'
@@ -214,12 +224,12 @@ class BucketLock:
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
 
     try:
-      blob.reload()
+      blob.reload(**self._patience(ACQUIRE_S))
     except exceptions.NotFound:
       return True  # released meanwhile
     age = (_now() - blob.updated).total_seconds() if blob.updated else 0.0
     try:
-      info = json.loads(blob.download_as_bytes().decode() or '{}')
+      info = json.loads(blob.download_as_bytes(**self._patience(ACQUIRE_S)).decode() or '{}')
     except Exception:  # pylint: disable=broad-except  # unreadable: the expiry decides
       info = {}
     # A holder on this host whose process has exited is gone now, not after the expiry.
@@ -227,7 +237,7 @@ class BucketLock:
     if age <= self.expiry_s and not exited:
       return False
     try:
-      blob.delete(if_generation_match=blob.generation)
+      blob.delete(if_generation_match=blob.generation, **self._patience(ACQUIRE_S))
     except (exceptions.NotFound, exceptions.PreconditionFailed):
       return False  # another run took it, or its holder refreshed it meanwhile
     logging.warning(
@@ -242,7 +252,8 @@ class BucketLock:
 
     while not self._stop.wait(self.expiry_s / 4):
       try:
-        blob.upload_from_string(self._info(), if_generation_match=self._generation)
+        blob.upload_from_string(
+            self._info(), if_generation_match=self._generation, **self._patience(self.expiry_s / 4))
         self._generation = blob.generation
       except exceptions.PreconditionFailed:
         logging.error(
@@ -261,7 +272,7 @@ class BucketLock:
       self._thread.join()
     if self._generation is not None:
       try:
-        self._blob().delete(if_generation_match=self._generation)
+        self._blob().delete(if_generation_match=self._generation, **self._patience(RELEASE_S))
       except (exceptions.GoogleAPIError, OSError):
         pass  # gone or taken over: nothing of ours to release
       self._generation = None

@@ -4,7 +4,9 @@ preconditions (ifGenerationMatch on uploads and deletes: 0 means "only if
 absent", a mismatch is 412), which the workdir lock relies on, and the
 `x-goog-generation` header of a download, which TensorStore reads.
 
-  python tests/gcs_emulator.py PORT
+  python tests/gcs_emulator.py PORT [DATA_DIR]
+
+With DATA_DIR the objects outlive the emulator (a restart serves them again).
 """
 
 import http
@@ -68,4 +70,6 @@ objects.delete = _guard(objects.delete, lambda request: request.params.get('obje
 from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == '__main__':
-  server.create_server('127.0.0.1', int(sys.argv[1]), in_memory=True, default_bucket=BUCKET).run()
+  data_dir = sys.argv[2] if len(sys.argv) > 2 else None
+  server.create_server('127.0.0.1', int(sys.argv[1]), in_memory=data_dir is None, default_bucket=BUCKET,
+                       data_dir=data_dir).run()

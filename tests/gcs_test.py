@@ -270,3 +270,56 @@ def test_evaluate_export_and_predict_read_and_write_a_bucket_run(bucket_run):
   jax.tree.map(np.testing.assert_array_equal, again, variables)
   rows, summary = predict.predict(workdir, ''.join('1' if b > 0 else '0' for b in bits[0]))
   assert summary['task'] == 'parity' and len(rows) == config.model.iterations
+
+
+def _start_emulator(port, data_dir):
+  proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port), str(data_dir)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 30
+  while True:
+    try:
+      socket.create_connection(('127.0.0.1', port), timeout=1).close()
+      return proc
+    except OSError:
+      assert proc.poll() is None and time.monotonic() < deadline, 'the GCS emulator did not start'
+      time.sleep(0.1)
+
+
+@pytest.mark.slow  # storage lost mid-run: the run gives up within its retry bounds (~1.5 min)
+def test_storage_that_goes_away_ends_the_run_in_one_line_and_it_resumes_once_back(tmp_path):
+  port, data = _free_port(), tmp_path / 'gcs'
+  url = f'http://127.0.0.1:{port}'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', STORAGE_EMULATOR_HOST=url,
+             TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator',
+             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+  command = [sys.executable, '-m', 'ctm_jax.main', '--config=configs/parity.py:smoke',
+             '--workdir=gs://test-bucket/away', '--config.save_every=50']
+  emulator = _start_emulator(port, data)
+  log = tmp_path / 'run.log'
+  try:
+    with open(log, 'w') as f:
+      run = subprocess.Popen(command + ['--config.training_iterations=100000'], cwd=REPO, env=env,
+                             stdout=f, stderr=subprocess.STDOUT)
+    committed = data / '.cloudstorage' / 'test-bucket' / 'away' / 'checkpoints' / '50' / 'commit_success.txt'
+    deadline = time.monotonic() + _TIMEOUT
+    while not committed.exists():
+      assert run.poll() is None, log.read_text()[-3000:]
+      assert time.monotonic() < deadline, 'no checkpoint before storage goes away'
+      time.sleep(0.1)
+    emulator.terminate()
+    emulator.wait()
+    assert _wait(run, log) == 1, log.read_text()[-3000:]
+    error = one_error_line(log.read_text())
+    assert 'saving checkpoint step' in error and 'rerun the same command' in error, error
+    # Storage back: the same command resumes from the last committed step.
+    emulator = _start_emulator(port, data)
+    newest = max(int(p.name) for p in committed.parents[1].iterdir() if p.name.isdigit())
+    done = subprocess.run(command + [f'--config.training_iterations={newest + 20}'], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'Resumed from gs://test-bucket/away/checkpoints/' in done.stderr
+  finally:
+    if run.poll() is None:
+      run.kill()
+    emulator.terminate()
+    emulator.wait()
