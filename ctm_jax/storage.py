@@ -111,18 +111,12 @@ _fresh_listings()
 
 
 def write_text(p, text: str) -> None:
-  """`p` replaced whole by `text`: readers see the old file or the new one."""
-  target = path(p)
-  if is_url(target):
-    target.write_text(text)
-    return
-  tmp = target.with_name(target.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, target)
+  """`p` replaced whole by `text` (see write_bytes)."""
+  write_bytes(p, text.encode())
 
 
 def write_bytes(p, data: bytes) -> None:
-  """`p` replaced whole by `data` (see write_text)."""
+  """`p` replaced whole by `data`: readers see the old file or the new one."""
   target = path(p)
   if is_url(target):
     target.write_bytes(data)

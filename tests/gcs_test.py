@@ -44,22 +44,13 @@ def _free_port() -> int:
 def emulator():
   """The emulator's URL, and the environment Google's libraries read it from."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 30
-  while True:
-    try:
-      socket.create_connection(('127.0.0.1', port), timeout=1).close()
-      break
-    except OSError:
-      assert proc.poll() is None and time.monotonic() < deadline, 'the GCS emulator did not start'
-      time.sleep(0.1)
+  proc = _start_emulator(port)
   url = f'http://127.0.0.1:{port}'
   saved = {k: os.environ.get(k) for k in ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL',
                                           'GOOGLE_AUTH_TOKEN_FOR_TESTING', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')}
-  os.environ['STORAGE_EMULATOR_HOST'] = url
-  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
-  storage._name_the_emulator()  # pylint: disable=protected-access  # as importing it with the variable set does
+  # What ctm_jax.storage sets from STORAGE_EMULATOR_HOST, set here for this emulator.
+  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                    GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator', GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
   yield url
   proc.terminate()
   proc.wait()
@@ -272,9 +263,10 @@ def test_evaluate_export_and_predict_read_and_write_a_bucket_run(bucket_run):
   assert summary['task'] == 'parity' and len(rows) == config.model.iterations
 
 
-def _start_emulator(port, data_dir):
-  proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port), str(data_dir)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _start_emulator(port, data_dir=None):
+  """The emulator on 127.0.0.1:`port` (its objects on disk in `data_dir`, else in memory), once it answers."""
+  args = [sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port), *([str(data_dir)] if data_dir else [])]
+  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 30
   while True:
     try:
