@@ -15,6 +15,7 @@ from ctm_jax import artefact
 from ctm_jax import evaluate
 from ctm_jax import export
 from ctm_jax import inference
+from ctm_jax import storage
 from ctm_jax import train
 from ctm_jax.configs import image as image_configs
 from ctm_jax.configs import mazes as maze_configs
@@ -99,7 +100,7 @@ def test_export_of_a_run_holds_its_trained_variables_and_is_smaller(trained):
   np.testing.assert_allclose(
       program(inputs)['predictions'], model.apply(variables, inputs).predictions, atol=1e-6
   )
-  assert export._size(str(out)) < 0.6 * export.checkpoint_bytes(str(run))
+  assert storage.size(str(out)) < 0.6 * export.checkpoint_bytes(str(run))
 
 
 def test_program_runs_in_a_process_without_training_code(exported, tmp_path):
