@@ -54,12 +54,18 @@ def join(base: str, *parts: str) -> str:
   return os.path.join(base, *parts)
 
 
+_CONFIGURED = []  # set once configure() has succeeded: every bucket path op calls it
+
+
 def configure(needed_by: str) -> None:
   """The gcs extra present, or MissingExtra naming `needed_by`; TensorStore's
   bucket retries bounded."""
+  if _CONFIGURED:
+    return
   _name_the_emulator()
   extras.require('gcs', needed_by)
   _bound_checkpoint_retries()
+  _CONFIGURED.append(True)
 
 
 # TensorStore retries a bucket request up to 32 times, up to 32 s apart: a
@@ -131,6 +137,16 @@ def filesystem(url: str):
   import fsspec  # pylint: disable=g-import-not-at-top
 
   return fsspec.filesystem(url.split('://', 1)[0])
+
+
+def copy_up(folder: str, target: str) -> None:
+  """Every file under the local `folder` written whole to the same relative
+  path under `target` (a bucket folder)."""
+  for root, _, files in os.walk(folder):
+    for name in files:
+      local = os.path.join(root, name)
+      with open(local, 'rb') as f:
+        write_bytes(join(target, os.path.relpath(local, folder)), f.read())
 
 
 def move(source: str, target: str) -> None:

@@ -10,7 +10,6 @@ and its evaluators. The loop names no task.
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -186,11 +185,7 @@ class Profile:
       return
     jax.profiler.stop_trace()
     if self.bucket:
-      for root, _, names in os.walk(self.folder):
-        for name in names:
-          path = os.path.join(root, name)
-          with open(path, 'rb') as f:
-            storage.write_bytes(storage.join(self.target, os.path.relpath(path, self.folder)), f.read())
+      storage.copy_up(self.folder, self.target)
       shutil.rmtree(self.folder, ignore_errors=True)
     logging.info('Profile written to %s (tensorboard --logdir=%s, Profile tab)', self.target, self.target)
     self.folder = None

@@ -82,9 +82,7 @@ class MetricWriter:
   def _upload_events(self):
     """The staged event files, each replaced whole in the bucket."""
     if self.bucket:
-      for name in os.listdir(self._staging):
-        with open(os.path.join(self._staging, name), 'rb') as f:
-          storage.write_bytes(storage.join(self.tensorboard_dir, name), f.read())
+      storage.copy_up(self._staging, self.tensorboard_dir)
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:
@@ -127,7 +125,7 @@ class MetricWriter:
 
 
 def _kept_lines(path: str, step: int) -> list[str]:
-  """The lines of a bucket's metrics.jsonl up to the resumed step."""
+  """The lines of metrics.jsonl (on disk or in a bucket) up to the resumed step."""
   target = storage.path(path)
   if not target.exists():
     return []
@@ -137,10 +135,5 @@ def _kept_lines(path: str, step: int) -> list[str]:
 
 def _truncate_after(path: str, step: int):
   """Drops records past the resumed step: they belong to work that was lost."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(keep)
-  os.replace(path + '.tmp', path)
+  if os.path.exists(path):
+    storage.write_text(path, ''.join(_kept_lines(path, step)))
