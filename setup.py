@@ -36,8 +36,9 @@ _CORE = [
 _EXTRAS = {
     # RL: environments in JAX (CartPole/Acrobot, MiniGrid FourRooms) and PPO pieces.
     'rl': ['gymnax>=1.0,<1.1', 'xminigrid>=0.9,<0.10', 'rlax>=0.1.6,<0.2'],
-    # CIFAR, ImageNet, MNIST prepared as array_record (TensorFlow is needed only to build them).
-    'tfds': ['tensorflow-datasets>=4.9.4,<5', 'importlib_resources>=6', 'array_record>=0.5'],
+    # CIFAR, ImageNet, MNIST prepared as array_record (TensorFlow is needed only to build them);
+    # array_record reads gs:// from 0.8.3.
+    'tfds': ['tensorflow-datasets>=4.9.4,<5', 'importlib_resources>=6', 'array_record>=0.8.3'],
     # Reading the reference's .pt checkpoints; ctm_jax.tools.make_goldens.
     'torch': ['torch>=2.1,<3'],
     # The Hugging Face Hub: hf:// models (safetensors read into numpy, no torch) and datasets (parquet).

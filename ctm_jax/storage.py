@@ -92,6 +92,8 @@ def _name_the_emulator() -> None:
   if not emulator.startswith(('http://', 'https://')):
     emulator = 'http://' + emulator
   os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', emulator)
+  # array_record's reader (tfds data in a bucket) asks Google's C++ client, which reads this.
+  os.environ.setdefault('CLOUD_STORAGE_EMULATOR_ENDPOINT', emulator)
   # An emulator takes no credentials; TensorStore would look for some.
   os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'emulator')
   # Nor has it the storage-layout API: gcsfs's probe of it only warns.
@@ -164,6 +166,37 @@ def names(p) -> list[str]:
     return sorted(child.name for child in path(p).iterdir())
   except (FileNotFoundError, NotADirectoryError):
     return []
+
+
+def read_many(paths: list[str]) -> list[bytes]:
+  """The bytes of each file; a bucket's are fetched concurrently (one request
+  each, many at a time), as a folder of small files in a bucket needs."""
+  if paths and is_bucket(paths[0]):
+    got = filesystem(paths[0]).cat(list(paths))
+    return [got[_key(p)] if _key(p) in got else got[p] for p in paths]
+  out = []
+  for p in paths:
+    with open(p, 'rb') as f:
+      out.append(f.read())
+  return out
+
+
+def _key(url: str) -> str:
+  return url.split('://', 1)[1]
+
+
+def files_under(folder: str) -> list[str]:
+  """Every file below `folder`, recursively, as full paths (URLs for a
+  bucket: one listing), sorted; [] when it does not exist."""
+  if is_bucket(folder):
+    scheme = folder.split('://', 1)[0]
+    fs = filesystem(folder)
+    try:
+      found = fs.find(folder)
+    except FileNotFoundError:
+      return []
+    return sorted(f'{scheme}://{name}' for name in found)
+  return sorted(os.path.join(root, n) for root, _, names in os.walk(folder) for n in names)
 
 
 def size(p: str) -> int:

@@ -40,17 +40,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _emulator_env(url) -> dict[str, str]:
+  return dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, CLOUD_STORAGE_EMULATOR_ENDPOINT=url,
+              GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator', GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+
+
 @pytest.fixture(scope='module')
 def emulator():
   """The emulator's URL, and the environment Google's libraries read it from."""
   port = _free_port()
   proc = _start_emulator(port)
   url = f'http://127.0.0.1:{port}'
-  saved = {k: os.environ.get(k) for k in ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL',
-                                          'GOOGLE_AUTH_TOKEN_FOR_TESTING', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')}
+  saved = {k: os.environ.get(k) for k in _emulator_env(url)}
   # What ctm_jax.storage sets from STORAGE_EMULATOR_HOST, set here for this emulator.
-  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-                    GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator', GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+  os.environ.update(_emulator_env(url))
   yield url
   proc.terminate()
   proc.wait()
@@ -281,9 +284,7 @@ def _start_emulator(port, data_dir=None):
 def test_storage_that_goes_away_ends_the_run_in_one_line_and_it_resumes_once_back(tmp_path):
   port, data = _free_port(), tmp_path / 'gcs'
   url = f'http://127.0.0.1:{port}'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', STORAGE_EMULATOR_HOST=url,
-             TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator',
-             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', **_emulator_env(url))
   command = [sys.executable, '-m', 'ctm_jax.main', '--config=configs/parity.py:smoke',
              '--workdir=gs://test-bucket/away', '--config.save_every=50']
   emulator = _start_emulator(port, data)
@@ -315,3 +316,142 @@ def test_storage_that_goes_away_ends_the_run_in_one_line_and_it_resumes_once_bac
       run.kill()
     emulator.terminate()
     emulator.wait()
+
+
+# ---------------------------------------------------------------------------
+# Data in the bucket: tfds array_record splits and maze folders.
+
+
+def _prepare_cifar10(data_dir, train=12, test=6):
+  """A cifar10 prepared as `tfds build cifar10 --file_format=array_record`
+  writes it (tfds's own builder, its features and version), from random
+  pictures: PNGs encoded here, so preparing needs no TensorFlow."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  class RandomCifar10(tfds.builder_cls('cifar10'), skip_registration=True):
+    name = 'cifar10'
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples(train, 0), 'test': self._generate_examples(test, 1)}
+
+    def _generate_examples(self, n, seed):  # pylint: disable=arguments-differ
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png, format='PNG')
+        png.seek(0)
+        yield f'{seed}_{i}', {'id': f'{seed}_{i}', 'image': png, 'label': i % 10}
+
+  RandomCifar10(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+
+
+@pytest.fixture(scope='module')
+def bucket_cifar10(emulator, tmp_path_factory):
+  """(local data_dir, gs:// data_dir) holding the same prepared cifar10."""
+  del emulator
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+
+  local = tmp_path_factory.mktemp('tfds')
+  _prepare_cifar10(local)
+  bucket = f'gs://test-bucket/{uuid.uuid4().hex[:12]}/tfds'
+  storage.copy_up(str(local / 'cifar10'), storage.join(bucket, 'cifar10'))
+  return str(local), bucket
+
+
+def test_tfds_splits_in_the_bucket_read_as_from_disk_by_the_image_pipeline(bucket_cifar10):
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import cifar10  # pylint: disable=g-import-not-at-top
+  from ctm_jax.data import images  # pylint: disable=g-import-not-at-top
+
+  local, bucket = bucket_cifar10
+  configs = []
+  for data_dir in (local, bucket):
+    config = cifar10.get_config('smoke')
+    config.data_dir = data_dir
+    images.check_data(config)
+    configs.append(config)
+  sources = [(images.train_source(c), images.eval_source(c)) for c in configs]
+  (train_local, eval_local), (train_bucket, eval_bucket) = sources
+  assert len(train_bucket) == 12 and len(eval_bucket) == 6
+  for i in range(12):
+    np.testing.assert_array_equal(train_bucket[i]['image'], train_local[i]['image'])
+    assert int(train_bucket[i]['label']) == int(train_local[i]['label'])
+  for i in range(6):
+    np.testing.assert_array_equal(eval_bucket[i]['inputs'], eval_local[i]['inputs'])
+    np.testing.assert_array_equal(eval_bucket[i]['targets'], eval_local[i]['targets'])
+  config = configs[1]
+  config.data_dir = storage.join(bucket, 'missing')
+  with pytest.raises(ValueError, match=r"split 'train' is not prepared as array_record in config\.data_dir='gs://"):
+    images.check_data(config)
+  config.data_dir = 's3://bucket/tfds'
+  with pytest.raises(ValueError, match=r'config\.data_dir=s3://bucket/tfds: only local paths and gs://'):
+    images.check_data(config)
+
+
+@pytest.mark.slow  # two short image runs on 8 devices (~1.5 min on 2 cores)
+def test_an_image_run_on_bucket_data_resumes_from_the_bucket_onto_another_mesh(bucket_cifar10):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ctm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import cifar10  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < 8:
+    pytest.skip('needs XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  flags.FLAGS.mark_as_parsed()
+  workdir = f'gs://test-bucket/{uuid.uuid4().hex[:12]}/run'
+  config = cifar10.get_config('smoke')
+  config.data_dir = bucket_cifar10[1]
+  config.batch_size = config.batch_size_test = 4
+  config.n_test_batches = 1
+  config.training_iterations = config.save_every = config.log_every = config.track_every = 2
+  config.warmup_steps = 1
+  config.mesh.data, config.mesh.fsdp, config.mesh.neuron = 2, 2, 2
+  train.train_and_evaluate(config, workdir)
+  config.training_iterations = 4
+  config.mesh.data, config.mesh.fsdp, config.mesh.neuron = 4, 1, 2
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 4
+  assert checkpoint.committed_steps(storage.join(workdir, 'checkpoints')) == [2, 4]
+  lines = storage.path(storage.join(workdir, 'metrics.jsonl')).read_text().splitlines()
+  steps = [json.loads(line)['step'] for line in lines if 'train/loss' in line]
+  assert steps == [2, 4]
+
+
+def test_maze_folders_in_the_bucket_read_as_from_disk(emulator, tmp_path):
+  del emulator
+  from ctm_jax import storage  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import mazes as mazes_config  # pylint: disable=g-import-not-at-top
+  from ctm_jax.data import mazes  # pylint: disable=g-import-not-at-top
+
+  config = mazes_config.get_config('smoke')
+  size = config.image_shape[0]
+  local = tmp_path / 'mazes'
+  for split, n in (('train', 5), ('test', 3)):
+    generated = mazes.GeneratedMazes(size, config.maze_route_length, 0, n, split)
+    for i in range(n):
+      folder = local / split / str(i % 2)
+      folder.mkdir(parents=True, exist_ok=True)
+      mazes.write_png(str(folder / f'{i}.png'), generated[i]['image'])
+  (local / 'train' / 'notes.txt').write_text('not a maze')  # beside the class folders: ignored
+  bucket = f'gs://test-bucket/{uuid.uuid4().hex[:12]}/mazes'
+  storage.copy_up(str(local), bucket)
+  for split, n in (('train', 5), ('test', 3)):
+    from_disk = mazes.MazeFolder(str(local), split, config.maze_route_length)
+    from_bucket = mazes.MazeFolder(bucket, split, config.maze_route_length)
+    assert len(from_bucket) == n
+    assert [p.split(split + '/', 1)[1] for p in from_bucket.paths] == [
+        p.split(split + '/', 1)[1] for p in from_disk.paths]
+    for i in range(n):
+      np.testing.assert_array_equal(from_bucket[i]['image'], from_disk[i]['image'])
+      np.testing.assert_array_equal(from_bucket[i]['route'], from_disk[i]['route'])
+  config.data_dir = bucket
+  records = mazes.train_source(config)
+  assert len(records) == 5 and records[0]['inputs'].shape == tuple(config.image_shape)
+  config.data_dir = storage.join(bucket, 'train')  # a split folder, not the root
+  with pytest.raises(ValueError, match=r'config\.data_dir=.*: no train/ folder of maze PNGs there'):
+    mazes.check_config(config)

@@ -23,10 +23,12 @@ Dimension glossary: H, W pixels; R route length.
 
 import dataclasses
 import functools
+import io
 import os
 
 import numpy as np
 
+from ctm_jax import storage
 from ctm_jax.data import hub_datasets
 from ctm_jax.interop import hub
 
@@ -247,6 +249,11 @@ def read_png(path: str) -> np.ndarray:
     return np.asarray(image.convert('RGB'), np.float32) / 255
 
 
+def decode_png(data: bytes) -> np.ndarray:
+  """read_png of a PNG's bytes (a maze read from a bucket)."""
+  return read_png(io.BytesIO(data))
+
+
 def write_png(path: str, image_HxWx3: np.ndarray):
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
@@ -254,20 +261,27 @@ def write_png(path: str, image_HxWx3: np.ndarray):
 
 
 def _png_paths(directory: str) -> list[str]:
-  """<directory>/<class>/*.png, sorted as torchvision's ImageFolder lists them."""
-  return sorted(
-      os.path.join(directory, cls, name)
-      for cls in sorted(os.listdir(directory))
-      if os.path.isdir(os.path.join(directory, cls))
-      for name in os.listdir(os.path.join(directory, cls))
-      if name.lower().endswith('.png')
-  )
+  """<directory>/<class>/*.png, sorted as torchvision's ImageFolder lists them
+  (on disk or in a bucket: one listing)."""
+  prefix = directory.rstrip('/') + '/'
+  return [
+      path
+      for path in storage.files_under(directory)
+      if path.lower().endswith('.png') and path[len(prefix):].count('/') == 1
+  ]
+
+
+def _has_folder(directory: str) -> bool:
+  if storage.is_bucket(directory):
+    return bool(storage.files_under(directory))
+  return os.path.isdir(directory)
 
 
 def _png_shape(path: str) -> tuple[int, int, int]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  with Image.open(path) as image:  # reads the header only
+  source = io.BytesIO(storage.read_many([path])[0]) if storage.is_bucket(path) else path
+  with Image.open(source) as image:  # reads the header only
     return (image.height, image.width, 3)
 
 
@@ -279,13 +293,13 @@ class MazeFolder:
   """
 
   def __init__(self, root: str, split: str, route_length: int):
-    directory = os.path.join(root, split)
-    if not os.path.isdir(directory):
+    directory = storage.join(root, split)
+    if not _has_folder(directory):
       raise FileNotFoundError(f'{directory}: no such maze folder (expected <root>/{split}/<class>/*.png)')
     paths = _png_paths(directory)
     if not paths:
       raise FileNotFoundError(f'{directory}: no .png mazes in its class folders')
-    self.images = [read_png(p) for p in paths]
+    self.images = [decode_png(data) for data in storage.read_many(paths)]
     for path, image in zip(paths, self.images):
       if image.shape != self.images[0].shape:
         raise ValueError(f'{path}: {image.shape} pixels, unlike {paths[0]} ({self.images[0].shape})')
@@ -382,9 +396,11 @@ def check_config(config):
             f'{first.shape!r}; pass --config.image_shape="{first.shape!r}"'
         )
   elif config.data_dir:
+    if storage.is_url(config.data_dir):
+      storage.resolve(config.data_dir, 'config.data_dir')  # gs:// set up, another scheme refused
     for split in ('train', 'test'):
-      directory = os.path.join(config.data_dir, split)
-      if not os.path.isdir(directory):
+      directory = storage.join(config.data_dir, split)
+      if not _has_folder(directory):
         raise ValueError(
             f'config.data_dir={config.data_dir!r}: no {split}/ folder of maze PNGs there '
             '(the reference layout <root>/{train,test}/<class>/*.png); unset it to generate mazes'

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from ctm_jax import extras
+from ctm_jax import storage
 from ctm_jax.data import augment
 
 
@@ -100,6 +101,9 @@ def open_split(dataset: str, split: str, data_dir: str, spec: Spec | None = None
   `spec` for a dataset outside SPECS (Q&A-MNIST's MNIST)."""
   tfds = extras.module('tensorflow_datasets', f'config.dataset={dataset!r}')
   spec = spec or SPECS[dataset]
+  if storage.is_url(data_dir):
+    # gs:// read natively (array_record's reader and tfds's epath); another scheme refused
+    data_dir = storage.resolve(data_dir, 'config.data_dir')
   where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
   try:
     return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir or None, download=False)
