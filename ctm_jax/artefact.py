@@ -10,6 +10,8 @@ An artefact directory (written by `python -m ctm_jax.export`) holds:
                        (StableHLO), variables and inputs as arguments, any
                        batch size; returns {'predictions' (B, O, T),
                        'certainties' (B, 2, T)}
+  checksums.json       size and CRC32 of each file above (ctm_jax/manifest.py),
+                       checked before anything is loaded
 """
 
 import json
@@ -17,6 +19,7 @@ import json
 import jax
 import orbax.checkpoint as ocp
 
+from ctm_jax import manifest
 from ctm_jax import storage
 
 MODEL_FILE = 'model.json'
@@ -29,14 +32,47 @@ def is_artefact(directory: str) -> bool:
   return all(storage.path(storage.join(directory, name)).is_file() for name in (MODEL_FILE, PROGRAM_FILE))
 
 
+# Bounds on what a model.json may ask for: a tampered or mistaken value is
+# refused in one line rather than run (a million ticks, a huge width).
+MAX_TICKS = 10_000
+MAX_WIDTH = 1 << 20
+_FIX = 're-export it with python -m ctm_jax.export'
+
+
 def read_spec(directory: str) -> dict:
-  spec = json.loads(storage.path(storage.join(directory, MODEL_FILE)).read_text())
+  """model.json, or a one-line ValueError naming the file and the fix."""
+  path = storage.join(directory, MODEL_FILE)
+  try:
+    spec = json.loads(storage.path(path).read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f'{path}: not a readable artefact spec ({type(e).__name__}); {_FIX}') from None
+  if not isinstance(spec, dict):
+    raise ValueError(f'{path}: not a readable artefact spec (a JSON object expected); {_FIX}')
   if spec.get('format') != FORMAT:
     raise ValueError(
         f'{directory}: artefact format {spec.get("format")!r}, this version reads {FORMAT}; '
         're-export it with this version'
     )
+  kwargs = spec.get('model_kwargs')
+  if not isinstance(kwargs, dict) or not isinstance(spec.get('task'), str) or not isinstance(spec.get('config'), dict):
+    raise ValueError(f'{path}: task, model_kwargs or config missing or malformed; {_FIX}')
+  for key, bound in (('iterations', MAX_TICKS), ('d_model', MAX_WIDTH), ('d_input', MAX_WIDTH),
+                     ('memory_length', MAX_TICKS)):
+    value = kwargs.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound):
+      raise ValueError(f'{path}: model_kwargs.{key}={value!r} is out of range [1, {bound}]; {_FIX}')
   return spec
+
+
+def check(directory: str) -> None:
+  """ValueError (one line) when the artefact's files differ from its manifest."""
+  manifest.check(directory, 'the artefact', _FIX)
+
+
+def restore_checked(directory: str):
+  """The artefact's variables, once its files match its manifest."""
+  check(directory)
+  return restore_variables(storage.join(directory, VARIABLES_DIR))
 
 
 def restore_variables(path: str, keys=None):
@@ -72,8 +108,12 @@ class Program:
           'write one with python -m ctm_jax.export'
       )
     self.spec = read_spec(directory)
+    check(directory)
     program = storage.path(storage.join(directory, PROGRAM_FILE)).read_bytes()
-    self.exported = jax.export.deserialize(bytearray(program))
+    try:
+      self.exported = jax.export.deserialize(bytearray(program))
+    except Exception as e:  # pylint: disable=broad-except  # flatbuffers raise many types on bad bytes
+      raise ValueError(f'{directory}: {PROGRAM_FILE} does not deserialise ({type(e).__name__}); {_FIX}') from None
     self.variables = restore_variables(storage.join(directory, VARIABLES_DIR))
 
   def __call__(self, inputs):

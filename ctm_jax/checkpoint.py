@@ -7,7 +7,6 @@ Resume precedence: the latest checkpoint in the workdir -> `config.init_from`
 import json
 import os
 import re
-import zlib
 
 from absl import logging
 import jax
@@ -16,6 +15,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ctm_jax import manifest
 from ctm_jax import storage
 from ctm_jax import validation
 from ctm_jax.models import ctm as ctm_lib
@@ -95,49 +95,71 @@ class NoIntactCheckpoint(validation.UsageError):
   """Every checkpoint of a workdir is damaged (each was moved aside)."""
 
 
-def _file_sums(step_dir: str) -> dict[str, list]:
-  """Relative path -> [size, crc32] of every file of a checkpoint step; in a
-  bucket [size, the object's crc32c] from one listing, nothing downloaded."""
-  if storage.is_bucket(step_dir):
-    return _object_sums(step_dir)
-  sums = {}
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      path = os.path.join(root, name)
-      crc = 0
-      with open(path, 'rb') as f:
-        while chunk := f.read(1 << 22):
-          crc = zlib.crc32(chunk, crc)
-      sums[os.path.relpath(path, step_dir)] = [os.path.getsize(path), crc]
-  return sums
-
-
-def _object_sums(step_dir: str) -> dict[str, list]:
-  fs = storage.filesystem(step_dir)
-  prefix = step_dir[len('gs://'):].rstrip('/') + '/'
+def verify_step(workdir: str, step: int) -> str | None:
+  """How a run's checkpoint `step` differs from its manifest; None when it
+  matches or has none (saved before manifests, or killed before its own)."""
+  path = storage.path(storage.join(workdir, 'checksums', f'{step}.json'))
   try:
-    found = fs.find(prefix, detail=True)
-  except FileNotFoundError:
-    return {}
-  return {
-      name[len(prefix):]: [int(info['size']), info.get('crc32c')]
-      for name, info in found.items()
-      if info.get('type') == 'file'
-  }
+    recorded = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return manifest.damage(storage.join(workdir, 'checkpoints', str(step)), recorded)
 
 
-def _damage(step_dir: str, recorded: dict) -> str | None:
-  """How a step's files differ from their recorded sums; None when they match."""
-  found = _file_sums(step_dir)
-  missing = sorted(set(recorded) - set(found))
-  if missing:
-    return f'{len(missing)} file(s) missing, e.g. {missing[0]}'
-  for name, (size, crc) in sorted(recorded.items()):
-    if found[name][0] != size:
-      return f'{name} is {found[name][0]} bytes, {size} when saved'
-    if found[name][1] != crc:
-      return f'{name} differs from what was saved (checksum)'
-  return None
+def restore_intact(workdir: str, step: int | None, restore):
+  """(step, restore(step)) for a reader of a training run: predict, evaluate,
+  export, inference.load. Reads only; never moves or deletes.
+
+  The newest committed step (or `step`) whose files match its manifest and
+  that restores. Without `step`, a damaged one is passed over, saying so in
+  one warning line, for the next older; one rotated away meanwhile (a
+  trainer still running) is chosen again. With `step`, or when no step is
+  intact, a UsageError names the damaged step and the fix.
+  """
+  directory = storage.join(workdir, 'checkpoints')
+  tried = {}  # step -> why it was passed over
+  while True:
+    committed = committed_steps(directory)
+    candidates = [step] if step is not None else [s for s in reversed(committed) if s not in tried]
+    if step is not None and step not in committed:
+      choose_step(directory, step, workdir)  # one line: no such step, and the committed ones
+    if not candidates:
+      if not tried:
+        choose_step(directory, None, workdir)  # one line: no committed checkpoint
+      newest = max(tried)
+      raise validation.UsageError(
+          f'--workdir={workdir}: no intact checkpoint (step {newest}: {tried[newest]}'
+          + (f'; {len(tried) - 1} older step(s) damaged too' if len(tried) > 1 else '')
+          + '); restore the checkpoints from a copy, or train again'
+      )
+    candidate = candidates[0]
+    reason = verify_step(workdir, candidate)
+    if reason is None:
+      try:
+        result = restore(candidate)
+      except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
+        if candidate not in committed_steps(directory):
+          if step is not None:
+            raise validation.UsageError(
+                f'--step={step}: the checkpoint was deleted while it was read (a running trainer '
+                'keeps only the newest ones); pick a newer --step'
+            ) from None
+          continue  # rotated away while read: choose again
+        reason = f'it does not restore: {_reason(e)}'
+      else:
+        if tried:
+          logging.warning(
+              'Using checkpoint step %d, the newest intact one (passed over: %s)',
+              candidate, '; '.join(f'step {s}: {r}' for s, r in sorted(tried.items(), reverse=True)),
+          )
+        return candidate, result
+    if step is not None:
+      intact = [s for s in committed if s != step]
+      raise validation.UsageError(
+          f'--step={step}: checkpoint {storage.join(directory, str(step))} is damaged ({reason}); '
+          + (f'pick another --step (committed: {intact})' if intact else 'restore it from a copy')
+      )
+    tried[candidate] = reason
 
 
 class Checkpointer:
@@ -151,6 +173,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int):
     workdir = storage.resolve(workdir)
+    self.workdir = workdir
     self.directory = storage.join(workdir, 'checkpoints')
     self.sums_dir = storage.join(workdir, 'checksums')
     self.damaged_dir = storage.join(workdir, 'damaged_checkpoints')
@@ -249,21 +272,14 @@ class Checkpointer:
     for step in steps:
       path = sums_dir / f'{step}.json'
       if not path.exists():
-        storage.write_text(path, json.dumps(_file_sums(storage.join(self.directory, str(step)))))
+        storage.write_text(path, json.dumps(manifest.file_sums(storage.join(self.directory, str(step)))))
     for name in storage.names(sums_dir):
       stem = name.split('.')[0]
       if stem.isdigit() and int(stem) not in steps:
         (sums_dir / name).unlink()
 
   def _verify(self, step: int) -> str | None:
-    path = storage.path(storage.join(self.sums_dir, f'{step}.json'))
-    if not path.exists():
-      return None  # saved before manifests, or killed before its manifest: the restore decides
-    try:
-      recorded = json.loads(path.read_text())
-    except (OSError, ValueError):
-      return None
-    return _damage(storage.join(self.directory, str(step)), recorded)
+    return verify_step(self.workdir, step)
 
   def _set_aside(self, name: str, reason: str):
     """Moves a damaged step out of orbax's sight (never deletes it)."""

@@ -33,19 +33,23 @@ from ctm_jax import cli
 from ctm_jax.interop import hub
 from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import ctm as ctm_lib
+from ctm_jax import outputs
 from ctm_jax import sharding
 from ctm_jax import storage
 from ctm_jax import supervised
 from ctm_jax import validation
 
 
-def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, **overrides) -> dict:
+def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, overwrite: bool = False,
+             **overrides) -> dict:
   """The eval scalars of `workdir`'s checkpoint at `step` (default: the newest).
 
   `workdir` may instead be an imported model (hf://ORG/NAME, a folder of
   config.json + model.safetensors, an import workdir), which names no data:
   `config` (--config) then gives the task's data and evaluation, its model
-  fields taken from the import's kwargs, and `out` is required.
+  fields taken from the import's kwargs, and `out` is required. An `out`
+  holding an earlier evaluation is replaced with `overwrite` (the run's own
+  `eval_<step>` always), anything else never (ctm_jax/outputs.py).
   """
   started = time.perf_counter()
   imported = _is_import(workdir)
@@ -72,14 +76,18 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
     step = (spec.get('source') or {}).get('step') or 0
   elif not imported:
     config = checkpoint_lib.read_config(workdir)
-    step = checkpoint_lib.choose_step(storage.join(workdir, 'checkpoints'), step, workdir)
+    asked = step
+    # The newest step whose files match its manifest (read again when restored).
+    step, _ = checkpoint_lib.restore_intact(workdir, asked, lambda s: None)
   config.update({k: v for k, v in overrides.items() if v is not None})
   task = validation.validate(config)
   model = task.make_model(config)
   validation.supervised_only(task, workdir)
   task.check_data(config)
   eval_source = task.eval_source(config)
-  out = storage.resolve(out or storage.join(workdir, f'eval_{step}'), '--out')
+  out, own_out = (out, False) if out else (storage.join(workdir, f'eval_{step}'), True)
+  out = storage.resolve(out, '--out')
+  outputs.claim(out, 'eval', overwrite or own_out)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     run = supervised.setup(config, model, task, mesh)
@@ -87,14 +95,24 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
       _, variables, _ = torch_interop.load_imported(workdir, config.task)
       state = _state_from_variables(variables, run.abstract_state)
     elif exported:
-      variables = artefact.restore_variables(storage.join(workdir, artefact.VARIABLES_DIR))
+      variables = artefact.restore_checked(workdir)
       state = _state_from_variables(variables, run.abstract_state)
     else:
       checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+
+      def restore(s):
+        checkpointer.manager.reload()  # a running trainer may have saved or rotated meanwhile
+        return checkpointer.restore_state(s, run.abstract_state)
+
       try:
-        state = checkpointer.restore_state(step, run.abstract_state)
+        restored, state = checkpoint_lib.restore_intact(workdir, asked, restore)
       finally:
         checkpointer.close()
+      if restored != step:  # damaged or rotated away since chosen: the scalars name the step used
+        step = restored
+        if own_out:
+          out = storage.resolve(storage.join(workdir, f'eval_{step}'), '--out')
+          outputs.claim(out, 'eval', True)
     plot_dir = storage.join(out, 'plots')
     if jax.process_index() == 0:
       storage.path(plot_dir).mkdir(parents=True, exist_ok=True)
@@ -166,6 +184,7 @@ def _run(values):
       n_test_batches=values.n_test_batches,
       batch_size_test=values.batch_size_test,
       evals=values.evals,
+      overwrite=values.overwrite,
   )
   for key in sorted(scalars):
     if '_tick_' not in key:
@@ -188,6 +207,7 @@ def run():
       '--config.<key>=VALUE overrides.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('out', '', 'Output directory (default <workdir>/eval_<step>).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an evaluation already at --out.')
   flags.DEFINE_integer('n_test_batches', None, "Held-out batches (default: the run's).")
   flags.DEFINE_integer('batch_size_test', None, "Held-out batch size (default: the run's).")
   flags.DEFINE_string('evals', None, "Evaluators by name, comma-separated (default: the run's config.evals).")

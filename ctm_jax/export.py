@@ -22,7 +22,6 @@ uploads it with huggingface_hub (the hub extra).
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -32,8 +31,10 @@ from ctm_jax import artefact
 from ctm_jax import checkpoint
 from ctm_jax import inference
 from ctm_jax.interop import hub
+from ctm_jax import manifest
 from ctm_jax.interop import torch as torch_interop
 from ctm_jax.models import ctm as ctm_lib
+from ctm_jax import outputs
 from ctm_jax import storage
 from ctm_jax import tasks
 from ctm_jax import validation
@@ -82,9 +83,8 @@ def export_hf(workdir: str, out: str, step: int | None = None, overwrite=False, 
         '--push_to_hub=ORG/NAME, or copy it to the bucket'
     )
   out = os.path.abspath(out)
-  if os.path.exists(out) and os.listdir(out) and not overwrite:
-    raise validation.UsageError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
-  model, variables, config = inference.load(workdir, step)
+  outputs.claim(out, 'hub_model', overwrite)
+  model, variables, config, step = inference.load_step(workdir, step)
   if not isinstance(model, ctm_lib.ContinuousThoughtMachine):
     raise validation.UsageError(
         f'--format=hf: the reference\'s Hub format holds a ContinuousThoughtMachine; '
@@ -143,12 +143,11 @@ def _model_card(workdir, model, kwargs, config, step) -> str:
 def export(workdir: str, out: str, step: int | None = None, input_shape=None, overwrite=False) -> dict:
   """Writes the artefact; returns its model.json contents (with sizes in bytes)."""
   out = storage.resolve(out, '--out')
-  if storage.names(out) and not overwrite:
-    raise validation.UsageError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
-  model, variables, config = inference.load(workdir, step)
+  outputs.claim(out, 'artefact', overwrite)
+  model, variables, config, step = inference.load_step(workdir, step)
   if hub.is_hub(workdir):  # a Hub model: one set of weights, no training step
     return write(model, variables, config, out, input_shape, {'workdir': workdir, 'step': None})
-  source = {'workdir': storage.resolve(workdir), 'step': _checkpoint_step(workdir, step)}
+  source = {'workdir': storage.resolve(workdir), 'step': step}
   return write(model, variables, config, out, input_shape, source)
 
 
@@ -156,8 +155,10 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
   """The artefact of `model` with `variables` under `config` (a training run's
   config, or an import's) at `out`, replaced whole. On disk it is written
   beside `out` and moved into place; a bucket has no rename, so there
-  model.json goes last: until it is there, `out` is not an artefact."""
+  model.json goes last: until it is there, `out` is not an artefact. Only
+  an artefact (or nothing) at `out` is replaced (ctm_jax/outputs.py)."""
   out = storage.resolve(out, '--out')
+  outputs.claim(out, 'artefact', overwrite=True)
   task = tasks.get(config.task)
   example = _example_inputs(task, config, input_shape)
   (batch,) = jax.export.symbolic_shape('batch')
@@ -169,12 +170,11 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
   program = exported.serialize()
 
   bucket = storage.is_bucket(out)
-  tmp = out if bucket else out + '.tmp'
   if bucket:
-    storage.remove(out)  # what --overwrite replaces (refused above without it)
+    tmp = out
+    storage.remove(out)  # an artefact: what --overwrite replaces (claimed above)
   else:
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = outputs.scratch(out)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(storage.join(tmp, artefact.VARIABLES_DIR), variables)
   checkpointer.wait_until_finished()
@@ -194,24 +194,16 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
       'config': _jsonable(config.to_dict()),
       'source': source,
   }
-  storage.write_text(storage.join(tmp, artefact.MODEL_FILE), json.dumps(spec, indent=1))
+  spec_text = json.dumps(spec, indent=1)
+  # The manifest before model.json (which marks the artefact complete), model.json's sum included.
+  sums = manifest.file_sums(tmp, read=True)
+  sums[artefact.MODEL_FILE] = manifest.sum_of(spec_text.encode())
+  manifest.write(tmp, sums)
+  storage.write_text(storage.join(tmp, artefact.MODEL_FILE), spec_text)
   if not bucket:
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)  # a complete artefact or none
+    outputs.swap_in(tmp, out)  # a complete artefact or none
   spec['bytes'] = storage.size(out)
   return spec
-
-
-def _checkpoint_step(workdir: str, step: int | None) -> int | None:
-  """The training step exported: `step`, or the newest; None for an import."""
-  workdir = storage.resolve(workdir)
-  if artefact.is_artefact(workdir):
-    return (artefact.read_spec(workdir).get('source') or {}).get('step')
-  try:
-    return checkpoint.choose_step(storage.join(workdir, 'checkpoints'), step, workdir)
-  except validation.UsageError:
-    return None
 
 
 def checkpoint_bytes(workdir: str, step: int | None = None) -> int:

@@ -37,19 +37,29 @@ def load(workdir: str, step: int | None = None):
   """(model, variables, config) of a trained or imported workdir.
 
   `config` is the run's ConfigDict (for an import: task, model_kwargs and the
-  reference's args); `step` picks a training checkpoint (default: the newest).
-  Raises validation.UsageError naming the workdir when there is nothing to load.
+  reference's args); `step` picks a training checkpoint (default: the newest
+  intact one: checkpoint.restore_intact). Raises validation.UsageError naming
+  the workdir when there is nothing to load, or naming what is damaged.
   """
+  model, variables, config, _ = load_step(workdir, step)
+  return model, variables, config
+
+
+def load_step(workdir: str, step: int | None = None):
+  """load()'s (model, variables, config) and the training step restored (the
+  artefact's source step; None for an import or a Hub model)."""
   if hub.is_model_folder_or_file(workdir):
     if step is not None:
       raise validation.UsageError(f'--step={step}: {workdir} is a reference model, one set of weights')
-    return from_pretrained(workdir)
+    return (*from_pretrained(workdir), None)
   workdir = storage.resolve(workdir)
   if artefact.is_artefact(workdir):
+    if step is not None:
+      raise validation.UsageError(f'--step={step}: an artefact holds one step; leave --step out')
     spec = artefact.read_spec(workdir)
     model = tasks.get(spec['task']).model_from_kwargs(spec.get('model_type', 'ctm'), spec['model_kwargs'])
-    variables = artefact.restore_variables(storage.join(workdir, artefact.VARIABLES_DIR))
-    return model, variables, ml_collections.ConfigDict(spec['config'])
+    variables = artefact.restore_checked(workdir)
+    return model, variables, ml_collections.ConfigDict(spec['config']), (spec.get('source') or {}).get('step')
   if not storage.path(storage.join(workdir, checkpoint.CONFIG_FILE)).is_file():
     raise validation.UsageError(
         f'--workdir={workdir}: no {checkpoint.CONFIG_FILE} there (not a training run or an import)'
@@ -57,13 +67,15 @@ def load(workdir: str, step: int | None = None):
   config = checkpoint.read_config(workdir)
   validation.supervised_only(tasks.get(config.task), workdir)
   if storage.path(storage.join(workdir, torch_interop.CHECKPOINT_DIR)).is_dir():
+    if step is not None:
+      raise validation.UsageError(f'--step={step}: {workdir} is an import, one set of weights')
     model, variables, config = torch_interop.load_imported(workdir)
-    return model, variables, ml_collections.ConfigDict(config)
+    return model, variables, ml_collections.ConfigDict(config), None
   directory = storage.join(workdir, 'checkpoints')
-  step = checkpoint.choose_step(directory, step, workdir)
-  variables = artefact.restore_variables(
-      storage.join(directory, str(step), 'state'), keys=('params', 'synch', 'batch_stats')
+  step, variables = checkpoint.restore_intact(
+      workdir, step,
+      lambda s: artefact.restore_variables(storage.join(directory, str(s), 'state'), keys=('params', 'synch', 'batch_stats')),
   )
   if not variables.get('batch_stats'):
     variables.pop('batch_stats', None)
-  return tasks.get(config.task).make_model(config), variables, config
+  return tasks.get(config.task).make_model(config), variables, config, step

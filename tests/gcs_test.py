@@ -254,7 +254,7 @@ def test_evaluate_export_and_predict_read_and_write_a_bucket_run(bucket_run):
   out = storage.join(workdir, 'artefact')
   spec = export.export(workdir, out)
   assert spec['source'] == {'workdir': workdir, 'step': config.training_iterations} and spec['bytes'] > 0
-  with pytest.raises(validation.UsageError, match='exists and is not empty; pass --overwrite'):
+  with pytest.raises(validation.UsageError, match='already holds an exported artefact; pass --overwrite'):
     export.export(workdir, out)
   bits = np.sign(np.random.default_rng(0).standard_normal((2, config.parity_sequence_length))).astype(np.float32)
   program = artefact.load_program(out)

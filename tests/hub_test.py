@@ -328,7 +328,7 @@ def test_the_maze_generalisation_tool_takes_a_hub_model(offline_hub, tmp_path):
   assert record['workdir'] == 'hf://test-org/maze' and len(record['sizes']['9']['solved']) == 2
   # The Hub's held-out mazes instead of generated ones.
   cache_maze_dataset(offline_hub, 'test-org/mazes-tiny', 15, {'test': 3})
-  rows = mazes_generalisation.run('hf://test-org/maze', [9], 2, 2, out=str(out), pictures=0,
+  rows = mazes_generalisation.run('hf://test-org/maze', [9], 2, 2, out=str(out), pictures=0, overwrite=True,
                                   data_dir='hf://test-org/mazes-tiny')
   assert [(size, summary['mazes']) for size, summary in rows] == [(15, 2)]
 
@@ -363,7 +363,7 @@ def test_import_export_import_round_trip_is_exact(case, tmp_path):
   _, second, config = ctm_jax.from_pretrained(str(out))
   jax.tree.map(np.testing.assert_array_equal, first, second)
   assert config.task == CASES[case]
-  with pytest.raises(Exception, match='exists and is not empty; pass --overwrite'):
+  with pytest.raises(Exception, match='already holds a model in the Hub format; pass --overwrite'):
     export.export_hf(str(imported), str(out))
 
 

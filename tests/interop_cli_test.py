@@ -263,7 +263,7 @@ def test_wrong_key_fails_listing_it_and_writes_nothing(cli_runs):
 def test_existing_checkpoint_is_not_overwritten(cli_runs):
   workdir, _, result = cli_runs['existing']
   assert result.returncode != 0
-  assert 'already exists' in result.stderr and '--overwrite' in result.stderr, result.stderr
+  assert 'already holds an imported model; pass --overwrite' in result.stderr, result.stderr
   assert (workdir / 'checkpoint' / 'keep.txt').read_text() == 'old'
   assert sorted(os.listdir(workdir)) == ['checkpoint']
 

@@ -24,10 +24,12 @@ Dimension glossary: H, W pixels; R route length.
 import dataclasses
 import functools
 import io
+import json
 import os
 
 import numpy as np
 
+from ctm_jax import outputs
 from ctm_jax import storage
 from ctm_jax.data import hub_datasets
 from ctm_jax.interop import hub
@@ -443,23 +445,65 @@ def train_transform(config):
   return functools.partial(_augment_record, p=float(config.augment_p))
 
 
-def write_dataset(out: str, size: int, train: int, test: int, seed: int, route_length: int = 100):
-  """Generated mazes as reference-format PNGs: out/{train,test}/mazes/<index>.png."""
+# The generator's bounds: two distinct cells (start, goal) need size 5; past
+# 1001 pixels a maze is ~12 MB of float32 and takes minutes to draw.
+MIN_SIZE, MAX_SIZE = 5, 1001
+MAX_MAZES = 10_000_000
+DATASET_FILE = 'mazes.json'  # written last: the folder is a complete generated dataset
+
+
+def check_dataset_args(size: int, train: int, test: int, flag_prefix: str = '--') -> None:
+  """ValueError naming the flag when the generator cannot make this dataset."""
+  if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE or size % 2 == 0:
+    raise ValueError(
+        f'{flag_prefix}size={size}: an odd number of pixels in [{MIN_SIZE}, {MAX_SIZE}] '
+        '(a grid of (size-1)/2 cells; the reference trains on 39)'
+    )
+  for name, count in (('train', train), ('test', test)):
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_MAZES:
+      raise ValueError(f'{flag_prefix}{name}={count}: a number of mazes in [0, {MAX_MAZES}]')
+  if train + test == 0:
+    raise ValueError(f'{flag_prefix}train=0 and {flag_prefix}test=0: nothing to write; ask for some mazes')
+
+
+def write_dataset(out: str, size: int, train: int, test: int, seed: int, route_length: int = 100,
+                  overwrite: bool = False):
+  """Generated mazes as reference-format PNGs: out/{train,test}/mazes/<index>.png,
+  and out/mazes.json (size, seed, counts) last. Refuses (ValueError naming
+  the flag) an `out` that holds anything but a generated dataset, and that
+  one without `overwrite` (ctm_jax/outputs.py): two seeds never mix."""
+  check_dataset_args(size, train, test)
+  out = os.path.abspath(out)
+  outputs.claim(out, 'mazes', overwrite)
+  tmp = outputs.scratch(out)
   for split, count in (('train', train), ('test', test)):
-    directory = os.path.join(out, split, 'mazes')
+    directory = os.path.join(tmp, split, 'mazes')
     os.makedirs(directory, exist_ok=True)
     source = GeneratedMazes(size, route_length, seed, max(count, 1), split)
     width = len(str(max(count - 1, 0)))
     for index in range(count):
       write_png(os.path.join(directory, f'{index:0{width}d}.png'), source[index]['image'])
+  with open(os.path.join(tmp, DATASET_FILE), 'w') as f:
+    json.dump({'size': size, 'seed': seed, 'train': train, 'test': test}, f, indent=1)
+  outputs.swap_in(tmp, out)
 
 
 def _main(argv):
+  import sys  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  del argv
+  if len(argv) > 1:
+    print(f'error: unexpected arguments: {argv[1:]}', file=sys.stderr)
+    sys.exit(2)
   values = flags.FLAGS
-  write_dataset(values.out, values.size, values.train, values.test, values.seed)
+  try:
+    write_dataset(values.out, values.size, values.train, values.test, values.seed, overwrite=values.overwrite)
+  except ValueError as e:  # a flag or --out the user can fix
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    print(f'error: --out={values.out}: {e.strerror or e}', file=sys.stderr)
+    sys.exit(2)
   print(f'wrote {values.train} train and {values.test} test mazes of {values.size}x{values.size} '
         f'pixels under {os.path.abspath(values.out)}')
 
@@ -473,6 +517,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('train', 1000, 'Train mazes.')
   flags.DEFINE_integer('test', 100, 'Test mazes.')
   flags.DEFINE_integer('seed', 0, 'Generator seed.')
+  flags.DEFINE_bool('overwrite', False, 'Replace a dataset this generator wrote at --out.')
   app.run(_main)
 
 

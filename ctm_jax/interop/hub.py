@@ -11,12 +11,12 @@ numpy: no torch on this path. Both come with the `hub` extra.
 
 import json
 import os
-import shutil
 from typing import Any
 
 import numpy as np
 
 from ctm_jax import extras
+from ctm_jax import outputs
 
 PREFIX = 'hf://'
 CONFIG_FILE = 'config.json'
@@ -194,7 +194,8 @@ def write_model(out: str, kwargs: dict, state_dict: dict[str, np.ndarray], card:
   constructor's kwargs), model.safetensors (the state_dict; first-last's
   `_right` index buffers, the same tensors as their `_left` twins in the
   reference, stored once under the metadata's map) and a model card
-  README.md. Written to a sibling folder first, then moved into place whole.
+  README.md. Written to a sibling folder of its own first, then moved into
+place whole (the caller has claimed `out`: ctm_jax/outputs.py).
   Returns {file: bytes}."""
   save_file = extras.module('safetensors.numpy', '--format=hf').save_file
   # asarray, not ascontiguousarray: that makes a scalar (num_batches_tracked) 1-d.
@@ -206,17 +207,13 @@ def write_model(out: str, kwargs: dict, state_dict: dict[str, np.ndarray], card:
       if twin in tensors and np.array_equal(tensors[twin], tensors[name]):
         metadata[name] = twin
         del tensors[name]
-  tmp = out.rstrip(os.sep) + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  tmp = outputs.scratch(out)
   save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata=metadata)
   with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
     json.dump(kwargs, f, indent=1)
   with open(os.path.join(tmp, CARD_FILE), 'w') as f:
     f.write(card)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)
+  outputs.swap_in(tmp, out)
   return {name: os.path.getsize(os.path.join(out, name)) for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)}
 
 

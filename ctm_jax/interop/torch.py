@@ -24,6 +24,8 @@ import numpy as np
 
 from ctm_jax import artefact
 from ctm_jax import extras
+from ctm_jax import manifest
+from ctm_jax import outputs
 from ctm_jax import storage
 from ctm_jax import tasks as tasks_lib
 from ctm_jax import validation
@@ -575,6 +577,7 @@ def import_checkpoint(
   """
   import shutil  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from ctm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   if task is not None and task not in tasks_lib.names():
     raise ValueError(f'--task={task!r} is unknown; expected one of {", ".join(tasks_lib.names())}')
@@ -583,8 +586,7 @@ def import_checkpoint(
     checkpoint = os.path.abspath(checkpoint)
   workdir = storage.resolve(workdir)
   ckpt_dir = storage.join(workdir, CHECKPOINT_DIR)
-  if storage.path(ckpt_dir).exists() and not overwrite:
-    raise FileExistsError(f'{ckpt_dir} already exists; pass --overwrite to replace it')
+  outputs.claim(workdir, 'import', overwrite, '--workdir')  # never a training run or a foreign folder
   if local and not os.path.exists(checkpoint):
     raise FileNotFoundError(f'{checkpoint}: no such checkpoint file')
   iteration = None
@@ -622,16 +624,28 @@ def import_checkpoint(
       'skipped': skipped,
   }
   storage.path(workdir).mkdir(parents=True, exist_ok=True)
-  if storage.path(ckpt_dir).exists():
-    if storage.is_bucket(ckpt_dir):
-      storage.remove(ckpt_dir)
-    else:
-      shutil.rmtree(ckpt_dir)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(ckpt_dir, variables)
-  checkpointer.wait_until_finished()
-  # Written last, so a config.json means a complete import.
-  storage.write_text(storage.join(workdir, CONFIG_FILE), json.dumps(config, indent=1))
+  with workdir_lib.Lock(workdir):  # refused while a trainer or another import holds it
+    outputs.claim(workdir, 'import', overwrite, '--workdir')  # again, now that no one else writes
+    config_path = storage.path(storage.join(workdir, CONFIG_FILE))
+    if config_path.exists():
+      config_path.unlink()  # first: a half-replaced import is never taken for a complete one
+    sums_path = storage.path(storage.join(workdir, manifest.FILE))
+    if sums_path.exists():
+      sums_path.unlink()
+    if storage.path(ckpt_dir).exists():
+      if storage.is_bucket(ckpt_dir):
+        storage.remove(ckpt_dir)
+      else:
+        shutil.rmtree(ckpt_dir)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(ckpt_dir, variables)
+    checkpointer.wait_until_finished()
+    config_text = json.dumps(config, indent=1)
+    sums = {f'{CHECKPOINT_DIR}/{name}': v for name, v in manifest.file_sums(ckpt_dir, read=True).items()}
+    sums[CONFIG_FILE] = manifest.sum_of(config_text.encode())
+    manifest.write(workdir, sums)
+    # Written last, so a config.json means a complete import.
+    storage.write_text(storage.join(workdir, CONFIG_FILE), config_text)
   return config
 
 
@@ -706,6 +720,7 @@ def load_imported(workdir: str, task: str | None = None):
     record = {**record, 'source_checkpoint': workdir, 'iteration': None, 'strict': True, 'skipped': []}
     return model, variables, record
   workdir = storage.resolve(workdir)
+  manifest.check(workdir, 'the import', f'import it again: python -m ctm_jax.interop.torch --workdir={workdir} --overwrite ...')
   config = json.loads(storage.path(storage.join(workdir, CONFIG_FILE)).read_text())
   model = tasks_lib.get(config['task']).model_from_kwargs(config.get('model_type', 'ctm'), config['model_kwargs'])
   # Target from the saved metadata, not its sharding: the writer's device may not exist here.

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import outputs
 from ctm_jax import storage
 from ctm_jax import validation
 from ctm_jax.data import mazes
@@ -175,16 +176,20 @@ def format_table(rows) -> str:
 
 
 def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', pictures=4,
-        fault_tolerance=2, batch_size=64, step=None):
-  """The table's rows [(size, summary)], with results.json and pictures under `out`."""
+        fault_tolerance=2, batch_size=64, step=None, overwrite=False):
+  """The table's rows [(size, summary)], with results.json and pictures under
+  `out`: an earlier report there is replaced with `overwrite` (the run's own
+  `generalisation` always), anything else never (ctm_jax/outputs.py)."""
   from ctm_jax import inference  # pylint: disable=g-import-not-at-top
 
   if hub.is_hub(workdir) and not out:
     raise validation.UsageError(f'--workdir={workdir}: a Hub model; give --out, the folder for the results')
+  out, own = (out, False) if out else (storage.join(workdir, 'generalisation'), True)
+  out = storage.resolve(out, '--out')
+  outputs.claim(out, 'generalisation', overwrite or own)
   model, variables, config = inference.load(workdir, step)
   predict = make_predict(model, variables, mazes.expand_range_of(config))
   route_length = int(model.prediction_reshaper[0])
-  out = storage.resolve(out or storage.join(workdir, 'generalisation'), '--out')
   storage.path(out).mkdir(parents=True, exist_ok=True)
   rows, records = [], {}
   for size in ([0] if data_dir else sizes):
@@ -212,9 +217,10 @@ def _parse_sizes(text: str) -> list[int]:
     sizes = [int(s) for s in text.split(',') if s.strip()]
   except ValueError:
     sizes = []
-  if not sizes or any(s < 3 or s % 2 == 0 for s in sizes):
+  if not sizes or any(not mazes.MIN_SIZE <= s <= mazes.MAX_SIZE or s % 2 == 0 for s in sizes):
     raise validation.UsageError(
-        f'--sizes={text!r}: a comma-separated list of odd maze sizes in pixels, e.g. 11,21,31'
+        f'--sizes={text!r}: a comma-separated list of odd maze sizes in pixels in '
+        f'[{mazes.MIN_SIZE}, {mazes.MAX_SIZE}], e.g. 11,21,31'
     )
   return sizes
 
@@ -227,6 +233,7 @@ def _run(values):
   rows = run(
       values.workdir, sizes, values.count, values.max_reapplications, values.out, values.seed,
       values.data_dir, values.pictures, values.fault_tolerance, values.batch_size, values.step,
+      values.overwrite,
   )
   print(format_table(rows))
 
@@ -245,6 +252,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('fault_tolerance', 2, 'Moves into walls a walk may skip.')
   flags.DEFINE_string('data_dir', '', 'A reference-format maze folder, or a Hub dataset (hf://SakanaAI/mazes-extralarge), to test on instead.')
   flags.DEFINE_string('out', '', 'Output directory (default <workdir>/generalisation).')
+  flags.DEFINE_bool('overwrite', False, 'Replace a report already at --out.')
   flags.DEFINE_integer('seed', 1, 'Generator seed of the test mazes.')
   flags.DEFINE_integer('pictures', 4, 'Route pictures per size.')
   flags.DEFINE_integer('batch_size', 64, 'Mazes per model call.')
