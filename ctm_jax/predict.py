@@ -48,10 +48,19 @@ def _load(workdir, step, threshold, max_ticks):
   return model, variables, config, task
 
 
+def read_input(task, config, source: str) -> dict:
+  """The task's batch of one from `source`: a regular file of bounded size
+  (or text), holding finite numbers; ValueError naming it otherwise."""
+  tasks.check_input_file(source)
+  batch = task.read_input(config, source)
+  tasks.check_finite(batch, source)
+  return batch
+
+
 def predict(workdir: str, source: str, step=None, threshold=None, max_ticks=None, gif=''):
   """Rows (tick, certainty, answer, right or None) and a summary dict."""
   model, variables, config, task = _load(workdir, step, threshold, max_ticks)
-  batch = task.read_input(config, source)
+  batch = read_input(task, config, source)
   try:
     output = jax.jit(model.apply)(variables, batch['inputs'])
   except (TypeError, ValueError) as e:
@@ -86,7 +95,7 @@ def serve_folder(workdir: str, directory: str, step=None, threshold=None, max_ti
   paths = [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
   if not paths:
     raise validation.UsageError(f'--input={directory}: no files in the folder')
-  batches = [task.read_input(config, path) for path in paths]
+  batches = [read_input(task, config, path) for path in paths]
   if not isinstance(batches[0]['inputs'], np.ndarray):
     raise validation.UsageError(
         f'--input={directory}: the server ticks inputs fixed over the ticks; task {config.task!r} reads '

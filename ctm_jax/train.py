@@ -107,6 +107,10 @@ class Cadence:
     return done % self.track_every == 0 or done == self.total
 
 
+# A logged train loss this many times the lowest logged before it is diverging.
+DIVERGENCE_FACTOR, DIVERGENCE_FLOOR = 100, 0.01
+
+
 class MetricWindow:
   """Step metrics since the last log: checked, fed to the program's summary,
   logged at the log cadence."""
@@ -115,6 +119,29 @@ class MetricWindow:
     self.program, self.writer, self.progress = program, writer, progress
     self.log_every, self.checkpointer = log_every, checkpointer
     self.start = time.perf_counter()
+    self.lowest_loss = None  # of this process's logged windows: the divergence baseline
+    self.warned = False
+
+  def _diverging(self, done: int, scalars: dict, postfix: dict) -> None:
+    """train/diverging (1.0 or 0.0) in the scalars, and DIVERGING on the progress
+    line, while the logged loss is DIVERGENCE_FACTOR x the lowest logged so far
+    (floored at DIVERGENCE_FLOOR: a loss near zero may wobble)."""
+    loss = scalars.get('train/loss')
+    if loss is None or not np.isfinite(loss):
+      return
+    baseline = None if self.lowest_loss is None else max(self.lowest_loss, DIVERGENCE_FLOOR)
+    diverging = baseline is not None and loss > DIVERGENCE_FACTOR * baseline
+    self.lowest_loss = loss if self.lowest_loss is None else min(self.lowest_loss, loss)
+    scalars['train/diverging'] = float(diverging)
+    if diverging:
+      postfix['DIVERGING'] = f'loss {loss:.3g} vs {baseline:.3g}'
+      if not self.warned:
+        logging.warning(
+            'train/loss %.4g at %s %d is over %dx the lowest logged (%.4g): the run is diverging; '
+            'stop it and resume from a checkpoint before it with a smaller --config.lr',
+            loss, self.program.unit, done, DIVERGENCE_FACTOR, self.lowest_loss,
+        )
+        self.warned = True
 
   def _what_is_kept(self) -> str:
     """The newest checkpoint and the train loss logged at or before it, or that there is none."""
@@ -140,7 +167,8 @@ class MetricWindow:
       bad = {k: float(metrics[k]) for k in self.program.watched if k in metrics}
       raise NonFiniteError(
           f'non-finite training metrics at {self.program.unit} {step + 1}: {bad}; the state '
-          f'was not updated and nothing non-finite was saved: {self._what_is_kept()}'
+          f'was not updated and nothing non-finite was saved: {self._what_is_kept()}; resume from '
+          'it with a lower learning rate (the same command with a smaller --config.lr)'
       )
     stop = bool(metrics.get(STOP_KEY, False))
     self.program.summary.add(
@@ -150,6 +178,7 @@ class MetricWindow:
     self.progress.update(1)
     if done % self.log_every == 0 or done == self.program.total or flush:
       scalars, postfix = self.program.summary.flush(done, time.perf_counter() - self.start)
+      self._diverging(done, scalars, postfix)
       self.writer.write(done, scalars)
       self.progress.set_postfix(postfix, refresh=False)
       self.start = time.perf_counter()
@@ -218,6 +247,7 @@ def train_and_evaluate(config, workdir: str):
   task = validation.validate(config)
   model = task.make_model(config)
   training = task.training(config, model)  # its checks run before anything is written
+  validation.check_memory(config, model, task)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     workdir = workdir_lib.prepare(workdir)

@@ -6,6 +6,7 @@ import numbers
 import sys
 
 import jax
+import numpy as np
 
 from ctm_jax import sharding
 from ctm_jax import storage
@@ -82,6 +83,50 @@ def supervised_only(task, workdir: str) -> None:
     raise UsageError(
         f'--workdir={workdir}: a {task.name!r} run, which has no held-out inputs to read; '
         'it evaluates while it trains (eval/* in metrics.jsonl, plots/)'
+    )
+
+
+# Bytes a float32 parameter costs in training: itself, its gradient and Adam's two moments.
+_TRAIN_BYTES_PER_PARAM_BYTE = 4
+
+
+def host_memory_bytes() -> int | None:
+  """MemAvailable of this host (None where /proc/meminfo is missing)."""
+  try:
+    with open('/proc/meminfo') as f:
+      fields = dict(line.split(':', 1) for line in f)
+    return int(fields['MemAvailable'].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
+
+
+def check_memory(config, model, task) -> None:
+  """UsageError, before anything is allocated, when the train state (parameters,
+  gradients, Adam's moments) cannot fit: per device against an accelerator's
+  memory, or for all local devices against the host's available memory. Shapes
+  only (jax.eval_shape); activations are not counted (python -m
+  ctm_jax.tools.compile_check measures them)."""
+  try:
+    inputs = task.model_inputs(task.example_batch(config))
+  except NotImplementedError:  # a task without a supervised batch (RL) sizes its own
+    return
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs))
+  param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  mesh = config.get('mesh', {})
+  shards = max(1, int(mesh.get('fsdp', 1) or 1) * int(mesh.get('neuron', 1) or 1))
+  per_device = _TRAIN_BYTES_PER_PARAM_BYTE * param_bytes / shards
+  devices = jax.local_devices()
+  stats = devices[0].memory_stats() or {}
+  if stats.get('bytes_limit'):
+    need, limit, where = per_device, int(stats['bytes_limit']), f'one {devices[0].device_kind} has'
+  else:
+    need, limit, where = per_device * len(devices), host_memory_bytes(), 'this host has available'
+  if limit and need > limit:
+    raise UsageError(
+        f'config.model: the train state needs ~{need / 2**30:.1f} GiB ({param_bytes / 4 / 1e6:.0f}M '
+        f'float32 parameters with their gradients and optimiser moments), over the '
+        f'{limit / 2**30:.1f} GiB {where}; make the model smaller (config.model.d_model, '
+        'd_input, synapse_depth) or shard it (config.mesh.fsdp, config.mesh.neuron)'
     )
 
 

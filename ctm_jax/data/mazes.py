@@ -135,13 +135,20 @@ def _is(image_HxWx3, colour):
   return np.all(image_HxWx3 == np.asarray(colour, image_HxWx3.dtype), axis=-1)
 
 
+def _one_start_and_goal(start, goal) -> None:
+  if len(start) != 1 or len(goal) != 1:
+    raise ValueError(
+        f'{len(start)} start (red) and {len(goal)} goal (green) pixels in the maze picture; '
+        'a maze has exactly one of each'
+    )
+
+
 def route_from_image(image_HxWx3: np.ndarray, route_length: int) -> np.ndarray:
   """The route a reference-format picture draws, as the reference reads it: from
   red, step to the first blue or green neighbour (up, down, left, right) until
   green, `route_length` steps at most."""
   start, goal = np.argwhere(_is(image_HxWx3, START)), np.argwhere(_is(image_HxWx3, GOAL))
-  if not len(start) or not len(goal):
-    raise ValueError('no start (red) or goal (green) pixel in the maze picture')
+  _one_start_and_goal(start, goal)
   on_path_HxW = _is(image_HxWx3, PATH) | _is(image_HxWx3, GOAL)
   h, w = on_path_HxW.shape
   y, x = start[0]
@@ -251,6 +258,11 @@ def read_png(path: str) -> np.ndarray:
     return np.asarray(image.convert('RGB'), np.float32) / 255
 
 
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
 def decode_png(data: bytes) -> np.ndarray:
   """read_png of a PNG's bytes (a maze read from a bucket)."""
   return read_png(io.BytesIO(data))
@@ -301,11 +313,21 @@ class MazeFolder:
     paths = _png_paths(directory)
     if not paths:
       raise FileNotFoundError(f'{directory}: no .png mazes in its class folders')
-    self.images = [decode_png(data) for data in storage.read_many(paths)]
+    self.images = []
+    for path, data in zip(paths, storage.read_many(paths)):
+      try:
+        self.images.append(decode_png(data))
+      except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f'{path}: not a maze picture PIL can read ({_first_line(e)})') from None
     for path, image in zip(paths, self.images):
       if image.shape != self.images[0].shape:
         raise ValueError(f'{path}: {image.shape} pixels, unlike {paths[0]} ({self.images[0].shape})')
-    self.routes = [route_from_image(image, route_length) for image in self.images]
+    self.routes = []
+    for path, image in zip(paths, self.images):
+      try:
+        self.routes.append(route_from_image(image, route_length))
+      except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
     self.paths = paths
 
   def __len__(self):
@@ -536,8 +558,7 @@ class Maze:
     image_HxWx3 = np.asarray(image_HxWx3, np.float32)
     start = np.argwhere(np.all(image_HxWx3 == START, axis=-1))
     goal = np.argwhere(np.all(image_HxWx3 == GOAL, axis=-1))
-    if not len(start) or not len(goal):
-      raise ValueError('no start (red) or goal (green) pixel in the maze picture')
+    _one_start_and_goal(start, goal)
     free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
     start, goal = tuple(int(v) for v in start[0]), tuple(int(v) for v in goal[0])
     length = len(shortest_path(free_HxW, start, goal)) - 1

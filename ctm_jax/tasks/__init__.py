@@ -15,12 +15,14 @@ from ctm_jax.tasks.base import ImportsReference
 from ctm_jax.tasks.base import Predicts
 from ctm_jax.tasks.base import Supervised
 from ctm_jax.tasks.base import Task
+from ctm_jax.tasks.base import check_finite
+from ctm_jax.tasks.base import check_input_file
 from ctm_jax.tasks.base import get
 from ctm_jax.tasks.base import names
 from ctm_jax.tasks.base import register
 from ctm_jax.tasks.base import with_part
 
 __all__ = [
-    'Evaluated', 'ImportsReference', 'Predicts', 'Supervised', 'Task', 'get', 'names',
-    'register', 'with_part',
+    'Evaluated', 'ImportsReference', 'Predicts', 'Supervised', 'Task', 'check_finite',
+    'check_input_file', 'get', 'names', 'register', 'with_part',
 ]

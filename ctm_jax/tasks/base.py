@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import os
 import pkgutil
+import stat
 from typing import Any, ClassVar
 
 import jax
@@ -349,9 +350,41 @@ def get(name: str) -> Task:
   return _REGISTRY[name]
 
 
+# The largest input file a command reads: one example is far smaller.
+MAX_INPUT_BYTES = 64 << 20
+
+
+def check_input_file(path: str, named: str = '') -> None:
+  """ValueError (one line starting `named`, default --input=PATH) when `path` exists but is not a
+  regular file (a pipe would block the read forever, a device never ends) or
+  is over MAX_INPUT_BYTES; nothing when it is not a path (text) or a folder."""
+  try:
+    info = os.stat(path)
+  except (OSError, ValueError):
+    return
+  named = named or f'--input={path}'
+  if stat.S_ISDIR(info.st_mode):
+    return
+  if not stat.S_ISREG(info.st_mode):
+    raise ValueError(f'{named}: not a regular file (a pipe, device or socket); give a file')
+  if info.st_size > MAX_INPUT_BYTES:
+    raise ValueError(
+        f'{named}: {info.st_size} bytes, over the {MAX_INPUT_BYTES} an input may be; give one example'
+    )
+
+
+def check_finite(batch: dict, source: str) -> None:
+  """ValueError naming `source` when an input array holds NaN or infinity."""
+  for name, value in batch.items():
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+      raise ValueError(f'--input={source}: its {name} hold NaN or infinite values; give finite numbers')
+
+
 def text_input(source: str) -> str:
   """`--input` for tasks whose input is text: the file's text when `source`
   names a file, else `source` itself (e.g. parity bits on the command line)."""
+  check_input_file(source)
   if os.path.isfile(source):
     with open(source) as f:
       return f.read(1 << 20)

@@ -143,6 +143,7 @@ def _parse_question(text: str, source: str, dataset: str):
       raise ValueError(f'--input={source}: {word!r} where a digit (d0, d1, ...) belongs')
   digits = []
   for path in paths:
+    base.check_input_file(path, f'--input={source}: the picture {path}')
     try:
       digits.append(qa_data.read_digit(path, dataset))
     except (OSError, ValueError) as e:
