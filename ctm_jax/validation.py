@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 
+from ctm_jax import manifest
 from ctm_jax import sharding
 from ctm_jax import storage
 from ctm_jax.interop import hub
@@ -277,6 +278,10 @@ def _check_init_from(path, model, task):
         f'`python -m ctm_jax.interop.torch --checkpoint=FILE.pt --workdir={path}`',
     )
   else:
+    try:
+      manifest.check(path, 'the import', 'import it again (python -m ctm_jax.interop.torch ... --overwrite)')
+    except ValueError as e:
+      _fail('init_from', path, first_line(e))
     try:
       imported = json.loads(storage.path(config_path).read_text())
       imported_task = tasks_lib.get(imported['task'])

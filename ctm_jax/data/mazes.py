@@ -313,21 +313,28 @@ class MazeFolder:
     paths = _png_paths(directory)
     if not paths:
       raise FileNotFoundError(f'{directory}: no .png mazes in its class folders')
+    # A bad file is the user's to fix: a UsageError (one line from every command).
+    from ctm_jax import validation  # pylint: disable=g-import-not-at-top  # validation imports the tasks
+
     self.images = []
     for path, data in zip(paths, storage.read_many(paths)):
       try:
         self.images.append(decode_png(data))
       except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f'{path}: not a maze picture PIL can read ({_first_line(e)})') from None
+        raise validation.UsageError(
+            f'{path}: not a maze picture PIL can read ({_first_line(e)}); remove or replace it'
+        ) from None
     for path, image in zip(paths, self.images):
       if image.shape != self.images[0].shape:
-        raise ValueError(f'{path}: {image.shape} pixels, unlike {paths[0]} ({self.images[0].shape})')
+        raise validation.UsageError(
+            f'{path}: {image.shape} pixels, unlike {paths[0]} ({self.images[0].shape}); a folder holds one size'
+        )
     self.routes = []
     for path, image in zip(paths, self.images):
       try:
         self.routes.append(route_from_image(image, route_length))
       except ValueError as e:
-        raise ValueError(f'{path}: {e}') from None
+        raise validation.UsageError(f'{path}: {e}; remove or replace it') from None
     self.paths = paths
 
   def __len__(self):

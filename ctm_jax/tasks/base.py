@@ -243,7 +243,9 @@ class Predicts:
       raise ValueError(f'--input={source}: cannot read it as a .npy array ({e})') from None
     if not np.issubdtype(array.dtype, np.number):
       raise ValueError(f'--input={source}: a {array.dtype} array; expected numbers')
-    return {'inputs': array.astype(np.float32)[None]}
+    batch = {'inputs': array.astype(np.float32)[None]}
+    check_finite(batch, source)
+    return batch
 
   def describe(self, config, prediction_O: np.ndarray) -> str:
     """One tick's answer as a user reads it, from its (O,) logits."""

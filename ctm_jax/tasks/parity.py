@@ -121,6 +121,8 @@ class Parity(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
     inputs = batch['inputs']
     if inputs.shape != (1, length) or not np.all(np.abs(inputs) == 1):
       raise ValueError(
+          f'--input={source}: {inputs.shape[1]} values, not all +-1; the model reads {length} values of +-1'
+          if inputs.shape == (1, length) else
           f'--input={source}: {inputs.shape[1:]} values; the model reads {length} values of +-1'
       )
     batch['targets'] = parity_data.parity_targets(inputs)
