@@ -9,7 +9,8 @@ replaced, deleted or moved). Cases that must succeed say so (exit 0).
 
 The classes (docs/testing.md): commands that would replace what is not theirs;
 readers of damaged checkpoints, artefacts and imports; unbounded inputs and
-values; silent bad input.
+values; silent bad input. The default tier runs a few of each class; the
+rest are `slow` (each case is a fresh process, ~2 s).
 """
 
 import hashlib
@@ -137,21 +138,25 @@ def test_import_into_a_training_run_is_refused(world):
           names=(world / 'run', 'holds a training run'))
 
 
+@pytest.mark.slow
 def test_import_overwrite_never_replaces_a_training_run(world):
   refused(world, 'ctm_jax.interop.torch', f'--checkpoint={world / "hub"}', f'--workdir={world / "run"}',
           '--overwrite', names=('holds a training run', '--overwrite never replaces one'))
 
 
+@pytest.mark.slow
 def test_import_into_a_foreign_folder_is_refused(world):
   refused(world, 'ctm_jax.interop.torch', f'--checkpoint={world / "hub"}',
           f'--workdir={world / "foreign"}', '--overwrite', names=(world / 'foreign', 'no ctm_jax command wrote'))
 
 
+@pytest.mark.slow
 def test_import_over_an_import_needs_overwrite(world):
   refused(world, 'ctm_jax.interop.torch', f'--checkpoint={world / "hub"}', f'--workdir={world / "imported"}',
           names=('already holds an imported model', '--overwrite'))
 
 
+@pytest.mark.slow
 def test_import_waits_for_no_one_a_locked_workdir_is_refused(world, tmp_path):
   from ctm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
@@ -168,16 +173,19 @@ def test_export_overwrite_never_deletes_a_training_run(world):
           names=(world / 'run', 'holds a training run', 'replaces only an exported artefact'))
 
 
+@pytest.mark.slow
 def test_export_overwrite_never_deletes_a_foreign_folder(world):
   refused(world, 'ctm_jax.export', f'--workdir={world / "run"}', f'--out={world / "foreign"}', '--overwrite',
           names=(world / 'foreign', 'no ctm_jax command wrote'))
 
 
+@pytest.mark.slow
 def test_export_over_an_artefact_needs_overwrite(world):
   refused(world, 'ctm_jax.export', f'--workdir={world / "run"}', f'--out={world / "artefact"}',
           names=('already holds an exported artefact', '--overwrite'))
 
 
+@pytest.mark.slow
 def test_export_hf_overwrite_never_replaces_an_import(world):
   refused(world, 'ctm_jax.export', f'--workdir={world / "run"}', '--format=hf', f'--out={world / "imported"}',
           '--overwrite', names=('holds an imported model', 'replaces only a model in the Hub format'))
@@ -207,11 +215,13 @@ def test_maze_generator_never_mixes_into_a_dataset(world):
           '--seed=1', names=(world / 'mazes', 'already holds a generated maze dataset', '--overwrite'))
 
 
+@pytest.mark.slow
 def test_maze_generator_never_writes_into_a_foreign_folder(world):
   refused(world, 'ctm_jax.data.mazes', f'--out={world / "foreign"}', '--size=7', '--train=1', '--test=1',
           '--overwrite', names=(world / 'foreign', 'no ctm_jax command wrote'))
 
 
+@pytest.mark.slow
 def test_maze_generator_overwrite_never_replaces_a_run(world):
   refused(world, 'ctm_jax.data.mazes', f'--out={world / "run"}', '--size=7', '--train=1', '--test=1',
           '--overwrite', names=('holds a training run',))
@@ -230,6 +240,7 @@ def test_evaluate_never_writes_into_a_foreign_folder(world):
           names=(world / 'foreign', 'no ctm_jax command wrote'))
 
 
+@pytest.mark.slow
 def test_evaluate_never_writes_over_a_training_run(world):
   refused(world, 'ctm_jax.evaluate', f'--workdir={world / "artefact"}', f'--out={world / "run"}', '--overwrite',
           names=('holds a training run',))
@@ -278,6 +289,7 @@ def test_a_truncated_step_without_a_manifest_is_passed_over_too(world, tmp_path)
   assert 'Using checkpoint step 2' in result.stderr and 'does not restore' in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_export_of_a_run_with_no_intact_step_is_refused(world, tmp_path):
   run = _copy(world, 'run', tmp_path)
   for step in ('2', '4'):
@@ -294,6 +306,7 @@ def test_an_artefact_with_flipped_variables_is_refused(world, tmp_path):
           names=(artefact, 'the artefact is damaged', 'checksum', 're-export'))
 
 
+@pytest.mark.slow
 def test_an_artefact_with_a_truncated_program_is_refused(world, tmp_path):
   artefact = _copy(world, 'artefact', tmp_path)
   program = artefact / 'forward.jax_export'
@@ -302,6 +315,7 @@ def test_an_artefact_with_a_truncated_program_is_refused(world, tmp_path):
           f'--out={tmp_path / "eval"}', names=('forward.jax_export is 64 bytes',))
 
 
+@pytest.mark.slow
 def test_an_artefact_with_a_tampered_model_json_is_refused(world, tmp_path):
   artefact = _copy(world, 'artefact', tmp_path)
   spec = artefact / 'model.json'
@@ -309,6 +323,7 @@ def test_an_artefact_with_a_tampered_model_json_is_refused(world, tmp_path):
   refused(tmp_path, 'ctm_jax.predict', f'--workdir={artefact}', '--input=1010', names=('model.json',))
 
 
+@pytest.mark.slow
 def test_an_artefact_asking_for_a_million_ticks_is_refused(world, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
 
@@ -328,6 +343,7 @@ def test_an_import_with_flipped_weights_is_refused(world, tmp_path):
           names=(imported, 'the import is damaged', 'import it again'))
 
 
+@pytest.mark.slow
 def test_init_from_a_damaged_import_is_refused(world, tmp_path):
   imported = _copy(world, 'imported', tmp_path)
   _flip(_largest_file(imported / 'checkpoint'))
@@ -347,6 +363,7 @@ def test_a_pipe_as_input_is_refused_not_waited_on(world, tmp_path):
           names=(fifo, 'not a regular file'))
 
 
+@pytest.mark.slow
 def test_a_device_as_input_is_refused(world):
   refused(world, 'ctm_jax.predict', f'--workdir={world / "run"}', '--input=/dev/zero',
           names=('/dev/zero', 'not a regular file'))
@@ -367,6 +384,11 @@ def test_a_model_too_big_for_memory_is_refused_before_allocation(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, named', [
     ('--size=3', '--size=3'), ('--size=100001', '--size=100001'), ('--size=8', '--size=8'),
     ('--train=-5', '--train=-5'), ('--train=0', 'nothing to write'),
@@ -470,3 +492,25 @@ def test_a_loss_grown_by_orders_of_magnitude_is_flagged_in_metrics_and_on_the_pr
     postfixes.append('DIVERGING' in postfix)
   assert flags == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, None]
   assert postfixes == [False, False, False, False, True, True, False]
+
+
+def test_a_step_rotated_away_while_read_is_chosen_again(world, tmp_path):
+  """A trainer still running deletes its oldest step while a reader restores it."""
+  from ctm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  run = _copy(world, 'run', tmp_path)
+  asked = []
+
+  def restore(step):
+    asked.append(step)
+    if step == 4:  # the trainer rotates 4 away (and saves 6) mid-read
+      shutil.copytree(run / 'checkpoints' / '4', run / 'checkpoints' / '6')
+      shutil.copy(run / 'checksums' / '4.json', run / 'checksums' / '6.json')
+      shutil.rmtree(run / 'checkpoints' / '4')
+      raise FileNotFoundError('gone')
+    return f'state {step}'
+
+  assert checkpoint.restore_intact(str(run), None, restore) == (6, 'state 6')
+  assert asked == [4, 6]
+  with pytest.raises(ValueError, match=r'--step=2: the checkpoint was deleted while it was read'):
+    checkpoint.restore_intact(str(run), 2, lambda step: shutil.rmtree(run / 'checkpoints' / '2') or 1 / 0)
