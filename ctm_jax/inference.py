@@ -9,7 +9,9 @@ device.
 """
 
 
+import jax
 import ml_collections
+import numpy as np
 
 from ctm_jax import artefact
 from ctm_jax import checkpoint
@@ -45,6 +47,28 @@ def load(workdir: str, step: int | None = None):
   return model, variables, config
 
 
+def _check_shapes(model, variables, inputs_spec, spec_path: str) -> None:
+  """ValueError (one line) when the model `spec_path` describes would not
+  take `variables` (a model.json edited, or from another export)."""
+  try:
+    inputs = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct((1, *leaf['shape'][1:]), leaf['dtype']),
+        inputs_spec, is_leaf=lambda x: isinstance(x, dict) and 'shape' in x,
+    )
+    wanted = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), inputs)
+  except Exception as e:  # pylint: disable=broad-except  # whatever a bad spec makes flax raise
+    raise ValueError(f'{spec_path}: its model does not build ({validation.first_line(e)[:200]}); '
+                     're-export it with python -m ctm_jax.export') from None
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(wanted)}
+  have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+  for name in sorted(set(want) | set(have)):
+    if want.get(name) != have.get(name):
+      raise ValueError(
+          f'{spec_path}: its model_kwargs make {name} {want.get(name)}, the stored variables hold '
+          f'{have.get(name)}; re-export it with python -m ctm_jax.export'
+      )
+
+
 def load_step(workdir: str, step: int | None = None):
   """load()'s (model, variables, config) and the training step restored (the
   artefact's source step; None for an import or a Hub model)."""
@@ -59,6 +83,7 @@ def load_step(workdir: str, step: int | None = None):
     spec = artefact.read_spec(workdir)
     model = tasks.get(spec['task']).model_from_kwargs(spec.get('model_type', 'ctm'), spec['model_kwargs'])
     variables = artefact.restore_checked(workdir)
+    _check_shapes(model, variables, spec['inputs'], storage.join(workdir, artefact.MODEL_FILE))
     return model, variables, ml_collections.ConfigDict(spec['config']), (spec.get('source') or {}).get('step')
   if not storage.path(storage.join(workdir, checkpoint.CONFIG_FILE)).is_file():
     raise validation.UsageError(

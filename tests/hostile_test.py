@@ -324,6 +324,19 @@ def test_an_artefact_with_a_tampered_model_json_is_refused(world, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_artefact_without_a_manifest_whose_model_json_was_edited_is_refused(world, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+
+  artefact = _copy(world, 'artefact', tmp_path)
+  (artefact / 'checksums.json').unlink()  # as an artefact from before manifests
+  spec = json.loads((artefact / 'model.json').read_text())
+  spec['model_kwargs']['d_model'] += 1
+  (artefact / 'model.json').write_text(json.dumps(spec))
+  refused(tmp_path, 'ctm_jax.predict', f'--workdir={artefact}', '--input=1010',
+          names=('model.json: its model_kwargs make', 'the stored variables hold', 're-export'))
+
+
+@pytest.mark.slow
 def test_an_artefact_asking_for_a_million_ticks_is_refused(world, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
 
