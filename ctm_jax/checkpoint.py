@@ -106,7 +106,7 @@ def verify_step(workdir: str, step: int) -> str | None:
   return manifest.damage(storage.join(workdir, 'checkpoints', str(step)), recorded)
 
 
-def restore_intact(workdir: str, step: int | None, restore):
+def restore_intact(workdir: str, step: int | None, restore, verified: int | None = None):
   """(step, restore(step)) for a reader of a training run: predict, evaluate,
   export, inference.load. Reads only; never moves or deletes.
 
@@ -114,7 +114,8 @@ def restore_intact(workdir: str, step: int | None, restore):
   that restores. Without `step`, a damaged one is passed over, saying so in
   one warning line, for the next older; one rotated away meanwhile (a
   trainer still running) is chosen again. With `step`, or when no step is
-  intact, a UsageError names the damaged step and the fix.
+  intact, a UsageError names the damaged step and the fix. `verified`: a
+  step this caller has just checked against its manifest (not read again).
   """
   directory = storage.join(workdir, 'checkpoints')
   tried = {}  # step -> why it was passed over
@@ -133,7 +134,7 @@ def restore_intact(workdir: str, step: int | None, restore):
           + '); restore the checkpoints from a copy, or train again'
       )
     candidate = candidates[0]
-    reason = verify_step(workdir, candidate)
+    reason = None if candidate == verified else verify_step(workdir, candidate)
     if reason is None:
       try:
         result = restore(candidate)

@@ -77,7 +77,7 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
   elif not imported:
     config = checkpoint_lib.read_config(workdir)
     asked = step
-    # The newest step whose files match its manifest (read again when restored).
+    # The newest step whose files match its manifest; restored below.
     step, _ = checkpoint_lib.restore_intact(workdir, asked, lambda s: None)
   config.update({k: v for k, v in overrides.items() if v is not None})
   task = validation.validate(config)
@@ -105,7 +105,7 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
         return checkpointer.restore_state(s, run.abstract_state)
 
       try:
-        restored, state = checkpoint_lib.restore_intact(workdir, asked, restore)
+        restored, state = checkpoint_lib.restore_intact(workdir, asked, restore, verified=step)
       finally:
         checkpointer.close()
       if restored != step:  # damaged or rotated away since chosen: the scalars name the step used
