@@ -397,6 +397,13 @@ def test_a_model_too_big_for_memory_is_refused_before_allocation(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+def test_a_batch_whose_activations_cannot_fit_is_refused_before_allocation(tmp_path):
+  line = refused(tmp_path, 'ctm_jax.main', '--config=configs/parity.py:smoke', f'--workdir={tmp_path / "run"}',
+                 '--config.batch_size=4000000', names=('config.batch_size=4000000', 'activations', 'remat'))
+  assert 'GiB' in line
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow
