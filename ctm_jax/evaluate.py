@@ -87,7 +87,7 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
   eval_source = task.eval_source(config)
   out, own_out = (out, False) if out else (storage.join(workdir, f'eval_{step}'), True)
   out = storage.resolve(out, '--out')
-  outputs.claim(out, 'eval', overwrite or own_out)
+  outputs.claim(out, 'eval', overwrite or own_out)  # before compiling: refused at once
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     run = supervised.setup(config, model, task, mesh)
@@ -112,16 +112,18 @@ def evaluate(workdir: str, step: int | None = None, out: str = '', config=None, 
         step = restored
         if own_out:
           out = storage.resolve(storage.join(workdir, f'eval_{step}'), '--out')
-          outputs.claim(out, 'eval', True)
-    plot_dir = storage.join(out, 'plots')
-    if jax.process_index() == 0:
-      storage.path(plot_dir).mkdir(parents=True, exist_ok=True)
-    context = supervised.make_context(config, task, model, run, eval_source, plot_dir, started)
-    scalars = {'step': step}
-    for evaluator in task.evaluators(config, context):
-      scalars.update(evaluator.run(state, step))
-  if jax.process_index() == 0:
-    storage.write_text(storage.join(out, 'metrics.json'), json.dumps(scalars, indent=1, sort_keys=True))
+    chief = jax.process_index() == 0
+    # Written beside `out` and swapped in whole: two evaluations of one step never mix.
+    with outputs.building(out, 'eval', overwrite or own_out, writes=chief) as folder:
+      plot_dir = storage.join(folder, 'plots')
+      if chief:
+        storage.path(plot_dir).mkdir(parents=True, exist_ok=True)
+      context = supervised.make_context(config, task, model, run, eval_source, plot_dir, started)
+      scalars = {'step': step}
+      for evaluator in task.evaluators(config, context):
+        scalars.update(evaluator.run(state, step))
+      if chief:  # last: marks the evaluation complete
+        storage.write_text(storage.join(folder, 'metrics.json'), json.dumps(scalars, indent=1, sort_keys=True))
   return scalars
 
 

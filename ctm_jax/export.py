@@ -93,7 +93,7 @@ def export_hf(workdir: str, out: str, step: int | None = None, overwrite=False, 
   kwargs = _jsonable({k: v for k, v in _model_kwargs(model).items() if k not in ctm_lib.COMPUTE_FIELDS})
   state_dict = torch_interop.to_state_dict(variables, model)
   card = _model_card(workdir, model, kwargs, config, step)
-  written = hub.write_model(out, kwargs, state_dict, card)
+  written = hub.write_model(out, kwargs, state_dict, card, overwrite)
   if push_to_hub:
     written['url'] = hub.push(out, push_to_hub)
   return written
@@ -146,19 +146,20 @@ def export(workdir: str, out: str, step: int | None = None, input_shape=None, ov
   outputs.claim(out, 'artefact', overwrite)
   model, variables, config, step = inference.load_step(workdir, step)
   if hub.is_hub(workdir):  # a Hub model: one set of weights, no training step
-    return write(model, variables, config, out, input_shape, {'workdir': workdir, 'step': None})
-  source = {'workdir': storage.resolve(workdir), 'step': step}
-  return write(model, variables, config, out, input_shape, source)
+    source = {'workdir': workdir, 'step': None}
+  else:
+    source = {'workdir': storage.resolve(workdir), 'step': step}
+  return write(model, variables, config, out, input_shape, source, overwrite)
 
 
-def write(model, variables, config, out: str, input_shape=None, source=None) -> dict:
+def write(model, variables, config, out: str, input_shape=None, source=None, overwrite=False) -> dict:
   """The artefact of `model` with `variables` under `config` (a training run's
   config, or an import's) at `out`, replaced whole. On disk it is written
   beside `out` and moved into place; a bucket has no rename, so there
   model.json goes last: until it is there, `out` is not an artefact. Only
-  an artefact (or nothing) at `out` is replaced (ctm_jax/outputs.py)."""
+  an artefact at `out` is replaced, with `overwrite` (ctm_jax/outputs.py)."""
   out = storage.resolve(out, '--out')
-  outputs.claim(out, 'artefact', overwrite=True)
+  outputs.claim(out, 'artefact', overwrite)  # before the export: refused at once
   task = tasks.get(config.task)
   example = _example_inputs(task, config, input_shape)
   (batch,) = jax.export.symbolic_shape('batch')
@@ -169,16 +170,6 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
   exported = jax.export.export(jax.jit(forward_fn(model)))(abstract_variables, abstract_inputs)
   program = exported.serialize()
 
-  bucket = storage.is_bucket(out)
-  if bucket:
-    tmp = out
-    storage.remove(out)  # an artefact: what --overwrite replaces (claimed above)
-  else:
-    tmp = outputs.scratch(out)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(storage.join(tmp, artefact.VARIABLES_DIR), variables)
-  checkpointer.wait_until_finished()
-  storage.write_bytes(storage.join(tmp, artefact.PROGRAM_FILE), program)
   spec = {
       'format': artefact.FORMAT,
       'task': config.task,
@@ -195,13 +186,16 @@ def write(model, variables, config, out: str, input_shape=None, source=None) -> 
       'source': source,
   }
   spec_text = json.dumps(spec, indent=1)
-  # The manifest before model.json (which marks the artefact complete), model.json's sum included.
-  sums = manifest.file_sums(tmp, read=True)
-  sums[artefact.MODEL_FILE] = manifest.sum_of(spec_text.encode())
-  manifest.write(tmp, sums)
-  storage.write_text(storage.join(tmp, artefact.MODEL_FILE), spec_text)
-  if not bucket:
-    outputs.swap_in(tmp, out)  # a complete artefact or none
+  with outputs.building(out, 'artefact', overwrite) as tmp:  # a complete artefact or none
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(storage.join(tmp, artefact.VARIABLES_DIR), variables)
+    checkpointer.wait_until_finished()
+    storage.write_bytes(storage.join(tmp, artefact.PROGRAM_FILE), program)
+    # The manifest before model.json (which marks the artefact complete), model.json's sum included.
+    sums = manifest.file_sums(tmp, read=True)
+    sums[artefact.MODEL_FILE] = manifest.sum_of(spec_text.encode())
+    manifest.write(tmp, sums)
+    storage.write_text(storage.join(tmp, artefact.MODEL_FILE), spec_text)
   spec['bytes'] = storage.size(out)
   return spec
 

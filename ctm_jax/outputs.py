@@ -12,9 +12,13 @@ an evaluation, ...). Before writing, it asks `claim(path, kind, overwrite)`:
 
 A folder's kind is read from the files each command writes (the table in
 `KINDS`). Nothing is deleted before the new folder is complete: writers build
-it in a temporary sibling of their own (`scratch`) and swap it in.
+it in a temporary sibling of their own and swap it in (`building`), and a
+folder another command put at `out` meanwhile is never replaced: the rename
+that swaps it in refuses a non-empty target.
 """
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -95,14 +99,65 @@ def scratch(out: str) -> str:
   return tempfile.mkdtemp(prefix=os.path.basename(out.rstrip('/')) + '.tmp-', dir=parent)
 
 
-def swap_in(tmp: str, out: str) -> None:
-  """Local `tmp` (complete) becomes `out`; what `claim` allowed to replace
-  is deleted only once the new folder is in place beside it."""
-  if not os.path.exists(out):
-    os.replace(tmp, out)
+def _written_meanwhile(out: str, kind: str, flag: str):
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+
+  return validation.UsageError(
+      f'{flag}={out}: {describe(kind_of(out))} appeared there while this command wrote '
+      f'{describe(kind)} (another command writing the same {flag}?); nothing was replaced; run '
+      f'it again, or choose another {flag}'
+  )
+
+
+def swap_in(tmp: str, out: str, replacing: str | None = None, kind: str = '', flag: str = '--out') -> None:
+  """Local `tmp` (complete) becomes `out`. `replacing`: what `claim` found
+  there. Nothing there then: `out` must still be absent or empty (rename
+  refuses anything else, atomically), so two commands writing one `out` never
+  replace each other's folder. A `kind` folder then: it is deleted only once
+  the new folder is in place, and only if it is still of that kind."""
+  if replacing is not None and kind_of(out) not in (None, replacing):
+    raise _written_meanwhile(out, kind or replacing, flag)
+  old = None
+  if replacing is not None and os.path.exists(out):
+    old = tempfile.mkdtemp(prefix=os.path.basename(out.rstrip('/')) + '.old-', dir=os.path.dirname(out) or '.')
+    os.rmdir(old)
+    try:
+      os.replace(out, old)
+    except FileNotFoundError:  # removed meanwhile: nothing left to replace
+      old = None
+  try:
+    os.rename(tmp, out)  # over nothing or an empty folder only
+  except OSError as e:
+    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+      raise
+    if old is not None and not os.path.exists(out):
+      os.replace(old, out)
+    raise _written_meanwhile(out, kind or replacing or 'a folder', flag) from None
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building(out: str, kind: str, overwrite: bool, flag: str = '--out', writes: bool = True):
+  """`with building(out, kind, overwrite) as folder:` claims `out` for a
+  `kind` folder (UsageError otherwise) and yields the folder to write. On
+  disk that is a scratch sibling, swapped in whole when the body ends (and
+  deleted, `out` untouched, when it fails). A bucket has no rename: there the
+  old `kind` folder is removed and `out` itself is written, its marker file
+  last. `writes=False` (a process that writes nothing): the claim only."""
+  found = claim(out, kind, overwrite, flag)
+  if not writes:
+    yield out
     return
-  old = tempfile.mkdtemp(prefix=os.path.basename(out.rstrip('/')) + '.old-', dir=os.path.dirname(out) or '.')
-  os.rmdir(old)
-  os.replace(out, old)
-  os.replace(tmp, out)
-  shutil.rmtree(old, ignore_errors=True)
+  if storage.is_bucket(out):
+    if found is not None:
+      storage.remove(out)
+    yield out
+    return
+  tmp = scratch(out)
+  try:
+    yield tmp
+    swap_in(tmp, out, found, kind, flag)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)

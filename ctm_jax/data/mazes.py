@@ -503,18 +503,16 @@ def write_dataset(out: str, size: int, train: int, test: int, seed: int, route_l
   one without `overwrite` (ctm_jax/outputs.py): two seeds never mix."""
   check_dataset_args(size, train, test)
   out = os.path.abspath(out)
-  outputs.claim(out, 'mazes', overwrite)
-  tmp = outputs.scratch(out)
-  for split, count in (('train', train), ('test', test)):
-    directory = os.path.join(tmp, split, 'mazes')
-    os.makedirs(directory, exist_ok=True)
-    source = GeneratedMazes(size, route_length, seed, max(count, 1), split)
-    width = len(str(max(count - 1, 0)))
-    for index in range(count):
-      write_png(os.path.join(directory, f'{index:0{width}d}.png'), source[index]['image'])
-  with open(os.path.join(tmp, DATASET_FILE), 'w') as f:
-    json.dump({'size': size, 'seed': seed, 'train': train, 'test': test}, f, indent=1)
-  outputs.swap_in(tmp, out)
+  with outputs.building(out, 'mazes', overwrite) as tmp:
+    for split, count in (('train', train), ('test', test)):
+      directory = os.path.join(tmp, split, 'mazes')
+      os.makedirs(directory, exist_ok=True)
+      source = GeneratedMazes(size, route_length, seed, max(count, 1), split)
+      width = len(str(max(count - 1, 0)))
+      for index in range(count):
+        write_png(os.path.join(directory, f'{index:0{width}d}.png'), source[index]['image'])
+    with open(os.path.join(tmp, DATASET_FILE), 'w') as f:
+      json.dump({'size': size, 'seed': seed, 'train': train, 'test': test}, f, indent=1)
 
 
 def _main(argv):

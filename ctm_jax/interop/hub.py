@@ -189,13 +189,15 @@ def _optional(source: str) -> str | None:
     return None
 
 
-def write_model(out: str, kwargs: dict, state_dict: dict[str, np.ndarray], card: str) -> dict:
+def write_model(out: str, kwargs: dict, state_dict: dict[str, np.ndarray], card: str,
+                overwrite: bool = False) -> dict:
   """`out` as the reference's Hub mixin writes a model: config.json (the
   constructor's kwargs), model.safetensors (the state_dict; first-last's
   `_right` index buffers, the same tensors as their `_left` twins in the
   reference, stored once under the metadata's map) and a model card
   README.md. Written to a sibling folder of its own first, then moved into
-place whole (the caller has claimed `out`: ctm_jax/outputs.py).
+  place whole; a Hub model there is replaced with `overwrite`, nothing else
+  ever (ctm_jax/outputs.py).
   Returns {file: bytes}."""
   save_file = extras.module('safetensors.numpy', '--format=hf').save_file
   # asarray, not ascontiguousarray: that makes a scalar (num_batches_tracked) 1-d.
@@ -207,13 +209,12 @@ place whole (the caller has claimed `out`: ctm_jax/outputs.py).
       if twin in tensors and np.array_equal(tensors[twin], tensors[name]):
         metadata[name] = twin
         del tensors[name]
-  tmp = outputs.scratch(out)
-  save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata=metadata)
-  with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
-    json.dump(kwargs, f, indent=1)
-  with open(os.path.join(tmp, CARD_FILE), 'w') as f:
-    f.write(card)
-  outputs.swap_in(tmp, out)
+  with outputs.building(out, 'hub_model', overwrite) as tmp:
+    save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata=metadata)
+    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+      json.dump(kwargs, f, indent=1)
+    with open(os.path.join(tmp, CARD_FILE), 'w') as f:
+      f.write(card)
   return {name: os.path.getsize(os.path.join(out, name)) for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)}
 
 

@@ -186,29 +186,30 @@ def run(workdir, sizes, count, max_reapplications, out='', seed=1, data_dir='', 
     raise validation.UsageError(f'--workdir={workdir}: a Hub model; give --out, the folder for the results')
   out, own = (out, False) if out else (storage.join(workdir, 'generalisation'), True)
   out = storage.resolve(out, '--out')
-  outputs.claim(out, 'generalisation', overwrite or own)
+  outputs.claim(out, 'generalisation', overwrite or own)  # before loading: refused at once
   model, variables, config = inference.load(workdir, step)
   predict = make_predict(model, variables, mazes.expand_range_of(config))
   route_length = int(model.prediction_reshaper[0])
-  storage.path(out).mkdir(parents=True, exist_ok=True)
   rows, records = [], {}
-  for size in ([0] if data_dir else sizes):
-    maze_list = load_mazes(size, count, seed, data_dir)
-    size = size or maze_list[0].free_HxW.shape[0]
-    results = solve(predict, maze_list, max_reapplications, batch_size, fault_tolerance)
-    rows.append((size, summary(maze_list, results, route_length)))
-    records[str(size)] = {
-        **rows[-1][1],
-        'solved': [r['solved'] for r in results],
-        'applications': [r['applications'] for r in results],
-        'route_length': [m.length for m in maze_list],
-    }
-    for i in range(min(pictures, len(maze_list))):
-      route_picture(maze_list[i], results[i]['walks'], storage.join(out, f'route_{size}_{i}.png'))
-  storage.write_text(storage.join(out, 'results.json'), json.dumps(
-      {'workdir': workdir if hub.is_hub(workdir) else storage.resolve(workdir),
-       'max_reapplications': max_reapplications, 'fault_tolerance': fault_tolerance, 'sizes': records},
-      indent=1))
+  with outputs.building(out, 'generalisation', overwrite or own) as folder:
+    storage.path(folder).mkdir(parents=True, exist_ok=True)
+    for size in ([0] if data_dir else sizes):
+      maze_list = load_mazes(size, count, seed, data_dir)
+      size = size or maze_list[0].free_HxW.shape[0]
+      results = solve(predict, maze_list, max_reapplications, batch_size, fault_tolerance)
+      rows.append((size, summary(maze_list, results, route_length)))
+      records[str(size)] = {
+          **rows[-1][1],
+          'solved': [r['solved'] for r in results],
+          'applications': [r['applications'] for r in results],
+          'route_length': [m.length for m in maze_list],
+      }
+      for i in range(min(pictures, len(maze_list))):
+        route_picture(maze_list[i], results[i]['walks'], storage.join(folder, f'route_{size}_{i}.png'))
+    storage.write_text(storage.join(folder, 'results.json'), json.dumps(  # last: marks the report complete
+        {'workdir': workdir if hub.is_hub(workdir) else storage.resolve(workdir),
+         'max_reapplications': max_reapplications, 'fault_tolerance': fault_tolerance, 'sizes': records},
+        indent=1))
   return rows
 
 
