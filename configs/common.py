@@ -54,6 +54,9 @@ def trainer() -> ml_collections.ConfigDict:
           num_workers_train=0,
           num_read_threads=0,
           init_from='',
+          # What init_from gives: 'all' (the same model's weights) or 'core' (another
+          # task's CTM core; this task's input side and output head initialised afresh).
+          init_from_parts='all',
           # The evaluators run at each eval, by name (comma-separated); 'default'
           # is the task's own list (tasks.Evaluated), e.g. 'default,calibration'.
           evals='default',

@@ -21,8 +21,11 @@ import numpy as np
 import tqdm
 
 from ctm_jax import checkpoint as checkpoint_lib
+from ctm_jax import inference
+from ctm_jax.models import ctm as ctm_lib
 from ctm_jax import program as program_lib
 from ctm_jax import sharding
+from ctm_jax import steps
 from ctm_jax import storage
 from ctm_jax import validation
 from ctm_jax import workdir as workdir_lib
@@ -220,6 +223,15 @@ class Profile:
     self.folder = None
 
 
+def _init_from_variables(path: str, task: str):
+  """The variables config.init_from names: a training run's newest intact
+  checkpoint (damaged steps passed over, said in one line), an import or a
+  Hub model."""
+  if storage.path(storage.join(path, 'checkpoints')).is_dir():
+    return inference.load_step(path)[1]
+  return torch_interop.load_imported(path, task)[1]
+
+
 def _initial_state(config, program, checkpointer, same_model):
   """Resume order: latest in workdir -> config.init_from -> fresh init.
 
@@ -232,9 +244,13 @@ def _initial_state(config, program, checkpointer, same_model):
     return restored[0], 'resumed'
   state = program.init()
   if config.init_from:
-    _, variables, _ = torch_interop.load_imported(config.init_from, config.task)  # checked by validation
+    variables = _init_from_variables(config.init_from, config.task)  # checked by validation
+    parts = config.get('init_from_parts', 'all')
+    if parts == 'core':  # another task's core; this task's input side and head as initialised
+      variables = ctm_lib.with_core(steps.variables(state, state.params), variables)
     state = program.with_weights(state, variables)
-    return jax.device_put(state, program.state_shardings), f'initialised from {config.init_from}'
+    how = f'initialised from {config.init_from}' + (' (its CTM core)' if parts == 'core' else '')
+    return jax.device_put(state, program.state_shardings), how
   return state, 'fresh'
 
 

@@ -67,6 +67,7 @@ TRAIN_KEYS = frozenset(
         'num_workers_train',
         'num_read_threads',
         'init_from',
+        'init_from_parts',
         'mesh',
     }
 )
@@ -294,13 +295,26 @@ def _model_and_mesh(config, task, num_devices):
     raise ValueError(f'config.model: {e}') from None
   sizes = sharding.validate(config, jax.device_count() if num_devices is None else num_devices)
   task.validate_mesh(config, sizes)
+  parts = config.get('init_from_parts', 'all')
+  if parts not in INIT_FROM_PARTS:
+    _fail('init_from_parts', parts, f'expected one of {", ".join(map(repr, INIT_FROM_PARTS))}')
   if config.init_from:
-    _check_init_from(config.init_from, model, task)
+    _check_init_from(config.init_from, model, task, parts)
+  elif parts != 'all':
+    _fail('init_from_parts', parts, 'names parts of config.init_from, which is empty; give the run or import too')
   return task
 
 
-def _check_init_from(path, model, task):
-  """config.init_from holds an import of this very model (weights aside)."""
+# config.init_from_parts: 'all' (the same model, every weight) or 'core'
+# (another task's CTM core: ctm_lib.CORE_FIELDS; input side and head fresh).
+INIT_FROM_PARTS = ('all', 'core')
+
+
+def _check_init_from(path, model, task, parts='all'):
+  """config.init_from holds a training run, an import or a Hub model of this
+  very model (weights aside), or with parts='core' of a CTM with this core."""
+  from ctm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top  # it imports this module
+
   config_path = storage.join(path, 'config.json')
   if hub.is_model_folder_or_file(path):  # the reference's Hub format: its kwargs, read as this task's
     try:
@@ -311,9 +325,16 @@ def _check_init_from(path, model, task):
     _fail(
         'init_from',
         path,
-        'no imported checkpoint there (no config.json); write one with '
+        'no training run or imported checkpoint there (no config.json); train one, or import one with '
         f'`python -m ctm_jax.interop.torch --checkpoint=FILE.pt --workdir={path}`',
     )
+  elif storage.path(storage.join(path, 'checkpoints')).is_dir():  # a training run
+    try:
+      record = checkpoint_lib.read_config(path)
+      checkpoint_lib.choose_step(storage.join(path, 'checkpoints'), None, path)
+      imported_model = tasks_lib.get(record.task).make_model(record)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      _fail('init_from', path, first_line(e).replace(f'--workdir={path}: ', ''))
   else:
     try:
       manifest.check(path, 'the import', 'import it again (python -m ctm_jax.interop.torch ... --overwrite)')
@@ -325,6 +346,18 @@ def _check_init_from(path, model, task):
       imported_model = imported_task.model_from_kwargs(imported.get('model_type', 'ctm'), imported['model_kwargs'])
     except (OSError, ValueError, KeyError, TypeError) as e:
       _fail('init_from', path, f'{config_path} is not an import record ({e})')
+  if parts == 'core':
+    for which, m in (('the source', imported_model), ('config.model', model)):
+      if not isinstance(m, ctm_lib.ContinuousThoughtMachine):
+        _fail('init_from_parts', parts, f'{which} is a {type(m).__name__}, which has no CTM core')
+    changed = [
+        f'{name} (source {getattr(imported_model, name)!r}, configured {getattr(model, name)!r})'
+        for name in ctm_lib.CORE_FIELDS if getattr(imported_model, name) != getattr(model, name)
+    ]
+    if changed:
+      _fail('init_from', path, "its CTM core's shapes differ from config.model's in " + ', '.join(changed)
+            + '; configure the same core, or train from scratch')
+    return
   names = [
       f.name
       for f in dataclasses.fields(model)

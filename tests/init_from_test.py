@@ -68,6 +68,6 @@ def test_init_from_rejects_a_different_model(tmp_path):
 def test_init_from_a_missing_import_is_named(tmp_path):
   kwargs, _ = _imported_parity(tmp_path)
   config = _config_for(kwargs, tmp_path / 'nowhere')
-  with pytest.raises(ValueError, match=r'config\.init_from=.*nowhere.*no imported checkpoint there'):
+  with pytest.raises(ValueError, match=r'config\.init_from=.*nowhere.*no training run or imported checkpoint there'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

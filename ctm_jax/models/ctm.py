@@ -9,6 +9,7 @@ Dimension glossary:
 
 import dataclasses
 import math
+import re
 from typing import Any, ClassVar, NamedTuple, Sequence
 
 import chex
@@ -38,6 +39,16 @@ DECAY_PARAM_NAMES = ('decay_params_action', 'decay_params_out')
 # Options that change how the model computes, not its function or its weights:
 # a run may resume, and an import or the reference may differ, in these.
 COMPUTE_FIELDS = ('dtype', 'remat', 'backbone_remat', 'unroll', 'deferred_grads')
+# The recurrent core, what `init_from_parts='core'` carries from one task's CTM
+# to another's: synapses, NLMs, start states, synch decays and neuron pairs.
+# The input side (backbone, positional embedding, kv / q projections,
+# attention) and the output head stay the new task's own. CORE_FIELDS fix the
+# core's shapes (the synapses read D + E: d_input is one).
+CORE_FIELDS = ('d_model', 'd_input', 'memory_length', 'memory_hidden_dims', 'deep_nlms', 'do_layernorm_nlm',
+               'synapse_depth', 'n_synch_out', 'n_synch_action', 'neuron_select_type')
+_CORE_PARAMS = re.compile(
+    r'^(start_activated_state|start_trace|decay_params_(out|action)|tick/(synapses_\d+|trace_processor_[^/]+))(/|$)'
+)
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -975,3 +986,32 @@ def project_decay_params(params):
     return leaf
 
   return jax.tree_util.tree_map_with_path(project, params)
+
+
+def is_core(name: str) -> bool:
+  """Whether the variable `name` ('params/tick/synapses_1/kernel', 'synch/...')
+  is part of the recurrent core (CORE_FIELDS)."""
+  collection, _, rest = name.partition('/')
+  return collection == 'synch' or (collection == 'params' and bool(_CORE_PARAMS.match(rest)))
+
+
+def with_core(fresh, source):
+  """`fresh` variables with every core leaf taken from `source` (another
+  task's CTM); ValueError (one line) naming a core leaf `source` lacks or
+  holds in another shape."""
+  found = flax.traverse_util.flatten_dict(flax.core.unfreeze(source), sep='/')
+
+  def pick(path, leaf):
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    if not is_core(name):
+      return leaf
+    if name not in found:
+      raise ValueError(f'{name}: the source model has no such core variable (its core differs)')
+    if tuple(np.shape(found[name])) != tuple(np.shape(leaf)):
+      raise ValueError(
+          f'{name}: {tuple(np.shape(found[name]))} in the source model, {tuple(np.shape(leaf))} here '
+          f'(the cores differ in {", ".join(CORE_FIELDS)})'
+      )
+    return jnp.asarray(found[name], leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(pick, flax.core.unfreeze(fresh))
