@@ -2,6 +2,8 @@
 (synapses, NLMs, start states, synch decays and pairs) with this task's own
 input side and output head, initialised afresh."""
 
+import json
+
 import flax
 import jax
 import numpy as np
@@ -123,3 +125,21 @@ def test_a_run_without_a_checkpoint_is_refused(tmp_path):
   config.init_from, config.init_from_parts = str(empty), 'core'
   with pytest.raises(ValueError, match=r'config\.init_from=.*no committed checkpoint'):
     validation.validate(config)
+
+
+@pytest.mark.slow  # three short training runs, 45 s each
+def test_the_transfer_benchmark_trains_both_and_plots_them(tmp_path, capsys):
+  from benchmarks import transfer  # pylint: disable=g-import-not-at-top
+
+  transfer.main(['--config=configs/brackets.py:smoke', '--source_config=configs/parity.py:smoke',
+                 '--parity_budget=45', '--budget=45', '--track_every=10', f'--workdir={tmp_path}'])
+  result = json.loads((tmp_path / 'transfer.json').read_text())
+  assert (tmp_path / 'transfer.png').stat().st_size > 0
+  for name in ('scratch', 'transfer'):
+    points = result['curves'][name]
+    assert len(points) >= 2 and all(0 <= p['acc'] <= 1 for p in points)
+    assert points == sorted(points, key=lambda p: p['seconds'])
+  assert 'initialised from' in (tmp_path / 'transfer.log').read_text()
+  assert result['seconds_to_scratch_final']['scratch'] is not None
+  printed = capsys.readouterr().out
+  assert '| scratch |' in printed and '| transfer |' in printed
