@@ -1,16 +1,16 @@
-"""Transfer: brackets from scratch against brackets from a parity run's CTM core,
+"""Transfer: a task from scratch against the same task from another task's CTM core,
 for the same wall time.
 
 Usage (from the repo root):
-  python -m benchmarks.transfer [--budget=600] [--parity=DIR] [--parity_budget=420]
+  python -m benchmarks.transfer [--budget=600] [--source_run=DIR] [--source_budget=420]
       [--config=configs/brackets.py:small] [--source_config=configs/parity.py:small]
       [--track_every=250] [--workdir=DIR] [--override=KEY=VALUE ...]
 
-Trains the source config (parity small) for --parity_budget seconds unless
---parity names a run of it already; then trains --config twice with the
+Trains the source config (parity small) for --source_budget seconds unless
+--source_run names a run of it already; then trains --config twice with the
 trainer itself (`python -m ctm_jax.main`, one after the other, each in a fresh
 workdir) for --budget seconds of wall time, compile included: from scratch,
-and from the source run's core (`--config.init_from=<parity run>
+and from the source run's core (`--config.init_from=<source run>
 --config.init_from_parts=core`: synapses, NLMs, start states, synch decays
 and pairs; the input side and the head fresh). Both evaluate every
 --track_every steps. Prints held-out accuracy (most certain tick) against
@@ -50,8 +50,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='configs/brackets.py:small')
   parser.add_argument('--source_config', default='configs/parity.py:small')
-  parser.add_argument('--parity', default='', help='A run of --source_config to take the core from.')
-  parser.add_argument('--parity_budget', type=float, default=420.0)
+  parser.add_argument('--source_run', default='', help='A run of --source_config to take the core from.')
+  parser.add_argument('--source_budget', type=float, default=420.0)
   parser.add_argument('--budget', type=float, default=600.0)
   parser.add_argument('--track_every', type=int, default=250)
   parser.add_argument('--workdir', default='')
@@ -60,9 +60,9 @@ def main(argv=None):
 
   root = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix='transfer_'))
   os.makedirs(root, exist_ok=True)
-  source = os.path.abspath(args.parity) if args.parity else os.path.join(root, 'source')
-  if not args.parity:
-    compare_baselines.train_for(args.source_config, [], source, args.parity_budget)
+  source = os.path.abspath(args.source_run) if args.source_run else os.path.join(root, 'source')
+  if not args.source_run:
+    compare_baselines.train_for(args.source_config, [], source, args.source_budget)
   source_acc = curve(source)[-1][2] if os.path.exists(os.path.join(source, 'metrics.jsonl')) else None
   every = [f'track_every={args.track_every}', *args.override]
   runs = {
@@ -104,7 +104,7 @@ def main(argv=None):
   fig.savefig(os.path.join(root, 'transfer.png'))
 
   print(f'# Transfer | {args.config} from {args.source_config} (its run: {source}, '
-        f'{"" if source_acc is None else f"{100 * source_acc:.1f}% per bit, "}core only) | {args.budget:.0f} s each '
+        f'{"" if source_acc is None else f"{100 * source_acc:.1f}% held out, "}core only) | {args.budget:.0f} s each '
         f'| {platform.machine()}, {os.cpu_count()} CPUs | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | {root}')
   print('| run | steps | final acc | best acc | seconds to the scratch run\'s final acc |')
   print('|---|---|---|---|---|')

@@ -29,7 +29,7 @@ VARIANTS = ('default', *CTM_VARIANTS, *(f'lstm_{v}' for v in CTM_VARIANTS))
 
 def base(target: str) -> ml_collections.ConfigDict:
   config = common.trainer()
-  config.task = 'tracking'
+  config.task = 'object_tracking'
   config.tracking_target = target
   config.tracking_grid = 16
   config.tracking_frames = 4

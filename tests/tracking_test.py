@@ -101,7 +101,7 @@ def test_too_few_ticks_for_the_frames_is_refused():
 
 def test_predict_reads_the_motion_as_text():
   config = tracking_configs.get_config('position')
-  task = tasks.get('tracking')
+  task = tasks.get('object_tracking')
   batch = task.read_input(config, '2 14 1 1')
   assert batch['inputs'].shape == (1, 4, 16, 16, 1)
   row, col = simulate((2, 14), (1, 1), 3 + 4, 16)

@@ -132,7 +132,7 @@ def test_the_transfer_benchmark_trains_both_and_plots_them(tmp_path, capsys):
   from benchmarks import transfer  # pylint: disable=g-import-not-at-top
 
   transfer.main(['--config=configs/brackets.py:smoke', '--source_config=configs/parity.py:smoke',
-                 '--parity_budget=45', '--budget=45', '--track_every=10', f'--workdir={tmp_path}'])
+                 '--source_budget=45', '--budget=45', '--track_every=10', f'--workdir={tmp_path}'])
   result = json.loads((tmp_path / 'transfer.json').read_text())
   assert (tmp_path / 'transfer.png').stat().st_size > 0
   for name in ('scratch', 'transfer'):

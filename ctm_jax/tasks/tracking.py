@@ -84,7 +84,7 @@ def _settings(config):
 
 @base.register
 class Tracking(base.Task, base.Supervised, base.Predicts):
-  name = 'tracking'
+  name = 'object_tracking'
   config_keys = frozenset({'tracking_target', 'tracking_grid', 'tracking_frames', 'tracking_horizon',
                            'tracking_max_speed', 'n_tracking_gifs'})
   identity_keys = ('tracking_target', 'tracking_grid', 'tracking_frames')
