@@ -8,7 +8,8 @@ Variants (`--config=configs/brackets.py:<variant>`):
   small     the core of configs/parity.py:small (D 128, d_input 64, memory
             10, synch 16/16: `--config.init_from=<a parity small run>
             --config.init_from_parts=core` transfers it), 25 ticks;
-            sequences of 2-16 brackets, long ones 17-24.
+            sequences of 2-12 brackets, long ones 13-20; 20k steps
+            (~17 min on a 2-core CPU: 84.5% held out, docs/results.md).
   smoke     seconds, for tests.
   lstm_small, lstm_smoke: the LSTM baseline at their sizes.
 
@@ -75,13 +76,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     core = parity.get_config('small').model
     config.model.update(core.to_dict())
     config.model.update(backbone_type='none', positional_embedding_type='none')
-    config.brackets_max_length = 16
-    config.brackets_long_max_length = 24
+    # 12, not 16 (as parity small): at 16 the 8k-step run stalled at 69%.
+    config.brackets_max_length = 12
+    config.brackets_long_max_length = 20
     config.lr = 1e-3
     config.warmup_steps = 200
-    config.training_iterations = 8000
-    config.save_every = 1000
-    config.track_every = 500
+    config.training_iterations = 20_000
+    config.save_every = 2000
+    config.track_every = 1000
     return config
   config.brackets_max_length = 8
   config.brackets_long_max_length = 12
