@@ -51,6 +51,7 @@ def base(target: str) -> ml_collections.ConfigDict:
       neuron_select_type='random-pairing',
   )
   config.model.ticks_per_frame = 4
+  config.model.patch_size = 4  # 4 x 4 cells a token (models/tracking.py)
   config.batch_size = 64
   config.batch_size_test = 256
   config.n_test_batches = 4
@@ -87,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.update(iterations=6, d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=8,
                         memory_length=4, memory_hidden_dims=4)
     config.model.ticks_per_frame = 1
+    config.model.patch_size = 2
     config.tracking_grid = 8
     config.tracking_frames = 3
     config.tracking_horizon = 2

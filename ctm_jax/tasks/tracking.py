@@ -28,7 +28,7 @@ from ctm_jax.tasks import base
 
 def tracked_arrays(model, variables, frames_BxFxGxGx1) -> dict[str, jax.Array]:
   """What an example's gif draws: class probabilities `probs_BxTxC`,
-  `certainty_BxT`, head-averaged attention `attention_BxTxN` (N = G * G)."""
+  `certainty_BxT`, head-averaged attention `attention_BxTxN` (N patches)."""
   output = model.apply(variables, frames_BxFxGxGx1, track=True)
   return {
       'probs_BxTxC': jax.nn.softmax(jnp.moveaxis(output.predictions.astype(jnp.float32), 1, 2), axis=-1),
@@ -100,6 +100,9 @@ class Tracking(base.Task, base.Supervised, base.Predicts):
     gifs = config.get('n_tracking_gifs')
     if not isinstance(gifs, int) or isinstance(gifs, bool) or gifs < 0:
       raise ValueError(f'config.n_tracking_gifs={gifs!r}: must be a non-negative integer')
+    patch = config.model.get('patch_size', 4)
+    if isinstance(patch, int) and (patch < 1 or config.tracking_grid % patch):
+      raise ValueError(f'config.model.patch_size={patch}: must divide config.tracking_grid={config.tracking_grid}')
     ticks = config.model.iterations
     per_frame = config.model.get('ticks_per_frame', 1)
     if isinstance(per_frame, int) and config.tracking_frames * per_frame > ticks:
@@ -225,7 +228,9 @@ def tracking_gif(frames_FxGxGx1, frame_T, attention_TxN, probs_TxC, certainty_T,
     f = int(frame_T[t])
     seen = np.max(frames_FxGxG[: f + 1] * np.linspace(0.3, 1.0, f + 1)[:, None, None], axis=0)
     shown.set_data(seen)
-    attention = np.asarray(attention_TxN[t], np.float64).reshape(grid, grid)
+    attention = np.asarray(attention_TxN[t], np.float64)
+    side = int(round(np.sqrt(attention.size)))  # the patch grid, drawn over its cells
+    attention = np.kron(attention.reshape(side, side), np.ones((grid // side, grid // side)))
     overlay.set_data(attention)
     overlay.set_clim(float(attention.min()), float(attention.max()) + 1e-9)
     probs = np.asarray(probs_TxC[t])
