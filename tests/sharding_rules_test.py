@@ -55,7 +55,11 @@ def _specs(params, declared, fsdp, rules=sharding.DEFAULT_RULES):
   return out
 
 
-@pytest.mark.parametrize('name, variant', CASES)
+# Configs added after the regex table was removed have no record from it.
+RECORDED_CASES = [(name, variant) for name, variant in CASES if f'{name}:{variant}' in RECORDED]
+
+
+@pytest.mark.parametrize('name, variant', RECORDED_CASES)
 def test_declared_axes_give_the_recorded_shardings(name, variant):
   config, init = _model_and_init(name, variant)
   params = jax.eval_shape(init)['params']
