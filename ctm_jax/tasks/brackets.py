@@ -18,7 +18,6 @@ from matplotlib import patheffects
 import numpy as np
 
 from ctm_jax import evaluators
-from ctm_jax import losses
 from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax.analysis import evaluation
@@ -27,6 +26,7 @@ from ctm_jax.data import brackets as brackets_data
 from ctm_jax.data import pipeline
 from ctm_jax.models import tokens as tokens_model
 from ctm_jax.tasks import base
+from ctm_jax.tasks import image
 
 ANSWERS = ('invalid', 'valid')
 
@@ -167,8 +167,9 @@ class Brackets(base.Task, base.Supervised, base.Predicts):
     return {**config.model.to_dict(), 'out_dims': 2, 'prediction_reshaper': (-1,)}
 
   def loss(self, config, output, batch):
-    loss_BxT = losses.per_tick_cross_entropy(output.predictions, batch['targets'])
-    loss, most_certain_B = losses.select_ticks(loss_BxT, output.certainties, config.use_most_certain)
+    loss, most_certain_B = image.image_classification_loss(
+        output.predictions, output.certainties, batch['targets'], config.use_most_certain
+    )
     return loss, {'most_certain_B': most_certain_B}
 
   def correct(self, output, batch):

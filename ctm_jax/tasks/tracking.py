@@ -18,12 +18,12 @@ from matplotlib import patches
 import numpy as np
 
 from ctm_jax import evaluators
-from ctm_jax import losses
 from ctm_jax import steps
 from ctm_jax.analysis import plots
 from ctm_jax.data import tracking as tracking_data
 from ctm_jax.models import tracking as tracking_model
 from ctm_jax.tasks import base
+from ctm_jax.tasks import image
 
 
 def tracked_arrays(model, variables, frames_BxFxGxGx1) -> dict[str, jax.Array]:
@@ -137,8 +137,9 @@ class Tracking(base.Task, base.Supervised, base.Predicts):
             'prediction_reshaper': (-1,)}
 
   def loss(self, config, output, batch):
-    loss_BxT = losses.per_tick_cross_entropy(output.predictions, batch['targets'])
-    loss, most_certain_B = losses.select_ticks(loss_BxT, output.certainties, config.use_most_certain)
+    loss, most_certain_B = image.image_classification_loss(
+        output.predictions, output.certainties, batch['targets'], config.use_most_certain
+    )
     return loss, {'most_certain_B': most_certain_B}
 
   def correct(self, output, batch):
