@@ -30,6 +30,7 @@ from ctm_jax import storage
 from ctm_jax import validation
 from ctm_jax import workdir as workdir_lib
 from ctm_jax import writers
+from ctm_jax.interop import hub
 from ctm_jax.interop import torch as torch_interop
 
 STOP_KEY = program_lib.STOP_KEY
@@ -227,7 +228,7 @@ def _init_from_variables(path: str, task: str):
   """The variables config.init_from names: a training run's newest intact
   checkpoint (damaged steps passed over, said in one line), an import or a
   Hub model."""
-  if storage.path(storage.join(path, 'checkpoints')).is_dir():
+  if not hub.is_model_folder_or_file(path) and storage.path(storage.join(path, 'checkpoints')).is_dir():
     return inference.load_step(path)[1]
   return torch_interop.load_imported(path, task)[1]
 
