@@ -662,7 +662,9 @@ def record_from_kwargs(kwargs: dict, source: str, task: str | None = None) -> di
   `kwargs`: its task (from the kwargs, or `task`), the kwargs with the
   constructor's defaults filled in and listed under `defaults`; one-line
   ValueError naming a kwarg that is unknown or has no value."""
-  task = importing_task(task).name if task else detect_task_from_kwargs(kwargs, source)
+  # A task named by --task needs no reference script to read these: the kwargs
+  # give the model, so a community task's checkpoint imports as the reference's do.
+  task = tasks_lib.get(task).name if task else detect_task_from_kwargs(kwargs, source)
   model_class = tasks_lib.get(task).model_class_for('ctm')
   fields = {f.name: f for f in dataclasses.fields(model_class) if f.init and f.name not in ('parent', 'name')}
   unknown = sorted(set(kwargs) - set(fields))
