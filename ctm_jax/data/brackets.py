@@ -30,6 +30,9 @@ _CLOSER = {OPEN_ROUND: CLOSE_ROUND, OPEN_SQUARE: CLOSE_SQUARE}
 _MISTYPED = {OPEN_ROUND: OPEN_SQUARE, OPEN_SQUARE: OPEN_ROUND, CLOSE_ROUND: CLOSE_SQUARE,
              CLOSE_SQUARE: CLOSE_ROUND}
 EDITS = ('swap', 'delete', 'insert', 'mistype')
+# What a record is, for accuracy per kind: valid, one of the near misses, or
+# a sequence given from elsewhere (its edit unknown).
+KINDS = ('valid',) + EDITS + ('unknown',)
 
 # Stream tags mixed into every record's seed; splits never share a key.
 _SPLIT_STREAMS = {'train': 0, 'eval': 1, 'long': 2}
@@ -115,7 +118,8 @@ class BracketsSource:
 
   Record `index` is {'tokens': int32 (W,) token ids (PAD after the
   sequence), 'inputs': float32 (W, VOCAB) the same one-hot (what the model
-  reads), 'targets': int32 () 1 valid / 0 invalid, 'length': int32 ()}.
+  reads), 'targets': int32 () 1 valid / 0 invalid, 'length': int32 (),
+  'kind': int32 () index into KINDS (valid or which near miss)}.
   """
 
   def __init__(self, min_length: int, max_length: int, width: int, seed: int, num_records: int,
@@ -138,18 +142,19 @@ class BracketsSource:
     if valid:
       low = self.min_length + self.min_length % 2
       tokens = random_valid(rng, int(rng.choice(np.arange(max(low, 2), self.max_length + 1, 2))))
-    else:
-      tokens = near_miss(rng, self.min_length, self.max_length, EDITS[rng.integers(len(EDITS))])
-    return record(tokens, self.width, valid)
+      return record(tokens, self.width, True)
+    edit = EDITS[rng.integers(len(EDITS))]
+    return record(near_miss(rng, self.min_length, self.max_length, edit), self.width, False, edit)
 
   def __repr__(self) -> str:
     return (f'BracketsSource(lengths=[{self.min_length}, {self.max_length}], width={self.width}, '
             f'seed={self.seed}, num_records={self.num_records}, split={self.split!r})')
 
 
-def record(tokens, width: int, valid: bool | None = None) -> dict[str, np.ndarray]:
+def record(tokens, width: int, valid: bool | None = None, edit: str | None = None) -> dict[str, np.ndarray]:
   """A record of `tokens` padded to `width`; its target from the stack
-  checker unless given."""
+  checker unless given; its `edit` (KINDS: 'valid', an EDITS near miss, or
+  'unknown' for a sequence from elsewhere) as an index into KINDS."""
   tokens_W = np.full(width, PAD, np.int32)
   tokens_W[: len(tokens)] = tokens
   valid = is_valid(tokens) if valid is None else valid
@@ -158,6 +163,7 @@ def record(tokens, width: int, valid: bool | None = None) -> dict[str, np.ndarra
       'inputs': np.eye(VOCAB, dtype=np.float32)[tokens_W],
       'targets': np.int32(valid),
       'length': np.int32(len(tokens)),
+      'kind': np.int32(KINDS.index(edit or ('valid' if valid else 'unknown'))),
   }
 
 

@@ -5,7 +5,8 @@ defines the data); targets (B,): 1 valid, 0 invalid. The model attends over
 the W positions as parity's does (embedded tokens with the 1-D rotational
 positional embedding: ctm_jax/models/tokens.py) and answers two classes at every tick. Evaluation
 adds length generalisation: the same metrics on sequences longer than any
-trained on (`eval/long_acc_*`), and a gif per eval sequence.
+trained on (`eval/long_acc_*`), accuracy per kind of near miss (`eval/acc_most_certain_swap`, ...),
+and a gif per eval sequence.
 
 Dimension glossary: B batch, T ticks, W padded width, V vocabulary.
 """
@@ -38,6 +39,32 @@ def _positive_int(config, key):
   return value
 
 
+def accuracy_by_kind(per_example, name: str) -> dict[str, float]:
+  """`eval/<name>_most_certain_<kind>`: held-out accuracy at the most certain
+  tick of valid sequences and of each kind of near miss (data/brackets.py's
+  KINDS), which says what the model has and has not learnt to read."""
+  correct_N = np.take_along_axis(
+      np.asarray(per_example['correct_BxT']), np.asarray(per_example['most_certain_B'])[:, None], 1
+  )[:, 0]
+  kind_N = np.asarray(per_example['kind_B'])
+  return {
+      f'eval/{name}_most_certain_{kind}': float(correct_N[kind_N == k].mean())
+      for k, kind in enumerate(brackets_data.KINDS)
+      if (kind_N == k).any()
+  }
+
+
+class AccuracyByKind:
+  """Held-out accuracy at the most certain tick per kind of sequence
+  (`eval/acc_most_certain_valid`, `..._swap`, `..._mistype`, ...)."""
+
+  def __init__(self, context):
+    self.context = context
+
+  def run(self, state, step: int) -> dict[str, float]:
+    return accuracy_by_kind(self.context.held_out(state, step)[0], 'acc')
+
+
 class LongSequences:
   """Length generalisation: the held-out metrics on `n_test_batches` batches of
   sequences longer than any trained on (data/brackets.py's 'long' split),
@@ -58,7 +85,10 @@ class LongSequences:
     run = self.context.run
     per_batch = [run.eval_step(state, sharding.global_batch(b, run.mesh))[1] for b in self.batches]
     per_example = evaluation.concatenate(jax.device_get(per_batch))
-    return evaluation.per_tick(per_example['correct_BxT'], per_example['most_certain_B'], 'eval', 'long_acc')
+    return {
+        **evaluation.per_tick(per_example['correct_BxT'], per_example['most_certain_B'], 'eval', 'long_acc'),
+        **accuracy_by_kind(per_example, 'long_acc'),
+    }
 
 
 def tracked_arrays(model, variables, inputs_BxWxV) -> dict[str, jax.Array]:
@@ -148,6 +178,7 @@ class Brackets(base.Task, base.Supervised, base.Predicts):
         'inputs': ((width, brackets_data.VOCAB), np.dtype(np.float32)),
         'targets': ((), np.dtype(np.int32)),
         'length': ((), np.dtype(np.int32)),
+        'kind': ((), np.dtype(np.int32)),
     }
 
   def train_source(self, config):
@@ -175,14 +206,18 @@ class Brackets(base.Task, base.Supervised, base.Predicts):
   def correct(self, output, batch):
     return (jnp.argmax(output.predictions, axis=1) == batch['targets'][:, None]).astype(jnp.float32)
 
+  def eval_arrays(self, config, output, batch, aux):
+    return {**super().eval_arrays(config, output, batch, aux), 'kind_B': batch['kind']}
+
   evals = {
       **base.Supervised.evals,
       'long': LongSequences,
+      'by_kind': AccuracyByKind,
       'sequence_gifs': lambda context: (
           SequenceGifs(context, context.config.n_sequence_gifs) if context.config.n_sequence_gifs else None
       ),
   }
-  default_evals = ('tick_accuracy', 'long', 'adaptive_compute', 'sequence_gifs')
+  default_evals = ('tick_accuracy', 'by_kind', 'long', 'adaptive_compute', 'sequence_gifs')
 
   def read_input(self, config, source):
     """A file of, or the text of, one sequence of brackets: '(()[])'."""
