@@ -21,6 +21,10 @@ from ctm_jax.models import lstm
 from ctm_jax.models import posemb
 
 
+# PAD and ( ) [ ]: what a token model embeds when a checkpoint does not say.
+BRACKETS_VOCAB = 5
+
+
 def featurise_tokens(module, x_BxWxV):
   """Keys and values' tokens (B, W, E): embedding + positional embedding -> kv_proj."""
   embedded_BxWxE = layers.Linear(module.d_input, dtype=module.dtype, name='embedding')(x_BxWxV)
@@ -48,6 +52,16 @@ class _FixedFeaturisation:
 
 class ContinuousThoughtMachineTokens(_FixedFeaturisation, ctm.ContinuousThoughtMachine):
   """The CTM attending over embedded tokens (the constructor as the CTM's)."""
+
+  @classmethod
+  def example_input(cls, state_dict, model_kwargs):
+    """An input that builds an imported checkpoint's variables: V from its
+    `embedding.weight` (E, V), else brackets' (a checkpoint whose embedding is
+    not ours, imported not strictly); the width changes no parameter."""
+    del model_kwargs
+    weight = state_dict.get('embedding.weight')
+    vocab = weight.shape[-1] if weight is not None and weight.ndim == 2 else BRACKETS_VOCAB
+    return jnp.zeros((1, 2, vocab), jnp.float32)
 
   def featurise(self, x, train):
     del train

@@ -89,6 +89,16 @@ class ContinuousThoughtMachineTracking(_Frames, ctm.ContinuousThoughtMachine):
   ticks_per_frame: int = 1
   patch_size: int = 4
 
+  @classmethod
+  def example_input(cls, state_dict, model_kwargs):
+    """One frame of one patch that builds an imported checkpoint's variables:
+    C from its `embedding.weight` (E, P * P * C); frames and side change no
+    parameter."""
+    p = int(model_kwargs.get('patch_size', 4))
+    weight = state_dict.get('embedding.weight')
+    channels = max(weight.shape[-1] // (p * p), 1) if weight is not None and weight.ndim == 2 else 1
+    return jnp.zeros((1, 1, p, p, channels), jnp.float32)
+
 
 class LSTMTracking(_Frames, lstm.LSTMBaseline):
   """The LSTM baseline watching frames."""
