@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from ctm_jax import predict
 from ctm_jax import tasks
 from ctm_jax import validation
 from ctm_jax.interop import torch as torch_interop
@@ -64,6 +65,16 @@ def test_a_community_checkpoint_imports_with_the_card_kwargs(task_name, tmp_path
   want = model.apply(variables, batch['inputs']).predictions
   got = imported.apply(imported_variables, batch['inputs']).predictions
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  # predict: an import records no data settings, so text is refused in one
+  # line; the model's own input as a .npy is answered as the model answers it.
+  text = {'brackets': '(()[])', 'object_tracking': '1 2 1 0'}[task_name]
+  with pytest.raises(ValueError, match=r'an imported .* model records no .*; give a .npy'):
+    predict.predict(str(tmp_path / 'imported'), text)
+  np.save(tmp_path / 'x.npy', np.asarray(batch['inputs'][0]))
+  rows, summary = predict.predict(str(tmp_path / 'imported'), str(tmp_path / 'x.npy'))
+  assert len(rows) == model.iterations
+  probs = np.asarray(jax.nn.softmax(want[0, :, -1]))
+  assert f'(p {probs.max():.3f})' in rows[-1][2], rows[-1]
 
 
 def test_an_input_side_under_other_names_is_named_or_left_at_init(tmp_path):

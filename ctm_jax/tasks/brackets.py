@@ -223,6 +223,9 @@ class Brackets(base.Task, base.Supervised, base.Predicts):
     """A file of, or the text of, one sequence of brackets: '(()[])'."""
     if source.lower().endswith('.npy'):
       return super().read_input(config, source)
+    if 'brackets_long_max_length' not in config:  # an import records no padded width
+      raise ValueError(f'--input={source}: an imported brackets model records no padded width to read text '
+                       f'at; give a .npy of the one-hot sequence (W, {brackets_data.VOCAB}) at its width')
     text = ''.join(base.text_input(source).split())
     width = int(config.brackets_long_max_length)
     try:

@@ -77,6 +77,19 @@ def _describe_class(target: str, grid: int, cls: int) -> str:
   return f'cell (row {cls // grid}, col {cls % grid})'
 
 
+def _is_import(config) -> bool:
+  """An import's record (interop/torch.py) names its model, not the task's data."""
+  return 'tracking_grid' not in config
+
+
+def _answer_settings(config):
+  """(grid, target) of a run's config, or of an import's from its classes."""
+  if not _is_import(config):
+    return int(config.tracking_grid), str(config.tracking_target)
+  classes = int(config.model_kwargs['out_dims'])
+  return (16, 'quadrant') if classes == 4 else (int(round(classes**0.5)), 'position')
+
+
 def _settings(config):
   """(grid, frames, target) of a run's config."""
   return int(config.tracking_grid), int(config.tracking_frames), str(config.tracking_target)
@@ -156,6 +169,11 @@ class Tracking(base.Task, base.Supervised, base.Predicts):
   def read_input(self, config, source):
     """A .npy of frames (F, G, G, 1), or the motion as text: 'ROW COL VROW VCOL'
     (the first frame's cell and the velocity), drawn into the run's frames."""
+    if _is_import(config):  # its frames' count and motion are not recorded: the frames themselves
+      if not source.lower().endswith('.npy'):
+        raise ValueError(f"--input={source}: an imported tracking model records no grid, frames or horizon to "
+                         "draw 'ROW COL VROW VCOL' with; give a .npy of its frames (F, G, G, 1)")
+      return super().read_input(config, source)
     grid, frames, target = _settings(config)
     if source.lower().endswith('.npy'):
       batch = super().read_input(config, source)
@@ -183,7 +201,7 @@ class Tracking(base.Task, base.Supervised, base.Predicts):
             'targets': np.array([tracking_data.answer_class(answer, grid, target)], np.int32)}
 
   def describe(self, config, prediction_O):
-    grid, _, target = _settings(config)
+    grid, target = _answer_settings(config)
     probs_O = np.exp(prediction_O - prediction_O.max())
     probs_O /= probs_O.sum()
     top = int(np.argmax(probs_O))
@@ -195,7 +213,7 @@ class Tracking(base.Task, base.Supervised, base.Predicts):
     return tracking_gif(
         frames[0], tracking_model.frame_of_tick(model.iterations, frames.shape[1], model.ticks_per_frame),
         arrays['attention_BxTxN'][0], arrays['probs_BxTxC'][0], arrays['certainty_BxT'][0],
-        config.tracking_target, path, title=f'{os.path.basename(path)}: ',
+        _answer_settings(config)[1], path, title=f'{os.path.basename(path)}: ',
     )
 
 
