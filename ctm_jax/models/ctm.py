@@ -122,7 +122,9 @@ class TickInputs:
   model without attention feeds `features_BxE` straight to the synapses, and
   one that has both picks per tick with `attend` (a () bool). `active_B`
   ((B,) bool, per tick) False leaves an example's state as it was: a padded
-  tick, for inputs shorter than the batch's longest.
+  tick, for inputs shorter than the batch's longest. `key_mask_BxN` ((B, N)
+  bool, fixed) False hides a key from the attention: padding, for sequences
+  shorter than the batch's width.
   """
 
   keys_BxKxNxF: jax.Array | None = None
@@ -133,6 +135,7 @@ class TickInputs:
   key_set: jax.Array | None = None
   attend: jax.Array | None = None
   active_B: jax.Array | None = None
+  key_mask_BxN: jax.Array | None = None
 
   def merge(self, fixed: 'TickInputs') -> 'TickInputs':
     """This tick's slice of the per-tick fields, the fixed ones elsewhere."""
@@ -361,7 +364,7 @@ class Tick(nn.Module):
     k_BxKxNxF, v_BxKxNxF = inputs.keys_values()
     if k_BxKxNxF is None or v_BxKxNxF is None:
       raise ValueError('an attending tick needs TickInputs.keys_BxKxNxF and values_BxKxNxF')
-    return attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF)
+    return attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF, inputs.key_mask_BxN)
 
 
 def hold_inactive(active_B, new: TickState, old: TickState) -> TickState:
@@ -373,10 +376,11 @@ def hold_inactive(active_B, new: TickState, old: TickState) -> TickState:
   return TickState(**fields)
 
 
-def attend(module, q_BxE, k_BxKxNxF, v_BxKxNxF):
+def attend(module, q_BxE, k_BxKxNxF, v_BxKxNxF, key_mask_BxN=None):
   """Single-query multi-head attention over pre-projected keys/values, its
   query projection and output projection (`attention_q`, `attention_out`)
-  created in `module` (which has d_input, heads, dropout, train, dtype).
+  created in `module` (which has d_input, heads, dropout, train, dtype);
+  keys where `key_mask_BxN` is False get no weight.
   Returns (out_BxE, weights_BxKxN)."""
   head_dim = module.d_input // module.heads
   q_BxE = layers.Linear(
@@ -390,7 +394,8 @@ def attend(module, q_BxE, k_BxKxNxF, v_BxKxNxF):
   q_BxKxF = _split_heads(q_BxE, module.heads) * math.sqrt(1.0 / head_dim)
   # b: batch, k: head, f: head feature, n: token.
   scores_BxKxN = jnp.einsum('bkf,bknf->bkn', q_BxKxF, k_BxKxNxF.astype(module.dtype))
-  weights_BxKxN = jax.nn.softmax(scores_BxKxN.astype(jnp.float32), axis=-1)
+  weights_BxKxN = jax.nn.softmax(scores_BxKxN.astype(jnp.float32), axis=-1,
+                                 where=None if key_mask_BxN is None else key_mask_BxN[:, None, :])
   dropped_BxKxN = nn.Dropout(module.dropout, deterministic=not module.train)(weights_BxKxN)
   out_BxKxF = jnp.einsum(
       'bkn,bknf->bkf', dropped_BxKxN.astype(module.dtype), v_BxKxNxF.astype(module.dtype)

@@ -93,7 +93,7 @@ class LSTMTick(nn.Module):
     h_LxBxD, c_LxBxD = state
     k_BxKxNxF, v_BxKxNxF = inputs.keys_values()
     q_BxE = layers.Linear(self.d_input, dtype=self.dtype, name='q_proj')(h_LxBxD[-1])
-    features_BxE, attention_BxKxN = ctm.attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF)
+    features_BxE, attention_BxKxN = ctm.attend(self, q_BxE, k_BxKxNxF, v_BxKxNxF, inputs.key_mask_BxN)
     features_BxE = inputs.attended_or_direct(features_BxE)
     new_state = lstm_step(weights, features_BxE, h_LxBxD, c_LxBxD, self.dropout, not self.train, self.dtype)
     if inputs.active_B is not None:
