@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_8_devices
+from ctm_jax import evaluators
 from ctm_jax import tasks
 from ctm_jax import train
 from ctm_jax import validation
@@ -123,6 +124,31 @@ def test_predict_reads_brackets_as_text():
   with pytest.raises(ValueError, match='13 brackets; the model reads 1 to 12'):
     task.read_input(config, '(' * 13)
   assert task.describe(config, np.array([0.0, 2.0])).startswith('valid (p 0.88')
+
+
+@pytest.mark.parametrize('variant', ['smoke', 'lstm_smoke'])
+def test_the_attention_never_reads_the_padding(variant):
+  """What a padded position holds changes no output, and it gets no attention."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  config = brackets_configs.get_config(variant)
+  task = tasks.get('brackets')
+  model = task.make_model(config)
+  batch = task.synthetic_batch(config, 8, 0)
+  x_BxWxV = batch['inputs']
+  padded_BxW = batch['tokens'] == data.PAD
+  assert padded_BxW.any()
+  variables = model.init(jax.random.key(0), x_BxWxV)
+  noisy_BxWxV = x_BxWxV + padded_BxW[..., None] * np.random.default_rng(0).normal(size=x_BxWxV.shape)
+  noisy_BxWxV[..., data.PAD] = np.where(padded_BxW, 1.0, 0.0)  # still padding: token 0 set
+  out = model.apply(variables, x_BxWxV, track=True)
+  noisy = model.apply(variables, noisy_BxWxV.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(noisy.predictions), np.asarray(out.predictions))
+  attention_BxTxW = np.asarray(evaluators.head_mean_attention(out))
+  assert np.all(attention_BxTxW[np.broadcast_to(padded_BxW[:, None], attention_BxTxW.shape)] == 0)
+  # The same change at the tokens does change the answer: the check above can fail.
+  changed = model.apply(variables, (x_BxWxV + ~padded_BxW[..., None] * 0.5).astype(np.float32))
+  assert not np.array_equal(np.asarray(changed.predictions), np.asarray(out.predictions))
 
 
 @pytest.mark.slow  # two short training runs on 8 devices each

@@ -1,6 +1,7 @@
 """Models that attend over a sequence of tokens (brackets): one-hot (B, W, V)
 in, embedded, given the 1-D rotational positional embedding and projected
-to keys and values as parity's bits are. The rest is the CTM (or the LSTM
+to keys and values as parity's bits are; the attention reads the tokens and
+never the padding after them (token 0). The rest is the CTM (or the LSTM
 baseline) as it is.
 
 The reference's backbones embed only parity's two values, and its 'none'
@@ -12,6 +13,8 @@ token embedding replaces both).
 
 Dimension glossary: B batch, W sequence width, V vocabulary, E d_input.
 """
+
+import dataclasses
 
 import jax.numpy as jnp
 
@@ -31,6 +34,12 @@ def featurise_tokens(module, x_BxWxV):
   pe_1xWxE = posemb.CustomRotational1D(module.d_input, module.dtype, name='positional_embedding')(embedded_BxWxE)
   kv_BxWxE = layers.Linear(module.d_input, dtype=module.dtype, name='kv_proj_0')(embedded_BxWxE + pe_1xWxE)
   return layers.LayerNorm(dtype=module.dtype, name='kv_proj_1')(kv_BxWxE)
+
+
+def key_mask(x_BxWxV):
+  """(B, W) bool: the positions that hold a token. Token 0 is padding, which
+  the attention never reads: what a padded position holds changes nothing."""
+  return x_BxWxV[..., 0] < 0.5
 
 
 def check_tokens(x) -> None:
@@ -67,6 +76,10 @@ class ContinuousThoughtMachineTokens(_FixedFeaturisation, ctm.ContinuousThoughtM
     del train
     return featurise_tokens(self, x)
 
+  def tick_inputs(self, x, train):
+    per_tick, fixed = super().tick_inputs(x, train)
+    return per_tick, dataclasses.replace(fixed, key_mask_BxN=key_mask(x))
+
 
 class LSTMTokens(_FixedFeaturisation, lstm.LSTMBaseline):
   """The LSTM baseline attending over embedded tokens."""
@@ -74,5 +87,6 @@ class LSTMTokens(_FixedFeaturisation, lstm.LSTMBaseline):
   def tick_inputs(self, x, train):
     del train
     k_BxKxNxF, v_BxKxNxF = ctm.project_kv(self, featurise_tokens(self, x))
-    return ctm.TickInputs(), ctm.TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF)
+    return ctm.TickInputs(), ctm.TickInputs(keys_BxKxNxF=k_BxKxNxF, values_BxKxNxF=v_BxKxNxF,
+                                            key_mask_BxN=key_mask(x))
 
