@@ -126,6 +126,29 @@ def test_predict_reads_brackets_as_text():
   assert task.describe(config, np.array([0.0, 2.0])).startswith('valid (p 0.88')
 
 
+def test_accuracy_per_kind_is_read_at_each_examples_most_certain_tick():
+  from ctm_jax.tasks import brackets as brackets_task  # pylint: disable=g-import-not-at-top
+
+  kinds = list(data.KINDS)
+  per_example = {
+      # Right only at tick 1: counted where tick 1 is the most certain.
+      'correct_BxT': np.array([[0, 1, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]], np.float32),
+      'most_certain_B': np.array([1, 0, 0, 2]),
+      'kind_B': np.array([kinds.index('valid'), kinds.index('valid'), kinds.index('swap'), kinds.index('mistype')]),
+  }
+  assert brackets_task.accuracy_by_kind(per_example, 'acc') == {
+      'eval/acc_most_certain_valid': 0.5,
+      'eval/acc_most_certain_swap': 1.0,
+      'eval/acc_most_certain_mistype': 1.0,
+  }
+  # Records say what they are: valid, the edit drawn, or unknown for text from elsewhere.
+  records = _records(count=400)
+  assert {kinds[int(r['kind'])] for r in records} == {'valid', *data.EDITS}
+  assert all((kinds[int(r['kind'])] == 'valid') == bool(r['targets']) for r in records)
+  assert kinds[int(data.record(data.from_text('(]'), 4)['kind'])] == 'unknown'
+  assert kinds[int(data.record(data.from_text('()'), 4)['kind'])] == 'valid'
+
+
 @pytest.mark.parametrize('variant', ['smoke', 'lstm_smoke'])
 def test_the_attention_never_reads_the_padding(variant):
   """What a padded position holds changes no output, and it gets no attention."""

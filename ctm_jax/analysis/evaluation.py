@@ -20,7 +20,8 @@ def concatenate(batches: list[dict]) -> dict[str, np.ndarray]:
   return {key: np.concatenate([np.asarray(b[key]) for b in batches]) for key in batches[0]}
 
 
-def _at(values_NxT, ticks_N):
+def at_ticks(values_NxT, ticks_N):
+  """(N,) each example's value at its own tick."""
   return values_NxT[np.arange(len(ticks_N)), ticks_N]
 
 
@@ -31,7 +32,7 @@ def per_tick(values_NxT, most_certain_N, prefix: str, name: str) -> dict[str, fl
   values_NxT = np.asarray(values_NxT, np.float64)
   most_certain_N = np.asarray(most_certain_N, np.int64)
   scalars = {
-      f'{prefix}/{name}_most_certain': float(_at(values_NxT, most_certain_N).mean()),
+      f'{prefix}/{name}_most_certain': float(at_ticks(values_NxT, most_certain_N).mean()),
       f'{prefix}/{name}_last': float(values_NxT[:, -1].mean()),
   }
   scalars.update({f'{prefix}/{name}_tick_{t}': float(a) for t, a in enumerate(values_NxT.mean(0))})
@@ -50,8 +51,8 @@ def calibration(
       f'{prefix}/ece_last': float(ece_T[-1]),
       f'{prefix}/ece_most_certain': float(
           metrics.calibration_error(
-              _at(confidence_NxT, most_certain_N)[:, None],
-              _at(correct_NxT, most_certain_N)[:, None],
+              at_ticks(confidence_NxT, most_certain_N)[:, None],
+              at_ticks(correct_NxT, most_certain_N)[:, None],
               num_bins,
           )[0]
       ),
@@ -77,6 +78,6 @@ def adaptive(
       ticks=correct_NxT.shape[1],
       examples=len(correct_NxT),
       acc_last=float(correct_NxT[:, -1].mean()),
-      acc_most_certain=float(_at(correct_NxT, np.asarray(most_certain_N, np.int64)).mean()),
+      acc_most_certain=float(at_ticks(correct_NxT, np.asarray(most_certain_N, np.int64)).mean()),
   )
   return scalars, table

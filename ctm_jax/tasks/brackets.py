@@ -43,9 +43,7 @@ def accuracy_by_kind(per_example, name: str) -> dict[str, float]:
   """`eval/<name>_most_certain_<kind>`: held-out accuracy at the most certain
   tick of valid sequences and of each kind of near miss (data/brackets.py's
   KINDS), which says what the model has and has not learnt to read."""
-  correct_N = np.take_along_axis(
-      np.asarray(per_example['correct_BxT']), np.asarray(per_example['most_certain_B'])[:, None], 1
-  )[:, 0]
+  correct_N = evaluation.at_ticks(np.asarray(per_example['correct_BxT']), np.asarray(per_example['most_certain_B']))
   kind_N = np.asarray(per_example['kind_B'])
   return {
       f'eval/{name}_most_certain_{kind}': float(correct_N[kind_N == k].mean())
