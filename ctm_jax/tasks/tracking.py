@@ -87,7 +87,7 @@ def _answer_settings(config):
   if not _is_import(config):
     return int(config.tracking_grid), str(config.tracking_target)
   classes = int(config.model_kwargs['out_dims'])
-  return (16, 'quadrant') if classes == 4 else (int(round(classes**0.5)), 'position')
+  return (None, 'quadrant') if classes == 4 else (int(round(classes**0.5)), 'position')  # a quadrant needs no grid
 
 
 def _settings(config):
