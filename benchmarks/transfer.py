@@ -3,7 +3,7 @@ for the same wall time.
 
 Usage (from the repo root):
   python -m benchmarks.transfer [--budget=600] [--source_run=DIR] [--source_budget=420]
-      [--config=configs/brackets.py:small] [--source_config=configs/parity.py:small]
+      [--config=configs/brackets.py:small_parity_core] [--source_config=configs/parity.py:small]
       [--track_every=250] [--workdir=DIR] [--override=KEY=VALUE ...]
 
 Trains the source config (parity small) for --source_budget seconds unless
@@ -46,9 +46,9 @@ def first_reaching(points, target: float) -> float | None:
   return next((seconds for seconds, _, acc in points if acc >= target), None)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/brackets.py:small')
+  parser.add_argument('--config', default='configs/brackets.py:small_parity_core')
   parser.add_argument('--source_config', default='configs/parity.py:small')
   parser.add_argument('--source_run', default='', help='A run of --source_config to take the core from.')
   parser.add_argument('--source_budget', type=float, default=420.0)
@@ -56,7 +56,11 @@ def main(argv=None):
   parser.add_argument('--track_every', type=int, default=250)
   parser.add_argument('--workdir', default='')
   parser.add_argument('--override', action='append', default=[])
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
 
   root = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix='transfer_'))
   os.makedirs(root, exist_ok=True)
