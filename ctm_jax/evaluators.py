@@ -199,11 +199,7 @@ def attention_arrays(model, variables, images, num_top: int) -> dict[str, jax.Ar
 
 def make_attention_step(model, num_top: int):
   """(state, images) -> `attention_arrays` of a train state's model."""
-
-  def attention_step(state, images):
-    return attention_arrays(model, steps.variables(state, state.params), images, num_top)
-
-  return attention_step
+  return tracked_step(lambda m, variables, images: attention_arrays(m, variables, images, num_top))(model)
 
 
 def feature_grid(model, input_shape) -> tuple[int, int]:
@@ -242,48 +238,89 @@ def replicated_step(context: Context, step, inputs):
   return placed, jitted
 
 
-class TrackedGifs:
+def tracked_step(tracked):
+  """(state, inputs) -> `tracked(model, variables, inputs)` of a train state's model."""
+
+  def make_step(model):
+    def step(state, inputs):
+      return tracked(model, steps.variables(state, state.params), inputs)
+
+    return step
+
+  return make_step
+
+
+class RecordGifs:
   """A gif per held-out record for the first `count` records (process 0), drawn
   from a jitted tracked forward (`make_step(model)`: (state, inputs) -> arrays
-  with a leading batch axis, `attention_BxTxN` among them).
+  with a leading batch axis) of the records' stacked `inputs`.
 
   The records are the same on every process, so they go in replicated; the
   tracked step is jitted once and runs without the logical rules, whose batch
   constraint a few records cannot satisfy. Every process runs it (one SPMD
-  program); process 0 draws.
+  program); process 0 draws each record with `draw(index, record, tracked,
+  step)`, `tracked` being that record's row of every array.
   """
+
+  input_keys = ('inputs',)  # the record fields the model reads; one is passed bare
 
   def __init__(self, context: Context, count: int, make_step):
     self.context = context
-    model = context.model
     count = min(count, len(context.eval_source))
-    self.active = bool(count) and bool(getattr(model, 'heads', 0))
+    self.active = bool(count) and self.can_draw(context.model)
     if not self.active:
-      logging.warning('no attention gifs: the model of task %s does not attend', context.task.name)
       return
-    records = [context.eval_source[i] for i in range(count)]
-    self.images = np.stack([np.asarray(r['inputs']) for r in records])
-    self.targets = [np.asarray(r['targets']) for r in records]
-    self.grid = feature_grid(model, self.images.shape[1:])
-    self.images_global, self.step_fn = replicated_step(context, make_step(model), self.images)
+    self.records = [context.eval_source[i] for i in range(count)]
+    stacked = {k: np.stack([np.asarray(r[k]) for r in self.records]) for k in self.input_keys}
+    self.host_inputs = stacked if len(self.input_keys) > 1 else stacked[self.input_keys[0]]
+    self.inputs, self.step_fn = replicated_step(context, make_step(context.model), self.host_inputs)
 
-  def draw(self, index: int, tracked: dict, attention_Txhxw, step: int):
+  def can_draw(self, model) -> bool:
+    del model
+    return True
+
+  def draw(self, index: int, record, tracked: dict, step: int):
     raise NotImplementedError
 
   def run(self, state, step: int) -> dict[str, float]:
     if not self.active:
       return {}
-    tracked = jax.device_get(self.step_fn(state, self.images_global))
+    tracked = jax.device_get(self.step_fn(state, self.inputs))
     if not self.context.is_chief:
       return {}
-    attention_BxTxN = tracked['attention_BxTxN']
-    grid = self.grid
-    if attention_BxTxN.shape[-1] != grid[0] * grid[1]:
-      raise ValueError(f'attention over {attention_BxTxN.shape[-1]} positions, not a {grid} map')
-    for i in range(len(self.images)):
-      mine = {k: v[i] for k, v in tracked.items()}
-      self.draw(i, mine, attention_BxTxN[i].reshape(-1, *grid), step)
+    for i, record in enumerate(self.records):
+      self.draw(i, record, {k: v[i] for k, v in tracked.items()}, step)
     return {}
+
+
+class TrackedGifs(RecordGifs):
+  """RecordGifs of images whose attention (`attention_BxTxN` among the tracked
+  arrays) is over an h x w feature map: `draw(index, tracked, attention_Txhxw,
+  step)`."""
+
+  def __init__(self, context: Context, count: int, make_step):
+    super().__init__(context, count, make_step)
+    if self.active:
+      self.images = self.host_inputs
+      self.targets = [np.asarray(r['targets']) for r in self.records]
+      self.grid = feature_grid(context.model, self.images.shape[1:])
+
+  def can_draw(self, model) -> bool:
+    if not getattr(model, 'heads', 0):
+      logging.warning('no attention gifs: the model of task %s does not attend', self.context.task.name)
+      return False
+    return True
+
+  def draw(self, index, record, tracked, step):
+    del record
+    attention_TxN = tracked['attention_BxTxN']
+    grid = self.grid
+    if attention_TxN.shape[-1] != grid[0] * grid[1]:
+      raise ValueError(f'attention over {attention_TxN.shape[-1]} positions, not a {grid} map')
+    self.draw_image(index, tracked, attention_TxN.reshape(-1, *grid), step)
+
+  def draw_image(self, index: int, tracked: dict, attention_Txhxw, step: int):
+    raise NotImplementedError
 
 
 class AttentionGifs(TrackedGifs):
@@ -294,7 +331,7 @@ class AttentionGifs(TrackedGifs):
     num_top = min(5, context.model.out_dims)
     super().__init__(context, count, lambda model: make_attention_step(model, num_top))
 
-  def draw(self, index, tracked, attention_Txhxw, step):
+  def draw_image(self, index, tracked, attention_Txhxw, step):
     plots.attention_gif(
         self.images[index],
         attention_Txhxw,

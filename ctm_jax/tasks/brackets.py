@@ -20,7 +20,6 @@ import numpy as np
 
 from ctm_jax import evaluators
 from ctm_jax import sharding
-from ctm_jax import steps
 from ctm_jax.analysis import evaluation
 from ctm_jax.analysis import plots
 from ctm_jax.data import brackets as brackets_data
@@ -101,40 +100,23 @@ def tracked_arrays(model, variables, inputs_BxWxV) -> dict[str, jax.Array]:
   }
 
 
-class SequenceGifs:
+class SequenceGifs(evaluators.RecordGifs):
   """`sequence_<step>_<i>.gif` for the first `count` held-out sequences: per
   tick, the attention over the brackets, P(valid) and the certainty."""
 
   def __init__(self, context, count: int):
-    self.context = context
-    source = context.eval_source
-    self.records = [source[i] for i in range(min(count, len(source)))]
-    model = context.model
+    super().__init__(context, count, evaluators.tracked_step(tracked_arrays))
 
-    def tracked(state, x):
-      return tracked_arrays(model, steps.variables(state, state.params), x)
-
-    inputs = np.stack([r['inputs'] for r in self.records]) if self.records else None
-    if self.records:
-      self.inputs, self.step_fn = evaluators.replicated_step(context, tracked, inputs)
-
-  def run(self, state, step: int) -> dict[str, float]:
-    if not self.records:
-      return {}
-    arrays = jax.device_get(self.step_fn(state, self.inputs))
-    if not self.context.is_chief:
-      return {}
-    for i, record in enumerate(self.records):
-      sequence_gif(
-          record['tokens'],
-          arrays['attention_BxTxW'][i],
-          arrays['p_valid_BxT'][i],
-          arrays['certainty_BxT'][i],
-          os.path.join(self.context.plot_dir, f'sequence_{step:07d}_{i}.gif'),
-          answer=int(record['targets']),
-          title=f'step {step}, eval sequence {i}: ',
-      )
-    return {}
+  def draw(self, index, record, tracked, step):
+    sequence_gif(
+        record['tokens'],
+        tracked['attention_BxTxW'],
+        tracked['p_valid_BxT'],
+        tracked['certainty_BxT'],
+        os.path.join(self.context.plot_dir, f'sequence_{step:07d}_{index}.gif'),
+        answer=int(record['targets']),
+        title=f'step {step}, eval sequence {index}: ',
+    )
 
 
 @base.register

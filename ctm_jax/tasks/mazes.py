@@ -16,7 +16,6 @@ import numpy as np
 
 from ctm_jax import evaluators
 from ctm_jax import losses
-from ctm_jax import steps
 from ctm_jax.analysis import plots
 from ctm_jax.data import mazes as maze_data
 from ctm_jax.models import ff as ff_model
@@ -71,23 +70,16 @@ def route_arrays(model, variables, images):
   }
 
 
-def _make_route_step(model):
-  def route_step(state, images):
-    return route_arrays(model, steps.variables(state, state.params), images)
-
-  return route_step
-
-
 class RouteGifs(evaluators.TrackedGifs):
   """`route_<step>_<i>.gif` for the first `count` held-out mazes: per tick, the
   attention over the maze and the route predicted at that tick, walked from the
   start (the paper's maze figure)."""
 
   def __init__(self, context, count: int, expand_range: bool):
-    super().__init__(context, count, _make_route_step)
+    super().__init__(context, count, evaluators.tracked_step(route_arrays))
     self.expand_range = expand_range
 
-  def draw(self, index, tracked, attention_Txhxw, step):
+  def draw_image(self, index, tracked, attention_Txhxw, step):
     draw_route_gif(
         self.images[index],
         self.expand_range,

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctm_jax import evaluators
-from ctm_jax import steps
 from ctm_jax.analysis import plots
 from ctm_jax.data import qamnist as qa_data
 from ctm_jax.models import qamnist as qa_model
@@ -86,41 +85,27 @@ def draw_question(model, record, probs_TxC, certainty_T, attention_TxN, path, an
   )
 
 
-class QuestionGifs:
+class QuestionGifs(evaluators.RecordGifs):
   """`question_<step>_<i>.gif` for the first `count` held-out questions:
   each of the example's own ticks, the digit shown under the attention (or
   the question token), every answer's probability and the certainty."""
 
+  input_keys = qa_model.QA_INPUT_KEYS
+
   def __init__(self, context, count: int):
-    self.context = context
-    count = min(count, len(context.eval_source))
-    self.records = [context.eval_source[i] for i in range(count)]
-    inputs = {k: np.stack([r[k] for r in self.records]) for k in qa_model.QA_INPUT_KEYS}
-    model = context.model
+    super().__init__(context, count, evaluators.tracked_step(tracked_arrays))
 
-    def tracked(state, x):
-      return tracked_arrays(model, steps.variables(state, state.params), x)
-
-    self.inputs, self.step_fn = evaluators.replicated_step(context, tracked, inputs)
-
-  def run(self, state, step: int) -> dict[str, float]:
-    if not self.records:
-      return {}
-    arrays = jax.device_get(self.step_fn(state, self.inputs))
-    if not self.context.is_chief:
-      return {}
-    for i, record in enumerate(self.records):
-      draw_question(
-          self.context.model,
-          record,
-          arrays['probs_BxTxC'][i],
-          arrays['certainty_BxT'][i],
-          arrays['attention_BxTxN'][i],
-          os.path.join(self.context.plot_dir, f'question_{step:07d}_{i}.gif'),
-          answer=int(record['targets']),
-          title=f'step {step}, eval question {i}: ',
-      )
-    return {}
+  def draw(self, index, record, tracked, step):
+    draw_question(
+        self.context.model,
+        record,
+        tracked['probs_BxTxC'],
+        tracked['certainty_BxT'],
+        tracked['attention_BxTxN'],
+        os.path.join(self.context.plot_dir, f'question_{step:07d}_{index}.gif'),
+        answer=int(record['targets']),
+        title=f'step {step}, eval question {index}: ',
+    )
 
 
 def _parse_question(text: str, source: str, dataset: str):

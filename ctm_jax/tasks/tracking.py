@@ -18,7 +18,6 @@ from matplotlib import patches
 import numpy as np
 
 from ctm_jax import evaluators
-from ctm_jax import steps
 from ctm_jax.analysis import plots
 from ctm_jax.data import tracking as tracking_data
 from ctm_jax.models import tracking as tracking_model
@@ -37,38 +36,21 @@ def tracked_arrays(model, variables, frames_BxFxGxGx1) -> dict[str, jax.Array]:
   }
 
 
-class TrackingGifs:
+class TrackingGifs(evaluators.RecordGifs):
   """`tracking_<step>_<i>.gif` for the first `count` held-out examples."""
 
   def __init__(self, context, count: int):
-    self.context = context
-    source = context.eval_source
-    self.records = [source[i] for i in range(min(count, len(source)))]
-    model = context.model
+    super().__init__(context, count, evaluators.tracked_step(tracked_arrays))
 
-    def tracked(state, x):
-      return tracked_arrays(model, steps.variables(state, state.params), x)
-
-    if self.records:
-      inputs = np.stack([r['inputs'] for r in self.records])
-      self.inputs, self.step_fn = evaluators.replicated_step(context, tracked, inputs)
-
-  def run(self, state, step: int) -> dict[str, float]:
-    if not self.records:
-      return {}
-    arrays = jax.device_get(self.step_fn(state, self.inputs))
-    if not self.context.is_chief:
-      return {}
+  def draw(self, index, record, tracked, step):
     config, model = self.context.config, self.context.model
-    for i, record in enumerate(self.records):
-      tracking_gif(
-          record['inputs'], tracking_model.frame_of_tick(model.iterations, record['inputs'].shape[0],
-                                                         model.ticks_per_frame),
-          arrays['attention_BxTxN'][i], arrays['probs_BxTxC'][i], arrays['certainty_BxT'][i],
-          config.tracking_target, os.path.join(self.context.plot_dir, f'tracking_{step:07d}_{i}.gif'),
-          answer=record['position'], title=f'step {step}, eval example {i}: ',
-      )
-    return {}
+    tracking_gif(
+        record['inputs'], tracking_model.frame_of_tick(model.iterations, record['inputs'].shape[0],
+                                                       model.ticks_per_frame),
+        tracked['attention_BxTxN'], tracked['probs_BxTxC'], tracked['certainty_BxT'],
+        config.tracking_target, os.path.join(self.context.plot_dir, f'tracking_{step:07d}_{index}.gif'),
+        answer=record['position'], title=f'step {step}, eval example {index}: ',
+    )
 
 
 def _describe_class(target: str, grid: int, cls: int) -> str:
