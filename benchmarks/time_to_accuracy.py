@@ -4,7 +4,7 @@ Usage (from the repo root):
   python -m benchmarks.time_to_accuracy [--config=configs/parity.py:small]
       [--metric=eval/acc_most_certain] [--thresholds=0.9,0.99] [--workdir=DIR]
       [--track_every=250] [--json=PATH] [--seed=N | --seeds=0,1,2]
-      [--override=KEY=VALUE ...] [--run_to_end]
+      [--override=KEY=VALUE ...] [--run_to_end] [--budget=SECONDS]
 
 Trains the config from scratch in a fresh workdir, evaluating on the held-out
 set every --track_every steps, and prints a table of the first eval (step, wall
@@ -12,7 +12,8 @@ seconds since the trainer started, compile included) at which --metric (default:
 accuracy at the most-certain tick; per bit for parity) reaches each threshold,
 and every eval as it comes (the curve against wall time). It stops once the
 last threshold is reached or the config's training_iterations are done
-(--run_to_end: always train to the end, to time the whole default run).
+(--run_to_end: always train to the end, to time the whole default run;
+--budget=S: stop each run after S seconds, for a target "within N minutes").
 E.g. the laptop maze run: --config=configs/mazes.py:small
 --metric=eval/solved_most_certain --thresholds=0.5,0.8 --track_every=500.
 
@@ -54,11 +55,16 @@ def _command(config, workdir, track_every, seed, overrides):
   return command
 
 
-def _follow(process, metrics_path, records, metric, stop_at):
-  """Appends the eval records of metrics.jsonl until the trainer exits."""
+def _follow(process, metrics_path, records, metric, stop_at, deadline=None):
+  """Appends the eval records of metrics.jsonl until the trainer exits (SIGTERM
+  at `deadline`, a time.perf_counter() value, if it is still running then)."""
   seen = 0
+  stopped = False
   while True:
     finished = process.poll() is not None
+    if not finished and not stopped and deadline is not None and time.perf_counter() >= deadline:
+      process.send_signal(signal.SIGTERM)  # the budget is spent: checkpoints and exits cleanly
+      stopped = True
     if os.path.exists(metrics_path):
       with open(metrics_path) as f:
         lines = f.readlines()
@@ -91,9 +97,10 @@ def _follow(process, metrics_path, records, metric, stop_at):
     time.sleep(1.0)
 
 
-def _run(command, workdir, metric, stop_at):
+def _run(command, workdir, metric, stop_at, budget_s=None):
   """Trains in a subprocess, following metrics.jsonl; SIGTERM once `stop_at` is reached
-  (never when `stop_at` is None). Returns the eval records and the process's wall seconds."""
+  (never when `stop_at` is None) or `budget_s` seconds have passed. Returns the eval
+  records and the process's wall seconds."""
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   os.makedirs(workdir, exist_ok=True)
   records = []
@@ -102,7 +109,7 @@ def _run(command, workdir, metric, stop_at):
   with open(os.path.join(workdir, 'stderr.log'), 'w') as stderr:
     process = subprocess.Popen(command, cwd=REPO, stderr=stderr)
     try:
-      _follow(process, metrics_path, records, metric, stop_at)
+      _follow(process, metrics_path, records, metric, stop_at, None if budget_s is None else started + budget_s)
     except BaseException:  # Ctrl-C or SIGTERM here: the trainer checkpoints and exits too
       if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -178,6 +185,13 @@ def main(argv=None):
       action='store_true',
       help='train all training_iterations instead of stopping at the last threshold',
   )
+  parser.add_argument(
+      '--budget',
+      type=float,
+      default=None,
+      metavar='SECONDS',
+      help='stop each run after this much wall time (a target "within N minutes"), reached or not',
+  )
   args = parser.parse_args(argv)
   # A SIGTERM to this script stops the trainer too (see _run), as Ctrl-C does.
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -197,7 +211,7 @@ def main(argv=None):
   for seed, workdir in zip(seed_list, workdirs):
     command = _command(args.config, workdir, args.track_every, seed, args.override)
     print(f"# seed {'config default' if seed is None else seed}: {' '.join(command)}", flush=True)
-    records, wall_s, returncode = _run(command, workdir, args.metric, stop_at)
+    records, wall_s, returncode = _run(command, workdir, args.metric, stop_at, args.budget)
     hits = {t: next((r for r in records if r[args.metric] >= t), None) for t in args.thresholds}
     runs.append(
         dict(
@@ -226,6 +240,7 @@ def main(argv=None):
       f'# overrides: {overrides} | eval every '
       f"{dict(args.override).get('track_every', args.track_every)} steps | "
       f"{'whole run' if args.run_to_end else f'stops at {max(args.thresholds):.0%}'}"
+      f"{'' if args.budget is None else f' or after {args.budget:.0f} s'}"
   )
   print(
       f'{args.metric}: first eval step and wall s since the trainer started (compile '
@@ -256,6 +271,7 @@ def main(argv=None):
         'metric': args.metric,
         'overrides': dict(args.override),
         'run_to_end': args.run_to_end,
+        'budget_s': args.budget,
         'runs': [
             {**run, 'thresholds': {str(t): r for t, r in run['thresholds'].items()}}
             for run in runs

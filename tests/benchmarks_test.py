@@ -533,3 +533,24 @@ def test_every_benchmark_takes_its_shared_parts_from_the_harness():
     tree = ast.parse(source)
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert not defined & set(_HARNESS), f'{name} defines its own {sorted(defined & set(_HARNESS))}'
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_stops_each_run_when_its_budget_is_spent(tmp_path):
+  from benchmarks import time_to_accuracy  # pylint: disable=g-import-not-at-top
+
+  budget = 30.0
+  time_to_accuracy.main([
+      '--config=configs/parity.py:smoke', f'--workdir={tmp_path / "tta"}', '--thresholds=2',
+      f'--budget={budget}', '--track_every=10', '--override=training_iterations=1000000',
+      f'--json={tmp_path / "tta.json"}',
+  ])
+  result = json.loads((tmp_path / 'tta.json').read_text())
+  assert result['budget_s'] == budget
+  run = result['runs'][0]
+  assert run['returncode'] == 0  # stopped as a user stops it: checkpointed, not killed
+  assert run['thresholds'] == {'2.0': None}
+  assert run['records'], 'it evaluated before the budget ran out'
+  assert budget <= run['wall_s'] < budget + 60
+  assert run['records'][-1]['step'] < 1_000_000
+  assert any((tmp_path / 'tta' / 'checkpoints').iterdir())
