@@ -7,8 +7,8 @@ Variants (`--config=configs/brackets.py:<variant>`):
             brackets, tested for length generalisation on 25-40.
   small     parity small's core (D 128, d_input 64, memory 10) with a wider
             readout (synch out 64, not 16), 15 ticks; sequences of 2-12
-            brackets, long ones 13-20; 20k steps (~25 min on a 2-core CPU;
-            docs/results.md: 94.7% held out in about 3 minutes).
+            brackets, long ones 13-20; 20k steps (~27 min on a 2-core CPU;
+            docs/results.md: 94.7% held out in 137 s on the default seed).
   small_parity_core
             `small` with parity small's core exactly (synch out 16), so
             `--config.init_from=<a parity small run>
@@ -92,7 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.track_every = 1000
     if variant == 'small':
       # The answer read from 16 pairs was the limit: 88% in 600 s; from 64,
-      # 94.7% in 176 s and length generalisation 52% -> ~80% (docs/results.md).
+      # 94.7% in 137 s on the default seed and length generalisation ~80%
+      # (docs/results.md: four seeds of six pass within 4 min, two stall near 85%).
       config.model.n_synch_out = 64
     return config
   config.brackets_max_length = 8
