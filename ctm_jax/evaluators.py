@@ -295,8 +295,8 @@ class RecordGifs:
 
 class TrackedGifs(RecordGifs):
   """RecordGifs of images whose attention (`attention_BxTxN` among the tracked
-  arrays) is over an h x w feature map: `draw(index, tracked, attention_Txhxw,
-  step)`."""
+  arrays) is over an h x w feature map: subclasses draw with
+  `draw_image(index, tracked, attention_Txhxw, step)`."""
 
   def __init__(self, context: Context, count: int, make_step):
     super().__init__(context, count, make_step)

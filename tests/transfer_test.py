@@ -147,13 +147,11 @@ def test_the_transfer_benchmark_trains_both_and_plots_them(tmp_path, capsys):
 
 def test_the_benchmarks_default_configs_share_a_core_and_small_does_not():
   """benchmarks/transfer.py's defaults must transfer; brackets `small` widens the readout."""
-  from ctm_jax.configs import brackets  # pylint: disable=g-import-not-at-top
+  from benchmarks import compare_baselines  # pylint: disable=g-import-not-at-top
   import benchmarks.transfer as transfer_bench  # pylint: disable=g-import-not-at-top
 
   def core(spec):
-    name, variant = spec.split('/')[-1].split(':')
-    module = {'brackets.py': brackets, 'parity.py': parity}[name]
-    model = module.get_config(variant).model
+    model = compare_baselines._load_config(spec, []).model  # pylint: disable=protected-access  # the benchmarks' reading of a spec
     return {field: model.get(field) for field in ctm_lib.CORE_FIELDS}
 
   parser_defaults = transfer_bench.parse_args([])
