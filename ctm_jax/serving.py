@@ -186,3 +186,163 @@ def batched(model, *, batch: int, max_ticks: int | None = None):
       variables, inputs, jnp.asarray(threshold, jnp.float32)
   )
 
+
+
+class Slots:
+  """Continuous batching for a live server: `slots` examples tick together,
+  and examples join and leave at any tick, each with its own threshold and
+  tick limit. The host drives it in rounds:
+
+    carry = slots.empty(example_inputs)
+    carry = slots.admit(carry, inputs_S, take_S, threshold_S, limit_S)
+    carry, done_S = slots.run(carry, rounds)
+    history = slots.history(carry, done_slots)
+
+  `admit` featurises S examples in one compiled program and puts those with
+  `take_S` into their slots (fresh state, tick 0). `run` ticks every slot
+  until a busy one stops (certainty >= its threshold, or its limit), none is
+  busy, or `rounds` ticks have passed; stopped slots are free again. Each
+  slot keeps its example's every tick (predictions, certainty, and with
+  `trace` the head-averaged attention) so a finished example's whole history
+  leaves with it (`history`). Compiles once per input shape; thresholds,
+  limits and rounds are arguments.
+
+  Dimension glossary (also): T max ticks a slot may run, N attended positions.
+  """
+
+  def __init__(self, model, variables, *, slots: int = 64, max_ticks: int | None = None, trace: bool = False):
+    if not isinstance(slots, int) or slots < 1:
+      raise ValueError(f'slots={slots!r}: must be a positive integer')
+    self.model = model
+    self.variables = variables
+    self.slots = slots
+    self.max_ticks = max_ticks or model.iterations
+    if self.max_ticks < 1:
+      raise ValueError(f'max_ticks={max_ticks!r}: must be a positive integer')
+    self.trace = bool(trace) and bool(getattr(model, 'heads', 0))
+    self._admit = jax.jit(self._admit_fn, donate_argnums=1)
+    self._run = jax.jit(self._run_fn, donate_argnums=1)
+    self._tick = model.make_tick(track=self.trace)
+
+  def _prepared(self, variables, inputs_S):
+    return self.model.apply(variables, inputs_S, prepare=True)
+
+  def empty(self, example_inputs_S):
+    """A carry with every slot free, for inputs shaped as `example_inputs_S`
+    (S examples: their values are not used)."""
+    shapes = jax.eval_shape(self._prepared, self.variables, example_inputs_S)
+    # The synchronisation's pairs and decays are the model's, not the input's.
+    synch_params = jax.jit(lambda v, x: self._prepared(v, x).synch_params)(self.variables, example_inputs_S)
+    slots, ticks, out_dims = self.slots, self.max_ticks, self.model.out_dims
+    prepared = shapes
+    carry = dict(
+        synch_params=synch_params,
+        state=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), prepared.state),
+        fixed=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), prepared.fixed),
+        ticks_S=jnp.zeros((slots,), jnp.int32),
+        busy_S=jnp.zeros((slots,), bool),
+        sure_S=jnp.zeros((slots,), bool),
+        threshold_S=jnp.zeros((slots,), jnp.float32),
+        limit_S=jnp.zeros((slots,), jnp.int32),
+        predictions_SxTxO=jnp.zeros((slots, ticks, out_dims), jnp.float32),
+        certainty_SxT=jnp.zeros((slots, ticks), jnp.float32),
+    )
+    if self.trace:
+      positions = jax.tree.leaves(prepared.fixed.keys_BxKxNxF)[0].shape[2]
+      carry['attention_SxTxN'] = jnp.zeros((slots, ticks, positions), jnp.float32)
+    return carry
+
+  def admit(self, carry, inputs_S, take_S, threshold_S, limit_S):
+    """`carry` with the examples where `take_S` in their slots (each slot must
+    be free), thresholds `threshold_S` and tick limits `limit_S` (<= max_ticks)."""
+    return self._admit(
+        self.variables,
+        carry,
+        inputs_S,
+        jnp.asarray(take_S, bool),
+        jnp.asarray(threshold_S, jnp.float32),
+        jnp.asarray(limit_S, jnp.int32),
+    )
+
+  def _admit_fn(self, variables, carry, inputs_S, take_S, threshold_S, limit_S):
+    prepared = self._prepared(variables, inputs_S)
+    zeros = lambda a: jnp.where(  # noqa: E731
+        take_S.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.zeros_like(a), a
+    )
+    return dict(
+        carry,
+        state=_select(take_S, prepared.state, carry['state']),
+        fixed=_select(take_S, prepared.fixed, carry['fixed']),
+        ticks_S=jnp.where(take_S, 0, carry['ticks_S']),
+        busy_S=carry['busy_S'] | take_S,
+        sure_S=carry['sure_S'] & ~take_S,
+        threshold_S=jnp.where(take_S, threshold_S, carry['threshold_S']),
+        limit_S=jnp.where(take_S, jnp.clip(limit_S, 1, self.max_ticks), carry['limit_S']),
+        **{k: zeros(carry[k]) for k in carry if k.endswith(('SxTxO', 'SxT', 'SxTxN'))},
+        synch_params=prepared.synch_params,
+    )
+
+  def run(self, carry, rounds: int):
+    """(carry, done_S): ticks until a busy slot stops, none is busy, or
+    `rounds` ticks; done_S marks the slots that stopped (free now)."""
+    carry, done_S = self._run(self.variables, carry, jnp.asarray(rounds, jnp.int32))
+    return carry, done_S
+
+  def _run_fn(self, variables, carry, rounds):
+    tick_params = {'params': variables['params']['tick']}
+    slots = self.slots
+    rows_S = jnp.arange(slots)
+
+    def cond(loop):
+      t, c, done_S = loop
+      return (t < rounds) & jnp.any(c['busy_S']) & ~jnp.any(done_S)
+
+    def body(loop):
+      t, c, done_S = loop
+      state, out = self._tick.apply(tick_params, c['state'], ctm_lib.TickInputs(), c['fixed'], c['synch_params'])
+      busy_S = c['busy_S']
+      # Free slots tick too (one program for all); their rows are not written.
+      at_S = jnp.where(busy_S, c['ticks_S'], self.max_ticks)
+      certainty_S = out['certainties'][:, 1].astype(jnp.float32)
+      new = dict(
+          predictions_SxTxO=c['predictions_SxTxO'].at[rows_S, at_S].set(
+              out['predictions'].astype(jnp.float32), mode='drop'
+          ),
+          certainty_SxT=c['certainty_SxT'].at[rows_S, at_S].set(certainty_S, mode='drop'),
+      )
+      if self.trace:
+        attention_SxN = out['attention'][:, :, 0, :].astype(jnp.float32).mean(axis=1)
+        new['attention_SxTxN'] = c['attention_SxTxN'].at[rows_S, at_S].set(attention_SxN, mode='drop')
+      ticks_S = jnp.where(busy_S, c['ticks_S'] + 1, c['ticks_S'])
+      sure_S = certainty_S >= c['threshold_S']
+      stop_S = busy_S & (sure_S | (ticks_S >= c['limit_S']))
+      c = dict(
+          c,
+          **new,
+          state=state,
+          ticks_S=ticks_S,
+          busy_S=busy_S & ~stop_S,
+          sure_S=jnp.where(stop_S, sure_S, c['sure_S']),
+      )
+      return t + 1, c, done_S | stop_S
+
+    _, carry, done_S = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), carry, jnp.zeros((slots,), bool))
+    )
+    return carry, done_S
+
+  def history(self, carry, slots_K) -> list[dict]:
+    """Per slot in `slots_K` (host ints): its example's `ticks` used, whether
+    it was `sure` (reached its threshold), and every tick's `predictions_TxO`,
+    `certainty_T` (and `attention_TxN` with `trace`), up to its stopping tick."""
+    index_K = jnp.asarray(slots_K, jnp.int32)
+    keys = [k for k in ('predictions_SxTxO', 'certainty_SxT', 'attention_SxTxN') if k in carry]
+    got = jax.device_get({k: carry[k][index_K] for k in (*keys, 'ticks_S', 'sure_S')})
+    out = []
+    for i in range(len(slots_K)):
+      ticks = int(got['ticks_S'][i])
+      row = {'ticks': ticks, 'sure': bool(got['sure_S'][i])}
+      for k in keys:
+        row[k.replace('SxT', 'T')] = got[k][i][:ticks]
+      out.append(row)
+    return out

@@ -478,10 +478,11 @@ class ContinuousThoughtMachine(nn.Module):
   def synch_size_action(self) -> int:
     return synch.synch_size(self.neuron_select_type, self.n_synch_action)
 
-  def make_tick(self) -> 'Tick':
+  def make_tick(self, track: bool = False) -> 'Tick':
     """The inference tick, unbound: apply it with `{'params': params['tick']}`
-    to (state, TickInputs(), prepared.fixed, prepared.synch_params)."""
-    return Tick(**self._tick_kwargs(False, False), parent=None)
+    to (state, TickInputs(), prepared.fixed, prepared.synch_params); with
+    `track`, its outputs carry the attention too."""
+    return Tick(**self._tick_kwargs(False, track), parent=None)
 
   def _tick_kwargs(self, train, track):
     return dict(
