@@ -47,12 +47,14 @@ _EXTRAS = {
     'gcs': ['gcsfs>=2024.2,<2028', 'google-cloud-storage>=2.14,<4'],
     # Running notebooks/ outside Colab (`jupyter execute`), as the slow tests do.
     'notebooks': ['ipykernel>=6,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.9,<6'],
+    # python -m ctm_jax.serve: an ASGI app (Starlette) under uvicorn; httpx for its clients and tests.
+    'serve': ['starlette>=0.40,<2', 'uvicorn>=0.30,<1', 'httpx>=0.27,<1'],
 }
 # The default suite covers RL, the tfds pipeline and the Hub; gymnasium's MiniGrid is
 # what our FourRooms is checked against.
 _EXTRAS['test'] = [
     'pytest>=8,<10', 'pytest-xdist>=3.5,<4', 'minigrid>=2.3,<4', 'gymnasium>=1.0,<2',
-    *_EXTRAS['rl'], *_EXTRAS['tfds'], *_EXTRAS['hub'], *_EXTRAS['gcs'],
+    *_EXTRAS['rl'], *_EXTRAS['tfds'], *_EXTRAS['hub'], *_EXTRAS['gcs'], *_EXTRAS['serve'],
     # A GCS emulator on 127.0.0.1 for the gs:// tests (no credentials, no network).
     'gcp-storage-emulator>=2024.8,<2028',
 ]
@@ -108,6 +110,7 @@ setuptools.setup(
             'ctm-predict=ctm_jax.predict:run',
             'ctm-export=ctm_jax.export:run',
             'ctm-import=ctm_jax.interop.torch:run',
+            'ctm-serve=ctm_jax.serve:run',
         ],
     },
 )

@@ -1,0 +1,229 @@
+"""The HTTP server (`python -m ctm_jax.serve`): served answers equal the
+model's own at the reported tick under concurrent clients with mixed
+thresholds, every request is answered once, bad requests get one line and a
+4xx while the server stays up, and SIGTERM drains what is in flight."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip('starlette', reason='the serve extra is not installed: pip install -e ".[serve]"')
+httpx = pytest.importorskip('httpx', reason='the serve extra is not installed: pip install -e ".[serve]"')
+uvicorn = pytest.importorskip('uvicorn', reason='the serve extra is not installed: pip install -e ".[serve]"')
+
+from ctm_jax import serve  # pylint: disable=g-import-not-at-top
+from ctm_jax import tasks  # pylint: disable=g-import-not-at-top
+from ctm_jax.configs import parity as parity_configs  # pylint: disable=g-import-not-at-top
+from early_exit_test import _full_run  # pylint: disable=g-import-not-at-top
+from early_exit_test import _model  # pylint: disable=g-import-not-at-top
+from serving_test import _thresholds_between  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def served():
+  config = parity_configs.get_config('smoke')
+  task = tasks.get(config.task)
+  model, variables, _ = _model(config, 10.0, 10.0)
+  app = serve.make_app(model, variables, config, task, slots=4, threshold=0.9, max_ticks=2 * model.iterations,
+                       max_wait_ms=2.0, max_pending=64)
+  port = _free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    try:
+      if httpx.get(url + '/healthz', timeout=1).status_code == 200:
+        break
+    except httpx.HTTPError:
+      time.sleep(0.2)
+  else:
+    raise AssertionError('the server did not come up')
+  yield dict(url=url, model=model, variables=variables, config=config, task=task)
+  server.should_exit = True
+  thread.join(30)
+
+
+def _bits(inputs_L) -> str:
+  return ''.join('1' if v < 0 else '0' for v in inputs_L)  # parity reads a 1 as -1
+
+
+def test_concurrent_requests_with_mixed_thresholds_equal_the_models_own_ticks(served):
+  model, variables, config, task = served['model'], served['variables'], served['config'], served['task']
+  queue = 24
+  inputs = np.asarray(task.model_inputs(task.synthetic_batch(config, queue, seed=6)))
+  texts = [_bits(row) for row in inputs]
+  np.testing.assert_array_equal(task.read_input(config, texts[0])['inputs'][0], inputs[0])
+  max_ticks = 2 * model.iterations
+  predictions_QxOxT, certainties_Qx2xT = _full_run(model, variables, inputs, max_ticks)
+  certainty_QxT = certainties_Qx2xT[:, 1]
+  rng = np.random.default_rng(3)
+  choices = [*_thresholds_between(certainty_QxT, rng, 3), 1.5]
+  thresholds = [float(rng.choice(choices)) for _ in range(queue)]
+  limits = [int(t) for t in rng.integers(1, max_ticks + 1, queue)]
+
+  def ask(q):
+    body = {'input': texts[q], 'threshold': thresholds[q], 'max_ticks': limits[q], 'trace': q % 2 == 0}
+    return httpx.post(served['url'] + '/v1/predict', json=body, timeout=120)
+
+  with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    replies = list(pool.map(ask, range(queue)))
+  for q, reply in enumerate(replies):
+    assert reply.status_code == 200, reply.text
+    got = reply.json()
+    sure_T = certainty_QxT[q, : limits[q]] >= thresholds[q]
+    ticks = int(np.argmax(sure_T)) + 1 if sure_T.any() else limits[q]
+    assert got['ticks_used'] == ticks
+    assert got['exit'] == ('threshold' if sure_T.any() else 'max_ticks')
+    np.testing.assert_allclose(got['prediction'], predictions_QxOxT[q, :, ticks - 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got['certainty'], certainty_QxT[q, ticks - 1], rtol=1e-5, atol=1e-5)
+    assert [t['answer'] for t in got['ticks']] == [
+        task.describe(config, predictions_QxOxT[q, :, t]) for t in range(ticks)
+    ]
+    assert got['answer'] == got['ticks'][-1]['answer']
+    assert ('attention' in got) == (q % 2 == 0)
+    if 'attention' in got:
+      assert np.asarray(got['attention']).shape == (ticks, inputs.shape[1])
+  assert len({r.json()['ticks_used'] for r in replies}) > 3
+  metrics = httpx.get(served['url'] + '/metrics').text
+  assert 'ctm_requests_total{status="200"}' in metrics
+  assert 'ctm_request_seconds_bucket{le="+Inf"}' in metrics and 'ctm_slots 4' in metrics
+
+
+def _npy_b64(array) -> str:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    'body, status, named',
+    [
+        (b'{not json', 400, 'body: not JSON'),
+        (b'[1, 2]', 400, 'body: a JSON list'),
+        (json.dumps({'inputs': '0101'}).encode(), 400, 'inputs: not a field'),
+        (json.dumps({'threshold': 0.5}).encode(), 400, 'input: missing'),
+        (json.dumps({'input': '01', 'threshold': 'high'}).encode(), 400, "threshold: 'high'"),
+        (json.dumps({'input': '01', 'threshold': -1}).encode(), 400, 'threshold: -1'),
+        (json.dumps({'input': '01', 'max_ticks': 0}).encode(), 400, 'max_ticks: 0'),
+        (json.dumps({'input': '01', 'max_ticks': 10_000}).encode(), 400, 'max_ticks: 10000'),
+        (json.dumps({'input': '01', 'trace': 'yes'}).encode(), 400, "trace: 'yes'"),
+        (json.dumps({'input': '01'}).encode(), 400, 'input: (2,) values; the model reads 8'),
+        (json.dumps({'input': 'hello'}).encode(), 400, 'input:'),
+        (json.dumps({'input': 7}).encode(), 400, 'input: send text'),
+        (json.dumps({'input': {'npy_base64': '@@@'}}).encode(), 400, 'input.npy_base64: not base64'),
+        (json.dumps({'input': {'npy_base64': base64.b64encode(b'junk').decode()}}).encode(), 400, 'input.npy_base64:'),
+        (json.dumps({'input': {'npy_base64': _npy_b64(np.full(8, np.nan, np.float32))}}).encode(), 400, 'NaN'),
+        (json.dumps({'input': '/etc/passwd'}).encode(), 400, 'input:'),
+        (b'x' * (serve.MAX_BODY_BYTES + 1), 413, 'body:'),
+    ],
+)
+def test_a_bad_request_is_one_line_naming_the_field_and_the_server_stays_up(served, body, status, named):
+  reply = httpx.post(served['url'] + '/v1/predict', content=body, timeout=60)
+  assert reply.status_code == status, reply.text
+  message = reply.json()['error']
+  assert named in message and '\n' not in message and 'Traceback' not in message
+  assert '/tmp' not in message and 'ctm_serve_' not in message  # no private path leaks
+  assert httpx.get(served['url'] + '/healthz').status_code == 200
+
+
+def test_model_describes_what_is_served(served):
+  got = httpx.get(served['url'] + '/v1/model').json()
+  assert got['task'] == 'parity' and got['slots'] == 4 and got['max_ticks'] == 2 * served['model'].iterations
+  assert got['parameters'] == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(served['variables']['params']))
+
+
+@pytest.fixture(scope='module')
+def parity_run(tmp_path_factory):
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path_factory.mktemp('serve') / 'run'
+  config = parity_configs.get_config('smoke')
+  config.training_iterations, config.save_every, config.track_every = 10, 10, 10
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def _start(workdir, *flags):
+  port = _free_port()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={workdir}', f'--port={port}', *flags],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 180
+  while time.time() < deadline and process.poll() is None:
+    try:
+      if httpx.get(url + '/healthz', timeout=1).status_code == 200:
+        return process, url
+    except httpx.HTTPError:
+      time.sleep(0.3)
+  process.kill()
+  raise AssertionError(f'the server did not come up: {process.communicate()}')
+
+
+def test_sigterm_finishes_the_requests_in_flight_and_exits_0(parity_run):
+  # One slot and 3000 ticks each: the requests are still running when SIGTERM comes.
+  process, url = _start(parity_run, '--slots=1', '--max_ticks=3000')
+  try:
+    body = {'input': '01101001', 'threshold': 2.0}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      replies = [pool.submit(httpx.post, url + '/v1/predict', json=body, timeout=120) for _ in range(4)]
+      deadline = time.time() + 60
+      # All four in: one in the slot, three waiting for it.
+      while not {'ctm_slots_busy 1', 'ctm_pending 3'} <= set(httpx.get(url + '/metrics').text.splitlines()):
+        assert time.time() < deadline
+        time.sleep(0.05)
+      process.send_signal(signal.SIGTERM)
+      answered = [r.result() for r in replies]
+    assert [r.status_code for r in answered] == [200] * 4
+    assert all(r.json()['ticks_used'] == 3000 for r in answered)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+  finally:
+    if process.poll() is None:
+      process.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    'flags, named',
+    [(('--slots=0',), '--slots=0'), (('--max_ticks=0',), '--max_ticks=0'), (('--threshold=0',), '--threshold=0')],
+)
+def test_bad_flags_are_one_line(parity_run, flags, named):
+  done = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={parity_run}', *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+  assert done.returncode == 2
+  assert named in done.stderr and 'Traceback' not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_workdir_is_one_line(tmp_path):
+  done = subprocess.run(
+      [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={tmp_path / "nothing"}'],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+  assert done.returncode == 2 and 'nothing' in done.stderr and 'Traceback' not in done.stderr
