@@ -288,7 +288,20 @@ def read_payload(task, config, payload) -> dict:
   return batch
 
 
-def answer(task, config, history: dict, trace: bool) -> dict:
+def probabilities(predictions_TxO, classes: int) -> np.ndarray:
+  """(T, O / classes, classes): each tick's output as the loss reads it, a
+  softmax over the last axis of the model's prediction_reshaper."""
+  logits = np.asarray(predictions_TxO, np.float64).reshape(len(predictions_TxO), -1, classes)
+  logits = logits - logits.max(axis=-1, keepdims=True)
+  weights = np.exp(logits)
+  return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def answer(task, config, history: dict, trace: bool, classes: int, inputs=None) -> dict:
+  """The response to a predict request from its slot's history; `trace` adds
+  what the page draws: every tick's attention per head (`attention`: T x K x
+  N) and class probabilities (`probabilities`: T x rows x classes), and the
+  model input it read (`input`)."""
   predictions_TxO = history['predictions_TxO']
   ticks = history['ticks']
   result = {
@@ -302,8 +315,12 @@ def answer(task, config, history: dict, trace: bool) -> dict:
       ],
       'exit': 'threshold' if history['sure'] else 'max_ticks',
   }
-  if trace and 'attention_TxN' in history:
-    result['attention'] = np.round(history['attention_TxN'], 6).tolist()
+  if trace:
+    if 'attention_TxKxN' in history:
+      result['attention'] = np.round(history['attention_TxKxN'], 5).tolist()
+    result['probabilities'] = np.round(probabilities(predictions_TxO, classes), 5).tolist()
+    if inputs is not None:
+      result['input'] = np.round(np.asarray(inputs, np.float64), 4).tolist()
   return result
 
 
@@ -362,6 +379,7 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
 
   metrics = Metrics()
   state = {}
+  classes = int(model.prediction_reshaper[-1]) if int(model.prediction_reshaper[-1]) > 0 else model.out_dims
 
   def error(e: BadRequest, started: float):
     metrics.observe(e.status, time.perf_counter() - started)
@@ -383,7 +401,9 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
       batch = await asyncio.to_thread(read_payload, task, config, fields['input'])
       future = engine.submit(batch['inputs'][0], fields['threshold'], fields['max_ticks'])
       history = await asyncio.wrap_future(future)
-      result = await asyncio.to_thread(answer, task, config, history, fields['trace'])
+      result = await asyncio.to_thread(
+          answer, task, config, history, fields['trace'], classes, batch['inputs'][0] if fields['trace'] else None
+      )
     except BadRequest as e:
       return error(e, started)
     metrics.observe(200, time.perf_counter() - started, result['ticks_used'])

@@ -203,11 +203,11 @@ class Slots:
   until a busy one stops (certainty >= its threshold, or its limit), none is
   busy, or `rounds` ticks have passed; stopped slots are free again. Each
   slot keeps its example's every tick (predictions, certainty, and with
-  `trace` the head-averaged attention) so a finished example's whole history
+  `trace` each head's attention) so a finished example's whole history
   leaves with it (`history`). Compiles once per input shape; thresholds,
   limits and rounds are arguments.
 
-  Dimension glossary (also): T max ticks a slot may run, N attended positions.
+  Dimension glossary (also): T max ticks a slot may run.
   """
 
   def __init__(self, model, variables, *, slots: int = 64, max_ticks: int | None = None, trace: bool = False):
@@ -248,8 +248,8 @@ class Slots:
         certainty_SxT=jnp.zeros((slots, ticks), jnp.float32),
     )
     if self.trace:
-      positions = jax.tree.leaves(prepared.fixed.keys_BxKxNxF)[0].shape[2]
-      carry['attention_SxTxN'] = jnp.zeros((slots, ticks, positions), jnp.float32)
+      _, heads, positions, _ = prepared.fixed.keys_BxKxNxF.shape
+      carry['attention_SxTxKxN'] = jnp.zeros((slots, ticks, heads, positions), jnp.float32)
     return carry
 
   def admit(self, carry, inputs_S, take_S, threshold_S, limit_S):
@@ -278,7 +278,7 @@ class Slots:
         sure_S=carry['sure_S'] & ~take_S,
         threshold_S=jnp.where(take_S, threshold_S, carry['threshold_S']),
         limit_S=jnp.where(take_S, jnp.clip(limit_S, 1, self.max_ticks), carry['limit_S']),
-        **{k: zeros(carry[k]) for k in carry if k.endswith(('SxTxO', 'SxT', 'SxTxN'))},
+        **{k: zeros(carry[k]) for k in carry if k.endswith(('SxTxO', 'SxT', 'SxTxKxN'))},
         synch_params=prepared.synch_params,
     )
 
@@ -311,8 +311,8 @@ class Slots:
           certainty_SxT=c['certainty_SxT'].at[rows_S, at_S].set(certainty_S, mode='drop'),
       )
       if self.trace:
-        attention_SxN = out['attention'][:, :, 0, :].astype(jnp.float32).mean(axis=1)
-        new['attention_SxTxN'] = c['attention_SxTxN'].at[rows_S, at_S].set(attention_SxN, mode='drop')
+        attention_SxKxN = out['attention'][:, :, 0, :].astype(jnp.float32)
+        new['attention_SxTxKxN'] = c['attention_SxTxKxN'].at[rows_S, at_S].set(attention_SxKxN, mode='drop')
       ticks_S = jnp.where(busy_S, c['ticks_S'] + 1, c['ticks_S'])
       sure_S = certainty_S >= c['threshold_S']
       stop_S = busy_S & (sure_S | (ticks_S >= c['limit_S']))
@@ -334,9 +334,10 @@ class Slots:
   def history(self, carry, slots_K) -> list[dict]:
     """Per slot in `slots_K` (host ints): its example's `ticks` used, whether
     it was `sure` (reached its threshold), and every tick's `predictions_TxO`,
-    `certainty_T` (and `attention_TxN` with `trace`), up to its stopping tick."""
+    `certainty_T` (and each head's `attention_TxKxN` with `trace`), up to its
+    stopping tick."""
     index_K = jnp.asarray(slots_K, jnp.int32)
-    keys = [k for k in ('predictions_SxTxO', 'certainty_SxT', 'attention_SxTxN') if k in carry]
+    keys = [k for k in ('predictions_SxTxO', 'certainty_SxT', 'attention_SxTxKxN') if k in carry]
     got = jax.device_get({k: carry[k][index_K] for k in (*keys, 'ticks_S', 'sure_S')})
     out = []
     for i in range(len(slots_K)):

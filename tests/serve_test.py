@@ -104,7 +104,11 @@ def test_concurrent_requests_with_mixed_thresholds_equal_the_models_own_ticks(se
     assert got['answer'] == got['ticks'][-1]['answer']
     assert ('attention' in got) == (q % 2 == 0)
     if 'attention' in got:
-      assert np.asarray(got['attention']).shape == (ticks, inputs.shape[1])
+      assert np.asarray(got['attention']).shape == (ticks, model.heads, inputs.shape[1])
+      probabilities = np.asarray(got['probabilities'])
+      assert probabilities.shape == (ticks, inputs.shape[1], 2)  # parity: a bit per position
+      np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-4)
+      np.testing.assert_allclose(got['input'], inputs[q])
   assert len({r.json()['ticks_used'] for r in replies}) > 3
   metrics = httpx.get(served['url'] + '/metrics').text
   assert 'ctm_requests_total{status="200"}' in metrics

@@ -81,8 +81,8 @@ def test_examples_joining_at_any_tick_with_their_own_thresholds_get_the_full_run
     assert history['sure'] == bool(sure_T.any())
     np.testing.assert_allclose(history['predictions_TxO'], predictions_QxOxT[q, :, :ticks].T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(history['certainty_T'], certainty_QxT[q, :ticks], rtol=1e-4, atol=1e-4)
-    assert history['attention_TxN'].shape == (ticks, inputs.shape[1])
-    np.testing.assert_allclose(history['attention_TxN'].sum(-1), 1.0, rtol=1e-5)
+    assert history['attention_TxKxN'].shape == (ticks, model.heads, inputs.shape[1])
+    np.testing.assert_allclose(history['attention_TxKxN'].sum(-1), 1.0, rtol=1e-5)
     ticks_seen.add(ticks)
   assert len(ticks_seen) > 3
   assert max(waited.values()) > 0  # the slots were full at times: examples queued
@@ -94,10 +94,10 @@ def test_the_attention_equals_the_tracked_runs():
   model, variables, _ = _model(config, 10.0, 10.0)
   inputs = np.asarray(task.model_inputs(task.synthetic_batch(config, 3, seed=2)))
   tracked = jax.jit(lambda v, x: model.apply(v, x, track=True))(variables, inputs)
-  attention_QxTxN = np.moveaxis(np.asarray(tracked.tracking.attention, np.float32).mean(axis=(2, 3)), 0, 1)
+  attention_QxTxKxN = np.moveaxis(np.asarray(tracked.tracking.attention, np.float32)[:, :, :, 0], 0, 1)
   slots = serving.Slots(model, variables, slots=3, trace=True)
   carry = slots.admit(slots.empty(inputs), inputs, np.ones(3, bool), np.full(3, 2.0, np.float32), np.full(3, model.iterations, np.int32))
   carry, done_S = slots.run(carry, 10_000)
   assert np.asarray(done_S).all()
   for q, history in enumerate(slots.history(carry, [0, 1, 2])):
-    np.testing.assert_allclose(history['attention_TxN'], attention_QxTxN[q], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(history['attention_TxKxN'], attention_QxTxKxN[q], rtol=1e-4, atol=1e-5)
