@@ -98,7 +98,7 @@ setuptools.setup(
     # (`from ctm_jax.configs import common`) from any working directory.
     packages=setuptools.find_packages(include=['ctm_jax', 'ctm_jax.*']) + ['ctm_jax.configs'],
     package_dir={'ctm_jax.configs': 'configs'},
-    package_data={'ctm_jax': ['py.typed']},
+    package_data={'ctm_jax': ['py.typed', 'page/*.html', 'page/*.js', 'page/*.css']},
     # jax 0.10 needs 3.11.
     python_requires='>=3.11',
     install_requires=_CORE,

@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from ctm_jax import validation
 MAX_BODY_BYTES = 8 << 20  # a picture or a maze, base64'd, with room to spare
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_FIELDS = ('input', 'threshold', 'max_ticks', 'trace')
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'page')  # the page's static files
 
 
 class BadRequest(ValueError):
@@ -335,6 +337,7 @@ def model_summary(model, variables, config, workdir: str, engine: Engine, thresh
       'slots': engine.slots.slots,
       'threshold': threshold,
       'parameters': parameters,
+      'input_shape': None if engine.input_shape is None else list(engine.input_shape),
       'config': model_fields(model),
   }
 
@@ -353,6 +356,49 @@ def _example(task, config):
   except Exception:  # pylint: disable=broad-except  # then the first request compiles instead
     return None
   return np.asarray(inputs)[0] if isinstance(inputs, np.ndarray) else None
+
+
+def _grid(model, input_shape):
+  """[h, w] of the map an image model attends over; None for a sequence."""
+  if len(input_shape) != 3:
+    return None
+  from ctm_jax import evaluators  # pylint: disable=g-import-not-at-top
+
+  try:
+    return list(evaluators.feature_grid(model, input_shape))
+  except ValueError:
+    return None
+
+
+def _query_int(params, name: str, default: int, low: int, high: int) -> int:
+  text = params.get(name)
+  if text is None:
+    return default
+  if not text.isdigit() or not low <= int(text) <= high:
+    raise BadRequest(f'{name}: {text!r}; an integer from {low} to {high}')
+  return int(text)
+
+
+def generated_examples(task, config, count: int, seed: int) -> list[dict]:
+  """`count` examples from the task's own generator (`synthetic_batch`), each
+  as a request's `input` ({"npy_base64": ...}) with its `label` where it has one."""
+  try:
+    batch = task.synthetic_batch(config, count, seed=seed)
+    inputs = task.model_inputs(batch)
+  except Exception as e:  # pylint: disable=broad-except  # an import lacks the task's data fields
+    raise BadRequest(f'examples: task {config.task!r} cannot generate examples for this model ({e})', 404) from None
+  if not isinstance(inputs, np.ndarray):
+    raise BadRequest(f'examples: task {config.task!r} reads inputs that change over the ticks', 404)
+  out = []
+  for i in range(count):
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(inputs[i], np.float32))
+    example = {'input': {'npy_base64': base64.b64encode(buffer.getvalue()).decode()}}
+    targets = np.asarray(batch.get('targets', np.zeros(0)))
+    if targets.ndim == 1 and len(targets) == count:
+      example['label'] = int(targets[i])
+    out.append(example)
+  return out
 
 
 def load(workdir: str, max_ticks: int | None):
@@ -375,7 +421,10 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
   from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
   from starlette.responses import JSONResponse  # pylint: disable=g-import-not-at-top
   from starlette.responses import PlainTextResponse  # pylint: disable=g-import-not-at-top
+  from starlette.responses import FileResponse  # pylint: disable=g-import-not-at-top
+  from starlette.routing import Mount  # pylint: disable=g-import-not-at-top
   from starlette.routing import Route  # pylint: disable=g-import-not-at-top
+  from starlette.staticfiles import StaticFiles  # pylint: disable=g-import-not-at-top
 
   metrics = Metrics()
   state = {}
@@ -413,7 +462,22 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
     return JSONResponse({'status': 'ok'})
 
   async def describe_model(_):
-    return JSONResponse(model_summary(model, variables, config, workdir, state['engine'], threshold))
+    summary = model_summary(model, variables, config, workdir, state['engine'], threshold)
+    summary['attention_grid'] = state.get('grid')
+    return JSONResponse(summary)
+
+  async def page(_):
+    return FileResponse(os.path.join(PAGE_DIR, 'index.html'))
+
+  async def examples(request):
+    started = time.perf_counter()
+    try:
+      count = _query_int(request.query_params, 'count', 1, 1, 16)
+      seed = _query_int(request.query_params, 'seed', 0, 0, 2**31 - 1)
+      got = await asyncio.to_thread(generated_examples, task, config, count, seed)
+    except BadRequest as e:
+      return error(e, started)
+    return JSONResponse({'examples': got})
 
   async def prometheus(_):
     engine = state['engine']
@@ -430,6 +494,7 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
     example = _example(task, config)
     if example is not None:  # compiles before the first client, and fixes the input shape
       await asyncio.to_thread(engine.warm_up, example)
+      state['grid'] = _grid(model, example.shape)
     try:
       yield
     finally:
@@ -441,6 +506,9 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
           Route('/healthz', healthz),
           Route('/v1/model', describe_model),
           Route('/metrics', prometheus),
+          Route('/v1/examples', examples),
+          Route('/', page),
+          Mount('/page', StaticFiles(directory=PAGE_DIR), name='page'),
       ],
       lifespan=lifespan,
   )

@@ -231,3 +231,20 @@ def test_a_missing_workdir_is_one_line(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=120,
   )
   assert done.returncode == 2 and 'nothing' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_the_page_and_its_assets_are_served(served):
+  page = httpx.get(served['url'] + '/')
+  assert page.status_code == 200 and '<canvas id="input_view"' in page.text
+  for asset in ('/page/page.js', '/page/page.css'):
+    assert httpx.get(served['url'] + asset).status_code == 200
+  assert httpx.get(served['url'] + '/page/../serve.py').status_code == 404
+
+
+def test_generated_examples_are_requests_the_server_answers(served):
+  got = httpx.get(served['url'] + '/v1/examples', params={'count': 3, 'seed': 5}).json()['examples']
+  assert len(got) == 3 and all('npy_base64' in e['input'] for e in got)  # parity's targets are per bit: no label
+  reply = httpx.post(served['url'] + '/v1/predict', json={'input': got[0]['input']}, timeout=60)
+  assert reply.status_code == 200, reply.text
+  bad = httpx.get(served['url'] + '/v1/examples', params={'count': 99})
+  assert bad.status_code == 400 and 'count:' in bad.json()['error']
