@@ -49,6 +49,8 @@ _EXTRAS = {
     'notebooks': ['ipykernel>=6,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.9,<6'],
     # python -m ctm_jax.serve: an ASGI app (Starlette) under uvicorn; httpx for its clients and tests.
     'serve': ['starlette>=0.40,<2', 'uvicorn>=0.30,<1', 'httpx>=0.27,<1'],
+    # The page's browser test drives Debian's chromium (.ci/run installs it) with Playwright.
+    'browser': ['playwright>=1.40,<2'],
 }
 # The default suite covers RL, the tfds pipeline and the Hub; gymnasium's MiniGrid is
 # what our FourRooms is checked against.

@@ -5,9 +5,12 @@ thresholds, every request is answered once, bad requests get one line and a
 
 import base64
 import concurrent.futures
+import importlib.util
 import io
 import json
 import os
+import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,3 +251,43 @@ def test_generated_examples_are_requests_the_server_answers(served):
   assert reply.status_code == 200, reply.text
   bad = httpx.get(served['url'] + '/v1/examples', params={'count': 99})
   assert bad.status_code == 400 and 'count:' in bad.json()['error']
+
+
+def test_the_page_in_a_browser_thinks_on_an_example_and_shows_an_api_error(served, tmp_path):
+  chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+  if chromium is None or importlib.util.find_spec('playwright') is None:
+    why = 'no chromium on PATH or playwright not importable (.ci/run installs both for this test)'
+    if os.environ.get('CTM_BROWSER_REQUIRED'):
+      pytest.fail(why)
+    pytest.skip(why)
+  from playwright import sync_api  # pylint: disable=g-import-not-at-top
+  shots = pathlib.Path(os.environ.get('CTM_TEST_ARTEFACTS') or tmp_path)
+  shots.mkdir(parents=True, exist_ok=True)
+  with sync_api.sync_playwright() as playwright:
+    browser = playwright.chromium.launch(
+        executable_path=chromium,
+        args=['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+              '--disable-component-update', '--disable-sync'],
+    )
+    try:
+      page = browser.new_page(viewport={'width': 1200, 'height': 900})
+      page.goto(served['url'] + '/')
+      page.wait_for_function("document.getElementById('model').textContent.startsWith('parity')")
+      page.click('#example')
+      page.wait_for_function("document.getElementById('text').value.length > 0")
+      page.click('#submit')
+      page.wait_for_selector('#result:not([hidden])')
+      assert page.text_content('#answer').startswith('parity ')
+      ticks = int(page.get_attribute('#tick', 'max'))
+      assert ticks >= 1 and page.is_visible('#stop_mark')
+      page.eval_on_selector('#tick', "e => { e.value = 1; e.dispatchEvent(new Event('input')); }")
+      assert page.text_content('#tick_label') == f'1 of {ticks}'
+      assert page.text_content('#tick_answer').startswith('tick 1: parity ')
+      page.screenshot(path=str(shots / 'page_parity.png'), full_page=True)
+      page.fill('#text', 'hello')  # typed text replaces the example; parity reads no such thing
+      page.click('#submit')
+      page.wait_for_selector('#error:not([hidden])')
+      assert page.text_content('#error').startswith('input:')
+      page.screenshot(path=str(shots / 'page_error.png'), full_page=True)
+    finally:
+      browser.close()
