@@ -172,6 +172,11 @@ def parity_run(tmp_path_factory):
   return workdir
 
 
+def _metrics(url) -> dict:
+  lines = httpx.get(url + '/metrics').text.splitlines()
+  return {k: float(v) for k, v in (line.rsplit(' ', 1) for line in lines if line and not line.startswith('#'))}
+
+
 def _start(workdir, *flags):
   port = _free_port()
   process = subprocess.Popen(
@@ -198,13 +203,18 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(parity_run):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
       replies = [pool.submit(httpx.post, url + '/v1/predict', json=body, timeout=120) for _ in range(4)]
       deadline = time.time() + 60
-      # All four in: one in the slot, three waiting for it.
-      while not {'ctm_slots_busy 1', 'ctm_pending 3'} <= set(httpx.get(url + '/metrics').text.splitlines()):
-        assert time.time() < deadline
+      # SIGTERM once all four are in (answered, in the slot or waiting for it) and some still run.
+      deadline = time.time() + 120
+      while True:
+        numbers = _metrics(url)
+        done = numbers.get('ctm_requests_total{status="200"}', 0)
+        if numbers['ctm_slots_busy'] + numbers['ctm_pending'] + done == 4 and done < 4:
+          break
+        assert time.time() < deadline, numbers
         time.sleep(0.05)
       process.send_signal(signal.SIGTERM)
       answered = [r.result() for r in replies]
-    assert [r.status_code for r in answered] == [200] * 4
+    assert [r.status_code for r in answered] == [200] * 4, [r.text for r in answered]
     assert all(r.json()['ticks_used'] == 3000 for r in answered)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
