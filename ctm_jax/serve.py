@@ -407,10 +407,17 @@ def load(workdir: str, max_ticks: int | None):
     raise validation.UsageError(f'--max_ticks={max_ticks}: must be a positive integer')
   model, variables, config = inference.from_pretrained(workdir)
   task = tasks.get(config.task)
-  if not isinstance(task, tasks.Predicts) or not hasattr(model, 'make_tick'):
+  servable = isinstance(task, tasks.Predicts) and hasattr(model, 'make_tick')
+  if servable:
+    try:  # the model's own inputs: inputs that change over the ticks cannot sit in a slot
+      inputs = task.model_inputs(task.synthetic_batch(config, 1, seed=0))
+    except Exception:  # pylint: disable=broad-except  # an import without the task's data fields
+      inputs = None
+    servable = inputs is None or isinstance(inputs, np.ndarray)
+  if not servable:
     raise validation.UsageError(
         f'--workdir={workdir}: a {config.task!r} {type(model).__name__}, which the server cannot tick '
-        '(it serves CTMs of tasks that read single inputs); use python -m ctm_jax.predict'
+        '(it serves CTMs whose inputs stay fixed over the ticks); use python -m ctm_jax.predict'
     )
   return model, variables, config, task
 

@@ -301,3 +301,16 @@ def test_the_page_in_a_browser_thinks_on_an_example_and_shows_an_api_error(serve
       page.screenshot(path=str(shots / 'page_error.png'), full_page=True)
     finally:
       browser.close()
+
+
+@pytest.mark.parametrize('config_name', ['qamnist', 'lstm'])
+def test_what_the_server_cannot_tick_is_refused_at_start_in_one_line(tmp_path, config_name):
+  from ctm_jax import train  # pylint: disable=g-import-not-at-top
+  from ctm_jax import validation  # pylint: disable=g-import-not-at-top
+  from ctm_jax.configs import qamnist as qamnist_configs  # pylint: disable=g-import-not-at-top
+
+  config = qamnist_configs.get_config('smoke') if config_name == 'qamnist' else parity_configs.get_config('lstm_smoke')
+  config.training_iterations, config.save_every, config.track_every, config.warmup_steps = 2, 2, 2, 1
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  with pytest.raises(validation.UsageError, match='the server cannot tick'):
+    serve.load(str(tmp_path / 'run'), None)
