@@ -379,22 +379,28 @@ def _query_int(params, name: str, default: int, low: int, high: int) -> int:
   return int(text)
 
 
-def generated_examples(task, config, count: int, seed: int) -> list[dict]:
-  """`count` examples from the task's own generator (`synthetic_batch`), each
+def held_out_examples(task, config, count: int, seed: int) -> list[dict]:
+  """`count` consecutive held-out records from index `seed` (the task's eval
+  source; its generator where the config has no data, as an import's), each
   as a request's `input` ({"npy_base64": ...}) with its `label` where it has one."""
   try:
-    batch = task.synthetic_batch(config, count, seed=seed)
+    try:
+      source = task.eval_source(config)
+      records = [source[(seed + i) % len(source)] for i in range(count)]
+      batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
+    except Exception:  # pylint: disable=broad-except  # no data here: the task's generator
+      batch = task.synthetic_batch(config, count, seed=seed)
     inputs = task.model_inputs(batch)
   except Exception as e:  # pylint: disable=broad-except  # an import lacks the task's data fields
-    raise BadRequest(f'examples: task {config.task!r} cannot generate examples for this model ({e})', 404) from None
+    raise BadRequest(f'examples: task {config.task!r} has no examples for this model ({e})', 404) from None
   if not isinstance(inputs, np.ndarray):
     raise BadRequest(f'examples: task {config.task!r} reads inputs that change over the ticks', 404)
+  targets = np.asarray(batch.get('targets', np.zeros(0)))
   out = []
   for i in range(count):
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(inputs[i], np.float32))
     example = {'input': {'npy_base64': base64.b64encode(buffer.getvalue()).decode()}}
-    targets = np.asarray(batch.get('targets', np.zeros(0)))
     if targets.ndim == 1 and len(targets) == count:
       example['label'] = int(targets[i])
     out.append(example)
@@ -481,7 +487,7 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
     try:
       count = _query_int(request.query_params, 'count', 1, 1, 16)
       seed = _query_int(request.query_params, 'seed', 0, 0, 2**31 - 1)
-      got = await asyncio.to_thread(generated_examples, task, config, count, seed)
+      got = await asyncio.to_thread(held_out_examples, task, config, count, seed)
     except BadRequest as e:
       return error(e, started)
     return JSONResponse({'examples': got})

@@ -221,7 +221,7 @@ async function example() {
     const got = await getJSON('/v1/examples?count=1&seed=' + Math.floor(Math.random() * 1e9));
     const pick = got.examples[0];
     payload = pick.input;
-    $('text').value = typeof pick.input === 'string' ? pick.input : `(a generated ${model.task} example${pick.label !== undefined ? `, answer ${pick.label}` : ''})`;
+    $('text').value = typeof pick.input === 'string' ? pick.input : `(a held-out ${model.task} example${pick.label !== undefined ? `, answer ${pick.label}` : ''})`;
   } catch (e) {
     showError(e.message);
   }
