@@ -1,0 +1,185 @@
+"""The HTTP server under load: throughput and latency, early exit against every
+tick and against one request at a time.
+
+Usage (from the repo root):
+  python -m benchmarks.serve_bench --workdir=RUN [--clients=32] [--requests=512]
+      [--slots=64] [--threshold=0.9] [--timeout=600] [--json=PATH]
+
+Starts `python -m ctm_jax.serve` on loopback (a free port) and sends the run's
+first --requests held-out records (`GET /v1/examples`) from --clients
+concurrent clients, three ways:
+  early exit     --slots slots, each request at --threshold;
+  every tick     the same server, each request at threshold 2 (never sure);
+  one at a time  a server with one slot and one client at --threshold.
+For each: requests/s over the whole load, p50 and p99 latency, mean ticks and
+accuracy (the task's own `correct` on each answer's output at its stopping
+tick). Every phase is bounded by --timeout seconds; a request that fails ends
+the benchmark with its error.
+"""
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Served:
+  """`python -m ctm_jax.serve` in a subprocess, up once `/healthz` answers."""
+
+  def __init__(self, workdir: str, slots: int, timeout: float):
+    import httpx  # pylint: disable=g-import-not-at-top
+
+    self.port = _free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    self.process = subprocess.Popen(
+        [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={workdir}', f'--port={self.port}', f'--slots={slots}',
+         f'--max_pending={1 << 16}'],
+        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and self.process.poll() is None:
+      try:
+        if httpx.get(self.url + '/healthz', timeout=1).status_code == 200:
+          return
+      except httpx.HTTPError:
+        time.sleep(0.3)
+    self.close()
+    raise SystemExit(f'the server did not come up: {self.process.stderr.read()[-2000:]}')
+
+  def close(self):
+    if self.process.poll() is None:
+      self.process.terminate()
+      self.process.wait(60)
+
+
+def _load(url: str, bodies, clients: int, timeout: float):
+  """(wall s, latencies s, answers) of every body POSTed by `clients` threads."""
+  import httpx  # pylint: disable=g-import-not-at-top
+
+  deadline = time.perf_counter() + timeout
+  local = threading.local()  # one connection per client thread
+
+  def ask(body):
+    if not hasattr(local, 'client'):
+      local.client = httpx.Client(timeout=timeout)
+    client = local.client
+    started = time.perf_counter()
+    if started > deadline:
+      raise SystemExit(f'the load ran past --timeout={timeout:.0f} s')
+    reply = client.post(url + '/v1/predict', json=body)
+    if reply.status_code != 200:
+      raise SystemExit(f'a request failed: HTTP {reply.status_code} {reply.text[:300]}')
+    return time.perf_counter() - started, reply.json()
+
+  started = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    results = list(pool.map(ask, bodies))
+  wall = time.perf_counter() - started
+  return wall, np.array([r[0] for r in results]), [r[1] for r in results]
+
+
+def _accuracy(task, config, answers, batch) -> float | None:
+  if 'targets' not in batch:
+    return None
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from ctm_jax.models import ctm as ctm_lib  # pylint: disable=g-import-not-at-top
+
+  predictions = np.asarray([a['prediction'] for a in answers], np.float32)
+  certainties = np.asarray([[1 - a['certainty'], a['certainty']] for a in answers], np.float32)
+  ticks = np.asarray([a['ticks_used'] for a in answers], np.int32)
+  output = ctm_lib.EarlyExit(
+      jnp.asarray(predictions), jnp.asarray(certainties), jnp.asarray(ticks), jnp.asarray(ticks > 0)
+  ).as_output()
+  return float(np.mean(np.asarray(task.correct(output, batch))))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True, help='a training run, an artefact or an import')
+  parser.add_argument('--clients', type=int, default=32)
+  parser.add_argument('--requests', type=int, default=512)
+  parser.add_argument('--slots', type=int, default=64)
+  parser.add_argument('--threshold', type=float, default=0.9)
+  parser.add_argument('--timeout', type=float, default=600.0, help='seconds each phase may take')
+  parser.add_argument('--json', default='')
+  args = parser.parse_args(argv)
+  if args.clients < 1 or args.requests < 1 or args.slots < 1:
+    parser.error('--clients, --requests and --slots must be positive')
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import harness  # pylint: disable=g-import-not-at-top
+  from ctm_jax import inference  # pylint: disable=g-import-not-at-top
+  from ctm_jax import serve  # pylint: disable=g-import-not-at-top
+  from ctm_jax import tasks  # pylint: disable=g-import-not-at-top
+
+  _, _, config = inference.from_pretrained(args.workdir)
+  task = tasks.get(config.task)
+  examples = serve.held_out_examples(task, config, args.requests, 0)
+  batch = {}
+  labels = [e.get('label') for e in examples]
+  if all(label is not None for label in labels):
+    batch['targets'] = np.asarray(labels, np.int32)
+
+  rows = []
+  phases = [
+      ('early exit', args.slots, args.clients, args.threshold),
+      ('every tick', args.slots, args.clients, 2.0),
+      ('one at a time', 1, 1, args.threshold),
+  ]
+  servers = {}
+  try:
+    for name, slots, clients, threshold in phases:
+      if slots not in servers:
+        servers[slots] = Served(args.workdir, slots, args.timeout)
+      url = servers[slots].url
+      bodies = [{'input': e['input'], 'threshold': threshold} for e in examples]
+      _load(url, bodies[: min(len(bodies), 2 * clients)], clients, args.timeout)  # warm: connections, compiles
+      wall, latencies, answers = _load(url, bodies, clients, args.timeout)
+      rows.append(dict(
+          phase=name, slots=slots, clients=clients, threshold=threshold, requests=len(bodies),
+          requests_per_s=len(bodies) / wall, p50_ms=1000 * float(np.percentile(latencies, 50)),
+          p99_ms=1000 * float(np.percentile(latencies, 99)),
+          mean_ticks=float(np.mean([a['ticks_used'] for a in answers])),
+          accuracy=_accuracy(task, config, answers, batch) if batch else None,
+      ))
+  finally:
+    for server in servers.values():
+      server.close()
+
+  print(f'# serve_bench | {args.workdir} ({config.task}) | {args.requests} held-out requests | '
+        f'{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform} | '
+        f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} | git {harness.git_commit()}')
+  print('| phase | slots | clients | threshold | requests/s | p50 ms | p99 ms | mean ticks | accuracy |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    accuracy = '-' if r['accuracy'] is None else f'{100 * r["accuracy"]:.2f}%'
+    print(f'| {r["phase"]} | {r["slots"]} | {r["clients"]} | {r["threshold"]:g} | {r["requests_per_s"]:.1f} | '
+          f'{r["p50_ms"]:.1f} | {r["p99_ms"]:.1f} | {r["mean_ticks"]:.2f} | {accuracy} |')
+  early, every = rows[0]['requests_per_s'], rows[1]['requests_per_s']
+  print(f'early exit served {early / every:.2f}x the requests/s of every tick')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'workdir': args.workdir, 'task': config.task, 'rows': rows}, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
