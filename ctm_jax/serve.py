@@ -154,6 +154,7 @@ class Engine:
           example = taken[0][1].inputs
           if self._carry is None:
             self._carry = slots.empty(np.repeat(example[None], width, axis=0))
+            slots.compile_history(self._carry)
           inputs_S = np.repeat(example[None], width, axis=0)
           take_S = np.zeros(width, bool)
           threshold_S = np.zeros(width, np.float32)
@@ -164,9 +165,14 @@ class Engine:
           self._carry = slots.admit(self._carry, inputs_S, take_S, threshold_S, limit_S)
         self.busy = sum(o is not None for o in self._owner)
         with self._lock:
-          joining = bool(self._pending) and self.busy < width
-        # Free slots and requests waiting: one tick, so they join at the next.
-        self._carry, done_S = slots.run(self._carry, 1 if joining else self.max_ticks)
+          waiting = len(self._pending)
+        if waiting and self.busy < width:  # free slots and requests waiting: they join at the next tick
+          rounds, need = 1, 1
+        elif waiting:  # a backlog: answer a quarter of the slots a round, so host work is per batch
+          rounds, need = self.max_ticks, max(1, min(waiting, self.busy) // 4)
+        else:  # nobody waits: each answer as soon as it is ready
+          rounds, need = self.max_ticks, 1
+        self._carry, done_S = slots.run(self._carry, rounds, need)
         done = np.flatnonzero(np.asarray(done_S)).tolist()
         histories = slots.history(self._carry, done) if done else []
       except Exception as e:  # pylint: disable=broad-except  # every waiting client hears of it

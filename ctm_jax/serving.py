@@ -16,8 +16,11 @@ Dimension glossary: Q queue (examples served), S slots, O out_dims,
 D neurons, M memory length, K heads, N tokens, F head width.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ctm_jax.models import ctm as ctm_lib
 
@@ -200,8 +203,9 @@ class Slots:
 
   `admit` featurises S examples in one compiled program and puts those with
   `take_S` into their slots (fresh state, tick 0). `run` ticks every slot
-  until a busy one stops (certainty >= its threshold, or its limit), none is
-  busy, or `rounds` ticks have passed; stopped slots are free again. Each
+  until `need` busy ones have stopped (certainty >= its threshold, or its
+  limit), none is busy, or `rounds` ticks have passed; stopped slots are
+  free again. Each
   slot keeps its example's every tick (predictions, certainty, and with
   `trace` each head's attention) so a finished example's whole history
   leaves with it (`history`). Compiles once per input shape; thresholds,
@@ -230,15 +234,18 @@ class Slots:
   def empty(self, example_inputs_S):
     """A carry with every slot free, for inputs shaped as `example_inputs_S`
     (S examples: their values are not used)."""
-    shapes = jax.eval_shape(self._prepared, self.variables, example_inputs_S)
-    # The synchronisation's pairs and decays are the model's, not the input's.
-    synch_params = jax.jit(lambda v, x: self._prepared(v, x).synch_params)(self.variables, example_inputs_S)
+    # Built by a compiled program, as admit's and run's carries are: arrays of
+    # one kind, so each of those compiles once.
+    return jax.jit(self._empty_fn)(self.variables, example_inputs_S)
+
+  def _empty_fn(self, variables, example_inputs_S):
+    prepared = self._prepared(variables, example_inputs_S)
     slots, ticks, out_dims = self.slots, self.max_ticks, self.model.out_dims
-    prepared = shapes
     carry = dict(
-        synch_params=synch_params,
-        state=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), prepared.state),
-        fixed=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), prepared.fixed),
+        # The synchronisation's pairs and decays are the model's, not the input's.
+        synch_params=prepared.synch_params,
+        state=jax.tree.map(jnp.zeros_like, prepared.state),
+        fixed=jax.tree.map(jnp.zeros_like, prepared.fixed),
         ticks_S=jnp.zeros((slots,), jnp.int32),
         busy_S=jnp.zeros((slots,), bool),
         sure_S=jnp.zeros((slots,), bool),
@@ -282,20 +289,21 @@ class Slots:
         synch_params=prepared.synch_params,
     )
 
-  def run(self, carry, rounds: int):
-    """(carry, done_S): ticks until a busy slot stops, none is busy, or
-    `rounds` ticks; done_S marks the slots that stopped (free now)."""
-    carry, done_S = self._run(self.variables, carry, jnp.asarray(rounds, jnp.int32))
+  def run(self, carry, rounds: int, need: int = 1):
+    """(carry, done_S): ticks until `need` busy slots have stopped, none is
+    busy, or `rounds` ticks; done_S marks the slots that stopped (free now).
+    A larger `need` makes fewer, longer rounds (less host work per example)."""
+    carry, done_S = self._run(self.variables, carry, jnp.asarray(rounds, jnp.int32), jnp.asarray(need, jnp.int32))
     return carry, done_S
 
-  def _run_fn(self, variables, carry, rounds):
+  def _run_fn(self, variables, carry, rounds, need):
     tick_params = {'params': variables['params']['tick']}
     slots = self.slots
     rows_S = jnp.arange(slots)
 
     def cond(loop):
       t, c, done_S = loop
-      return (t < rounds) & jnp.any(c['busy_S']) & ~jnp.any(done_S)
+      return (t < rounds) & jnp.any(c['busy_S']) & (done_S.sum() < need)
 
     def body(loop):
       t, c, done_S = loop
@@ -336,14 +344,33 @@ class Slots:
     it was `sure` (reached its threshold), and every tick's `predictions_TxO`,
     `certainty_T` (and each head's `attention_TxKxN` with `trace`), up to its
     stopping tick."""
-    index_K = jnp.asarray(slots_K, jnp.int32)
-    keys = [k for k in ('predictions_SxTxO', 'certainty_SxT', 'attention_SxTxKxN') if k in carry]
-    got = jax.device_get({k: carry[k][index_K] for k in (*keys, 'ticks_S', 'sure_S')})
+    count = len(slots_K)
+    if not count:
+      return []
+    # Gathered by one compiled program per power of two, not one per count.
+    width = 1 << (count - 1).bit_length()
+    index_K = np.asarray(list(slots_K) + [slots_K[0]] * (width - count), np.int32)
+    got = jax.device_get(self._gather(carry, index_K))
     out = []
-    for i in range(len(slots_K)):
+    for i in range(count):
       ticks = int(got['ticks_S'][i])
       row = {'ticks': ticks, 'sure': bool(got['sure_S'][i])}
-      for k in keys:
-        row[k.replace('SxT', 'T')] = got[k][i][:ticks]
+      for k in ('predictions_SxTxO', 'certainty_SxT', 'attention_SxTxKxN'):
+        if k in got:
+          row[k.replace('SxT', 'T')] = got[k][i][:ticks]
       out.append(row)
     return out
+
+  def compile_history(self, carry) -> None:
+    """Compiles `history`'s gathers (one per power of two up to S) ahead of use."""
+    width = 1
+    while True:
+      jax.block_until_ready(self._gather(carry, np.zeros(width, np.int32)))
+      if width >= self.slots:
+        return
+      width *= 2
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _gather(self, carry, index_K):
+    keys = ('predictions_SxTxO', 'certainty_SxT', 'attention_SxTxKxN', 'ticks_S', 'sure_S')
+    return {k: carry[k][index_K] for k in keys if k in carry}

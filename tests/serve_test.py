@@ -196,8 +196,8 @@ def _start(workdir, *flags):
 
 
 def test_sigterm_finishes_the_requests_in_flight_and_exits_0(parity_run):
-  # One slot and 3000 ticks each: the requests are still running when SIGTERM comes.
-  process, url = _start(parity_run, '--slots=1', '--max_ticks=3000')
+  # One slot and 30000 ticks each (seconds): the requests are still running when SIGTERM comes.
+  process, url = _start(parity_run, '--slots=1', '--max_ticks=30000')
   try:
     body = {'input': '01101001', 'threshold': 2.0}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -215,7 +215,7 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(parity_run):
       process.send_signal(signal.SIGTERM)
       answered = [r.result() for r in replies]
     assert [r.status_code for r in answered] == [200] * 4, [r.text for r in answered]
-    assert all(r.json()['ticks_used'] == 3000 for r in answered)
+    assert all(r.json()['ticks_used'] == 30000 for r in answered)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
   finally:
