@@ -309,7 +309,8 @@ def answer(task, config, history: dict, trace: bool, classes: int, inputs=None) 
   """The response to a predict request from its slot's history; `trace` adds
   what the page draws: every tick's attention per head (`attention`: T x K x
   N) and class probabilities (`probabilities`: T x rows x classes), and the
-  model input it read (`input`)."""
+  model input it read (`input`), and where each tick's answer walks on it
+  (`paths`, for a maze's route)."""
   predictions_TxO = history['predictions_TxO']
   ticks = history['ticks']
   result = {
@@ -329,6 +330,9 @@ def answer(task, config, history: dict, trace: bool, classes: int, inputs=None) 
     result['probabilities'] = np.round(probabilities(predictions_TxO, classes), 5).tolist()
     if inputs is not None:
       result['input'] = np.round(np.asarray(inputs, np.float64), 4).tolist()
+      paths = [task.trace_path(config, inputs, p) for p in predictions_TxO]
+      if any(p is not None for p in paths):
+        result['paths'] = paths
   return result
 
 

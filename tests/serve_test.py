@@ -314,3 +314,28 @@ def test_what_the_server_cannot_tick_is_refused_at_start_in_one_line(tmp_path, c
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   with pytest.raises(validation.UsageError, match='the server cannot tick'):
     serve.load(str(tmp_path / 'run'), None)
+
+
+def test_a_mazes_trace_path_walks_the_true_route_to_the_goal_and_stops_at_a_wall():
+  from ctm_jax.configs import mazes as maze_configs  # pylint: disable=g-import-not-at-top
+  from ctm_jax.data import mazes as maze_data  # pylint: disable=g-import-not-at-top
+
+  config = maze_configs.get_config('smoke')
+  task = tasks.get(config.task)
+  record = maze_data.GeneratedMazes(21, 400, seed=0, num_records=5)[1]
+  route_R = np.asarray(record['route'])
+  inputs = maze_data.model_input(record['image'], maze_data.expand_range_of(config))
+  image = (inputs + 1) / 2 if maze_data.expand_range_of(config) else inputs
+  goal = [int(v) for v in np.argwhere(np.all(image == np.array(maze_data.GOAL), axis=-1))[0]]
+  right = np.eye(5, dtype=np.float32)[route_R].reshape(-1)
+  walked = task.trace_path(config, inputs, right)
+  assert walked['blocked'] is None and goal in walked['cells']
+  assert len(walked['cells']) == 1 + np.sum(route_R < 4)  # a cell per move, waits stay
+  start = walked['cells'][0]
+  assert np.all(image[start[0], start[1]] == maze_data.START)
+  into_wall = next(m for m, (dy, dx) in enumerate(maze_data.MOVE_DELTAS)
+                   if np.all(image[start[0] + dy, start[1] + dx] == maze_data.WALL))
+  wrong = np.eye(5, dtype=np.float32)[np.full_like(route_R, into_wall)].reshape(-1)
+  stopped = task.trace_path(config, inputs, wrong)
+  assert stopped['cells'] == [start] and stopped['blocked'] is not None
+  assert tasks.get('parity').trace_path(parity_configs.get_config('smoke'), np.ones(8), np.zeros(16)) is None

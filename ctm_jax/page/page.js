@@ -63,17 +63,17 @@ function readFile(file) {
 }
 
 // --- drawing a tick ----------------------------------------------------------
-function normalised(values) {
+function normalised(values, flat = 0.5) {  // min..max -> 0..1; all equal -> `flat`
   let lo = Infinity; let hi = -Infinity;
   for (const v of values) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
-  return values.map((v) => (hi > lo ? (v - lo) / (hi - lo) : 0.5));
+  return values.map((v) => (hi > lo ? (v - lo) / (hi - lo) : flat));
 }
 
 function attentionAt(tick) {
   if (!result.attention) return null;
   const heads = result.attention[tick];
   const h = $('head').value;
-  if (h !== 'mean') return heads[Number(h)];
+  if (h !== 'mean' && h !== '') return heads[Number(h)];
   return heads[0].map((_, n) => heads.reduce((s, head) => s + head[n], 0) / heads.length);
 }
 
@@ -99,13 +99,27 @@ function drawInput(tick) {
     }
     if (attention && model.attention_grid) {
       const [gh, gw] = model.attention_grid;
-      const peak = Math.max(...attention);
+      const weight = normalised(attention, 0);  // the spread, not the level: uniform attention shows nothing
       const ch = (h * cell) / gh; const cw = (w * cell) / gw;
       for (let y = 0; y < gh; y++) {
         for (let x = 0; x < gw; x++) {
-          ctx.fillStyle = `rgba(255,60,0,${(0.75 * attention[y * gw + x]) / (peak || 1)})`;
+          ctx.fillStyle = `rgba(255,60,0,${0.7 * weight[y * gw + x]})`;
           ctx.fillRect(x * cw, y * ch, Math.ceil(cw), Math.ceil(ch));
         }
+      }
+    }
+    const path = result.paths && result.paths[tick];
+    if (path) {  // the route this tick's answer walks (a maze), as the reference's gifs draw it
+      const centre = ([y, x]) => [(x + 0.5) * cell, (y + 0.5) * cell];
+      ctx.strokeStyle = '#00c8ff'; ctx.lineWidth = Math.max(2, cell / 3); ctx.lineJoin = 'round';
+      ctx.beginPath();
+      path.cells.forEach((c, i) => { const [px, py] = centre(c); if (i) ctx.lineTo(px, py); else ctx.moveTo(px, py); });
+      ctx.stroke();
+      if (path.blocked) {
+        const [px, py] = centre(path.blocked); const r = cell / 2;
+        ctx.strokeStyle = '#ff2020'; ctx.beginPath();
+        ctx.moveTo(px - r, py - r); ctx.lineTo(px + r, py + r); ctx.moveTo(px + r, py - r); ctx.lineTo(px - r, py + r);
+        ctx.stroke();
       }
     }
     return;
@@ -238,7 +252,8 @@ async function start() {
   $('max_ticks').max = model.max_ticks;
   $('max_ticks').placeholder = String(model.max_ticks);
   $('threshold').value = model.threshold;
-  if (model.input_shape && model.input_shape.length === 3) { $('drawing').hidden = false; setupPad(); }
+  // A one-channel picture (a digit) can be drawn; colour pictures and mazes come as examples or files.
+  if (model.input_shape && model.input_shape.length === 3 && model.input_shape[2] === 1) { $('drawing').hidden = false; setupPad(); }
   $('example').addEventListener('click', example);
   $('file').addEventListener('change', async (e) => {
     const file = e.target.files[0];

@@ -252,6 +252,13 @@ class Predicts:
     del config
     return f'class {int(np.argmax(prediction_O))}'
 
+  def trace_path(self, config, inputs, prediction_O: np.ndarray) -> dict | None:
+    """Where one tick's answer walks on the input, for the server's page: a
+    maze's route as {'cells': [[y, x], ...], 'blocked': [y, x] or None} in
+    input pixels; None for tasks whose answer is not a path."""
+    del config, inputs, prediction_O
+    return None
+
   def prediction_gif(self, config, model, variables, batch, path: str) -> str:
     """Draws a one-example batch's ticks (attention, answer, certainty) to a gif at `path`."""
     del config, model, variables, batch, path

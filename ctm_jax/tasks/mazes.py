@@ -246,6 +246,17 @@ class Maze(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
     letters = ''.join('UDLR.'[m] for m in moves_R)
     return f'route {letters}'
 
+  def trace_path(self, config, inputs, prediction_O):
+    image_HxWx3 = np.asarray(inputs, np.float32)
+    if maze_data.expand_range_of(config):
+      image_HxWx3 = (image_HxWx3 + 1) / 2
+    starts = np.argwhere(np.all(image_HxWx3 == np.array(maze_data.START), axis=-1))
+    if not len(starts):
+      return None
+    free_HxW = ~np.all(image_HxWx3 == 0, axis=-1)
+    cells, blocked = walk_route(free_HxW, tuple(int(v) for v in starts[0]), prediction_O.reshape(-1, MOVES).argmax(-1))
+    return {'cells': [list(map(int, c)) for c in cells], 'blocked': None if blocked is None else list(map(int, blocked))}
+
   def prediction_gif(self, config, model, variables, batch, path):
     images = batch['inputs']
     tracked = jax.device_get(jax.jit(route_arrays, static_argnums=0)(model, variables, images))
@@ -279,6 +290,24 @@ class Maze(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
 # The task's picture.
 
 
+def walk_route(free_HxW, start, route_R, moves=maze_data.MOVE_DELTAS):
+  """([(y, x) from `start` on], the wall cell it stopped at or None): a route
+  walked move by move (moves beyond `moves` wait) until its first wall."""
+  height, width = free_HxW.shape
+  y, x = start
+  cells, blocked = [(y, x)], None
+  for move in route_R:
+    if move >= len(moves):
+      continue  # wait
+    dy, dx = moves[move]
+    if not (0 <= y + dy < height and 0 <= x + dx < width and free_HxW[y + dy, x + dx]):
+      blocked = (y + dy, x + dx)
+      break
+    y, x = y + dy, x + dx
+    cells.append((y, x))
+  return cells, blocked
+
+
 def route_gif(
     image_HxWx3,
     attention_Txhxw,
@@ -308,19 +337,8 @@ def route_gif(
   for t in range(len(routes_TxR)):
     overlay.set_data(attention_Txhxw[t])
     overlay.set_clim(float(np.min(attention_Txhxw[t])), float(np.max(attention_Txhxw[t])))
-    y, x = start
-    ys, xs, blocked = [y], [x], None
-    for move in routes_TxR[t]:
-      if move >= len(moves):
-        continue  # wait
-      dy, dx = moves[move]
-      if not (0 <= y + dy < height and 0 <= x + dx < width and free_HxW[y + dy, x + dx]):
-        blocked = (y + dy, x + dx)
-        break
-      y, x = y + dy, x + dx
-      ys.append(y)
-      xs.append(x)
-    line.set_data(xs, ys)
+    cells, blocked = walk_route(free_HxW, start, routes_TxR[t], moves)
+    line.set_data([c[1] for c in cells], [c[0] for c in cells])
     cross.set_data([blocked[1]] if blocked else [], [blocked[0]] if blocked else [])
     heading.set_text(f'{title}tick {t + 1}/{len(routes_TxR)}, certainty {float(certainty_T[t]):.3f}')
     frames.append(plots.frame(fig))
