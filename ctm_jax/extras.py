@@ -3,7 +3,7 @@ the install to run when one is missing.
 
 The core install trains parity, the image tasks on synthetic or offline data
 (digits), mazes, sort and Q&A-MNIST on digits; RL environments, tfds datasets,
-PyTorch checkpoints, the Hugging Face Hub and gs:// buckets need their extras (setup.py keeps the same names).
+PyTorch checkpoints, the Hugging Face Hub, gs:// buckets and the HTTP server need their extras (setup.py keeps the same names).
 """
 
 import importlib
@@ -16,6 +16,7 @@ MODULES = {
     'torch': ('torch',),
     'hub': ('huggingface_hub', 'safetensors', 'pyarrow'),
     'gcs': ('gcsfs',),  # which brings google-cloud-storage (the bucket lock)
+    'serve': ('starlette', 'uvicorn'),
 }
 
 

@@ -43,6 +43,7 @@ import time
 import jax
 import numpy as np
 
+from ctm_jax import extras
 from ctm_jax import inference
 from ctm_jax import serving
 from ctm_jax import tasks
@@ -441,6 +442,7 @@ def load(workdir: str, max_ticks: int | None):
 def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=0.9, max_ticks=None,
              max_wait_ms=5.0, max_pending=1024):
   """The ASGI app: its engine starts with the app's lifespan and drains at shutdown."""
+  extras.require('serve', 'ctm_jax.serve.make_app')
   from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
   from starlette.responses import JSONResponse  # pylint: disable=g-import-not-at-top
   from starlette.responses import PlainTextResponse  # pylint: disable=g-import-not-at-top
@@ -538,10 +540,8 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
 
 
 def _run(values):
-  try:
-    import uvicorn  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise validation.UsageError('the server needs the serve extra: pip install -e ".[serve]"') from None
+  extras.require('serve', 'python -m ctm_jax.serve')
+  import uvicorn  # pylint: disable=g-import-not-at-top
   if values.slots < 1:
     raise validation.UsageError(f'--slots={values.slots}: must be a positive integer')
   if not 0 < values.threshold:

@@ -120,10 +120,10 @@ def test_every_dependency_is_bounded_and_pinned_within_its_bounds():
 
 def test_extras_are_the_documented_ones_and_the_core_is_lean():
   extras = SETUP['extras_require']
-  assert set(extras) == {'rl', 'tfds', 'torch', 'hub', 'gcs', 'notebooks', 'test', 'all'}
+  assert set(extras) == {'rl', 'tfds', 'torch', 'hub', 'gcs', 'notebooks', 'serve', 'browser', 'test', 'all'}
   core = {requirements.Requirement(r).name for r in SETUP['install_requires']}
   for heavy in ('gymnax', 'xminigrid', 'rlax', 'tensorflow-datasets', 'torch', 'huggingface-hub', 'safetensors',
-                'gcsfs', 'google-cloud-storage'):
+                'gcsfs', 'google-cloud-storage', 'starlette', 'uvicorn', 'playwright'):
     assert heavy not in core
   assert {requirements.Requirement(r).name for r in extras['all']} >= {
       requirements.Requirement(r).name for extra in extras.values() for r in extra}
@@ -132,7 +132,7 @@ def test_extras_are_the_documented_ones_and_the_core_is_lean():
   dists = {'gymnax': 'gymnax', 'xminigrid': 'xminigrid', 'rlax': 'rlax',
            'tensorflow_datasets': 'tensorflow-datasets', 'torch': 'torch',
            'huggingface_hub': 'huggingface-hub', 'safetensors': 'safetensors', 'pyarrow': 'pyarrow',
-           'gcsfs': 'gcsfs'}
+           'gcsfs': 'gcsfs', 'starlette': 'starlette', 'uvicorn': 'uvicorn'}
   for extra, modules in extras_lib.MODULES.items():
     names = {requirements.Requirement(r).name for r in extras[extra]}
     assert {dists[m] for m in modules} <= names, extra
