@@ -47,8 +47,9 @@ _EXTRAS = {
     'gcs': ['gcsfs>=2024.2,<2028', 'google-cloud-storage>=2.14,<4'],
     # Running notebooks/ outside Colab (`jupyter execute`), as the slow tests do.
     'notebooks': ['ipykernel>=6,<8', 'nbclient>=0.10,<0.12', 'nbformat>=5.9,<6'],
-    # python -m ctm_jax.serve: an ASGI app (Starlette) under uvicorn; httpx for its clients and tests.
-    'serve': ['starlette>=0.40,<2', 'uvicorn>=0.30,<1', 'httpx>=0.27,<1'],
+    # python -m ctm_jax.serve: an ASGI app (Starlette) under uvicorn, which parses HTTP with httptools
+    # (C) when it is installed, not its pure-Python h11; httpx for the tests' clients.
+    'serve': ['starlette>=0.40,<2', 'uvicorn>=0.30,<1', 'httptools>=0.6,<1', 'httpx>=0.27,<1'],
     # The page's browser test drives Debian's chromium (.ci/run installs it) with Playwright.
     'browser': ['playwright>=1.40,<2'],
 }

@@ -11,6 +11,8 @@ concurrent clients, three ways:
   early exit     --slots slots, each request at --threshold;
   every tick     the same server, each request at threshold 2 (never sure);
   one at a time  a server with one slot and one client at --threshold.
+Then the first two again on the engine in this process (`serve.Engine`, no
+HTTP, inputs read beforehand): what the continuous batch itself serves.
 For each: requests/s over the whole load, p50 and p99 latency, mean ticks and
 accuracy (the task's own `correct` on each answer's output at its stopping
 tick). Every phase is bounded by --timeout seconds; a request that fails ends
@@ -20,6 +22,7 @@ the benchmark with its error.
 import argparse
 import concurrent.futures
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -44,10 +47,7 @@ class Served:
   """`python -m ctm_jax.serve` in a subprocess, up once `/healthz` answers."""
 
   def __init__(self, workdir: str, slots: int, timeout: float):
-    import httpx  # pylint: disable=g-import-not-at-top
-
     self.port = _free_port()
-    self.url = f'http://127.0.0.1:{self.port}'
     self.process = subprocess.Popen(
         [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={workdir}', f'--port={self.port}', f'--slots={slots}',
          f'--max_pending={1 << 16}'],
@@ -56,9 +56,11 @@ class Served:
     deadline = time.time() + timeout
     while time.time() < deadline and self.process.poll() is None:
       try:
-        if httpx.get(self.url + '/healthz', timeout=1).status_code == 200:
+        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=1)
+        connection.request('GET', '/healthz')
+        if connection.getresponse().status == 200:
           return
-      except httpx.HTTPError:
+      except OSError:
         time.sleep(0.3)
     self.close()
     raise SystemExit(f'the server did not come up: {self.process.stderr.read()[-2000:]}')
@@ -69,30 +71,49 @@ class Served:
       self.process.wait(60)
 
 
-def _load(url: str, bodies, clients: int, timeout: float):
-  """(wall s, latencies s, answers) of every body POSTed by `clients` threads."""
-  import httpx  # pylint: disable=g-import-not-at-top
-
+def _clients(ask, bodies, clients: int, timeout: float):
+  """(wall s, latencies s, answers) of `ask` on every body from `clients`
+  threads, each asking once its last answer is back."""
   deadline = time.perf_counter() + timeout
-  local = threading.local()  # one connection per client thread
 
-  def ask(body):
-    if not hasattr(local, 'client'):
-      local.client = httpx.Client(timeout=timeout)
-    client = local.client
+  def timed(body):
     started = time.perf_counter()
     if started > deadline:
       raise SystemExit(f'the load ran past --timeout={timeout:.0f} s')
-    reply = client.post(url + '/v1/predict', json=body)
-    if reply.status_code != 200:
-      raise SystemExit(f'a request failed: HTTP {reply.status_code} {reply.text[:300]}')
-    return time.perf_counter() - started, reply.json()
+    got = ask(body)
+    return time.perf_counter() - started, got
 
   started = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    results = list(pool.map(ask, bodies))
+    results = list(pool.map(timed, bodies))
   wall = time.perf_counter() - started
   return wall, np.array([r[0] for r in results]), [r[1] for r in results]
+
+
+def _load(port: int, bodies, clients: int, timeout: float):
+  """`_clients` over HTTP: one keep-alive connection per client thread. The
+  standard library's client, the lightest at hand: on a small machine the
+  clients share the CPU with the server."""
+  local = threading.local()
+
+  def ask(body):
+    if not hasattr(local, 'connection'):
+      local.connection = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
+    local.connection.request('POST', '/v1/predict', json.dumps(body), {'Content-Type': 'application/json'})
+    reply = local.connection.getresponse()
+    text = reply.read()
+    if reply.status != 200:
+      raise SystemExit(f'a request failed: HTTP {reply.status} {text[:300]!r}')
+    return json.loads(text)
+
+  return _clients(ask, bodies, clients, timeout)
+
+
+def _engine_load(engine, inputs, threshold: float, clients: int, timeout: float):
+  """`_clients` on the engine in this process, no HTTP: the continuous batch alone."""
+  return _clients(
+      lambda x: engine.submit(x, threshold, engine.max_ticks).result(timeout), inputs, clients, timeout
+  )
 
 
 def _accuracy(task, config, answers, batch) -> float | None:
@@ -140,6 +161,16 @@ def main(argv=None):
     batch['targets'] = np.asarray(labels, np.int32)
 
   rows = []
+
+  def row(phase, slots, clients, threshold, wall, latencies, answers):
+    rows.append(dict(
+        phase=phase, slots=slots, clients=clients, threshold=threshold, requests=len(answers),
+        requests_per_s=len(answers) / wall, p50_ms=1000 * float(np.percentile(latencies, 50)),
+        p99_ms=1000 * float(np.percentile(latencies, 99)),
+        mean_ticks=float(np.mean([a['ticks_used'] for a in answers])),
+        accuracy=_accuracy(task, config, answers, batch) if batch else None,
+    ))
+
   phases = [
       ('early exit', args.slots, args.clients, args.threshold),
       ('every tick', args.slots, args.clients, 2.0),
@@ -150,20 +181,29 @@ def main(argv=None):
     for name, slots, clients, threshold in phases:
       if slots not in servers:
         servers[slots] = Served(args.workdir, slots, args.timeout)
-      url = servers[slots].url
+      port = servers[slots].port
       bodies = [{'input': e['input'], 'threshold': threshold} for e in examples]
-      _load(url, bodies[: min(len(bodies), 2 * clients)], clients, args.timeout)  # warm: connections, compiles
-      wall, latencies, answers = _load(url, bodies, clients, args.timeout)
-      rows.append(dict(
-          phase=name, slots=slots, clients=clients, threshold=threshold, requests=len(bodies),
-          requests_per_s=len(bodies) / wall, p50_ms=1000 * float(np.percentile(latencies, 50)),
-          p99_ms=1000 * float(np.percentile(latencies, 99)),
-          mean_ticks=float(np.mean([a['ticks_used'] for a in answers])),
-          accuracy=_accuracy(task, config, answers, batch) if batch else None,
-      ))
+      _load(port, bodies[: min(len(bodies), 2 * clients)], clients, args.timeout)  # warm: connections, compiles
+      row(name, slots, clients, threshold, *_load(port, bodies, clients, args.timeout))
   finally:
     for server in servers.values():
       server.close()
+
+  # The same load on the engine in this process: what the continuous batch
+  # serves without HTTP, JSON and reading inputs (read here beforehand).
+  model, variables, _, _ = serve.load(args.workdir, None)
+  classes = serve.output_classes(model)
+  inputs = [serve.read_payload(task, config, e['input'])['inputs'][0] for e in examples]
+  engine = serve.Engine(model, variables, slots=args.slots, max_pending=1 << 16)
+  try:
+    engine.warm_up(inputs[0])
+    for name, threshold in (('engine: early exit', args.threshold), ('engine: every tick', 2.0)):
+      _engine_load(engine, inputs[: 2 * args.clients], threshold, args.clients, args.timeout)
+      wall, latencies, histories = _engine_load(engine, inputs, threshold, args.clients, args.timeout)
+      answers = [serve.answer(task, config, h, False, classes) for h in histories]
+      row(name, args.slots, args.clients, threshold, wall, latencies, answers)
+  finally:
+    engine.stop()
 
   print(f'# serve_bench | {args.workdir} ({config.task}) | {args.requests} held-out requests | '
         f'{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform} | '
@@ -174,8 +214,9 @@ def main(argv=None):
     accuracy = '-' if r['accuracy'] is None else f'{100 * r["accuracy"]:.2f}%'
     print(f'| {r["phase"]} | {r["slots"]} | {r["clients"]} | {r["threshold"]:g} | {r["requests_per_s"]:.1f} | '
           f'{r["p50_ms"]:.1f} | {r["p99_ms"]:.1f} | {r["mean_ticks"]:.2f} | {accuracy} |')
-  early, every = rows[0]['requests_per_s'], rows[1]['requests_per_s']
-  print(f'early exit served {early / every:.2f}x the requests/s of every tick')
+  speed = {r['phase']: r['requests_per_s'] for r in rows}
+  print(f'early exit served {speed["early exit"] / speed["every tick"]:.2f}x the requests/s of every tick over '
+        f'HTTP, {speed["engine: early exit"] / speed["engine: every tick"]:.2f}x in the engine alone')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'workdir': args.workdir, 'task': config.task, 'rows': rows}, f, indent=2)

@@ -152,18 +152,18 @@ class Engine:
         return
       try:
         if taken:
-          example = taken[0][1].inputs
           if self._carry is None:
+            example = taken[0][1].inputs
             self._carry = slots.empty(np.repeat(example[None], width, axis=0))
+            self._carry = slots.compile_admit(self._carry, example)
             slots.compile_history(self._carry)
-          inputs_S = np.repeat(example[None], width, axis=0)
-          take_S = np.zeros(width, bool)
-          threshold_S = np.zeros(width, np.float32)
-          limit_S = np.ones(width, np.int32)
-          for slot, request in taken:
-            inputs_S[slot] = request.inputs
-            take_S[slot], threshold_S[slot], limit_S[slot] = True, request.threshold, request.limit
-          self._carry = slots.admit(self._carry, inputs_S, take_S, threshold_S, limit_S)
+          self._carry = slots.admit(
+              self._carry,
+              np.stack([request.inputs for _, request in taken]),
+              [slot for slot, _ in taken],
+              [request.threshold for _, request in taken],
+              [request.limit for _, request in taken],
+          )
         self.busy = sum(o is not None for o in self._owner)
         with self._lock:
           waiting = len(self._pending)
@@ -295,6 +295,12 @@ def read_payload(task, config, payload) -> dict:
   if not isinstance(inputs, np.ndarray):
     raise BadRequest(f'input: task {config.task!r} reads inputs that change over the ticks; the server ticks fixed ones')
   return batch
+
+
+def output_classes(model) -> int:
+  """The classes each row of the model's output reads as (its prediction_reshaper's last axis)."""
+  last = int(model.prediction_reshaper[-1])
+  return last if last > 0 else model.out_dims
 
 
 def probabilities(predictions_TxO, classes: int) -> np.ndarray:
@@ -453,7 +459,7 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
 
   metrics = Metrics()
   state = {}
-  classes = int(model.prediction_reshaper[-1]) if int(model.prediction_reshaper[-1]) > 0 else model.out_dims
+  classes = output_classes(model)
 
   def error(e: BadRequest, started: float):
     metrics.observe(e.status, time.perf_counter() - started)

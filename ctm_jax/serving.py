@@ -196,13 +196,13 @@ class Slots:
   and examples join and leave at any tick, each with its own threshold and
   tick limit. The host drives it in rounds:
 
-    carry = slots.empty(example_inputs)
-    carry = slots.admit(carry, inputs_S, take_S, threshold_S, limit_S)
+    carry = slots.empty(example_inputs_S)
+    carry = slots.admit(carry, inputs_K, slots_K, threshold_K, limit_K)
     carry, done_S = slots.run(carry, rounds)
     history = slots.history(carry, done_slots)
 
-  `admit` featurises S examples in one compiled program and puts those with
-  `take_S` into their slots (fresh state, tick 0). `run` ticks every slot
+  `admit` featurises the K arriving examples (only those, in chunks of a few
+  compiled widths) and puts them into their slots (fresh state, tick 0). `run` ticks every slot
   until `need` busy ones have stopped (certainty >= its threshold, or its
   limit), none is busy, or `rounds` ticks have passed; stopped slots are
   free again. Each
@@ -211,7 +211,8 @@ class Slots:
   leaves with it (`history`). Compiles once per input shape; thresholds,
   limits and rounds are arguments.
 
-  Dimension glossary (also): T max ticks a slot may run.
+  Dimension glossary (also): T max ticks a slot may run; K examples admitted
+  at once.
   """
 
   def __init__(self, model, variables, *, slots: int = 64, max_ticks: int | None = None, trace: bool = False):
@@ -259,33 +260,63 @@ class Slots:
       carry['attention_SxTxKxN'] = jnp.zeros((slots, ticks, heads, positions), jnp.float32)
     return carry
 
-  def admit(self, carry, inputs_S, take_S, threshold_S, limit_S):
-    """`carry` with the examples where `take_S` in their slots (each slot must
-    be free), thresholds `threshold_S` and tick limits `limit_S` (<= max_ticks)."""
-    return self._admit(
-        self.variables,
-        carry,
-        inputs_S,
-        jnp.asarray(take_S, bool),
-        jnp.asarray(threshold_S, jnp.float32),
-        jnp.asarray(limit_S, jnp.int32),
-    )
+  def admit(self, carry, inputs_K, slots_K, threshold_K, limit_K):
+    """`carry` with K examples `inputs_K` in slots `slots_K` (host ints, each
+    free and distinct), thresholds `threshold_K` and tick limits `limit_K`
+    (<= max_ticks). Only the K examples are featurised, in chunks whose
+    widths are in `admit_widths` (one compiled program each; 13 = 8 + 4 + 1),
+    so no featurising is spent on padding."""
+    slots_K = np.asarray(slots_K, np.int32).reshape(-1)
+    threshold_K = np.broadcast_to(np.asarray(threshold_K, np.float32), slots_K.shape)
+    limit_K = np.broadcast_to(np.asarray(limit_K, np.int32), slots_K.shape)
+    start = 0
+    while start < len(slots_K):
+      width = max(w for w in self.admit_widths if w <= len(slots_K) - start)
+      chunk = slice(start, start + width)
+      carry = self._admit(
+          self.variables, carry, jax.tree.map(lambda x: x[chunk], inputs_K),  # pylint: disable=cell-var-from-loop
+          slots_K[chunk], threshold_K[chunk], limit_K[chunk],
+      )
+      start += width
+    return carry
 
-  def _admit_fn(self, variables, carry, inputs_S, take_S, threshold_S, limit_S):
-    prepared = self._prepared(variables, inputs_S)
-    zeros = lambda a: jnp.where(  # noqa: E731
-        take_S.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.zeros_like(a), a
-    )
+  @property
+  def admit_widths(self) -> tuple[int, ...]:
+    """The batch widths admit compiles for: powers of two below S, and S."""
+    return tuple(1 << i for i in range((self.slots - 1).bit_length()) if 1 << i < self.slots) + (self.slots,)
+
+  def compile_admit(self, carry, example_inputs):
+    """Compiles admit for every width in `admit_widths` (one example, no batch
+    axis, as the model reads) ahead of use; returns the carry, unchanged in
+    what it holds."""
+    for width in self.admit_widths:
+      # Every row dropped (index S): the carry's slots are left as they were.
+      inputs_K = jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], width, axis=0), example_inputs)
+      carry = self._admit(
+          self.variables, carry, inputs_K, np.full(width, self.slots, np.int32),
+          np.zeros(width, np.float32), np.ones(width, np.int32),
+      )
+    return carry
+
+  def _admit_fn(self, variables, carry, inputs_K, index_K, threshold_K, limit_K):
+    prepared = self._prepared(variables, inputs_K)
+
+    def put(path, old, new):
+      axis = _batch_axis(path)
+      moved = jnp.moveaxis(old, axis, 0).at[index_K].set(jnp.moveaxis(new, axis, 0), mode='drop')
+      return jnp.moveaxis(moved, 0, axis)
+
+    set_K = lambda a, v: a.at[index_K].set(v, mode='drop')  # noqa: E731
     return dict(
         carry,
-        state=_select(take_S, prepared.state, carry['state']),
-        fixed=_select(take_S, prepared.fixed, carry['fixed']),
-        ticks_S=jnp.where(take_S, 0, carry['ticks_S']),
-        busy_S=carry['busy_S'] | take_S,
-        sure_S=carry['sure_S'] & ~take_S,
-        threshold_S=jnp.where(take_S, threshold_S, carry['threshold_S']),
-        limit_S=jnp.where(take_S, jnp.clip(limit_S, 1, self.max_ticks), carry['limit_S']),
-        **{k: zeros(carry[k]) for k in carry if k.endswith(('SxTxO', 'SxT', 'SxTxKxN'))},
+        state=jax.tree_util.tree_map_with_path(put, carry['state'], prepared.state),
+        fixed=jax.tree_util.tree_map_with_path(put, carry['fixed'], prepared.fixed),
+        ticks_S=set_K(carry['ticks_S'], 0),
+        busy_S=set_K(carry['busy_S'], True),
+        sure_S=set_K(carry['sure_S'], False),
+        threshold_S=set_K(carry['threshold_S'], threshold_K),
+        limit_S=set_K(carry['limit_S'], jnp.clip(limit_K, 1, self.max_ticks)),
+        **{k: set_K(carry[k], 0) for k in carry if k.endswith(('SxTxO', 'SxT', 'SxTxKxN'))},
         synch_params=prepared.synch_params,
     )
 

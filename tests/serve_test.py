@@ -10,7 +10,6 @@ import io
 import json
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -264,7 +263,9 @@ def test_generated_examples_are_requests_the_server_answers(served):
 
 
 def test_the_page_in_a_browser_thinks_on_an_example_and_shows_an_api_error(served, tmp_path):
-  chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+  from ctm_jax.tools import page_screenshot  # pylint: disable=g-import-not-at-top
+
+  chromium = page_screenshot.chromium_path()
   if chromium is None or importlib.util.find_spec('playwright') is None:
     why = 'no chromium on PATH or playwright not importable (.ci/run installs both for this test)'
     if os.environ.get('CTM_BROWSER_REQUIRED'):
@@ -274,25 +275,19 @@ def test_the_page_in_a_browser_thinks_on_an_example_and_shows_an_api_error(serve
   shots = pathlib.Path(os.environ.get('CTM_TEST_ARTEFACTS') or tmp_path)
   shots.mkdir(parents=True, exist_ok=True)
   with sync_api.sync_playwright() as playwright:
-    browser = playwright.chromium.launch(
-        executable_path=chromium,
-        args=['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-              '--disable-component-update', '--disable-sync'],
-    )
+    browser = page_screenshot.launch(playwright, chromium)
     try:
       page = browser.new_page(viewport={'width': 1200, 'height': 900})
-      page.goto(served['url'] + '/')
-      page.wait_for_function("document.getElementById('model').textContent.startsWith('parity')")
-      page.click('#example')
-      page.wait_for_function("document.getElementById('text').value.length > 0")
-      page.click('#submit')
-      page.wait_for_selector('#result:not([hidden])')
+      ticks = page_screenshot.think(page, served['url'], example=3, tick=1)
+      assert page.text_content('#model').startswith('parity')
       assert page.text_content('#answer').startswith('parity ')
-      ticks = int(page.get_attribute('#tick', 'max'))
       assert ticks >= 1 and page.is_visible('#stop_mark')
-      page.eval_on_selector('#tick', "e => { e.value = 1; e.dispatchEvent(new Event('input')); }")
       assert page.text_content('#tick_label') == f'1 of {ticks}'
       assert page.text_content('#tick_answer').startswith('tick 1: parity ')
+      # ?seed=3 picks the held-out example of seed 3: the page answers as the API does.
+      chosen = httpx.get(served['url'] + '/v1/examples?seed=3').json()['examples'][0]['input']
+      direct = httpx.post(served['url'] + '/v1/predict', json={'input': chosen}, timeout=60).json()
+      assert page.text_content('#answer') == direct['answer'] and ticks == direct['ticks_used']
       page.screenshot(path=str(shots / 'page_parity.png'), full_page=True)
       page.fill('#text', 'hello')  # typed text replaces the example; parity reads no such thing
       page.click('#submit')

@@ -30,18 +30,16 @@ def _drive(slots, inputs_QxI, threshold_Q, limit_Q, arrivals_Q):
     while arrived < len(inputs_QxI) and arrivals_Q[arrived] <= clock:
       pending.append(arrived)
       arrived += 1
-    take = np.zeros(width, bool)
-    chunk = np.repeat(inputs_QxI[:1], width, axis=0)
-    threshold_S = np.zeros(width, np.float32)
-    limit_S = np.ones(width, np.int32)
+    taken = []  # (slot, example)
     for s in range(width):
       if owner[s] < 0 and pending:
         q = pending.popleft()
-        owner[s], take[s] = q, True
-        chunk[s], threshold_S[s], limit_S[s] = inputs_QxI[q], threshold_Q[q], limit_Q[q]
+        owner[s] = q
+        taken.append((s, q))
         waited[q] = clock - arrivals_Q[q]
-    if take.any():
-      carry = slots.admit(carry, chunk, take, threshold_S, limit_S)
+    if taken:
+      slots_K, queue_K = (np.asarray(a) for a in zip(*taken))
+      carry = slots.admit(carry, inputs_QxI[queue_K], slots_K, threshold_Q[queue_K], limit_Q[queue_K])
     if not any(o >= 0 for o in owner):
       clock = arrivals_Q[arrived]  # idle until the next arrival
       continue
@@ -96,7 +94,7 @@ def test_the_attention_equals_the_tracked_runs():
   tracked = jax.jit(lambda v, x: model.apply(v, x, track=True))(variables, inputs)
   attention_QxTxKxN = np.moveaxis(np.asarray(tracked.tracking.attention, np.float32)[:, :, :, 0], 0, 1)
   slots = serving.Slots(model, variables, slots=3, trace=True)
-  carry = slots.admit(slots.empty(inputs), inputs, np.ones(3, bool), np.full(3, 2.0, np.float32), np.full(3, model.iterations, np.int32))
+  carry = slots.admit(slots.empty(inputs), inputs, [0, 1, 2], np.full(3, 2.0, np.float32), np.full(3, model.iterations, np.int32))
   carry, done_S = slots.run(carry, 10_000)
   assert np.asarray(done_S).all()
   for q, history in enumerate(slots.history(carry, [0, 1, 2])):

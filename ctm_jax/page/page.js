@@ -229,10 +229,16 @@ async function think() {
   render();
 }
 
+// ?seed=N in the page's address makes the examples N, N+1, ... (a page to show
+// or test again); otherwise each is random.
+const firstSeed = new URLSearchParams(location.search).get('seed');
+let picked = 0;
+
 async function example() {
   showError('');
+  const seed = firstSeed !== null && /^\d+$/.test(firstSeed) ? Number(firstSeed) + picked++ : Math.floor(Math.random() * 1e9);
   try {
-    const got = await getJSON('/v1/examples?count=1&seed=' + Math.floor(Math.random() * 1e9));
+    const got = await getJSON('/v1/examples?count=1&seed=' + seed);
     const pick = got.examples[0];
     payload = pick.input;
     $('text').value = typeof pick.input === 'string' ? pick.input : `(a held-out ${model.task} example${pick.label !== undefined ? `, answer ${pick.label}` : ''})`;
