@@ -158,7 +158,7 @@ def main(argv=None):
   batch = {}
   labels = [e.get('label') for e in examples]
   if all(label is not None for label in labels):
-    batch['targets'] = np.asarray(labels, np.int32)
+    batch['targets'] = np.asarray(labels, np.int32)  # a class, or a row (parity's bits, a maze's route)
 
   rows = []
 

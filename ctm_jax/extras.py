@@ -17,6 +17,7 @@ MODULES = {
     'hub': ('huggingface_hub', 'safetensors', 'pyarrow'),
     'gcs': ('gcsfs',),  # which brings google-cloud-storage (the bucket lock)
     'serve': ('starlette', 'uvicorn'),
+    'browser': ('playwright',),  # tools.page_screenshot drives chromium with it
 }
 
 

@@ -399,7 +399,8 @@ def _query_int(params, name: str, default: int, low: int, high: int) -> int:
 def held_out_examples(task, config, count: int, seed: int) -> list[dict]:
   """`count` consecutive held-out records from index `seed` (the task's eval
   source; its generator where the config has no data, as an import's), each
-  as a request's `input` ({"npy_base64": ...}) with its `label` where it has one."""
+  as a request's `input` ({"npy_base64": ...}) with its `label` where it has
+  one (a class, or a list: parity's bits, a maze's route)."""
   try:
     try:
       source = task.eval_source(config)
@@ -418,8 +419,8 @@ def held_out_examples(task, config, count: int, seed: int) -> list[dict]:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(inputs[i], np.float32))
     example = {'input': {'npy_base64': base64.b64encode(buffer.getvalue()).decode()}}
-    if targets.ndim == 1 and len(targets) == count:
-      example['label'] = int(targets[i])
+    if targets.ndim >= 1 and len(targets) == count:
+      example['label'] = targets[i].tolist()
     out.append(example)
   return out
 

@@ -132,7 +132,8 @@ def test_extras_are_the_documented_ones_and_the_core_is_lean():
   dists = {'gymnax': 'gymnax', 'xminigrid': 'xminigrid', 'rlax': 'rlax',
            'tensorflow_datasets': 'tensorflow-datasets', 'torch': 'torch',
            'huggingface_hub': 'huggingface-hub', 'safetensors': 'safetensors', 'pyarrow': 'pyarrow',
-           'gcsfs': 'gcsfs', 'starlette': 'starlette', 'uvicorn': 'uvicorn'}
+           'gcsfs': 'gcsfs', 'starlette': 'starlette', 'uvicorn': 'uvicorn',
+           'playwright': 'playwright'}
   for extra, modules in extras_lib.MODULES.items():
     names = {requirements.Requirement(r).name for r in extras[extra]}
     assert {dists[m] for m in modules} <= names, extra

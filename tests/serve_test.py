@@ -255,7 +255,9 @@ def test_the_page_and_its_assets_are_served(served):
 
 def test_generated_examples_are_requests_the_server_answers(served):
   got = httpx.get(served['url'] + '/v1/examples', params={'count': 3, 'seed': 5}).json()['examples']
-  assert len(got) == 3 and all('npy_base64' in e['input'] for e in got)  # parity's targets are per bit: no label
+  assert len(got) == 3 and all('npy_base64' in e['input'] for e in got)
+  source = served['task'].eval_source(served['config'])  # held-out records 5, 6, 7
+  assert [e['label'] for e in got] == [np.asarray(source[i]['targets']).tolist() for i in (5, 6, 7)]  # per bit
   reply = httpx.post(served['url'] + '/v1/predict', json={'input': got[0]['input']}, timeout=60)
   assert reply.status_code == 200, reply.text
   bad = httpx.get(served['url'] + '/v1/examples', params={'count': 99})
@@ -334,3 +336,42 @@ def test_a_mazes_trace_path_walks_the_true_route_to_the_goal_and_stops_at_a_wall
   stopped = task.trace_path(config, inputs, wrong)
   assert stopped['cells'] == [start] and stopped['blocked'] is not None
   assert tasks.get('parity').trace_path(parity_configs.get_config('smoke'), np.ones(8), np.zeros(16)) is None
+
+
+@pytest.mark.slow
+def test_serve_bench_measures_every_phase_on_a_run(parity_run, tmp_path, capsys):
+  from benchmarks import serve_bench  # pylint: disable=g-import-not-at-top
+
+  serve_bench.main([f'--workdir={parity_run}', '--requests=24', '--clients=4', '--slots=4', '--timeout=300',
+                    f'--json={tmp_path / "bench.json"}'])
+  rows = {r['phase']: r for r in json.loads((tmp_path / 'bench.json').read_text())['rows']}
+  assert set(rows) == {'early exit', 'every tick', 'one at a time', 'engine: early exit', 'engine: every tick'}
+  ticks = parity_configs.get_config('smoke').model.iterations
+  for name, row in rows.items():
+    assert row['requests'] == 24 and row['requests_per_s'] > 0 and 0 < row['p50_ms'] <= row['p99_ms'], name
+    assert 0 <= row['accuracy'] <= 1, name
+  # Every tick runs every tick; early exit never more; HTTP and the engine alone answer alike.
+  assert rows['every tick']['mean_ticks'] == rows['engine: every tick']['mean_ticks'] == ticks
+  assert rows['early exit']['mean_ticks'] == rows['engine: early exit']['mean_ticks'] <= ticks
+  assert rows['early exit']['accuracy'] == rows['engine: early exit']['accuracy']
+  assert 'x the requests/s of every tick' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_page_screenshot_writes_the_page_thinking_and_replaces_nothing(parity_run, tmp_path):
+  from ctm_jax.tools import page_screenshot  # pylint: disable=g-import-not-at-top
+
+  if page_screenshot.chromium_path() is None or importlib.util.find_spec('playwright') is None:
+    why = 'no chromium on PATH or playwright not importable (.ci/run installs both for this test)'
+    if os.environ.get('CTM_BROWSER_REQUIRED'):
+      pytest.fail(why)
+    pytest.skip(why)
+  out = tmp_path / 'page.png'
+  command = [sys.executable, '-m', 'ctm_jax.tools.page_screenshot', f'--workdir={parity_run}', f'--out={out}',
+             '--example=2']
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and out.stat().st_size > 10_000
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 2 and 'pass --overwrite' in again.stderr.strip().splitlines()[-1]
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -241,7 +241,7 @@ async function example() {
     const got = await getJSON('/v1/examples?count=1&seed=' + seed);
     const pick = got.examples[0];
     payload = pick.input;
-    $('text').value = typeof pick.input === 'string' ? pick.input : `(a held-out ${model.task} example${pick.label !== undefined ? `, answer ${pick.label}` : ''})`;
+    $('text').value = typeof pick.input === 'string' ? pick.input : `(a held-out ${model.task} example${typeof pick.label === 'number' ? `, answer ${pick.label}` : ''})`;
   } catch (e) {
     showError(e.message);
   }
