@@ -86,6 +86,7 @@ function drawInput(tick) {
   if (!input) return;
   const image = Array.isArray(input[0]) && Array.isArray(input[0][0]);
   if (image) {  // H x W x C
+    if (canvas.height !== canvas.width) { canvas.height = canvas.width; }
     const h = input.length; const w = input[0].length; const c = input[0][0].length;
     const flat = normalised(input.flat(2));
     const cell = Math.min(canvas.width / w, canvas.height / h);
@@ -129,7 +130,8 @@ function drawInput(tick) {
   const side = Math.round(Math.sqrt(n));
   const cols = side * side === n && n > 8 ? side : Math.min(n, 16);
   const rows = Math.ceil(n / cols);
-  const cell = Math.min(canvas.width / cols, canvas.height / rows, 60);
+  const cell = Math.min(canvas.width / cols, 60);
+  if (canvas.height !== Math.ceil(rows * cell)) { canvas.height = Math.ceil(rows * cell); }  // no empty square below a row
   const peak = attention ? Math.max(...attention) : 1;
   ctx.font = `${Math.round(cell * 0.4)}px monospace`;
   ctx.textAlign = 'center'; ctx.textBaseline = 'middle';
@@ -146,21 +148,25 @@ function drawInput(tick) {
 function drawCertainty(tick) {
   const svg = $('certainty');
   const ticks = result.ticks.map((t) => t.certainty);
-  const w = 360; const h = 200; const pad = 24;
-  const x = (t) => pad + ((w - 2 * pad) * t) / Math.max(1, ticks.length - 1);
-  const y = (c) => h - pad - (h - 2 * pad) * c;
+  const w = 340; const h = 200; const left = 30; const right = 12; const top = 20; const bottom = 30;
+  const x = (t) => left + ((w - left - right) * t) / Math.max(1, ticks.length - 1);
+  const y = (c) => h - bottom - (h - top - bottom) * c;
   const points = ticks.map((c, t) => `${x(t)},${y(c)}`).join(' ');
   const threshold = Number($('threshold').value);
   const stop = result.ticks_used - 1;
   svg.innerHTML = `
-    <line x1="${pad}" y1="${y(0)}" x2="${w - pad}" y2="${y(0)}" stroke="#bbb"/>
-    <line x1="${pad}" y1="${y(1)}" x2="${w - pad}" y2="${y(1)}" stroke="#eee"/>
-    ${threshold <= 1 ? `<line x1="${pad}" y1="${y(threshold)}" x2="${w - pad}" y2="${y(threshold)}" stroke="#e08" stroke-dasharray="4 3"/>` : ''}
+    <line x1="${left}" y1="${y(0)}" x2="${w - right}" y2="${y(0)}" stroke="#bbb"/>
+    <line x1="${left}" y1="${y(1)}" x2="${w - right}" y2="${y(1)}" stroke="#eee"/>
+    <text x="${left - 6}" y="${y(0) + 4}" font-size="11" text-anchor="end">0</text>
+    <text x="${left - 6}" y="${y(1) + 4}" font-size="11" text-anchor="end">1</text>
+    ${threshold <= 1 ? `<line x1="${left}" y1="${y(threshold)}" x2="${w - right}" y2="${y(threshold)}" stroke="#e08" stroke-dasharray="4 3"/>
+    <text x="${left + 4}" y="${y(threshold) - 4}" font-size="11" fill="#e08">threshold ${threshold}</text>` : ''}
     <polyline points="${points}" fill="none" stroke="#0366d6" stroke-width="2"/>
     <circle id="stop_mark" cx="${x(stop)}" cy="${y(ticks[stop])}" r="7" fill="none" stroke="#e08" stroke-width="2"/>
     <circle cx="${x(tick)}" cy="${y(ticks[tick])}" r="4" fill="#0366d6"/>
-    <text x="${pad}" y="14" font-size="11">certainty</text>
-    <text x="${w - pad}" y="${h - 6}" font-size="11" text-anchor="end">tick ${ticks.length}</text>`;
+    <text x="${x(0)}" y="${h - bottom + 14}" font-size="11" text-anchor="middle">1</text>
+    <text x="${x(ticks.length - 1)}" y="${h - bottom + 14}" font-size="11" text-anchor="middle">${ticks.length}</text>
+    <text x="${(left + w - right) / 2}" y="${h - 4}" font-size="11" text-anchor="middle">tick</text>`;
 }
 
 function drawProbabilities(tick) {
@@ -169,6 +175,7 @@ function drawProbabilities(tick) {
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const rows = result.probabilities[tick];
   if (rows.length === 1) {  // one answer: bars of the most probable classes
+    if (canvas.height !== 200) { canvas.height = 200; }
     const top = rows[0].map((p, c) => [p, c]).sort((a, b) => b[0] - a[0]).slice(0, 10);
     const bar = canvas.height / top.length;
     ctx.font = '12px sans-serif'; ctx.textBaseline = 'middle';
@@ -181,11 +188,19 @@ function drawProbabilities(tick) {
     });
   } else {  // an answer per position: a heat map, positions across, classes down
     const classes = rows[0].length;
-    const cw = canvas.width / rows.length; const chh = canvas.height / classes;
+    const left = 52; const bottom = 18;
+    const cw = (canvas.width - left) / rows.length; const ch = Math.min(40, (200 - bottom) / classes);
+    if (canvas.height !== Math.ceil(classes * ch + bottom)) { canvas.height = Math.ceil(classes * ch + bottom); }
+    ctx.font = '11px sans-serif'; ctx.textBaseline = 'middle'; ctx.fillStyle = '#222';
+    for (let c = 0; c < classes; c++) ctx.fillText(`class ${c}`, 2, c * ch + ch / 2);
     rows.forEach((row, i) => row.forEach((p, c) => {
       ctx.fillStyle = colour(p);
-      ctx.fillRect(i * cw, c * chh, Math.ceil(cw), Math.ceil(chh));
+      ctx.fillRect(left + i * cw, c * ch, Math.ceil(cw), Math.ceil(ch));
     }));
+    ctx.fillStyle = '#222'; ctx.textAlign = 'center';
+    const every = Math.ceil(rows.length / 12);  // position numbers, at most a dozen
+    for (let i = 0; i < rows.length; i += every) ctx.fillText(String(i + 1), left + (i + 0.5) * cw, classes * ch + bottom / 2);
+    ctx.textAlign = 'start';
   }
   $('tick_answer').textContent = `tick ${tick + 1}: ${result.ticks[tick].answer} (certainty ${result.ticks[tick].certainty.toFixed(3)})`;
 }
