@@ -343,7 +343,7 @@ def answer(task, config, history: dict, trace: bool, classes: int, inputs=None) 
   return result
 
 
-def model_summary(model, variables, config, workdir: str, engine: Engine, threshold: float) -> dict:
+def model_summary(model, variables, config, task, workdir: str, engine: Engine, threshold: float) -> dict:
   parameters = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables.get('params', {})))
   return {
       'workdir': workdir,
@@ -355,6 +355,7 @@ def model_summary(model, variables, config, workdir: str, engine: Engine, thresh
       'threshold': threshold,
       'parameters': parameters,
       'input_shape': None if engine.input_shape is None else list(engine.input_shape),
+      'generates': getattr(type(task), 'fresh_example', None) not in (None, tasks.Predicts.fresh_example),
       'config': model_fields(model),
   }
 
@@ -396,19 +397,29 @@ def _query_int(params, name: str, default: int, low: int, high: int) -> int:
   return int(text)
 
 
-def held_out_examples(task, config, count: int, seed: int) -> list[dict]:
+def held_out_examples(task, config, count: int, seed: int, fresh: bool = False) -> list[dict]:
   """`count` consecutive held-out records from index `seed` (the task's eval
   source; its generator where the config has no data, as an import's), each
   as a request's `input` ({"npy_base64": ...}) with its `label` where it has
-  one (a class, or a list: parity's bits, a maze's route)."""
+  one (a class, or a list: parity's bits, a maze's route). `fresh`: new
+  examples from the task's generator instead (`Task.fresh_example`, seeds
+  `seed`, `seed + 1`, ...)."""
   try:
-    try:
-      source = task.eval_source(config)
-      records = [source[(seed + i) % len(source)] for i in range(count)]
-      batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
-    except Exception:  # pylint: disable=broad-except  # no data here: the task's generator
-      batch = task.synthetic_batch(config, count, seed=seed)
+    if fresh:
+      made = [task.fresh_example(config, seed + i) for i in range(count)]
+      if made[0] is None:
+        raise BadRequest(f'generate: task {config.task!r} generates no examples; ask for held-out ones', 404)
+      batch = {k: np.concatenate([m[k] for m in made]) for k in made[0]}
+    else:
+      try:
+        source = task.eval_source(config)
+        records = [source[(seed + i) % len(source)] for i in range(count)]
+        batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
+      except Exception:  # pylint: disable=broad-except  # no data here: the task's generator
+        batch = task.synthetic_batch(config, count, seed=seed)
     inputs = task.model_inputs(batch)
+  except BadRequest:
+    raise
   except Exception as e:  # pylint: disable=broad-except  # an import lacks the task's data fields
     raise BadRequest(f'examples: task {config.task!r} has no examples for this model ({e})', 404) from None
   if not isinstance(inputs, np.ndarray):
@@ -494,7 +505,7 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
     return JSONResponse({'status': 'ok'})
 
   async def describe_model(_):
-    summary = model_summary(model, variables, config, workdir, state['engine'], threshold)
+    summary = model_summary(model, variables, config, task, workdir, state['engine'], threshold)
     summary['attention_grid'] = state.get('grid')
     return JSONResponse(summary)
 
@@ -506,7 +517,8 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
     try:
       count = _query_int(request.query_params, 'count', 1, 1, 16)
       seed = _query_int(request.query_params, 'seed', 0, 0, 2**31 - 1)
-      got = await asyncio.to_thread(held_out_examples, task, config, count, seed)
+      fresh = _query_int(request.query_params, 'generate', 0, 0, 1) == 1
+      got = await asyncio.to_thread(held_out_examples, task, config, count, seed, fresh)
     except BadRequest as e:
       return error(e, started)
     return JSONResponse({'examples': got})

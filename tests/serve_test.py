@@ -375,3 +375,27 @@ def test_page_screenshot_writes_the_page_thinking_and_replaces_nothing(parity_ru
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert again.returncode == 2 and 'pass --overwrite' in again.stderr.strip().splitlines()[-1]
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_fresh_mazes_are_new_reproducible_and_solvable_and_other_tasks_say_they_make_none(served):
+  from ctm_jax.configs import mazes as maze_configs  # pylint: disable=g-import-not-at-top
+
+  config = maze_configs.get_config('smoke')
+  task = tasks.get(config.task)
+  fresh = serve.held_out_examples(task, config, 2, 7, fresh=True)
+  assert fresh == serve.held_out_examples(task, config, 2, 7, fresh=True)  # seeded
+  assert fresh[0] != fresh[1]
+  held_out = serve.held_out_examples(task, config, 50, 0)
+  assert not any(f['input'] == h['input'] for f in fresh for h in held_out)
+  for example in fresh:
+    inputs = serve.read_payload(task, config, example['input'])['inputs'][0]
+    assert inputs.shape == tuple(config.image_shape)
+    # Its label is its route: walked from the start it ends on the goal.
+    right = np.eye(5, dtype=np.float32)[np.asarray(example['label'])].reshape(-1)
+    walked = task.trace_path(config, inputs, right)
+    assert walked['blocked'] is None and len(walked['cells']) > 1
+  with pytest.raises(serve.BadRequest, match='generates no examples'):
+    serve.held_out_examples(served['task'], served['config'], 1, 0, fresh=True)
+  assert httpx.get(served['url'] + '/v1/model').json()['generates'] is False
+  refused = httpx.get(served['url'] + '/v1/examples', params={'generate': 1})
+  assert refused.status_code == 404 and refused.json()['error'].startswith('generate:')

@@ -44,7 +44,7 @@ START = (1.0, 0.0, 0.0)
 GOAL = (0.0, 1.0, 0.0)
 PATH = (0.0, 0.0, 1.0)
 
-_SPLIT_STREAMS = {'train': 0, 'test': 1}
+_SPLIT_STREAMS = {'train': 0, 'test': 1, 'fresh': 2}  # fresh: the server page's new mazes
 TRAIN_RECORDS = 2**31 - 1  # unbounded for all practical purposes; fits grain's shuffle
 TEST_RECORDS = 1000
 

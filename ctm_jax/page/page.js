@@ -249,14 +249,15 @@ async function think() {
 const firstSeed = new URLSearchParams(location.search).get('seed');
 let picked = 0;
 
-async function example() {
+async function example(generate = false) {
   showError('');
   const seed = firstSeed !== null && /^\d+$/.test(firstSeed) ? Number(firstSeed) + picked++ : Math.floor(Math.random() * 1e9);
   try {
-    const got = await getJSON('/v1/examples?count=1&seed=' + seed);
+    const got = await getJSON(`/v1/examples?count=1&seed=${seed}${generate ? '&generate=1' : ''}`);
     const pick = got.examples[0];
     payload = pick.input;
-    $('text').value = typeof pick.input === 'string' ? pick.input : `(a held-out ${model.task} example${typeof pick.label === 'number' ? `, answer ${pick.label}` : ''})`;
+    const what = generate ? `a new ${model.task} example, made now` : `a held-out ${model.task} example`;
+    $('text').value = typeof pick.input === 'string' ? pick.input : `(${what}${typeof pick.label === 'number' ? `, answer ${pick.label}` : ''})`;
   } catch (e) {
     showError(e.message);
   }
@@ -275,7 +276,8 @@ async function start() {
   $('threshold').value = model.threshold;
   // A one-channel picture (a digit) can be drawn; colour pictures and mazes come as examples or files.
   if (model.input_shape && model.input_shape.length === 3 && model.input_shape[2] === 1) { $('drawing').hidden = false; setupPad(); }
-  $('example').addEventListener('click', example);
+  $('example').addEventListener('click', () => example(false));
+  if (model.generates) { $('generate').hidden = false; $('generate').addEventListener('click', () => example(true)); }
   $('file').addEventListener('change', async (e) => {
     const file = e.target.files[0];
     if (!file) return;

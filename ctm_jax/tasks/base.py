@@ -259,6 +259,14 @@ class Predicts:
     del config, inputs, prediction_O
     return None
 
+  def fresh_example(self, config, seed: int) -> dict[str, np.ndarray] | None:
+    """A new batch of one from the task's own generator (the server page's
+    "generate" button: a maze never seen), seeded by `seed`; None for tasks
+    that generate nothing worth showing (the page offers their held-out
+    records, files and typed input instead)."""
+    del config, seed
+    return None
+
   def prediction_gif(self, config, model, variables, batch, path: str) -> str:
     """Draws a one-example batch's ticks (attention, answer, certainty) to a gif at `path`."""
     del config, model, variables, batch, path

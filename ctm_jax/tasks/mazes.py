@@ -246,6 +246,12 @@ class Maze(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
     letters = ''.join('UDLR.'[m] for m in moves_R)
     return f'route {letters}'
 
+  def fresh_example(self, config, seed):
+    # A split of its own: never a train or held-out maze of a generated run.
+    record = maze_data.GeneratedMazes(config.image_shape[0], config.maze_route_length, seed, 1, 'fresh')[0]
+    inputs_HxWx3 = maze_data.model_input(record['image'], maze_data.expand_range_of(config))
+    return {'inputs': inputs_HxWx3[None], 'targets': record['route'][None]}
+
   def trace_path(self, config, inputs, prediction_O):
     image_HxWx3 = np.asarray(inputs, np.float32)
     if maze_data.expand_range_of(config):
