@@ -2,12 +2,13 @@
 tick and against one request at a time.
 
 Usage (from the repo root):
-  python -m benchmarks.serve_bench --workdir=RUN [--clients=32] [--requests=512]
+  python -m benchmarks.serve_bench --workdir=RUN [--clients=128] [--requests=512]
       [--slots=64] [--threshold=0.9] [--timeout=600] [--json=PATH]
 
 Starts `python -m ctm_jax.serve` on loopback (a free port) and sends the run's
 first --requests held-out records (`GET /v1/examples`) from --clients
-concurrent clients, three ways:
+concurrent clients (each sends its next request when its last is answered;
+twice the slots by default, so that slots freed early find work), three ways:
   early exit     --slots slots, each request at --threshold;
   every tick     the same server, each request at threshold 2 (never sure);
   one at a time  a server with one slot and one client at --threshold.
@@ -135,7 +136,7 @@ def _accuracy(task, config, answers, batch) -> float | None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True, help='a training run, an artefact or an import')
-  parser.add_argument('--clients', type=int, default=32)
+  parser.add_argument('--clients', type=int, default=128)
   parser.add_argument('--requests', type=int, default=512)
   parser.add_argument('--slots', type=int, default=64)
   parser.add_argument('--threshold', type=float, default=0.9)

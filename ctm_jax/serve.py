@@ -493,9 +493,10 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
       batch = await asyncio.to_thread(read_payload, task, config, fields['input'])
       future = engine.submit(batch['inputs'][0], fields['threshold'], fields['max_ticks'])
       history = await asyncio.wrap_future(future)
-      result = await asyncio.to_thread(
-          answer, task, config, history, fields['trace'], classes, batch['inputs'][0] if fields['trace'] else None
-      )
+      if fields['trace']:  # lists of every tick's attention and probabilities: off the event loop
+        result = await asyncio.to_thread(answer, task, config, history, True, classes, batch['inputs'][0])
+      else:  # a few small lists: cheaper here than a thread hop
+        result = answer(task, config, history, False, classes)
     except BadRequest as e:
       return error(e, started)
     metrics.observe(200, time.perf_counter() - started, result['ticks_used'])
