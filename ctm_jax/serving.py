@@ -201,8 +201,8 @@ class Slots:
     carry, done_S = slots.run(carry, rounds)
     history = slots.history(carry, done_slots)
 
-  `admit` featurises the K arriving examples (only those, in chunks of a few
-  compiled widths) and puts them into their slots (fresh state, tick 0). `run` ticks every slot
+  `admit` featurises the K arriving examples (only those, padded to one of a
+  few compiled widths) and puts them into their slots (fresh state, tick 0). `run` ticks every slot
   until `need` busy ones have stopped (certainty >= its threshold, or its
   limit), none is busy, or `rounds` ticks have passed; stopped slots are
   free again. Each
@@ -263,22 +263,22 @@ class Slots:
   def admit(self, carry, inputs_K, slots_K, threshold_K, limit_K):
     """`carry` with K examples `inputs_K` in slots `slots_K` (host ints, each
     free and distinct), thresholds `threshold_K` and tick limits `limit_K`
-    (<= max_ticks). Only the K examples are featurised, in chunks whose
-    widths are in `admit_widths` (one compiled program each; 13 = 8 + 4 + 1),
-    so no featurising is spent on padding."""
+    (<= max_ticks). Only the K examples are featurised, padded to the next
+    width in `admit_widths` (one compiled program each); the padding's rows
+    are dropped. One padded call costs less than a call per power of two in
+    K: a call's fixed cost is that of a few examples (docs/serving.md)."""
     slots_K = np.asarray(slots_K, np.int32).reshape(-1)
-    threshold_K = np.broadcast_to(np.asarray(threshold_K, np.float32), slots_K.shape)
-    limit_K = np.broadcast_to(np.asarray(limit_K, np.int32), slots_K.shape)
-    start = 0
-    while start < len(slots_K):
-      width = max(w for w in self.admit_widths if w <= len(slots_K) - start)
-      chunk = slice(start, start + width)
-      carry = self._admit(
-          self.variables, carry, jax.tree.map(lambda x: x[chunk], inputs_K),  # pylint: disable=cell-var-from-loop
-          slots_K[chunk], threshold_K[chunk], limit_K[chunk],
-      )
-      start += width
-    return carry
+    count = len(slots_K)
+    if not count:
+      return carry
+    width = min(w for w in self.admit_widths if w >= count)
+    pad = width - count
+    inputs_K = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x, inputs_K)
+    # An index past the last slot drops the padding's rows.
+    index_K = np.concatenate([slots_K, np.full(pad, self.slots, np.int32)])
+    threshold_K = np.concatenate([np.broadcast_to(np.asarray(threshold_K, np.float32), (count,)), np.zeros(pad, np.float32)])
+    limit_K = np.concatenate([np.broadcast_to(np.asarray(limit_K, np.int32), (count,)), np.ones(pad, np.int32)])
+    return self._admit(self.variables, carry, inputs_K, index_K, threshold_K, limit_K)
 
   @property
   def admit_widths(self) -> tuple[int, ...]:
