@@ -52,6 +52,7 @@ from ctm_jax import validation
 MAX_BODY_BYTES = 8 << 20  # a picture or a maze, base64'd, with room to spare
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_FIELDS = ('input', 'threshold', 'max_ticks', 'trace')
+INLINE_ANSWER_TICKS = 128  # an answer of more ticks is built off the event loop (it would stall other requests)
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'page')  # the page's static files
 
 
@@ -201,6 +202,11 @@ class Metrics:
     self.latency_sum = 0.0
     self.ticks = collections.Counter()
     self.ticks_sum = 0
+    self.in_flight = 0  # predict requests being read, waiting, ticking or answered but not yet sent
+
+  def in_flight_change(self, change: int) -> None:
+    with self.lock:
+      self.in_flight += change
 
   def observe(self, status: int, seconds: float, ticks: int | None = None) -> None:
     with self.lock:
@@ -233,7 +239,9 @@ class Metrics:
                 f'ctm_ticks_used_count {total}']
     lines += ['# HELP ctm_slots_busy Slots holding a request now.', '# TYPE ctm_slots_busy gauge', f'ctm_slots_busy {busy}',
               '# HELP ctm_slots Slots in the continuous batch.', '# TYPE ctm_slots gauge', f'ctm_slots {slots}',
-              '# HELP ctm_pending Requests waiting for a slot.', '# TYPE ctm_pending gauge', f'ctm_pending {pending}']
+              '# HELP ctm_pending Requests waiting for a slot.', '# TYPE ctm_pending gauge', f'ctm_pending {pending}',
+              '# HELP ctm_in_flight Predict requests received and not yet answered.', '# TYPE ctm_in_flight gauge',
+              f'ctm_in_flight {self.in_flight}']
     return '\n'.join(lines) + '\n'
 
 
@@ -478,6 +486,13 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
     return JSONResponse({'error': str(e)}, status_code=e.status)
 
   async def predict(request):
+    metrics.in_flight_change(1)
+    try:
+      return await answer_request(request)
+    finally:  # answered, refused, failed or dropped by the client
+      metrics.in_flight_change(-1)
+
+  async def answer_request(request):
     started = time.perf_counter()
     engine = state['engine']
     try:
@@ -493,9 +508,10 @@ def make_app(model, variables, config, task, *, workdir='', slots=64, threshold=
       batch = await asyncio.to_thread(read_payload, task, config, fields['input'])
       future = engine.submit(batch['inputs'][0], fields['threshold'], fields['max_ticks'])
       history = await asyncio.wrap_future(future)
-      if fields['trace']:  # lists of every tick's attention and probabilities: off the event loop
-        result = await asyncio.to_thread(answer, task, config, history, True, classes, batch['inputs'][0])
-      else:  # a few small lists: cheaper here than a thread hop
+      if fields['trace'] or history['ticks'] > INLINE_ANSWER_TICKS:  # long lists: off the event loop
+        inputs = batch['inputs'][0] if fields['trace'] else None
+        result = await asyncio.to_thread(answer, task, config, history, fields['trace'], classes, inputs)
+      else:  # a few short lists: cheaper here than a thread hop
         result = answer(task, config, history, False, classes)
     except BadRequest as e:
       return error(e, started)
