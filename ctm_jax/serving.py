@@ -225,6 +225,8 @@ class Slots:
     if self.max_ticks < 1:
       raise ValueError(f'max_ticks={max_ticks!r}: must be a positive integer')
     self.trace = bool(trace) and bool(getattr(model, 'heads', 0))
+    # The batch widths admit compiles for: powers of two below S, and S.
+    self.admit_widths = tuple(1 << i for i in range((slots - 1).bit_length()) if 1 << i < slots) + (slots,)
     self._admit = jax.jit(self._admit_fn, donate_argnums=1)
     self._run = jax.jit(self._run_fn, donate_argnums=1)
     self._tick = model.make_tick(track=self.trace)
@@ -279,11 +281,6 @@ class Slots:
     threshold_K = np.concatenate([np.broadcast_to(np.asarray(threshold_K, np.float32), (count,)), np.zeros(pad, np.float32)])
     limit_K = np.concatenate([np.broadcast_to(np.asarray(limit_K, np.int32), (count,)), np.ones(pad, np.int32)])
     return self._admit(self.variables, carry, inputs_K, index_K, threshold_K, limit_K)
-
-  @property
-  def admit_widths(self) -> tuple[int, ...]:
-    """The batch widths admit compiles for: powers of two below S, and S."""
-    return tuple(1 << i for i in range((self.slots - 1).bit_length()) if 1 << i < self.slots) + (self.slots,)
 
   def compile_admit(self, carry, example_inputs):
     """Compiles admit for every width in `admit_widths` (one example, no batch
