@@ -121,9 +121,48 @@ def _check_backbone_input(backbone_type, x):
     raise ValueError(f'x.shape={tuple(x.shape)!r}: the classic-control backbone takes (B, F) observations')
 
 
+class SynapseInput(nn.Module):
+  """Linear(O) over [features (E), newest post-activation (D)], the first
+  layer of the RL synapses, computed as features @ W[:E] + z @ W[E:] + b:
+  the features' half is the same on every tick of an environment step (and
+  a replay's are known before its scan), so `project` computes it once.
+
+  Called with `features_BxE` it creates or reads its params (kernel (E + D,
+  O), bias (O,), as layers.Linear's); with `projected_BxO` (`project`'s
+  output) it adds the post-activations' half only."""
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @staticmethod
+  def project(params, features_xE, dtype):
+    """features @ W[:E] + b, any leading axes."""
+    kernel_ExO = params['kernel'][: features_xE.shape[-1]]
+    return jnp.dot(features_xE.astype(dtype), kernel_ExO.astype(dtype)) + params['bias'].astype(dtype)
+
+  @nn.compact
+  def __call__(self, z_BxD, features_BxE=None, projected_BxO=None):
+    if projected_BxO is None:
+      fan_in = features_BxE.shape[-1] + z_BxD.shape[-1]
+      init = layers.uniform(1.0 / math.sqrt(fan_in))
+      params = {
+          'kernel': self.param('kernel', init, (fan_in, self.features), jnp.float32),
+          'bias': self.param('bias', init, (self.features,), jnp.float32),
+      }
+      projected_BxO = self.project(params, features_BxE, self.dtype)
+    kernel = self.get_variable('params', 'kernel')
+    kernel_DxO = kernel[kernel.shape[0] - z_BxD.shape[-1] :]
+    return projected_BxO + jnp.dot(z_BxD.astype(self.dtype), kernel_DxO.astype(self.dtype))
+
+
 class RLTick(nn.Module):
   """One tick: synapses over [features, newest post-activation] -> trace
-  shift -> NLMs -> post-activation window shift."""
+  shift -> NLMs -> post-activation window shift.
+
+  `inputs` holds 'projected' (the synapses' feature half,
+  `SynapseInput.project`, computed once per environment step) or, where
+  dropout acts on the features (training with dropout) and at init,
+  'features' (B, I)."""
 
   d_model: int
   synapse_depth: int
@@ -134,17 +173,23 @@ class RLTick(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, carry, features_BxI, train: bool = False, track: bool = False):
+  def __call__(self, carry, inputs, train: bool = False, track: bool = False):
     trace_DxMxB, z_trace_BxDxM = carry
-    synapse_in = jnp.concatenate(
-        [features_BxI.astype(self.dtype), z_trace_BxDxM[:, :, -1].astype(self.dtype)], -1
-    )
+    z_BxD = z_trace_BxDxM[:, :, -1]
     if self.synapse_depth == 1:
       # Two blocks where the main class has one (the reference's RL synapses).
-      h = nn.Dropout(self.dropout, deterministic=not train)(synapse_in)
-      h = _glu_ln(h, self.d_model, self.dtype, 'synapses_1', 'synapses_3')
+      dropout = nn.Dropout(self.dropout, deterministic=not train)
+      synapse_input = SynapseInput(2 * self.d_model, self.dtype, name='synapses_1')
+      if 'projected' in inputs:
+        h = synapse_input(dropout(z_BxD), projected_BxO=inputs['projected'])
+      else:
+        h = synapse_input(dropout(z_BxD), features_BxE=dropout(inputs['features']))
+      h = layers.LayerNorm(dtype=self.dtype, name='synapses_3')(nn.glu(h, axis=-1))
       pre_BxD = _glu_ln(h, self.d_model, self.dtype, 'synapses_4', 'synapses_6')
     else:
+      synapse_in = jnp.concatenate(
+          [inputs['features'].astype(self.dtype), z_BxD.astype(self.dtype)], -1
+      )
       pre_BxD = synapse.SynapseUNet(
           self.d_model, self.synapse_depth, self.dropout, dtype=self.dtype, name='synapses'
       )(synapse_in, train)
@@ -163,6 +208,14 @@ class RLTick(nn.Module):
     z_trace_BxDxM = ctm.push(z_trace_BxDxM, z_BxD)
     out = {'pre_activations': pre_BxD, 'post_activations': z_BxD} if track else {}
     return (trace_DxMxB, z_trace_BxDxM), out
+
+  def inputs(self, params, features_xI, train: bool):
+    """The tick's `inputs` for these features (any leading axes), read from
+    the tick's `params`: their synapse projection, where it may be computed
+    once (no dropout on them)."""
+    if self.synapse_depth == 1 and not (train and self.dropout > 0):
+      return {'projected': SynapseInput.project(params['synapses_1'], features_xI, self.dtype)}
+    return {'features': features_xI}
 
 
 def window_synch_pairs(n_synch: int):
@@ -254,7 +307,10 @@ class ContinuousThoughtMachineRL(nn.Module):
     self.start_activated_trace = self.param('start_activated_trace', layers.uniform(bound), (d, m))
     self.decay_params_out = self.param('decay_params_out', nn.initializers.zeros, (self.synch_size_out,))
     self.backbone = make_backbone(self.backbone_type, self.d_input, self.dtype)
-    self.tick = RLTick(
+    self.tick = RLTick(**self._tick_kwargs())
+
+  def _tick_kwargs(self):
+    return dict(
         d_model=self.d_model,
         synapse_depth=self.synapse_depth,
         deep_nlms=self.deep_nlms,
@@ -273,31 +329,101 @@ class ContinuousThoughtMachineRL(nn.Module):
   def zero_carry(self, batch: int):
     return tuple(jnp.zeros((batch, self.d_model, self.memory_length)) for _ in range(2))
 
-  def __call__(self, x, carry, train: bool = False, track: bool = False):
+  def features(self, x):
+    """The backbone's features of observations x (B, ...), flattened: (B, I)."""
     _check_backbone_input(self.backbone_type, x)
     features = self.backbone(x)
-    features_BxI = features.reshape(features.shape[0], -1)
+    return features.reshape(features.shape[0], -1)
+
+  def _tick_runner(self, features_xI, train: bool, track: bool):
+    """(run, inputs): `run(state, inputs, rng)` runs `iterations` ticks from
+    state (trace (D, M, B), z_trace (B, D, M)), a pure function of the
+    tick's params read here; `inputs` are the ticks' for these features
+    (any leading axes: a replay's steps project the synapses' feature half
+    for all of them at once)."""
+    params = self.variables['params']
+    inputs = self.tick.inputs(params['tick'], features_xI, train)
+    # The NLMs' weights in their matmuls' layouts once, outside the loops.
+    hoisted = nlm.hoist(params['tick'], self.dtype)
+    tick = RLTick(**self._tick_kwargs(), parent=None)
+
+    def run(state, inputs, rng):
+      def body(state, i):
+        rngs = {'dropout': jax.random.fold_in(rng, i)} if rng is not None else {}
+        return tick.apply({'params': hoisted}, state, inputs, train, track, rngs=rngs)
+
+      return jax.lax.scan(body, state, jnp.arange(self.iterations), unroll=True)
+
+    return run, inputs
+
+  def _dropout_rng(self, train: bool):
+    return self.make_rng('dropout') if train and self.dropout > 0 else None
+
+  def __call__(self, x, carry, train: bool = False, track: bool = False):
+    features_BxI = self.features(x)
     trace_BxDxM, z_trace_BxDxM = carry
-
-    def tick(module, carry, features_BxI):
-      return module(carry, features_BxI, train, track)
-
-    scan = nn.scan(
-        tick,
-        variable_broadcast='params',
-        split_rngs={'params': False, 'dropout': True},
-        in_axes=(nn.broadcast,),
-        length=self.iterations,
-    )
-    (trace_DxMxB, z_trace_BxDxM), per_tick = scan(
-        self.tick, (jnp.transpose(trace_BxDxM, (1, 2, 0)), z_trace_BxDxM), features_BxI
-    )
-    synch_BxP = window_synchronisation(
-        z_trace_BxDxM, ctm.clamp_in_graph(self.decay_params_out, DECAY_CLAMP), self.n_synch_out
-    )
+    state = (jnp.transpose(trace_BxDxM, (1, 2, 0)), z_trace_BxDxM)
+    if self.is_initializing():  # creates the tick's params under 'tick'
+      outs = []
+      for _ in range(self.iterations):
+        state, out = self.tick(state, {'features': features_BxI}, train, track)
+        outs.append(out)
+      per_tick = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    else:
+      run, inputs = self._tick_runner(features_BxI, train, track)
+      state, per_tick = run(state, inputs, self._dropout_rng(train))
+    trace_DxMxB, z_trace_BxDxM = state
+    synch_BxP = self.synchronisation(z_trace_BxDxM)
     new_carry = (jnp.transpose(trace_DxMxB, (2, 0, 1)), z_trace_BxDxM)
     tracking = dict(per_tick, synch=synch_BxP) if track else None
     return synch_BxP, new_carry, tracking
+
+  def synchronisation(self, z_trace_xDxM):
+    """The representation (..., P) from post-activation windows (..., D, M)
+    (D >= n_synch_out: the last n_synch_out neurons are read)."""
+    lead = z_trace_xDxM.shape[:-2]
+    z_trace_NxDxM = z_trace_xDxM.reshape(-1, *z_trace_xDxM.shape[-2:])
+    synch_NxP = window_synchronisation(
+        z_trace_NxDxM, ctm.clamp_in_graph(self.decay_params_out, DECAY_CLAMP), self.n_synch_out
+    )
+    return synch_NxP.reshape(*lead, -1)
+
+  def replay(self, features_TxBxI, carry, done_TxB, carries_state: bool, train: bool = False):
+    """`__call__` over T environment steps of B environments from `carry`,
+    given their features, the carry reset to the start traces before step t
+    where `done_TxB[t]` (every step without `carries_state`). Returns
+    (synch (T, B, P), the final carry).
+
+    The same computation as T calls, arranged for a training replay: the
+    synapses' feature half for all T x B at once before the scan, the
+    traces carried in the ticks' layout, and the synchronisation of all
+    steps after it (the scan keeps only each step's window of the last
+    n_synch_out neurons)."""
+    batch = done_TxB.shape[1]
+    start_BxDxM, start_z_BxDxM = self.initial_carry(batch)
+    start = (jnp.transpose(start_BxDxM, (1, 2, 0)), start_z_BxDxM)
+    state = (jnp.transpose(carry[0], (1, 2, 0)), carry[1])
+    run, inputs_TxB = self._tick_runner(features_TxBxI, train, False)
+    rng = self._dropout_rng(train)
+
+    def step(state, xs):
+      inputs, done_B, t = xs
+      if carries_state:
+        state = (
+            ctm.hold(done_B, start[0], state[0], 2),
+            ctm.hold(done_B, start[1], state[1], 0),
+        )
+      else:
+        state = start
+      state, _ = run(state, inputs, None if rng is None else jax.random.fold_in(rng, t))
+      return state, state[1][:, -self.n_synch_out :]
+
+    steps = jnp.arange(done_TxB.shape[0])
+    (trace_DxMxB, z_trace_BxDxM), window_TxBxNxM = jax.lax.scan(
+        step, state, (inputs_TxB, done_TxB, steps)
+    )
+    new_carry = (jnp.transpose(trace_DxMxB, (2, 0, 1)), z_trace_BxDxM)
+    return self.synchronisation(window_TxBxNxM), new_carry
 
   def reference_constants(self) -> dict[str, np.ndarray]:
     """The reference's buffers, fixed by the constructor (its forward ignores
@@ -355,22 +481,43 @@ class LSTMRL(nn.Module):
   def zero_carry(self, batch: int):
     return tuple(jnp.zeros((batch, self.d_model)) for _ in range(2))
 
-  def __call__(self, x, carry, train: bool = False, track: bool = False):
-    del train
+  def features(self, x):
+    """The backbone's features of observations x (B, ...), flattened: (B, I)."""
     _check_backbone_input(self.backbone_type, x)
     features = self.backbone(x)
-    features_BxI = features.reshape(features.shape[0], -1)
-    weights = self.lstm_cell()
+    return features.reshape(features.shape[0], -1)
 
+  def _ticks(self, weights, features_BxI, hc):
     def tick(hc, _):
       h_1xBxD, c_1xBxD = lstm.lstm_step(
           weights, features_BxI, hc[0][None], hc[1][None], 0.0, True, self.dtype
       )
       return (h_1xBxD[0], c_1xBxD[0]), h_1xBxD[0]
 
-    (h_BxD, c_BxD), h_TxBxD = jax.lax.scan(tick, tuple(carry), length=self.iterations)
+    return jax.lax.scan(tick, tuple(hc), length=self.iterations)
+
+  def __call__(self, x, carry, train: bool = False, track: bool = False):
+    del train
+    features_BxI = self.features(x)
+    (h_BxD, c_BxD), h_TxBxD = self._ticks(self.lstm_cell(), features_BxI, carry)
     tracking = {'pre_activations': h_TxBxD, 'post_activations': h_TxBxD, 'synch': h_BxD} if track else None
     return h_BxD, (h_BxD, c_BxD), tracking
+
+  def replay(self, features_TxBxI, carry, done_TxB, carries_state: bool, train: bool = False):
+    """`__call__` over T environment steps from `carry`, given their
+    features, (h, c) reset to the start states before step t where
+    `done_TxB[t]`. Returns (h (T, B, D), the final carry)."""
+    del carries_state, train  # the LSTM's state is always carried; no dropout
+    weights = self.lstm_cell()
+    start = self.initial_carry(done_TxB.shape[1])
+
+    def step(hc, xs):
+      features_BxI, done_B = xs
+      hc, _ = self._ticks(weights, features_BxI, ctm.hold(done_B, start, tuple(hc), 0))
+      return hc, hc[0]
+
+    carry, h_TxBxD = jax.lax.scan(step, tuple(carry), (features_TxBxI, done_TxB))
+    return h_TxBxD, carry
 
   @classmethod
   def example_input(cls, state_dict, model_kwargs):
@@ -441,10 +588,28 @@ class AgentMixin:
   def __call__(self, obs, carry, done_B, train: bool = False, track: bool = False):
     carry = self.reset(carry, done_B)
     hidden_BxH, carry, tracking = self.recurrent_model(obs, carry, train=train, track=track)
-    hidden_BxH = hidden_BxH.astype(jnp.float32)
-    logits_BxA = self.actor_4(nn.relu(self.actor_2(nn.relu(self.actor_0(hidden_BxH)))))
-    value_B = self.critic_4(nn.relu(self.critic_2(nn.relu(self.critic_0(hidden_BxH)))))[:, 0]
+    logits_BxA, value_B = self.heads(hidden_BxH)
     return logits_BxA, value_B, carry, tracking
+
+  def heads(self, hidden_xH):
+    """(logits (..., A), value (...)) from the recurrent model's representation."""
+    hidden_xH = hidden_xH.astype(jnp.float32)
+    logits_xA = self.actor_4(nn.relu(self.actor_2(nn.relu(self.actor_0(hidden_xH)))))
+    value_x = self.critic_4(nn.relu(self.critic_2(nn.relu(self.critic_0(hidden_xH)))))[..., 0]
+    return logits_xA, value_x
+
+  def replay(self, obs_TxB, carry, done_TxB, train: bool = False):
+    """`__call__` over a rollout of T steps of B environments from its
+    starting carry, as a training replay computes it: the backbone and the
+    heads over all T x B at once, the recurrent model's steps in one scan
+    (its `replay`). Returns (logits (T, B, A), value (T, B), final carry)."""
+    steps, batch = done_TxB.shape
+    features_NxI = self.recurrent_model.features(obs_TxB.reshape(steps * batch, *obs_TxB.shape[2:]))
+    hidden_TxBxH, carry = self.recurrent_model.replay(
+        features_NxI.reshape(steps, batch, -1), carry, done_TxB, self.carries_state, train
+    )
+    logits_TxBxA, value_TxB = self.heads(hidden_TxBxH)
+    return logits_TxBxA, value_TxB, carry
 
   def example_inputs(self, observation_shape, observation_dtype):
     """(obs, carry, done) of a batch of one, for init."""

@@ -221,17 +221,12 @@ def gae(reward_TxB, value_TxB, done_TxB, next_value_B, next_done_B, gamma, gae_l
 
 
 def replay(agent, params, carry0, obs_TxB, done_TxB, dropout_key):
-  """The agent over a rollout from its starting carry: (logits (T, B, A), values (T, B))."""
+  """The agent over a rollout from its starting carry: (logits (T, B, A), values (T, B)).
 
-  def step(carry, xs):
-    obs, done, t = xs
-    logits, value, carry, _ = agent.apply(
-        {'params': params}, obs, carry, done, rngs={'dropout': jax.random.fold_in(dropout_key, t)}
-    )
-    return carry, (logits, value)
-
-  _, (logits_TxBxA, value_TxB) = jax.lax.scan(
-      step, carry0, (obs_TxB, done_TxB, jnp.arange(done_TxB.shape[0]))
+  The agent's `replay`: step by step what the rollout computed, arranged
+  for the backward pass (backbone and heads over all steps at once)."""
+  logits_TxBxA, value_TxB, _ = agent.apply(
+      {'params': params}, obs_TxB, carry0, done_TxB, rngs={'dropout': dropout_key}, method='replay'
   )
   return logits_TxBxA, value_TxB
 
