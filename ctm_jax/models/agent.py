@@ -157,7 +157,8 @@ class SynapseInput(nn.Module):
 
 class RLTick(nn.Module):
   """One tick: synapses over [features, newest post-activation] -> trace
-  shift -> NLMs -> post-activation window shift.
+  shift -> NLMs: (trace (D, M, B), z (B, D)) -> the same after the tick (the
+  caller keeps the post-activations' window).
 
   `inputs` holds 'projected' (the synapses' feature half,
   `SynapseInput.project`, computed once per environment step) or, where
@@ -174,8 +175,7 @@ class RLTick(nn.Module):
 
   @nn.compact
   def __call__(self, carry, inputs, train: bool = False, track: bool = False):
-    trace_DxMxB, z_trace_BxDxM = carry
-    z_BxD = z_trace_BxDxM[:, :, -1]
+    trace_DxMxB, z_BxD = carry
     if self.synapse_depth == 1:
       # Two blocks where the main class has one (the reference's RL synapses).
       dropout = nn.Dropout(self.dropout, deterministic=not train)
@@ -205,9 +205,8 @@ class RLTick(nn.Module):
         dtype=self.dtype,
     )
     z_BxD = z_DxB.T.astype(jnp.float32)
-    z_trace_BxDxM = ctm.push(z_trace_BxDxM, z_BxD)
     out = {'pre_activations': pre_BxD, 'post_activations': z_BxD} if track else {}
-    return (trace_DxMxB, z_trace_BxDxM), out
+    return (trace_DxMxB, z_BxD), out
 
   def inputs(self, params, features_xI, train: bool):
     """The tick's `inputs` for these features (any leading axes), read from
@@ -336,8 +335,9 @@ class ContinuousThoughtMachineRL(nn.Module):
     return features.reshape(features.shape[0], -1)
 
   def _tick_runner(self, features_xI, train: bool, track: bool):
-    """(run, inputs): `run(state, inputs, rng)` runs `iterations` ticks from
-    state (trace (D, M, B), z_trace (B, D, M)), a pure function of the
+    """(run, inputs): `run(state, inputs, rng, push)` runs `iterations` ticks
+    from state (trace (D, M, B), z (B, D), window), `push(window, z)` adding
+    each tick's post-activations to the window, a pure function of the
     tick's params read here; `inputs` are the ticks' for these features
     (any leading axes: a replay's steps project the synapses' feature half
     for all of them at once)."""
@@ -347,10 +347,14 @@ class ContinuousThoughtMachineRL(nn.Module):
     hoisted = nlm.hoist(params['tick'], self.dtype)
     tick = RLTick(**self._tick_kwargs(), parent=None)
 
-    def run(state, inputs, rng):
+    def run(state, inputs, rng, push):
       def body(state, i):
+        trace_DxMxB, z_BxD, window = state
         rngs = {'dropout': jax.random.fold_in(rng, i)} if rng is not None else {}
-        return tick.apply({'params': hoisted}, state, inputs, train, track, rngs=rngs)
+        (trace_DxMxB, z_BxD), out = tick.apply(
+            {'params': hoisted}, (trace_DxMxB, z_BxD), inputs, train, track, rngs=rngs
+        )
+        return (trace_DxMxB, z_BxD, push(window, z_BxD)), out
 
       return jax.lax.scan(body, state, jnp.arange(self.iterations), unroll=True)
 
@@ -362,17 +366,20 @@ class ContinuousThoughtMachineRL(nn.Module):
   def __call__(self, x, carry, train: bool = False, track: bool = False):
     features_BxI = self.features(x)
     trace_BxDxM, z_trace_BxDxM = carry
-    state = (jnp.transpose(trace_BxDxM, (1, 2, 0)), z_trace_BxDxM)
+    trace_DxMxB = jnp.transpose(trace_BxDxM, (1, 2, 0))
     if self.is_initializing():  # creates the tick's params under 'tick'
       outs = []
       for _ in range(self.iterations):
-        state, out = self.tick(state, {'features': features_BxI}, train, track)
+        (trace_DxMxB, z_BxD), out = self.tick(
+            (trace_DxMxB, z_trace_BxDxM[:, :, -1]), {'features': features_BxI}, train, track
+        )
+        z_trace_BxDxM = ctm.push(z_trace_BxDxM, z_BxD)
         outs.append(out)
       per_tick = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     else:
       run, inputs = self._tick_runner(features_BxI, train, track)
-      state, per_tick = run(state, inputs, self._dropout_rng(train))
-    trace_DxMxB, z_trace_BxDxM = state
+      state = (trace_DxMxB, z_trace_BxDxM[:, :, -1], z_trace_BxDxM)
+      (trace_DxMxB, _, z_trace_BxDxM), per_tick = run(state, inputs, self._dropout_rng(train), ctm.push)
     synch_BxP = self.synchronisation(z_trace_BxDxM)
     new_carry = (jnp.transpose(trace_DxMxB, (2, 0, 1)), z_trace_BxDxM)
     tracking = dict(per_tick, synch=synch_BxP) if track else None
@@ -391,39 +398,41 @@ class ContinuousThoughtMachineRL(nn.Module):
   def replay(self, features_TxBxI, carry, done_TxB, carries_state: bool, train: bool = False):
     """`__call__` over T environment steps of B environments from `carry`,
     given their features, the carry reset to the start traces before step t
-    where `done_TxB[t]` (every step without `carries_state`). Returns
-    (synch (T, B, P), the final carry).
+    where `done_TxB[t]` (every step without `carries_state`). Returns the
+    synch (T, B, P).
 
     The same computation as T calls, arranged for a training replay: the
-    synapses' feature half for all T x B at once before the scan, the
-    traces carried in the ticks' layout, and the synchronisation of all
-    steps after it (the scan keeps only each step's window of the last
-    n_synch_out neurons)."""
+    synapses' feature half for all T x B at once before the scan, which
+    carries the trace in the ticks' layout, the newest post-activations and
+    the window of the last n_synch_out neurons only, and the
+    synchronisation of all steps after it."""
+    n = self.n_synch_out
     batch = done_TxB.shape[1]
-    start_BxDxM, start_z_BxDxM = self.initial_carry(batch)
-    start = (jnp.transpose(start_BxDxM, (1, 2, 0)), start_z_BxDxM)
-    state = (jnp.transpose(carry[0], (1, 2, 0)), carry[1])
+
+    def state_of(trace_BxDxM, z_trace_BxDxM):
+      # window (M, B, N): each tick's push copies one contiguous block.
+      window_MxBxN = jnp.transpose(z_trace_BxDxM[:, -n:], (2, 0, 1))
+      return (jnp.transpose(trace_BxDxM, (1, 2, 0)), z_trace_BxDxM[:, :, -1], window_MxBxN)
+
+    start = state_of(*self.initial_carry(batch))
     run, inputs_TxB = self._tick_runner(features_TxBxI, train, False)
     rng = self._dropout_rng(train)
+
+    def push(window_MxBxN, z_BxD):
+      return ctm.push(window_MxBxN, z_BxD[:, -n:], axis=0)
 
     def step(state, xs):
       inputs, done_B, t = xs
       if carries_state:
-        state = (
-            ctm.hold(done_B, start[0], state[0], 2),
-            ctm.hold(done_B, start[1], state[1], 0),
-        )
+        state = tuple(ctm.hold(done_B, s, c, axis) for s, c, axis in zip(start, state, (2, 0, 1)))
       else:
         state = start
-      state, _ = run(state, inputs, None if rng is None else jax.random.fold_in(rng, t))
-      return state, state[1][:, -self.n_synch_out :]
+      state, _ = run(state, inputs, None if rng is None else jax.random.fold_in(rng, t), push)
+      return state, state[2]
 
     steps = jnp.arange(done_TxB.shape[0])
-    (trace_DxMxB, z_trace_BxDxM), window_TxBxNxM = jax.lax.scan(
-        step, state, (inputs_TxB, done_TxB, steps)
-    )
-    new_carry = (jnp.transpose(trace_DxMxB, (2, 0, 1)), z_trace_BxDxM)
-    return self.synchronisation(window_TxBxNxM), new_carry
+    _, window_TxMxBxN = jax.lax.scan(step, state_of(*carry), (inputs_TxB, done_TxB, steps))
+    return self.synchronisation(jnp.transpose(window_TxMxBxN, (0, 2, 3, 1)))
 
   def reference_constants(self) -> dict[str, np.ndarray]:
     """The reference's buffers, fixed by the constructor (its forward ignores
@@ -506,7 +515,7 @@ class LSTMRL(nn.Module):
   def replay(self, features_TxBxI, carry, done_TxB, carries_state: bool, train: bool = False):
     """`__call__` over T environment steps from `carry`, given their
     features, (h, c) reset to the start states before step t where
-    `done_TxB[t]`. Returns (h (T, B, D), the final carry)."""
+    `done_TxB[t]`. Returns h (T, B, D)."""
     del carries_state, train  # the LSTM's state is always carried; no dropout
     weights = self.lstm_cell()
     start = self.initial_carry(done_TxB.shape[1])
@@ -516,8 +525,8 @@ class LSTMRL(nn.Module):
       hc, _ = self._ticks(weights, features_BxI, ctm.hold(done_B, start, tuple(hc), 0))
       return hc, hc[0]
 
-    carry, h_TxBxD = jax.lax.scan(step, tuple(carry), (features_TxBxI, done_TxB))
-    return h_TxBxD, carry
+    _, h_TxBxD = jax.lax.scan(step, tuple(carry), (features_TxBxI, done_TxB))
+    return h_TxBxD
 
   @classmethod
   def example_input(cls, state_dict, model_kwargs):
@@ -602,14 +611,13 @@ class AgentMixin:
     """`__call__` over a rollout of T steps of B environments from its
     starting carry, as a training replay computes it: the backbone and the
     heads over all T x B at once, the recurrent model's steps in one scan
-    (its `replay`). Returns (logits (T, B, A), value (T, B), final carry)."""
+    (its `replay`). Returns (logits (T, B, A), value (T, B))."""
     steps, batch = done_TxB.shape
     features_NxI = self.recurrent_model.features(obs_TxB.reshape(steps * batch, *obs_TxB.shape[2:]))
-    hidden_TxBxH, carry = self.recurrent_model.replay(
+    hidden_TxBxH = self.recurrent_model.replay(
         features_NxI.reshape(steps, batch, -1), carry, done_TxB, self.carries_state, train
     )
-    logits_TxBxA, value_TxB = self.heads(hidden_TxBxH)
-    return logits_TxBxA, value_TxB, carry
+    return self.heads(hidden_TxBxH)
 
   def example_inputs(self, observation_shape, observation_dtype):
     """(obs, carry, done) of a batch of one, for init."""

@@ -225,10 +225,9 @@ def replay(agent, params, carry0, obs_TxB, done_TxB, dropout_key):
 
   The agent's `replay`: step by step what the rollout computed, arranged
   for the backward pass (backbone and heads over all steps at once)."""
-  logits_TxBxA, value_TxB, _ = agent.apply(
+  return agent.apply(
       {'params': params}, obs_TxB, carry0, done_TxB, rngs={'dropout': dropout_key}, method='replay'
   )
-  return logits_TxBxA, value_TxB
 
 
 def ppo_loss(config, logits_TxBxA, value_TxB, batch):
