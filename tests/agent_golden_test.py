@@ -97,6 +97,43 @@ def test_loss_and_gradients_match_reference(case):
     assert err <= 1e-4 * scale + 1e-8, f'{jax.tree_util.keystr(path)}: {err:.3g} vs |g| {scale:.3g}'
 
 
+@pytest.mark.parametrize('case', ['rl_classic__perturbed', 'rl_navigation', 'lstm_rl_classic'])
+def test_the_training_replay_of_one_step_matches_the_reference(case):
+  """`replay` (PPO's update: features, synapse projection, synch and heads
+  out of the step scan) over one step from the golden's carry gives the
+  reference's representation, and its gradients the reference's."""
+  arrays, meta, model, variables = _imported(case)
+  x, carry = _inputs(case, arrays)
+  not_done = jnp.zeros((1, x.shape[0]), bool)
+
+  def replay(module):
+    return module.replay(module.features(x)[None], carry, not_done, True)[0]
+
+  def loss(params):
+    return jnp.mean(model.apply({**variables, 'params': params}, method=replay) ** 2)
+
+  hidden = jax.jit(lambda v: model.apply(v, method=replay))(variables)
+  assert_close(hidden, _expected(case, arrays, '__out__')[0], what='representation')
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  step_grads = jax.jit(
+      jax.grad(lambda p: jnp.mean(model.apply({**variables, 'params': p}, x, carry)[0] ** 2))
+  )(variables['params'])
+  sd = state_dict(arrays, meta)
+  constants = torch_interop.reference_constants(model)
+  grad_sd = {
+      k: arrays.get(f'__grad__{k}', np.zeros_like(v)) for k, v in sd.items() if k not in constants
+  }
+  expected_grads = torch_interop.convert_state_dict(grad_sd, jax.eval_shape(lambda: variables))['params']
+  flat_ref = dict(jax.tree_util.tree_leaves_with_path(expected_grads))
+  flat_step = dict(jax.tree_util.tree_leaves_with_path(step_grads))
+  for path, ours in jax.tree_util.tree_leaves_with_path(grads):
+    for name, want in (('reference', flat_ref[path]), ('autodiff of one step', flat_step[path])):
+      want = np.asarray(want, np.float64)
+      err = np.abs(np.asarray(ours, np.float64) - want).max()
+      scale = max(np.linalg.norm(want), 1e-12)
+      assert err <= 1e-4 * scale + 1e-8, f'{jax.tree_util.keystr(path)} vs {name}: {err:.3g} vs |g| {scale:.3g}'
+
+
 @pytest.mark.parametrize('case', CASES)
 def test_to_state_dict_gives_back_the_reference_state_dict(case):
   arrays, meta, model, variables = _imported(case)

@@ -184,6 +184,65 @@ def test_carried_state_resets_exactly_where_episodes_end(model_type):
       assert same == bool(done[t, b]), (t, b)
 
 
+REPLAY_AGENTS = {
+    'ctm': lambda: agent_lib.CTMAgent(
+        2, 16, 8, 4, 1, 4, True, 2, False, 'classic-control-backbone', num_actions=2),
+    'ctm_not_continuous': lambda: agent_lib.CTMAgent(
+        3, 16, 8, 4, 1, 4, True, 2, False, 'classic-control-backbone', num_actions=2,
+        continuous_state_trace=False),
+    # A U-Net synapse (features enter every tick), shallow NLMs with LayerNorm.
+    'ctm_unet_norm': lambda: agent_lib.CTMAgent(
+        2, 16, 8, 6, 2, 3, False, 2, True, 'classic-control-backbone', num_actions=3),
+    'ctm_navigation': lambda: agent_lib.CTMAgent(
+        2, 16, 4, 4, 1, 3, True, 2, False, 'navigation-backbone', num_actions=7),
+    'lstm': lambda: agent_lib.LSTMAgent(2, 16, 8, 'classic-control-backbone', num_actions=2),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REPLAY_AGENTS))
+def test_the_replay_equals_the_agent_step_by_step_with_its_gradients(name):
+  """PPO's replay (`agent.replay`: backbone, synapse projection, synch and
+  heads over all steps at once) against `agent.apply` scanned step by step,
+  with resets: outputs and every parameter's gradient."""
+  agent = REPLAY_AGENTS[name]()
+  navigation = agent.backbone_type == 'navigation-backbone'
+  shape, dtype = ((7, 7, 3), jnp.int32) if navigation else ((4,), jnp.float32)
+  key = jax.random.key(3)
+  params = agent.init(key, *agent.example_inputs(shape, dtype))['params']
+  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(key, p.shape), params)
+  steps, envs = 6, 3
+  if navigation:
+    obs = jax.random.randint(key, (steps, envs, *shape), 0, 3)
+  else:
+    obs = jax.random.normal(key, (steps, envs, *shape))
+  done = np.zeros((steps, envs), bool)
+  done[2, 0] = done[3, 1] = done[5, 0] = True
+  done = jnp.asarray(done)
+  carry0 = jax.tree.map(lambda x: x + 0.3, agent.apply({'params': params}, envs, method='initial_carry'))
+
+  def stepwise(p):
+    def step(carry, xs):
+      logits, value, carry, _ = agent.apply({'params': p}, xs[0], carry, xs[1])
+      return carry, (logits, value)
+
+    return jax.lax.scan(step, carry0, (obs, done))[1]
+
+  def replayed(p):
+    return ppo.replay(agent, p, carry0, obs, done, jax.random.key(0))
+
+  def loss(fn):
+    return lambda p: sum(jnp.sum(jnp.sin(3 * x)) for x in fn(p))
+
+  for want, got in zip(jax.jit(stepwise)(params), jax.jit(replayed)(params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  want_grads = jax.jit(jax.grad(loss(stepwise)))(params)
+  got_grads = jax.jit(jax.grad(loss(replayed)))(params)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads)):
+    scale = max(float(jnp.abs(want).max()), 1e-6)
+    assert float(jnp.abs(got - want).max()) <= 1e-5 * scale + 1e-7, jax.tree_util.keystr(path)
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(got_grads))
+
+
 @pytest.mark.slow  # a replay compile; the reset path is the same as above
 def test_without_a_continuous_trace_the_ctm_restarts_every_step():
   agent, params = _agent('ctm', continuous=False)
