@@ -27,9 +27,6 @@ import http.client
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -38,38 +35,13 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-class Served:
-  """`python -m ctm_jax.serve` in a subprocess, up once `/healthz` answers."""
-
-  def __init__(self, workdir: str, slots: int, timeout: float):
-    self.port = _free_port()
-    self.process = subprocess.Popen(
-        [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={workdir}', f'--port={self.port}', f'--slots={slots}',
-         f'--max_pending={1 << 16}'],
-        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )
-    deadline = time.time() + timeout
-    while time.time() < deadline and self.process.poll() is None:
-      try:
-        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=1)
-        connection.request('GET', '/healthz')
-        if connection.getresponse().status == 200:
-          return
-      except OSError:
-        time.sleep(0.3)
-    self.close()
-    raise SystemExit(f'the server did not come up: {self.process.stderr.read()[-2000:]}')
-
-  def close(self):
-    if self.process.poll() is None:
-      self.process.terminate()
-      self.process.wait(60)
+def _served(workdir: str, slots: int, timeout: float):
+  """`python -m ctm_jax.serve` in a subprocess (`serve.Child`), up once `/healthz` answers."""
+  from ctm_jax import serve  # pylint: disable=g-import-not-at-top
+  try:
+    return serve.Child(workdir, f'--slots={slots}', f'--max_pending={1 << 16}', timeout=timeout, cwd=REPO)
+  except serve.ChildFailed as e:
+    raise SystemExit(str(e)) from None
 
 
 def _clients(ask, bodies, clients: int, timeout: float):
@@ -181,14 +153,14 @@ def main(argv=None):
   try:
     for name, slots, clients, threshold in phases:
       if slots not in servers:
-        servers[slots] = Served(args.workdir, slots, args.timeout)
+        servers[slots] = _served(args.workdir, slots, args.timeout)
       port = servers[slots].port
       bodies = [{'input': e['input'], 'threshold': threshold} for e in examples]
       _load(port, bodies[: min(len(bodies), 2 * clients)], clients, args.timeout)  # warm: connections, compiles
       row(name, slots, clients, threshold, *_load(port, bodies, clients, args.timeout))
   finally:
     for server in servers.values():
-      server.close()
+      server.stop()
 
   # The same load on the engine in this process: what the continuous batch
   # serves without HTTP, JSON and reading inputs (read here beforehand).

@@ -36,9 +36,14 @@ import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import jax
 import numpy as np
@@ -600,6 +605,71 @@ def _run(values):
   server.run()
   if not server.started:
     raise validation.UsageError(f'--port={values.port}: cannot listen on {values.host}:{values.port} (in use?)')
+
+
+def free_port() -> int:
+  """A loopback TCP port no one listens on now."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class ChildFailed(RuntimeError):
+  """A `Child` server that exited, or did not answer in time, before serving."""
+
+  def __init__(self, why: str, log: str):
+    lines = log.strip().splitlines()
+    self.why, self.log, self.last_line = why, log, lines[-1] if lines else ''
+    super().__init__(f'the server {why}: {log[-2000:].strip()}')
+
+
+class Child:
+  """`python -m ctm_jax.serve --workdir=WORKDIR --port=<free> FLAGS` in a child
+  process, returned once `/healthz` answers (benchmarks, tools, tests). Its
+  output goes to a temporary file (`log`), not a pipe that could fill;
+  `stop()` sends SIGTERM and returns the exit code."""
+
+  def __init__(self, workdir: str, *flags: str, timeout: float = 180.0, cwd: str | None = None):
+    self.port = free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    self._log = tempfile.TemporaryFile('w+')
+    self.process = subprocess.Popen(
+        [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={workdir}', f'--port={self.port}', *flags],
+        cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + timeout
+    while self.process.poll() is None and time.time() < deadline:
+      try:
+        with urllib.request.urlopen(self.url + '/healthz', timeout=1) as reply:
+          if reply.status == 200:
+            return
+      except (urllib.error.URLError, OSError):
+        time.sleep(0.3)
+    exited = self.process.poll() is not None
+    self.stop()
+    raise ChildFailed('exited' if exited else f'did not answer within {timeout:g} s', self.log())
+
+  def log(self) -> str:
+    """Everything the server printed so far."""
+    self._log.flush()
+    self._log.seek(0)
+    return self._log.read()
+
+  def stop(self, timeout: float = 60.0) -> int:
+    if self.process.poll() is None:
+      self.process.terminate()
+      try:
+        self.process.wait(timeout)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+        self.process.wait()
+    return self.process.returncode
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.stop()
 
 
 def run():

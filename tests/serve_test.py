@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,12 +34,6 @@ from serving_test import _thresholds_between  # pylint: disable=g-import-not-at-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def served():
   config = parity_configs.get_config('smoke')
@@ -48,7 +41,7 @@ def served():
   model, variables, _ = _model(config, 10.0, 10.0)
   app = serve.make_app(model, variables, config, task, slots=4, threshold=0.9, max_ticks=2 * model.iterations,
                        max_wait_ms=2.0, max_pending=64)
-  port = _free_port()
+  port = serve.free_port()
   server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
@@ -177,27 +170,10 @@ def _metrics(url) -> dict:
   return {k: float(v) for k, v in (line.rsplit(' ', 1) for line in lines if line and not line.startswith('#'))}
 
 
-def _start(workdir, *flags):
-  port = _free_port()
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={workdir}', f'--port={port}', *flags],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-  )
-  url = f'http://127.0.0.1:{port}'
-  deadline = time.time() + 180
-  while time.time() < deadline and process.poll() is None:
-    try:
-      if httpx.get(url + '/healthz', timeout=1).status_code == 200:
-        return process, url
-    except httpx.HTTPError:
-      time.sleep(0.3)
-  process.kill()
-  raise AssertionError(f'the server did not come up: {process.communicate()}')
-
-
 def test_sigterm_finishes_the_requests_in_flight_and_exits_0(parity_run):
   # One slot and 30000 ticks each (seconds): the requests are still running when SIGTERM comes.
-  process, url = _start(parity_run, '--slots=1', '--max_ticks=30000')
+  server = serve.Child(parity_run, '--slots=1', '--max_ticks=30000', cwd=REPO)
+  process, url = server.process, server.url
   try:
     body = {'input': '01101001', 'threshold': 2.0}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -215,8 +191,7 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(parity_run):
       answered = [r.result() for r in replies]
     assert [r.status_code for r in answered] == [200] * 4, [r.text for r in answered]
     assert all(r.json()['ticks_used'] == 30000 for r in answered)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    assert process.wait(timeout=60) == 0, server.log()
   finally:
     if process.poll() is None:
       process.kill()

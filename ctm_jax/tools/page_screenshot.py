@@ -12,14 +12,9 @@ README's picture of the page is made this way.
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 from ctm_jax import extras
+from ctm_jax import serve
 from ctm_jax import validation
 
 # Quiet, offline, sandbox-free (containers run as root): the page needs nothing else.
@@ -55,12 +50,6 @@ def think(page, url: str, *, example: int = 0, threshold: float | None = None, t
   return ticks
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _run(values):
   sync_api = extras.module('playwright.sync_api', 'python -m ctm_jax.tools.page_screenshot')
   chromium = chromium_path()
@@ -73,25 +62,12 @@ def _run(values):
     raise validation.UsageError(f'--out={values.out}: exists; pass --overwrite to replace it')
   if not os.path.isdir(os.path.dirname(out)):
     raise validation.UsageError(f'--out={values.out}: no folder {os.path.dirname(out)}')
-  port = _free_port()
-  url = f'http://127.0.0.1:{port}'
-  server = subprocess.Popen(
-      [sys.executable, '-m', 'ctm_jax.serve', f'--workdir={values.workdir}', f'--port={port}'],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-  )
   try:
-    deadline = time.time() + values.timeout
-    while True:
-      if server.poll() is not None:
-        raise validation.UsageError(f'the server did not start: {server.stderr.read().strip().splitlines()[-1:]}')
-      if time.time() > deadline:
-        raise validation.UsageError(f'the server did not answer within --timeout={values.timeout:g} s')
-      try:
-        with urllib.request.urlopen(url + '/healthz', timeout=1) as reply:
-          if reply.status == 200:
-            break
-      except (urllib.error.URLError, OSError):
-        time.sleep(0.3)
+    server = serve.Child(values.workdir, timeout=values.timeout)
+  except serve.ChildFailed as e:
+    raise validation.UsageError(f'the server {e.why}: {e.last_line}') from None
+  url = server.url
+  try:
     with sync_api.sync_playwright() as playwright:
       browser = launch(playwright, chromium)
       try:
@@ -101,8 +77,7 @@ def _run(values):
       finally:
         browser.close()
   finally:
-    server.terminate()
-    server.wait(60)
+    server.stop()
   print(f'wrote {out} (example {values.example}, answered in {ticks} ticks)')
 
 
