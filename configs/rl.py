@@ -16,9 +16,9 @@ Acrobot, entropy bonus 0.01:
   cartpole_small  solves it; its eval returns over wall time are in
                   docs/results.md's CartPole table
   acrobot_small   eval return better than -100 in ~1.5 minutes
-  4rooms_small    trains at ~3,400 steps/s, but its success rate stays at the
-                  initial policy's (~10%) in 20 minutes: FourRooms needs far
-                  more of its 300M steps than a laptop gives
+  4rooms_small    entropy bonus 0.01, 128 environments, 2 epochs: success
+                  rises from the initial policy's ~10% to 72% (sampled
+                  actions) in 29 minutes on one core
 Tests: smoke (CartPole CTM), lstm_smoke, 4rooms_smoke.
 
 The default is cartpole_ctm_2. Run:
@@ -153,8 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = script('4rooms', 'ctm', 2)
     config.model.update(d_model=128, d_input=32, memory_hidden_dims=4, n_synch_out=16,
                         memory_length=10)
-    config.update(num_envs=64, total_timesteps=5_000_000, lr=5e-4, save_every=50, track_every=50,
-                  log_every=10, eval_episodes=32)
+    # A tenth of the script's entropy bonus and two epochs over 128
+    # environments: the success rate rises (docs/results.md, FourRooms).
+    config.update(num_envs=128, total_timesteps=5_000_000, lr=5e-4, ent_coef=0.01, update_epochs=2,
+                  save_every=50, track_every=50, log_every=10, eval_episodes=32)
     return config
   # Seconds-long runs for tests: 3 iterations, a checkpoint and an eval at 2.
   if variant == '4rooms_smoke':
