@@ -665,12 +665,6 @@ class Child:
         self.process.wait()
     return self.process.returncode
 
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.stop()
-
 
 def run():
   """`ctm-serve`, the same as `python -m ctm_jax.serve`."""

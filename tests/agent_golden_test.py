@@ -50,6 +50,18 @@ def _expected(case, arrays, prefix):
   )
 
 
+def _reference_grads(arrays, meta, model, variables):
+  """The golden's parameter gradients in our params' tree, flattened by path
+  (zero where the reference has none)."""
+  sd = state_dict(arrays, meta)
+  constants = torch_interop.reference_constants(model)
+  grad_sd = {
+      k: arrays.get(f'__grad__{k}', np.zeros_like(v)) for k, v in sd.items() if k not in constants
+  }
+  expected_grads = torch_interop.convert_state_dict(grad_sd, jax.eval_shape(lambda: variables))['params']
+  return dict(jax.tree_util.tree_leaves_with_path(expected_grads))
+
+
 @pytest.mark.parametrize('case', ALL_CASES)
 @pytest.mark.parametrize('track', [False, True])
 def test_forward_and_carried_state_match_reference(case, track):
@@ -79,17 +91,11 @@ def test_loss_and_gradients_match_reference(case):
   value, grads = jax.jit(jax.value_and_grad(loss))(variables['params'])
   expected = float(arrays['__loss__loss'])
   assert abs(float(value) - expected) <= 1e-5 * max(1.0, abs(expected)), (value, expected)
-  sd = state_dict(arrays, meta)
-  constants = torch_interop.reference_constants(model)
   # The start states feed only the agent (get_initial_state), not this forward.
   assert sorted(meta['grads_missing']) == sorted(
       ['start_hidden_state', 'start_cell_state'] if _is_lstm(case) else ['start_trace', 'start_activated_trace']
   )
-  grad_sd = {
-      k: arrays.get(f'__grad__{k}', np.zeros_like(v)) for k, v in sd.items() if k not in constants
-  }
-  expected_grads = torch_interop.convert_state_dict(grad_sd, jax.eval_shape(lambda: variables))['params']
-  flat_ref = dict(jax.tree_util.tree_leaves_with_path(expected_grads))
+  flat_ref = _reference_grads(arrays, meta, model, variables)
   for path, ours in jax.tree_util.tree_leaves_with_path(grads):
     ref = np.asarray(flat_ref[path], np.float64)
     err = np.abs(np.asarray(ours, np.float64) - ref).max()
@@ -118,13 +124,7 @@ def test_the_training_replay_of_one_step_matches_the_reference(case):
   step_grads = jax.jit(
       jax.grad(lambda p: jnp.mean(model.apply({**variables, 'params': p}, x, carry)[0] ** 2))
   )(variables['params'])
-  sd = state_dict(arrays, meta)
-  constants = torch_interop.reference_constants(model)
-  grad_sd = {
-      k: arrays.get(f'__grad__{k}', np.zeros_like(v)) for k, v in sd.items() if k not in constants
-  }
-  expected_grads = torch_interop.convert_state_dict(grad_sd, jax.eval_shape(lambda: variables))['params']
-  flat_ref = dict(jax.tree_util.tree_leaves_with_path(expected_grads))
+  flat_ref = _reference_grads(arrays, meta, model, variables)
   flat_step = dict(jax.tree_util.tree_leaves_with_path(step_grads))
   for path, ours in jax.tree_util.tree_leaves_with_path(grads):
     for name, want in (('reference', flat_ref[path]), ('autodiff of one step', flat_step[path])):

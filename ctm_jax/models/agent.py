@@ -113,6 +113,13 @@ def make_backbone(backbone_type: str, d_input: int, dtype):
   raise ValueError(f'backbone_type={backbone_type!r}: expected one of {", ".join(map(repr, BACKBONES))}')
 
 
+def _flat_features(model, x):
+  """`model.backbone`'s features of observations x (B, ...), flattened: (B, I)."""
+  _check_backbone_input(model.backbone_type, x)
+  features = model.backbone(x)
+  return features.reshape(features.shape[0], -1)
+
+
 def _check_backbone_input(backbone_type, x):
   if backbone_type == 'navigation-backbone':
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -329,10 +336,7 @@ class ContinuousThoughtMachineRL(nn.Module):
     return tuple(jnp.zeros((batch, self.d_model, self.memory_length)) for _ in range(2))
 
   def features(self, x):
-    """The backbone's features of observations x (B, ...), flattened: (B, I)."""
-    _check_backbone_input(self.backbone_type, x)
-    features = self.backbone(x)
-    return features.reshape(features.shape[0], -1)
+    return _flat_features(self, x)
 
   def _tick_runner(self, features_xI, train: bool, track: bool):
     """(run, inputs): `run(state, inputs, rng, push)` runs `iterations` ticks
@@ -491,10 +495,7 @@ class LSTMRL(nn.Module):
     return tuple(jnp.zeros((batch, self.d_model)) for _ in range(2))
 
   def features(self, x):
-    """The backbone's features of observations x (B, ...), flattened: (B, I)."""
-    _check_backbone_input(self.backbone_type, x)
-    features = self.backbone(x)
-    return features.reshape(features.shape[0], -1)
+    return _flat_features(self, x)
 
   def _ticks(self, weights, features_BxI, hc):
     def tick(hc, _):
