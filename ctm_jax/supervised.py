@@ -5,6 +5,8 @@ evaluators the training loop (ctm_jax/train.py) runs. The default of
 """
 
 import dataclasses
+import functools
+import os
 from typing import Any, Callable
 
 import grain
@@ -72,6 +74,28 @@ def _reporting_stops(train_step):
   return step
 
 
+# XLA:CPU's default hands dots, reductions and convolutions to YNNPACK; its
+# convolutions are slower here than XLA's own (Eigen) ones: the maze train
+# step 10% faster without them, CIFAR-10's unchanged (docs/performance.md).
+_YNN_FUSION_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
+_YNN_FUSIONS_WITHOUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
+
+
+@functools.cache
+def compiler_options() -> dict:
+  """XLA options for the train and eval steps: on CPU, convolutions off
+  YNNPACK. Empty elsewhere, when XLA_FLAGS already sets the choice, or when
+  this jaxlib does not know the option."""
+  if jax.default_backend() != 'cpu' or _YNN_FUSION_OPTION in os.environ.get('XLA_FLAGS', ''):
+    return {}
+  options = {_YNN_FUSION_OPTION: _YNN_FUSIONS_WITHOUT_CONVOLUTIONS}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+  except jax.errors.JaxRuntimeError:  # A jaxlib without this option: keep its default.
+    return {}
+  return options
+
+
 def setup(config, model, task, mesh) -> Setup:
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config, schedule)
@@ -105,11 +129,13 @@ def setup(config, model, task, mesh) -> Setup:
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated),
           donate_argnums=0,
+          compiler_options=compiler_options(),
       ),
       eval_step=jax.jit(
           sharding.under_rules(eval_step, rules),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=replicated,
+          compiler_options=compiler_options(),
       ),
   )
 

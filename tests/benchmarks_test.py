@@ -105,7 +105,7 @@ def _traced(config):
     forward = jax.make_jaxpr(model_bench.forward_fn(bench))(
         *model_bench.forward_args(bench, state, batch)
     )
-    train_step = jax.make_jaxpr(harness.train_step(bench))(state, batch)
+    train_step = harness.train_step(bench).trace(state, batch).jaxpr
   return traced_matmul_flops(forward.jaxpr), traced_matmul_flops(train_step.jaxpr)
 
 

@@ -231,3 +231,47 @@ def test_smoke_run_learns(smoke_run):
   final_eval = [r for r in records if 'eval/loss' in r][-1]
   assert final_eval['eval/acc_most_certain'] >= 0.5, final_eval
   assert final_eval['eval/loss'] < np.log(config.num_classes) - 0.3, final_eval
+
+
+# ---------------------------------------------------------------------------
+# The trainer's compiled steps on CPU.
+
+
+def _ynn_convolutions(hlo_text) -> int:
+  """Convolutions that XLA:CPU handed to YNNPACK (each its own fusion)."""
+  return len(re.findall(r'ROOT %\S+ = \S+ convolution\(', hlo_text))
+
+
+def test_the_cpu_steps_leave_convolutions_to_xla(monkeypatch):
+  """On CPU the train and eval steps run their convolutions in XLA's own
+  kernels, not YNNPACK's (faster on the maze step, docs/performance.md), and a
+  choice the user made in XLA_FLAGS is kept."""
+  import jax
+
+  from ctm_jax import sharding
+  from ctm_jax import supervised
+
+  config = _smoke()
+  task = validation.validate(config, num_devices=1)
+  model = task.make_model(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    run = supervised.setup(config, model, task, mesh)
+    state = run.abstract_state
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), task.example_batch(config))
+    # XLA's default (YNNPACK convolutions), for this check's own sake.
+    default = {
+        supervised._YNN_FUSION_OPTION: supervised._YNN_FUSIONS_WITHOUT_CONVOLUTIONS
+        + ',LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+    }
+    for step in (run.train_step, run.eval_step):
+      lowered = step.lower(state, batch)
+      text = lowered.compile().as_text()
+      assert ' convolution(' in text and _ynn_convolutions(text) == 0
+      assert _ynn_convolutions(lowered.compile(compiler_options=default).as_text()) > 0
+  try:
+    monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution')
+    supervised.compiler_options.cache_clear()
+    assert supervised.compiler_options() == {}
+  finally:
+    supervised.compiler_options.cache_clear()
