@@ -3,8 +3,8 @@
 Usage (from the repo root):
   python -m benchmarks.backbone_share --reference=/tmp/ctm_ref
   python -m benchmarks.backbone_share --configs=cifar10_b32 --repeats=9 \
-      --reference=/tmp/ctm_ref --variants=default,eigen_conv --json=/tmp/share.json
-  python -m benchmarks.backbone_share --main_configs= --variants=default,eigen_conv \
+      --reference=/tmp/ctm_ref --variants=default,ynn_conv --json=/tmp/share.json
+  python -m benchmarks.backbone_share --main_configs= --variants=default,ynn_conv \
       --variant_calls=bb_fwdbwd,step   # only the XLA options, on the train step too
 
 What is timed, per config of model_bench.CONFIGS (default cifar10_b32 and
@@ -77,9 +77,11 @@ DEFAULT_CONFIGS = ('cifar10_b32', 'maze_b16')
 # jaxlib (0.10.2) accepts (`XLA_FLAGS=--help`); --xla_cpu_use_thunk_runtime is
 # marked "Deprecated" there and left out.
 VARIANTS = {
+    # The trainer's options (supervised.compiler_options: XLA's own
+    # convolutions); a variant's XLA_FLAGS replaces them.
     'default': ('', None),
-    # XLA:CPU sends convolutions to YNNPACK by default (`__ynn_fusion`);
-    # this takes them back to its own (Eigen) convolutions.
+    # XLA:CPU's own default: convolutions in YNNPACK (`__ynn_fusion`).
+    'ynn_conv': ('--xla_cpu_experimental_ynn_fusion_type=+individual_convolution', None),
     'eigen_conv': ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution', None),
     'ynn_eltwise': ('--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce', None),
     'no_xnnpack': ('--xla_cpu_use_xnnpack=false', None),
@@ -161,6 +163,7 @@ def jax_worker(args):
 
   from benchmarks import model_bench  # pylint: disable=g-import-not-at-top
   from ctm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ctm_jax import supervised  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import backbones  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import ctm as ctm_lib  # pylint: disable=g-import-not-at-top
 
@@ -220,8 +223,11 @@ def jax_worker(args):
     out, upd = fwd(p, bs, x)
     return jnp.sum(out * c), upd['batch_stats']
 
-  fwd_c = jax.jit(fwd).lower(params, bstats, x).compile()
-  bb_c = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(params, bstats, x, cot).compile()
+  # The trainer's XLA options (its convolution kernels), as its step has them.
+  options = supervised.compiler_options()
+  fwd_c = jax.jit(fwd, compiler_options=options).lower(params, bstats, x).compile()
+  bb_c = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=options)
+  bb_c = bb_c.lower(params, bstats, x, cot).compile()
   text = re.sub(r', metadata=\{[^}]*\}', '', bb_c.as_text())
   fingerprint = hashlib.sha256(text.encode()).hexdigest()[:12]
   ops = sorted(set(re.findall(r'kind=k\w+|__\w+_fusion|custom_call_target="[^"]+"', text)))
