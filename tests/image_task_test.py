@@ -244,8 +244,9 @@ def _ynn_convolutions(hlo_text) -> int:
 
 def test_the_cpu_steps_leave_convolutions_to_xla(monkeypatch):
   """On CPU the train and eval steps run their convolutions in XLA's own
-  kernels, not YNNPACK's (faster on the maze step, docs/performance.md), and a
-  choice the user made in XLA_FLAGS is kept."""
+  kernels, not YNNPACK's (faster on the maze step, docs/performance.md), with
+  the loss and gradient of XLA's default, and a choice the user made in
+  XLA_FLAGS is kept."""
   import jax
 
   from ctm_jax import sharding
@@ -264,11 +265,19 @@ def test_the_cpu_steps_leave_convolutions_to_xla(monkeypatch):
         supervised._YNN_FUSION_OPTION: supervised._YNN_FUSIONS_WITHOUT_CONVOLUTIONS
         + ',LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
     }
-    for step in (run.train_step, run.eval_step):
+    compiled = {}
+    for name, step in (('train', run.train_step), ('eval', run.eval_step)):
       lowered = step.lower(state, batch)
-      text = lowered.compile().as_text()
-      assert ' convolution(' in text and _ynn_convolutions(text) == 0
-      assert _ynn_convolutions(lowered.compile(compiler_options=default).as_text()) > 0
+      compiled[name] = (lowered.compile(), lowered.compile(compiler_options=default))
+      ours, xla_default = (c.as_text() for c in compiled[name])
+      assert ' convolution(' in ours and _ynn_convolutions(ours) == 0
+      assert _ynn_convolutions(xla_default) > 0
+    # One train step each from the same state and batch (the step donates it).
+    batch = jax.device_put(task.example_batch(config), run.batch_sharding)
+    ours, xla_default = (step(run.init(), batch)[1] for step in compiled['train'])
+    np.testing.assert_allclose(ours['loss'], xla_default['loss'], rtol=1e-5)
+    np.testing.assert_allclose(ours['grad_norm'], xla_default['grad_norm'], rtol=1e-4)
+    assert float(ours['grad_norm']) > 0
   try:
     monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution')
     supervised.compiler_options.cache_clear()
