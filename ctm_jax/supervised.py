@@ -75,8 +75,8 @@ def _reporting_stops(train_step):
 
 
 # XLA:CPU's default hands dots, reductions and convolutions to YNNPACK; its
-# convolutions are slower here than XLA's own (Eigen) ones: the maze train
-# step 10% faster without them, CIFAR-10's unchanged (docs/performance.md).
+# convolutions are slower here than XLA's own (Eigen) ones: a ResNet
+# backbone's train step up to 10% faster without them (docs/performance.md).
 _YNN_FUSION_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
 _YNN_FUSIONS_WITHOUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
 
@@ -114,6 +114,7 @@ def setup(config, model, task, mesh) -> Setup:
       steps.make_train_step(config, model, task, tx, schedule)
   )
   eval_step = steps.make_eval_step(config, model, task)
+  options = compiler_options()
   return Setup(
       mesh=mesh,
       schedule=schedule,
@@ -129,13 +130,13 @@ def setup(config, model, task, mesh) -> Setup:
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated),
           donate_argnums=0,
-          compiler_options=compiler_options(),
+          compiler_options=options,
       ),
       eval_step=jax.jit(
           sharding.under_rules(eval_step, rules),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=replicated,
-          compiler_options=compiler_options(),
+          compiler_options=options,
       ),
   )
 
