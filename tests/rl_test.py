@@ -243,6 +243,37 @@ def test_the_replay_equals_the_agent_step_by_step_with_its_gradients(name):
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(got_grads))
 
 
+def _autodiff_window_synchronisation(z_MxNxX, decay_P):
+  """The formula by gathered pairs, differentiated by JAX."""
+  memory, n, _ = z_MxNxX.shape
+  left, right = np.triu_indices(n)
+  age_M = jnp.arange(memory - 1, -1, -1, dtype=jnp.float32)
+  weight_MxP = jnp.exp(-age_M[:, None] * decay_P[None, :])
+  products_MxPxX = z_MxNxX[:, left] * z_MxNxX[:, right]
+  return jnp.einsum('mpx,mp->xp', products_MxPxX, weight_MxP) / jnp.sqrt(weight_MxP.sum(0))
+
+
+@pytest.mark.parametrize('memory, n, windows', [(20, 16, 37), (5, 3, 11), (1, 1, 4), (7, 6, 1)])
+def test_window_synchronisation_and_its_written_out_gradient_equal_autodiff(memory, n, windows):
+  keys = jax.random.split(jax.random.key(memory * 100 + n), 3)
+  z = jax.random.normal(keys[0], (memory, n, windows))
+  decay = jax.random.uniform(keys[1], (n * (n + 1) // 2,), maxval=4.0).at[0].set(0.0)
+  probe = jax.random.normal(keys[2], (windows, n * (n + 1) // 2))
+
+  def loss(fn):
+    return lambda z, d: jnp.sum(jnp.sin(fn(z, d)) * probe)
+
+  want = _autodiff_window_synchronisation(z, decay)
+  got = jax.jit(agent_lib.window_synchronisation)(z, decay)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  want_grads = jax.grad(loss(_autodiff_window_synchronisation), argnums=(0, 1))(z, decay)
+  got_grads = jax.jit(jax.grad(loss(agent_lib.window_synchronisation), argnums=(0, 1)))(z, decay)
+  for name, want_g, got_g in zip(('z', 'decay'), want_grads, got_grads):
+    scale = float(jnp.abs(want_g).max())
+    assert scale > 0 or (name == 'decay' and memory == 1), name  # one step: no age, no decay gradient
+    assert float(jnp.abs(got_g - want_g).max()) <= 1e-5 * scale, name
+
+
 @pytest.mark.slow  # a replay compile; the reset path is the same as above
 def test_without_a_continuous_trace_the_ctm_restarts_every_step():
   agent, params = _agent('ctm', continuous=False)

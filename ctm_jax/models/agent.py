@@ -21,6 +21,7 @@ the agent's `recurrent_model.*`, `actor.{0,2,4}`, `critic.{0,2,4}`.
 Dimension glossary:
   B batch (environments)   D neurons (d_model)   M memory length
   E d_input   T ticks   P synch size   A actions   F observation features
+  N synchronised neurons (n_synch_out)   X windows (any number)
   G grid side (the 7x7 egocentric view)
 """
 
@@ -230,25 +231,84 @@ def window_synch_pairs(n_synch: int):
   return left.astype(np.int32), right.astype(np.int32)
 
 
-def window_synchronisation(z_trace_BxDxM, decay_P, n_synch: int):
-  """S[b, k] = sum_t d[t,k] z_t,i z_t,j / sqrt(sum_t d[t,k]) over the window of the
-  last `n_synch` neurons, d[t, k] = exp(-(M - 1 - t) * decay_k).
-
-  Computed for every (i, j) and read out with a constant 0/1 matrix rather
-  than by gathering pairs: a gather's gradient is a scatter, slow on CPU,
-  and this runs every environment step of the PPO replay."""
-  memory = z_trace_BxDxM.shape[-1]
+def _pair_place(n_synch: int, symmetric: bool):
+  """(N*N, P) 0/1: pair k at (i, j) of an N x N grid (and at (j, i) if symmetric)."""
   left_P, right_P = window_synch_pairs(n_synch)
-  select_NNxP = np.zeros((n_synch * n_synch, len(left_P)), np.float32)
-  select_NNxP[left_P * n_synch + right_P, np.arange(len(left_P))] = 1.0
-  last_BxNxM = z_trace_BxDxM[:, -n_synch:, :]
+  place_NNxP = np.zeros((n_synch * n_synch, len(left_P)), np.float32)
+  place_NNxP[left_P * n_synch + right_P, np.arange(len(left_P))] = 1.0
+  if symmetric:
+    place_NNxP[right_P * n_synch + left_P, np.arange(len(left_P))] = 1.0
+  return place_NNxP
+
+
+def _decay_weights(decay_P, memory: int):
+  """(age_M, weight_MxP): steps back from the newest, exp(-age * decay)."""
   age_M = jnp.arange(memory - 1, -1, -1, dtype=jnp.float32)
-  weight_MxP = jnp.exp(-age_M[:, None] * decay_P[None, :])
-  weight_MxNxN = (weight_MxP @ select_NNxP.T).reshape(memory, n_synch, n_synch)
-  # b: batch, i/j: neurons, m: memory step.
-  summed_BxNxN = jnp.einsum('bim,bjm,mij->bij', last_BxNxM, last_BxNxM, weight_MxNxN)
-  summed_BxP = summed_BxNxN.reshape(summed_BxNxN.shape[0], -1) @ select_NNxP
-  return summed_BxP / jnp.sqrt(weight_MxP.sum(0))
+  return age_M, jnp.exp(-age_M[:, None] * decay_P[None, :])
+
+
+def _pair_grid(weight_MxP, n_synch: int):
+  """(M, N, N): each pair's weight at (i, j) and (j, i)."""
+  return (weight_MxP @ _pair_place(n_synch, True).T).reshape(-1, n_synch, n_synch)
+
+
+def _pair_sums(z_MxNxX, weight_MxNxN):
+  """sum_m z[m, i] z[m, j] w[m, i, j], (N, N, X). Unrolled over the short
+  memory axis so that XLA emits one element-wise loop with X innermost
+  (vectorised), not a reduction over a materialised (X, N, N, M) product."""
+  total_NxNxX = jnp.zeros((), z_MxNxX.dtype)
+  for m in range(z_MxNxX.shape[0]):
+    total_NxNxX = total_NxNxX + z_MxNxX[m, :, None, :] * z_MxNxX[m, None, :, :] * weight_MxNxN[m, :, :, None]
+  return total_NxNxX
+
+
+def _upper(x_NxNxX):
+  """The pairs' rows (P, X), row-major upper triangle."""
+  n = x_NxNxX.shape[0]
+  left_P, right_P = window_synch_pairs(n)
+  return x_NxNxX.reshape(n * n, -1)[left_P * n + right_P]
+
+
+@jax.custom_vjp
+def window_pair_sums(z_MxNxX, decay_P):
+  """S[k, x] = sum_m d[m, k] z[m, i_k, x] z[m, j_k, x], d[m, k] = exp(-(M - 1 - m)
+  decay_k): the unnormalised synchronisation of X windows, (P, X).
+
+  Its gradient is written out (element-wise loops again) where autodiff
+  would emit reductions over (X, N, N, M) products, which XLA:CPU
+  materialises; the decay's uses sum_m age_m d[m, k] z z."""
+  return _window_pair_sums_fwd(z_MxNxX, decay_P)[0]
+
+
+def _window_pair_sums_fwd(z_MxNxX, decay_P):
+  _, weight_MxP = _decay_weights(decay_P, z_MxNxX.shape[0])
+  sums_PxX = _upper(_pair_sums(z_MxNxX, _pair_grid(weight_MxP, z_MxNxX.shape[1])))
+  return sums_PxX, (z_MxNxX, decay_P)
+
+
+def _window_pair_sums_bwd(residuals, g_PxX):
+  z_MxNxX, decay_P = residuals
+  memory, n, x = z_MxNxX.shape
+  age_M, weight_MxP = _decay_weights(decay_P, memory)
+  weight_MxNxN = _pair_grid(weight_MxP, n)
+  g_NxNxX = (_pair_place(n, False) @ g_PxX).reshape(n, n, x)
+  # Both factors of each product: dz[m, i] = sum_j (g[i, j] + g[j, i]) w[m, i, j] z[m, j].
+  both_NxNxX = g_NxNxX + jnp.swapaxes(g_NxNxX, 0, 1)
+  dz_MxNxX = jnp.zeros((), z_MxNxX.dtype)
+  for j in range(n):
+    dz_MxNxX = dz_MxNxX + both_NxNxX[None, :, j, :] * weight_MxNxN[:, :, j, None] * z_MxNxX[:, j, None, :]
+  aged_PxX = _upper(_pair_sums(z_MxNxX, _pair_grid(age_M[:, None] * weight_MxP, n)))
+  return dz_MxNxX, -jnp.sum(g_PxX * aged_PxX, axis=1)
+
+
+window_pair_sums.defvjp(_window_pair_sums_fwd, _window_pair_sums_bwd)
+
+
+def window_synchronisation(z_MxNxX, decay_P):
+  """S[x, k] = sum_t d[t,k] z_t,i z_t,j / sqrt(sum_t d[t,k]) for X windows of
+  the synchronised neurons (M, N, X): (X, P)."""
+  _, weight_MxP = _decay_weights(decay_P, z_MxNxX.shape[0])
+  return window_pair_sums(z_MxNxX, decay_P).T / jnp.sqrt(weight_MxP.sum(0))
 
 
 class ContinuousThoughtMachineRL(nn.Module):
@@ -393,11 +453,12 @@ class ContinuousThoughtMachineRL(nn.Module):
     """The representation (..., P) from post-activation windows (..., D, M)
     (D >= n_synch_out: the last n_synch_out neurons are read)."""
     lead = z_trace_xDxM.shape[:-2]
-    z_trace_NxDxM = z_trace_xDxM.reshape(-1, *z_trace_xDxM.shape[-2:])
-    synch_NxP = window_synchronisation(
-        z_trace_NxDxM, ctm.clamp_in_graph(self.decay_params_out, DECAY_CLAMP), self.n_synch_out
-    )
-    return synch_NxP.reshape(*lead, -1)
+    z_trace_XxDxM = z_trace_xDxM.reshape(-1, *z_trace_xDxM.shape[-2:])
+    synch_XxP = self._window_synchronisation(jnp.transpose(z_trace_XxDxM[:, -self.n_synch_out :], (2, 1, 0)))
+    return synch_XxP.reshape(*lead, -1)
+
+  def _window_synchronisation(self, z_MxNxX):
+    return window_synchronisation(z_MxNxX, ctm.clamp_in_graph(self.decay_params_out, DECAY_CLAMP))
 
   def replay(self, features_TxBxI, carry, done_TxB, carries_state: bool, train: bool = False):
     """`__call__` over T environment steps of B environments from `carry`,
@@ -436,7 +497,9 @@ class ContinuousThoughtMachineRL(nn.Module):
 
     steps = jnp.arange(done_TxB.shape[0])
     _, window_TxMxBxN = jax.lax.scan(step, state_of(*carry), (inputs_TxB, done_TxB, steps))
-    return self.synchronisation(jnp.transpose(window_TxMxBxN, (0, 2, 3, 1)))
+    n_steps, memory = window_TxMxBxN.shape[:2]
+    window_MxNxX = jnp.transpose(window_TxMxBxN, (1, 3, 0, 2)).reshape(memory, n, n_steps * batch)
+    return self._window_synchronisation(window_MxNxX).reshape(n_steps, batch, -1)
 
   def reference_constants(self) -> dict[str, np.ndarray]:
     """The reference's buffers, fixed by the constructor (its forward ignores
