@@ -77,7 +77,7 @@ DEFAULT_CONFIGS = ('cifar10_b32', 'maze_b16')
 # jaxlib (0.10.2) accepts (`XLA_FLAGS=--help`); --xla_cpu_use_thunk_runtime is
 # marked "Deprecated" there and left out.
 VARIANTS = {
-    # The trainer's options (supervised.compiler_options: XLA's own
+    # The trainer's options (compiling.compiler_options: XLA's own
     # convolutions); a variant's XLA_FLAGS replaces them.
     'default': ('', None),
     # XLA:CPU's own default: convolutions in YNNPACK (`__ynn_fusion`).
@@ -163,6 +163,7 @@ def jax_worker(args):
 
   from benchmarks import model_bench  # pylint: disable=g-import-not-at-top
   from ctm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ctm_jax import compiling  # pylint: disable=g-import-not-at-top
   from ctm_jax import supervised  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import backbones  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import ctm as ctm_lib  # pylint: disable=g-import-not-at-top
@@ -224,7 +225,7 @@ def jax_worker(args):
     return jnp.sum(out * c), upd['batch_stats']
 
   # The trainer's XLA options (its convolution kernels), as its step has them.
-  options = supervised.compiler_options()
+  options = compiling.compiler_options()
   fwd_c = jax.jit(fwd, compiler_options=options).lower(params, bstats, x).compile()
   bb_c = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=options)
   bb_c = bb_c.lower(params, bstats, x, cot).compile()

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import sharding
 from ctm_jax import steps
 from ctm_jax import storage
@@ -234,7 +235,7 @@ def replicated_step(context: Context, step, inputs):
   placed = jax.tree.map(
       lambda a: jax.make_array_from_callback(a.shape, replicated, lambda i: a[i]), inputs
   )
-  jitted = jax.jit(step, in_shardings=(context.run.state_shardings, replicated), out_shardings=replicated)
+  jitted = compiling.jit(step, in_shardings=(context.run.state_shardings, replicated), out_shardings=replicated)
   return placed, jitted
 
 

@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import inference
 from ctm_jax import serving
 from ctm_jax import storage
@@ -62,7 +63,7 @@ def predict(workdir: str, source: str, step=None, threshold=None, max_ticks=None
   model, variables, config, task = _load(workdir, step, threshold, max_ticks)
   batch = read_input(task, config, source)
   try:
-    output = jax.jit(model.apply)(variables, batch['inputs'])
+    output = compiling.jit(model.apply)(variables, batch['inputs'])
   except (TypeError, ValueError) as e:
     raise validation.UsageError(f'--input={source}: the model cannot read it ({e})') from None
   predictions_OxT = np.asarray(output.predictions[0])

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax.models import ctm as ctm_lib
 
 
@@ -83,7 +84,7 @@ class Server:
     self.max_ticks = max_ticks or model.iterations
     if self.max_ticks < 1:
       raise ValueError(f'max_ticks={max_ticks!r}: must be a positive integer')
-    self._serve = jax.jit(self._serve_fn)
+    self._serve = compiling.jit(self._serve_fn)
 
   def __call__(self, variables, inputs, threshold) -> ctm_lib.EarlyExit:
     result, self.rounds = self._serve(variables, inputs, jnp.asarray(threshold, jnp.float32))
@@ -177,7 +178,7 @@ def batched(model, *, batch: int, max_ticks: int | None = None):
   queue in batches of `batch` with `exit_threshold`, each batch until its
   slowest example stops. Same outputs as a Server; for comparing throughput."""
 
-  @jax.jit
+  @compiling.jit
   def run(variables, inputs, threshold):
     return map_in_chunks(
         lambda x: model.apply(variables, x, exit_threshold=threshold, max_ticks=max_ticks),
@@ -227,8 +228,8 @@ class Slots:
     self.trace = bool(trace) and bool(getattr(model, 'heads', 0))
     # The batch widths admit compiles for: powers of two below S, and S.
     self.admit_widths = tuple(1 << i for i in range((slots - 1).bit_length()) if 1 << i < slots) + (slots,)
-    self._admit = jax.jit(self._admit_fn, donate_argnums=1)
-    self._run = jax.jit(self._run_fn, donate_argnums=1)
+    self._admit = compiling.jit(self._admit_fn, donate_argnums=1)
+    self._run = compiling.jit(self._run_fn, donate_argnums=1)
     self._tick = model.make_tick(track=self.trace)
 
   def _prepared(self, variables, inputs_S):
@@ -239,7 +240,7 @@ class Slots:
     (S examples: their values are not used)."""
     # Built by a compiled program, as admit's and run's carries are: arrays of
     # one kind, so each of those compiles once.
-    return jax.jit(self._empty_fn)(self.variables, example_inputs_S)
+    return compiling.jit(self._empty_fn)(self.variables, example_inputs_S)
 
   def _empty_fn(self, variables, example_inputs_S):
     prepared = self._prepared(variables, example_inputs_S)

@@ -5,8 +5,6 @@ evaluators the training loop (ctm_jax/train.py) runs. The default of
 """
 
 import dataclasses
-import functools
-import os
 from typing import Any, Callable
 
 import grain
@@ -14,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import evaluators as evaluators_lib
 from ctm_jax import optim
 from ctm_jax import program as program_lib
@@ -74,28 +73,6 @@ def _reporting_stops(train_step):
   return step
 
 
-# XLA:CPU's default hands dots, reductions and convolutions to YNNPACK; its
-# convolutions are slower here than XLA's own (Eigen) ones: a ResNet
-# backbone's train step up to 10% faster without them (docs/performance.md).
-_YNN_FUSION_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
-_YNN_FUSIONS_WITHOUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
-
-
-@functools.cache
-def compiler_options() -> dict:
-  """XLA options for the train and eval steps: on CPU, convolutions off
-  YNNPACK. Empty elsewhere, when XLA_FLAGS already sets the choice, or when
-  this jaxlib does not know the option."""
-  if jax.default_backend() != 'cpu' or _YNN_FUSION_OPTION in os.environ.get('XLA_FLAGS', ''):
-    return {}
-  options = {_YNN_FUSION_OPTION: _YNN_FUSIONS_WITHOUT_CONVOLUTIONS}
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
-  except jax.errors.JaxRuntimeError:  # A jaxlib without this option: keep its default.
-    return {}
-  return options
-
-
 def setup(config, model, task, mesh) -> Setup:
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config, schedule)
@@ -114,7 +91,7 @@ def setup(config, model, task, mesh) -> Setup:
       steps.make_train_step(config, model, task, tx, schedule)
   )
   eval_step = steps.make_eval_step(config, model, task)
-  options = compiler_options()
+  options = compiling.compiler_options()
   return Setup(
       mesh=mesh,
       schedule=schedule,

@@ -243,13 +243,17 @@ def _ynn_convolutions(hlo_text) -> int:
 
 
 def test_the_cpu_steps_leave_convolutions_to_xla(monkeypatch):
-  """On CPU the train and eval steps run their convolutions in XLA's own
-  kernels, not YNNPACK's (faster on the maze step, docs/performance.md), with
-  the loss and gradient of XLA's default, and a choice the user made in
+  """On CPU the train and eval steps, and the serving and prediction
+  programs, run their convolutions in XLA's own kernels, not YNNPACK's
+  (faster on the maze step and a model's eval forward, docs/performance.md),
+  with the loss and gradient of XLA's default, and a choice the user made in
   XLA_FLAGS is kept."""
   import jax
 
+  from ctm_jax import compiling
+  from ctm_jax import serving
   from ctm_jax import sharding
+  from ctm_jax import steps
   from ctm_jax import supervised
 
   config = _smoke()
@@ -262,7 +266,7 @@ def test_the_cpu_steps_leave_convolutions_to_xla(monkeypatch):
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), task.example_batch(config))
     # XLA's default (YNNPACK convolutions), for this check's own sake.
     default = {
-        supervised._YNN_FUSION_OPTION: supervised._YNN_FUSIONS_WITHOUT_CONVOLUTIONS
+        compiling.YNN_FUSION_OPTION: compiling.YNN_FUSIONS_WITHOUT_CONVOLUTIONS
         + ',LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
     }
     compiled = {}
@@ -278,9 +282,22 @@ def test_the_cpu_steps_leave_convolutions_to_xla(monkeypatch):
     np.testing.assert_allclose(ours['loss'], xla_default['loss'], rtol=1e-5)
     np.testing.assert_allclose(ours['grad_norm'], xla_default['grad_norm'], rtol=1e-4)
     assert float(ours['grad_norm']) > 0
+    fresh = run.init()
+    variables = steps.variables(fresh, fresh.params)
+    inputs = np.asarray(task.example_batch(config)['inputs'])[:2]
+    slots = serving.Slots(model, variables, slots=2)
+    admit_args = (np.arange(2, dtype=np.int32), np.full(2, 0.9, np.float32), np.full(2, 2, np.int32))
+    programs = {
+        'serve': serving.Server(model, slots=2)._serve.lower(variables, inputs, np.float32(0.9)),
+        'admit': slots._admit.lower(variables, slots.empty(inputs), inputs, *admit_args),
+        'predict': compiling.jit(model.apply).lower(variables, inputs),
+    }
+    for name, lowered in programs.items():
+      text = lowered.compile().as_text()
+      assert ' convolution(' in text and _ynn_convolutions(text) == 0, name
   try:
     monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution')
-    supervised.compiler_options.cache_clear()
-    assert supervised.compiler_options() == {}
+    compiling.compiler_options.cache_clear()
+    assert compiling.compiler_options() == {}
   finally:
-    supervised.compiler_options.cache_clear()
+    compiling.compiler_options.cache_clear()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from matplotlib import patheffects
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import evaluators
 from ctm_jax import sharding
 from ctm_jax.analysis import evaluation
@@ -225,7 +226,7 @@ class Brackets(base.Task, base.Supervised, base.Predicts):
 
   def prediction_gif(self, config, model, variables, batch, path):
     inputs = np.asarray(batch['inputs'])
-    arrays = jax.device_get(jax.jit(tracked_arrays, static_argnums=0)(model, variables, inputs))
+    arrays = jax.device_get(compiling.jit(tracked_arrays, static_argnums=0)(model, variables, inputs))
     targets = batch.get('targets')
     return sequence_gif(
         inputs[0].argmax(-1),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import evaluators
 from ctm_jax import losses
 from ctm_jax.analysis import plots
@@ -145,7 +146,7 @@ class ImageClassification(base.Task, base.Supervised, base.Predicts, base.Import
   def prediction_gif(self, config, model, variables, batch, path):
     images = batch['inputs']
     num_top = min(5, model.out_dims)
-    tracked = jax.device_get(jax.jit(evaluators.attention_arrays, static_argnums=(0, 3))(
+    tracked = jax.device_get(compiling.jit(evaluators.attention_arrays, static_argnums=(0, 3))(
         model, variables, images, num_top))
     grid = evaluators.feature_grid(model, images.shape[1:])
     targets = batch.get('targets')

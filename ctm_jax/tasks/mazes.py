@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import evaluators
 from ctm_jax import losses
 from ctm_jax.analysis import plots
@@ -265,7 +266,7 @@ class Maze(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
 
   def prediction_gif(self, config, model, variables, batch, path):
     images = batch['inputs']
-    tracked = jax.device_get(jax.jit(route_arrays, static_argnums=0)(model, variables, images))
+    tracked = jax.device_get(compiling.jit(route_arrays, static_argnums=0)(model, variables, images))
     grid = evaluators.feature_grid(model, images.shape[1:])
     return draw_route_gif(
         images[0],

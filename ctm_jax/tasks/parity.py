@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import evaluators
 from ctm_jax import losses
 from ctm_jax.analysis import plots
@@ -133,7 +134,7 @@ class Parity(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
     return f'parity {bits_L[-1]}, cumulative {"".join(map(str, bits_L))}'
 
   def prediction_gif(self, config, model, variables, batch, path):
-    output = jax.jit(lambda v, x: model.apply(v, x, track=True))(variables, batch['inputs'])
+    output = compiling.jit(lambda v, x: model.apply(v, x, track=True))(variables, batch['inputs'])
     predictions_LxT = np.asarray(output.predictions[0]).reshape(-1, 2, output.predictions.shape[-1])
     return parity_gif(
         np.asarray(batch['inputs'][0]),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import evaluators
 from ctm_jax.analysis import plots
 from ctm_jax.data import qamnist as qa_data
@@ -319,7 +320,7 @@ class QAMNIST(base.Task, base.Supervised, base.Predicts, base.ImportsReference):
 
   def prediction_gif(self, config, model, variables, batch, path):
     inputs = batch['inputs']
-    arrays = jax.device_get(jax.jit(functools.partial(tracked_arrays, model))(variables, inputs))
+    arrays = jax.device_get(compiling.jit(functools.partial(tracked_arrays, model))(variables, inputs))
     return draw_question(
         model,
         {k: np.asarray(v[0]) for k, v in inputs.items()},

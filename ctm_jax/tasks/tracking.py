@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from matplotlib import patches
 import numpy as np
 
+from ctm_jax import compiling
 from ctm_jax import evaluators
 from ctm_jax.analysis import plots
 from ctm_jax.data import tracking as tracking_data
@@ -191,7 +192,7 @@ class Tracking(base.Task, base.Supervised, base.Predicts):
 
   def prediction_gif(self, config, model, variables, batch, path):
     frames = np.asarray(batch['inputs'])
-    arrays = jax.device_get(jax.jit(tracked_arrays, static_argnums=0)(model, variables, frames))
+    arrays = jax.device_get(compiling.jit(tracked_arrays, static_argnums=0)(model, variables, frames))
     return tracking_gif(
         frames[0], tracking_model.frame_of_tick(model.iterations, frames.shape[1], model.ticks_per_frame),
         arrays['attention_BxTxN'][0], arrays['probs_BxTxC'][0], arrays['certainty_BxT'][0],
