@@ -164,7 +164,6 @@ def jax_worker(args):
   from benchmarks import model_bench  # pylint: disable=g-import-not-at-top
   from ctm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ctm_jax import compiling  # pylint: disable=g-import-not-at-top
-  from ctm_jax import supervised  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import backbones  # pylint: disable=g-import-not-at-top
   from ctm_jax.models import ctm as ctm_lib  # pylint: disable=g-import-not-at-top
 
