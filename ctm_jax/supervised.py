@@ -91,7 +91,6 @@ def setup(config, model, task, mesh) -> Setup:
       steps.make_train_step(config, model, task, tx, schedule)
   )
   eval_step = steps.make_eval_step(config, model, task)
-  options = compiling.compiler_options()
   return Setup(
       mesh=mesh,
       schedule=schedule,
@@ -102,18 +101,16 @@ def setup(config, model, task, mesh) -> Setup:
       state_shardings=state_shardings,
       batch_sharding=batch_sharding,
       init=jax.jit(init, out_shardings=state_shardings),
-      train_step=jax.jit(
+      train_step=compiling.jit(
           sharding.under_rules(train_step, rules),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated),
           donate_argnums=0,
-          compiler_options=options,
       ),
-      eval_step=jax.jit(
+      eval_step=compiling.jit(
           sharding.under_rules(eval_step, rules),
           in_shardings=(state_shardings, batch_sharding),
           out_shardings=replicated,
-          compiler_options=options,
       ),
   )
 

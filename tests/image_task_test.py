@@ -290,7 +290,7 @@ def test_the_cpu_steps_leave_convolutions_to_xla(monkeypatch):
     programs = {
         'serve': serving.Server(model, slots=2)._serve.lower(variables, inputs, np.float32(0.9)),
         'admit': slots._admit.lower(variables, slots.empty(inputs), inputs, *admit_args),
-        'predict': compiling.jit(model.apply).lower(variables, inputs),
+        'compiling.jit (predict, evaluators, gifs)': compiling.jit(model.apply).lower(variables, inputs),
     }
     for name, lowered in programs.items():
       text = lowered.compile().as_text()
